@@ -1,0 +1,66 @@
+# Tollgate — set-up, demo, tests and benchmarks on a Debian 12 host, as root.
+#
+#   make demo    the lab (agent, appliance and database namespaces) with Tollgate in it
+#   make test    the whole test suite
+#   make bench   pgbench through Tollgate vs direct vs pgbouncer, as ratios
+#
+# Each target installs what it needs first: Debian packages, the kernel-headers link bcc
+# compiles against, and a venv that sees Debian's python3-bpfcc.
+
+SHELL        := /bin/bash
+VENV         ?= .venv
+PY           := $(VENV)/bin/python
+TOLLGATE     := $(VENV)/bin/tollgate
+KERNEL       := $(shell uname -r)
+APT_PACKAGES := nftables iproute2 procps python3-venv python3-dev python3-bpfcc bpfcc-tools \
+                linux-headers-amd64 pgbouncer postgresql-client-15
+PG_BINDIR    := /usr/lib/postgresql/15/bin
+PYTEST_ARGS  ?=
+
+.PHONY: demo demo-down test bench host-deps venv lint clean
+
+demo: host-deps venv
+	$(TOLLGATE) lab up --name demo
+	@$(TOLLGATE) lab status --name demo --next-steps
+
+demo-down: venv
+	$(TOLLGATE) lab down --name demo
+
+test: host-deps venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: host-deps venv
+	$(PY) -m bench $(BENCH_ARGS)
+
+# Debian packages, PostgreSQL 15 without a default cluster (nothing may listen in the root
+# namespace), and the headers bcc compiles against linked for the running kernel.
+host-deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ ! -x $(PG_BINDIR)/postgres ]; then \
+	  mkdir -p /etc/postgresql-common; \
+	  echo 'create_main_cluster = false' > /etc/postgresql-common/createcluster.conf; \
+	  missing="$$missing postgresql-15"; \
+	fi; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@hdr=$$(ls -d /usr/src/linux-headers-*-amd64 | sort -V | tail -n1); \
+	common=$$(ls -d /usr/src/linux-headers-*-common | sort -V | tail -n1); \
+	mkdir -p /lib/modules/$(KERNEL); \
+	[ -e /lib/modules/$(KERNEL)/build ] || ln -sfn $$hdr /lib/modules/$(KERNEL)/build; \
+	[ -e /lib/modules/$(KERNEL)/source ] || ln -sfn $$common /lib/modules/$(KERNEL)/source
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	/usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[fast,test]'
+	touch $@
+
+lint: venv
+	$(PY) -m ruff check appliance tests bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -1,0 +1,54 @@
+"""The ``tollgate`` command line: one argparse tree, each area registering its own verbs.
+
+Each module in COMMAND_MODULES has ``register(subparsers)`` that adds its sub-commands and
+sets ``handler`` (``args -> exit code``) on them; this keeps the CLI as modular as the
+package and lets an area's commands live next to its code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from appliance.config import ConfigError
+
+COMMAND_MODULES = (
+    "appliance.proxy.cli",
+    "appliance.intercept.cli",
+    "appliance.lab.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tollgate",
+        description="Tollgate: governs how AI agents reach PostgreSQL databases holding cardholder data.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return int(args.handler(args) or 0)
+    except ConfigError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

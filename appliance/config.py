@@ -1,0 +1,345 @@
+"""The appliance's configuration: a TOML file parsed into frozen, validated dataclasses.
+
+Everything that starts Tollgate reads its config through :func:`load_config`, so a bad file
+is caught before anything is set up: every problem is reported as ``FILE: KEY: PROBLEM``
+and nothing starts half-configured. Unknown keys are errors too — a misspelt
+``agent_subnet`` silently ignored would leave agents unprotected.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Mapping, TypeVar
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+InterceptMethodName = Literal["redirect", "tproxy"]
+TlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
+
+INTERCEPT_METHODS: tuple[InterceptMethodName, ...] = ("redirect", "tproxy")
+TLS_MODES: tuple[TlsMode, ...] = ("disable", "prefer", "require", "verify-ca", "verify-full")
+AGENT_AUTH_MODES = ("trust",)
+# PostgreSQL's own ceiling for one message is 1 GiB; a little more covers framing.
+PG_MAX_MESSAGE = (1 << 30) + (1 << 20)
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased as ``file: key: problem``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A TCP destination: what an agent dials and what Tollgate protects."""
+
+    address: IPAddress
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Endpoint":
+        """Parse ``1.2.3.4:5432`` or ``[2001:db8::1]:5432``."""
+        host, sep, port_text = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{text!r} is not ADDRESS:PORT")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"{text!r}: write IPv6 addresses in brackets, as [ADDR]:PORT")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{host!r} is not an IP address (targets are addresses, not names)") from None
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ValueError(f"{port_text!r} is not a TCP port")
+        return cls(normalize_address(address), int(port_text))
+
+    def __str__(self) -> str:
+        if self.address.version == 6:
+            return f"[{self.address}]:{self.port}"
+        return f"{self.address}:{self.port}"
+
+
+def normalize_address(address: IPAddress) -> IPAddress:
+    """Fold IPv4-mapped IPv6 (what a dual-stack socket reports) to plain IPv4."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+@dataclass(frozen=True, slots=True)
+class Credential:
+    """How the appliance logs in upstream for one role an agent asks for."""
+
+    upstream_user: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A protected database: its addresses and how the appliance reaches it."""
+
+    name: str
+    endpoints: tuple[Endpoint, ...]
+    credentials: Mapping[str, Credential]
+    tls: TlsMode = "prefer"
+    tls_ca_file: Path | None = None
+    tls_server_name: str | None = None
+    connect_timeout: float = 10.0
+    allow_replication: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InterceptConfig:
+    """Which traffic the appliance's ruleset diverts into the proxy, and how."""
+
+    method: InterceptMethodName = "redirect"
+    agent_subnets: tuple[IPNetwork, ...] = ()
+    agent_interfaces: tuple[str, ...] = ()
+    table: str = "tollgate"
+    # The proxy marks its own upstream sockets with bypass_mark; the ruleset never diverts
+    # marked packets, so the proxy can't loop into itself whatever the routing.
+    bypass_mark: int = 0x746C
+    tproxy_mark: int = 0x746D
+    route_table: int = 7468
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyConfig:
+    """The proxy server's own settings."""
+
+    listen_port: int = 15432
+    listen_addresses: tuple[str, ...] = ("0.0.0.0", "::")
+    agent_auth: str = "trust"
+    # Client messages are buffered whole (a statement must be seen whole to be judged);
+    # this caps what one message may make us hold.
+    max_client_message: int = PG_MAX_MESSAGE
+    # Server messages larger than this are streamed through in pieces, never held whole.
+    stream_threshold: int = 1 << 20
+    control_socket: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole appliance configuration."""
+
+    path: Path
+    proxy: ProxyConfig
+    intercept: InterceptConfig
+    targets: tuple[Target, ...]
+    _by_endpoint: Mapping[Endpoint, Target] = field(repr=False, compare=False, default_factory=dict)
+
+    def target_for(self, endpoint: Endpoint) -> Target | None:
+        """The protected target an original destination belongs to, if any."""
+        return self._by_endpoint.get(Endpoint(normalize_address(endpoint.address), endpoint.port))
+
+    @property
+    def protected_endpoints(self) -> tuple[Endpoint, ...]:
+        return tuple(self._by_endpoint)
+
+
+# --- parsing -----------------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+class _Section:
+    """A TOML table being read: tracks which keys were used so leftovers are reported."""
+
+    def __init__(self, path: Path, prefix: str, data: Any):
+        self.path, self.prefix = path, prefix
+        if not isinstance(data, dict):
+            raise self.error("", f"must be a table, not {type(data).__name__}")
+        self.data: dict[str, Any] = data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, problem: str) -> ConfigError:
+        where = self.key(name) if name else (self.prefix or "(top level)")
+        return ConfigError(f"{self.path}: {where}: {problem}")
+
+    def get(self, name: str, kind: type[T] | tuple[type, ...], default: Any = ...) -> Any:
+        self.used.add(name)
+        if name not in self.data:
+            if default is ...:
+                raise self.error(name, "is required")
+            return default
+        value = self.data[name]
+        # TOML booleans are ints to isinstance; never let `true` pass as a port.
+        if isinstance(value, bool) and kind is not bool and not (isinstance(kind, tuple) and bool in kind):
+            raise self.error(name, f"must be {_kind_name(kind)}, not a boolean")
+        if not isinstance(value, kind):
+            raise self.error(name, f"must be {_kind_name(kind)}, not {type(value).__name__}")
+        return value
+
+    def convert(self, name: str, value: Any, fn: Callable[[Any], T]) -> T:
+        try:
+            return fn(value)
+        except (ValueError, TypeError) as exc:
+            raise self.error(name, str(exc)) from None
+
+    def section(self, name: str, required: bool = False) -> "_Section":
+        self.used.add(name)
+        if name not in self.data and not required:
+            return _Section(self.path, self.key(name), {})
+        if name not in self.data:
+            raise self.error(name, "is required")
+        return _Section(self.path, self.key(name), self.data[name])
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.data) - self.used)
+        if unknown:
+            raise self.error(unknown[0], "unknown key" + (f" (also: {', '.join(unknown[1:])})" if unknown[1:] else ""))
+
+
+def _kind_name(kind: Any) -> str:
+    names = {str: "a string", int: "an integer", float: "a number", bool: "a boolean",
+             list: "an array", dict: "a table"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k, k.__name__) for k in kinds)
+
+
+def _port(value: int) -> int:
+    if not 0 < value < 65536:
+        raise ValueError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
+def _string_list(section: _Section, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+    values = section.get(name, list, list(default))
+    for i, item in enumerate(values):
+        if not isinstance(item, str):
+            raise section.error(f"{name}[{i}]", f"must be a string, not {type(item).__name__}")
+    return tuple(values)
+
+
+def _parse_proxy(s: _Section) -> ProxyConfig:
+    d = ProxyConfig()
+    port = s.convert("listen_port", s.get("listen_port", int, d.listen_port), _port)
+    addresses = _string_list(s, "listen_addresses", d.listen_addresses)
+    for i, a in enumerate(addresses):
+        s.convert(f"listen_addresses[{i}]", a, ipaddress.ip_address)
+    auth = s.get("agent_auth", str, d.agent_auth)
+    if auth not in AGENT_AUTH_MODES:
+        raise s.error("agent_auth", f"must be one of {', '.join(AGENT_AUTH_MODES)}, not {auth!r}")
+    max_msg = s.get("max_client_message", int, d.max_client_message)
+    if not 1 << 16 <= max_msg <= PG_MAX_MESSAGE:
+        raise s.error("max_client_message", f"must be between 65536 and {PG_MAX_MESSAGE}")
+    threshold = s.get("stream_threshold", int, d.stream_threshold)
+    if not 1 << 12 <= threshold <= 1 << 28:
+        raise s.error("stream_threshold", "must be between 4096 and 268435456")
+    control = s.get("control_socket", str, None)
+    s.finish()
+    return ProxyConfig(port, addresses, auth, max_msg, threshold, Path(control) if control else None)
+
+
+def _parse_intercept(s: _Section) -> InterceptConfig:
+    d = InterceptConfig()
+    method = s.get("method", str, d.method)
+    if method not in INTERCEPT_METHODS:
+        raise s.error("method", f"must be one of {', '.join(INTERCEPT_METHODS)}, not {method!r}")
+    subnets = tuple(
+        s.convert(f"agent_subnets[{i}]", text, lambda t: ipaddress.ip_network(t, strict=True))
+        for i, text in enumerate(_string_list(s, "agent_subnets"))
+    )
+    interfaces = _string_list(s, "agent_interfaces")
+    table = s.get("table", str, d.table)
+    if not table.replace("_", "").isalnum() or not table[:1].isalpha():
+        raise s.error("table", f"{table!r} is not a valid nftables table name")
+    marks = {}
+    for name in ("bypass_mark", "tproxy_mark", "route_table"):
+        value = s.get(name, int, getattr(d, name))
+        if not 0 < value < 1 << 32:
+            raise s.error(name, "must be between 1 and 4294967295")
+        marks[name] = value
+    if marks["bypass_mark"] == marks["tproxy_mark"]:
+        raise s.error("tproxy_mark", "must differ from bypass_mark")
+    s.finish()
+    return InterceptConfig(method, subnets, interfaces, table, **marks)
+
+
+def _parse_credentials(s: _Section, base: Path) -> dict[str, Credential]:
+    creds: dict[str, Credential] = {}
+    for role in s.data:
+        c = s.section(role)
+        upstream_user = c.get("upstream_user", str, role)
+        password = c.get("password", str, None)
+        password_file = c.get("password_file", str, None)
+        if (password is None) == (password_file is None):
+            raise c.error("", "needs exactly one of password or password_file")
+        if password_file is not None:
+            pf = (base / password_file) if not Path(password_file).is_absolute() else Path(password_file)
+            try:
+                password = pf.read_text().rstrip("\n")
+            except OSError as exc:
+                raise c.error("password_file", f"cannot read {pf}: {exc.strerror}") from None
+        c.finish()
+        creds[role] = Credential(upstream_user, password)
+    return creds
+
+
+def _parse_target(s: _Section, base: Path) -> Target:
+    name = s.get("name", str)
+    texts = _string_list(s, "addresses")
+    if not texts:
+        raise s.error("addresses", "must list at least one ADDRESS:PORT")
+    endpoints = tuple(s.convert(f"addresses[{i}]", t, Endpoint.parse) for i, t in enumerate(texts))
+    tls = s.get("tls", str, "prefer")
+    if tls not in TLS_MODES:
+        raise s.error("tls", f"must be one of {', '.join(TLS_MODES)}, not {tls!r}")
+    ca = s.get("tls_ca_file", str, None)
+    ca_path = None
+    if ca is not None:
+        ca_path = Path(ca) if Path(ca).is_absolute() else base / ca
+        if not ca_path.is_file():
+            raise s.error("tls_ca_file", f"{ca_path} does not exist")
+    if tls in ("verify-ca", "verify-full") and ca_path is None:
+        raise s.error("tls_ca_file", f"is required with tls = {tls!r}")
+    server_name = s.get("tls_server_name", str, None)
+    timeout = s.get("connect_timeout", (int, float), 10.0)
+    if not 0 < timeout <= 300:
+        raise s.error("connect_timeout", "must be between 0 and 300 seconds")
+    replication = s.get("allow_replication", bool, False)
+    credentials = _parse_credentials(s.section("credentials"), base)
+    s.finish()
+    return Target(name, endpoints, credentials, tls, ca_path, server_name, float(timeout), replication)
+
+
+def parse_config(text: str, path: Path) -> Config:
+    """Parse config text; ``path`` names the file in errors and anchors relative paths."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    top = _Section(path, "", data)
+    proxy = _parse_proxy(top.section("proxy"))
+    intercept = _parse_intercept(top.section("intercept"))
+    raw_targets = top.get("targets", list, [])
+    top.finish()
+    targets: list[Target] = []
+    by_endpoint: dict[Endpoint, Target] = {}
+    names: set[str] = set()
+    for i, raw in enumerate(raw_targets):
+        section = _Section(path, f"targets[{i}]", raw)
+        target = _parse_target(section, path.parent)
+        if target.name in names:
+            raise section.error("name", f"duplicate target name {target.name!r}")
+        names.add(target.name)
+        for j, ep in enumerate(target.endpoints):
+            if ep in by_endpoint:
+                raise section.error(f"addresses[{j}]", f"{ep} is already protected by target {by_endpoint[ep].name!r}")
+            by_endpoint[ep] = target
+        targets.append(target)
+    return Config(path, proxy, intercept, tuple(targets), by_endpoint)
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    return parse_config(text, path)
