@@ -1,0 +1,43 @@
+"""The lab: an agent → appliance → database network in three namespaces, for tests and demos.
+
+``tollgate lab up`` (or :meth:`Lab.create`) builds, per lab ``NAME``:
+
+- namespace ``tgNAME-agent``: the agent, 198.18.1.10 and fd7a:6c67:1::10, default routes via gw;
+- namespace ``tgNAME-gw``: the appliance, 198.18.1.1/198.18.2.1 and fd7a:6c67:1::1/fd7a:6c67:2::1,
+  forwarding on, Tollgate running from ``<lab>/tollgate.toml`` (unless ``proxy=False``);
+- namespace ``tgNAME-db``: PostgreSQL 15 on 198.18.2.10 / fd7a:6c67:2::10 (protected: the
+  appliance intercepts them) and 198.18.2.11 / fd7a:6c67:2::11 (direct: same route, not
+  intercepted), TLS with a lab CA, database ``payments`` with seeded, Luhn-valid test PANs,
+  roles ``app`` (SCRAM), ``legacy_md5`` (MD5), ``clear_tls`` (cleartext, TLS only).
+
+State lives in ``/run/tollgate-lab/NAME/`` (``state.json`` and every file of the lab); a lab
+with an owner pid is collected by ``tollgate lab gc`` once that process is gone.
+
+Python use (tests)::
+
+    from appliance.lab import Lab
+    with Lab.create(owner_pid=os.getpid(), proxy=False) as lab:
+        lab.exec("agent", ["psql", lab.conninfo(direct=True), "-c", "SELECT 1"], check=True)
+        lab.status()  # the same dict as `tollgate lab status --json`
+
+``status()`` keys: name, phase, healthy, created_at, owner_pid, state_dir, namespaces
+{agent,gw,db}, namespaces_present, addresses {agent, gw, db{protected,direct}}, database
+{host, host_ipv6, direct_host, direct_host_ipv6, port, dbname, tls_ca, socket_dir, data_dir,
+log, pid, running}, roles {ROLE: {password, auth, password_file, lab_only}}, roles_note, proxy
+{enabled, method, port, pid, running, config, log, control_socket, target}, agent_conninfo,
+conninfo {agent, agent_ipv6, direct, direct_ipv6}.
+"""
+
+from appliance.lab.lab import Lab, LabError, gc, list_labs
+from appliance.lab.pans import brand_of, is_luhn_valid, luhn_check_digit, make_test_pans
+from appliance.lab.topology import (
+    AGENT_SUBNET_V4, AGENT_SUBNET_V6, AGENT_V4, AGENT_V6, DB_DIRECT_V4, DB_DIRECT_V6,
+    DB_PROTECTED_V4, DB_PROTECTED_V6, GW_AGENT_V4, GW_AGENT_V6, GW_DB_V4, GW_DB_V6,
+)
+
+__all__ = [
+    "Lab", "LabError", "gc", "list_labs",
+    "brand_of", "is_luhn_valid", "luhn_check_digit", "make_test_pans",
+    "AGENT_SUBNET_V4", "AGENT_SUBNET_V6", "AGENT_V4", "AGENT_V6", "DB_DIRECT_V4", "DB_DIRECT_V6",
+    "DB_PROTECTED_V4", "DB_PROTECTED_V6", "GW_AGENT_V4", "GW_AGENT_V6", "GW_DB_V4", "GW_DB_V6",
+]

@@ -1,0 +1,223 @@
+"""``tollgate lab up|down|status|exec|gc``: the lab from the command line.
+
+Registered into the ``tollgate`` CLI by :func:`register`; also runnable on its own as
+``python -m appliance.lab.cli up|down|...`` (same arguments, without the ``lab`` word), which
+needs nothing but this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from typing import Any
+
+from appliance.lab import topology
+from appliance.lab.lab import METHODS, Lab, LabError, gc
+
+NODES = topology.NODES
+
+
+def register(subparsers: Any) -> None:
+    lab = subparsers.add_parser(
+        "lab", help="the agent/appliance/database namespace lab (tests, demo, benchmarks)",
+        description="Network-namespace lab: agent → appliance (gw) → PostgreSQL (db).")
+    _add_commands(lab.add_subparsers(dest="lab_command", metavar="ACTION", required=True))
+
+
+def _add_commands(sub: Any) -> None:
+    up = sub.add_parser("up", help="bring a lab up (namespaces, PostgreSQL, Tollgate)")
+    up.add_argument("--name", help="lab name, 1-11 lowercase letters/digits (default: generated)")
+    up.add_argument("--owner-pid", type=int, metavar="PID",
+                    help="tear this lab down at the next `lab gc` once PID has exited (tests)")
+    up.add_argument("--no-proxy", dest="proxy", action="store_false",
+                    help="everything but the Tollgate proxy")
+    up.add_argument("--method", choices=METHODS, default="redirect", help="intercept method (default: redirect)")
+    up.add_argument("--json", action="store_true", help="print the status as JSON when up")
+    up.set_defaults(handler=cmd_up)
+
+    down = sub.add_parser("down", help="tear a lab down (also a half-built one)")
+    down.add_argument("--name", help="which lab (optional when only one exists)")
+    down.set_defaults(handler=cmd_down)
+
+    status = sub.add_parser("status", help="addresses, database, roles, proxy, conninfo of a lab")
+    status.add_argument("--name", help="which lab (optional when only one exists)")
+    status.add_argument("--json", action="store_true", help="machine-readable")
+    status.add_argument("--next-steps", action="store_true", help="print what to try next")
+    status.set_defaults(handler=cmd_status)
+
+    ex = sub.add_parser("exec", help="run a command in a lab node's namespace",
+                        usage="%(prog)s [--name N] {agent,gw,db} -- CMD [ARG...]")
+    ex.add_argument("--name", help="which lab (optional when only one exists)")
+    ex.add_argument("node", choices=NODES)
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
+    ex.set_defaults(handler=cmd_exec)
+
+    collect = sub.add_parser("gc", help="tear down every lab whose owner process has exited")
+    collect.set_defaults(handler=cmd_gc)
+
+
+def _fail(message: str) -> int:
+    print(f"tollgate lab: {message}", file=sys.stderr)
+    return 1
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    try:
+        lab = Lab.create(args.name, owner_pid=args.owner_pid, proxy=args.proxy, method=args.method)
+    except LabError as exc:
+        return _fail(str(exc))
+    if args.json:
+        print(json.dumps(lab.status(), indent=2))
+    else:
+        proxy = f"proxy pid {lab.status()['proxy']['pid']}" if args.proxy else "no proxy"
+        print(f"lab {lab.name} is up ({proxy}); details: tollgate lab status --name {lab.name}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    try:
+        lab = _open_for_down(args.name)
+        lab.down()
+    except LabError as exc:
+        return _fail(str(exc))
+    print(f"lab {lab.name} is down")
+    return 0
+
+
+def _open_for_down(name: str | None) -> Lab:
+    try:
+        return Lab.open(name)
+    except LabError:
+        # No state record, but maybe leftover namespaces of that name: still clean them up.
+        if name and any(topology.namespace_exists(ns) for ns in topology.namespace_names(name).values()):
+            return Lab(name)
+        raise
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        lab = Lab.open(args.name)
+    except LabError as exc:
+        return _fail(str(exc))
+    status = lab.status()
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print(format_status(status))
+    if args.next_steps:
+        print()
+        print(next_steps(status))
+    return 0
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    cmd = list(args.cmd)
+    if cmd[:1] == ["--"]:
+        cmd = cmd[1:]
+    if not cmd:
+        return _fail("exec: no command given (usage: tollgate lab exec NODE -- CMD [ARG...])")
+    try:
+        lab = Lab.open(args.name)
+    except LabError as exc:
+        return _fail(str(exc))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become the command: its stdio, signals and exit status are the caller's, unfiltered.
+    argv = lab.command(args.node, cmd)
+    try:
+        os.execvpe(argv[0], argv, lab.env())
+    except OSError as exc:
+        return _fail(f"exec: cannot run {argv[0]}: {exc.strerror}")
+    return 127  # not reached
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    try:
+        collected = gc()
+    except LabError as exc:
+        return _fail(str(exc))
+    for name, reason in collected:
+        print(f"removed lab {name}: {reason}")
+    if not collected:
+        print("no orphaned labs")
+    return 0
+
+
+# --- human output -------------------------------------------------------------------------
+
+def format_status(s: dict[str, Any]) -> str:
+    ns, db, proxy, addr = s["namespaces"], s["database"], s["proxy"], s["addresses"]
+    health = "healthy" if s["healthy"] else "NOT healthy"
+    owner = f"owner pid {s['owner_pid']}" if s["owner_pid"] else "no owner (never garbage-collected)"
+    lines = [
+        f"lab {s['name']}: {s['phase']}, {health}; {owner}; state in {s['state_dir']}",
+        f"  agent  {ns['agent']:<16} {', '.join([addr['agent']['ipv4'], addr['agent']['ipv6']])}",
+        f"  gw     {ns['gw']:<16} {', '.join(addr['gw']['agent_side'] + addr['gw']['db_side'])}",
+        f"  db     {ns['db']:<16} protected {', '.join(addr['db']['protected'])}; "
+        f"direct {', '.join(addr['db']['direct'])}",
+        f"  database  {db['dbname']} on port {db['port']}, "
+        f"{'running' if db['running'] else 'NOT running'} (pid {db['pid']}), TLS CA {db['tls_ca']}",
+        f"  roles ({s['roles_note']}):",
+    ]
+    for role, info in s["roles"].items():
+        lines.append(f"    {role:<11} {info['auth']:<14} password {info['password']}")
+    if proxy["enabled"]:
+        lines.append(f"  proxy  {'running' if proxy['running'] else 'NOT running'} (pid {proxy['pid']}), "
+                     f"port {proxy['port']}, intercept {proxy['method']}")
+    else:
+        lines.append("  proxy  not started (--no-proxy)")
+    lines += [f"         config {proxy['config']}", f"         log    {proxy['log']}",
+              f"  agent conninfo: {s['agent_conninfo']}"]
+    return "\n".join(lines)
+
+
+def next_steps(s: dict[str, Any]) -> str:
+    name = s["name"]
+    agent = s["agent_conninfo"].replace(" port=5432", "")
+    direct = (s["conninfo"]["direct"] or "").replace(" port=5432", "")
+    query = '-c "SELECT id, brand, pan FROM cards ORDER BY id LIMIT 5"'
+    down = (f"make demo-down   (or: tollgate lab down --name {name})" if name == "demo"
+            else f"tollgate lab down --name {name}")
+    lines = [
+        "Next steps:",
+        "",
+        "  Connect as an agent would — unchanged config, no password (the appliance holds it):",
+        f"    tollgate lab exec --name {name} agent -- psql \"{agent}\"",
+        f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" {query}",
+        "",
+        "  Compare with the direct path: same route through the gateway, but an unprotected",
+        "  address, so only the database's own authentication applies (lab-only password):",
+        f"    tollgate lab exec --name {name} agent -- psql \"{direct}\" {query}",
+        "",
+    ]
+    if s["proxy"]["enabled"]:
+        lines += [f"  Watch the appliance:  tail -f {s['proxy']['log']}"]
+    else:
+        lines += ["  The proxy is not running (--no-proxy): the protected address is not intercepted."]
+    lines += [
+        f"  Everything about it:  tollgate lab status --name {name} --json",
+        f"  Tear it down:         {down}",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: ``python -m appliance.lab.cli ACTION ...``."""
+    parser = argparse.ArgumentParser(prog="python -m appliance.lab.cli",
+                                     description="The Tollgate namespace lab (same as `tollgate lab`).")
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    _add_commands(parser.add_subparsers(dest="lab_command", metavar="ACTION", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,507 @@
+"""The ``Lab``: one agent → appliance → database network with PostgreSQL and Tollgate in it.
+
+``up()`` builds in order — state record, namespaces and links, TLS, cluster, roles and
+data, Tollgate config, proxy — saving state after each step; any failure tears down what
+was built and raises :class:`LabError`. ``down()`` works from the state record alone, so it
+also finishes a half-built lab or one whose builder was killed, and it always runs every
+step: stop the proxy, stop PostgreSQL, kill whatever else runs in the namespaces, delete
+them, and remove the state directory last (kept only if a namespace could not be deleted,
+so a later ``down``/``gc`` can retry).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import appliance
+from appliance.lab import database, state as st, topology
+from appliance.lab.database import Paths
+
+log = logging.getLogger(__name__)
+
+PROXY_PORT = 15432
+PROXY_READY_LINE = "tollgate: ready"
+PROXY_READY_TIMEOUT = 30.0
+METHODS = ("redirect", "tproxy")
+TARGET_NAME = "payments"
+LAB_ONLY_NOTE = "lab-only credentials, generated for this lab; never use them anywhere else"
+
+
+class LabError(Exception):
+    """The lab could not be brought up, found, or torn down; the message says why."""
+
+
+class Lab:
+    """A lab instance. ``Lab.create(...)`` brings one up; ``Lab.open(name)`` attaches to one.
+
+    As a context manager it tears the lab down on exit::
+
+        with Lab.create(owner_pid=os.getpid(), proxy=False) as lab:
+            lab.exec("agent", ["psql", lab.conninfo(), "-c", "SELECT 1"], check=True)
+    """
+
+    def __init__(self, name: str | None = None, *, owner_pid: int | None = None, proxy: bool = True,
+                 method: str = "redirect", root: Path = st.LAB_ROOT):
+        try:
+            self.name = st.validate_name(name) if name else st.generate_name()
+        except st.StateError as exc:
+            raise LabError(str(exc)) from None
+        if method not in METHODS:
+            raise LabError(f"intercept method must be one of {', '.join(METHODS)}, not {method!r}")
+        self.owner_pid = owner_pid
+        self.proxy_enabled = proxy
+        self.method = method
+        self.root = root
+        self.dir = st.lab_dir(self.name, root)
+        self.paths = Paths(self.dir)
+        self.namespaces = topology.namespace_names(self.name)
+        self.state: dict[str, Any] = {}
+        self._proxy_proc: subprocess.Popen[bytes] | None = None
+
+    # --- construction ----------------------------------------------------------------
+
+    @classmethod
+    def create(cls, name: str | None = None, **kwargs: Any) -> "Lab":
+        """Construct and bring up a lab (see ``__init__`` for the keyword arguments)."""
+        lab = cls(name, **kwargs)
+        lab.up()
+        return lab
+
+    @classmethod
+    def open(cls, name: str | None = None, root: Path = st.LAB_ROOT) -> "Lab":
+        """Attach to an existing lab (``name`` may be omitted when exactly one exists)."""
+        try:
+            name = st.resolve_name(name, root)
+            recorded = st.load(st.lab_dir(name, root))
+        except st.StateError as exc:
+            raise LabError(str(exc)) from None
+        proxy = recorded.get("proxy", {})
+        lab = cls(name, root=root, proxy=bool(proxy.get("enabled")), method=proxy.get("method", "redirect"))
+        lab.state = recorded
+        owner = recorded.get("owner")
+        lab.owner_pid = owner["pid"] if owner else None
+        return lab
+
+    def __enter__(self) -> "Lab":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.down()
+
+    def __repr__(self) -> str:
+        return f"Lab({self.name!r}, dir={str(self.dir)!r})"
+
+    # --- files -----------------------------------------------------------------------
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / "tollgate.toml"
+
+    @property
+    def proxy_log(self) -> Path:
+        return self.dir / "tollgate.log"
+
+    @property
+    def control_socket(self) -> Path:
+        return self.dir / "tollgate.sock"
+
+    @property
+    def secrets_dir(self) -> Path:
+        return self.dir / "secrets"
+
+    def password_file(self, role: str) -> Path:
+        return self.secrets_dir / f"{role}.password"
+
+    def _save(self) -> None:
+        if self.dir.is_dir():
+            st.save(self.dir, self.state)
+
+    # --- up --------------------------------------------------------------------------
+
+    def up(self) -> "Lab":
+        """Build the lab; on any failure tear down what was built and raise LabError."""
+        try:
+            owner = st.process_identity(self.owner_pid) if self.owner_pid else None
+            st.ensure_root(self.root)
+        except st.StateError as exc:
+            raise LabError(f"--owner-pid: {exc}") from None
+        try:
+            self.dir.mkdir(mode=0o755)
+        except FileExistsError:
+            raise LabError(f"a lab named {self.name!r} already exists ({self.dir}); "
+                           f"tear it down first: tollgate lab down --name {self.name}") from None
+        os.chmod(self.dir, 0o755)  # postgres traverses it; umask must not narrow it
+        self.state = {
+            "version": 1,
+            "name": self.name,
+            "dir": str(self.dir),
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "phase": "building",
+            "owner": owner,
+            "operator": st.process_identity(os.getpid()),
+            "namespaces": dict(self.namespaces),
+            "pids": {"postgres": None, "proxy": None},
+            "paths": self._paths(),
+            "roles": {},
+            "proxy": {"enabled": self.proxy_enabled, "method": self.method, "port": PROXY_PORT},
+        }
+        self._save()
+        try:
+            self._build()
+        except BaseException as exc:
+            try:
+                self.down()
+            except Exception as teardown_exc:
+                log.error("lab %s: teardown after a failed up also failed: %s", self.name, teardown_exc)
+            if not isinstance(exc, Exception):
+                raise  # KeyboardInterrupt / SystemExit: torn down, now let it through
+            raise LabError(f"lab {self.name}: up failed (torn down again): {exc}") from exc
+        return self
+
+    def _paths(self) -> dict[str, str]:
+        p = self.paths
+        return {
+            "dir": str(self.dir), "config": str(self.config_path), "proxy_log": str(self.proxy_log),
+            "control_socket": str(self.control_socket), "secrets": str(self.secrets_dir),
+            "pg_data": str(p.data), "pg_socket_dir": str(p.socket_dir), "pg_log": str(p.log),
+            "tls_ca": str(p.ca_cert), "tls_ca_key": str(p.ca_key),
+            "tls_server_cert": str(p.server_cert), "tls_server_key": str(p.server_key),
+        }
+
+    def _build(self) -> None:
+        for ns in self.namespaces.values():
+            topology.create_namespace(ns)
+        topology.build(self.namespaces)
+        log.info("lab %s: network up", self.name)
+
+        database.make_tls(self.paths)
+        passwords = {role: database.new_password() for role in database.ROLES}
+        self.state["roles"] = {
+            role: {"password": passwords[role], "auth": method, "password_file": str(self.password_file(role)),
+                   "lab_only": True}
+            for role, method in database.ROLES.items()
+        }
+        self._save()
+        database.init_cluster(self.paths, self.namespaces["db"])
+        pid = database.start(self.paths, self.namespaces["db"])
+        self.state["pids"]["postgres"] = st.process_identity(pid)
+        self._save()
+        database.provision(self.paths, self.namespaces["db"], passwords)
+        log.info("lab %s: database up", self.name)
+
+        self._write_proxy_config(passwords)
+        if self.proxy_enabled:
+            self._start_proxy()
+            log.info("lab %s: proxy up", self.name)
+        self.state["phase"] = "up"
+        self.state["operator"] = None
+        self._save()
+
+    def _write_proxy_config(self, passwords: Mapping[str, str]) -> None:
+        self.secrets_dir.mkdir(mode=0o700)
+        for role, password in passwords.items():
+            fd = os.open(self.password_file(role), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(password + "\n")
+        self.config_path.write_text(render_proxy_config(self))
+        # Catch a config the proxy would reject now, with the lab's error, not the proxy's.
+        from appliance.config import ConfigError, load_config
+        try:
+            load_config(self.config_path)
+        except ConfigError as exc:
+            raise LabError(f"generated an invalid proxy config: {exc}") from None
+
+    def proxy_argv(self) -> list[str]:
+        """The proxy's command line, run in the gw namespace (tests may override it)."""
+        return [sys.executable, "-m", "appliance.cli", "run", "-c", str(self.config_path)]
+
+    def _start_proxy(self) -> None:
+        env = dict(os.environ)
+        # The proxy must import this very checkout, whether or not it is pip-installed.
+        repo = str(Path(appliance.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"  # its log is a file: let every line reach it at once
+        argv = self.command("gw", self.proxy_argv())
+        with open(self.proxy_log, "ab") as logf:
+            # Its own session: the proxy outlives `lab up` and ignores the terminal's ^C.
+            self._proxy_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
+                                                stderr=subprocess.STDOUT, env=env, cwd=self.dir,
+                                                start_new_session=True)
+        self.state["pids"]["proxy"] = st.process_identity(self._proxy_proc.pid)
+        self._save()
+        self._wait_proxy_ready(self._proxy_proc)
+
+    def _wait_proxy_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        """Until the proxy logs its ready line; fail at once if it exits, or at the timeout."""
+        deadline = time.monotonic() + PROXY_READY_TIMEOUT
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            offset = 0
+            while True:
+                with open(self.proxy_log, "rb") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+                # Keep the last partial line in view so a ready line split across reads matches.
+                if PROXY_READY_LINE.encode() in chunk:
+                    return
+                offset += max(0, chunk.rfind(b"\n") + 1)
+                if proc.poll() is not None:
+                    raise LabError(f"the proxy exited (status {proc.returncode}) before it was ready; "
+                                   f"last lines of {self.proxy_log}:\n{tail(self.proxy_log)}")
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise LabError(f"the proxy was not ready after {PROXY_READY_TIMEOUT:.0f}s (no "
+                                   f"{PROXY_READY_LINE!r} line); last lines of {self.proxy_log}:\n"
+                                   f"{tail(self.proxy_log)}")
+                # Wakes at once if the proxy exits; otherwise re-reads the log every 50 ms.
+                select.select([pidfd], [], [], min(0.05, remaining))
+        finally:
+            os.close(pidfd)
+
+    # --- down ------------------------------------------------------------------------
+
+    def down(self) -> None:
+        """Tear the lab down completely; raise LabError only if something of it remains."""
+        if self.dir.is_dir():
+            try:
+                self.state = st.load(self.dir)
+            except st.StateError:
+                pass  # half-written: fall back to what this object knows
+            if self.state:
+                self.state["phase"] = "tearing-down"
+                self.state["operator"] = st.process_identity(os.getpid())
+                self._save()
+        namespaces = dict(self.state.get("namespaces") or self.namespaces)
+        problems: list[str] = []
+
+        # The proxy first (politely: it may want to log its shutdown), then the database.
+        try:
+            topology.kill_namespace_processes(namespaces["gw"], grace=10.0)
+        except Exception as exc:
+            problems.append(str(exc))
+        if self._proxy_proc is not None:
+            self._proxy_proc.wait()  # reap our child so it leaves no zombie
+            self._proxy_proc = None
+        self._stop_postgres(namespaces["db"])
+        for ns in namespaces.values():
+            try:
+                topology.kill_namespace_processes(ns)
+            except Exception as exc:
+                problems.append(str(exc))
+        for ns in namespaces.values():
+            try:
+                topology.delete_namespace(ns)
+            except Exception as exc:
+                problems.append(str(exc))
+        left = [ns for ns in namespaces.values() if topology.namespace_exists(ns)]
+        if left:
+            raise LabError(f"lab {self.name}: namespaces {', '.join(left)} remain ({'; '.join(problems)}); "
+                           f"state kept in {self.dir} so `tollgate lab down --name {self.name}` can retry")
+        self._remove_dir()
+        if problems:
+            log.warning("lab %s: torn down, with complaints: %s", self.name, "; ".join(problems))
+
+    def _remove_dir(self) -> None:
+        """Remove the state directory, state.json last: a failure midway leaves a lab that
+        `down`/`gc` can still find and finish."""
+        if not self.dir.is_dir():
+            return
+        try:
+            for child in self.dir.iterdir():
+                if child.name == st.STATE_FILE:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+            (self.dir / st.STATE_FILE).unlink(missing_ok=True)
+            self.dir.rmdir()
+        except OSError as exc:
+            raise LabError(f"lab {self.name}: could not remove {self.dir}: {exc}") from None
+
+    def _stop_postgres(self, db_ns: str) -> None:
+        pid = database.postmaster_pid(self.paths)
+        # Only a postmaster that really runs in this lab's namespace: a stale postmaster.pid
+        # could name a recycled pid, and pg_ctl would signal whatever that is now.
+        if pid is None or pid not in topology.namespace_pids(db_ns):
+            return
+        try:
+            database.stop(self.paths)
+        except database.DatabaseError as exc:
+            log.warning("lab %s: %s; killing it instead", self.name, exc)
+
+    # --- using the lab ---------------------------------------------------------------
+
+    def namespace(self, node: str) -> str:
+        if node not in self.namespaces:
+            raise LabError(f"unknown node {node!r}: choose one of {', '.join(topology.NODES)}")
+        return self.namespaces[node]
+
+    def command(self, node: str, argv: Sequence[str]) -> list[str]:
+        """``argv`` prefixed so that it runs in ``node``'s namespace."""
+        return ["ip", "netns", "exec", self.namespace(node), *argv]
+
+    @staticmethod
+    def env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The environment for lab commands: PostgreSQL's client tools first on PATH."""
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(database.PG_BIN), env.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")])
+        env.update(extra or {})
+        return env
+
+    def exec(self, node: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+             **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+        """Run ``argv`` in ``node``'s namespace (``subprocess.run`` keyword arguments apply)."""
+        return subprocess.run(self.command(node, argv), env=self.env(env), **kwargs)
+
+    def popen(self, node: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
+              **kwargs: Any) -> subprocess.Popen[Any]:
+        """Start ``argv`` in ``node``'s namespace; it is killed at ``down()`` if still running."""
+        return subprocess.Popen(self.command(node, argv), env=self.env(env), **kwargs)
+
+    def password(self, role: str = "app") -> str:
+        try:
+            return self.state["roles"][role]["password"]
+        except KeyError:
+            raise LabError(f"lab {self.name} has no role {role!r}") from None
+
+    def conninfo(self, role: str = "app", *, direct: bool = False, ipv6: bool = False,
+                 with_password: bool | None = None, **params: str) -> str:
+        """A libpq conninfo for the lab database.
+
+        The protected address by default (no password: the appliance holds it); ``direct``
+        uses the unprotected address and includes the password unless told otherwise.
+        """
+        if direct:
+            host = topology.DB_DIRECT_V6 if ipv6 else topology.DB_DIRECT_V4
+        else:
+            host = topology.DB_PROTECTED_V6 if ipv6 else topology.DB_PROTECTED_V4
+        parts = {"host": host, "port": str(database.PG_PORT), "dbname": database.DB_NAME, "user": role}
+        if with_password if with_password is not None else direct:
+            parts["password"] = self.password(role)
+        parts.update(params)
+        return " ".join(f"{k}={v}" for k, v in parts.items())
+
+    def status(self) -> dict[str, Any]:
+        """Everything a test, the demo or a person needs to use the lab (JSON-serialisable)."""
+        s = self.state
+        pids = s.get("pids", {})
+        postgres, proxy = pids.get("postgres"), pids.get("proxy")
+        namespaces = s.get("namespaces", self.namespaces)
+        present = {node: topology.namespace_exists(ns) for node, ns in namespaces.items()}
+        pg_running = st.process_alive(postgres)
+        proxy_running = st.process_alive(proxy)
+        proxy_cfg = s.get("proxy", {})
+        healthy = (s.get("phase") == "up" and all(present.values()) and pg_running
+                   and (proxy_running or not proxy_cfg.get("enabled")))
+        owner = s.get("owner")
+        return {
+            "name": self.name,
+            "phase": s.get("phase"),
+            "healthy": healthy,
+            "created_at": s.get("created_at"),
+            "owner_pid": owner["pid"] if owner else None,
+            "state_dir": str(self.dir),
+            "namespaces": dict(namespaces),
+            "namespaces_present": present,
+            "addresses": {
+                "agent": {"ipv4": topology.AGENT_V4, "ipv6": topology.AGENT_V6,
+                          "subnets": [topology.AGENT_SUBNET_V4, topology.AGENT_SUBNET_V6]},
+                "gw": {"agent_side": [topology.GW_AGENT_V4, topology.GW_AGENT_V6],
+                       "db_side": [topology.GW_DB_V4, topology.GW_DB_V6]},
+                "db": {"protected": [topology.DB_PROTECTED_V4, topology.DB_PROTECTED_V6],
+                       "direct": [topology.DB_DIRECT_V4, topology.DB_DIRECT_V6]},
+            },
+            "database": {
+                "host": topology.DB_PROTECTED_V4,
+                "host_ipv6": topology.DB_PROTECTED_V6,
+                "direct_host": topology.DB_DIRECT_V4,
+                "direct_host_ipv6": topology.DB_DIRECT_V6,
+                "port": database.PG_PORT,
+                "dbname": database.DB_NAME,
+                "tls_ca": str(self.paths.ca_cert),
+                "socket_dir": str(self.paths.socket_dir),
+                "data_dir": str(self.paths.data),
+                "log": str(self.paths.log),
+                "pid": postgres["pid"] if postgres else None,
+                "running": pg_running,
+            },
+            "roles": s.get("roles", {}),
+            "roles_note": LAB_ONLY_NOTE,
+            "proxy": {
+                "enabled": bool(proxy_cfg.get("enabled")),
+                "method": proxy_cfg.get("method"),
+                "port": proxy_cfg.get("port", PROXY_PORT),
+                "pid": proxy["pid"] if proxy else None,
+                "running": proxy_running,
+                "config": str(self.config_path),
+                "log": str(self.proxy_log),
+                "control_socket": str(self.control_socket),
+                "target": TARGET_NAME,
+            },
+            "agent_conninfo": self.conninfo(),
+            "conninfo": {
+                "agent": self.conninfo(),
+                "agent_ipv6": self.conninfo(ipv6=True),
+                "direct": self.conninfo(direct=True) if s.get("roles") else None,
+                "direct_ipv6": self.conninfo(direct=True, ipv6=True) if s.get("roles") else None,
+            },
+        }
+
+
+def render_proxy_config(lab: Lab) -> str:
+    """The Tollgate config for the lab's appliance (TOML; strings via JSON quoting, a subset)."""
+    q = json.dumps
+    lines = [
+        "# Tollgate config for lab " + lab.name + " (generated by `tollgate lab up`).",
+        "[proxy]",
+        f"listen_port = {PROXY_PORT}",
+        'agent_auth = "trust"',
+        f"control_socket = {q(str(lab.control_socket))}",
+        "",
+        "[intercept]",
+        f"method = {q(lab.method)}",
+        f"agent_subnets = [{q(topology.AGENT_SUBNET_V4)}, {q(topology.AGENT_SUBNET_V6)}]",
+        "",
+        "[[targets]]",
+        f"name = {q(TARGET_NAME)}",
+        f'addresses = ["{topology.DB_PROTECTED_V4}:{database.PG_PORT}", '
+        f'"[{topology.DB_PROTECTED_V6}]:{database.PG_PORT}"]',
+        'tls = "prefer"',
+        f"tls_ca_file = {q(str(lab.paths.ca_cert))}",
+    ]
+    for role in database.ROLES:
+        lines += ["", f"[targets.credentials.{role}]", f"password_file = {q(str(lab.password_file(role)))}"]
+    return "\n".join(lines) + "\n"
+
+
+def tail(path: Path, lines: int = 20) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as exc:
+        return f"(cannot read {path}: {exc.strerror})"
+    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
+
+
+def gc(root: Path = st.LAB_ROOT) -> list[tuple[str, str]]:
+    """Tear down every lab whose owner (or builder) died; return (name, reason) pairs."""
+    def teardown(name: str) -> None:
+        Lab.open(name, root=root).down()
+    try:
+        return st.gc(teardown, root)
+    except st.StateError as exc:
+        raise LabError(str(exc)) from None
+
+
+def list_labs(root: Path = st.LAB_ROOT) -> list[str]:
+    return st.list_labs(root)
