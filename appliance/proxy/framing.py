@@ -1,0 +1,67 @@
+"""Hot-path helpers: read just the fields the session layer needs, straight from the bytes.
+
+The full codec (``appliance.pgwire``) decodes whole messages into dataclasses; on the
+relay path that is wasted work for messages we only need one or two fields of. These
+functions read those fields in place and raise the codec's ProtocolError on anything
+malformed, so a bad message still ends the connection cleanly.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from appliance.pgwire import ProtocolError
+
+unpack_length = struct.Struct("!I").unpack_from
+unpack_int16 = struct.Struct("!h").unpack_from
+unpack_int32 = struct.Struct("!i").unpack_from
+pack_header = struct.Struct("!cI").pack
+
+
+def cstring(buf: bytes | memoryview, pos: int, end: int) -> tuple[str, int]:
+    """The NUL-terminated string at ``pos`` and the offset just past its NUL."""
+    nul = bytes(buf[pos:end]).find(b"\0") if isinstance(buf, memoryview) else buf.find(b"\0", pos, end)
+    if nul < 0:
+        raise ProtocolError("string field is not NUL-terminated within its message")
+    if isinstance(buf, memoryview):
+        nul += pos
+    return bytes(buf[pos:nul]).decode("utf-8", "surrogateescape"), nul + 1
+
+
+def bind_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int, ...]]:
+    """Portal name, statement name and result-format codes of a Bind body.
+
+    Parameter values are skipped by their lengths, never copied: a Bind can carry a
+    1 GB value and all we need is what follows it.
+    """
+    try:
+        portal, pos = cstring(body, start, end)
+        statement, pos = cstring(body, pos, end)
+        (nformats,) = unpack_int16(body, pos)
+        if nformats < 0:
+            raise ProtocolError("Bind has a negative parameter-format count")
+        pos += 2 + 2 * nformats
+        (nparams,) = unpack_int16(body, pos)
+        if nparams < 0:
+            raise ProtocolError("Bind has a negative parameter count")
+        pos += 2
+        for _ in range(nparams):
+            (size,) = unpack_int32(body, pos)
+            pos += 4
+            if size > 0:
+                pos += size
+            elif size < -1:
+                raise ProtocolError(f"Bind parameter length {size} is invalid")
+        (nresults,) = unpack_int16(body, pos)
+        if nresults < 0:
+            raise ProtocolError("Bind has a negative result-format count")
+        pos += 2
+        formats = struct.unpack_from(f"!{nresults}h", body, pos)
+        pos += 2 * nresults
+    except struct.error:
+        raise ProtocolError("Bind message is shorter than its fields say") from None
+    if pos != end:
+        raise ProtocolError("Bind message has trailing bytes")
+    if any(f not in (0, 1) for f in formats):
+        raise ProtocolError("Bind result format codes must be 0 or 1")
+    return portal, statement, formats

@@ -1,0 +1,341 @@
+"""The asyncio shell: sockets, connects, TLS, timers — the only I/O in the proxy.
+
+Each accepted connection gets a :class:`ClientConnection` (an ``asyncio.Protocol``, no
+coroutine per message) that implements the session's :class:`SessionIO` and feeds it
+events. Back-pressure is end to end: when one side's write buffer fills, reading from the
+other side pauses, so a slow client never makes the proxy hold a whole result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+import ssl
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+from appliance.config import Config, Endpoint, Target, normalize_address
+from appliance.intercept.base import InterceptMethod
+from appliance.pgwire import messages as m
+from appliance.proxy.hooks import AddonManager, SessionInfo
+from appliance.proxy.session import CancelRegistry, Session
+
+import ipaddress
+
+log = logging.getLogger("tollgate.server")
+
+# Write-buffer marks: large enough to keep a fast link busy, small enough that a stalled
+# client holds at most this much of a result in the proxy.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+
+
+def endpoint_of(sockaddr: Any) -> Endpoint:
+    return Endpoint(normalize_address(ipaddress.ip_address(sockaddr[0].split("%")[0])), sockaddr[1])
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """The database side of one session; forwards events to the client side's session."""
+
+    def __init__(self, owner: "ClientConnection"):
+        self.owner = owner
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        self.owner.session.server_data(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.owner.session.server_closed()
+
+    def pause_writing(self) -> None:
+        self.owner.pause_reading_client()
+
+    def resume_writing(self) -> None:
+        self.owner.resume_reading_client()
+
+
+class ClientConnection(asyncio.Protocol):
+    """The agent side of one session, and the session's SessionIO."""
+
+    def __init__(self, server: "ProxyServer"):
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.upstream = UpstreamConnection(self)
+        self.session: Session = None  # type: ignore[assignment]
+        self._client_paused_by_session = False
+        self._client_paused_by_upstream = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # -- asyncio.Protocol (client side) --
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+        sock = transport.get_extra_info("socket")
+        client = endpoint_of(transport.get_extra_info("peername"))
+        try:
+            destination = self.server.method.original_destination(sock)
+        except OSError:
+            # Not diverted by our ruleset (someone dialled the proxy port itself).
+            destination = endpoint_of(transport.get_extra_info("sockname"))
+        target = self.server.config.target_for(destination)
+        info = SessionInfo(client=client, destination=destination)
+        proxy = self.server.config.proxy
+        self.session = Session(self, info, target, self.server.addons, self.server.cancels,
+                               max_client_message=proxy.max_client_message,
+                               stream_threshold=proxy.stream_threshold)
+        self.server.sessions[info.id] = self.session
+        log.debug("session %d: %s → %s (%s)", info.id, client, destination, target.name if target else "unprotected")
+
+    def data_received(self, data: bytes) -> None:
+        self.session.client_data(data)
+
+    def eof_received(self) -> bool:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.session.client_closed()
+        self.server.sessions.pop(self.session.info.id, None)
+
+    def pause_writing(self) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.resume_reading()
+
+    # -- flow control from the upstream side and from the session --
+
+    def pause_reading_client(self) -> None:
+        self._client_paused_by_upstream = True
+        self._apply_client_reading()
+
+    def resume_reading_client(self) -> None:
+        self._client_paused_by_upstream = False
+        self._apply_client_reading()
+
+    def _apply_client_reading(self) -> None:
+        if self.transport is None:
+            return
+        if self._client_paused_by_upstream or self._client_paused_by_session:
+            self.transport.pause_reading()
+        else:
+            self.transport.resume_reading()
+
+    # -- SessionIO --
+
+    def send_client(self, data: bytes | memoryview) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def send_server(self, data: bytes | memoryview) -> None:
+        if self.upstream.transport is not None:
+            self.upstream.transport.write(data)
+
+    def pause_client(self) -> None:
+        self._client_paused_by_session = True
+        self._apply_client_reading()
+
+    def resume_client(self) -> None:
+        self._client_paused_by_session = False
+        self._apply_client_reading()
+
+    def open_upstream(self, target: Target, endpoint: Endpoint) -> None:
+        self._spawn(self._connect_upstream(target, endpoint))
+
+    def start_upstream_tls(self, target: Target) -> None:
+        self._spawn(self._start_tls(target))
+
+    def wait(self, awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]) -> Callable[[], None]:
+        future = asyncio.ensure_future(awaitable)
+
+        def finished(f: asyncio.Future[Any]) -> None:
+            if f.cancelled():
+                return
+            exc = f.exception()
+            done(None if exc else f.result(), exc)
+
+        future.add_done_callback(finished)
+        return future.cancel
+
+    def cancel_upstream(self, endpoint: Endpoint, process_id: int, secret_key: bytes) -> None:
+        self._spawn(self.server.send_cancel(endpoint, process_id, secret_key))
+
+    def close(self) -> None:
+        # transport.close() flushes what is buffered first, so a final FATAL still arrives.
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream.transport is not None:
+            self.upstream.transport.close()
+        for task in self._tasks:
+            task.cancel()
+
+    # -- helpers --
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _connect_upstream(self, target: Target, endpoint: Endpoint) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            sock = await self.server.open_upstream_socket(endpoint, target.connect_timeout)
+            await loop.create_connection(lambda: self.upstream, sock=sock)
+        except (OSError, asyncio.TimeoutError) as exc:
+            self.session.upstream_failed(str(exc) or type(exc).__name__)
+            return
+        if self.transport is None:  # the agent left while we were connecting
+            self.close()
+            return
+        self.session.upstream_connected()
+
+    async def _start_tls(self, target: Target) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.upstream.transport is not None
+        context = upstream_tls_context(target)
+        server_name = target.tls_server_name or (str(self.session.info.destination.address)
+                                                 if target.tls == "verify-full" else None)
+        try:
+            transport = await loop.start_tls(self.upstream.transport, self.upstream, context,
+                                             server_hostname=server_name)
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            self.session.upstream_tls_failed(str(exc))
+            return
+        self.upstream.transport = transport  # type: ignore[assignment]
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.session.upstream_tls_ready(ssl_object.version() if ssl_object else "TLS")
+
+
+def upstream_tls_context(target: Target) -> ssl.SSLContext:
+    """TLS towards the database, with libpq's sslmode semantics."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if target.tls in ("verify-ca", "verify-full"):
+        context.load_verify_locations(cafile=str(target.tls_ca_file))
+        context.check_hostname = target.tls == "verify-full"
+        context.verify_mode = ssl.CERT_REQUIRED
+    else:
+        # prefer/require: encrypted but unauthenticated, exactly as libpq's sslmode=require.
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class ProxyServer:
+    """Listening sockets, the live sessions, and what they share."""
+
+    def __init__(self, config: Config, method: InterceptMethod, addons: AddonManager | None = None):
+        self.config = config
+        self.method = method
+        self.addons = addons or AddonManager()
+        self.cancels = CancelRegistry()
+        self.sessions: dict[int, Session] = {}
+        self._servers: list[asyncio.AbstractServer] = []
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        port = self.config.proxy.listen_port
+        for address in self.config.proxy.listen_addresses:
+            family = socket.AF_INET6 if ":" in address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                self.method.prepare_listener(sock)
+                sock.bind((address, port))
+                sock.listen(1024)
+                sock.setblocking(False)
+            except OSError:
+                sock.close()
+                raise
+            self._servers.append(await loop.create_server(lambda: ClientConnection(self), sock=sock))
+        if self.config.proxy.control_socket is not None:
+            self._servers.append(await start_control_server(self, self.config.proxy.control_socket))
+
+    async def open_upstream_socket(self, endpoint: Endpoint, timeout: float) -> socket.socket:
+        loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if endpoint.address.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            self.method.prepare_upstream(sock, self.config)
+            await asyncio.wait_for(loop.sock_connect(sock, (str(endpoint.address), endpoint.port)), timeout)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    async def send_cancel(self, endpoint: Endpoint, process_id: int, secret_key: bytes) -> None:
+        """Deliver a CancelRequest to the database on a fresh connection, as libpq does."""
+        loop = asyncio.get_running_loop()
+        try:
+            sock = await self.open_upstream_socket(endpoint, 10.0)
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("could not deliver a cancel request to %s: %s", endpoint, exc)
+            return
+        try:
+            await loop.sock_sendall(sock, m.CancelRequest(process_id, secret_key).encode())
+            # The server closes without answering once it has acted on the request.
+            await asyncio.wait_for(loop.sock_recv(sock, 1), 10.0)
+        except (OSError, asyncio.TimeoutError):
+            pass
+        finally:
+            sock.close()
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for session in list(self.sessions.values()):
+            session._fatal("57P01", "terminating connection: Tollgate is shutting down")
+        for server in self._servers:
+            await server.wait_closed()
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        return [s.describe() for s in self.sessions.values()]
+
+
+async def start_control_server(server: ProxyServer, path: Path) -> asyncio.AbstractServer:
+    """A root-only unix socket answering one JSON request per line (``{"op": "sessions"}``)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                try:
+                    request = json.loads(line)
+                    op = request.get("op") if isinstance(request, dict) else None
+                except ValueError:
+                    op = None
+                if op == "sessions":
+                    reply: dict[str, Any] = {"ok": True, "sessions": server.snapshot()}
+                elif op == "ping":
+                    reply = {"ok": True}
+                else:
+                    reply = {"ok": False, "error": "unknown request; try {\"op\": \"sessions\"}"}
+                writer.write(json.dumps(reply).encode() + b"\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    old_umask = os.umask(0o077)
+    try:
+        return await asyncio.start_unix_server(handle, path=str(path))
+    finally:
+        os.umask(old_umask)

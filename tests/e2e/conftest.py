@@ -1,0 +1,55 @@
+"""End-to-end fixtures: one lab with Tollgate in it, and ways to act from its namespaces.
+
+Everything here goes through the real path: a client in the agent namespace dials the
+database's real address, nftables in the gateway namespace diverts it into the proxy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Iterator, Sequence
+
+import pytest
+
+from appliance.lab import Lab
+
+
+@pytest.fixture(scope="session")
+def lab(lab_host: None) -> Iterator[Lab]:
+    with Lab.create(owner_pid=os.getpid(), proxy=True) as lab:
+        yield lab
+
+
+def run(lab: Lab, node: str, argv: Sequence[str], *, input: bytes | None = None, timeout: float = 120,
+        check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    """Run a command in a lab node, capturing output; failures show both streams."""
+    proc = subprocess.run(lab.command(node, list(argv)), input=input, capture_output=True, timeout=timeout,
+                          env=lab.env(env))
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(argv)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout.decode(errors='replace')}\n{proc.stderr.decode(errors='replace')}")
+    return proc
+
+
+def psql(lab: Lab, sql: str, *, direct: bool = False, node: str = "agent", role: str = "app",
+         dbname: str = "payments", extra: Sequence[str] = ()) -> str:
+    """Run SQL with psql from a node; through Tollgate unless ``direct``. Returns stdout."""
+    conninfo = lab.conninfo(role, direct=direct, dbname=dbname)
+    proc = run(lab, node, ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", conninfo, *extra, "-c", sql])
+    return proc.stdout.decode()
+
+
+def python(lab: Lab, code: str, *args: str, node: str = "agent", timeout: float = 120,
+           check: bool = True) -> subprocess.CompletedProcess[bytes]:
+    """Run a Python snippet (with the venv's packages) in a lab node."""
+    return run(lab, node, [sys.executable, "-c", textwrap.dedent(code), *args], timeout=timeout, check=check)
+
+
+def python_json(lab: Lab, code: str, *args: str, **kw: object) -> object:
+    """Run a snippet that prints one JSON document as its last line; return it decoded."""
+    out = python(lab, code, *args, **kw).stdout.decode().strip().splitlines()
+    return json.loads(out[-1])
