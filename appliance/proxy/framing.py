@@ -65,3 +65,29 @@ def bind_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int,
     if any(f not in (0, 1) for f in formats):
         raise ProtocolError("Bind result format codes must be 0 or 1")
     return portal, statement, formats
+
+
+def parse_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int, ...]]:
+    """Statement name, query text and parameter type OIDs of a Parse body."""
+    name, pos = cstring(body, start, end)
+    query, pos = cstring(body, pos, end)
+    try:
+        (count,) = unpack_int16(body, pos)
+        if count < 0:
+            raise ProtocolError("Parse has a negative parameter-type count")
+        types = struct.unpack_from(f"!{count}I", body, pos + 2)
+    except struct.error:
+        raise ProtocolError("Parse message is shorter than its fields say") from None
+    if pos + 2 + 4 * count != end:
+        raise ProtocolError("Parse message has trailing bytes")
+    return name, query, types
+
+
+def kind_and_name(body: bytes, start: int, end: int, what: str) -> tuple[int, str]:
+    """The 'S'/'P' byte and the name of a Describe or Close body."""
+    if end - start < 2 or body[start] not in (0x53, 0x50):
+        raise ProtocolError(f"{what} must name a statement ('S') or a portal ('P')")
+    name, pos = cstring(body, start + 1, end)
+    if pos != end:
+        raise ProtocolError(f"{what} message has trailing bytes")
+    return body[start], name

@@ -26,7 +26,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from appliance.config import Endpoint, Target
 from appliance.pgwire import ProtocolError, decode_backend, decode_frontend, decode_startup
 from appliance.pgwire import messages as m
-from appliance.proxy.framing import bind_fields, cstring, unpack_length
+from appliance.proxy.framing import bind_fields, cstring, kind_and_name, parse_fields, unpack_length
 from appliance.proxy.hooks import (
     AddonManager, Hold, Reject, Result, SessionInfo, Statement, StatementKind, Verdict,
 )
@@ -471,40 +471,41 @@ class Session:
                     pending.append(Pending(Req.QUERY, statement, reject=verdict))
                     replacement = m.Query(BLOCKED_SQL.decode()).encode()
             elif tag == 0x50:  # P
-                parse = decode_frontend(b"P", view[pos + 5:end])
-                statement = Statement(StatementKind.PARSE, parse.query, parse.name, parse.param_types)
+                stmt_name, query, param_types = parse_fields(data, pos + 5, end)
+                statement = Statement(StatementKind.PARSE, query, stmt_name, param_types)
                 verdict = self._decide(statement)
                 if type(verdict) is Hold:
-                    self._hold(Pending(Req.PARSE, statement, name=parse.name), verdict)
+                    self._hold(Pending(Req.PARSE, statement, name=stmt_name), verdict)
                     break
                 # Registered now, not at ParseComplete: the server acts on messages in
                 # order, so a later Bind in this pipeline already refers to this statement.
                 # Requests the server skips after an error are rolled back (_on_error).
                 if verdict is None:
-                    pending.append(Pending(Req.PARSE, statement, name=parse.name))
-                    self._statements[parse.name] = statement
+                    pending.append(Pending(Req.PARSE, statement, name=stmt_name))
+                    self._statements[stmt_name] = statement
                 else:
-                    pending.append(Pending(Req.PARSE, statement, name=parse.name, reject=verdict))
-                    replacement = m.Parse(parse.name, BLOCKED_SQL.decode(), ()).encode()
+                    pending.append(Pending(Req.PARSE, statement, name=stmt_name, reject=verdict))
+                    replacement = m.Parse(stmt_name, BLOCKED_SQL.decode(), ()).encode()
             elif tag == 0x42:  # B
                 portal_name, stmt_name, formats = bind_fields(data, pos + 5, end)
                 portal = Portal(portal_name, self._statements.get(stmt_name), formats, self._ends_sent)
                 pending.append(Pending(Req.BIND, portal=portal))
                 self._portals[portal_name] = portal
             elif tag == 0x45:  # E
-                portal_name, _ = cstring(data, pos + 5, end)
+                portal_name, after = cstring(data, pos + 5, end)
+                if end - after != 4:
+                    raise ProtocolError("Execute must end with a 4-byte row limit")
                 pending.append(Pending(Req.EXECUTE, portal=self._portals.get(portal_name), name=portal_name))
             elif tag == 0x53:  # S
                 pending.append(Pending(Req.SYNC))
                 self._ends_sent += 1
             elif tag == 0x44:  # D
-                describe = decode_frontend(b"D", view[pos + 5:end])
-                kind = Req.DESCRIBE_STATEMENT if describe.kind == b"S" else Req.DESCRIBE_PORTAL
-                pending.append(Pending(kind, name=describe.name))
+                kind, name = kind_and_name(data, pos + 5, end, "Describe")
+                pending.append(Pending(Req.DESCRIBE_STATEMENT if kind == 0x53 else Req.DESCRIBE_PORTAL, name=name))
             elif tag == 0x43:  # C
-                close = decode_frontend(b"C", view[pos + 5:end])
+                kind, name = kind_and_name(data, pos + 5, end, "Close")
                 pending.append(Pending(Req.CLOSE))
-                (self._statements if close.kind == b"S" else self._portals).pop(close.name, None)
+                (self._statements if kind == 0x53 else self._portals).pop(name, None)
             elif tag == 0x64:  # d: CopyData
                 if self.hooks.copy_data:
                     replacement = self._rewrite(self.hooks.copy_data, view[pos:end], True)
