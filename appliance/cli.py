@@ -13,6 +13,7 @@ import logging
 import sys
 
 from appliance.config import ConfigError
+from appliance.intercept.base import InterceptError
 
 COMMAND_MODULES = (
     "appliance.proxy.cli",
@@ -46,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 2
+    except InterceptError as exc:
+        print(f"tollgate: intercept: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

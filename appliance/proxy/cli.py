@@ -39,18 +39,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         supported, why = method.is_supported()
         if not supported:
             raise ConfigError(f"{config.path}: intercept.method: {method.name} is not usable here: {why}")
-        method.setup(config)
     try:
         import uvloop  # optional: about a third faster on the relay path
     except ImportError:
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
-    return runner(serve(config, method, AddonManager()))
+    return runner(serve(config, method, AddonManager(), intercept=not args.no_intercept))
 
 
-async def serve(config: Config, method: Any, addons: AddonManager) -> int:
+async def serve(config: Config, method: Any, addons: AddonManager, *, intercept: bool = True) -> int:
     server = ProxyServer(config, method, addons)
+    # Listen first, divert second: traffic is only diverted to a port that is answering.
+    # The ruleset stays when we exit, so agents fail closed rather than bypass the proxy.
     await server.start()
+    if intercept:
+        try:
+            # pyroute2 drives an event loop of its own, which can't nest inside ours.
+            await asyncio.to_thread(method.setup, config)
+        except Exception:
+            await server.close()
+            raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

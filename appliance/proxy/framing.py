@@ -18,14 +18,13 @@ unpack_int32 = struct.Struct("!i").unpack_from
 pack_header = struct.Struct("!cI").pack
 
 
-def cstring(buf: bytes | memoryview, pos: int, end: int) -> tuple[str, int]:
+def cstring(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, int]:
     """The NUL-terminated string at ``pos`` and the offset just past its NUL."""
-    nul = bytes(buf[pos:end]).find(b"\0") if isinstance(buf, memoryview) else buf.find(b"\0", pos, end)
+    nul = buf.find(b"\0", pos, end)
     if nul < 0:
         raise ProtocolError("string field is not NUL-terminated within its message")
-    if isinstance(buf, memoryview):
-        nul += pos
-    return bytes(buf[pos:nul]).decode("utf-8", "surrogateescape"), nul + 1
+    # Unnamed statements and portals are the common case on the hot path.
+    return (buf[pos:nul].decode("utf-8", "surrogateescape") if nul > pos else ""), nul + 1
 
 
 def bind_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int, ...]]:

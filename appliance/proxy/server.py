@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable
 
 from appliance.config import Config, Endpoint, Target, normalize_address
-from appliance.intercept.base import InterceptMethod
+from appliance.intercept.base import InterceptError, InterceptMethod
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import AddonManager, SessionInfo
 from appliance.proxy.session import CancelRegistry, Session
@@ -86,8 +86,9 @@ class ClientConnection(asyncio.Protocol):
         client = endpoint_of(transport.get_extra_info("peername"))
         try:
             destination = self.server.method.original_destination(sock)
-        except OSError:
-            # Not diverted by our ruleset (someone dialled the proxy port itself).
+        except (InterceptError, OSError):
+            # Not diverted by our ruleset (someone dialled the proxy port itself): the
+            # destination is then the proxy, which no target protects, so it is refused.
             destination = endpoint_of(transport.get_extra_info("sockname"))
         target = self.server.config.target_for(destination)
         info = SessionInfo(client=client, destination=destination)

@@ -728,7 +728,7 @@ class Session:
     def _on_command_complete(self, view: memoryview, pos: int, end: int) -> None:
         head = self._pending[0] if self._pending else None
         if self.hooks.result_complete:
-            tag, _ = cstring(view, pos + 5, end)
+            tag, _ = cstring(view.obj, pos + 5, end)
             self._complete(tag, False)
         self._result = None
         if head is not None and head.kind is Req.EXECUTE:

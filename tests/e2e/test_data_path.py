@@ -327,3 +327,10 @@ def test_unknown_role_is_refused_with_a_clear_message(lab: Lab):
     proc = run(lab, "agent", ["psql", "-X", lab.conninfo("postgres"), "-c", "SELECT 1"], check=False)
     assert proc.returncode != 0
     assert b"Tollgate holds no credentials for role 'postgres'" in proc.stderr
+
+
+def test_dialling_the_proxy_port_itself_is_refused_not_relayed(lab: Lab):
+    proc = run(lab, "agent", ["psql", "-X", "host=198.18.1.1 port=15432 dbname=payments user=app",
+                              "-c", "SELECT 1"], check=False)
+    assert proc.returncode != 0
+    assert b"Tollgate does not protect a database at 198.18.1.1:15432" in proc.stderr

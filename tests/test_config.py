@@ -1,0 +1,124 @@
+"""The configuration loader: good files parse, bad ones name file, key and problem."""
+
+from __future__ import annotations
+
+import ipaddress
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from appliance.config import ConfigError, Endpoint, load_config, parse_config
+
+GOOD = """
+[proxy]
+listen_port = 15432
+control_socket = "/run/tollgate/control.sock"
+
+[intercept]
+method = "tproxy"
+agent_subnets = ["198.18.1.0/24", "fd7a:6c67:1::/64"]
+agent_interfaces = ["eth0"]
+
+[[targets]]
+name = "payments"
+addresses = ["198.18.2.10:5432", "[fd7a:6c67:2::10]:5432"]
+tls = "require"
+
+[targets.credentials.app]
+password = "pencil"
+
+[targets.credentials.reporting]
+upstream_user = "report_ro"
+password_file = "secret.txt"
+"""
+
+
+def test_good_config_parses(tmp_path: Path):
+    (tmp_path / "secret.txt").write_text("from-file\n")
+    path = tmp_path / "tollgate.toml"
+    path.write_text(GOOD)
+    config = load_config(path)
+    assert config.intercept.method == "tproxy"
+    assert config.intercept.agent_subnets == (ipaddress.ip_network("198.18.1.0/24"),
+                                               ipaddress.ip_network("fd7a:6c67:1::/64"))
+    [target] = config.targets
+    assert target.credentials["reporting"].upstream_user == "report_ro"
+    assert target.credentials["reporting"].password == "from-file"
+    assert target.credentials["app"].upstream_user == "app"
+    assert "pencil" not in repr(config)  # passwords never end up in logs via repr
+    assert config.target_for(Endpoint.parse("[::ffff:198.18.2.10]:5432")) is target
+    assert config.target_for(Endpoint.parse("198.18.2.10:5433")) is None
+    assert len(config.protected_endpoints) == 2
+
+
+def test_defaults_are_safe():
+    config = parse_config("", Path("empty.toml"))
+    assert config.targets == () and config.intercept.agent_subnets == ()
+    assert config.proxy.agent_auth == "trust" and config.intercept.method == "redirect"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[proxy]\nlisten_port = 0", "x.toml: proxy.listen_port: 0 is not a TCP port"),
+    ("[proxy]\nlisten_port = true", "x.toml: proxy.listen_port: must be an integer, not a boolean"),
+    ("[proxy]\nlisten_port = '5432'", "x.toml: proxy.listen_port: must be an integer, not str"),
+    ("[proxy]\nagent_auth = 'md5'", "x.toml: proxy.agent_auth: must be one of trust"),
+    ("[proxy]\nlisten_addresses = ['localhost']", "x.toml: proxy.listen_addresses[0]:"),
+    ("[intercept]\nagent_subnet = []", "x.toml: intercept.agent_subnet: unknown key"),
+    ("[intercept]\nmethod = 'dnat'", "x.toml: intercept.method: must be one of redirect, tproxy"),
+    ("[intercept]\nagent_subnets = ['10.0.0.1/24']", "x.toml: intercept.agent_subnets[0]: 10.0.0.1/24 has host bits set"),
+    ("[intercept]\nagent_subnets = [1]", "x.toml: intercept.agent_subnets[0]: must be a string"),
+    ("[intercept]\ntable = 'tollgate; flush ruleset'", "x.toml: intercept.table:"),
+    ("[intercept]\nbypass_mark = 5\ntproxy_mark = 5", "x.toml: intercept.tproxy_mark: must differ from bypass_mark"),
+    ("[[targets]]\naddresses = ['1.2.3.4:5432']", "x.toml: targets[0].name: is required"),
+    ("[[targets]]\nname = 'a'\naddresses = ['db.example:5432']", "x.toml: targets[0].addresses[0]: 'db.example' is not an IP address"),
+    ("[[targets]]\nname = 'a'\naddresses = ['::1:5432']", "x.toml: targets[0].addresses[0]: '::1:5432': write IPv6 addresses in brackets"),
+    ("[[targets]]\nname = 'a'\naddresses = []", "x.toml: targets[0].addresses: must list at least one"),
+    ("[[targets]]\nname = 'a'\naddresses = ['1.2.3.4:5432']\ntls = 'allow'", "x.toml: targets[0].tls: must be one of"),
+    ("[[targets]]\nname = 'a'\naddresses = ['1.2.3.4:5432']\ntls = 'verify-full'", "x.toml: targets[0].tls_ca_file: is required with tls = 'verify-full'"),
+    ("[[targets]]\nname = 'a'\naddresses = ['1.2.3.4:5432']\n[targets.credentials.app]\nupstream_user = 'x'",
+     "x.toml: targets[0].credentials.app: needs exactly one of password or password_file"),
+    ("[[targets]]\nname = 'a'\naddresses = ['1.2.3.4:5432']\n[targets.credentials.app]\npassword_file = '/nonexistent/pw'",
+     "x.toml: targets[0].credentials.app.password_file: cannot read /nonexistent/pw"),
+    ("[[targets]]\nname = 'a'\naddresses = ['1.2.3.4:5432']\n[[targets]]\nname = 'b'\naddresses = ['1.2.3.4:5432']",
+     "x.toml: targets[1].addresses[0]: 1.2.3.4:5432 is already protected by target 'a'"),
+    ("[[targets]]\nname = 'a'\naddresses = ['1.2.3.4:5432']\n[[targets]]\nname = 'a'\naddresses = ['1.2.3.5:5432']",
+     "x.toml: targets[1].name: duplicate target name 'a'"),
+    ("proxy = 3", "x.toml: proxy: must be a table"),
+    ("[proxy\n", "x.toml: not valid TOML"),
+    ("surprise = 1", "x.toml: surprise: unknown key"),
+])
+def test_bad_config_names_file_key_and_problem(text: str, message: str):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, Path("x.toml"))
+    assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="nope.toml: cannot read: No such file"):
+        load_config("/nonexistent/nope.toml")
+
+
+def test_tollgate_run_refuses_a_bad_config_before_touching_anything(tmp_path: Path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[intercept]\nmethod = 'dnat'\n")
+    proc = subprocess.run([sys.executable, "-m", "appliance.cli", "run", "-c", str(path)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert f"{path}: intercept.method: must be one of redirect, tproxy" in proc.stderr
+    assert "ready" not in proc.stderr
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("1.2.3.4:5432", "1.2.3.4:5432"), ("[2001:db8::1]:6432", "[2001:db8::1]:6432"),
+    ("[::ffff:10.0.0.1]:5432", "10.0.0.1:5432"),
+])
+def test_endpoint_round_trip(text: str, expected: str):
+    assert str(Endpoint.parse(text)) == expected
+
+
+@pytest.mark.parametrize("text", ["1.2.3.4", "1.2.3.4:0", "1.2.3.4:70000", ":5432", "[::1]:x"])
+def test_endpoint_rejects(text: str):
+    with pytest.raises(ValueError):
+        Endpoint.parse(text)
