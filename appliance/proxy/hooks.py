@@ -48,6 +48,7 @@ class SessionInfo:
     parameters: dict[str, str] = field(default_factory=dict)
     upstream_user: str | None = None
     upstream_tls: str | None = None  # negotiated TLS version upstream, None if clear
+    client_tls: str | None = None  # TLS version towards the agent, None if clear
     backend_pid: int | None = None
     transaction_status: bytes = b"I"
     # The identity issue fills this; addons keep their own per-session state here.

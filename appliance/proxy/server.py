@@ -20,6 +20,7 @@ from typing import Any, Awaitable, Callable
 from appliance.config import Config, Endpoint, Target, normalize_address
 from appliance.intercept.base import InterceptError, InterceptMethod
 from appliance.pgwire import messages as m
+from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
 from appliance.proxy.hooks import AddonManager, SessionInfo
 from appliance.proxy.session import CancelRegistry, Session
 
@@ -95,7 +96,8 @@ class ClientConnection(asyncio.Protocol):
         proxy = self.server.config.proxy
         self.session = Session(self, info, target, self.server.addons, self.server.cancels,
                                max_client_message=proxy.max_client_message,
-                               stream_threshold=proxy.stream_threshold)
+                               stream_threshold=proxy.stream_threshold,
+                               authenticator=self.server.authenticator)
         self.server.sessions[info.id] = self.session
         log.debug("session %d: %s → %s (%s)", info.id, client, destination, target.name if target else "unprotected")
 
@@ -160,6 +162,9 @@ class ClientConnection(asyncio.Protocol):
     def start_upstream_tls(self, target: Target) -> None:
         self._spawn(self._start_tls(target))
 
+    def start_client_tls(self, context: ssl.SSLContext) -> None:
+        self._spawn(self._accept_tls(context))
+
     def wait(self, awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]) -> Callable[[], None]:
         future = asyncio.ensure_future(awaitable)
 
@@ -221,6 +226,21 @@ class ClientConnection(asyncio.Protocol):
         self.session.upstream_tls_ready(ssl_object.version() if ssl_object else "TLS")
 
 
+    async def _accept_tls(self, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        assert self.transport is not None
+        try:
+            transport = await loop.start_tls(self.transport, self, context, server_side=True,
+                                             ssl_handshake_timeout=15.0)
+        except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
+            self.session.client_tls_failed(str(exc) or type(exc).__name__)
+            return
+        self.transport = transport  # type: ignore[assignment]
+        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
+        ssl_object = transport.get_extra_info("ssl_object")
+        self.session.client_tls_ready(ssl_object.version(), ssl_object.getpeercert(binary_form=True))
+
+
 def upstream_tls_context(target: Target) -> ssl.SSLContext:
     """TLS towards the database, with libpq's sslmode semantics."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -239,10 +259,12 @@ def upstream_tls_context(target: Target) -> ssl.SSLContext:
 class ProxyServer:
     """Listening sockets, the live sessions, and what they share."""
 
-    def __init__(self, config: Config, method: InterceptMethod, addons: AddonManager | None = None):
+    def __init__(self, config: Config, method: InterceptMethod, addons: AddonManager | None = None,
+                 authenticator: AgentAuthenticator | None = None):
         self.config = config
         self.method = method
         self.addons = addons or AddonManager()
+        self.authenticator = authenticator or TrustAuthenticator()
         self.cancels = CancelRegistry()
         self.sessions: dict[int, Session] = {}
         self._servers: list[asyncio.AbstractServer] = []
@@ -302,7 +324,7 @@ class ProxyServer:
         for server in self._servers:
             server.close()
         for session in list(self.sessions.values()):
-            session._fatal("57P01", "terminating connection: Tollgate is shutting down")
+            session.terminate("57P01", "terminating connection: Tollgate is shutting down")
         for server in self._servers:
             await server.wait_closed()
 

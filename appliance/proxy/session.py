@@ -26,6 +26,7 @@ from typing import Any, Awaitable, Callable, Protocol
 from appliance.config import Endpoint, Target
 from appliance.pgwire import ProtocolError, decode_backend, decode_frontend, decode_startup
 from appliance.pgwire import messages as m
+from appliance.proxy.agent_auth import AgentAuthenticator, AuthFailure, TrustAuthenticator
 from appliance.proxy.framing import bind_fields, cstring, kind_and_name, parse_fields, unpack_length
 from appliance.proxy.hooks import (
     AddonManager, Hold, Reject, Result, SessionInfo, Statement, StatementKind, Verdict,
@@ -51,6 +52,7 @@ class SessionIO(Protocol):
     def send_server(self, data: bytes | memoryview) -> None: ...
     def open_upstream(self, target: Target, endpoint: Endpoint) -> None: ...
     def start_upstream_tls(self, target: Target) -> None: ...
+    def start_client_tls(self, context: Any) -> None: ...
     def pause_client(self) -> None: ...
     def resume_client(self) -> None: ...
     def wait(self, awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]) -> Callable[[], None]: ...
@@ -88,6 +90,7 @@ class CancelRegistry:
 
 class Phase(enum.Enum):
     STARTUP = "startup"  # reading the client's untyped startup packets
+    CLIENT_TLS = "client-tls"  # TLS handshake with the agent running
     CONNECTING = "connecting"  # upstream TCP connect in progress
     UPSTREAM_TLS = "upstream-tls"  # SSLRequest sent upstream / handshake running
     AUTHENTICATING = "authenticating"  # upstream password exchange
@@ -149,8 +152,11 @@ class Session:
     """One agent connection and its upstream connection."""
 
     def __init__(self, io: SessionIO, info: SessionInfo, target: Target | None, hooks: AddonManager,
-                 cancels: CancelRegistry, *, max_client_message: int, stream_threshold: int):
+                 cancels: CancelRegistry, *, max_client_message: int, stream_threshold: int,
+                 authenticator: AgentAuthenticator | None = None):
         self.io, self.info, self.hooks, self.cancels = io, info, hooks, cancels
+        self.authenticator = authenticator or TrustAuthenticator()
+        self._peer_certificate: bytes | None = None
         info.target = target
         self.target = target
         self.phase = Phase.STARTUP
@@ -247,6 +253,23 @@ class Session:
     def upstream_tls_failed(self, reason: str) -> None:
         self._fatal("08006", f"TLS to the database failed: {reason}")
 
+    def client_tls_ready(self, version: str, peer_certificate: bytes | None) -> None:
+        """The agent-side handshake finished; the StartupMessage comes next, encrypted."""
+        if self.phase is not Phase.CLIENT_TLS:
+            return
+        self.info.client_tls = version
+        self._peer_certificate = peer_certificate
+        self.phase = Phase.STARTUP
+        self.client_data(b"")
+
+    def client_tls_failed(self, reason: str) -> None:
+        self.authenticator.tls_failed(self.info, reason)
+        self._close(f"TLS handshake with the agent failed: {reason}")
+
+    def terminate(self, sqlstate: str, message: str, hint: str | None = None) -> None:
+        """End the session from outside (shutdown, revocation) with a FATAL to the client."""
+        self._fatal(sqlstate, message, hint=hint)
+
     def request_cancel(self) -> None:
         """A CancelRequest carrying this session's key arrived on another connection."""
         if self._held is not None:
@@ -272,8 +295,16 @@ class Session:
                 if self._cbuf:
                     self._close("client sent data before the answer to its encryption request")
                     return
-                # Encryption towards the agent arrives with the identity layer; until then, no.
-                self.io.send_client(b"N")
+                context = None
+                if isinstance(packet, m.SSLRequest) and self.target is not None:
+                    context = self.authenticator.server_context(self.target)
+                if context is None:
+                    self.io.send_client(b"N")
+                else:
+                    self.io.send_client(b"S")
+                    self.phase = Phase.CLIENT_TLS
+                    self.io.start_client_tls(context)
+                    return
             elif isinstance(packet, m.CancelRequest):
                 self._forward_cancel(packet)
                 return
@@ -306,6 +337,10 @@ class Session:
                 hint="Ask the network team to add this address to a target in Tollgate's configuration.")
         if params.get("replication", "false").lower() in TRUE_VALUES and not target.allow_replication:
             raise SessionError("28000", f"replication connections to {target.name!r} are not allowed through Tollgate")
+        try:
+            info.identity = self.authenticator.authenticate(info, self._peer_certificate)
+        except AuthFailure as exc:
+            raise SessionError("28000", exc.message, hint=exc.hint) from None
         credential = target.credentials.get(info.user or "")
         if credential is None:
             raise SessionError(
@@ -877,6 +912,8 @@ class Session:
             "application_name": info.application_name, "phase": self.phase.value,
             "transaction_status": info.transaction_status.decode(), "started_at": info.started_at,
             "held": self._held is not None, "upstream_tls": info.upstream_tls,
+            "client_tls": info.client_tls,
+            "identity": getattr(info.identity, "display", None) if info.identity is not None else None,
         }
 
 

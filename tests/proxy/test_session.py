@@ -528,3 +528,56 @@ def test_close_statement_then_reparse_in_one_pipeline_keeps_the_new_statement():
     session.client_data(frontend(m.Close(b"S", "s"), m.Parse("s", "SELECT 2", ()), m.Sync()))
     session.server_data(backend(m.CloseComplete(), m.ParseComplete(), m.ReadyForQuery(b"I")))
     assert session._statements["s"].text == "SELECT 2"
+
+
+# ---- the agent side: TLS and identity -----------------------------------------------------------
+
+class CertificateOnly:
+    """An authenticator like the identity layer's: TLS offered, a certificate required."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def server_context(self, target):
+        return "server-context-for-" + target.name
+
+    def tls_failed(self, info, reason):
+        self.failures.append(reason)
+
+    def authenticate(self, info, peer_certificate):
+        from appliance.proxy.agent_auth import AuthFailure
+        if peer_certificate is None:
+            raise AuthFailure("a client certificate is required", hint="run tollgate enroll")
+        return peer_certificate.decode()
+
+
+def test_ssl_request_is_answered_with_tls_when_the_authenticator_offers_it():
+    auth = CertificateOnly()
+    session, io = new_session(authenticator=auth)
+    session.client_data(m.SSLRequest().encode())
+    assert io.client_got() == [b"S"]
+    assert io.events == [("start_client_tls", "server-context-for-payments")]
+    session.client_tls_ready("TLSv1.3", b"alice")
+    session.client_data(startup())
+    assert io.events[-1] == ("open_upstream", "payments", "198.18.2.10:5432")
+    assert session.info.identity == "alice" and session.info.client_tls == "TLSv1.3"
+
+
+def test_missing_certificate_is_refused_with_28000_and_how_to_enroll():
+    session, io = new_session(authenticator=CertificateOnly())
+    session.client_data(m.SSLRequest().encode())
+    io.client_got()
+    session.client_tls_ready("TLSv1.3", None)
+    session.client_data(startup())
+    [error] = io.client_got()
+    assert (error.severity, error.sqlstate, error.message, error.get("H")) == \
+        ("FATAL", "28000", "a client certificate is required", "run tollgate enroll")
+    assert not any(e[0] == "open_upstream" for e in io.events)
+
+
+def test_failed_client_handshake_is_remembered_and_closes():
+    auth = CertificateOnly()
+    session, io = new_session(authenticator=auth)
+    session.client_data(m.SSLRequest().encode())
+    session.client_tls_failed("certificate verify failed: unable to get local issuer certificate")
+    assert io.closed and auth.failures == ["certificate verify failed: unable to get local issuer certificate"]

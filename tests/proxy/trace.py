@@ -46,6 +46,9 @@ class RecordingIO:
     def start_upstream_tls(self, target: Target) -> None:
         self.events.append(("start_tls", target.name))
 
+    def start_client_tls(self, context: Any) -> None:
+        self.events.append(("start_client_tls", context))
+
     def pause_client(self) -> None:
         self.client_paused = True
 
@@ -82,12 +85,13 @@ class RecordingIO:
 
 def new_session(addons: list[Addon] | None = None, target: Target | None = None,
                 cancels: CancelRegistry | None = None, stream_threshold: int = 1 << 20,
-                no_target: bool = False) -> tuple[Session, RecordingIO]:
+                no_target: bool = False, authenticator: Any = None) -> tuple[Session, RecordingIO]:
     io = RecordingIO()
     session = Session(io, SessionInfo(client=AGENT, destination=DB),
                       None if no_target else (target or make_target()),
                       AddonManager(addons or []), cancels if cancels is not None else CancelRegistry(),
-                      max_client_message=1 << 24, stream_threshold=stream_threshold)
+                      max_client_message=1 << 24, stream_threshold=stream_threshold,
+                      authenticator=authenticator)
     return session, io
 
 
