@@ -1,0 +1,103 @@
+"""``make bench`` (``python -m bench``): pgbench through Tollgate vs direct vs pgbouncer.
+
+One run brings up one lab, creates and initialises a ``bench`` database, starts pgbouncer
+next to Tollgate in the gateway namespace, and runs every registered :class:`Case` on each
+of its paths, interleaved (case 1 on direct, pgbouncer, tollgate, then case 2, …) so drift
+on a shared machine hits every path alike. See ``bench/README.md``.
+
+A later benchmark is one more :class:`Case` in :data:`CASES` (via :func:`register`): its
+pgbench options, optionally a custom script and extra libpq parameters, and which paths it
+runs on. The harness, the table and the JSON need no change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+# --- paths -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A way from the agent to the database. ``password``: the client must send app's
+    password (the Tollgate path sends none: the appliance holds it)."""
+
+    name: str
+    host: str
+    port: int
+    password: bool
+    description: str
+
+
+DIRECT = Route("direct", "198.18.2.11", 5432, True,
+               "agent → db's unprotected address (same route through gw, not intercepted)")
+PGBOUNCER = Route("pgbouncer", "198.18.1.1", 6432, True,
+                  "agent → pgbouncer on gw (session pooling) → db's direct address")
+TOLLGATE = Route("tollgate", "198.18.2.10", 5432, False,
+                 "agent → db's protected address, diverted by nftables into Tollgate on gw → db")
+
+ROUTES: dict[str, Route] = {r.name: r for r in (DIRECT, PGBOUNCER, TOLLGATE)}
+ALL_PATHS: tuple[str, ...] = tuple(ROUTES)
+BASELINE = "direct"      # ratios and added latency are relative to this path
+REFERENCE = "pgbouncer"  # the summary line compares Tollgate with this one
+
+# --- cases -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Case:
+    """One benchmark: pgbench options (beyond ``-n -T``), run on each of ``paths``.
+
+    ``per_statement``: report the latency each path adds per statement vs direct (µs) —
+    meaningful with one client, where latency is not queueing. ``script``: a pgbench script
+    (``-f``) instead of a builtin. ``conninfo``: extra libpq parameters for every path
+    (e.g. ``sslmode=require``). ``needs``: setup steps the harness must run first (none yet;
+    e.g. a later "masked-results" table or a Tollgate policy).
+    """
+
+    name: str
+    args: tuple[str, ...]
+    description: str = ""
+    paths: tuple[str, ...] = ALL_PATHS
+    per_statement: bool = False
+    script: str | None = None
+    conninfo: Mapping[str, str] = field(default_factory=dict)
+    needs: tuple[str, ...] = ()
+
+    @property
+    def clients(self) -> int:
+        args = list(self.args)
+        for flag in ("-c", "--client"):
+            if flag in args and args.index(flag) + 1 < len(args):
+                return int(args[args.index(flag) + 1])
+        return 1
+
+
+CASES: dict[str, Case] = {}
+
+
+def register(case: Case) -> Case:
+    """Add ``case`` to the registry (names are unique; paths must be known routes)."""
+    if case.name in CASES:
+        raise ValueError(f"bench case {case.name!r} is already registered")
+    unknown = [p for p in case.paths if p not in ROUTES]
+    if unknown:
+        raise ValueError(f"bench case {case.name!r}: unknown paths {unknown} (known: {', '.join(ROUTES)})")
+    CASES[case.name] = case
+    return case
+
+
+# Select-only point lookups: the data path's per-statement cost, with as little database
+# work as possible around it.
+register(Case("c8-simple", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
+              "select-only, 8 clients, simple protocol: throughput"))
+register(Case("c8-extended", ("-S", "-c", "8", "-j", "2", "-M", "extended"),
+              "select-only, 8 clients, extended protocol (Parse/Bind/Execute each time): throughput"))
+register(Case("c1-simple", ("-S", "-c", "1", "-j", "1", "-M", "simple"),
+              "select-only, 1 client, simple protocol: latency added per statement", per_statement=True))
+register(Case("c1-extended", ("-S", "-c", "1", "-j", "1", "-M", "extended"),
+              "select-only, 1 client, extended protocol: latency added per statement", per_statement=True))
+
+__all__ = ["Route", "ROUTES", "ALL_PATHS", "BASELINE", "REFERENCE", "DIRECT", "PGBOUNCER", "TOLLGATE",
+           "Case", "CASES", "register"]

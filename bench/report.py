@@ -1,0 +1,220 @@
+"""Results: medians over repeats, comparisons, the printed table and the JSON file.
+
+Per (case, path) the figures are medians over the successful repeats, each metric on its
+own. "Added latency per statement" is computed from ``clients / TPS`` (pgbench's own
+latency average, at a resolution it does not print) — for a one-client select-only case
+one transaction is one statement. "proxy CPU" is the user+system CPU time the proxy
+process (pgbouncer or Tollgate) used during the run, per transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from bench import BASELINE, REFERENCE, Case
+from bench.pgbench import PgbenchRun
+
+SUBJECT = "tollgate"
+
+
+def _median(values: Iterable[float | None]) -> float | None:
+    vals = [v for v in values if v is not None]
+    return statistics.median(vals) if vals else None
+
+
+@dataclass
+class PathResult:
+    """Every repeat of one case on one path."""
+
+    path: str
+    runs: list[PgbenchRun] = field(default_factory=list)
+    proxy_cpu_s: list[float | None] = field(default_factory=list)  # per run; None: no proxy on this path
+
+    @property
+    def ok_runs(self) -> list[PgbenchRun]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.ok_runs)
+
+    @property
+    def error(self) -> str | None:
+        errors = [r.error for r in self.runs if r.error]
+        return errors[0] if errors else None
+
+    @property
+    def tps(self) -> float | None:
+        return _median(r.result.tps for r in self.ok_runs)
+
+    @property
+    def latency_ms(self) -> float | None:
+        return _median(r.result.latency_avg_ms for r in self.ok_runs)
+
+    @property
+    def latency_from_tps_ms(self) -> float | None:
+        return _median(r.result.latency_from_tps_ms for r in self.ok_runs)
+
+    @property
+    def proxy_cpu_us_per_tx(self) -> float | None:
+        per_tx = []
+        for run, cpu in zip(self.runs, self.proxy_cpu_s):
+            if run.ok and cpu is not None and run.result.transactions:
+                per_tx.append(cpu * 1e6 / run.result.transactions)
+        return _median(per_tx)
+
+    def summary(self) -> dict[str, Any]:
+        return {"ok": self.ok, "repeats": len(self.runs), "ok_repeats": len(self.ok_runs), "error": self.error,
+                "tps": self.tps, "latency_ms": self.latency_ms, "latency_from_tps_ms": self.latency_from_tps_ms,
+                "proxy_cpu_us_per_tx": self.proxy_cpu_us_per_tx,
+                "tps_all": [r.result.tps for r in self.ok_runs]}
+
+
+@dataclass
+class CaseResult:
+    case: Case
+    paths: dict[str, PathResult] = field(default_factory=dict)
+
+    def ratio(self, path: str, to: str = BASELINE) -> float | None:
+        a, b = self.paths.get(path), self.paths.get(to)
+        if not a or not b or a.tps is None or not b.tps:
+            return None
+        return a.tps / b.tps
+
+    def added_us(self, path: str, to: str = BASELINE) -> float | None:
+        """Latency per statement ``path`` adds over ``to`` (µs); per-statement cases only."""
+        a, b = self.paths.get(path), self.paths.get(to)
+        if not self.case.per_statement or not a or not b:
+            return None
+        if a.latency_from_tps_ms is None or b.latency_from_tps_ms is None:
+            return None
+        return (a.latency_from_tps_ms - b.latency_from_tps_ms) * 1000.0
+
+    def comparison(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            path: {"tps_ratio_to_direct": self.ratio(path), "added_us_per_statement_vs_direct": self.added_us(path)}
+            for path in self.paths
+        }
+        out[f"{SUBJECT}_vs_{REFERENCE}"] = {"tps_ratio": self.ratio(SUBJECT, REFERENCE),
+                                            "added_us_per_statement": self.added_us(SUBJECT, REFERENCE)}
+        return out
+
+
+# --- the table -------------------------------------------------------------------------
+
+def _fmt(value: float | None, spec: str, *, signed: bool = False) -> str:
+    if value is None:
+        return "—"
+    return format(value, ("+" if signed else "") + spec)
+
+
+def render_table(results: Sequence[CaseResult]) -> str:
+    headers = ("case", "path", "TPS", "lat ms", "× direct", "+µs/stmt", "proxy CPU µs/tx")
+    rows: list[tuple[str, ...]] = []
+    for cr in results:
+        for i, (path, pr) in enumerate(cr.paths.items()):
+            name = cr.case.name if i == 0 else ""
+            if not pr.ok:
+                rows.append((name, path, "FAILED", (pr.error or "")[:60], "", "", ""))
+                continue
+            added = None if path == BASELINE else cr.added_us(path)
+            rows.append((name, path, _fmt(pr.tps, ",.0f"), _fmt(pr.latency_ms, ".3f"), _fmt(cr.ratio(path), ".2f"),
+                         _fmt(added, ".1f", signed=True) if cr.case.per_statement and path != BASELINE else "",
+                         _fmt(pr.proxy_cpu_us_per_tx, ".1f") if pr.proxy_cpu_s and pr.proxy_cpu_s[0] is not None
+                         else ""))
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    numeric = {2, 3, 4, 5, 6}
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.rjust(w) if i in numeric and cells is not headers else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+
+    out = [line(headers), line(tuple("-" * w for w in widths))]
+    for i, r in enumerate(rows):
+        if i and r[0]:
+            out.append("")
+        if r[2] == "FAILED":
+            out.append("  ".join([r[0].ljust(widths[0]), r[1].ljust(widths[1]), "FAILED: " + r[3]]))
+        else:
+            out.append(line(r))
+    return "\n".join(out)
+
+
+def summary_line(results: Sequence[CaseResult]) -> str:
+    """Tollgate vs pgbouncer across the cases that ran both."""
+    parts, ratios = [], []
+    for cr in results:
+        ratio = cr.ratio(SUBJECT, REFERENCE)
+        if ratio is None:
+            continue
+        ratios.append(ratio)
+        added = cr.added_us(SUBJECT, REFERENCE)
+        parts.append(f"{cr.case.name} ×{ratio:.2f}" + (f" ({added:+.1f} µs/stmt)" if added is not None else ""))
+    if not parts:
+        return f"{SUBJECT} vs {REFERENCE}: no case has results on both paths"
+    geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return (f"{SUBJECT} vs {REFERENCE} (TPS ratio; latency added per statement): " + ", ".join(parts)
+            + f"; geometric mean TPS ×{geo:.2f}")
+
+
+def summary(results: Sequence[CaseResult]) -> dict[str, Any]:
+    ratios = [r for r in (cr.ratio(SUBJECT, REFERENCE) for cr in results) if r is not None]
+    return {
+        "line": summary_line(results),
+        f"{SUBJECT}_vs_{REFERENCE}_tps_ratio_geomean":
+            math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else None,
+        f"{SUBJECT}_vs_{REFERENCE}_added_us":
+            {cr.case.name: cr.added_us(SUBJECT, REFERENCE) for cr in results if cr.case.per_statement},
+        f"{SUBJECT}_vs_{BASELINE}_added_us":
+            {cr.case.name: cr.added_us(SUBJECT, BASELINE) for cr in results if cr.case.per_statement},
+    }
+
+
+# --- JSON ------------------------------------------------------------------------------
+
+def document(meta: dict[str, Any], results: Sequence[CaseResult], *, raw: bool = False) -> dict[str, Any]:
+    return {
+        **meta,
+        "cases": [
+            {
+                "name": cr.case.name,
+                "description": cr.case.description,
+                "pgbench_args": list(cr.case.args),
+                "per_statement": cr.case.per_statement,
+                "script": cr.case.script,
+                "conninfo_extra": dict(cr.case.conninfo),
+                "paths": {
+                    path: {**pr.summary(),
+                           "runs": [{**run.to_dict(raw=raw), "proxy_cpu_s": cpu}
+                                    for run, cpu in zip(pr.runs, pr.proxy_cpu_s)]}
+                    for path, pr in cr.paths.items()
+                },
+                "comparison": cr.comparison(),
+            }
+            for cr in results
+        ],
+        "summary": summary(results),
+    }
+
+
+def timestamp(now: datetime | None = None) -> str:
+    return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+
+
+def write_json(doc: dict[str, Any], directory: Path, stamp: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{stamp}.json"
+    n = 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stamp}-{n}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    tmp.rename(path)
+    return path
