@@ -55,7 +55,7 @@ def bind_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int,
         if nresults < 0:
             raise ProtocolError("Bind has a negative result-format count")
         pos += 2
-        formats = struct.unpack_from(f"!{nresults}h", body, pos)
+        formats = _unpack_int16s(nresults, body, pos)
         pos += 2 * nresults
     except struct.error:
         raise ProtocolError("Bind message is shorter than its fields say") from None
@@ -66,6 +66,15 @@ def bind_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int,
     return portal, statement, formats
 
 
+def _unpack_int16s(count: int, body: bytes, pos: int) -> tuple[int, ...]:
+    # Zero or one result format is what nearly every client sends.
+    if count == 0:
+        return ()
+    if count == 1:
+        return unpack_int16(body, pos)
+    return struct.unpack_from(f"!{count}h", body, pos)
+
+
 def parse_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int, ...]]:
     """Statement name, query text and parameter type OIDs of a Parse body."""
     name, pos = cstring(body, start, end)
@@ -74,7 +83,7 @@ def parse_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int
         (count,) = unpack_int16(body, pos)
         if count < 0:
             raise ProtocolError("Parse has a negative parameter-type count")
-        types = struct.unpack_from(f"!{count}I", body, pos + 2)
+        types = struct.unpack_from(f"!{count}I", body, pos + 2) if count else ()
     except struct.error:
         raise ProtocolError("Parse message is shorter than its fields say") from None
     if pos + 2 + 4 * count != end:

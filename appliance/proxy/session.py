@@ -113,6 +113,12 @@ class Req(enum.IntEnum):
     FUNCTION_CALL = 9
 
 
+# Module-level names for the hot path: an enum attribute lookup costs several times more.
+QUERY, PARSE, BIND = Req.QUERY, Req.PARSE, Req.BIND
+DESCRIBE_STATEMENT, DESCRIBE_PORTAL, EXECUTE = Req.DESCRIBE_STATEMENT, Req.DESCRIBE_PORTAL, Req.EXECUTE
+CLOSE, SYNC, FUNCTION_CALL = Req.CLOSE, Req.SYNC, Req.FUNCTION_CALL
+
+
 class Pending:
     """One request in flight. ``reject`` marks a substituted (blocked) request."""
 
@@ -497,49 +503,49 @@ class Session:
                 statement = Statement(StatementKind.QUERY, _query_text(data, pos + 5, end))
                 verdict = self._decide(statement)
                 if type(verdict) is Hold:
-                    self._hold(Pending(Req.QUERY, statement), verdict)
+                    self._hold(Pending(QUERY, statement), verdict)
                     break
                 self._ends_sent += 1
                 if verdict is None:
-                    pending.append(Pending(Req.QUERY, statement))
+                    pending.append(Pending(QUERY, statement))
                 else:
-                    pending.append(Pending(Req.QUERY, statement, reject=verdict))
+                    pending.append(Pending(QUERY, statement, None, "", verdict))
                     replacement = m.Query(BLOCKED_SQL.decode()).encode()
             elif tag == 0x50:  # P
                 stmt_name, query, param_types = parse_fields(data, pos + 5, end)
                 statement = Statement(StatementKind.PARSE, query, stmt_name, param_types)
                 verdict = self._decide(statement)
                 if type(verdict) is Hold:
-                    self._hold(Pending(Req.PARSE, statement, name=stmt_name), verdict)
+                    self._hold(Pending(PARSE, statement, None, stmt_name), verdict)
                     break
                 # Registered now, not at ParseComplete: the server acts on messages in
                 # order, so a later Bind in this pipeline already refers to this statement.
                 # Requests the server skips after an error are rolled back (_on_error).
                 if verdict is None:
-                    pending.append(Pending(Req.PARSE, statement, name=stmt_name))
+                    pending.append(Pending(PARSE, statement, None, stmt_name))
                     self._statements[stmt_name] = statement
                 else:
-                    pending.append(Pending(Req.PARSE, statement, name=stmt_name, reject=verdict))
+                    pending.append(Pending(PARSE, statement, None, stmt_name, verdict))
                     replacement = m.Parse(stmt_name, BLOCKED_SQL.decode(), ()).encode()
             elif tag == 0x42:  # B
                 portal_name, stmt_name, formats = bind_fields(data, pos + 5, end)
                 portal = Portal(portal_name, self._statements.get(stmt_name), formats, self._ends_sent)
-                pending.append(Pending(Req.BIND, portal=portal))
+                pending.append(Pending(BIND, None, portal))
                 self._portals[portal_name] = portal
             elif tag == 0x45:  # E
                 portal_name, after = cstring(data, pos + 5, end)
                 if end - after != 4:
                     raise ProtocolError("Execute must end with a 4-byte row limit")
-                pending.append(Pending(Req.EXECUTE, portal=self._portals.get(portal_name), name=portal_name))
+                pending.append(Pending(EXECUTE, None, self._portals.get(portal_name), portal_name))
             elif tag == 0x53:  # S
-                pending.append(Pending(Req.SYNC))
+                pending.append(Pending(SYNC))
                 self._ends_sent += 1
             elif tag == 0x44:  # D
                 kind, name = kind_and_name(data, pos + 5, end, "Describe")
-                pending.append(Pending(Req.DESCRIBE_STATEMENT if kind == 0x53 else Req.DESCRIBE_PORTAL, name=name))
+                pending.append(Pending(DESCRIBE_STATEMENT if kind == 0x53 else DESCRIBE_PORTAL, None, None, name))
             elif tag == 0x43:  # C
                 kind, name = kind_and_name(data, pos + 5, end, "Close")
-                pending.append(Pending(Req.CLOSE))
+                pending.append(Pending(CLOSE))
                 (self._statements if kind == 0x53 else self._portals).pop(name, None)
             elif tag == 0x64:  # d: CopyData
                 if self.hooks.copy_data:
@@ -555,9 +561,9 @@ class Session:
                                       function_oid=call.function_oid)
                 verdict = self._decide(statement)
                 if type(verdict) is Hold:
-                    self._hold(Pending(Req.FUNCTION_CALL, statement), verdict)
+                    self._hold(Pending(FUNCTION_CALL, statement), verdict)
                     break
-                pending.append(Pending(Req.FUNCTION_CALL, statement, reject=verdict))
+                pending.append(Pending(FUNCTION_CALL, statement, None, "", verdict))
                 self._ends_sent += 1
                 if verdict is not None:
                     # No function has OID 0: the server fails the stand-in call for us.
@@ -720,7 +726,7 @@ class Session:
     def _result_for(self, request: Pending | None) -> Result:
         if request is None:
             return Result(None)
-        if request.kind is Req.EXECUTE and request.portal is not None:
+        if request.kind is EXECUTE and request.portal is not None:
             portal = request.portal
             description = portal.row_description
             statement = portal.statement
@@ -766,7 +772,7 @@ class Session:
             tag, _ = cstring(view.obj, pos + 5, end)
             self._complete(tag, False)
         self._result = None
-        if head is not None and head.kind is Req.EXECUTE:
+        if head is not None and head.kind is EXECUTE:
             self._pending.popleft()
         return None
 
@@ -774,7 +780,7 @@ class Session:
         if self.hooks.result_complete:
             self._complete(None, False)
         self._result = None
-        if self._pending and self._pending[0].kind is Req.EXECUTE:
+        if self._pending and self._pending[0].kind is EXECUTE:
             self._pending.popleft()
         return None
 
@@ -796,13 +802,13 @@ class Session:
             replacement = error_bytes("ERROR", r.sqlstate, r.message, r.detail, r.hint)
         elif self.hooks.notice:
             replacement = self._rewrite(self.hooks.notice, view[pos:end], True)
-        if self.hooks.result_complete and head is not None and head.kind in (Req.QUERY, Req.EXECUTE):
+        if self.hooks.result_complete and head is not None and head.kind in (QUERY, EXECUTE):
             self._complete(None, True)
         self._result = None
-        if head is not None and head.kind not in (Req.QUERY, Req.FUNCTION_CALL, Req.SYNC):
+        if head is not None and head.kind not in (QUERY, FUNCTION_CALL, SYNC):
             # Extended protocol: the server now skips everything up to the next Sync, so
             # statements and portals those requests would have made never exist.
-            while pending and pending[0].kind is not Req.SYNC:
+            while pending and pending[0].kind is not SYNC:
                 self._forget_created(pending.popleft())
         elif view[pos + 5:end].tobytes().find(b"SFATAL\0") >= 0:
             self.close_reason = "the database ended the session (FATAL)"
@@ -822,12 +828,12 @@ class Session:
         head = self._pending[0] if self._pending else None
         raw = view[pos + 5:end]
         description = decode_backend(b"T", raw) if (self.hooks.row_description or self.hooks.data_row) else None
-        if head is not None and head.kind is Req.DESCRIBE_STATEMENT:
+        if head is not None and head.kind is DESCRIBE_STATEMENT:
             self._pending.popleft()
             statement = self._statements.get(head.name)
             if statement is not None:
                 statement.row_description = description
-        elif head is not None and head.kind is Req.DESCRIBE_PORTAL:
+        elif head is not None and head.kind is DESCRIBE_PORTAL:
             self._pending.popleft()
             portal = self._portals.get(head.name)
             if portal is not None:
@@ -839,30 +845,30 @@ class Session:
         return None
 
     def _on_no_data(self, view: memoryview, pos: int, end: int) -> None:
-        if self._pending and self._pending[0].kind in (Req.DESCRIBE_STATEMENT, Req.DESCRIBE_PORTAL):
+        if self._pending and self._pending[0].kind in (DESCRIBE_STATEMENT, DESCRIBE_PORTAL):
             self._pending.popleft()
         return None
 
     def _on_parse_complete(self, view: memoryview, pos: int, end: int) -> None:
-        if self._pending and self._pending[0].kind is Req.PARSE:
+        if self._pending and self._pending[0].kind is PARSE:
             self._pending.popleft()
         return None
 
     def _on_bind_complete(self, view: memoryview, pos: int, end: int) -> None:
-        if self._pending and self._pending[0].kind is Req.BIND:
+        if self._pending and self._pending[0].kind is BIND:
             self._pending.popleft()
         return None
 
     def _forget_created(self, request: Pending) -> None:
         """Undo what a request registered when sent, because the server never ran it."""
-        if request.kind is Req.PARSE and self._statements.get(request.name) is request.statement:
+        if request.kind is PARSE and self._statements.get(request.name) is request.statement:
             del self._statements[request.name]
-        elif request.kind is Req.BIND and request.portal is not None \
+        elif request.kind is BIND and request.portal is not None \
                 and self._portals.get(request.portal.name) is request.portal:
             del self._portals[request.portal.name]
 
     def _on_close_complete(self, view: memoryview, pos: int, end: int) -> None:
-        if self._pending and self._pending[0].kind is Req.CLOSE:
+        if self._pending and self._pending[0].kind is CLOSE:
             self._pending.popleft()
         return None
 
@@ -923,7 +929,7 @@ class _Allowed:
 
 _ALLOWED = _Allowed()
 
-_ENDED_BY_READY = frozenset({Req.QUERY, Req.SYNC, Req.FUNCTION_CALL})
+_ENDED_BY_READY = frozenset({QUERY, SYNC, FUNCTION_CALL})
 _STREAMABLE = frozenset(b"DdV")
 # Backend messages that carry no state we track and go through untouched.
 _SERVER_PASSTHROUGH = frozenset(b"tGHWcV")
