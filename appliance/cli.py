@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "appliance.proxy.cli",
     "appliance.intercept.cli",
     "appliance.lab.cli",
+    "appliance.identity.cli",
 )
 
 

@@ -1,0 +1,168 @@
+"""The dev-only OIDC issuer over real HTTPS: discovery, JWKS and rotation, both grants, binding."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any, Iterator
+from urllib.parse import parse_qs, urlencode, urlsplit
+
+import jwt
+import pytest
+
+from appliance.lab.oidc_issuer import DevClient, DevIssuer, DevUser, check_bind_address
+from tests.identity.tls_helpers import TlsFiles, https_json, https_request, make_tls_files
+
+AUDIENCE = "tollgate"
+REDIRECT = "http://127.0.0.1:8765/callback?from=test"
+CLIENTS = {
+    "cli": DevClient(secret="cli-secret", redirect_uris=(REDIRECT,)),
+    "agent-ci": DevClient(secret="ci-secret", groups=("ci",)),
+}
+USERS = {"alice": DevUser(email="alice@example.test", groups=("dba",)),
+         "bob": DevUser(email="bob@example.test")}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = time.time()
+
+    def __call__(self) -> float:
+        return self.t
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return make_tls_files(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def issuer(tls: TlsFiles, clock: Clock) -> Iterator[DevIssuer]:
+    with DevIssuer(("127.0.0.1", 0), tls_cert=tls.cert_file, tls_key=tls.key_file, audience=AUDIENCE,
+                   clients=CLIENTS, users=USERS, now=clock, rotation_grace_seconds=600) as issuer:
+        yield issuer
+
+
+def verify(issuer: DevIssuer, tls: TlsFiles, token: str, audience: str) -> dict[str, Any]:
+    """Check a token the way a relying party would: with the key the JWKS publishes for its kid."""
+    _, jwks = https_json(f"{issuer.url}/jwks", tls.ca_file)
+    kid = jwt.get_unverified_header(token)["kid"]
+    jwk = next(k for k in jwks["keys"] if k["kid"] == kid)
+    return jwt.decode(token, jwt.PyJWK(jwk).key, algorithms=[jwk["alg"]], audience=audience, issuer=issuer.url)
+
+
+def authorize(issuer: DevIssuer, tls: TlsFiles, **params: str) -> tuple[int, dict[str, str], bytes]:
+    query = urlencode({"response_type": "code", "client_id": "cli", "redirect_uri": REDIRECT, **params})
+    return https_request(f"{issuer.url}/authorize?{query}", tls.ca_file)
+
+
+def exchange(issuer: DevIssuer, tls: TlsFiles, code: str) -> tuple[int, Any]:
+    return https_json(f"{issuer.url}/token", tls.ca_file, basic=("cli", "cli-secret"),
+                      form={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT})
+
+
+def test_discovery_document_over_https_is_labelled_dev_only(issuer: DevIssuer, tls: TlsFiles) -> None:
+    status, headers, body = https_request(f"{issuer.url}/.well-known/openid-configuration", tls.ca_file)
+    document = json.loads(body)
+    assert status == 200
+    assert document["issuer"] == issuer.url
+    assert document["jwks_uri"] == f"{issuer.url}/jwks"
+    assert document["token_endpoint"] == f"{issuer.url}/token"
+    assert "DEV-ONLY" in headers["X-Tollgate-Dev-Only"] and "DEV-ONLY" in document["dev_only"]
+
+
+def test_jwks_keeps_the_old_key_through_the_grace_period(issuer: DevIssuer, tls: TlsFiles, clock: Clock) -> None:
+    first = issuer.kid
+    status, rotated = https_json(f"{issuer.url}/admin/rotate", tls.ca_file, method="POST", form={})
+    assert status == 200 and rotated["kid"] != first
+    _, jwks = https_json(f"{issuer.url}/jwks", tls.ca_file)
+    assert [k["kid"] for k in jwks["keys"]] == [first, rotated["kid"]]
+    clock.t += 601
+    _, jwks = https_json(f"{issuer.url}/jwks", tls.ca_file)
+    assert [k["kid"] for k in jwks["keys"]] == [rotated["kid"]]
+
+
+def test_rotate_with_drop_old_publishes_only_the_new_key(issuer: DevIssuer, tls: TlsFiles) -> None:
+    status, rotated = https_json(f"{issuer.url}/admin/rotate?drop_old=1", tls.ca_file, method="POST", form={})
+    assert status == 200
+    _, jwks = https_json(f"{issuer.url}/jwks", tls.ca_file)
+    assert [k["kid"] for k in jwks["keys"]] == [rotated["kid"]]
+
+
+@pytest.mark.parametrize("how", ["basic", "form"])
+def test_client_credentials_grant(issuer: DevIssuer, tls: TlsFiles, how: str) -> None:
+    form = {"grant_type": "client_credentials"}
+    if how == "basic":
+        status, body = https_json(f"{issuer.url}/token", tls.ca_file, basic=("agent-ci", "ci-secret"), form=form)
+    else:
+        form |= {"client_id": "agent-ci", "client_secret": "ci-secret"}
+        status, body = https_json(f"{issuer.url}/token", tls.ca_file, form=form)
+    assert status == 200, body
+    assert body["token_type"] == "Bearer"
+    claims = verify(issuer, tls, body["access_token"], AUDIENCE)
+    assert (claims["sub"], claims["client_id"], claims["groups"]) == ("agent-ci", "agent-ci", ["ci"])
+
+
+def test_client_credentials_with_a_wrong_secret_is_refused(issuer: DevIssuer, tls: TlsFiles) -> None:
+    status, body = https_json(f"{issuer.url}/token", tls.ca_file, basic=("agent-ci", "guess"),
+                              form={"grant_type": "client_credentials"})
+    assert status == 401 and body["error"] == "invalid_client"
+    assert "access_token" not in body
+
+
+def test_authorization_code_grant_issues_an_id_token(issuer: DevIssuer, tls: TlsFiles) -> None:
+    status, headers, _ = authorize(issuer, tls, state="xyz", nonce="n-123")
+    assert status == 302
+    location = urlsplit(headers["Location"])
+    assert location._replace(query="").geturl() == REDIRECT.split("?")[0]
+    query = parse_qs(location.query)
+    assert query["state"] == ["xyz"] and query["from"] == ["test"]
+    status, body = exchange(issuer, tls, query["code"][0])
+    assert status == 200, body
+    claims = verify(issuer, tls, body["id_token"], "cli")
+    assert claims["sub"] == "alice" and claims["nonce"] == "n-123"
+    assert claims["email"] == "alice@example.test" and claims["groups"] == ["dba"]
+
+
+def test_login_hint_picks_the_test_user(issuer: DevIssuer, tls: TlsFiles) -> None:
+    _, headers, _ = authorize(issuer, tls, login_hint="bob")
+    code = parse_qs(urlsplit(headers["Location"]).query)["code"][0]
+    _, body = exchange(issuer, tls, code)
+    assert verify(issuer, tls, body["id_token"], "cli")["email"] == "bob@example.test"
+
+
+def test_authorization_code_is_single_use(issuer: DevIssuer, tls: TlsFiles) -> None:
+    _, headers, _ = authorize(issuer, tls)
+    code = parse_qs(urlsplit(headers["Location"]).query)["code"][0]
+    assert exchange(issuer, tls, code)[0] == 200
+    status, body = exchange(issuer, tls, code)
+    assert status == 400 and body["error"] == "invalid_grant"
+
+
+def test_authorization_code_expires(issuer: DevIssuer, tls: TlsFiles, clock: Clock) -> None:
+    _, headers, _ = authorize(issuer, tls)
+    code = parse_qs(urlsplit(headers["Location"]).query)["code"][0]
+    clock.t += 61
+    status, body = exchange(issuer, tls, code)
+    assert status == 400 and body["error"] == "invalid_grant"
+
+
+def test_unregistered_redirect_uri_is_not_redirected_to(issuer: DevIssuer, tls: TlsFiles) -> None:
+    status, headers, _ = authorize(issuer, tls, redirect_uri="https://evil.example/cb")
+    assert status == 400 and "Location" not in headers
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "192.168.1.1", "2001:db8::1", "localhost"])
+def test_refuses_to_bind_outside_loopback_and_the_lab(tls: TlsFiles, host: str) -> None:
+    with pytest.raises(ValueError, match="dev-only OIDC issuer"):
+        DevIssuer((host, 0), tls_cert=tls.cert_file, tls_key=tls.key_file, audience=AUDIENCE)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "198.18.1.1", "fd7a:6c67:2::1"])
+def test_loopback_and_lab_addresses_are_allowed(host: str) -> None:
+    check_bind_address(host)  # raises if refused
