@@ -21,7 +21,7 @@ TlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
 
 INTERCEPT_METHODS: tuple[InterceptMethodName, ...] = ("redirect", "tproxy")
 TLS_MODES: tuple[TlsMode, ...] = ("disable", "prefer", "require", "verify-ca", "verify-full")
-AGENT_AUTH_MODES = ("trust",)
+AGENT_AUTH_MODES = ("trust", "certificate")
 # PostgreSQL's own ceiling for one message is 1 GiB; a little more covers framing.
 PG_MAX_MESSAGE = (1 << 30) + (1 << 20)
 
@@ -106,6 +106,44 @@ class InterceptConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class LegacySource:
+    """An opt-in mapping from a source network to an identity, for clients without certificates."""
+
+    network: IPNetwork
+    subject: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    """Where the appliance keeps its CA and certificate registry, and whom it trusts for tokens."""
+
+    state_dir: Path = Path("/var/lib/tollgate")
+    client_cert_hours: float = 8.0
+    # Shown to a refused agent so it knows where to enroll.
+    enroll_url: str | None = None
+    enroll_listen: str = "0.0.0.0:8443"
+    oidc: Any = None  # appliance.identity.oidc.OIDCSettings; None until configured
+    legacy_sources: tuple[LegacySource, ...] = ()
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.state_dir / "ca" / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.state_dir / "ca" / "ca.key"
+
+    @property
+    def registry(self) -> Path:
+        return self.state_dir / "certificates.db"
+
+    def server_cert(self, target: str) -> tuple[Path, Path]:
+        """The certificate and key the proxy presents to agents for ``target``."""
+        return self.state_dir / "servers" / f"{target}.crt", self.state_dir / "servers" / f"{target}.key"
+
+
+@dataclass(frozen=True, slots=True)
 class ProxyConfig:
     """The proxy server's own settings."""
 
@@ -128,6 +166,7 @@ class Config:
     proxy: ProxyConfig
     intercept: InterceptConfig
     targets: tuple[Target, ...]
+    identity: IdentityConfig | None = None
     _by_endpoint: Mapping[Endpoint, Target] = field(repr=False, compare=False, default_factory=dict)
 
     def target_for(self, endpoint: Endpoint) -> Target | None:
@@ -308,6 +347,55 @@ def _parse_target(s: _Section, base: Path) -> Target:
     return Target(name, endpoints, credentials, tls, ca_path, server_name, float(timeout), replication)
 
 
+def _parse_oidc(s: _Section, base: Path) -> Any:
+    from appliance.identity.oidc import OIDCSettings  # the identity package is optional here
+
+    fields: dict[str, Any] = {"issuer": s.get("issuer", str), "audience": s.get("audience", str)}
+    for name in ("subject_claim", "email_claim", "groups_claim", "kind_claim", "default_kind"):
+        if name in s.data:
+            fields[name] = s.get(name, str)
+    for name in ("algorithms", "agent_when", "person_when"):
+        if name in s.data:
+            fields[name] = _string_list(s, name)
+    for name in ("leeway_seconds", "jwks_min_refresh_seconds", "jwks_max_age_seconds", "http_timeout"):
+        if name in s.data:
+            fields[name] = float(s.get(name, (int, float)))
+    if "ca_file" in s.data:
+        ca = Path(s.get("ca_file", str))
+        fields["ca_file"] = ca if ca.is_absolute() else base / ca
+    s.finish()
+    try:
+        return OIDCSettings(**fields)
+    except ValueError as exc:
+        raise s.error("", str(exc)) from None
+
+
+def _parse_identity(s: _Section, base: Path) -> IdentityConfig:
+    d = IdentityConfig()
+    state = Path(s.get("state_dir", str, str(d.state_dir)))
+    hours = s.get("client_cert_hours", (int, float), d.client_cert_hours)
+    if not 0 < hours <= 24 * 31:
+        raise s.error("client_cert_hours", "must be between 0 and 744 (a month)")
+    enroll_url = s.get("enroll_url", str, None)
+    if enroll_url is not None and not enroll_url.startswith("https://"):
+        raise s.error("enroll_url", "must be an https:// URL")
+    listen = s.get("enroll_listen", str, d.enroll_listen)
+    s.convert("enroll_listen", listen, Endpoint.parse)
+    oidc = _parse_oidc(s.section("oidc"), base) if "oidc" in s.data else None
+    s.used.add("oidc")
+    legacy: list[LegacySource] = []
+    for i, raw in enumerate(s.get("legacy", list, [])):
+        entry = _Section(s.path, f"{s.key('legacy')}[{i}]", raw)
+        network = entry.convert("network", entry.get("network", str), lambda t: ipaddress.ip_network(t, strict=True))
+        subject = entry.get("subject", str)
+        groups = _string_list(entry, "groups")
+        entry.finish()
+        legacy.append(LegacySource(network, subject, groups))
+    s.finish()
+    return IdentityConfig(state if state.is_absolute() else base / state, float(hours), enroll_url, listen,
+                          oidc, tuple(legacy))
+
+
 def parse_config(text: str, path: Path) -> Config:
     """Parse config text; ``path`` names the file in errors and anchors relative paths."""
     try:
@@ -317,6 +405,10 @@ def parse_config(text: str, path: Path) -> Config:
     top = _Section(path, "", data)
     proxy = _parse_proxy(top.section("proxy"))
     intercept = _parse_intercept(top.section("intercept"))
+    identity = _parse_identity(top.section("identity"), path.parent) if "identity" in data else None
+    top.used.add("identity")
+    if proxy.agent_auth == "certificate" and identity is None:
+        raise ConfigError(f"{path}: proxy.agent_auth: 'certificate' needs an [identity] section")
     raw_targets = top.get("targets", list, [])
     top.finish()
     targets: list[Target] = []
@@ -333,7 +425,7 @@ def parse_config(text: str, path: Path) -> Config:
                 raise section.error(f"addresses[{j}]", f"{ep} is already protected by target {by_endpoint[ep].name!r}")
             by_endpoint[ep] = target
         targets.append(target)
-    return Config(path, proxy, intercept, tuple(targets), by_endpoint)
+    return Config(path, proxy, intercept, tuple(targets), identity, by_endpoint)
 
 
 def load_config(path: str | Path) -> Config:

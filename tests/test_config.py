@@ -122,3 +122,50 @@ def test_endpoint_round_trip(text: str, expected: str):
 def test_endpoint_rejects(text: str):
     with pytest.raises(ValueError):
         Endpoint.parse(text)
+
+
+IDENTITY = """
+[proxy]
+agent_auth = "certificate"
+
+[identity]
+state_dir = "state"
+client_cert_hours = 4
+enroll_url = "https://198.18.1.1:8443"
+
+[identity.oidc]
+issuer = "https://198.18.1.1:9443"
+audience = "tollgate"
+groups_claim = "realm_access.roles"
+
+[[identity.legacy]]
+network = "198.18.1.50/32"
+subject = "build-server-7"
+groups = ["ci"]
+"""
+
+
+def test_identity_section_parses(tmp_path: Path):
+    path = tmp_path / "tollgate.toml"
+    path.write_text(IDENTITY)
+    identity = load_config(path).identity
+    assert identity.state_dir == tmp_path / "state"
+    assert identity.ca_cert == tmp_path / "state" / "ca" / "ca.crt"
+    assert identity.server_cert("payments")[0] == tmp_path / "state" / "servers" / "payments.crt"
+    assert identity.oidc.groups_claim == "realm_access.roles"
+    assert identity.legacy_sources[0].subject == "build-server-7"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[proxy]\nagent_auth = 'certificate'", "x.toml: proxy.agent_auth: 'certificate' needs an [identity] section"),
+    ("[identity]\nclient_cert_hours = 0", "x.toml: identity.client_cert_hours: must be between"),
+    ("[identity]\nenroll_url = 'http://x'", "x.toml: identity.enroll_url: must be an https:// URL"),
+    ("[identity.oidc]\nissuer = 'https://x'\naudience = 'a'\nalgorithms = ['HS256']", "x.toml: identity.oidc: algorithm 'HS256' is not allowed"),
+    ("[identity.oidc]\nissuer = 'http://x'\naudience = 'a'", "x.toml: identity.oidc: issuer 'http://x' must be an https:// URL"),
+    ("[identity.oidc]\naudience = 'a'", "x.toml: identity.oidc.issuer: is required"),
+    ("[[identity.legacy]]\nnetwork = '198.18.1.50/24'\nsubject = 'x'", "x.toml: identity.legacy[0].network:"),
+])
+def test_bad_identity_config(text: str, message: str):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, Path("x.toml"))
+    assert str(caught.value).startswith(message), str(caught.value)
