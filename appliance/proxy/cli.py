@@ -13,6 +13,7 @@ from typing import Any
 
 from appliance.config import Config, ConfigError, load_config
 from appliance.intercept import get_method
+from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
 from appliance.proxy.hooks import AddonManager
 from appliance.proxy.server import ProxyServer
 
@@ -44,11 +45,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
-    return runner(serve(config, method, AddonManager(), intercept=not args.no_intercept))
+    return runner(serve(config, method, AddonManager(), authenticator_for(config), intercept=not args.no_intercept))
 
 
-async def serve(config: Config, method: Any, addons: AddonManager, *, intercept: bool = True) -> int:
-    server = ProxyServer(config, method, addons)
+def authenticator_for(config: Config) -> AgentAuthenticator:
+    if config.proxy.agent_auth == "certificate":
+        from appliance.identity.agent_auth import CertificateAuthenticator
+        return CertificateAuthenticator(config)
+    return TrustAuthenticator()
+
+
+async def serve(config: Config, method: Any, addons: AddonManager, authenticator: AgentAuthenticator,
+                *, intercept: bool = True) -> int:
+    server = ProxyServer(config, method, addons, authenticator)
     # Listen first, divert second: traffic is only diverted to a port that is answering.
     # The ruleset stays when we exit, so agents fail closed rather than bypass the proxy.
     await server.start()
@@ -100,8 +109,12 @@ def cmd_sessions(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(sessions, indent=2))
         return 0
-    print(f"{'ID':>5}  {'CLIENT':<24} {'TARGET':<12} {'USER':<12} {'DATABASE':<12} {'TX':<2} PHASE")
+    print(f"{'ID':>5}  {'CLIENT':<24} {'IDENTITY':<28} {'GROUPS':<20} {'TARGET':<10} {'ROLE':<10} {'TX':<2} PHASE")
     for s in sessions:
-        print(f"{s['id']:>5}  {s['client']:<24} {s['target'] or '-':<12} {s['user'] or '-':<12} "
-              f"{s['database'] or '-':<12} {s['transaction_status']:<2} {s['phase']}{' (held)' if s['held'] else ''}")
+        who = s.get("identity") or "-"
+        if s.get("identity_source") == "legacy-source-address":
+            who += " (legacy: by address)"
+        print(f"{s['id']:>5}  {s['client']:<24} {who:<28} {','.join(s.get('groups') or []) or '-':<20} "
+              f"{s['target'] or '-':<10} {s['user'] or '-':<10} {s['transaction_status']:<2} "
+              f"{s['phase']}{' (held)' if s['held'] else ''}")
     return 0

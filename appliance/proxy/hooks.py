@@ -51,8 +51,11 @@ class SessionInfo:
     client_tls: str | None = None  # TLS version towards the agent, None if clear
     backend_pid: int | None = None
     transaction_status: bytes = b"I"
-    # The identity issue fills this; addons keep their own per-session state here.
+    # Who this is (appliance.identity.Identity), and how we know: "certificate", or
+    # "legacy-source-address" for the opt-in address mapping; None in trust mode.
     identity: Any = None
+    identity_source: str | None = None
+    certificate_serial: int | None = None
     addon_state: dict[str, Any] = field(default_factory=dict)
 
 

@@ -268,6 +268,7 @@ class ProxyServer:
         self.cancels = CancelRegistry()
         self.sessions: dict[int, Session] = {}
         self._servers: list[asyncio.AbstractServer] = []
+        self._watcher: asyncio.Future[None] | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -289,6 +290,25 @@ class ProxyServer:
             self._servers.append(await loop.create_server(lambda: ClientConnection(self), sock=sock))
         if self.config.proxy.control_socket is not None:
             self._servers.append(await start_control_server(self, self.config.proxy.control_socket))
+        if hasattr(self.authenticator, "revocations"):
+            self._watcher = asyncio.ensure_future(self._watch_revocations())
+
+    async def _watch_revocations(self, interval: float = 1.0) -> None:
+        """Close live sessions whose certificate gets revoked, within about ``interval``."""
+        revision, _ = self.authenticator.revocations(0)  # type: ignore[attr-defined]
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                revision, serials = self.authenticator.revocations(revision)  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("could not read revocations; will retry")
+                continue
+            if not serials:
+                continue
+            for session in list(self.sessions.values()):
+                serial = session.info.certificate_serial
+                if serial in serials:
+                    session.terminate("28000", self.authenticator.revoked_message(serial))  # type: ignore[attr-defined]
 
     async def open_upstream_socket(self, endpoint: Endpoint, timeout: float) -> socket.socket:
         loop = asyncio.get_running_loop()
@@ -321,6 +341,8 @@ class ProxyServer:
             sock.close()
 
     async def close(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
         for server in self._servers:
             server.close()
         for session in list(self.sessions.values()):

@@ -919,7 +919,11 @@ class Session:
             "transaction_status": info.transaction_status.decode(), "started_at": info.started_at,
             "held": self._held is not None, "upstream_tls": info.upstream_tls,
             "client_tls": info.client_tls,
-            "identity": getattr(info.identity, "display", None) if info.identity is not None else None,
+            "identity": getattr(info.identity, "display", None),
+            "identity_kind": getattr(info.identity, "kind", None),
+            "groups": list(getattr(info.identity, "groups", ())),
+            "identity_source": info.identity_source,
+            "certificate_serial": f"{info.certificate_serial:032X}" if info.certificate_serial is not None else None,
         }
 
 
