@@ -157,7 +157,7 @@ def _describe_key(public_key: object) -> str:
     return type(public_key).__name__.removeprefix("_").replace("PublicKey", "")
 
 
-def _check_client_key(public_key: object) -> None:
+def check_client_key(public_key: object) -> None:
     if isinstance(public_key, ed25519.Ed25519PublicKey):
         return
     if isinstance(public_key, ec.EllipticCurvePublicKey) and isinstance(public_key.curve, ACCEPTED_CURVES):
@@ -173,7 +173,7 @@ def _describe_general_name(name: x509.GeneralName) -> str:
     return f"{labels.get(type(name), type(name).__name__)}:{name.value}"
 
 
-def _check_csr_claims(csr: x509.CertificateSigningRequest, identity: Identity) -> None:
+def check_csr_claims(csr: x509.CertificateSigningRequest, identity: Identity) -> None:
     """Refuse a CSR that names anyone else. (Its names are never copied either way.)"""
     for cn in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME):
         if cn.value != identity.subject:
@@ -345,14 +345,14 @@ class CertificateAuthority:
             public_key = csr.public_key()
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise IdentityError(f"CSR public key is unusable: {exc}") from None
-        _check_client_key(public_key)
+        check_client_key(public_key)
         try:
             valid = csr.is_signature_valid
         except (ValueError, UnsupportedAlgorithm) as exc:
             raise IdentityError(f"CSR signature cannot be checked: {exc}") from None
         if not valid:
             raise IdentityError("CSR signature is invalid: the request was altered or not signed by its key's owner")
-        _check_csr_claims(csr, identity)
+        check_csr_claims(csr, identity)
         builder = add_client_identity(self._leaf_builder(public_key, _when(now), lifetime), identity)
         return self._sign(builder)
 

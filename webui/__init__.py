@@ -1,0 +1,76 @@
+"""The appliance's web service: a Flask app factory that later features plug blueprints into.
+
+:func:`create_app` builds one app from the appliance :class:`~appliance.config.Config`. The
+enrollment blueprint (``webui.enroll``) is the first; approvals, sessions and replay are
+meant to follow as blueprints of their own. Every error, whichever blueprint raises it,
+leaves as JSON ``{"error": ..., "detail": ...}`` so clients never have to parse HTML.
+
+Production serving (gunicorn, TLS) is in ``webui.serve``; tests use Flask's test client.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, Response, jsonify
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from appliance.config import Config
+
+# Enrollment bodies are a token and a CSR, a few KiB; anything much larger is abuse.
+MAX_REQUEST_BYTES = 64 * 1024
+
+
+def error_response(status: int, error: str, detail: str) -> tuple[Response, int]:
+    """The one error shape every endpoint returns."""
+    return jsonify(error=error, detail=detail), status
+
+
+def _http_error(exc: HTTPException) -> tuple[Response, int]:
+    status = exc.code or 500
+    if isinstance(exc, RequestEntityTooLarge):
+        return error_response(status, "request_too_large",
+                              f"the request body is larger than {MAX_REQUEST_BYTES} bytes")
+    slug = (exc.name or "error").lower().replace(" ", "_")
+    response, status = error_response(status, slug, exc.description or exc.name or "")
+    # Keep what Werkzeug says about the error (Allow on 405, for one).
+    for name, value in exc.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response, status
+
+
+def create_app(config: Config, *, validator: Any = None, ca: Any = None, registry: Any = None) -> Flask:
+    """The appliance web app for ``config``; ``validator``/``ca``/``registry`` replace the configured ones.
+
+    Raises :class:`~appliance.config.ConfigError` (or the identity layer's errors) when
+    the configuration can't support enrollment, so a bad setup fails at start, not on
+    the first request.
+    """
+    from webui import enroll  # late: keeps `import webui` cheap for tools that only need the constants
+
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
+    app.config["TOLLGATE_CONFIG"] = config
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # keep documented field order
+
+    enroll.init_app(app, config, validator=validator, ca=ca, registry=registry)
+    app.register_blueprint(enroll.bp)
+
+    app.register_error_handler(HTTPException, _http_error)
+
+    @app.after_request
+    def no_store(response: Response) -> Response:
+        # Responses carry certificates and identities: no proxy or browser should keep them.
+        response.headers.setdefault("Cache-Control", "no-store")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return jsonify(status="ok")
+
+    return app
+
+
+__all__ = ["MAX_REQUEST_BYTES", "create_app", "error_response"]
