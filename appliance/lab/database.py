@@ -37,6 +37,11 @@ PG_USER = "postgres"
 # role → the pg_hba method it must authenticate with
 ROLES: dict[str, str] = {"app": "scram-sha-256", "legacy_md5": "md5", "clear_tls": "password"}
 LOOPBACKS = ("127.0.0.1/32", "::1/128")
+# Opt-in (``Lab(suite_role=True)``): a superuser and its own database for third-party test
+# suites (the drivers' own tests, run from the agent through Tollgate and directly). SCRAM,
+# through the catch-all host line of pg_hba; never created in a lab that did not ask for it.
+SUITE_ROLE = "suite"
+SUITE_DB = "suite"
 
 
 class DatabaseError(Exception):
@@ -178,7 +183,6 @@ full_page_writes = off
 ssl = on
 ssl_cert_file = '{paths.server_cert}'
 ssl_key_file = '{paths.server_key}'
-ssl_ca_file = '{paths.ca_cert}'
 password_encryption = 'scram-sha-256'
 log_statement = 'none'
 log_connections = off
@@ -218,6 +222,12 @@ def roles_sql(passwords: dict[str, str]) -> str:
             out.append("SET password_encryption = 'scram-sha-256';")
     out.append(f"CREATE DATABASE {DB_NAME} OWNER app;")
     return "\n".join(out) + "\n"
+
+
+def suite_sql(password: str) -> str:
+    """The test-suite superuser and its database (the default database of its logins)."""
+    return (f"CREATE ROLE {SUITE_ROLE} SUPERUSER LOGIN PASSWORD '{password}';\n"
+            f"CREATE DATABASE {SUITE_DB} OWNER {SUITE_ROLE};\n")
 
 
 GRANTS_SQL = """\
@@ -287,7 +297,12 @@ def psql(paths: Paths, netns: str, sql: str, dbname: str = "postgres", role: str
 
 
 def provision(paths: Paths, netns: str, passwords: dict[str, str], seed: int = schema.DEFAULT_SEED) -> None:
-    """Roles, the payments database and its sample data (tables owned by ``app``)."""
+    """Roles, the payments database and its sample data (tables owned by ``app``); the
+    test-suite superuser too if ``passwords`` has one for it."""
     psql(paths, netns, roles_sql(passwords))
+    if SUITE_ROLE in passwords:
+        psql(paths, netns, suite_sql(passwords[SUITE_ROLE]))
+        # The drivers' suites round-trip hstore values (a contrib module, shipped with the server).
+        psql(paths, netns, "CREATE EXTENSION hstore;\n", dbname=SUITE_DB)
     psql(paths, netns, schema.database_sql(seed), dbname=DB_NAME, role="app")
     psql(paths, netns, GRANTS_SQL, dbname=DB_NAME, role="app")

@@ -25,6 +25,7 @@ from typing import Any, Mapping, Sequence
 
 import appliance
 from appliance.lab import database, state as st, topology
+from appliance.lab import identity as lab_identity
 from appliance.lab.database import Paths
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ class Lab:
     """
 
     def __init__(self, name: str | None = None, *, owner_pid: int | None = None, proxy: bool = True,
-                 method: str = "redirect", root: Path = st.LAB_ROOT):
+                 method: str = "redirect", root: Path = st.LAB_ROOT, suite_role: bool = False,
+                 agent_auth: str = "certificate"):
         try:
             self.name = st.validate_name(name) if name else st.generate_name()
         except st.StateError as exc:
@@ -61,6 +63,14 @@ class Lab:
         self.owner_pid = owner_pid
         self.proxy_enabled = proxy
         self.method = method
+        # Also the superuser ``suite`` (and its database), with credentials in the proxy's
+        # config: for third-party test suites run through Tollgate (tests/e2e/driver_suites.py).
+        self.suite_role = suite_role
+        # "certificate": the agent is enrolled by OIDC and connects with mTLS (the real flow);
+        # "trust": no TLS towards the agent and no identity (clients that can't present one).
+        if agent_auth not in ("certificate", "trust"):
+            raise LabError(f"agent_auth must be 'certificate' or 'trust', not {agent_auth!r}")
+        self.agent_auth = agent_auth
         self.root = root
         self.dir = st.lab_dir(self.name, root)
         self.paths = Paths(self.dir)
@@ -86,7 +96,9 @@ class Lab:
         except st.StateError as exc:
             raise LabError(str(exc)) from None
         proxy = recorded.get("proxy", {})
-        lab = cls(name, root=root, proxy=bool(proxy.get("enabled")), method=proxy.get("method", "redirect"))
+        lab = cls(name, root=root, proxy=bool(proxy.get("enabled")), method=proxy.get("method", "redirect"),
+                  suite_role=database.SUITE_ROLE in recorded.get("roles", {}),
+                  agent_auth=proxy.get("agent_auth", "trust"))
         lab.state = recorded
         owner = recorded.get("owner")
         lab.owner_pid = owner["pid"] if owner else None
@@ -153,7 +165,8 @@ class Lab:
             "pids": {"postgres": None, "proxy": None},
             "paths": self._paths(),
             "roles": {},
-            "proxy": {"enabled": self.proxy_enabled, "method": self.method, "port": PROXY_PORT},
+            "proxy": {"enabled": self.proxy_enabled, "method": self.method, "port": PROXY_PORT,
+                      "agent_auth": self.agent_auth},
         }
         self._save()
         try:
@@ -185,12 +198,17 @@ class Lab:
         log.info("lab %s: network up", self.name)
 
         database.make_tls(self.paths)
-        passwords = {role: database.new_password() for role in database.ROLES}
+        methods = dict(database.ROLES)
+        if self.suite_role:
+            methods[database.SUITE_ROLE] = "scram-sha-256"
+        passwords = {role: database.new_password() for role in methods}
         self.state["roles"] = {
             role: {"password": passwords[role], "auth": method, "password_file": str(self.password_file(role)),
                    "lab_only": True}
-            for role, method in database.ROLES.items()
+            for role, method in methods.items()
         }
+        if self.suite_role:
+            self.state["roles"][database.SUITE_ROLE]["superuser"] = True
         self._save()
         database.init_cluster(self.paths, self.namespaces["db"])
         pid = database.start(self.paths, self.namespaces["db"])
@@ -199,7 +217,12 @@ class Lab:
         database.provision(self.paths, self.namespaces["db"], passwords)
         log.info("lab %s: database up", self.name)
 
+        if self.agent_auth == "certificate":
+            self.state["identity"] = lab_identity.prepare(self)
+            self._save()
         self._write_proxy_config(passwords)
+        if self.agent_auth == "certificate":
+            self._start_identity_services()
         if self.proxy_enabled:
             self._start_proxy()
             log.info("lab %s: proxy up", self.name)
@@ -221,48 +244,65 @@ class Lab:
         except ConfigError as exc:
             raise LabError(f"generated an invalid proxy config: {exc}") from None
 
+    def _start_identity_services(self) -> None:
+        """The dev OIDC issuer and the enrollment service in gw; then enroll the agent."""
+        for name, argv, line in (("oidc-issuer", lab_identity.issuer_argv(self), "dev-oidc-issuer: ready"),
+                                 ("enroll", lab_identity.enroll_server_argv(self), "tollgate-enroll: ready")):
+            log_path = self.dir / f"{name}.log"
+            proc = self._spawn_in_gw(argv, log_path)
+            self.state["pids"][name] = st.process_identity(proc.pid)
+            self._save()
+            self._wait_ready(proc, log_path, line, name)
+        enrolled = subprocess.run(self.command("agent", lab_identity.enroll_agent_argv(self)), env=self.env(),
+                                  capture_output=True, text=True, timeout=60)
+        if enrolled.returncode != 0:
+            raise LabError(f"enrolling the lab's agent failed:\n{enrolled.stdout}{enrolled.stderr}")
+        self.state["identity"]["enrollment"] = enrolled.stdout.strip()
+        log.info("lab %s: agent enrolled", self.name)
+
+    def _spawn_in_gw(self, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+        env = dict(os.environ)
+        # Lab services import this very checkout, whether or not it is pip-installed.
+        repo = str(Path(appliance.__file__).resolve().parent.parent)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
+        env["PYTHONUNBUFFERED"] = "1"  # their logs are files: let every line reach them at once
+        with open(log_path, "ab") as logf:
+            # Their own session: they outlive `lab up` and ignore the terminal's ^C.
+            return subprocess.Popen(self.command("gw", argv), stdin=subprocess.DEVNULL, stdout=logf,
+                                    stderr=subprocess.STDOUT, env=env, cwd=self.dir, start_new_session=True)
+
     def proxy_argv(self) -> list[str]:
         """The proxy's command line, run in the gw namespace (tests may override it)."""
         return [sys.executable, "-m", "appliance.cli", "run", "-c", str(self.config_path)]
 
     def _start_proxy(self) -> None:
-        env = dict(os.environ)
-        # The proxy must import this very checkout, whether or not it is pip-installed.
-        repo = str(Path(appliance.__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
-        env["PYTHONUNBUFFERED"] = "1"  # its log is a file: let every line reach it at once
-        argv = self.command("gw", self.proxy_argv())
-        with open(self.proxy_log, "ab") as logf:
-            # Its own session: the proxy outlives `lab up` and ignores the terminal's ^C.
-            self._proxy_proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf,
-                                                stderr=subprocess.STDOUT, env=env, cwd=self.dir,
-                                                start_new_session=True)
+        self._proxy_proc = self._spawn_in_gw(self.proxy_argv(), self.proxy_log)
         self.state["pids"]["proxy"] = st.process_identity(self._proxy_proc.pid)
         self._save()
-        self._wait_proxy_ready(self._proxy_proc)
+        self._wait_ready(self._proxy_proc, self.proxy_log, PROXY_READY_LINE, "the proxy")
 
-    def _wait_proxy_ready(self, proc: subprocess.Popen[bytes]) -> None:
-        """Until the proxy logs its ready line; fail at once if it exits, or at the timeout."""
+    def _wait_ready(self, proc: subprocess.Popen[bytes], log_path: Path, ready_line: str, what: str) -> None:
+        """Until ``proc`` logs its ready line; fail at once if it exits, or at the timeout."""
         deadline = time.monotonic() + PROXY_READY_TIMEOUT
         pidfd = os.pidfd_open(proc.pid)
         try:
             offset = 0
             while True:
-                with open(self.proxy_log, "rb") as fh:
+                with open(log_path, "rb") as fh:
                     fh.seek(offset)
                     chunk = fh.read()
                 # Keep the last partial line in view so a ready line split across reads matches.
-                if PROXY_READY_LINE.encode() in chunk:
+                if ready_line.encode() in chunk:
                     return
                 offset += max(0, chunk.rfind(b"\n") + 1)
                 if proc.poll() is not None:
-                    raise LabError(f"the proxy exited (status {proc.returncode}) before it was ready; "
-                                   f"last lines of {self.proxy_log}:\n{tail(self.proxy_log)}")
+                    raise LabError(f"{what} exited (status {proc.returncode}) before it was ready; "
+                                   f"last lines of {log_path}:\n{tail(log_path)}")
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise LabError(f"the proxy was not ready after {PROXY_READY_TIMEOUT:.0f}s (no "
-                                   f"{PROXY_READY_LINE!r} line); last lines of {self.proxy_log}:\n"
-                                   f"{tail(self.proxy_log)}")
+                    raise LabError(f"{what} was not ready after {PROXY_READY_TIMEOUT:.0f}s (no "
+                                   f"{ready_line!r} line); last lines of {log_path}:\n"
+                                   f"{tail(log_path)}")
                 # Wakes at once if the proxy exits; otherwise re-reads the log every 50 ms.
                 select.select([pidfd], [], [], min(0.05, remaining))
         finally:
@@ -348,7 +388,10 @@ class Lab:
         return self.namespaces[node]
 
     def command(self, node: str, argv: Sequence[str]) -> list[str]:
-        """``argv`` prefixed so that it runs in ``node``'s namespace."""
+        """``argv`` prefixed so that it runs in ``node``'s namespace (the agent in its own home,
+        where enrollment put ``~/.postgresql``)."""
+        if node == "agent":
+            return ["ip", "netns", "exec", self.namespace(node), "env", f"HOME={lab_identity.agent_home(self)}", *argv]
         return ["ip", "netns", "exec", self.namespace(node), *argv]
 
     @staticmethod
@@ -438,6 +481,7 @@ class Lab:
             },
             "roles": s.get("roles", {}),
             "roles_note": LAB_ONLY_NOTE,
+            "identity": s.get("identity"),
             "proxy": {
                 "enabled": bool(proxy_cfg.get("enabled")),
                 "method": proxy_cfg.get("method"),
@@ -466,7 +510,7 @@ def render_proxy_config(lab: Lab) -> str:
         "# Tollgate config for lab " + lab.name + " (generated by `tollgate lab up`).",
         "[proxy]",
         f"listen_port = {PROXY_PORT}",
-        'agent_auth = "trust"',
+        f"agent_auth = {q(lab.agent_auth)}",
         f"control_socket = {q(str(lab.control_socket))}",
         "",
         "[intercept]",
@@ -480,8 +524,11 @@ def render_proxy_config(lab: Lab) -> str:
         'tls = "prefer"',
         f"tls_ca_file = {q(str(lab.paths.ca_cert))}",
     ]
-    for role in database.ROLES:
+    roles = list(database.ROLES) + ([database.SUITE_ROLE] if lab.suite_role else [])
+    for role in roles:
         lines += ["", f"[targets.credentials.{role}]", f"password_file = {q(str(lab.password_file(role)))}"]
+    if lab.agent_auth == "certificate":
+        lines += lab_identity.config_lines(lab)
     return "\n".join(lines) + "\n"
 
 

@@ -382,3 +382,43 @@ class DevIssuer:
             return jsonify(kid=kid, kids=[k.kid for k in self._published_keys()], dev_only=DEV_ONLY)
 
         return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the dev issuer as a process (the lab starts it in the gateway namespace)."""
+    import argparse
+    import signal
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m appliance.lab.oidc_issuer", description=DEV_ONLY)
+    parser.add_argument("--bind", required=True, help="ADDRESS:PORT (loopback or a lab address)")
+    parser.add_argument("--tls-cert", required=True, type=Path)
+    parser.add_argument("--tls-key", required=True, type=Path)
+    parser.add_argument("--audience", required=True)
+    parser.add_argument("--client", action="append", default=[], metavar="ID:SECRET_FILE:GROUP,GROUP",
+                        help="a client-credentials client (repeatable)")
+    parser.add_argument("--user", action="append", default=[], metavar="EMAIL:GROUP,GROUP",
+                        help="a person the code grant logs in (repeatable)")
+    args = parser.parse_args(argv)
+    host, _, port = args.bind.rpartition(":")
+    clients = {}
+    for spec in args.client:
+        client_id, secret_file, groups = (spec.split(":", 2) + [""])[:3]
+        clients[client_id] = DevClient(Path(secret_file).read_text().strip(), tuple(filter(None, groups.split(","))))
+    users = {}
+    for spec in args.user:
+        email, _, groups = spec.partition(":")
+        users[email] = DevUser(email, tuple(filter(None, groups.split(","))))
+    issuer = DevIssuer((host.strip("[]"), int(port)), tls_cert=args.tls_cert, tls_key=args.tls_key,
+                       audience=args.audience, clients=clients, users=users).start()
+    print(f"dev-oidc-issuer: ready on {issuer.url} ({DEV_ONLY})", file=sys.stderr, flush=True)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    issuer.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

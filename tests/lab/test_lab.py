@@ -173,7 +173,9 @@ def test_generated_proxy_config_is_valid(lab: Lab) -> None:
         r: lab.password(r) for r in ("app", "legacy_md5", "clear_tls")}
     assert config.intercept.method == "redirect"
     assert [str(n) for n in config.intercept.agent_subnets] == ["198.18.1.0/24", "fd7a:6c67:1::/64"]
-    assert config.proxy.listen_port == 15432 and config.proxy.agent_auth == "trust"
+    assert config.proxy.listen_port == 15432 and config.proxy.agent_auth == "certificate"
+    assert config.identity.oidc.issuer == "https://198.18.1.1:9443"
+    assert config.identity.ca_cert.is_file() and config.identity.server_cert("payments")[0].is_file()
 
 
 def test_cli_exec_passes_exit_code_and_output(lab: Lab) -> None:

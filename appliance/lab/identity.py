@@ -1,0 +1,134 @@
+"""The lab's identity plumbing: appliance CA, dev OIDC issuer, enrollment, an enrolled agent.
+
+``lab up`` (unless told ``agent_auth="trust"``) creates the appliance CA and a server
+certificate for the protected target, starts the dev-only OIDC issuer and the enrollment
+service in the gateway namespace, and enrolls the agent with the client-credentials grant
+— the real flow, over HTTPS — into the agent's own home, so that the unchanged psql
+command in the demo presents its certificate as libpq does by default.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from appliance.identity import CertificateAuthority, certificate_pem, private_key_pem, write_file_atomically
+from appliance.lab import topology
+from appliance.state.certificates import CertificateRegistry
+
+if TYPE_CHECKING:
+    from appliance.lab.lab import Lab
+
+ISSUER_PORT = 9443
+ENROLL_PORT = 8443
+AUDIENCE = "tollgate"
+AGENT_CLIENT = "lab-agent"
+AGENT_GROUPS = ("payments-agents", "ci")
+TARGET = "payments"
+
+
+def issuer_url() -> str:
+    return f"https://{topology.GW_AGENT_V4}:{ISSUER_PORT}"
+
+
+def enroll_url() -> str:
+    return f"https://{topology.GW_AGENT_V4}:{ENROLL_PORT}"
+
+
+def prepare(lab: "Lab") -> dict[str, Any]:
+    """Files the identity layer needs, before any process starts. Returns the status part."""
+    state = lab.dir / "identity"
+    state.mkdir(mode=0o700)
+    ca = CertificateAuthority.create(state / "ca")
+    CertificateRegistry(state / "certificates.db")
+    servers = state / "servers"
+    servers.mkdir(mode=0o755)
+    cert, key = ca.issue_server([ipaddress.ip_address(topology.DB_PROTECTED_V4),
+                                 ipaddress.ip_address(topology.DB_PROTECTED_V6)], [])
+    write_file_atomically(servers / f"{TARGET}.crt", certificate_pem(cert), mode=0o644)
+    write_file_atomically(servers / f"{TARGET}.key", private_key_pem(key), mode=0o600)
+    _issuer_certificate(lab, state)
+    secret = state / "lab-agent.secret"
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(24) + "\n")
+    home = agent_home(lab)
+    pgdir = home / ".postgresql"
+    pgdir.mkdir(parents=True, mode=0o700)
+    # Trust the database's own lab CA for direct connections; enrollment adds the appliance CA.
+    write_file_atomically(pgdir / "root.crt", lab.paths.ca_cert.read_bytes(), mode=0o644)
+    return {"state_dir": str(state), "ca_cert": str(state / "ca" / "ca.crt"), "issuer_url": issuer_url(),
+            "enroll_url": enroll_url(), "agent_home": str(home), "dev_only_issuer": True,
+            "agent": {"subject": AGENT_CLIENT, "groups": sorted(AGENT_GROUPS), "client_id": AGENT_CLIENT}}
+
+
+def agent_home(lab: "Lab") -> Path:
+    return lab.dir / "agent-home"
+
+
+def _issuer_certificate(lab: "Lab", state: Path) -> None:
+    """The dev issuer's HTTPS certificate, from the lab's (database) CA, for the gateway address."""
+    ca_key = serialization.load_pem_private_key(lab.paths.ca_key.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(lab.paths.ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev OIDC issuer (lab only)")]))
+        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(topology.GW_AGENT_V4))]),
+                       critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    write_file_atomically(state / "issuer.crt", certificate_pem(cert), mode=0o644)
+    write_file_atomically(state / "issuer.key", private_key_pem(key), mode=0o600)
+
+
+def config_lines(lab: "Lab") -> list[str]:
+    """The [identity] section of the lab's Tollgate config."""
+    state = lab.dir / "identity"
+    return [
+        "", "[identity]",
+        f'state_dir = "{state}"',
+        f'enroll_url = "{enroll_url()}"',
+        f'enroll_listen = "{topology.GW_AGENT_V4}:{ENROLL_PORT}"',
+        "", "[identity.oidc]",
+        f'issuer = "{issuer_url()}"',
+        f'audience = "{AUDIENCE}"',
+        f'ca_file = "{lab.paths.ca_cert}"',
+    ]
+
+
+def issuer_argv(lab: "Lab") -> list[str]:
+    state = lab.dir / "identity"
+    return [sys.executable, "-m", "appliance.lab.oidc_issuer", "--bind", f"{topology.GW_AGENT_V4}:{ISSUER_PORT}",
+            "--tls-cert", str(state / "issuer.crt"), "--tls-key", str(state / "issuer.key"),
+            "--audience", AUDIENCE,
+            "--client", f"{AGENT_CLIENT}:{state / 'lab-agent.secret'}:{','.join(AGENT_GROUPS)}",
+            "--user", "dev@lab.tollgate:payments-dbas"]
+
+
+def enroll_server_argv(lab: "Lab") -> list[str]:
+    return [sys.executable, "-m", "appliance.cli", "enroll-server", "-c", str(lab.config_path)]
+
+
+def enroll_agent_argv(lab: "Lab") -> list[str]:
+    state = lab.dir / "identity"
+    return [sys.executable, "-m", "appliance.cli", "enroll", "--url", enroll_url(),
+            "--client-id", AGENT_CLIENT, "--client-secret-file", str(state / "lab-agent.secret"),
+            "--issuer", issuer_url(), "--issuer-ca-file", str(lab.paths.ca_cert),
+            "--ca-file", str(state / "ca" / "ca.crt"),
+            "--out-dir", str(agent_home(lab) / ".postgresql")]
