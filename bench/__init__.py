@@ -99,5 +99,13 @@ register(Case("c1-simple", ("-S", "-c", "1", "-j", "1", "-M", "simple"),
 register(Case("c1-extended", ("-S", "-c", "1", "-j", "1", "-M", "extended"),
               "select-only, 1 client, extended protocol: latency added per statement", per_statement=True))
 
+# Connection set-up: a new connection per transaction (-C) with TLS required. Directly that
+# is a TLS handshake with PostgreSQL and its SCRAM login; through Tollgate it is the agent's
+# mTLS handshake (client certificate checked, identity bound) plus Tollgate's own upstream
+# TLS and SCRAM login. Rates are connections per second (= TPS with -C).
+register(Case("connect-tls", ("-S", "-C", "-c", "4", "-j", "2", "-M", "simple"),
+              "connection set-up with TLS (-C): connections per second", paths=("direct", "tollgate"),
+              conninfo={"sslmode": "require"}))
+
 __all__ = ["Route", "ROUTES", "ALL_PATHS", "BASELINE", "REFERENCE", "DIRECT", "PGBOUNCER", "TOLLGATE",
            "Case", "CASES", "register"]

@@ -8,6 +8,7 @@ cleartext — the last only over TLS, which the caller enforces. Sans-io: bytes 
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -41,6 +42,14 @@ def saslprep(password: str) -> bytes:
     if not normalized or any(check(ch) for ch in normalized for check in prohibited):
         return password.encode()
     return normalized.encode()
+
+
+@functools.lru_cache(maxsize=256)
+def salted_password(password: bytes, salt: bytes, rounds: int) -> bytes:
+    """PBKDF2 over the password; cached, because a role's salt and iteration count only
+    change with its password, and 4096 rounds per login would dominate connection set-up.
+    The proxy holds the password itself, so keeping the derived key adds no exposure."""
+    return hashlib.pbkdf2_hmac("sha256", password, salt, rounds)
 
 
 class ScramSha256:
@@ -79,7 +88,7 @@ class ScramSha256:
         rounds = int(iterations)
         if not 1 <= rounds <= 10_000_000:
             raise AuthError(f"upstream SCRAM iteration count {rounds} is out of range")
-        salted = hashlib.pbkdf2_hmac("sha256", self._password, salt, rounds)
+        salted = salted_password(self._password, salt, rounds)
         client_key = hmac.digest(salted, b"Client Key", "sha256")
         stored_key = hashlib.sha256(client_key).digest()
         without_proof = f"c=biws,r={nonce}"
