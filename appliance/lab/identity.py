@@ -109,6 +109,9 @@ def config_lines(lab: "Lab") -> list[str]:
         f'issuer = "{issuer_url()}"',
         f'audience = "{AUDIENCE}"',
         f'ca_file = "{lab.paths.ca_cert}"',
+        # Lab only: follow the dev issuer's key rotations at once. The rate limit that
+        # protects a real issuer from a stream of unknown kids is tested on its own.
+        "jwks_min_refresh_seconds = 0",
     ]
 
 

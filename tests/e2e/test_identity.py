@@ -175,3 +175,24 @@ def test_fifty_concurrent_agents_are_each_attributed_correctly(lab: Lab, tmp_pat
     for i, name in enumerate(names):
         assert by_app[name]["identity"] == name
         assert by_app[name]["groups"] == [f"team-{i % 5}"]
+
+
+def test_issuer_key_rotation_is_followed_without_a_restart(lab: Lab, tmp_path: Path):
+    from appliance.lab import identity as lab_identity
+
+    from appliance.lab import state as lab_state
+
+    enroll_service = lab.state["pids"]["enroll"]
+    rotate = f"""
+        import json, ssl, sys, urllib.request
+        ctx = ssl.create_default_context(cafile=sys.argv[1])
+        req = urllib.request.Request("{lab_identity.issuer_url()}/admin/rotate?drop_old=1", method="POST")
+        print(urllib.request.urlopen(req, context=ctx).read().decode())
+    """
+    python(lab, rotate, str(lab.paths.ca_cert), node="gw")
+    argv = lab_identity.enroll_agent_argv(lab)
+    argv[argv.index("--out-dir") + 1] = str(tmp_path / "after-rotation")
+    out = run(lab, "agent", argv).stdout.decode()
+    assert "expires at" in out
+    assert (tmp_path / "after-rotation" / "postgresql.crt").is_file()
+    assert lab_state.process_alive(enroll_service)  # the same enrollment service, never restarted
