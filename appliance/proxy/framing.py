@@ -14,6 +14,8 @@ from appliance.pgwire import ProtocolError
 
 unpack_length = struct.Struct("!I").unpack_from
 unpack_int16 = struct.Struct("!h").unpack_from
+# PostgreSQL reads parameter and format counts as unsigned 16-bit (up to 65535 parameters).
+unpack_count = struct.Struct("!H").unpack_from
 unpack_int32 = struct.Struct("!i").unpack_from
 pack_header = struct.Struct("!cI").pack
 
@@ -36,13 +38,9 @@ def bind_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int,
     try:
         portal, pos = cstring(body, start, end)
         statement, pos = cstring(body, pos, end)
-        (nformats,) = unpack_int16(body, pos)
-        if nformats < 0:
-            raise ProtocolError("Bind has a negative parameter-format count")
+        (nformats,) = unpack_count(body, pos)
         pos += 2 + 2 * nformats
-        (nparams,) = unpack_int16(body, pos)
-        if nparams < 0:
-            raise ProtocolError("Bind has a negative parameter count")
+        (nparams,) = unpack_count(body, pos)
         pos += 2
         for _ in range(nparams):
             (size,) = unpack_int32(body, pos)
@@ -51,9 +49,7 @@ def bind_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int,
                 pos += size
             elif size < -1:
                 raise ProtocolError(f"Bind parameter length {size} is invalid")
-        (nresults,) = unpack_int16(body, pos)
-        if nresults < 0:
-            raise ProtocolError("Bind has a negative result-format count")
+        (nresults,) = unpack_count(body, pos)
         pos += 2
         formats = _unpack_int16s(nresults, body, pos)
         pos += 2 * nresults
@@ -80,9 +76,7 @@ def parse_fields(body: bytes, start: int, end: int) -> tuple[str, str, tuple[int
     name, pos = cstring(body, start, end)
     query, pos = cstring(body, pos, end)
     try:
-        (count,) = unpack_int16(body, pos)
-        if count < 0:
-            raise ProtocolError("Parse has a negative parameter-type count")
+        (count,) = unpack_count(body, pos)
         types = struct.unpack_from(f"!{count}I", body, pos + 2) if count else ()
     except struct.error:
         raise ProtocolError("Parse message is shorter than its fields say") from None

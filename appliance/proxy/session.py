@@ -23,7 +23,7 @@ import secrets
 from collections import deque
 from typing import Any, Awaitable, Callable, Protocol
 
-from appliance.config import Endpoint, Target
+from appliance.config import PG_MAX_MESSAGE, Endpoint, Target
 from appliance.pgwire import ProtocolError, decode_backend, decode_frontend, decode_startup
 from appliance.pgwire import messages as m
 from appliance.proxy.agent_auth import AgentAuthenticator, AuthFailure, TrustAuthenticator
@@ -170,6 +170,10 @@ class Session:
         self.stream_threshold = stream_threshold
         self._cbuf = bytearray()  # client bytes not yet processed (partial, or behind a hold)
         self._sbuf = bytearray()  # server bytes not yet processed (a partial message)
+        # Bytes each buffer needs before its head message is complete: a large message
+        # arriving in many reads is framed once, not re-copied per read.
+        self._c_need = 0
+        self._s_need = 0
         self._pending: deque[Pending] = deque()
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
@@ -199,12 +203,13 @@ class Session:
             if self.phase is Phase.READY and not self._cbuf and self._held is None:
                 rest = self._relay_client(data, 0)
                 if rest < len(data):
-                    self._cbuf += memoryview(data)[rest:]
-                    self._check_client_buffer()
+                    self._keep_client_rest(memoryview(data)[rest:])
                 return
             if self.phase is Phase.CLOSED:
                 return
             self._cbuf += data
+            if len(self._cbuf) < self._c_need:
+                return  # the message at the head is still incomplete: don't rescan it
             if self.phase is Phase.STARTUP:
                 self._read_startup()
             elif self.phase is Phase.READY and self._held is None:
@@ -234,6 +239,10 @@ class Session:
     def server_closed(self) -> None:
         if self.phase in (Phase.AUTHENTICATING, Phase.STARTING, Phase.UPSTREAM_TLS):
             self._fatal("08006", "the database server closed the connection during login")
+        elif self.phase is Phase.READY and not self.close_reason and not self._stream_left:
+            # Not after a FATAL of its own, and not inside a message already half relayed
+            # (a FATAL there would break the client's framing): say what happened.
+            self._fatal("08006", "the database server closed the connection unexpectedly")
         else:
             self._close("server disconnected")
 
@@ -299,8 +308,7 @@ class Session:
                 # Bytes after an SSLRequest, before our answer, would be read as part of the
                 # handshake by a careless server (CVE-2021-23222): refuse instead.
                 if self._cbuf:
-                    self._close("client sent data before the answer to its encryption request")
-                    return
+                    raise ProtocolError("received unencrypted data after an encryption request")
                 context = None
                 if isinstance(packet, m.SSLRequest) and self.target is not None:
                     context = self.authenticator.server_context(self.target)
@@ -412,6 +420,8 @@ class Session:
         if self.phase is Phase.AUTHENTICATING:
             self._on_auth_message(msg, raw)
         elif isinstance(msg, m.BackendKeyData):
+            if self._client_key is not None:
+                raise ProtocolError("the database sent BackendKeyData twice")
             self._upstream_key = (msg.process_id, msg.secret_key)
             self.info.backend_pid = msg.process_id
             self._client_key = self.cancels.issue(self, len(msg.secret_key))
@@ -427,7 +437,9 @@ class Session:
             for hook in self.hooks.session_start:
                 hook(self.info)
             if self._cbuf:
-                self._drain_client_buffer()
+                # Through client_data, so a bad pipelined message is blamed on the client.
+                self._c_need = 0
+                self.client_data(b"")
         elif isinstance(msg, (m.NoticeResponse, m.NegotiateProtocolVersion)):
             self.io.send_client(raw)
         else:
@@ -477,10 +489,19 @@ class Session:
     def _drain_client_buffer(self) -> None:
         data = bytes(self._cbuf)
         self._cbuf.clear()
+        self._c_need = 0
         rest = self._relay_client(data, 0)
         if rest < len(data):
-            self._cbuf += memoryview(data)[rest:]
-            self._check_client_buffer()
+            self._keep_client_rest(memoryview(data)[rest:])
+
+    def _keep_client_rest(self, rest: memoryview) -> None:
+        """Keep an unprocessed tail; note how much the head message needs to be complete."""
+        self._cbuf += rest
+        self._check_client_buffer()
+        if self._held is None and len(rest) >= 5:
+            self._c_need = 1 + unpack_length(rest, 1)[0]
+        elif self._held is None:
+            self._c_need = 5
 
     def _relay_client(self, data: bytes, pos: int) -> int:
         """Frame and forward client messages; returns where processing stopped."""
@@ -494,8 +515,13 @@ class Session:
             tag = data[pos]
             (length,) = unpack_length(data, pos + 1)
             end = pos + 1 + length
-            if length < 4 or length > max_len:
-                raise ProtocolError(f"message type {chr(tag)!r} has length {length}, outside 4..{max_len}")
+            bound = _CLIENT_LENGTH_BOUNDS.get(tag)
+            if bound is None:
+                raise ProtocolError(f"unexpected frontend message type {_tag_name(tag)} after startup")
+            low, high = bound
+            if length < low or length > (high or max_len):
+                raise ProtocolError(f"message type {_tag_name(tag)} has length {length}, "
+                                    f"outside {low}..{high or max_len}")
             if end > n:
                 break
             replacement: bytes | memoryview | None = None
@@ -550,11 +576,10 @@ class Session:
             elif tag == 0x64:  # d: CopyData
                 if self.hooks.copy_data:
                     replacement = self._rewrite(self.hooks.copy_data, view[pos:end], True)
-            elif tag in (0x48, 0x63, 0x66, 0x58):  # H Flush, c CopyDone, f CopyFail, X Terminate
-                if tag == 0x66:
-                    decode_frontend(b"f", view[pos + 5:end])
-                elif length != 4:
-                    raise ProtocolError(f"message type {chr(tag)!r} must have length 4, not {length}")
+            elif tag == 0x66:  # f CopyFail (H Flush, c CopyDone: length checked above)
+                decode_frontend(b"f", view[pos + 5:end])
+            elif tag == 0x58:  # X Terminate: the server closing next is expected
+                self.close_reason = "client terminated the session"
             elif tag == 0x46:  # F: FunctionCall
                 call = decode_frontend(b"F", view[pos + 5:end])
                 statement = Statement(StatementKind.FUNCTION_CALL, f"<function call oid {call.function_oid}>",
@@ -568,8 +593,6 @@ class Session:
                 if verdict is not None:
                     # No function has OID 0: the server fails the stand-in call for us.
                     replacement = BLOCKED_FUNCTION_CALL
-            else:
-                raise ProtocolError(f"unexpected frontend message type {chr(tag)!r} after startup")
             if replacement is not None:
                 pieces.append(view[flush_from:pos])
                 pieces.append(replacement)
@@ -636,8 +659,11 @@ class Session:
     def _relay_server(self, data: bytes) -> None:
         if self._sbuf:
             self._sbuf += data
+            if len(self._sbuf) < self._s_need:
+                return
             data = bytes(self._sbuf)
             self._sbuf.clear()
+            self._s_need = 0
         n = len(data)
         pos = 0
         view = memoryview(data)
@@ -662,12 +688,17 @@ class Session:
             tag = data[pos]
             (length,) = unpack_length(data, pos + 1)
             end = pos + 1 + length
-            if length < 4:
-                raise ProtocolError(f"message type {chr(tag)!r} has length {length}, below 4")
+            if length < 4 or length > PG_MAX_MESSAGE:
+                raise ProtocolError(f"message type {_tag_name(tag)} has length {length}, outside 4..{PG_MAX_MESSAGE}")
+            fixed = _SERVER_FIXED_LENGTHS.get(tag)
+            if fixed is not None and length != fixed:
+                raise ProtocolError(f"message type {_tag_name(tag)} must have length {fixed}, not {length}")
             if end > n:
                 if length > self.stream_threshold and tag in _STREAMABLE:
                     pieces, flush_from, pos = self._start_stream(view, pos, length, pieces, flush_from)
                     n = pos  # everything consumed
+                else:
+                    self._s_need = end - pos
                 break
             replacement = None
             if tag == 0x44:  # D: DataRow
@@ -684,6 +715,7 @@ class Session:
             pos = end
         if pos < n:
             self._sbuf += view[pos:]
+            self._s_need = max(self._s_need, 5)
         if pieces:
             pieces.append(view[flush_from:pos])
             self.io.send_client(b"".join(pieces))
@@ -767,6 +799,8 @@ class Session:
         return None
 
     def _on_command_complete(self, view: memoryview, pos: int, end: int) -> None:
+        if end - pos < 6 or view[end - 1] != 0:
+            raise ProtocolError("CommandComplete tag is not NUL-terminated")
         head = self._pending[0] if self._pending else None
         if self.hooks.result_complete:
             tag, _ = cstring(view.obj, pos + 5, end)
@@ -827,6 +861,8 @@ class Session:
     def _on_row_description(self, view: memoryview, pos: int, end: int) -> None:
         head = self._pending[0] if self._pending else None
         raw = view[pos + 5:end]
+        if end - pos < 7:
+            raise ProtocolError("RowDescription has no field count")
         description = decode_backend(b"T", raw) if (self.hooks.row_description or self.hooks.data_row) else None
         if head is not None and head.kind is DESCRIBE_STATEMENT:
             self._pending.popleft()
@@ -953,6 +989,24 @@ _SERVER_HANDLERS: dict[int, Callable[[Session, memoryview, int, int], bytes | No
     ord("d"): Session._on_copy_data,
     ord("S"): Session._on_parameter_status,
 }
+
+
+# Length bounds of client messages, judged from the 5-byte header as PostgreSQL does (a
+# Sync claiming a megabyte is refused at once, not waited for). 0 = max_client_message.
+_SMALL = 10_000
+_CLIENT_LENGTH_BOUNDS: dict[int, tuple[int, int]] = {
+    ord("Q"): (5, 0), ord("P"): (8, 0), ord("B"): (12, 0), ord("F"): (14, 0), ord("d"): (4, 0),
+    ord("E"): (9, _SMALL), ord("D"): (6, _SMALL), ord("C"): (6, _SMALL), ord("f"): (5, _SMALL),
+    ord("S"): (4, 4), ord("H"): (4, 4), ord("X"): (4, 4), ord("c"): (4, 4),
+}
+# Backend messages with a fixed length: checked, since we relay them without decoding.
+_SERVER_FIXED_LENGTHS: dict[int, int] = {
+    ord("1"): 4, ord("2"): 4, ord("3"): 4, ord("n"): 4, ord("s"): 4, ord("I"): 4, ord("c"): 4, ord("Z"): 5,
+}
+
+
+def _tag_name(tag: int) -> str:
+    return repr(chr(tag)) if 0x20 < tag < 0x7F else f"0x{tag:02x}"
 
 
 def _query_text(data: bytes, start: int, end: int) -> str:

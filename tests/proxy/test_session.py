@@ -174,10 +174,12 @@ def test_ssl_and_gssenc_requests_are_declined_then_startup_proceeds():
     assert io.events == [("open_upstream", "payments", "198.18.2.10:5432")]
 
 
-def test_bytes_after_ssl_request_close_the_connection_unanswered():
+def test_bytes_after_ssl_request_are_refused_with_a_fatal():
     session, io = new_session()
     session.client_data(m.SSLRequest().encode() + startup())
-    assert io.to_client == b"" and io.closed
+    [error] = io.client_got()
+    assert error.sqlstate == "08P01" and "unencrypted data after an encryption request" in error.message
+    assert io.closed and io.events == []
 
 
 def test_session_hooks_see_start_and_end():
@@ -185,7 +187,7 @@ def test_session_hooks_see_start_and_end():
     session, io = ready_session([recorder])
     session.client_data(frontend(m.Terminate()))
     session.server_closed()
-    assert recorder.calls == [("start", "app"), ("end", "server disconnected")]
+    assert recorder.calls == [("start", "app"), ("end", "client terminated the session")]
 
 
 # ---- cancel ---------------------------------------------------------------------------------
@@ -581,3 +583,35 @@ def test_failed_client_handshake_is_remembered_and_closes():
     session.client_data(m.SSLRequest().encode())
     session.client_tls_failed("certificate verify failed: unable to get local issuer certificate")
     assert io.closed and auth.failures == ["certificate verify failed: unable to get local issuer certificate"]
+
+
+def test_database_hanging_up_on_a_ready_session_is_reported():
+    session, io = ready_session()
+    session.server_closed()
+    [error] = io.client_got()
+    assert (error.severity, error.sqlstate) == ("FATAL", "08006") and "closed the connection" in error.message
+
+
+def test_a_sync_claiming_a_megabyte_is_refused_from_its_header():
+    session, io = ready_session()
+    session.client_data(b"S\x00\x10\x00\x00")
+    [error] = io.client_got()
+    assert "message type 'S' has length 1048576, outside 4..4" in error.message
+
+
+def test_a_large_message_in_many_reads_is_framed_once():
+    session, io = ready_session()
+    query = frontend(m.Query("SELECT '" + "x" * 300_000 + "'"))
+    calls = []
+    original = session._relay_client
+    session._relay_client = lambda data, pos: calls.append(len(data)) or original(data, pos)
+    for i in range(0, len(query), 4096):
+        session.client_data(query[i:i + 4096])
+    assert bytes(io.to_server) == query
+    assert len(calls) == 2  # the first piece (head seen), then the completed message
+
+
+def test_bind_with_65535_parameters_is_valid():
+    session, io = ready_session()
+    session.client_data(frontend(m.Parse("s", "INSERT", ()), m.Bind("", "s", (), (None,) * 65535, ()), m.Sync()))
+    assert [type(x) for x in io.server_got()] == [m.Parse, m.Bind, m.Sync]
