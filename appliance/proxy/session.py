@@ -644,12 +644,8 @@ class Session:
             cancel()
         self._held = None
         self._held_verdict = _ALLOWED if verdict is None else verdict
-        try:
-            self._drain_client_buffer()
-        except ProtocolError as exc:
-            self._fatal("08P01", f"invalid frontend message: {exc}")
-        except SessionError as exc:
-            self._fatal(exc.sqlstate, exc.message, exc.detail, exc.hint)
+        self._c_need = 0
+        self.client_data(b"")  # resume with what queued behind the hold, errors mapped as ever
         if self._held is None and self._client_paused and self.phase is Phase.READY:
             self._client_paused = False
             self.io.resume_client()
