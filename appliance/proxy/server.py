@@ -32,6 +32,36 @@ log = logging.getLogger("tollgate.server")
 # client holds at most this much of a result in the proxy.
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+# libuv reads a busy socket up to 32 times per loop turn: after this many bytes from one
+# side, let the loop run once, so the other direction (a server's early error) and other
+# sessions are not kept waiting behind one burst.
+BURST = 256 * 1024
+
+
+class BurstYield:
+    """Pauses reading for one loop turn after every BURST bytes read.
+
+    Takes functions, not a transport: after start_tls the transport to pause is a new one.
+    """
+
+    __slots__ = ("count", "paused", "pause", "resume")
+
+    def __init__(self, pause: Callable[[], None], resume: Callable[[], None]):
+        self.pause, self.resume = pause, resume
+        self.count = 0
+        self.paused = False
+
+    def read(self, size: int) -> None:
+        self.count += size
+        if self.count >= BURST and not self.paused:
+            self.paused = True
+            self.pause()
+            asyncio.get_running_loop().call_soon(self._end)
+
+    def _end(self) -> None:
+        self.count = 0
+        self.paused = False
+        self.resume()
 
 
 def endpoint_of(sockaddr: Any) -> Endpoint:
@@ -44,6 +74,8 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, owner: "ClientConnection"):
         self.owner = owner
         self.transport: asyncio.Transport | None = None
+        self.paused_by_client = False
+        self.burst = BurstYield(self._pause, self._resume_after_burst)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -51,6 +83,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.owner.session.server_data(data)
+        self.burst.read(len(data))
+
+    def _pause(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def _resume_after_burst(self) -> None:
+        if self.transport is not None and not self.paused_by_client:
+            self.transport.resume_reading()
 
     def eof_received(self) -> bool:
         return False
@@ -77,6 +118,7 @@ class ClientConnection(asyncio.Protocol):
         self._client_paused_by_session = False
         self._client_paused_by_upstream = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.burst = BurstYield(self._apply_client_reading, self._apply_client_reading)
 
     # -- asyncio.Protocol (client side) --
 
@@ -103,6 +145,7 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.session.client_data(data)
+        self.burst.read(len(data))
 
     def eof_received(self) -> bool:
         return False
@@ -113,11 +156,13 @@ class ClientConnection(asyncio.Protocol):
         self.server.sessions.pop(self.session.info.id, None)
 
     def pause_writing(self) -> None:
+        self.upstream.paused_by_client = True
         if self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.upstream.transport is not None:
+        self.upstream.paused_by_client = False
+        if self.upstream.transport is not None and not self.upstream.burst.paused:
             self.upstream.transport.resume_reading()
 
     # -- flow control from the upstream side and from the session --
@@ -133,7 +178,7 @@ class ClientConnection(asyncio.Protocol):
     def _apply_client_reading(self) -> None:
         if self.transport is None:
             return
-        if self._client_paused_by_upstream or self._client_paused_by_session:
+        if self._client_paused_by_upstream or self._client_paused_by_session or self.burst.paused:
             self.transport.pause_reading()
         else:
             self.transport.resume_reading()
@@ -178,7 +223,11 @@ class ClientConnection(asyncio.Protocol):
         return future.cancel
 
     def cancel_upstream(self, endpoint: Endpoint, process_id: int, secret_key: bytes) -> None:
-        self._spawn(self.server.send_cancel(endpoint, process_id, secret_key))
+        async def deliver() -> None:
+            await self.server.send_cancel(endpoint, process_id, secret_key)
+            self.session.cancel_delivered()
+
+        self._spawn(deliver())
 
     def close(self) -> None:
         # transport.close() flushes what is buffered first, so a final FATAL still arrives.

@@ -285,13 +285,16 @@ class Session:
         """End the session from outside (shutdown, revocation) with a FATAL to the client."""
         self._fatal(sqlstate, message, hint=hint)
 
-    def request_cancel(self) -> None:
-        """A CancelRequest carrying this session's key arrived on another connection."""
+    def cancel_target(self) -> tuple[Endpoint, int, bytes] | None:
+        """A CancelRequest carrying this session's key arrived on another connection: where
+        to send the real one, or None if we handled it here (a held statement is withdrawn)."""
         if self._held is not None:
             self._resolve_hold(Reject("57014", "canceling statement due to user request",
                                       detail="The statement was waiting for approval; the request is withdrawn."))
-        elif self._upstream_key is not None:
-            self.io.cancel_upstream(self.info.destination, *self._upstream_key)
+            return None
+        if self._upstream_key is None:
+            return None
+        return (self.info.destination, *self._upstream_key)
 
     # ---- startup ---------------------------------------------------------------------------
 
@@ -327,11 +330,20 @@ class Session:
 
     def _forward_cancel(self, packet: m.CancelRequest) -> None:
         session = self.cancels.lookup(packet.process_id, packet.secret_key)
+        target = session.cancel_target() if session is not None else None
         if session is None:
             log.warning("cancel request from %s with an unknown key ignored", self.info.client)
-        else:
-            session.request_cancel()
-        self._close("cancel request handled")
+        if target is None:
+            self._close("cancel request handled")
+            return
+        # This connection stays open until the database has acted: clients (libpq's PQcancel,
+        # asyncpg) take our close as "done", and a cancel arriving later would hit the
+        # session's next statement instead.
+        self.io.cancel_upstream(*target)
+
+    def cancel_delivered(self) -> None:
+        """The database has taken the cancel request we forwarded (it closed that connection)."""
+        self._close("cancel request delivered")
 
     def _accept_startup(self, startup: m.StartupMessage) -> None:
         startup.validate()

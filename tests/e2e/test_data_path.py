@@ -346,3 +346,22 @@ def test_dialling_the_proxy_port_itself_is_refused_not_relayed(lab: Lab):
                               "-c", "SELECT 1"], check=False)
     assert proc.returncode != 0
     assert b"Tollgate does not protect a database at 198.18.1.1:15432" in proc.stderr
+
+
+def test_a_cancel_never_lands_on_the_next_statement(lab: Lab):
+    # libpq's cancel returns once the appliance closes the cancel connection; that must
+    # not happen before the database has acted, or the late cancel kills the next statement.
+    hits = python_json(lab, """
+        import json, sys, psycopg
+        conn = psycopg.connect(sys.argv[1], autocommit=True)
+        hits = 0
+        for _ in range(30):
+            conn.execute("SELECT 1")
+            conn.cancel()
+            try:
+                conn.execute("SELECT pg_sleep(0.02)")
+            except psycopg.errors.QueryCanceled:
+                hits += 1
+        print(json.dumps(hits))
+    """, lab.conninfo())
+    assert hits == 0
