@@ -93,3 +93,21 @@ def kind_and_name(body: bytes, start: int, end: int, what: str) -> tuple[int, st
     if pos != end:
         raise ProtocolError(f"{what} message has trailing bytes")
     return body[start], name
+
+
+def check_row_description(body: bytes, start: int, end: int) -> None:
+    """Walk a RowDescription's fields (name + 18 bytes each) without building them."""
+    try:
+        (count,) = unpack_count(body, start)
+    except struct.error:
+        raise ProtocolError("RowDescription has no field count") from None
+    pos = start + 2
+    for _ in range(count):
+        nul = body.find(b"\0", pos, end)
+        if nul < 0:
+            raise ProtocolError("RowDescription field name is not NUL-terminated")
+        pos = nul + 19
+        if pos > end:
+            raise ProtocolError("RowDescription is shorter than its field count says")
+    if pos != end:
+        raise ProtocolError("RowDescription has trailing bytes")

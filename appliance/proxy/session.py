@@ -27,7 +27,9 @@ from appliance.config import PG_MAX_MESSAGE, Endpoint, Target
 from appliance.pgwire import ProtocolError, decode_backend, decode_frontend, decode_startup
 from appliance.pgwire import messages as m
 from appliance.proxy.agent_auth import AgentAuthenticator, AuthFailure, TrustAuthenticator
-from appliance.proxy.framing import bind_fields, cstring, kind_and_name, parse_fields, unpack_length
+from appliance.proxy.framing import (
+    bind_fields, check_row_description, cstring, kind_and_name, parse_fields, unpack_length,
+)
 from appliance.proxy.hooks import (
     AddonManager, Hold, Reject, Result, SessionInfo, Statement, StatementKind, Verdict,
 )
@@ -712,10 +714,14 @@ class Session:
             if tag == 0x44:  # D: DataRow
                 if self.hooks.data_row:
                     replacement = self._data_row(view[pos:end])
-            elif tag in _SERVER_HANDLERS:
-                replacement = _SERVER_HANDLERS[tag](self, view, pos, end)
-            elif tag not in _SERVER_PASSTHROUGH:
-                raise ProtocolError(f"unexpected backend message type {chr(tag)!r}")
+            else:
+                if tag in _SERVER_DECODED:
+                    # Rare messages: fully checked, so nothing malformed reaches the client.
+                    decode_backend(bytes((tag,)), view[pos + 5:end])
+                if tag in _SERVER_HANDLERS:
+                    replacement = _SERVER_HANDLERS[tag](self, view, pos, end)
+                elif tag not in _SERVER_PASSTHROUGH:
+                    raise ProtocolError(f"unexpected backend message type {_tag_name(tag)}")
             if replacement is not None:
                 pieces.append(view[flush_from:pos])
                 pieces.append(replacement)
@@ -807,8 +813,8 @@ class Session:
         return None
 
     def _on_command_complete(self, view: memoryview, pos: int, end: int) -> None:
-        if end - pos < 6 or view[end - 1] != 0:
-            raise ProtocolError("CommandComplete tag is not NUL-terminated")
+        if end - pos < 6 or view.obj.find(b"\0", pos + 5, end) != end - 1:  # type: ignore[union-attr]
+            raise ProtocolError("CommandComplete must hold exactly one NUL-terminated tag")
         head = self._pending[0] if self._pending else None
         if self.hooks.result_complete:
             tag, _ = cstring(view.obj, pos + 5, end)
@@ -869,8 +875,7 @@ class Session:
     def _on_row_description(self, view: memoryview, pos: int, end: int) -> None:
         head = self._pending[0] if self._pending else None
         raw = view[pos + 5:end]
-        if end - pos < 7:
-            raise ProtocolError("RowDescription has no field count")
+        check_row_description(view.obj, pos + 5, end)  # type: ignore[arg-type]
         description = decode_backend(b"T", raw) if (self.hooks.row_description or self.hooks.data_row) else None
         if head is not None and head.kind is DESCRIBE_STATEMENT:
             self._pending.popleft()
@@ -981,6 +986,9 @@ _ENDED_BY_READY = frozenset({QUERY, SYNC, FUNCTION_CALL})
 _STREAMABLE = frozenset(b"DdV")
 # Backend messages that carry no state we track and go through untouched.
 _SERVER_PASSTHROUGH = frozenset(b"tGHWcV")
+# Backend messages too rare to matter for speed: decoded in full to validate them. DataRow
+# is not among them: it is the hot message, checked by the addons that parse rows.
+_SERVER_DECODED = frozenset(b"ENAtGHWV")
 _SERVER_HANDLERS: dict[int, Callable[[Session, memoryview, int, int], bytes | None]] = {
     ord("Z"): Session._on_ready_for_query,
     ord("C"): Session._on_command_complete,
