@@ -36,6 +36,7 @@ LOW_WATER = 64 * 1024
 # side, let the loop run once, so the other direction (a server's early error) and other
 # sessions are not kept waiting behind one burst.
 BURST = 256 * 1024
+TLS_HANDSHAKE_TIMEOUT = 15.0
 
 
 class BurstYield:
@@ -119,6 +120,7 @@ class ClientConnection(asyncio.Protocol):
         self._client_paused_by_upstream = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.burst = BurstYield(self._apply_client_reading, self._apply_client_reading)
+        self.tls: AgentTLS | None = None
 
     # -- asyncio.Protocol (client side) --
 
@@ -144,7 +146,10 @@ class ClientConnection(asyncio.Protocol):
         log.debug("session %d: %s → %s (%s)", info.id, client, destination, target.name if target else "unprotected")
 
     def data_received(self, data: bytes) -> None:
-        self.session.client_data(data)
+        if self.tls is None:
+            self.session.client_data(data)
+        else:
+            self.tls.received(data)
         self.burst.read(len(data))
 
     def eof_received(self) -> bool:
@@ -187,7 +192,10 @@ class ClientConnection(asyncio.Protocol):
 
     def send_client(self, data: bytes | memoryview) -> None:
         if self.transport is not None:
-            self.transport.write(data)
+            if self.tls is None:
+                self.transport.write(data)
+            else:
+                self.tls.send(data)
 
     def send_server(self, data: bytes | memoryview) -> None:
         if self.upstream.transport is not None:
@@ -208,7 +216,7 @@ class ClientConnection(asyncio.Protocol):
         self._spawn(self._start_tls(target))
 
     def start_client_tls(self, context: ssl.SSLContext) -> None:
-        self._spawn(self._accept_tls(context))
+        self.tls = AgentTLS(self, context)
 
     def wait(self, awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]) -> Callable[[], None]:
         future = asyncio.ensure_future(awaitable)
@@ -275,19 +283,72 @@ class ClientConnection(asyncio.Protocol):
         self.session.upstream_tls_ready(ssl_object.version() if ssl_object else "TLS")
 
 
-    async def _accept_tls(self, context: ssl.SSLContext) -> None:
-        loop = asyncio.get_running_loop()
-        assert self.transport is not None
-        try:
-            transport = await loop.start_tls(self.transport, self, context, server_side=True,
-                                             ssl_handshake_timeout=15.0)
-        except (OSError, ssl.SSLError, ConnectionError, asyncio.TimeoutError) as exc:
-            self.session.client_tls_failed(str(exc) or type(exc).__name__)
-            return
-        self.transport = transport  # type: ignore[assignment]
-        transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
-        ssl_object = transport.get_extra_info("ssl_object")
-        self.session.client_tls_ready(ssl_object.version(), ssl_object.getpeercert(binary_form=True))
+
+
+class AgentTLS:
+    """TLS towards the agent, driven through memory BIOs.
+
+    Not loop.start_tls: when OpenSSL refuses the agent's certificate during the handshake
+    it writes an alert ("unknown ca"), and only a handshake we drive ourselves can send
+    that alert before closing, so the agent's driver reports why instead of a bare EOF.
+    """
+
+    __slots__ = ("conn", "sslobj", "incoming", "outgoing", "handshaking", "deadline")
+
+    def __init__(self, conn: ClientConnection, context: ssl.SSLContext):
+        self.conn = conn
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.handshaking = True
+        # A client that asks for TLS and then stalls must not hold a connection forever.
+        self.deadline = asyncio.get_running_loop().call_later(TLS_HANDSHAKE_TIMEOUT, self._too_slow)
+
+    def _too_slow(self) -> None:
+        if self.handshaking:
+            self.conn.session.client_tls_failed(f"no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:.0f}s")
+
+    def received(self, data: bytes) -> None:
+        self.incoming.write(data)
+        session = self.conn.session
+        if self.handshaking:
+            try:
+                self.sslobj.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return
+            except ssl.SSLError as exc:
+                self._flush()  # the alert saying why, before the close
+                session.client_tls_failed(str(exc))
+                return
+            self.handshaking = False
+            self.deadline.cancel()
+            self._flush()
+            session.client_tls_ready(self.sslobj.version() or "TLS", self.sslobj.getpeercert(binary_form=True))
+        chunks = []
+        while True:
+            try:
+                chunk = self.sslobj.read(1 << 16)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                break  # close_notify: the TCP close follows
+            except ssl.SSLError as exc:
+                session.client_tls_failed(str(exc))
+                return
+            if not chunk:
+                break  # end of the TLS stream (a suppressed ragged EOF reads as b"")
+            chunks.append(chunk)
+        if chunks:
+            session.client_data(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def send(self, data: bytes | memoryview) -> None:
+        self.sslobj.write(data)
+        self._flush()
+
+    def _flush(self) -> None:
+        pending = self.outgoing.read()
+        if pending and self.conn.transport is not None:
+            self.conn.transport.write(pending)
 
 
 def upstream_tls_context(target: Target) -> ssl.SSLContext:
