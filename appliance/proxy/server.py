@@ -9,6 +9,7 @@ other side pauses, so a slow client never makes the proxy hold a whole result.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import os
@@ -23,8 +24,6 @@ from appliance.pgwire import messages as m
 from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
 from appliance.proxy.hooks import AddonManager, SessionInfo
 from appliance.proxy.session import CancelRegistry, Session
-
-import ipaddress
 
 log = logging.getLogger("tollgate.server")
 

@@ -682,16 +682,9 @@ class Session:
         if self._stream_left:
             pos = min(n, self._stream_left)
             if self.hooks.stream_chunk:
-                chunk = view[:pos]
-                offset = self._stream_total - self._stream_left
-                for hook in self.hooks.stream_chunk:
-                    new = hook(self.info, self._stream_tag, chunk, offset, self._stream_total)
-                    if new is not None:
-                        if len(new) != len(chunk):
-                            raise SessionError("XX000", "a streamed value was rewritten to another length")
-                        chunk = memoryview(new)
-                if chunk.obj is not data:
-                    pieces.append(chunk)
+                new = self._stream_chunk(view[:pos], self._stream_total - self._stream_left)
+                if new is not None:
+                    pieces.append(new)
                     flush_from = pos
             self._stream_left -= pos
         while n - pos >= 5:
@@ -705,8 +698,8 @@ class Session:
                 raise ProtocolError(f"message type {_tag_name(tag)} must have length {fixed}, not {length}")
             if end > n:
                 if length > self.stream_threshold and tag in _STREAMABLE:
-                    pieces, flush_from, pos = self._start_stream(view, pos, length, pieces, flush_from)
-                    n = pos  # everything consumed
+                    flush_from = self._start_stream(view, pos, length, pieces, flush_from)
+                    pos = n = len(view)  # everything consumed
                 else:
                     self._s_need = end - pos
                 break
@@ -736,27 +729,33 @@ class Session:
         elif pos > flush_from:
             self.io.send_client(data if flush_from == 0 and pos == len(data) else view[flush_from:pos])
 
-    def _start_stream(self, view: memoryview, pos: int, length: int, pieces: list, flush_from: int):
-        """Begin passing a large message through in pieces; it is never held whole."""
-        tag = bytes(view[pos:pos + 1])
-        self._stream_tag, self._stream_total = tag, length - 4
+    def _start_stream(self, view: memoryview, pos: int, length: int, pieces: list, flush_from: int) -> int:
+        """Begin passing a large message through in pieces (it is never held whole); the
+        rest of ``view`` is its first piece. Returns the new flush_from."""
+        self._stream_tag, self._stream_total = bytes(view[pos:pos + 1]), length - 4
         body = view[pos + 5:]
-        if tag == b"D" and self._result is not None:
+        if self._stream_tag == b"D" and self._result is not None:
             self._result.rows += 1
-        if self.hooks.stream_chunk:
-            chunk = body
-            for hook in self.hooks.stream_chunk:
-                new = hook(self.info, tag, chunk, 0, self._stream_total)
-                if new is not None:
-                    if len(new) != len(chunk):
-                        raise SessionError("XX000", "a streamed value was rewritten to another length")
-                    chunk = memoryview(new)
-            if chunk is not body:
-                pieces.append(view[flush_from:pos + 5])
-                pieces.append(chunk)
-                flush_from = len(view)
         self._stream_left = self._stream_total - len(body)
-        return pieces, flush_from, len(view)
+        if self.hooks.stream_chunk:
+            new = self._stream_chunk(body, 0)
+            if new is not None:
+                pieces.append(view[flush_from:pos + 5])
+                pieces.append(new)
+                return len(view)
+        return flush_from
+
+    def _stream_chunk(self, chunk: memoryview, offset: int) -> memoryview | None:
+        """Run the stream_chunk hooks over one piece; a replacement must keep its length,
+        because the message's header, with its length, is already on its way."""
+        new: memoryview | None = None
+        for hook in self.hooks.stream_chunk:
+            out = hook(self.info, self._stream_tag, chunk if new is None else new, offset, self._stream_total)
+            if out is not None:
+                if len(out) != len(chunk):
+                    raise SessionError("XX000", "a streamed value was rewritten to another length")
+                new = memoryview(out)
+        return new
 
     def _data_row(self, message: memoryview) -> bytes | None:
         result = self._current_result()

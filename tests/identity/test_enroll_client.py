@@ -25,7 +25,8 @@ from appliance.identity.certs import not_valid_after
 from appliance.identity.enroll_client import _with_root, describe_remaining
 from appliance.lab.oidc_issuer import DevIssuer
 from tests.identity.tls_helpers import TlsFiles, make_tls_files
-from tests.webui import AGENT_ID, AGENT_SECRET, Appliance, agent, alice, id_token, make_appliance, start_issuer
+from tests.identity.dev_flows import AGENT_ID, AGENT_SECRET, id_token
+from tests.webui import Appliance, agent, alice, make_appliance, start_issuer
 
 REPO = Path(__file__).resolve().parents[2]
 READY = re.compile(r"tollgate-enroll: ready on (https://127\.0\.0\.1:\d+)")

@@ -7,7 +7,7 @@ import re
 import time
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import parse_qs, urlencode, urlsplit
+from urllib.parse import urlsplit
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -17,10 +17,9 @@ from appliance.identity.oidc import (
     IssuerError, OIDCSettings, OIDCValidator, TokenError, https_fetch, identity_from_claims, token_kind,
 )
 from appliance.lab.oidc_issuer import DevClient, DevIssuer, DevUser
-from tests.identity.tls_helpers import TlsFiles, https_json, https_request, make_tls_files
+from tests.identity.dev_flows import AUDIENCE, REDIRECT, client_credentials_token, id_token
+from tests.identity.tls_helpers import TlsFiles, make_tls_files
 
-AUDIENCE = "tollgate"
-REDIRECT = "http://127.0.0.1:8765/callback"
 CLIENTS = {
     AUDIENCE: DevClient(secret="tollgate-secret", redirect_uris=(REDIRECT,)),
     "agent-ci": DevClient(secret="ci-secret", groups=("ci", "payments-ro")),
@@ -92,25 +91,6 @@ def settings_for(issuer: DevIssuer, tls: TlsFiles, **kwargs: Any) -> OIDCSetting
 @pytest.fixture
 def validator(issuer: DevIssuer, tls: TlsFiles, spy: FetchSpy, clock: Clock) -> OIDCValidator:
     return OIDCValidator(settings_for(issuer, tls), fetch=spy, now=clock)
-
-
-def client_credentials_token(issuer: DevIssuer, tls: TlsFiles) -> str:
-    status, body = https_json(f"{issuer.url}/token", tls.ca_file, basic=("agent-ci", "ci-secret"),
-                              form={"grant_type": "client_credentials"})
-    assert status == 200, body
-    return body["access_token"]
-
-
-def id_token(issuer: DevIssuer, tls: TlsFiles, nonce: str = "n-0S6_WzA2Mj") -> str:
-    query = urlencode({"response_type": "code", "client_id": AUDIENCE, "redirect_uri": REDIRECT,
-                       "state": "st", "nonce": nonce})
-    status, headers, _ = https_request(f"{issuer.url}/authorize?{query}", tls.ca_file)
-    assert status == 302
-    code = parse_qs(urlsplit(headers["Location"]).query)["code"][0]
-    status, body = https_json(f"{issuer.url}/token", tls.ca_file, basic=(AUDIENCE, "tollgate-secret"),
-                              form={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT})
-    assert status == 200, body
-    return body["id_token"]
 
 
 def refused(validator: OIDCValidator, token: str) -> str:

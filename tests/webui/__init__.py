@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import parse_qs, urlencode, urlsplit
 
 from appliance.config import Config, load_config
 from appliance.identity import CertificateAuthority, Identity
 from appliance.lab.oidc_issuer import DevClient, DevIssuer, DevUser
 from appliance.state.certificates import CertificateRegistry
-from tests.identity.tls_helpers import TlsFiles, https_json, https_request
+from tests.identity.dev_flows import AGENT_ID, AGENT_SECRET, AUDIENCE, REDIRECT
+from tests.identity.tls_helpers import TlsFiles
 
-AUDIENCE = "tollgate"
-REDIRECT = "http://127.0.0.1:8765/callback"
-AGENT_ID, AGENT_SECRET = "agent-ci", "ci-secret"
 CLIENTS = {
     AUDIENCE: DevClient(secret="tollgate-secret", redirect_uris=(REDIRECT,)),
     AGENT_ID: DevClient(secret=AGENT_SECRET, groups=("ci", "payments-ro")),
@@ -37,26 +34,6 @@ def alice(issuer: DevIssuer) -> Identity:
 
 def agent(issuer: DevIssuer) -> Identity:
     return Identity(AGENT_ID, "agent", ("ci", "payments-ro"), None, issuer.url)
-
-
-def client_credentials_token(issuer: DevIssuer, tls: TlsFiles) -> str:
-    status, body = https_json(f"{issuer.url}/token", tls.ca_file, basic=(AGENT_ID, AGENT_SECRET),
-                              form={"grant_type": "client_credentials"})
-    assert status == 200, body
-    return body["access_token"]
-
-
-def id_token(issuer: DevIssuer, tls: TlsFiles) -> str:
-    """A person's ID token through the real authorization-code flow (auto-approved)."""
-    query = urlencode({"response_type": "code", "client_id": AUDIENCE, "redirect_uri": REDIRECT,
-                       "state": "st", "nonce": "n-0S6_WzA2Mj"})
-    status, headers, _ = https_request(f"{issuer.url}/authorize?{query}", tls.ca_file)
-    assert status == 302
-    code = parse_qs(urlsplit(headers["Location"]).query)["code"][0]
-    status, body = https_json(f"{issuer.url}/token", tls.ca_file, basic=(AUDIENCE, "tollgate-secret"),
-                              form={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT})
-    assert status == 200, body
-    return body["id_token"]
 
 
 @dataclass

@@ -20,9 +20,8 @@ from appliance.identity.certs import fingerprint, not_valid_after, not_valid_bef
 from appliance.lab.oidc_issuer import DevIssuer
 from tests.identity import ec_key, make_csr
 from tests.identity.tls_helpers import TlsFiles, make_tls_files
-from tests.webui import (
-    AUDIENCE, Appliance, agent, alice, client_credentials_token, id_token, make_appliance, start_issuer,
-)
+from tests.identity.dev_flows import AUDIENCE, client_credentials_token, id_token
+from tests.webui import Appliance, agent, alice, make_appliance, start_issuer
 from webui import MAX_REQUEST_BYTES, create_app
 
 
