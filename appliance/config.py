@@ -159,6 +159,35 @@ class ProxyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """Where the enforcement policy lives and how often to look for changes."""
+
+    file: Path
+    reload_seconds: float = 1.0  # file polled this often; SIGHUP reloads at once
+
+
+@dataclass(frozen=True, slots=True)
+class MaskingConfig:
+    """PAN masking on every path to the agent. On unless turned off explicitly."""
+
+    enabled: bool = True
+    pan_format: str = "pci"  # "pci": first six and last four shown; "last4": last four only
+
+
+@dataclass(frozen=True, slots=True)
+class ApprovalsConfig:
+    """Holds: where decisions are made (the approvals API) and who hears of them."""
+
+    # Base URL of the appliance web service that serves /api/v1/approvals; the CLI's default.
+    api_url: str | None = None
+    api_ca_file: Path | None = None  # CA that signed the web service's certificate
+    webhook_url: str | None = None  # POSTed a JSON event for each new request and decision
+    webhook_secret_file: Path | None = None  # HMAC-SHA256 key for the X-Tollgate-Signature header
+    poll_seconds: float = 0.2  # how often a held session looks for its decision
+    max_grant_minutes: int = 240  # cap on "allow this statement shape for N minutes"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole appliance configuration."""
 
@@ -167,6 +196,9 @@ class Config:
     intercept: InterceptConfig
     targets: tuple[Target, ...]
     identity: IdentityConfig | None = None
+    policy: PolicyConfig | None = None
+    masking: MaskingConfig = MaskingConfig()
+    approvals: ApprovalsConfig = ApprovalsConfig()
     _by_endpoint: Mapping[Endpoint, Target] = field(repr=False, compare=False, default_factory=dict)
 
     def target_for(self, endpoint: Endpoint) -> Target | None:
@@ -396,6 +428,53 @@ def _parse_identity(s: _Section, base: Path) -> IdentityConfig:
                           oidc, tuple(legacy))
 
 
+def _parse_policy(s: _Section, base: Path) -> PolicyConfig:
+    file = Path(s.get("file", str))
+    seconds = s.get("reload_seconds", (int, float), 1.0)
+    if not 0.05 <= seconds <= 3600:
+        raise s.error("reload_seconds", "must be between 0.05 and 3600")
+    s.finish()
+    return PolicyConfig(file if file.is_absolute() else base / file, float(seconds))
+
+
+def _parse_masking(s: _Section) -> MaskingConfig:
+    d = MaskingConfig()
+    enabled = s.get("enabled", bool, d.enabled)
+    pan_format = s.get("pan_format", str, d.pan_format)
+    if pan_format not in ("pci", "last4"):
+        raise s.error("pan_format", f"must be 'pci' or 'last4', not {pan_format!r}")
+    s.finish()
+    return MaskingConfig(enabled, pan_format)
+
+
+def _parse_approvals(s: _Section, base: Path) -> ApprovalsConfig:
+    d = ApprovalsConfig()
+
+    def path_or_none(name: str) -> Path | None:
+        raw = s.get(name, str, None)
+        if raw is None:
+            return None
+        p = Path(raw)
+        return p if p.is_absolute() else base / p
+
+    api_url = s.get("api_url", str, None)
+    if api_url is not None and not api_url.startswith("https://"):
+        raise s.error("api_url", "must be an https:// URL")
+    webhook_url = s.get("webhook_url", str, None)
+    if webhook_url is not None and not webhook_url.startswith(("https://", "http://")):
+        raise s.error("webhook_url", "must be an http:// or https:// URL")
+    poll = s.get("poll_seconds", (int, float), d.poll_seconds)
+    if not 0.01 <= poll <= 10:
+        raise s.error("poll_seconds", "must be between 0.01 and 10")
+    grant = s.get("max_grant_minutes", int, d.max_grant_minutes)
+    if not 0 <= grant <= 7 * 24 * 60:
+        raise s.error("max_grant_minutes", "must be between 0 and 10080 (a week)")
+    config = ApprovalsConfig(api_url, path_or_none("api_ca_file"), webhook_url, path_or_none("webhook_secret_file"),
+                             float(poll), grant)
+    s.finish()
+    return config
+
+
 def parse_config(text: str, path: Path) -> Config:
     """Parse config text; ``path`` names the file in errors and anchors relative paths."""
     try:
@@ -407,6 +486,10 @@ def parse_config(text: str, path: Path) -> Config:
     intercept = _parse_intercept(top.section("intercept"))
     identity = _parse_identity(top.section("identity"), path.parent) if "identity" in data else None
     top.used.add("identity")
+    policy = _parse_policy(top.section("policy"), path.parent) if "policy" in data else None
+    masking = _parse_masking(top.section("masking")) if "masking" in data else MaskingConfig()
+    approvals = _parse_approvals(top.section("approvals"), path.parent) if "approvals" in data else ApprovalsConfig()
+    top.used.update(("policy", "masking", "approvals"))
     if proxy.agent_auth == "certificate" and identity is None:
         raise ConfigError(f"{path}: proxy.agent_auth: 'certificate' needs an [identity] section")
     raw_targets = top.get("targets", list, [])
@@ -425,7 +508,7 @@ def parse_config(text: str, path: Path) -> Config:
                 raise section.error(f"addresses[{j}]", f"{ep} is already protected by target {by_endpoint[ep].name!r}")
             by_endpoint[ep] = target
         targets.append(target)
-    return Config(path, proxy, intercept, tuple(targets), identity, by_endpoint)
+    return Config(path, proxy, intercept, tuple(targets), identity, policy, masking, approvals, by_endpoint)
 
 
 def load_config(path: str | Path) -> Config:

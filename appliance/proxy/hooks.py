@@ -4,9 +4,11 @@ Features (policy, masking, holds, audit) are addons: classes that override some 
 methods of :class:`Addon`. The manager collects, per hook, only the addons that actually
 override it, so a hook nobody implements costs the hot path one falsy-list check.
 
-Hooks run inside the session layer, synchronously. The only hook that may wait is
-``statement``: it returns a :class:`Hold` wrapping an awaitable, and the session pauses —
-only itself — until the awaitable yields a verdict.
+Hooks run inside the session layer, synchronously. The only hooks that may wait are
+``statement`` and ``execute``: they return a :class:`Hold` wrapping an awaitable, and the
+session pauses — only itself — until the awaitable yields a verdict. A hook that finds data
+it must not let through and cannot make safe raises :class:`FailClosed`: the session ends
+with a FATAL error rather than pass it on.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class SessionInfo:
     identity: Any = None
     identity_source: str | None = None
     certificate_serial: int | None = None
+    masked_values: int = 0  # values masked on their way to the agent, whole session
     addon_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -72,6 +75,14 @@ class Statement:
     verdict: "Verdict | None" = None
     # Learnt from the server's answer to Describe(statement); clients may skip Describe.
     row_description: "RowDescription | None" = None
+    # Policy's decision (appliance.policy.model.Decision), for masking and records.
+    decision: Any = None
+    # The AddonManager.epoch the verdict was reached in: a prepared statement is decided
+    # again at Execute once policy has changed since.
+    epoch: int = 0
+    # Set by an addon that wants a say at every Execute of this statement (a hold is
+    # asked for when it runs, with its parameters, not when it is prepared).
+    deferred: Any = None
 
 
 @dataclass(eq=False, slots=True)
@@ -83,6 +94,10 @@ class Result:
     # Result column formats as the client asked for them in Bind (0 text, 1 binary).
     result_formats: tuple[int, ...] = ()
     rows: int = 0
+    masked: int = 0  # values masked in this result (masking addon counts)
+    # From CopyOutResponse: overall format (0 text/csv, 1 binary) and per-column formats.
+    copy_format: int | None = None
+    copy_column_formats: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +121,23 @@ class Hold:
 Verdict = Reject | Hold | None
 
 
+class FailClosed(Exception):
+    """Raised by a hook that can't make data safe: the session ends with a FATAL error."""
+
+    def __init__(self, sqlstate: str, message: str, hint: str | None = None):
+        super().__init__(message)
+        self.sqlstate, self.message, self.hint = sqlstate, message, hint
+
+
+@dataclass(slots=True)
+class StreamEdit:
+    """A stream_chunk hook's answer: ``data`` replaces the window (same length; None keeps
+    it), and the last ``keep`` bytes are held back and start the next window."""
+
+    data: bytes | None = None
+    keep: int = 0
+
+
 class Addon:
     """Base class for features. Override only the hooks you need."""
 
@@ -127,20 +159,36 @@ class Addon:
     def row_description(self, session: SessionInfo, result: Result) -> None:
         """A result's column description is known (sent by the server or cached)."""
 
+    def execute(self, session: SessionInfo, statement: Statement, bind: bytes | None) -> Verdict:
+        """An Execute of a portal whose statement is ``deferred`` or was decided under an
+        older epoch. ``bind`` is the portal's Bind message body when the statement is
+        deferred (its parameters), else None. Return None, Reject or Hold."""
+        return None
+
     def data_row(self, session: SessionInfo, result: Result, message: memoryview) -> bytes | None:
         """A whole DataRow message (tag and length included). Return replacement bytes."""
         return None
 
-    def stream_chunk(self, session: SessionInfo, tag: bytes, chunk: memoryview, offset: int, total: int) -> bytes | None:
-        """A piece of a server message too large to hold whole (DataRow, CopyData...).
+    def stream_chunk(self, session: SessionInfo, result: Result | None, tag: bytes, window: memoryview,
+                     offset: int, total: int) -> StreamEdit | None:
+        """A window onto a server message too large to hold whole (DataRow, CopyData,
+        FunctionCallResponse), never the whole of it at once.
 
-        ``offset`` is where the chunk starts in the message body of ``total`` bytes. The
-        header is already on its way, so a replacement must be the same length.
+        ``window`` holds bytes ``offset .. offset+len(window)`` of the message body (after
+        tag and length) of ``total`` bytes; it starts with whatever the previous call kept
+        back. The header is already on its way, so a replacement must be the same length.
+        On the last window (``offset + len(window) == total``) ``keep`` must be 0.
         """
         return None
 
-    def copy_data(self, session: SessionInfo, from_client: bool, message: memoryview) -> bytes | None:
-        """A whole CopyData message in either direction. Return replacement bytes."""
+    def copy_data(self, session: SessionInfo, result: Result | None, from_client: bool,
+                  message: memoryview) -> bytes | None:
+        """A whole CopyData message in either direction (``result`` is the COPY's result
+        when it comes from the server). Return replacement bytes."""
+        return None
+
+    def function_result(self, session: SessionInfo, message: memoryview) -> bytes | None:
+        """A whole FunctionCallResponse message. Return replacement bytes."""
         return None
 
     def notice(self, session: SessionInfo, is_error: bool, message: memoryview) -> bytes | None:
@@ -156,8 +204,9 @@ class Addon:
 
 
 HOOK_NAMES = (
-    "session_start", "session_end", "session_refused", "statement", "row_description",
-    "data_row", "stream_chunk", "copy_data", "notice", "notification", "result_complete",
+    "session_start", "session_end", "session_refused", "statement", "execute", "row_description",
+    "data_row", "stream_chunk", "copy_data", "function_result", "notice", "notification",
+    "result_complete",
 )
 
 
@@ -166,6 +215,9 @@ class AddonManager:
 
     def __init__(self, addons: Iterable[Addon] = ()):
         self.addons: list[Addon] = list(addons)
+        # Bumped when a decision-making addon's rules change (a policy reload): verdicts
+        # of prepared statements from an older epoch are reached again at Execute.
+        self.epoch = 0
         self._index()
 
     def add(self, addon: Addon) -> None:
@@ -185,10 +237,12 @@ class AddonManager:
     session_end: list[Callable[[SessionInfo, str], None]]
     session_refused: list[Callable[[SessionInfo, str], None]]
     statement: list[Callable[[SessionInfo, Statement], Verdict]]
+    execute: list[Callable[[SessionInfo, Statement, bytes | None], Verdict]]
     row_description: list[Callable[[SessionInfo, Result], None]]
     data_row: list[Callable[[SessionInfo, Result, memoryview], bytes | None]]
-    stream_chunk: list[Callable[[SessionInfo, bytes, memoryview, int, int], bytes | None]]
-    copy_data: list[Callable[[SessionInfo, bool, memoryview], bytes | None]]
+    stream_chunk: list[Callable[[SessionInfo, Result | None, bytes, memoryview, int, int], StreamEdit | None]]
+    copy_data: list[Callable[[SessionInfo, Result | None, bool, memoryview], bytes | None]]
+    function_result: list[Callable[[SessionInfo, memoryview], bytes | None]]
     notice: list[Callable[[SessionInfo, bool, memoryview], bytes | None]]
     notification: list[Callable[[SessionInfo, memoryview], bytes | None]]
     result_complete: list[Callable[[SessionInfo, Result, str | None, bool], None]]
