@@ -31,7 +31,7 @@ from appliance.proxy.framing import (
     bind_fields, check_row_description, cstring, kind_and_name, parse_fields, unpack_length,
 )
 from appliance.proxy.hooks import (
-    AddonManager, Hold, Reject, Result, SessionInfo, Statement, StatementKind, Verdict,
+    AddonManager, FailClosed, Hold, Reject, Result, SessionInfo, Statement, StatementKind, Verdict,
 )
 from appliance.proxy.upstream_auth import AuthError, ScramSha256, md5_password
 
@@ -42,6 +42,10 @@ MAX_STARTUP_PACKET = 10_000
 # so that transaction and pipeline state on the server match what the client is told.
 BLOCKED_SQL = b"TOLLGATE BLOCKED STATEMENT"
 BLOCKED_FUNCTION_CALL = m.FunctionCall(0, (), (), 0).encode()
+# No portal has this name (a client can't have bound it: we never forward such a Bind):
+# the server fails the stand-in Execute, with the transaction effects of a real error.
+BLOCKED_PORTAL = "\x01tollgate blocked portal"
+BLOCKED_EXECUTE = m.Execute(BLOCKED_PORTAL, 0).encode()
 AUTH_OK = m.AuthenticationOk().encode()
 SSL_REQUEST = m.SSLRequest().encode()
 TRUE_VALUES = {"1", "true", "yes", "on", "database"}
@@ -134,11 +138,14 @@ class Pending:
 class Portal:
     """A bound portal: its statement and the result formats the client asked for."""
 
-    __slots__ = ("name", "statement", "result_formats", "row_description", "epoch")
+    __slots__ = ("name", "statement", "result_formats", "row_description", "epoch", "bind")
 
     def __init__(self, name: str, statement: Statement | None, result_formats: tuple[int, ...], epoch: int):
         self.name, self.statement, self.result_formats = name, statement, result_formats
         self.row_description: m.RowDescription | None = None
+        # The Bind body, kept only for statements an addon wants to see run (holds show
+        # approvers the parameters).
+        self.bind: bytes | None = None
         # How many ReadyForQuery-ending requests the client had sent before this Bind:
         # the portal outlives the transaction-ends the server reports before that.
         self.epoch = epoch
@@ -185,6 +192,9 @@ class Session:
         self._stream_left = 0  # bytes of a streamed server message still to pass through
         self._stream_tag = b""
         self._stream_total = 0
+        self._stream_done = 0  # body bytes of the streamed message received so far
+        self._stream_carry = b""  # streamed bytes a hook kept back for the next window
+        self._in_stream = False  # part of a message is on its way to the client
         self._held: Pending | None = None  # the statement waiting on a Hold
         self._held_verdict: Any = None
         self._cancel_hold: Callable[[], None] | None = None
@@ -234,6 +244,8 @@ class Session:
             self._fatal("08P01", f"invalid message from the database server: {exc}")
         except SessionError as exc:
             self._fatal(exc.sqlstate, exc.message, exc.detail, exc.hint)
+        except FailClosed as exc:
+            self._fail_closed(exc)
 
     def client_closed(self) -> None:
         self._close("client disconnected")
@@ -569,14 +581,31 @@ class Session:
                     replacement = m.Parse(stmt_name, BLOCKED_SQL.decode(), ()).encode()
             elif tag == 0x42:  # B
                 portal_name, stmt_name, formats = bind_fields(data, pos + 5, end)
-                portal = Portal(portal_name, self._statements.get(stmt_name), formats, self._ends_sent)
+                bound = self._statements.get(stmt_name)
+                if portal_name == BLOCKED_PORTAL:
+                    raise ProtocolError("that portal name is reserved")
+                portal = Portal(portal_name, bound, formats, self._ends_sent)
+                if bound is not None and (bound.deferred is not None or bound.epoch != self.hooks.epoch):
+                    portal.bind = bytes(view[pos + 5:end])
                 pending.append(Pending(BIND, None, portal))
                 self._portals[portal_name] = portal
             elif tag == 0x45:  # E
                 portal_name, after = cstring(data, pos + 5, end)
                 if end - after != 4:
                     raise ProtocolError("Execute must end with a 4-byte row limit")
-                pending.append(Pending(EXECUTE, None, self._portals.get(portal_name), portal_name))
+                portal = self._portals.get(portal_name)
+                bound = portal.statement if portal is not None else None
+                if bound is not None and (bound.deferred is not None or bound.epoch != self.hooks.epoch
+                                          or bound.verdict is not None):
+                    verdict = self._decide_execute(portal, bound)  # type: ignore[arg-type]
+                    if type(verdict) is Hold:
+                        self._hold(Pending(EXECUTE, None, portal, portal_name), verdict)
+                        break
+                    pending.append(Pending(EXECUTE, None, portal, portal_name, verdict))
+                    if verdict is not None:
+                        replacement = BLOCKED_EXECUTE
+                else:
+                    pending.append(Pending(EXECUTE, None, portal, portal_name))
             elif tag == 0x53:  # S
                 pending.append(Pending(SYNC))
                 self._ends_sent += 1
@@ -589,7 +618,7 @@ class Session:
                 (self._statements if kind == 0x53 else self._portals).pop(name, None)
             elif tag == 0x64:  # d: CopyData
                 if self.hooks.copy_data:
-                    replacement = self._rewrite(self.hooks.copy_data, view[pos:end], True)
+                    replacement = self._rewrite(self.hooks.copy_data, view[pos:end], None, True)
             elif tag == 0x66:  # f CopyFail (H Flush, c CopyDone: length checked above)
                 decode_frontend(b"f", view[pos + 5:end])
             elif tag == 0x58:  # X Terminate: the server closing next is expected
@@ -624,6 +653,7 @@ class Session:
             # The statement at the head of the buffer was already decided by a finished hold.
             verdict, self._held_verdict = self._held_verdict, None
             statement.verdict = None if verdict is _ALLOWED else verdict
+            statement.epoch = self.hooks.epoch
             return statement.verdict
         for hook in self.hooks.statement:
             try:
@@ -633,8 +663,37 @@ class Session:
                 verdict = Reject("XX000", f"Tollgate could not evaluate the statement: {exc}")
             if verdict is not None:
                 statement.verdict = verdict
+                statement.epoch = self.hooks.epoch
                 return verdict
+        statement.epoch = self.hooks.epoch
         return None
+
+    def _decide_execute(self, portal: Portal, statement: Statement) -> Verdict:
+        """A prepared statement about to run: decided again if policy changed since it was
+        prepared, and put to the ``execute`` hooks if an addon deferred it to run time."""
+        if self._held_verdict is not None:
+            verdict, self._held_verdict = self._held_verdict, None
+            return None if verdict is _ALLOWED else verdict
+        if statement.epoch != self.hooks.epoch:
+            self._decide(statement)
+        verdict = statement.verdict
+        if type(verdict) is Reject:
+            return verdict  # prepared under rules that no longer allow it
+        if statement.deferred is None and verdict is None:
+            return None
+        # Deferred to run time (a hold is asked for with the parameters it runs with).
+        return self._execute_hooks(portal, statement, None)
+
+    def _execute_hooks(self, portal: Portal, statement: Statement, verdict: Verdict) -> Verdict:
+        for hook in self.hooks.execute:
+            try:
+                verdict = hook(self.info, statement, portal.bind)
+            except Exception as exc:  # fail closed, as for statement hooks
+                log.exception("execute hook %r failed", hook)
+                verdict = Reject("XX000", f"Tollgate could not evaluate the statement: {exc}")
+            if verdict is not None:
+                return verdict
+        return verdict
 
     def _hold(self, request: Pending, hold: Hold) -> None:
         self._held = request
@@ -681,12 +740,11 @@ class Session:
         flush_from = 0
         if self._stream_left:
             pos = min(n, self._stream_left)
-            if self.hooks.stream_chunk:
-                new = self._stream_chunk(view[:pos], self._stream_total - self._stream_left)
-                if new is not None:
-                    pieces.append(new)
-                    flush_from = pos
             self._stream_left -= pos
+            if self.hooks.stream_chunk:
+                pieces.append(self._stream_window(view[:pos]))
+                flush_from = pos
+            self._in_stream = self._stream_left > 0
         while n - pos >= 5:
             tag = data[pos]
             (length,) = unpack_length(data, pos + 1)
@@ -734,28 +792,47 @@ class Session:
         rest of ``view`` is its first piece. Returns the new flush_from."""
         self._stream_tag, self._stream_total = bytes(view[pos:pos + 1]), length - 4
         body = view[pos + 5:]
-        if self._stream_tag == b"D" and self._result is not None:
-            self._result.rows += 1
+        if self._stream_tag == b"D":
+            self._current_result().rows += 1
         self._stream_left = self._stream_total - len(body)
+        self._stream_done = 0
+        self._in_stream = True
         if self.hooks.stream_chunk:
-            new = self._stream_chunk(body, 0)
-            if new is not None:
-                pieces.append(view[flush_from:pos + 5])
-                pieces.append(new)
-                return len(view)
+            pieces.append(view[flush_from:pos + 5])
+            pieces.append(self._stream_window(body))
+            return len(view)
         return flush_from
 
-    def _stream_chunk(self, chunk: memoryview, offset: int) -> memoryview | None:
-        """Run the stream_chunk hooks over one piece; a replacement must keep its length,
-        because the message's header, with its length, is already on its way."""
-        new: memoryview | None = None
+    def _stream_window(self, new: memoryview) -> bytes | memoryview:
+        """Run the stream_chunk hooks over the bytes kept back so far plus ``new``; returns
+        what may go to the client now. A hook may keep a tail back (a card number that may
+        continue in the next piece); the message's header is already on its way, so a
+        replacement must keep the window's length."""
+        carry = self._stream_carry
+        window: memoryview = memoryview(carry + new) if carry else new
+        offset = self._stream_done - len(carry)
+        final = self._stream_left == 0
+        keep = 0
+        result = self._current_result() if self._stream_tag == b"D" else self._result
         for hook in self.hooks.stream_chunk:
-            out = hook(self.info, self._stream_tag, chunk if new is None else new, offset, self._stream_total)
-            if out is not None:
-                if len(out) != len(chunk):
+            edit = hook(self.info, result, self._stream_tag, window, offset, self._stream_total)
+            if edit is None:
+                continue
+            if edit.data is not None:
+                if len(edit.data) != len(window):
                     raise SessionError("XX000", "a streamed value was rewritten to another length")
-                new = memoryview(out)
-        return new
+                window = memoryview(edit.data)
+            keep = max(keep, edit.keep)
+        if final and keep:
+            raise SessionError("XX000", "a stream hook kept bytes back at the end of a message")
+        if keep > self.stream_threshold:
+            raise SessionError("XX000", "a stream hook kept back more than stream_threshold bytes")
+        self._stream_done += len(new)
+        if keep:
+            self._stream_carry = bytes(window[len(window) - keep:])
+            return window[:len(window) - keep]
+        self._stream_carry = b""
+        return window
 
     def _data_row(self, message: memoryview) -> bytes | None:
         result = self._current_result()
@@ -922,7 +999,18 @@ class Session:
 
     def _on_copy_data(self, view: memoryview, pos: int, end: int) -> bytes | None:
         if self.hooks.copy_data:
-            return self._rewrite(self.hooks.copy_data, view[pos:end], False)
+            return self._rewrite(self.hooks.copy_data, view[pos:end], self._current_result(), False)
+        return None
+
+    def _on_copy_out(self, view: memoryview, pos: int, end: int) -> None:
+        response = decode_backend(b"H", view[pos + 5:end])
+        result = self._current_result()
+        result.copy_format, result.copy_column_formats = response.format, response.column_formats
+        return None
+
+    def _on_function_result(self, view: memoryview, pos: int, end: int) -> bytes | None:
+        if self.hooks.function_result:
+            return self._rewrite(self.hooks.function_result, view[pos:end])
         return None
 
     def _on_parameter_status(self, view: memoryview, pos: int, end: int) -> None:
@@ -932,11 +1020,19 @@ class Session:
 
     # ---- ending -----------------------------------------------------------------------------
 
+    def _fail_closed(self, exc: FailClosed) -> None:
+        """An addon found data it cannot make safe: nothing more of it reaches the client."""
+        log.warning("session %s: failing closed: %s", self.info.id, exc.message)
+        self._fatal(exc.sqlstate, exc.message, hint=exc.hint)
+
     def _fatal(self, sqlstate: str, message: str, detail: str | None = None, hint: str | None = None) -> None:
         if self.phase is Phase.CLOSED:
             return
         log.warning("session %s (%s → %s) ended: %s", self.info.id, self.info.client, self.info.destination, message)
-        self.io.send_client(error_bytes("FATAL", sqlstate, message, detail, hint))
+        if not self._in_stream:
+            # Inside a message already half sent an ErrorResponse would be read as part
+            # of it: then the connection is cut instead.
+            self.io.send_client(error_bytes("FATAL", sqlstate, message, detail, hint))
         self._close(message)
 
     def _close(self, reason: str) -> None:
@@ -984,7 +1080,7 @@ _ALLOWED = _Allowed()
 _ENDED_BY_READY = frozenset({QUERY, SYNC, FUNCTION_CALL})
 _STREAMABLE = frozenset(b"DdV")
 # Backend messages that carry no state we track and go through untouched.
-_SERVER_PASSTHROUGH = frozenset(b"tGHWcV")
+_SERVER_PASSTHROUGH = frozenset(b"tGWc")
 # Backend messages too rare to matter for speed: decoded in full to validate them. DataRow
 # is not among them: it is the hot message, checked by the addons that parse rows.
 _SERVER_DECODED = frozenset(b"ENAtGHWV")
@@ -1002,6 +1098,8 @@ _SERVER_HANDLERS: dict[int, Callable[[Session, memoryview, int, int], bytes | No
     ord("2"): Session._on_bind_complete,
     ord("3"): Session._on_close_complete,
     ord("d"): Session._on_copy_data,
+    ord("H"): Session._on_copy_out,
+    ord("V"): Session._on_function_result,
     ord("S"): Session._on_parameter_status,
 }
 

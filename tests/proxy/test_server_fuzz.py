@@ -102,8 +102,8 @@ class PassThrough(Addon):
     def statement(self, session, statement): return None
     def row_description(self, session, result): pass
     def data_row(self, session, result, message): return None
-    def stream_chunk(self, session, tag, chunk, offset, total): return None
-    def copy_data(self, session, from_client, message): return None
+    def stream_chunk(self, session, result, tag, chunk, offset, total): return None
+    def copy_data(self, session, result, from_client, message): return None
     def notice(self, session, is_error, message): return None
     def notification(self, session, message): return None
     def result_complete(self, session, result, tag, error): pass

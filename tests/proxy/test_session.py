@@ -7,8 +7,10 @@ import asyncio
 import pytest
 
 from appliance.pgwire import messages as m
-from appliance.proxy.hooks import Addon, Hold, Reject, Result, SessionInfo, Statement, StatementKind
-from appliance.proxy.session import BLOCKED_SQL, CancelRegistry, Phase
+from appliance.proxy.hooks import (
+    Addon, FailClosed, Hold, Reject, Result, SessionInfo, Statement, StatementKind, StreamEdit,
+)
+from appliance.proxy.session import BLOCKED_PORTAL, BLOCKED_SQL, CancelRegistry, Phase
 from appliance.proxy.upstream_auth import md5_password
 from tests.proxy.trace import (
     UPSTREAM_KEY, backend, frontend, make_target, new_session, ready_session, startup,
@@ -403,10 +405,10 @@ class Streamer(Addon):
     def __init__(self) -> None:
         self.seen = 0
 
-    def stream_chunk(self, session, tag, chunk, offset, total):
+    def stream_chunk(self, session, result, tag, chunk, offset, total):
         assert offset == self.seen
         self.seen += len(chunk)
-        return bytes(chunk).replace(b"7", b"*")
+        return StreamEdit(bytes(chunk).replace(b"7", b"*"))
 
 
 def test_large_values_stream_through_without_being_held_whole():
@@ -425,9 +427,13 @@ def test_large_values_stream_through_without_being_held_whole():
 
 def test_copy_in_and_out_pass_through_the_copy_hooks():
     seen: list[tuple[bool, bytes]] = []
+    copy_results: list[tuple] = []
 
     class CopyWatch(Addon):
-        def copy_data(self, session, from_client, message):
+        def copy_data(self, session, result, from_client, message):
+            assert (result is None) == from_client
+            if result is not None:
+                copy_results.append((result.copy_format, result.copy_column_formats))
             seen.append((from_client, bytes(message[5:])))
             return None
 
@@ -440,6 +446,7 @@ def test_copy_in_and_out_pass_through_the_copy_hooks():
     session.server_data(backend(m.CopyOutResponse(0, (0,)), m.CopyData(b"1\n"), m.CopyDone(),
                                 m.CommandComplete("COPY 1"), m.ReadyForQuery(b"I")))
     assert seen == [(True, b"1\n"), (True, b"2\n"), (False, b"1\n")]
+    assert copy_results[-1] == (0, (0,))
     assert [type(x) for x in io.server_got()][-1] == m.Query
 
 
@@ -618,3 +625,144 @@ def test_bind_with_65535_parameters_is_valid():
     session, io = ready_session()
     session.client_data(frontend(m.Parse("s", "INSERT", ()), m.Bind("", "s", (), (None,) * 65535, ()), m.Sync()))
     assert [type(x) for x in io.server_got()] == [m.Parse, m.Bind, m.Sync]
+
+
+class KeepBack(Addon):
+    """Masks runs of '7' of any length, even split across windows, by keeping back a
+    trailing run until the next window shows where it ends."""
+
+    def __init__(self) -> None:
+        self.offsets: list[int] = []
+
+    def stream_chunk(self, session, result, tag, window, offset, total):
+        self.offsets.append(offset)
+        data = bytes(window).replace(b"77", b"**")
+        final = offset + len(window) == total
+        keep = 0 if final else len(data) - len(data.rstrip(b"7"))
+        return StreamEdit(data, keep)
+
+
+def test_stream_hook_may_keep_bytes_back_for_the_next_window():
+    addon = KeepBack()
+    session, io = ready_session([addon], stream_threshold=4096)
+    value = (b"x7" + b"7" * 999) * 20  # runs of 1000 sevens: '77' pairs split across reads
+    reply = backend(m.DataRow((value,)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
+    session.client_data(frontend(m.Query("SELECT big")))
+    for i in range(0, len(reply), 333):
+        session.server_data(reply[i:i + 333])
+    got = io.client_got()
+    assert got[0].values == (value.replace(b"77", b"**"),)
+    assert addon.offsets == sorted(addon.offsets) and addon.offsets[0] == 0
+
+
+def test_a_hook_that_keeps_bytes_back_at_the_end_of_a_message_fails_closed():
+    class Greedy(Addon):
+        def stream_chunk(self, session, result, tag, window, offset, total):
+            return StreamEdit(None, 1)
+
+    session, io = ready_session([Greedy()], stream_threshold=4096)
+    session.client_data(frontend(m.Query("SELECT big")))
+    row = backend(m.DataRow((b"a" * 10_000,)))
+    session.server_data(row[:5000])
+    session.server_data(row[5000:])
+    assert io.closed and b"SFATAL" not in io.to_client  # cut: a FATAL inside the row would garble it
+
+
+class Deferring(Addon):
+    """Defers UPDATEs to run time, and holds each Execute of them with its parameters."""
+
+    def __init__(self) -> None:
+        self.binds: list[bytes | None] = []
+        self.block_everything = False
+
+    def statement(self, session, statement):
+        if self.block_everything:
+            return Reject("42501", "policy changed: no longer allowed")
+        if statement.text.startswith("UPDATE"):
+            statement.deferred = "hold"
+        return None
+
+    def execute(self, session, statement, bind):
+        self.binds.append(bind)
+
+        async def decision():
+            return None
+        return Hold(decision())
+
+
+def test_a_deferred_statement_is_prepared_at_once_and_held_at_each_execute_with_its_parameters():
+    addon = Deferring()
+    session, io = ready_session([addon])
+    session.client_data(frontend(m.Parse("upd", "UPDATE cards SET brand = $1", ()), m.Sync()))
+    session.server_data(backend(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    session.client_data(frontend(m.Bind("", "upd", (), (b"visa",), ()), m.Execute("", 0), m.Sync()))
+    assert [type(x) for x in io.server_got()] == [m.Parse, m.Sync, m.Bind]  # Execute held
+    assert io.client_paused and len(addon.binds) == 1 and b"visa" in addon.binds[0]
+    awaitable, done = io.waits[0]
+    awaitable.close()
+    done(None, None)
+    assert [type(x) for x in io.server_got()] == [m.Execute, m.Sync]
+    assert len(addon.binds) == 1  # decided once, not re-asked on resume
+
+
+def test_a_held_execute_that_is_denied_fails_like_a_server_error_at_execute():
+    addon = Deferring()
+    session, io = ready_session([addon])
+    session.client_data(frontend(m.Parse("", "UPDATE cards SET brand = $1", ()),
+                                 m.Bind("", "", (), (b"visa",), ()), m.Execute("", 0), m.Sync()))
+    awaitable, done = io.waits[0]
+    awaitable.close()
+    done(Reject("42501", "approval apr-1 was denied"), None)
+    *_, execute, sync = io.server_got()
+    assert execute.portal == BLOCKED_PORTAL and type(sync) is m.Sync
+    session.server_data(backend(m.ParseComplete(), m.BindComplete(),
+                                m.ErrorResponse.build("ERROR", "34000", "portal does not exist"),
+                                m.ReadyForQuery(b"I")))
+    *_, error, ready = io.client_got()
+    assert error.message == "approval apr-1 was denied" and error.sqlstate == "42501"
+
+
+def test_a_statement_prepared_before_a_policy_change_is_decided_again_at_execute():
+    addon = Deferring()
+    hooks_session, io = ready_session([addon])
+    hooks_session.client_data(frontend(m.Parse("s", "SELECT 1", ()), m.Sync()))
+    hooks_session.server_data(backend(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    addon.block_everything = True
+    hooks_session.hooks.epoch += 1  # what a policy reload does
+    for _ in range(2):  # and it stays decided
+        hooks_session.client_data(frontend(m.Bind("", "s", (), (), ()), m.Execute("", 0), m.Sync()))
+        *_, execute, _sync = io.server_got()
+        assert execute.portal == BLOCKED_PORTAL
+        hooks_session.server_data(backend(m.BindComplete(), m.ErrorResponse.build("ERROR", "34000", "no portal"),
+                                          m.ReadyForQuery(b"I")))
+        error, _ = io.client_got()[-2:]
+        assert error.message == "policy changed: no longer allowed"
+
+
+def test_a_client_may_not_bind_the_reserved_blocked_portal_name():
+    session, io = ready_session([])
+    session.client_data(frontend(m.Bind(BLOCKED_PORTAL, "", (), (), ()), m.Sync()))
+    assert io.closed
+
+
+def test_data_a_hook_cannot_make_safe_ends_the_session_with_a_fatal():
+    class Unsafe(Addon):
+        def data_row(self, session, result, message):
+            raise FailClosed("42501", "column pan (int8) holds a card number", hint="cast it to text")
+
+    session, io = ready_session([Unsafe()])
+    session.client_data(frontend(m.Query("SELECT pan FROM cards")))
+    session.server_data(backend(m.RowDescription(()), m.DataRow((b"1",))))
+    [fatal] = io.client_got()
+    assert fatal.severity == "FATAL" and "card number" in fatal.message and io.closed
+
+
+def test_function_call_results_pass_the_function_result_hook():
+    class Scrub(Addon):
+        def function_result(self, session, message):
+            return bytes(message).replace(b"secret", b"******")
+
+    session, io = ready_session([Scrub()])
+    session.client_data(frontend(m.FunctionCall(1234, (), (), 0)))
+    session.server_data(backend(m.FunctionCallResponse(b"secret"), m.ReadyForQuery(b"I")))
+    assert io.client_got()[0].value == b"******"
