@@ -52,8 +52,11 @@ class Case:
     ``per_statement``: report the latency each path adds per statement vs direct (µs) —
     meaningful with one client, where latency is not queueing. ``script``: a pgbench script
     (``-f``) instead of a builtin. ``conninfo``: extra libpq parameters for every path
-    (e.g. ``sslmode=require``). ``needs``: setup steps the harness must run first (none yet;
-    e.g. a later "masked-results" table or a Tollgate policy).
+    (e.g. ``sslmode=require``). ``needs``: setup steps the harness runs once, before any
+    case (``bench.__main__.SETUPS``). ``during``: a condition held only while this case runs
+    (``bench.__main__.DURING``, e.g. statements waiting for approval). ``compare_to``: a
+    case whose TPS on the same path this one is reported against. ``rows_per_tx``: rows
+    each transaction returns, to report rows per second.
     """
 
     name: str
@@ -64,6 +67,9 @@ class Case:
     script: str | None = None
     conninfo: Mapping[str, str] = field(default_factory=dict)
     needs: tuple[str, ...] = ()
+    during: str | None = None
+    compare_to: str | None = None
+    rows_per_tx: int | None = None
 
     @property
     def clients(self) -> int:
@@ -106,6 +112,25 @@ register(Case("c1-extended", ("-S", "-c", "1", "-j", "1", "-M", "extended"),
 register(Case("connect-tls", ("-S", "-C", "-c", "4", "-j", "2", "-M", "simple"),
               "connection set-up with TLS (-C): connections per second", paths=("direct", "tollgate"),
               conninfo={"sslmode": "require"}))
+
+# Holds pause only their own session: select-only throughput through Tollgate while 20
+# other sessions each have a statement waiting for approval, against c8-simple's.
+register(Case("c8-simple-20-holds", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
+              "select-only, 8 clients, while 20 other sessions wait for approvals", paths=("tollgate",),
+              during="holds20", compare_to="c8-simple"))
+
+# Masking on a large result: every row carries a Luhn-valid PAN that Tollgate masks on the
+# way. Rows per second vs direct, and the proxy's peak RSS, which must not grow with the
+# result: the 100k-row case is there to show that.
+MASKED_SQL = "SELECT id, pan, brand FROM bench_cards WHERE id <= {rows};\n"
+register(Case("masked-100k", ("-c", "1", "-j", "1", "-M", "simple"),
+              "100,000 rows with a PAN column, every PAN masked: rows per second and peak RSS",
+              paths=("direct", "tollgate"), script=MASKED_SQL.format(rows=100_000), needs=("pan_rows",),
+              rows_per_tx=100_000))
+register(Case("masked-1m", ("-c", "1", "-j", "1", "-M", "simple"),
+              "1,000,000 rows with a PAN column, every PAN masked: rows per second and peak RSS",
+              paths=("direct", "tollgate"), script=MASKED_SQL.format(rows=1_000_000), needs=("pan_rows",),
+              rows_per_tx=1_000_000))
 
 __all__ = ["Route", "ROUTES", "ALL_PATHS", "BASELINE", "REFERENCE", "DIRECT", "PGBOUNCER", "TOLLGATE",
            "Case", "CASES", "register"]

@@ -10,6 +10,7 @@ line, JSON in ``bench/results/``. pgbouncer and the lab go away at the end whate
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -22,7 +23,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, ContextManager, Iterator
 
 from bench import BASELINE, CASES, REFERENCE, ROUTES, Case, Route
 from bench import pgbench, pgbouncer, report
@@ -56,9 +57,65 @@ def _on_signal(signum: int, _frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
-# Setup steps a case may ask for by name (``Case.needs``): name → fn(context). None yet;
-# e.g. a masked-results table or a Tollgate policy for holds would go here.
+# Setup steps a case may ask for by name (``Case.needs``): name → fn(context), run once.
 SETUPS: dict[str, Callable[["Context"], None]] = {}
+# Conditions held only while one case runs (``Case.during``): name → context manager factory.
+DURING: dict[str, Callable[["Context"], ContextManager[None]]] = {}
+
+PAN_ROWS = 1_000_000
+PAN_ROWS_SQL = f"""
+CREATE FUNCTION pg_temp.luhn_digit(body text) RETURNS int LANGUAGE sql IMMUTABLE AS $$
+  SELECT ((10 - sum(CASE WHEN (length(body) - i) % 2 = 0
+                         THEN (d * 2) - CASE WHEN d * 2 > 9 THEN 9 ELSE 0 END ELSE d END) % 10) % 10)::int
+    FROM (SELECT i, substr(body, i, 1)::int AS d FROM generate_series(1, length(body)) i) s $$;
+CREATE TABLE bench_cards (id int PRIMARY KEY, pan text NOT NULL, brand text NOT NULL);
+INSERT INTO bench_cards
+  SELECT n, body || pg_temp.luhn_digit(body), 'visa'
+    FROM (SELECT n, '4' || lpad(n::text, 14, '0') AS body FROM generate_series(1, {PAN_ROWS}) n) g;
+ALTER TABLE bench_cards OWNER TO {{role}};
+ANALYZE bench_cards;
+"""
+
+
+def setup_pan_rows(ctx: "Context") -> None:
+    """bench_cards: PAN_ROWS rows of distinct Luhn-valid Visa numbers (made in SQL, fast)."""
+    log.info("bench: creating bench_cards (%d rows with PANs)", PAN_ROWS)
+    superuser_sql(ctx.lab, PAN_ROWS_SQL.format(role=ROLE), dbname=DB_NAME)
+
+
+SETUPS["pan_rows"] = setup_pan_rows
+
+
+@contextlib.contextmanager
+def holds_pending(ctx: "Context", count: int = 20) -> Iterator[None]:
+    """``count`` agent sessions, each with an UPDATE waiting for approval, for the duration."""
+    from appliance.config import load_config
+    from appliance.proxy.cli import control_request
+
+    config = load_config(ctx.lab.config_path)
+    procs = []
+    try:
+        for i in range(count):
+            procs.append(ctx.lab.popen("agent", ["psql", "-X", "-q", ctx.lab.conninfo(), "-c",
+                                                 f"UPDATE cards SET brand = brand WHERE id = {i + 1}"],
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 60
+        while True:
+            held = sum(1 for s in control_request(config, {"op": "sessions"})["sessions"] if s["held"])
+            if held >= count:
+                break
+            if time.monotonic() > deadline:
+                raise BenchError(f"only {held} of {count} statements were held after 60 s")
+            time.sleep(0.1)
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=30)
+
+
+DURING["holds20"] = holds_pending
 
 
 # --- the environment -------------------------------------------------------------------
@@ -97,6 +154,28 @@ def uvloop_version() -> str | None:
     except ImportError:
         return None
     return getattr(uvloop, "__version__", "installed")
+
+
+def reset_peak_rss(pid: int | None) -> None:
+    """Start the process's peak-RSS count (VmHWM) afresh: writing 5 to clear_refs does that."""
+    if pid is None:
+        return
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def peak_rss_kb(pid: int | None) -> int | None:
+    if pid is None:
+        return None
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def process_cpu_s(pid: int | None) -> float | None:
@@ -182,12 +261,17 @@ def run_case(ctx: Context, case: Case, paths: list[str], *, duration: int, repea
             argv = pgbench.build_argv(case.args, ctx.conninfo(route, dict(case.conninfo)), duration=duration,
                                       script=script)
             pid = ctx.proxy_pid(route)
-            cpu0 = process_cpu_s(pid)
-            run = pgbench.run(ctx.lab, "agent", argv, env=ctx.env(route), timeout=timeout)
-            cpu1 = process_cpu_s(pid)
+            during = DURING[case.during](ctx) if case.during and path != BASELINE else contextlib.nullcontext()
+            with during:
+                reset_peak_rss(pid)
+                cpu0 = process_cpu_s(pid)
+                run = pgbench.run(ctx.lab, "agent", argv, env=ctx.env(route), timeout=timeout)
+                cpu1 = process_cpu_s(pid)
+                rss = peak_rss_kb(pid)
             pr = result.paths[path]
             pr.runs.append(run)
             pr.proxy_cpu_s.append(cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
+            pr.proxy_peak_rss_kb.append(rss)
             tag = f"{case.name} {path}" + (f" #{rep + 1}" if repeat > 1 else "")
             if run.ok:
                 r = run.result
@@ -379,6 +463,8 @@ def _main(args: argparse.Namespace) -> int:
     print(report.render_table(results))
     print()
     print(report.summary_line(results))
+    for line in report.derived_lines(results):
+        print(line)
     out = report.write_json(doc, args.results_dir, report.timestamp(started))
     print(f"\nload average after: {' '.join(map(str, meta['host']['loadavg_after']))}; results: {out}")
     failed = [f"{cr.case.name}/{p}" for cr in results for p, pr in cr.paths.items()

@@ -35,6 +35,7 @@ class PathResult:
     path: str
     runs: list[PgbenchRun] = field(default_factory=list)
     proxy_cpu_s: list[float | None] = field(default_factory=list)  # per run; None: no proxy on this path
+    proxy_peak_rss_kb: list[int | None] = field(default_factory=list)  # per run, VmHWM since the run began
 
     @property
     def ok_runs(self) -> list[PgbenchRun]:
@@ -69,10 +70,15 @@ class PathResult:
                 per_tx.append(cpu * 1e6 / run.result.transactions)
         return _median(per_tx)
 
+    @property
+    def proxy_peak_rss_mb(self) -> float | None:
+        values = [v for v in self.proxy_peak_rss_kb if v is not None]
+        return max(values) / 1024 if values else None
+
     def summary(self) -> dict[str, Any]:
         return {"ok": self.ok, "repeats": len(self.runs), "ok_repeats": len(self.ok_runs), "error": self.error,
                 "tps": self.tps, "latency_ms": self.latency_ms, "latency_from_tps_ms": self.latency_from_tps_ms,
-                "proxy_cpu_us_per_tx": self.proxy_cpu_us_per_tx,
+                "proxy_cpu_us_per_tx": self.proxy_cpu_us_per_tx, "proxy_peak_rss_mb": self.proxy_peak_rss_mb,
                 "tps_all": [r.result.tps for r in self.ok_runs]}
 
 
@@ -115,21 +121,22 @@ def _fmt(value: float | None, spec: str, *, signed: bool = False) -> str:
 
 
 def render_table(results: Sequence[CaseResult]) -> str:
-    headers = ("case", "path", "TPS", "lat ms", "× direct", "+µs/stmt", "proxy CPU µs/tx")
+    headers = ("case", "path", "TPS", "lat ms", "× direct", "+µs/stmt", "proxy CPU µs/tx", "proxy peak MB")
     rows: list[tuple[str, ...]] = []
     for cr in results:
         for i, (path, pr) in enumerate(cr.paths.items()):
             name = cr.case.name if i == 0 else ""
             if not pr.ok:
-                rows.append((name, path, "FAILED", (pr.error or "")[:60], "", "", ""))
+                rows.append((name, path, "FAILED", (pr.error or "")[:60], "", "", "", ""))
                 continue
             added = None if path == BASELINE else cr.added_us(path)
             rows.append((name, path, _fmt(pr.tps, ",.0f"), _fmt(pr.latency_ms, ".3f"), _fmt(cr.ratio(path), ".2f"),
                          _fmt(added, ".1f", signed=True) if cr.case.per_statement and path != BASELINE else "",
                          _fmt(pr.proxy_cpu_us_per_tx, ".1f") if pr.proxy_cpu_s and pr.proxy_cpu_s[0] is not None
-                         else ""))
+                         else "",
+                         _fmt(pr.proxy_peak_rss_mb, ".0f") if pr.proxy_peak_rss_mb is not None else ""))
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
-    numeric = {2, 3, 4, 5, 6}
+    numeric = {2, 3, 4, 5, 6, 7}
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in numeric and cells is not headers else c.ljust(w)
@@ -163,10 +170,38 @@ def summary_line(results: Sequence[CaseResult]) -> str:
             + f"; geometric mean TPS ×{geo:.2f}")
 
 
+def derived_lines(results: Sequence[CaseResult]) -> list[str]:
+    """What the table can't show: a case against another (holds pending vs none) and rows
+    per second for the large-result cases."""
+    by_name = {cr.case.name: cr for cr in results}
+    out = []
+    for cr in results:
+        other = by_name.get(cr.case.compare_to or "")
+        if other is not None:
+            for path, pr in cr.paths.items():
+                base = other.paths.get(path)
+                if pr.tps and base is not None and base.tps:
+                    out.append(f"{cr.case.name} on {path}: {pr.tps:,.0f} TPS = ×{pr.tps / base.tps:.2f} "
+                               f"of {other.case.name} ({base.tps:,.0f} TPS)")
+        if cr.case.rows_per_tx:
+            parts = []
+            for path, pr in cr.paths.items():
+                if pr.tps:
+                    rss = f", proxy peak RSS {pr.proxy_peak_rss_mb:.0f} MB" if pr.proxy_peak_rss_mb else ""
+                    ratio = cr.ratio(path)
+                    parts.append(f"{path} {pr.tps * cr.case.rows_per_tx:,.0f} rows/s"
+                                 + (f" (×{ratio:.2f} of direct)" if ratio is not None and path != BASELINE else "")
+                                 + rss)
+            if parts:
+                out.append(f"{cr.case.name}: " + "; ".join(parts))
+    return out
+
+
 def summary(results: Sequence[CaseResult]) -> dict[str, Any]:
     ratios = [r for r in (cr.ratio(SUBJECT, REFERENCE) for cr in results) if r is not None]
     return {
         "line": summary_line(results),
+        "derived": derived_lines(results),
         f"{SUBJECT}_vs_{REFERENCE}_tps_ratio_geomean":
             math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else None,
         f"{SUBJECT}_vs_{REFERENCE}_added_us":
@@ -191,8 +226,8 @@ def document(meta: dict[str, Any], results: Sequence[CaseResult], *, raw: bool =
                 "conninfo_extra": dict(cr.case.conninfo),
                 "paths": {
                     path: {**pr.summary(),
-                           "runs": [{**run.to_dict(raw=raw), "proxy_cpu_s": cpu}
-                                    for run, cpu in zip(pr.runs, pr.proxy_cpu_s)]}
+                           "runs": [{**run.to_dict(raw=raw), "proxy_cpu_s": cpu, "proxy_peak_rss_kb": rss}
+                                    for run, cpu, rss in zip(pr.runs, pr.proxy_cpu_s, pr.proxy_peak_rss_kb)]}
                     for path, pr in cr.paths.items()
                 },
                 "comparison": cr.comparison(),

@@ -35,6 +35,9 @@ def _add_commands(sub: Any) -> None:
     up.add_argument("--no-proxy", dest="proxy", action="store_false",
                     help="everything but the Tollgate proxy")
     up.add_argument("--method", choices=METHODS, default="redirect", help="intercept method (default: redirect)")
+    up.add_argument("--policy", choices=("lab", "permissive"), default="lab",
+                    help="the policy the appliance enforces: the lab's strict one (default) or allow-all "
+                         "(card numbers are masked either way)")
     up.add_argument("--agent-auth", choices=("certificate", "trust"), default="certificate",
                     help="certificate: enroll the agent by OIDC and require mTLS (default); trust: no identity")
     up.add_argument("--json", action="store_true", help="print the status as JSON when up")
@@ -69,7 +72,7 @@ def _fail(message: str) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     try:
         lab = Lab.create(args.name, owner_pid=args.owner_pid, proxy=args.proxy, method=args.method,
-                         agent_auth=args.agent_auth)
+                         agent_auth=args.agent_auth, policy=args.policy)
     except LabError as exc:
         return _fail(str(exc))
     if args.json:

@@ -34,6 +34,10 @@ ENROLL_PORT = 8443
 AUDIENCE = "tollgate"
 AGENT_CLIENT = "lab-agent"
 AGENT_GROUPS = ("payments-agents", "ci")
+# People who approve held statements: client-credentials clients of the dev issuer, so
+# tests and the demo can get their tokens without a browser.
+APPROVERS = ("lab-dba-1", "lab-dba-2")
+APPROVER_GROUPS = ("payments-dbas",)
 TARGET = "payments"
 
 
@@ -58,10 +62,10 @@ def prepare(lab: "Lab") -> dict[str, Any]:
     write_file_atomically(servers / f"{TARGET}.crt", certificate_pem(cert), mode=0o644)
     write_file_atomically(servers / f"{TARGET}.key", private_key_pem(key), mode=0o600)
     _issuer_certificate(lab, state)
-    secret = state / "lab-agent.secret"
-    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(secrets.token_urlsafe(24) + "\n")
+    for client in (AGENT_CLIENT, *APPROVERS):
+        fd = os.open(client_secret_file(lab, client), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_urlsafe(24) + "\n")
     home = agent_home(lab)
     pgdir = home / ".postgresql"
     pgdir.mkdir(parents=True, mode=0o700)
@@ -69,7 +73,13 @@ def prepare(lab: "Lab") -> dict[str, Any]:
     write_file_atomically(pgdir / "root.crt", lab.paths.ca_cert.read_bytes(), mode=0o644)
     return {"state_dir": str(state), "ca_cert": str(state / "ca" / "ca.crt"), "issuer_url": issuer_url(),
             "enroll_url": enroll_url(), "agent_home": str(home), "dev_only_issuer": True,
-            "agent": {"subject": AGENT_CLIENT, "groups": sorted(AGENT_GROUPS), "client_id": AGENT_CLIENT}}
+            "agent": {"subject": AGENT_CLIENT, "groups": sorted(AGENT_GROUPS), "client_id": AGENT_CLIENT},
+            "approvers": {c: {"groups": list(APPROVER_GROUPS), "secret_file": str(client_secret_file(lab, c))}
+                          for c in APPROVERS}}
+
+
+def client_secret_file(lab: "Lab", client: str) -> Path:
+    return lab.dir / "identity" / f"{client}.secret"
 
 
 def agent_home(lab: "Lab") -> Path:
@@ -112,6 +122,10 @@ def config_lines(lab: "Lab") -> list[str]:
         # Lab only: follow the dev issuer's key rotations at once. The rate limit that
         # protects a real issuer from a stream of unknown kids is tested on its own.
         "jwks_min_refresh_seconds = 0",
+        "", "[approvals]",
+        f'api_url = "{enroll_url()}"',
+        f'api_ca_file = "{state / "ca" / "ca.crt"}"',
+        "poll_seconds = 0.1",
     ]
 
 
@@ -121,6 +135,7 @@ def issuer_argv(lab: "Lab") -> list[str]:
             "--tls-cert", str(state / "issuer.crt"), "--tls-key", str(state / "issuer.key"),
             "--audience", AUDIENCE,
             "--client", f"{AGENT_CLIENT}:{state / 'lab-agent.secret'}:{','.join(AGENT_GROUPS)}",
+            *[arg for c in APPROVERS for arg in ("--client", f"{c}:{state / (c + '.secret')}:{','.join(APPROVER_GROUPS)}")],
             "--user", "dev@lab.tollgate:payments-dbas"]
 
 

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 import appliance
 from appliance.lab import database, state as st, topology
 from appliance.lab import identity as lab_identity
+from appliance.lab import policy as lab_policy
 from appliance.lab.database import Paths
 
 log = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class Lab:
 
     def __init__(self, name: str | None = None, *, owner_pid: int | None = None, proxy: bool = True,
                  method: str = "redirect", root: Path = st.LAB_ROOT, suite_role: bool = False,
-                 agent_auth: str = "certificate"):
+                 agent_auth: str = "certificate", policy: str = "lab"):
         try:
             self.name = st.validate_name(name) if name else st.generate_name()
         except st.StateError as exc:
@@ -71,6 +72,11 @@ class Lab:
         if agent_auth not in ("certificate", "trust"):
             raise LabError(f"agent_auth must be 'certificate' or 'trust', not {agent_auth!r}")
         self.agent_auth = agent_auth
+        # Which of appliance.lab.policy.POLICIES the appliance enforces ("lab": the strict
+        # one the demo shows; "permissive": for third-party driver suites).
+        if policy not in lab_policy.POLICIES:
+            raise LabError(f"policy must be one of {', '.join(lab_policy.POLICIES)}, not {policy!r}")
+        self.policy = policy
         self.root = root
         self.dir = st.lab_dir(self.name, root)
         self.paths = Paths(self.dir)
@@ -98,7 +104,7 @@ class Lab:
         proxy = recorded.get("proxy", {})
         lab = cls(name, root=root, proxy=bool(proxy.get("enabled")), method=proxy.get("method", "redirect"),
                   suite_role=database.SUITE_ROLE in recorded.get("roles", {}),
-                  agent_auth=proxy.get("agent_auth", "trust"))
+                  agent_auth=proxy.get("agent_auth", "trust"), policy=proxy.get("policy", "lab"))
         lab.state = recorded
         owner = recorded.get("owner")
         lab.owner_pid = owner["pid"] if owner else None
@@ -122,6 +128,10 @@ class Lab:
     @property
     def proxy_log(self) -> Path:
         return self.dir / "tollgate.log"
+
+    @property
+    def policy_path(self) -> Path:
+        return self.dir / "policy.toml"
 
     @property
     def control_socket(self) -> Path:
@@ -166,7 +176,7 @@ class Lab:
             "paths": self._paths(),
             "roles": {},
             "proxy": {"enabled": self.proxy_enabled, "method": self.method, "port": PROXY_PORT,
-                      "agent_auth": self.agent_auth},
+                      "agent_auth": self.agent_auth, "policy": self.policy},
         }
         self._save()
         try:
@@ -184,7 +194,8 @@ class Lab:
     def _paths(self) -> dict[str, str]:
         p = self.paths
         return {
-            "dir": str(self.dir), "config": str(self.config_path), "proxy_log": str(self.proxy_log),
+            "dir": str(self.dir), "config": str(self.config_path), "policy": str(self.policy_path),
+            "proxy_log": str(self.proxy_log),
             "control_socket": str(self.control_socket), "secrets": str(self.secrets_dir),
             "pg_data": str(p.data), "pg_socket_dir": str(p.socket_dir), "pg_log": str(p.log),
             "tls_ca": str(p.ca_cert), "tls_ca_key": str(p.ca_key),
@@ -236,6 +247,7 @@ class Lab:
             fd = os.open(self.password_file(role), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as fh:
                 fh.write(password + "\n")
+        self.policy_path.write_text(lab_policy.POLICIES[self.policy])
         self.config_path.write_text(render_proxy_config(self))
         # Catch a config the proxy would reject now, with the lab's error, not the proxy's.
         from appliance.config import ConfigError, load_config
@@ -527,6 +539,7 @@ def render_proxy_config(lab: Lab) -> str:
     roles = list(database.ROLES) + ([database.SUITE_ROLE] if lab.suite_role else [])
     for role in roles:
         lines += ["", f"[targets.credentials.{role}]", f"password_file = {q(str(lab.password_file(role)))}"]
+    lines += ["", "[policy]", f"file = {q(str(lab.policy_path))}", "reload_seconds = 0.2"]
     if lab.agent_auth == "certificate":
         lines += lab_identity.config_lines(lab)
     return "\n".join(lines) + "\n"

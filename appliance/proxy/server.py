@@ -373,6 +373,8 @@ class ProxyServer:
         self.config = config
         self.method = method
         self.addons = addons or AddonManager()
+        # Further control-socket requests, by "op": features register theirs (policy status…).
+        self.control_ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
         self.authenticator = authenticator or TrustAuthenticator()
         self.cancels = CancelRegistry()
         self.sessions: dict[int, Session] = {}
@@ -478,8 +480,14 @@ async def start_control_server(server: ProxyServer, path: Path) -> asyncio.Abstr
                     reply: dict[str, Any] = {"ok": True, "sessions": server.snapshot()}
                 elif op == "ping":
                     reply = {"ok": True}
+                elif op in server.control_ops:
+                    try:
+                        reply = {"ok": True, **server.control_ops[op](request)}
+                    except Exception as exc:
+                        reply = {"ok": False, "error": str(exc)}
                 else:
-                    reply = {"ok": False, "error": "unknown request; try {\"op\": \"sessions\"}"}
+                    known = ", ".join(sorted(("sessions", "ping", *server.control_ops)))
+                    reply = {"ok": False, "error": f"unknown request; known ops: {known}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         finally:

@@ -197,6 +197,7 @@ class Session:
         self._in_stream = False  # part of a message is on its way to the client
         self._held: Pending | None = None  # the statement waiting on a Hold
         self._held_verdict: Any = None
+        self._held_statement: Statement | None = None
         self._cancel_hold: Callable[[], None] | None = None
         self._client_paused = False
         self._startup: m.StartupMessage | None = None
@@ -654,6 +655,9 @@ class Session:
             verdict, self._held_verdict = self._held_verdict, None
             statement.verdict = None if verdict is _ALLOWED else verdict
             statement.epoch = self.hooks.epoch
+            held, self._held_statement = self._held_statement, None
+            if held is not None:  # the message is framed anew: keep what the hooks learnt
+                statement.decision, statement.deferred = held.decision, held.deferred
             return statement.verdict
         for hook in self.hooks.statement:
             try:
@@ -715,6 +719,7 @@ class Session:
         if self._cancel_hold is not None:
             cancel, self._cancel_hold = self._cancel_hold, None
             cancel()
+        self._held_statement = self._held.statement if self._held is not None else None
         self._held = None
         self._held_verdict = _ALLOWED if verdict is None else verdict
         self._c_need = 0

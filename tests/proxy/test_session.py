@@ -766,3 +766,28 @@ def test_function_call_results_pass_the_function_result_hook():
     session.client_data(frontend(m.FunctionCall(1234, (), (), 0)))
     session.server_data(backend(m.FunctionCallResponse(b"secret"), m.ReadyForQuery(b"I")))
     assert io.client_got()[0].value == b"******"
+
+
+def test_a_statement_resumed_after_its_hold_keeps_what_the_hooks_decided():
+    class DecidingHolder(Addon):
+        def __init__(self) -> None:
+            self.results: list[Result] = []
+
+        def statement(self, session, statement):
+            statement.decision = "mask the cvv"
+
+            async def approve():
+                return None
+            return Hold(approve())
+
+        def row_description(self, session, result):
+            self.results.append(result)
+
+    addon = DecidingHolder()
+    session, io = ready_session([addon])
+    session.client_data(frontend(m.Query("SELECT cvv FROM cards")))
+    awaitable, done = io.waits[0]
+    awaitable.close()
+    done(None, None)
+    session.server_data(backend(m.RowDescription(()), m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
+    assert addon.results[0].statement.decision == "mask the cvv"
