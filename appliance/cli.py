@@ -20,6 +20,7 @@ COMMAND_MODULES = (
     "appliance.intercept.cli",
     "appliance.lab.cli",
     "appliance.identity.cli",
+    "appliance.policy.cli",
 )
 
 

@@ -1,0 +1,241 @@
+"""The policy engine: a loaded rule set deciding what happens to each request.
+
+:class:`Policy` answers "may these groups run this SQL on this target?" with a
+:class:`~appliance.policy.model.Decision`. Each statement is judged on its own
+(:meth:`Policy.judge`) and the verdicts are combined for the request: the first BLOCK
+wins; else any HOLD holds (the first hold's spec); else MASK with every mask; else ALLOW.
+
+Judging one statement — rules in file order, first match wins:
+
+- EMPTY statements are allowed without consulting rules.
+- ``block`` / ``hold`` rules match when the statement *touches* what they name: ANY of
+  its classes is listed, and for each listed dimension (relations, columns, functions)
+  ANY of its names *could* match a pattern (bare names in any schema).
+- ``allow`` / ``mask`` rules match only when they *cover* the statement: ALL its classes
+  are listed, and for each listed dimension ALL its names are matched whatever they
+  resolve to (bare names in every schema of the policy's ``search_path``). A statement
+  that needs anything the rule doesn't grant falls through to later rules.
+- UNPARSABLE statements are blocked (rule ``unparsable``) unless an allow/mask rule lists
+  class ``unparsable`` explicitly; a block/hold rule may still claim them first.
+- Nothing matched: the policy's default (``deny`` unless the file says ``allow``).
+
+A listed dimension the statement has nothing of is covered vacuously: ``SELECT 1`` or
+``SELECT now()`` is covered by a rule allowing reads of ``public.*``. Statements that act on
+no particular relation but are not harmless (VACUUM of everything, CREATE ROLE, DROP OWNED,
+CREATE EXTENSION, …) name the relation ``*.*`` so that scoped allow rules don't cover them.
+
+Masks follow the data, not the rule that let the statement through: every mask rule that
+applies to the groups and target and whose listed relations/columns/functions the statement
+touches adds its masks to an allowed or held statement (its ``classes`` only govern when it
+acts as an allow rule). So a broader allow rule further down cannot unmask a column.
+
+Classification is cached by text (see :func:`appliance.policy.classifier.classify`), and
+each Policy caches its decisions by (target, groups, SQL): a repeated request costs a
+dictionary lookup. A reloaded policy is a new Policy with an empty cache.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.policy.classifier import CACHE_MAX_CHARS, CACHE_SIZE, classify
+from appliance.policy.model import (
+    Action,
+    Classification,
+    ColumnMask,
+    Decision,
+    HoldSpec,
+    MaskMethod,
+    StatementClass,
+)
+from appliance.policy.patterns import Kind, Pattern, covers, hits
+from appliance.policy.rules import PolicyError, Rule, RuleSet, load_rules, parse_rules
+
+__all__ = ["Policy", "PolicyError", "Verdict", "load_policy"]
+
+# Where two mask rules name the same column, the one showing less wins.
+_MASK_STRENGTH = {MaskMethod.PAN: 1, MaskMethod.LAST4: 2, MaskMethod.FULL: 3, MaskMethod.NULL: 4}
+_DIMENSIONS: tuple[tuple[str, Kind], ...] = (("relations", "relation"), ("columns", "column"),
+                                             ("functions", "function"))
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the policy says about one statement."""
+
+    action: Action
+    rule: str  # a rule's name, or "default" / "unparsable" / "empty"
+    line: int | None = None
+    message: str = ""
+    hold: HoldSpec | None = None
+    masks: tuple[ColumnMask, ...] = ()
+
+
+def _merge_masks(groups: Iterable[Iterable[ColumnMask]]) -> tuple[ColumnMask, ...]:
+    chosen: dict[str, ColumnMask] = {}
+    for masks in groups:
+        for mask in masks:
+            held = chosen.get(mask.column)
+            if held is None or _MASK_STRENGTH[mask.method] > _MASK_STRENGTH[held.method]:
+                chosen[mask.column] = mask
+    return tuple(chosen.values())
+
+
+class Policy:
+    """A validated rule set that decides requests. Immutable; safe to share across sessions."""
+
+    def __init__(self, ruleset: RuleSet):
+        self.ruleset = ruleset
+        self.rules = ruleset.rules
+        self.search_path = ruleset.search_path
+        self._decide_cached = functools.lru_cache(maxsize=CACHE_SIZE)(self._decide_uncached)
+        self._function_cached = functools.lru_cache(maxsize=1024)(self._decide_function_uncached)
+        self._applicable = functools.lru_cache(maxsize=256)(self._applicable_uncached)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Policy:
+        return cls(load_rules(path))
+
+    @classmethod
+    def parse(cls, text: str, path: str | Path = "<policy>") -> Policy:
+        return cls(parse_rules(text, path))
+
+    @property
+    def path(self) -> Path:
+        return self.ruleset.path
+
+    @property
+    def masked_columns(self) -> tuple[str, ...]:
+        """Every column some mask rule masks (what masking must recognise in results)."""
+        return tuple(sorted({m.column for r in self.rules for m in r.masks}))
+
+    def __repr__(self) -> str:
+        return f"<Policy {self.path} ({len(self.rules)} rules)>"
+
+    # ---- decisions ----------------------------------------------------------------------
+
+    def decide(self, groups: Iterable[str], target: str, sql: str) -> Decision:
+        """The decision for a whole request (every statement of a Query, or one Parse)."""
+        key = groups if isinstance(groups, frozenset) else frozenset(groups)
+        if len(sql) > CACHE_MAX_CHARS:
+            return self._decide_uncached(target, key, sql)
+        return self._decide_cached(target, key, sql)
+
+    def _decide_uncached(self, target: str, groups: frozenset[str], sql: str) -> Decision:
+        return self.decide_classified(groups, target, classify(sql))
+
+    def decide_function_call(self, groups: Iterable[str], target: str, oid: int) -> Decision:
+        """The FunctionCall message names a function by OID only: class function_call,
+        function ``oid:<n>`` (which block rules' function patterns treat as any function)."""
+        key = groups if isinstance(groups, frozenset) else frozenset(groups)
+        return self._function_cached(target, key, int(oid))
+
+    def _decide_function_uncached(self, target: str, groups: frozenset[str], oid: int) -> Decision:
+        statement = Classification(frozenset({StatementClass.FUNCTION_CALL}), functions=frozenset({f"oid:{oid}"}),
+                                   command="FUNCTION CALL", text=f"<FunctionCall of function OID {oid}>")
+        return self.decide_classified(groups, target, (statement,))
+
+    def decide_classified(self, groups: Iterable[str], target: str,
+                          statements: Sequence[Classification]) -> Decision:
+        """Decide a request whose statements are already classified."""
+        group_set = groups if isinstance(groups, frozenset) else frozenset(groups)
+        statements = tuple(statements)
+        if not statements:
+            statements = (Classification(frozenset({StatementClass.EMPTY})),)
+        verdicts = [self.judge(group_set, target, s) for s in statements]
+        for v in verdicts:
+            if v.action is Action.BLOCK:
+                return Decision(Action.BLOCK, v.rule, v.message, v.line, statements)
+        masks = _merge_masks(v.masks for v in verdicts)
+        for v in verdicts:
+            if v.action is Action.HOLD:
+                return Decision(Action.HOLD, v.rule, v.message, v.line, statements, v.hold, masks)
+        if masks:
+            first = next(v for v in verdicts if v.masks)
+            return Decision(Action.MASK, first.rule, first.message, first.line, statements, None, masks)
+        first = next((v for v in verdicts if v.rule != "empty"), verdicts[0])
+        return Decision(Action.ALLOW, first.rule, first.message, first.line, statements)
+
+    # ---- one statement ------------------------------------------------------------------
+
+    def _applicable_uncached(self, groups: frozenset[str], target: str) -> tuple[Rule, ...]:
+        return tuple(r for r in self.rules
+                     if (r.groups is None or r.groups & groups) and (r.targets is None or target in r.targets))
+
+    def judge(self, groups: Iterable[str], target: str, statement: Classification) -> Verdict:
+        """The verdict for one statement, before combination with the request's others."""
+        classes = statement.classes
+        if StatementClass.EMPTY in classes and len(classes) == 1:
+            return Verdict(Action.ALLOW, "empty")
+        group_set = groups if isinstance(groups, frozenset) else frozenset(groups)
+        rules = self._applicable(group_set, target)
+        unparsable = StatementClass.UNPARSABLE in classes
+        for rule in rules:
+            if rule.action in (Action.ALLOW, Action.MASK):
+                if unparsable and (rule.classes is None or StatementClass.UNPARSABLE not in rule.classes):
+                    continue  # only an explicit "unparsable" lets unreadable SQL through
+                if not self._covers(rule, statement):
+                    continue
+            elif not self._hits(rule, statement, use_classes=True):
+                continue
+            return self._verdict_for(rule, statement, rules)
+        if unparsable:
+            return Verdict(Action.BLOCK, "unparsable", None,
+                           "the policy cannot classify this statement, so it is blocked"
+                           + (f": {statement.error}" if statement.error else ""))
+        if self.ruleset.default is Action.BLOCK:
+            return Verdict(Action.BLOCK, "default", self.ruleset.default_line, self.ruleset.default_message)
+        masks = self._obligations(statement, rules)
+        return Verdict(Action.MASK if masks else Action.ALLOW, "default", self.ruleset.default_line, "", None, masks)
+
+    def _verdict_for(self, rule: Rule, statement: Classification, rules: tuple[Rule, ...]) -> Verdict:
+        where = f"{self.path.name}:{rule.line}"
+        if rule.action is Action.BLOCK:
+            return Verdict(Action.BLOCK, rule.name, rule.line,
+                           rule.message or f"blocked by policy rule {rule.name!r} ({where})")
+        masks = self._obligations(statement, rules)
+        if rule.action is Action.HOLD:
+            return Verdict(Action.HOLD, rule.name, rule.line,
+                           rule.message or f"this statement needs approval under policy rule {rule.name!r} ({where})",
+                           rule.hold, masks)
+        # A mask rule covering the statement contributes its masks through the obligations
+        # (only if the statement touches its objects: "SELECT 1" is covered vacuously by a
+        # rule about payments.cards, but has no cards columns to mask).
+        return Verdict(Action.MASK if masks else Action.ALLOW, rule.name, rule.line, rule.message, None, masks)
+
+    def _obligations(self, statement: Classification, rules: tuple[Rule, ...]) -> tuple[ColumnMask, ...]:
+        """Masks of every applicable mask rule whose objects the statement touches."""
+        found = [r.masks for r in rules if r.action is Action.MASK and self._hits(r, statement, use_classes=False)]
+        return _merge_masks(found) if found else ()
+
+    def _hits(self, rule: Rule, statement: Classification, use_classes: bool) -> bool:
+        if use_classes and rule.classes is not None and not (rule.classes & statement.classes):
+            return False
+        for attr, kind in _DIMENSIONS:
+            patterns: tuple[Pattern, ...] | None = getattr(rule, attr)
+            if patterns is None:
+                continue
+            names = getattr(statement, attr)
+            if not any(hits(p, name, kind) for name in names for p in patterns):
+                return False
+        return True
+
+    def _covers(self, rule: Rule, statement: Classification) -> bool:
+        if rule.classes is not None and not statement.classes <= rule.classes:
+            return False
+        for attr, kind in _DIMENSIONS:
+            patterns: tuple[Pattern, ...] | None = getattr(rule, attr)
+            if patterns is None:
+                continue
+            for name in getattr(statement, attr):
+                if not any(covers(p, name, kind, self.search_path) for p in patterns):
+                    return False
+        return True
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Load and validate a policy file; raises PolicyError (``FILE:LINE: reason``)."""
+    return Policy.load(path)

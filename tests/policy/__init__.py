@@ -1,0 +1,1 @@
+"""Tests of the policy engine: classifier, patterns, rules, engine, holder and CLI."""
