@@ -1,0 +1,338 @@
+"""Masking card numbers in one text value, whole or fed in windows.
+
+A value reaches us either whole (a DataRow held in memory) or as a stream of windows (a
+message too large to hold, or COPY data). Both go through :class:`TextScanner`, so both
+give the same bytes. Since detection is local (:mod:`appliance.masking.pan`), a span can be
+*decided* once 64 bytes after its start have been seen, or a byte that no candidate, UUID,
+decimal or exponent can cross (a "hard" byte). The scanner:
+
+- decides and masks every span that starts before that point (the *natural cut*),
+- when allowed, keeps back the rest (at most ~130 bytes) to see it again with what follows,
+- otherwise (a whole message that must go now) releases it undecided and, if a span later
+  turns out to need bytes already sent, raises :class:`MaskLeak` — the caller fails closed,
+- remembers the last bytes released, original and as sent, as read-only left context.
+
+Modes: ``TEXT`` (any text: raw digits, plus bytea hex runs ``\\x3431…`` embedded in it, as
+in COPY text or records), ``JSON`` (a card number that is a JSON *number* becomes a JSON
+string of the same length, since ``*`` can't go in a number), ``HEX`` (a bytea value in hex
+output: only the decoded bytes are searched) and ``ESCAPE`` (bytea escape output: octal
+escapes can't glue onto digits).
+"""
+
+from __future__ import annotations
+
+import re
+
+from appliance.masking.pan import CONTEXT, PREFILTER, STAR, find_pans, masked_positions, may_hold_pan
+
+TEXT, JSON, HEX, ESCAPE = 0, 1, 2, 3
+MODE_NAMES = ("text", "json", "hex", "escape")
+
+# Left context kept from released bytes. Spans are decided up to ~130 raw bytes (64 decoded
+# hex bytes) before the end; their own left context reaches ~75 more back (a UUID in hex).
+KEEP_LEFT = 256
+
+# Bytes that may be part of a candidate or of the context that rules one out (digits,
+# separators, '.', exponent signs, UUID hex): anything else ends every such shape.
+_SOFT = b"0123456789abcdefABCDEF .+-"
+_HARD = re.compile(rb"[^0-9a-fA-F .+\-]")
+_HEX_MARK = re.compile(rb"\\x(?=[0-9a-fA-F])")
+_HEX_RUN = re.compile(rb"[0-9a-fA-F]*")
+# A card number in hex: 13 encoded digits, optionally 0x20 / 0x2d between them.
+HEX_PREFILTER = re.compile(rb"3[0-9](?:(?:2[0dD])?3[0-9]){12}")
+_ESCAPES = re.compile(rb"\\(?:\\|[0-7]{3})")
+# The rest of a JSON string from inside it, up to and including its closing quote
+# (the unrolled form: one C loop per run of plain bytes), and the same without the quote.
+_JSON_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+_JSON_OPEN = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*(\\?)', re.DOTALL)
+_MINUS = 0x2D
+_DIGITS = frozenset(b"0123456789")
+_STAR_HEX = b"2a"
+
+
+class MaskLeak(Exception):
+    """A card number turned out to need masking in bytes that were already sent."""
+
+
+class PanFound(Exception):
+    """A card number in a value that can't hold a masked one (detect-only scanning)."""
+
+
+def json_advance(data: bytes, pos: int, stop: int, in_str: bool, esc: bool) -> tuple[bool, bool]:
+    """JSON string state after ``data[pos:stop]``, from the state at ``pos``: inside a
+    string or not, and whether the byte at ``stop`` is escaped."""
+    if esc:
+        if pos >= stop:
+            return in_str, True
+        pos += 1
+    while pos < stop:
+        if in_str:
+            m = _JSON_REST.match(data, pos, stop)
+            if m is None:  # the string goes on past stop: is its last byte a lone backslash?
+                return True, bool(_JSON_OPEN.match(data, pos, stop).group(1))
+            pos, in_str = m.end(), False
+        else:
+            q = data.find(b'"', pos, stop)  # a backslash outside strings is not JSON: ignored
+            if q < 0:
+                return False, False
+            pos, in_str = q + 1, True
+    return in_str, False
+
+
+def _last_soft_start(data: bytes, n: int) -> int:
+    """Position just after the last hard byte among the final CONTEXT bytes, else n - CONTEXT."""
+    lo = max(0, n - CONTEXT)
+    tail = data[lo:n]
+    m = _HARD.search(tail[::-1])
+    if m is None:
+        return lo
+    return n - m.start()
+
+
+def _json_number(seen: bytes, s: int, e: int, fmt: str) -> tuple[int, bytes]:
+    """A JSON number holding a card number, as a JSON string of the same length."""
+    if s > 0 and seen[s - 1] == _MINUS:
+        s -= 1
+    masked = bytearray(seen[s:e])
+    for p in masked_positions(seen, s, e, fmt):
+        masked[p - s] = STAR
+    # Two stars give way to the quotes: pci hides at least 3 digits, last4 at least 9.
+    first = masked.index(STAR)
+    del masked[first:first + 2]
+    return s, b'"' + bytes(masked) + b'"'
+
+
+class TextScanner:
+    """Finds and masks card numbers in one text value (or unbounded text) fed in windows."""
+
+    __slots__ = (
+        "detect_only",
+        "fmt",
+        "found",
+        "hex_from",
+        "js_esc",
+        "js_in",
+        "lo",
+        "lr",
+        "mode",
+        "pos",
+        "undecided",
+    )
+
+    def __init__(self, fmt: str, mode: int = TEXT, detect_only: bool = False):
+        self.fmt, self.mode, self.detect_only = fmt, mode, detect_only
+        self.lo = b""  # the last released bytes, as they were
+        self.lr = b""  # the same bytes, as sent
+        self.pos = 0  # absolute offset of the next byte to feed
+        self.undecided = 0  # absolute offset from which spans are not decided yet
+        self.js_in = False  # JSON: inside a string at ``undecided``
+        self.js_esc = False  # JSON: the byte at ``undecided`` is escaped
+        self.hex_from = -1  # absolute offset where a hex run open at ``undecided`` starts
+        self.found = 0  # spans masked so far
+
+    def feed(self, o: bytes, final: bool, may_keep: bool) -> tuple[list[tuple[int, bytes]], int]:
+        """Scan the next bytes ``o`` (originals). Returns edits ``(offset in o, bytes)`` and
+        how many bytes of ``o`` are done (the rest must be fed again, after more bytes)."""
+        ll = len(self.lo)
+        seen = self.lo + o if ll else o
+        n = len(seen)
+        base = self.pos - ll
+        und = self.undecided - base
+        mode = self.mode
+        nat = n if final else _last_soft_start(seen, n)
+        if nat < n and nat > 0 and seen[nat - 1] == _MINUS and seen[nat] in _DIGITS:
+            nat -= 1  # keep a minus sign with its digits (a JSON number may need it)
+        edits: list[tuple[int, bytes]] = []
+        runs: list[tuple[int, int, int, bool]] = []
+        if mode != ESCAPE:
+            runs = self._hex_runs(seen, n, final)
+            for a, r, _ds, open_end in runs:
+                if open_end:
+                    nat = min(nat, self._hex_natural(seen, a, r))
+        if mode != HEX and may_hold_pan(seen):
+            det = seen if mode != ESCAPE else neutralise_escapes(seen)
+            if PREFILTER.search(det, max(0, und - CONTEXT)) is not None:
+                self._raw(seen, det, und, nat, edits)
+        for a, r, _ds, _open in runs:
+            self._hex(seen, a, r, und, nat, edits)
+        if mode == JSON:
+            self.js_in, self.js_esc = json_advance(seen, max(und, 0), max(nat, und), self.js_in, self.js_esc)
+        cut = (max(nat, ll) if may_keep else n) - ll
+        out_edits = self._apply(edits, ll, o)
+        # The hex run the undecided point falls inside, if any: its parity must survive
+        # even when its marker scrolls out of the left context.
+        self.hex_from = -1
+        for _a, r, ds, _open in runs:
+            if ds < nat < r or (ds == nat and _open):
+                self.hex_from = base + ds
+        done = o[:cut]
+        self.lo = (self.lo + done)[-KEEP_LEFT:]
+        if out_edits:
+            sent = bytearray(done)
+            for off, rep in out_edits:
+                if off < cut:
+                    sent[off:off + len(rep)] = rep[:cut - off]
+            done = bytes(sent)
+        self.lr = (self.lr + done)[-KEEP_LEFT:]
+        self.pos += cut
+        self.undecided = base + nat
+        return out_edits, cut
+
+    def skip_clean(self, o: bytes) -> bool:
+        """Take ``o`` without scanning it, if that is sure to change nothing: everything so
+        far decided, no hex run open, ``o`` holding no candidate and ending with a byte no
+        card number can continue across (a COPY row's newline). False if not."""
+        if (self.undecided != self.pos or self.hex_from >= 0 or self.mode != TEXT or not o
+                or o[-1] in _SOFT or may_hold_pan(o)):
+            return False
+        self.lo = (self.lo + o)[-KEEP_LEFT:]
+        self.lr = (self.lr + o)[-KEEP_LEFT:]
+        self.pos += len(o)
+        self.undecided = self.pos
+        return True
+
+    # ---- detection ------------------------------------------------------------------
+
+    def _raw(self, seen: bytes, det: bytes, und: int, nat: int, edits: list[tuple[int, bytes]]) -> None:
+        in_str, esc, at = self.js_in, self.js_esc, max(und, 0)
+        fmt = self.fmt
+        for s, e in find_pans(det):
+            if s < und or s >= nat:
+                continue
+            self._found()
+            if self.mode == JSON:
+                in_str, esc = json_advance(seen, at, s, in_str, esc)
+                at = s
+                if not in_str and not esc:
+                    edits.append(_json_number(seen, s, e, fmt))
+                    continue
+            for p in masked_positions(det, s, e, fmt):
+                edits.append((p, b"*"))
+
+    def _hex_runs(self, seen: bytes, n: int, final: bool) -> list[tuple[int, int, int, bool]]:
+        """Hex runs in view: (first aligned digit, end, digits start (may be < 0), open at end)."""
+        starts: list[int] = []
+        if self.hex_from >= 0:
+            starts.append(self.hex_from - (self.pos - len(self.lo)))
+        for m in _HEX_MARK.finditer(seen):
+            if m.end() not in starts:
+                starts.append(m.end())
+        runs = []
+        for ds in starts:
+            a = max(ds, 0)
+            r = _HEX_RUN.match(seen, a).end()
+            if (a - ds) & 1:
+                a += 1
+            if r - a >= 2:
+                runs.append((a, r, ds, r == n and not final))
+            elif r == n and not final:
+                runs.append((a, r, ds, True))
+        return runs
+
+    def _hex_natural(self, seen: bytes, a: int, r: int) -> int:
+        dlen = (r - a) // 2
+        decoded = bytes.fromhex(seen[a:a + 2 * dlen].decode("ascii"))
+        return a + 2 * _last_soft_start(decoded, dlen) if dlen else a
+
+    def _hex(self, seen: bytes, a: int, r: int, und: int, nat: int, edits: list[tuple[int, bytes]]) -> None:
+        dlen = (r - a) // 2
+        if dlen < 13:
+            return
+        hexed = seen[a:a + 2 * dlen]
+        if HEX_PREFILTER.search(hexed) is None:
+            return
+        decoded = bytes.fromhex(hexed.decode("ascii"))
+        for s, e in find_pans(decoded):
+            rs = a + 2 * s
+            if rs < und or rs >= nat:
+                continue
+            self._found()
+            for p in masked_positions(decoded, s, e, self.fmt):
+                edits.append((a + 2 * p, _STAR_HEX))
+
+    def _found(self) -> None:
+        if self.detect_only:
+            raise PanFound()
+        self.found += 1
+
+    def _apply(self, edits: list[tuple[int, bytes]], ll: int, o: bytes) -> list[tuple[int, bytes]]:
+        """Edits relative to ``o``; those that fall on released bytes must already be so."""
+        out = []
+        for p, rep in edits:
+            if p < ll:
+                head = rep[:ll - p]
+                if self.lr[p:p + len(head)] != head:
+                    raise MaskLeak("a card number continued past the end of data already sent")
+                if len(rep) > ll - p:
+                    out.append((0, rep[ll - p:]))
+            else:
+                out.append((p - ll, rep))
+        return out
+
+
+def neutralise_escapes(data: bytes) -> bytes:
+    """bytea escape output with every escape sequence turned into NULs (same length), so an
+    octal escape's digits can't join the digits next to it."""
+    if b"\\" not in data:
+        return data
+    return _ESCAPES.sub(lambda m: b"\0" * len(m.group()), data)
+
+
+def apply_edits(data: bytes | bytearray | memoryview, edits: list[tuple[int, bytes]]) -> bytes:
+    out = bytearray(data)
+    for p, rep in edits:
+        out[p:p + len(rep)] = rep
+    return bytes(out)
+
+
+def mask_text(value: bytes | bytearray | memoryview, fmt: str, mode: int = TEXT) -> tuple[bytes | None, int]:
+    """One whole value: its masked bytes (None if unchanged) and the number of card numbers."""
+    raw = bytes(value)
+    if mode == HEX:
+        if HEX_PREFILTER.search(raw) is None:
+            return None, 0
+    elif b"\\x" not in raw or mode == ESCAPE:
+        if PREFILTER.search(raw) is None:
+            return None, 0
+        if mode != ESCAPE:
+            return _mask_whole(raw, fmt, mode == JSON)
+    elif PREFILTER.search(raw) is None and HEX_PREFILTER.search(raw) is None:
+        return None, 0
+    scanner = TextScanner(fmt, mode)
+    edits, _ = scanner.feed(raw, True, False)
+    if not edits:
+        return None, scanner.found
+    return apply_edits(raw, edits), scanner.found
+
+
+def _mask_whole(raw: bytes, fmt: str, json: bool) -> tuple[bytes | None, int]:
+    """What TextScanner does with one whole value that has no hex run, without its
+    windowing: every span is decided at once."""
+    spans = find_pans(raw)
+    if not spans:
+        return None, 0
+    out = bytearray(raw)
+    in_str, esc, at = False, False, 0
+    for s, e in spans:
+        if json:
+            in_str, esc = json_advance(raw, at, s, in_str, esc)
+            at = s
+            if not in_str and not esc:
+                start, rep = _json_number(raw, s, e, fmt)
+                out[start:start + len(rep)] = rep
+                continue
+        for p in masked_positions(raw, s, e, fmt):
+            out[p] = STAR
+    return bytes(out), len(spans)
+
+
+def has_pan(value: bytes | bytearray | memoryview, mode: int = TEXT) -> bool:
+    """True if the value holds a card number (for types that can't hold a masked one)."""
+    if PREFILTER.search(value) is None and (b"\\x" not in value or HEX_PREFILTER.search(value) is None):
+        return False
+    scanner = TextScanner("pci", mode, detect_only=True)
+    try:
+        scanner.feed(bytes(value), True, False)
+    except PanFound:
+        return True
+    return False
