@@ -21,6 +21,7 @@ COMMAND_MODULES = (
     "appliance.lab.cli",
     "appliance.identity.cli",
     "appliance.policy.cli",
+    "appliance.holds.cli",
 )
 
 

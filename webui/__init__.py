@@ -1,7 +1,7 @@
 """The appliance's web service: a Flask app factory that later features plug blueprints into.
 
-:func:`create_app` builds one app from the appliance :class:`~appliance.config.Config`. The
-enrollment blueprint (``webui.enroll``) is the first; approvals, sessions and replay are
+:func:`create_app` builds one app from the appliance :class:`~appliance.config.Config`:
+enrollment (``webui.enroll``) and approvals (``webui.approvals``); sessions and replay are
 meant to follow as blueprints of their own. Every error, whichever blueprint raises it,
 leaves as JSON ``{"error": ..., "detail": ...}`` so clients never have to parse HTML.
 
@@ -40,14 +40,18 @@ def _http_error(exc: HTTPException) -> tuple[Response, int]:
     return response, status
 
 
-def create_app(config: Config, *, validator: Any = None, ca: Any = None, registry: Any = None) -> Flask:
-    """The appliance web app for ``config``; ``validator``/``ca``/``registry`` replace the configured ones.
+def create_app(config: Config, *, validator: Any = None, ca: Any = None, registry: Any = None,
+               approvals: Any = None) -> Flask:
+    """The appliance web app for ``config``; ``validator``/``ca``/``registry``/``approvals`` (an
+    ApprovalService) replace the configured ones.
 
     Raises :class:`~appliance.config.ConfigError` (or the identity layer's errors) when
     the configuration can't support enrollment, so a bad setup fails at start, not on
     the first request.
     """
-    from webui import enroll  # late: keeps `import webui` cheap for tools that only need the constants
+    # Late: keeps `import webui` cheap for tools that only need the constants.
+    from webui import approvals as approvals_api
+    from webui import enroll
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
@@ -56,6 +60,9 @@ def create_app(config: Config, *, validator: Any = None, ca: Any = None, registr
 
     enroll.init_app(app, config, validator=validator, ca=ca, registry=registry)
     app.register_blueprint(enroll.bp)
+    # One validator for both: approvers' tokens share the issuer's JWKS cache with enrollment.
+    approvals_api.init_app(app, config, validator=app.extensions[enroll.EXTENSION].validator, service=approvals)
+    app.register_blueprint(approvals_api.bp)
 
     app.register_error_handler(HTTPException, _http_error)
 

@@ -1,0 +1,373 @@
+"""The proxy's side of holds: open an approval request, await its outcome as a session verdict.
+
+The enforcement addon calls, in the event loop, from a statement hook::
+
+    request = broker.open(requester=..., target=..., database=..., sql=scrubbed, params=scrubbed,
+                          decision=decision, fingerprint=shape, session_id=session.id)
+    return Hold(broker.decision(request), ...)
+
+or, the same in one call with the addon's request dict, ``Hold(broker.hold(request, decision))``.
+:meth:`HoldBroker.open` is a quick synchronous SQLite insert (it raises if the request can't
+be recorded: the addon refuses the statement, failing closed). :meth:`HoldBroker.decision`
+returns an :class:`asyncio.Future` resolving to:
+
+==========================================  ====================================================
+``None``                                     approved: the statement goes through
+``Reject("42501", "approval apr-… was        denied (42501 insufficient_privilege: what the
+denied by <approver>: <reason>")``           server says when a GRANT is missing)
+``Reject("42501", "approval apr-… timed      no decision in time; the request is marked expired.
+out after <n>s without a decision")``        Not 57014 (query_canceled), which drivers may treat
+                                             as a retryable statement timeout
+``Reject("42501", "approval apr-… was        withdrawn by someone else
+withdrawn: …")``
+``Reject("58000", "approval apr-… could      the approvals database failed (58000 system_error):
+not be checked: …")``                        fail closed, the statement does not run
+``Reject("57P01", "… shutting down …")``     the proxy is stopping (57P01 admin_shutdown)
+==========================================  ====================================================
+
+A future rather than a coroutine, so that cancelling it works even before anything ran:
+when the session cancels it (the client sent a CancelRequest or disconnected) the request is
+withdrawn, unless another waiter still waits for it.
+
+No per-request polling: one poller task reads the store's revision counter every
+``poll_seconds`` (in a thread — SQLite blocks) and, only when it moved or a waiter was
+added, reads the waited-for requests and the live grants in one go. Each waiter has one
+timer for its deadline. :meth:`HoldBroker.grant_allows` answers from the grants cached by
+the poller and never touches the database; the cache is emptied when the store fails, so
+grants fail closed too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.holds.service import ApprovalError, ApprovalService
+from appliance.holds.store import ApprovalRequest, Grant, Requester
+from appliance.proxy.hooks import Reject
+
+log = logging.getLogger("tollgate.approvals.broker")
+
+DENIED_SQLSTATE = "42501"  # insufficient_privilege
+TIMED_OUT_SQLSTATE = "42501"
+WITHDRAWN_SQLSTATE = "42501"
+UNAVAILABLE_SQLSTATE = "58000"  # system_error: something outside the database failed
+SHUTDOWN_SQLSTATE = "57P01"  # admin_shutdown
+# Pending requests left behind (a proxy killed mid-hold) are expired this often.
+SWEEP_SECONDS = 30.0
+CANCELLED_WHY = "the client cancelled the statement or disconnected"
+SHUTDOWN_WHY = "the appliance proxy shut down while the statement waited"
+STORE_FAILED_WHY = "the approvals database failed while the statement waited"
+
+
+def _seconds(value: float) -> str:
+    return f"{round(value)}" if value >= 1 else f"{value:.2g}"
+
+
+def _votes_so_far(request: ApprovalRequest) -> str:
+    return f"{request.approvals} of {request.min_approvals} approval(s) from {', '.join(request.approver_groups)}"
+
+
+def verdict_for(request: ApprovalRequest, waited: float | None = None) -> Reject | None:
+    """The session verdict a settled request means (``None``: go ahead)."""
+    rule = f"policy rule {request.rule!r}" + (f" (line {request.rule_line})" if request.rule_line else "")
+    if request.status == "approved":
+        return None
+    if request.status == "denied":
+        vote = request.denial
+        who, why = (vote.approver_display, vote.reason) if vote is not None else ("an approver", "no reason recorded")
+        return Reject(DENIED_SQLSTATE, f"approval {request.id} was denied by {who}: {why}",
+                      detail=f"{rule} holds this statement for approval by {', '.join(request.approver_groups)}")
+    if request.status == "expired":
+        seconds = request.timeout_seconds if waited is None else waited
+        return Reject(TIMED_OUT_SQLSTATE, f"approval {request.id} timed out after {_seconds(seconds)}s without a "
+                                          "decision",
+                      detail=f"{rule}; {_votes_so_far(request)}",
+                      hint=f"ask a member of {', '.join(request.approver_groups)} to decide, then run it again")
+    if request.status == "withdrawn":
+        return Reject(WITHDRAWN_SQLSTATE, f"approval {request.id} was withdrawn: "
+                                          f"{request.status_reason or 'no reason recorded'}", detail=rule)
+    raise ValueError(f"request {request.id} is still {request.status}")
+
+
+def _unavailable(request_id: str, exc: BaseException) -> Reject:
+    return Reject(UNAVAILABLE_SQLSTATE, f"approval {request_id} could not be checked: {exc}; the statement was "
+                                        "not run", hint="the appliance's approvals database needs attention")
+
+
+@dataclass(eq=False)
+class _Waiter:
+    request: ApprovalRequest
+    future: asyncio.Future[Reject | None]
+    timeout: float
+    timer: asyncio.TimerHandle | None = None
+    expiring: bool = False
+
+
+@dataclass
+class _GrantCache:
+    revision: int | None = None
+    # (subject, target, fingerprint) -> latest expiry, seconds since the epoch
+    expiry: dict[tuple[str, str, str], float] = field(default_factory=dict)
+
+
+class HoldBroker:
+    """Approval requests for held statements, and their outcomes as session verdicts."""
+
+    def __init__(self, service: ApprovalService, poll_seconds: float = 0.2, *, owns_service: bool = False,
+                 sweep_seconds: float = SWEEP_SECONDS):
+        self.service = service
+        self.poll_seconds = poll_seconds
+        self.sweep_seconds = sweep_seconds
+        self._owns_service = owns_service
+        self._waiters: dict[str, list[_Waiter]] = {}
+        self._grants = _GrantCache()
+        self._dirty = True  # a waiter was added since the last read: read even if the revision is unchanged
+        self._task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._closing = False
+        self._failing: str | None = None  # why the store failed, until it works again
+        self._last_sweep = 0.0
+
+    @classmethod
+    def from_config(cls, config: Any) -> HoldBroker:
+        """The broker for an appliance config: its approvals database, webhook and poll interval."""
+        return cls(ApprovalService.from_config(config), config.approvals.poll_seconds, owns_service=True)
+
+    # --- life cycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Expire what earlier runs left pending, load the grants and start the poller."""
+        try:
+            await asyncio.to_thread(self.service.expire_overdue)
+            await self._refresh(force=True)
+        except Exception as exc:  # noqa: BLE001 - a broken store refuses holds and grants; the proxy still runs
+            self._store_failed(exc)
+        self._ensure_poller()
+
+    async def close(self) -> None:
+        """Stop polling; every waiting statement is refused and its request withdrawn."""
+        self._closing = True
+        if self._task is not None:
+            self._task.cancel()
+            # The poller logs its own failures; here it only has to be gone.
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        waiting = [w for ws in self._waiters.values() for w in ws]
+        ids = list(self._waiters)
+        for waiter in waiting:
+            self._resolve(waiter, Reject(SHUTDOWN_SQLSTATE, f"the appliance is shutting down; approval "
+                                                            f"{waiter.request.id} was withdrawn"))
+        for request_id in ids:
+            self._spawn(self._withdraw(request_id, SHUTDOWN_WHY))
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=10)
+        if self._owns_service:
+            await asyncio.to_thread(self.service.close)
+
+    @property
+    def waiting(self) -> int:
+        """How many statements wait for a decision right now."""
+        return sum(len(ws) for ws in self._waiters.values())
+
+    # --- the addon's side ---------------------------------------------------------------------
+
+    def open(self, *, requester: Requester | Any, target: str, database: str, sql: str,
+             params: Sequence[str] | None, decision: Any, fingerprint: str, session_id: str | int | None = None,
+             client: str = "", role: str = "", timeout_seconds: float | None = None) -> ApprovalRequest:
+        """Record a request (synchronous, one SQLite insert). Raises when it can't be recorded:
+        ApprovalError (e.g. a hold with no approvers), StoreError/sqlite3.Error, or RuntimeError
+        when shutting down."""
+        if self._closing:
+            raise RuntimeError("the appliance is shutting down")
+        return self.service.request(requester=requester, target=target, database=database, sql=sql, params=params,
+                                    decision=decision, fingerprint=fingerprint, session_id=session_id,
+                                    client=client, role=role, timeout_seconds=timeout_seconds)
+
+    def decision(self, request: ApprovalRequest, timeout: float | None = None) -> asyncio.Future[Reject | None]:
+        """A future for ``request``'s outcome (see the module docstring); cancel it to withdraw.
+
+        ``timeout`` (seconds) defaults to the time left until the request expires; a shorter
+        one expires the request when it runs out. Call in the event loop.
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Reject | None] = loop.create_future()
+        if timeout is None:
+            timeout = max(0.0, (request.expires_at - self.service.now()).total_seconds())
+        waiter = _Waiter(request, future, timeout)
+        if self._closing:
+            self._resolve(waiter, Reject(SHUTDOWN_SQLSTATE, "the appliance is shutting down"))
+            return future
+        self._waiters.setdefault(request.id, []).append(waiter)
+        waiter.timer = loop.call_later(timeout, self._deadline, waiter)
+        future.add_done_callback(lambda f: self._finished(waiter))
+        self._dirty = True
+        self._ensure_poller()
+        return future
+
+    def hold(self, request: Mapping[str, Any], decision: Any) -> asyncio.Future[Reject | None]:
+        """:meth:`open` + :meth:`decision` for the enforcement addon's request dict
+        (``requester_subject``/``_display``/``_kind``/``_groups``, ``session_id``, ``client``,
+        ``target``, ``database``, ``role``, ``sql``, ``params``, ``fingerprint``)."""
+        requester = Requester(str(request["requester_subject"]),
+                              str(request.get("requester_display") or request["requester_subject"]),
+                              str(request.get("requester_kind") or "unidentified"),
+                              tuple(request.get("requester_groups") or ()))
+        opened = self.open(requester=requester, target=str(request.get("target") or ""),
+                           database=str(request.get("database") or ""), sql=str(request["sql"]),
+                           params=request.get("params"), decision=decision, fingerprint=str(request["fingerprint"]),
+                           session_id=request.get("session_id"), client=str(request.get("client") or ""),
+                           role=str(request.get("role") or ""))
+        return self.decision(opened)
+
+    async def wait_for(self, request_id: str, timeout_seconds: float | None = None) -> Reject | None:
+        """Wait for an existing request by id (``None``: approved). Cancelling withdraws it."""
+        try:
+            request = await asyncio.to_thread(self.service.get, request_id)
+        except ApprovalError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever broke the store, fail closed
+            return _unavailable(request_id, exc)
+        if not request.pending:
+            return verdict_for(request)
+        return await self.decision(request, timeout_seconds)
+
+    def grant_allows(self, subject: str, target: str, fingerprint: str) -> bool:
+        """Whether a live grant lets ``subject`` run this statement shape on ``target``; from the
+        cache, never blocking (a grant made a moment ago shows from the next poll)."""
+        expiry = self._grants.expiry.get((subject, target, fingerprint))
+        return expiry is not None and expiry > self.service.now().timestamp()
+
+    # --- resolving ----------------------------------------------------------------------------
+
+    def _resolve(self, waiter: _Waiter, verdict: Reject | None) -> None:
+        if not waiter.future.done():
+            waiter.future.set_result(verdict)
+
+    def _resolve_all(self, request: ApprovalRequest) -> None:
+        for waiter in list(self._waiters.get(request.id, ())):
+            self._resolve(waiter, verdict_for(request, waiter.timeout if request.status == "expired" else None))
+
+    def _finished(self, waiter: _Waiter) -> None:
+        """The waiter's future is done, however: forget it; if it was cancelled, withdraw."""
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        waiters = self._waiters.get(waiter.request.id, [])
+        if waiter in waiters:
+            waiters.remove(waiter)
+        if not waiters:
+            self._waiters.pop(waiter.request.id, None)
+        if waiter.future.cancelled() and not waiters and not self._closing:
+            log.info("approval %s: %s; withdrawing it", waiter.request.id, CANCELLED_WHY)
+            self._spawn(self._withdraw(waiter.request.id, CANCELLED_WHY))
+
+    def _deadline(self, waiter: _Waiter) -> None:
+        waiter.timer = None
+        if not waiter.future.done() and not waiter.expiring:
+            waiter.expiring = True
+            self._spawn(self._expire(waiter))
+
+    async def _expire(self, waiter: _Waiter) -> None:
+        request_id = waiter.request.id
+        try:
+            # Settled atomically in the store: an approval that landed just before wins.
+            request = await asyncio.to_thread(self.service.expire, request_id,
+                                              f"no decision within {_seconds(waiter.timeout)} s")
+        except Exception as exc:  # noqa: BLE001 - whatever broke the store, fail closed
+            log.error("approval %s: could not record its expiry: %s", request_id, exc)
+            self._resolve(waiter, _unavailable(request_id, exc))
+            return
+        if request.status == "expired":
+            log.info("approval %s timed out after %ss", request_id, _seconds(waiter.timeout))
+        self._resolve(waiter, verdict_for(request, waiter.timeout if request.status == "expired" else None))
+
+    async def _withdraw(self, request_id: str, why: str) -> None:
+        try:
+            request = await asyncio.to_thread(self.service.withdraw, request_id, why)
+        except Exception as exc:  # noqa: BLE001 - the statement is already refused; log and move on
+            log.error("approval %s: could not withdraw it (%s): %s", request_id, why, exc)
+            return
+        if request.status != "withdrawn":
+            log.info("approval %s was already %s when its statement stopped waiting", request_id, request.status)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    # --- polling ------------------------------------------------------------------------------
+
+    def _ensure_poller(self) -> None:
+        if self._task is None and not self._closing:
+            self._task = asyncio.get_running_loop().create_task(self._poll_loop(), name="approvals-poller")
+
+    async def _poll_loop(self) -> None:
+        while True:
+            try:
+                await self._refresh()
+                if self._failing is not None:
+                    log.warning("approvals database works again")
+                    self._failing = None
+                loop_time = asyncio.get_running_loop().time()
+                if loop_time - self._last_sweep >= self.sweep_seconds:
+                    self._last_sweep = loop_time
+                    # Any expiry bumps the revision: our next read picks it up.
+                    await asyncio.to_thread(self.service.expire_overdue)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any store failure fails closed, and polling goes on
+                self._store_failed(exc)
+            await asyncio.sleep(self.poll_seconds)
+
+    async def _refresh(self, force: bool = False) -> None:
+        revision = await asyncio.to_thread(self.service.store.revision)
+        if not force and not self._dirty and revision == self._grants.revision:
+            return
+        # Cleared before reading: a waiter added while we read sets it again.
+        self._dirty = False
+        ids = list(self._waiters)
+        grants, requests = await asyncio.to_thread(self._read, ids)
+        self._grants = _GrantCache(revision, self._expiries(grants))
+        for request in requests.values():
+            if not request.pending:
+                self._resolve_all(request)
+
+    def _read(self, ids: list[str]) -> tuple[list[Grant], dict[str, ApprovalRequest]]:
+        return self.service.active_grants(), (self.service.store.get_many(ids) if ids else {})
+
+    @staticmethod
+    def _expiries(grants: Sequence[Grant]) -> dict[tuple[str, str, str], float]:
+        expiry: dict[tuple[str, str, str], float] = {}
+        for g in grants:
+            key = (g.subject, g.target, g.fingerprint)
+            expiry[key] = max(expiry.get(key, 0.0), g.expires_at.timestamp())
+        return expiry
+
+    def _store_failed(self, exc: BaseException) -> None:
+        """Fail closed: no grants, every waiting statement refused (and withdrawn if possible)."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if self._failing != reason:
+            log.error("approvals database failed; held statements are refused and grants ignored: %s", reason)
+        self._failing = reason
+        self._grants = _GrantCache()
+        self._dirty = True
+        for request_id, waiters in list(self._waiters.items()):
+            for waiter in list(waiters):
+                self._resolve(waiter, _unavailable(request_id, exc))
+            self._spawn(self._withdraw(request_id, STORE_FAILED_WHY))
+
+
+__all__ = [
+    "DENIED_SQLSTATE",
+    "SHUTDOWN_SQLSTATE",
+    "TIMED_OUT_SQLSTATE",
+    "UNAVAILABLE_SQLSTATE",
+    "WITHDRAWN_SQLSTATE",
+    "HoldBroker",
+    "verdict_for",
+]
