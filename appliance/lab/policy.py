@@ -1,9 +1,10 @@
 """The lab's enforcement policies, as the policy files ``lab up`` writes next to its config.
 
 ``lab``: what an assessor would expect for the payments database. Agents (group
-``payments-agents``) read freely with card numbers masked; they may not drop, truncate or
-alter cardholder tables, change role, run DO blocks or file-reading functions; changes to
-cards and payments wait for a ``payments-dbas`` approval; anything else is denied.
+``payments-agents``) read freely with card numbers masked and write to the ``scratch``
+schema; they may not drop, truncate or alter cardholder tables, change role, run DO blocks
+or file-reading functions. Changes to cards and payments, whoever makes them, wait for a
+``payments-dbas`` approval — never their own. Anything else is denied.
 ``permissive``: allow everything (masking still applies), for third-party driver suites.
 """
 
@@ -45,7 +46,6 @@ message = "server-side file, network and administration functions are not allowe
 
 [[rule]]
 name = "card-changes-need-a-dba"
-groups = ["{AGENT_GROUP}"]
 classes = ["write", "copy_in"]
 relations = ["public.cards", "public.payments"]
 action = "hold"
@@ -59,6 +59,12 @@ name = "agents-read-and-work-with-masked-data"
 groups = ["{AGENT_GROUP}"]
 classes = ["read", "function_call", "transaction", "session", "prepared", "cursor", "copy_out", "lock",
            "empty"]
+action = "allow"
+
+[[rule]]
+name = "dbas-read-masked-data"
+groups = ["{APPROVER_GROUP}"]
+classes = ["read", "function_call", "transaction", "session", "prepared", "cursor", "empty"]
 action = "allow"
 
 [[rule]]

@@ -14,7 +14,7 @@ from typing import Any
 from appliance.config import Config, ConfigError, load_config
 from appliance.intercept import get_method
 from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
-from appliance.proxy.hooks import AddonManager
+from appliance.proxy.features import Features, build_features
 from appliance.proxy.server import ProxyServer
 
 log = logging.getLogger("tollgate")
@@ -45,7 +45,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
-    return runner(serve(config, method, AddonManager(), authenticator_for(config), intercept=not args.no_intercept))
+    from appliance.policy.rules import PolicyError
+    try:
+        features = build_features(config)
+    except PolicyError as exc:
+        print(f"tollgate: policy: {exc}", file=sys.stderr)
+        return 2
+    return runner(serve(config, method, features, authenticator_for(config), intercept=not args.no_intercept))
 
 
 def authenticator_for(config: Config) -> AgentAuthenticator:
@@ -55,19 +61,21 @@ def authenticator_for(config: Config) -> AgentAuthenticator:
     return TrustAuthenticator()
 
 
-async def serve(config: Config, method: Any, addons: AddonManager, authenticator: AgentAuthenticator,
+async def serve(config: Config, method: Any, features: Features, authenticator: AgentAuthenticator,
                 *, intercept: bool = True) -> int:
-    server = ProxyServer(config, method, addons, authenticator)
+    server = ProxyServer(config, method, features.addons, authenticator)
     # Listen first, divert second: traffic is only diverted to a port that is answering.
     # The ruleset stays when we exit, so agents fail closed rather than bypass the proxy.
     await server.start()
-    if intercept:
-        try:
+    try:
+        await features.start(server)
+        if intercept:
             # pyroute2 drives an event loop of its own, which can't nest inside ours.
             await asyncio.to_thread(method.setup, config)
-        except Exception:
-            await server.close()
-            raise
+    except BaseException:
+        await features.close()
+        await server.close()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,6 +88,7 @@ async def serve(config: Config, method: Any, addons: AddonManager, authenticator
     await stop.wait()
     log.info("shutting down")
     await server.close()
+    await features.close()
     return 0
 
 

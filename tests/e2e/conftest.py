@@ -53,3 +53,51 @@ def python_json(lab: Lab, code: str, *args: str, **kw: object) -> object:
     """Run a snippet that prints one JSON document as its last line; return it decoded."""
     out = python(lab, code, *args, **kw).stdout.decode().strip().splitlines()
     return json.loads(out[-1])
+
+
+def superuser_sql(lab: Lab, sql: str, dbname: str = "payments") -> str:
+    """SQL as the postgres superuser over the database's own Unix socket (never via Tollgate)."""
+    db = lab.status()["database"]
+    proc = run(lab, "db", ["psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", db["socket_dir"],
+                           "-p", str(db["port"]), "-U", "postgres", "-d", dbname, "-c", sql])
+    return proc.stdout.decode()
+
+
+def proxy_request(lab: Lab, request: dict) -> dict:
+    from appliance.config import load_config
+    from appliance.proxy.cli import control_request
+    return control_request(load_config(lab.config_path), request)
+
+
+def wait_for(condition, what: str, timeout: float = 30.0, interval: float = 0.05):
+    """Wait until ``condition()`` returns something truthy (an observable state of the
+    system under test), and return it; fail naming ``what`` after ``timeout``."""
+    import time
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+def set_policy(lab: Lab, text: str) -> None:
+    """Replace the appliance's policy file and wait until the proxy enforces exactly it."""
+    import hashlib
+    tmp = lab.policy_path.with_suffix(".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, lab.policy_path)  # the rename-over an editor does: never a half-written file
+    want = hashlib.sha256(text.encode()).hexdigest()
+    wait_for(lambda: proxy_request(lab, {"op": "policy"}).get("sha256") == want, "the proxy to load the new policy")
+
+
+@pytest.fixture
+def lab_policy(lab: Lab) -> Iterator[None]:
+    """Restore the lab's own policy after a test that changes it, whatever happens."""
+    from appliance.lab.policy import POLICIES
+    try:
+        yield
+    finally:
+        set_policy(lab, POLICIES[lab.policy])

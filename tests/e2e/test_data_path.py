@@ -2,7 +2,9 @@
 
 Each comparison runs the same client twice from the agent namespace: through Tollgate (the
 protected address, diverted by nftables) and directly (the unprotected address of the same
-server over the same route), and expects the same behaviour.
+server over the same route), and expects the same behaviour — except that card numbers
+arrive masked through Tollgate. These tests are about the protocol, not the policy: the
+module runs under the lab's allow-all policy (masking stays on).
 """
 
 from __future__ import annotations
@@ -14,9 +16,26 @@ import sys
 import pytest
 
 from appliance.lab import Lab
-from tests.e2e.conftest import psql, python, python_json, run
+from appliance.lab.pans import make_test_pans
+from appliance.lab.policy import PERMISSIVE_POLICY, POLICIES
+from appliance.lab.schema import CARDS, DEFAULT_SEED
+from tests.e2e.conftest import psql, python, python_json, run, set_policy
 
 pytestmark = pytest.mark.lab
+
+
+@pytest.fixture(scope="module", autouse=True)
+def allow_all(lab: Lab):
+    set_policy(lab, PERMISSIVE_POLICY)
+    try:
+        yield
+    finally:
+        set_policy(lab, POLICIES[lab.policy])
+
+
+def pci_masked(pan: str) -> str:
+    """PCI display format, computed here independently of the detector under test."""
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
 
 
 def test_psql_with_unchanged_conninfo_reaches_the_real_database_through_tollgate(lab: Lab):
@@ -102,12 +121,16 @@ def test_pgbench_through_tollgate(lab: Lab, mode: str):
     assert "number of failed transactions: 0" in out
 
 
-def test_plain_pg_dump_through_tollgate_is_byte_identical(lab: Lab):
+def test_plain_pg_dump_through_tollgate_is_identical_but_for_masked_card_numbers(lab: Lab):
     # A fixed \restrict key: pg_dump otherwise draws a random one per dump (CVE-2025-8714).
     through = run(lab, "agent", ["pg_dump", "--restrict-key=tollgate", "--no-password", lab.conninfo()]).stdout
     direct = run(lab, "agent", ["pg_dump", "--restrict-key=tollgate", lab.conninfo(direct=True)]).stdout
     assert b"CREATE TABLE public.cards" in direct
-    assert hashlib.sha256(through).hexdigest() == hashlib.sha256(direct).hexdigest()
+    expected = direct
+    for pan in make_test_pans(DEFAULT_SEED, CARDS):
+        assert pan.encode() in direct and pan.encode() not in through
+        expected = expected.replace(pan.encode(), pci_masked(pan).encode())
+    assert hashlib.sha256(through).hexdigest() == hashlib.sha256(expected).hexdigest()
 
 
 def test_pg_restore_through_tollgate(lab: Lab):
@@ -180,13 +203,14 @@ COPY_SCRIPT = """
     opts = {"text": "", "csv": "(FORMAT csv, HEADER true)", "binary": "(FORMAT binary)"}[fmt]
     with psycopg.connect(sys.argv[1], autocommit=True) as conn:
         out = bytearray()
-        with conn.cursor().copy(f"COPY (SELECT id, pan, brand FROM cards ORDER BY id) TO STDOUT {opts}") as copy:
+        # No PAN column: COPY's fidelity, not masking (tests/e2e/test_masking.py), is the point.
+        with conn.cursor().copy(f"COPY (SELECT id, pan_last4, expiry, brand FROM cards ORDER BY id) TO STDOUT {opts}") as copy:
             for chunk in copy:
                 out += chunk
-        conn.execute("CREATE TEMP TABLE copy_back (id int, pan text, brand text)")
+        conn.execute("CREATE TEMP TABLE copy_back (id int, last4 text, expiry text, brand text)")
         with conn.cursor().copy(f"COPY copy_back FROM STDIN {opts}") as copy:
             copy.write(bytes(out))
-        back = conn.execute("SELECT md5(string_agg(id || pan || brand, ',' ORDER BY id)) FROM copy_back").fetchone()[0]
+        back = conn.execute("SELECT md5(string_agg(id || last4 || expiry || brand, ',' ORDER BY id)) FROM copy_back").fetchone()[0]
         print(json.dumps({"out": hashlib.sha256(out).hexdigest(), "size": len(out), "back": back}))
 """
 

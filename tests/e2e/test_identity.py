@@ -99,14 +99,14 @@ def test_certificate_from_another_ca_is_refused(lab: Lab, tmp_path: Path, sslmod
 
 def test_expired_certificate_is_refused(lab: Lab, tmp_path: Path):
     long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
-    issue(lab, Identity("old-agent", "agent"), tmp_path / "old", now=long_ago, lifetime=dt.timedelta(hours=8))
+    issue(lab, Identity("old-agent", "agent", ("payments-agents",)), tmp_path / "old", now=long_ago, lifetime=dt.timedelta(hours=8))
     proc = psql_with(lab, tmp_path / "old")
     assert proc.returncode != 0
     assert b"client certificate refused" in proc.stderr and b"expired" in proc.stderr
 
 
 def test_revoked_certificate_is_refused_for_new_connections(lab: Lab, tmp_path: Path):
-    serial = issue(lab, Identity("to-revoke", "agent"), tmp_path / "r")
+    serial = issue(lab, Identity("to-revoke", "agent", ("payments-agents",)), tmp_path / "r")
     assert psql_with(lab, tmp_path / "r").returncode == 0
     state = identity_status(lab)["state_dir"]
     run(lab, "gw", [sys.executable, "-m", "appliance.cli", "certs", "revoke", f"{serial:X}",
@@ -117,7 +117,7 @@ def test_revoked_certificate_is_refused_for_new_connections(lab: Lab, tmp_path: 
 
 
 def test_revoking_closes_a_live_session_within_seconds(lab: Lab, tmp_path: Path):
-    serial = issue(lab, Identity("live-revoke", "agent"), tmp_path / "l")
+    serial = issue(lab, Identity("live-revoke", "agent", ("payments-agents",)), tmp_path / "l")
     script = """
         import json, sys, time, psycopg
         conn = psycopg.connect(sys.argv[1], autocommit=True, sslcert=sys.argv[2] + "/postgresql.crt",
@@ -156,7 +156,7 @@ def test_revoking_closes_a_live_session_within_seconds(lab: Lab, tmp_path: Path)
 def test_fifty_concurrent_agents_are_each_attributed_correctly(lab: Lab, tmp_path: Path):
     names = [f"agent-{i:02d}" for i in range(50)]
     for i, name in enumerate(names):
-        issue(lab, Identity(name, "agent", (f"team-{i % 5}",)), tmp_path / name)
+        issue(lab, Identity(name, "agent", ("payments-agents", f"team-{i % 5}")), tmp_path / name)
     got = json.loads(python(lab, """
         import json, subprocess, sys, threading, psycopg
         base, root, listing = sys.argv[1], sys.argv[2], sys.argv[3:]
@@ -174,7 +174,7 @@ def test_fifty_concurrent_agents_are_each_attributed_correctly(lab: Lab, tmp_pat
     assert set(by_app) == set(names)
     for i, name in enumerate(names):
         assert by_app[name]["identity"] == name
-        assert by_app[name]["groups"] == [f"team-{i % 5}"]
+        assert by_app[name]["groups"] == ["payments-agents", f"team-{i % 5}"]
 
 
 def test_issuer_key_rotation_is_followed_without_a_restart(lab: Lab, tmp_path: Path):

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.lab
 
 @pytest.fixture(scope="module")
 def tproxy_lab(lab_host: None) -> Iterator[Lab]:
-    with Lab.create(owner_pid=os.getpid(), proxy=True, method="tproxy") as lab:
+    # Protocol fidelity through the other method: the allow-all policy (masking still on).
+    with Lab.create(owner_pid=os.getpid(), proxy=True, method="tproxy", policy="permissive") as lab:
         yield lab
 
 

@@ -1,0 +1,265 @@
+"""The enforcement addon: policy decisions carried out in the data path.
+
+For every statement the session is about to forward (a Query with all its statements, a
+Parse, a FunctionCall) it asks the current policy for a :class:`Decision` and turns it into
+a verdict the session layer understands:
+
+- ``block`` → :class:`Reject` with SQLSTATE 42501 and the rule's message; the session
+  swaps the request for one the server is sure to fail, so transaction and pipeline state
+  end up exactly as after a real error.
+- ``hold`` → :class:`Hold`: an approval request is opened and only this session waits for
+  it. A Parse is prepared at once and held at each Execute instead, so approvers see the
+  parameters it runs with (and approve one execution, not a statement shape forever);
+  SQL-level ``PREPARE`` likewise defers to its ``EXECUTE``. A live time-boxed grant for
+  this identity, target and statement shape lets the statement through without asking.
+- ``allow`` / ``mask`` → forwarded; the decision stays on the statement, where masking
+  reads the columns to mask. If those columns' OIDs aren't known yet for this database,
+  the statement waits (a hold of its own) for the catalog lookup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import uuid
+from typing import Any, Awaitable, Callable, Protocol
+
+from appliance.pgwire import decode_frontend
+from appliance.policy.model import Action, Decision, StatementClass
+from appliance.proxy.hooks import Addon, Hold, Reject, SessionInfo, Statement, StatementKind, Verdict
+
+log = logging.getLogger("tollgate.enforcement")
+
+BLOCKED_SQLSTATE = "42501"  # insufficient_privilege, as the server says for a missing GRANT
+MAX_PARAM_SHOWN = 512  # characters of one parameter an approver is shown
+
+
+class PolicySource(Protocol):
+    """Where the current policy comes from (appliance.policy.holder.PolicyHolder)."""
+
+    @property
+    def current(self) -> Any: ...
+
+
+class Approvals(Protocol):
+    """The proxy's side of approvals (appliance.holds.broker.HoldBroker)."""
+
+    def grant_allows(self, subject: str, target: str, fingerprint: str) -> bool: ...
+
+    def hold(self, request: dict[str, Any], decision: Decision) -> Awaitable[Reject | None]: ...
+
+
+class Catalog(Protocol):
+    def ready(self, target: str, database: str) -> "asyncio.Future[None] | None": ...
+
+
+def requester(session: SessionInfo) -> dict[str, Any]:
+    """Who is asking, as approval requests and records show it."""
+    identity = session.identity
+    if identity is None:
+        return {"subject": f"unidentified@{session.client.address}", "display": f"unidentified ({session.client})",
+                "kind": "unidentified", "groups": []}
+    return {"subject": identity.subject, "display": getattr(identity, "display", identity.subject),
+            "kind": identity.kind, "groups": list(identity.groups)}
+
+
+def fingerprint(sql: str) -> str:
+    """The statement's shape (constants and parameters stripped), for time-boxed grants."""
+    try:
+        from pglast.parser import fingerprint as pg_fingerprint
+        return pg_fingerprint(sql)
+    except Exception:  # unparsable SQL has no shape: only the exact text matches
+        import hashlib
+        return "text:" + hashlib.sha256(sql.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
+class EnforcementAddon(Addon):
+    name = "enforcement"
+
+    def __init__(self, policy: PolicySource, approvals: Approvals | None = None, catalog: Catalog | None = None,
+                 scrub: Callable[[str], str] = lambda text: text):
+        self.policy = policy
+        self.approvals = approvals
+        self.catalog = catalog
+        self.scrub = scrub
+
+    # ---- hooks -------------------------------------------------------------------------
+
+    def statement(self, session: SessionInfo, statement: Statement) -> Verdict:
+        policy = self.policy.current
+        target = session.target.name if session.target is not None else ""
+        groups = _groups(session)
+        if statement.kind is StatementKind.FUNCTION_CALL:
+            decision = policy.decide_function_call(groups, target, statement.function_oid or 0)
+        else:
+            decision = policy.decide(groups, target, statement.text)
+        decision = self._follow_prepared(session, decision)
+        statement.decision = decision
+        action = decision.action
+        if action is Action.BLOCK:
+            return _reject(decision)
+        if action is Action.HOLD:
+            if self._granted(session, target, statement.text):
+                return None
+            if statement.kind is StatementKind.PARSE:
+                statement.deferred = decision  # asked for at each Execute, with its parameters
+                return None
+            prepared = _sole_prepare(decision)
+            if prepared is not None:
+                _prepared(session)[prepared] = decision  # asked for at its EXECUTE
+                return None
+            return self._hold(session, statement.text, None, decision)
+        if statement.kind is not StatementKind.PARSE:
+            prepared = _sole_prepare(decision)
+            if prepared is not None:
+                _prepared(session)[prepared] = decision
+        return self._catalog_wait(session, decision)
+
+    def execute(self, session: SessionInfo, statement: Statement, bind: bytes | None) -> Verdict:
+        decision = statement.deferred
+        if not isinstance(decision, Decision) or decision.action is not Action.HOLD:
+            return None
+        target = session.target.name if session.target is not None else ""
+        if self._granted(session, target, statement.text):
+            return None
+        return self._hold(session, statement.text, _bind_params(bind, statement.param_types, self.scrub), decision)
+
+    def session_end(self, session: SessionInfo, reason: str) -> None:
+        session.addon_state.pop(self.name, None)
+
+    # ---- helpers -----------------------------------------------------------------------
+
+    def _follow_prepared(self, session: SessionInfo, decision: Decision) -> Decision:
+        """``EXECUTE name`` runs what ``PREPARE name`` was decided to be: a deferred hold
+        is asked for now, and the prepared statement's masks apply to its results."""
+        if len(decision.statements) != 1 or decision.action is Action.BLOCK:
+            return decision
+        only = decision.statements[0]
+        if StatementClass.PREPARED not in only.classes or only.prepared_name is None:
+            return decision
+        if only.command.upper().startswith("PREPARE"):
+            return decision
+        prepared = session.addon_state.get(self.name, {}).get(only.prepared_name)
+        if prepared is None:
+            return decision
+        if only.command.upper().startswith("DEALLOCATE"):
+            _prepared(session).pop(only.prepared_name, None)
+            return decision
+        # EXECUTE: the stricter of the two, with the prepared statement's masks.
+        action = prepared.action if prepared.action in (Action.HOLD, Action.BLOCK) else decision.action
+        return Decision(action, prepared.rule if action is prepared.action else decision.rule,
+                        prepared.message if action is prepared.action else decision.message,
+                        prepared.rule_line if action is prepared.action else decision.rule_line,
+                        decision.statements + prepared.statements, prepared.hold or decision.hold,
+                        tuple(dict.fromkeys(decision.masks + prepared.masks)))
+
+    def _granted(self, session: SessionInfo, target: str, sql: str) -> bool:
+        if self.approvals is None:
+            return False
+        return self.approvals.grant_allows(requester(session)["subject"], target, fingerprint(sql))
+
+    def _hold(self, session: SessionInfo, sql: str, params: list[str] | None, decision: Decision) -> Verdict:
+        if self.approvals is None:
+            return Reject(BLOCKED_SQLSTATE, f"{decision.message or 'this statement needs approval'}; "
+                          "approvals are not configured on this appliance, so it cannot run",
+                          detail=f"policy rule {decision.rule!r}")
+        request = {
+            **{f"requester_{k}": v for k, v in requester(session).items()},
+            "session_id": session.id, "client": str(session.client),
+            "target": session.target.name if session.target is not None else "",
+            "database": session.database or "", "role": session.user or "",
+            "sql": self.scrub(sql), "params": params, "fingerprint": fingerprint(sql),
+        }
+        try:
+            waiting = self.approvals.hold(request, decision)
+        except Exception as exc:  # the request could not even be recorded: fail closed
+            log.exception("could not open an approval request")
+            return Reject(BLOCKED_SQLSTATE, f"this statement needs approval, and the request could not be "
+                          f"recorded: {exc}")
+        return Hold(waiting, f"waiting for approval (rule {decision.rule})")
+
+    def _catalog_wait(self, session: SessionInfo, decision: Decision) -> Verdict:
+        if not decision.masks or self.catalog is None or session.target is None:
+            return None
+        lookup = self.catalog.ready(session.target.name, session.database or "")
+        if lookup is None:
+            return None
+
+        async def looked_up() -> None:
+            await asyncio.shield(lookup)
+            return None
+        return Hold(looked_up(), "looking up the masked columns")
+
+
+def _groups(session: SessionInfo) -> tuple[str, ...]:
+    identity = session.identity
+    return tuple(identity.groups) if identity is not None else ()
+
+
+def _reject(decision: Decision) -> Reject:
+    where = f"{decision.rule!r}" + (f" (line {decision.rule_line})" if decision.rule_line else "")
+    return Reject(BLOCKED_SQLSTATE, decision.message or f"blocked by policy rule {where}",
+                  detail=f"policy rule {where}")
+
+
+def _sole_prepare(decision: Decision) -> str | None:
+    """The name, when the request is one SQL ``PREPARE`` and nothing else."""
+    if len(decision.statements) != 1:
+        return None
+    only = decision.statements[0]
+    if only.prepared_name is not None and only.command.upper().startswith("PREPARE"):
+        return only.prepared_name
+    return None
+
+
+def _prepared(session: SessionInfo) -> dict[str, Decision]:
+    return session.addon_state.setdefault(EnforcementAddon.name, {})
+
+
+_BINARY_SHOWN: dict[int, Callable[[bytes], str]] = {
+    16: lambda b: "true" if b == b"\x01" else "false",
+    21: lambda b: str(int.from_bytes(b, "big", signed=True)),
+    23: lambda b: str(int.from_bytes(b, "big", signed=True)),
+    20: lambda b: str(int.from_bytes(b, "big", signed=True)),
+    26: lambda b: str(int.from_bytes(b, "big")),
+    700: lambda b: repr(struct.unpack("!f", b)[0]),
+    701: lambda b: repr(struct.unpack("!d", b)[0]),
+    2950: lambda b: str(uuid.UUID(bytes=b)),
+    **{oid: (lambda b: b.decode("utf-8", "replace")) for oid in (25, 1043, 1042, 19, 18, 114, 705)},
+}
+
+
+def _show_binary(oid: int, value: bytes) -> str:
+    """A binary-format parameter as its text form, for the types drivers send binary."""
+    shown = _BINARY_SHOWN.get(oid)
+    if shown is not None:
+        try:
+            return shown(value)
+        except (ValueError, struct.error):
+            pass
+    return "\\x" + value.hex()
+
+
+def _bind_params(bind: bytes | None, param_types: tuple[int, ...], scrub: Callable[[str], str]) -> list[str] | None:
+    """The parameters of a Bind, as an approver is shown them (PANs scrubbed, long ones cut)."""
+    if bind is None:
+        return None
+    try:
+        message = decode_frontend(b"B", bind)
+    except Exception:
+        return ["<parameters could not be decoded>"]
+    formats = message.param_formats
+    shown: list[str] = []
+    for i, value in enumerate(message.params):
+        fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        if value is None:
+            text = "NULL"
+        elif fmt == 1:
+            text = _show_binary(param_types[i] if i < len(param_types) else 0, value)
+        else:
+            text = value.decode("utf-8", "replace")
+        if len(text) > MAX_PARAM_SHOWN:
+            text = text[:MAX_PARAM_SHOWN] + f"… ({len(text)} characters)"
+        shown.append(scrub(text))
+    return shown

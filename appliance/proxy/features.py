@@ -1,0 +1,111 @@
+"""Which features run in the proxy, built from the configuration, and their life cycle.
+
+``tollgate run`` asks :func:`build_features` for the addons (enforcement, masking) and the
+background work they need (policy file watching and SIGHUP, the approvals poller, catalog
+lookups), starts that work once the server listens and stops it on the way out. Keeping the
+assembly here leaves the server shell unaware of any particular feature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from appliance.config import Config, ConfigError
+from appliance.proxy.hooks import Addon, AddonManager
+
+log = logging.getLogger("tollgate.features")
+
+
+@dataclass
+class Features:
+    addons: AddonManager
+    policy: Any = None  # appliance.policy.holder.PolicyHolder
+    approvals: Any = None  # appliance.holds.broker.HoldBroker
+    catalog: Any = None  # appliance.masking.catalog.PgColumnCatalog
+    _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    async def start(self, server: Any) -> None:
+        loop = asyncio.get_running_loop()
+        if self.policy is not None:
+            self.policy.install_sighup(loop)
+            self._tasks.append(loop.create_task(self.policy.watch(), name="policy-watch"))
+            server.control_ops["policy"] = lambda request: self.policy_status()
+        if self.approvals is not None:
+            await self.approvals.start()
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        self._tasks.clear()
+        if self.approvals is not None:
+            await self.approvals.close()
+
+    def policy_status(self) -> dict[str, Any]:
+        holder = self.policy
+        return {"file": str(holder.path), "sha256": holder.digest, "generation": holder.generation,
+                "epoch": self.addons.epoch, "loaded_at": holder.loaded_at, "last_error": holder.last_error,
+                "rules": len(holder.current.rules)}
+
+
+def build_features(config: Config) -> Features:
+    """The addons ``config`` asks for. Raises ConfigError (or PolicyError) when a feature
+    can't start as configured: the proxy must not run without the policy it was given."""
+    addons: list[Addon] = []
+    features = Features(AddonManager())
+    scrub = _scrubber(config)
+    if config.policy is not None:
+        from appliance.masking.catalog import PgColumnCatalog
+        from appliance.policy.addon import EnforcementAddon
+        from appliance.policy.holder import PolicyHolder
+
+        holder = PolicyHolder(config.policy.file, config.policy.reload_seconds)
+        catalog = PgColumnCatalog(config.targets)
+        catalog.set_columns(holder.current.masked_columns)
+        features.policy, features.catalog = holder, catalog
+        features.approvals = _approvals(config)
+
+        @holder.on_reload
+        def _reloaded(policy: Any) -> None:
+            # Prepared statements decided under the old rules are decided again when run.
+            features.addons.epoch += 1
+            catalog.set_columns(policy.masked_columns)
+
+        addons.append(EnforcementAddon(holder, features.approvals, catalog, scrub))
+    else:
+        log.warning("no [policy] configured: statements are not checked against any policy "
+                    "(card numbers are still masked)")
+    if config.masking.enabled:
+        from appliance.masking.addon import MaskingAddon
+        addons.append(MaskingAddon(config.masking.pan_format, features.catalog))
+    else:
+        log.warning("masking is turned off ([masking] enabled = false): card numbers reach agents in clear")
+    for addon in addons:
+        features.addons.add(addon)
+    return features
+
+
+def _scrubber(config: Config) -> Any:
+    from appliance.masking.pan import scrub
+    fmt = config.masking.pan_format
+    return lambda text: scrub(text, fmt)
+
+
+def _approvals(config: Config) -> Any:
+    """The approvals broker, when the appliance can authenticate approvers (OIDC)."""
+    identity = config.identity
+    if identity is None or identity.oidc is None:
+        log.warning("no [identity.oidc]: nobody can approve, so held statements are refused")
+        return None
+    from appliance.holds.broker import HoldBroker
+    try:
+        return HoldBroker.from_config(config)
+    except ConfigError:
+        raise
