@@ -11,7 +11,9 @@ import argparse
 import json
 import logging
 import os
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from appliance.lab import topology
@@ -59,6 +61,11 @@ def _add_commands(sub: Any) -> None:
     ex.add_argument("node", choices=NODES)
     ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     ex.set_defaults(handler=cmd_exec)
+
+    token = sub.add_parser("token", help="print an access token for a lab client (approvers: lab-dba-1, lab-dba-2)")
+    token.add_argument("--name", help="the lab (may be omitted when exactly one exists)")
+    token.add_argument("client", help="lab-dba-1, lab-dba-2 or lab-agent")
+    token.set_defaults(handler=cmd_token)
 
     collect = sub.add_parser("gc", help="tear down every lab whose owner process has exited")
     collect.set_defaults(handler=cmd_gc)
@@ -140,6 +147,20 @@ def cmd_exec(args: argparse.Namespace) -> int:
     return 127  # not reached
 
 
+def cmd_token(args: argparse.Namespace) -> int:
+    from appliance.lab import identity as lab_identity
+    try:
+        lab = Lab.open(args.name)
+        argv = lab_identity.token_argv(lab, args.client)
+    except (LabError, ValueError) as exc:
+        return _fail(str(exc))
+    proc = subprocess.run(lab.command("agent", argv), env=lab.env(), capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        return _fail(f"token: {proc.stderr.strip() or proc.stdout.strip()}")
+    print(proc.stdout.strip())
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     try:
         collected = gc()
@@ -185,6 +206,7 @@ def next_steps(s: dict[str, Any]) -> str:
     agent = s["agent_conninfo"].replace(" port=5432", "")
     direct = (s["conninfo"]["direct"] or "").replace(" port=5432", "")
     query = '-c "SELECT id, brand, pan FROM cards ORDER BY id LIMIT 5"'
+    tollgate = Path(sys.executable).with_name("tollgate")  # the venv's: the namespace's PATH lacks it
     down = (f"make demo-down   (or: tollgate lab down --name {name})" if name == "demo"
             else f"tollgate lab down --name {name}")
     lines = [
@@ -197,6 +219,16 @@ def next_steps(s: dict[str, Any]) -> str:
         "  Compare with the direct path: same route through the gateway, but an unprotected",
         "  address, so only the database's own authentication applies (lab-only password):",
         f"    tollgate lab exec --name {name} agent -- psql \"{direct}\" {query}",
+        "",
+        "  Policy at work (the lab's policy file is beside its config; edit it, it reloads):",
+        f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" -c \"DROP TABLE cards\"      # blocked",
+        f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" -c \"UPDATE cards SET brand = brand WHERE id = 1\"",
+        "      (waits for a payments DBA; in another terminal:)",
+        f"    T=$(tollgate lab token --name {name} lab-dba-1)",
+        f"    tollgate lab exec --name {name} agent -- env TOLLGATE_TOKEN=$T {tollgate} approvals list -c {s['proxy']['config']}",
+        f"    tollgate lab exec --name {name} agent -- env TOLLGATE_TOKEN=$T {tollgate} approvals approve ID --reason \"why\" "
+        f"-c {s['proxy']['config']}",
+        f"    tollgate policy check -c {s['proxy']['config']} --as payments-agents --target payments --sql \"TRUNCATE cards\"",
         "",
     ]
     if s["proxy"]["enabled"]:

@@ -150,3 +150,16 @@ def enroll_agent_argv(lab: "Lab") -> list[str]:
             "--issuer", issuer_url(), "--issuer-ca-file", str(lab.paths.ca_cert),
             "--ca-file", str(state / "ca" / "ca.crt"),
             "--out-dir", str(agent_home(lab) / ".postgresql")]
+
+
+def token_argv(lab: "Lab", client: str) -> list[str]:
+    """A command (to run in the agent node) printing an access token for one of the dev
+    issuer's clients — how the lab's approvers authenticate to the approvals API."""
+    if client not in (AGENT_CLIENT, *APPROVERS):
+        raise ValueError(f"the lab has no client {client!r}; its clients: {', '.join((AGENT_CLIENT, *APPROVERS))}")
+    code = ("import sys; from pathlib import Path; "
+            "from appliance.identity.enroll_client import client_credentials_token, tls_context; "
+            "print(client_credentials_token(sys.argv[1], sys.argv[2], Path(sys.argv[3]).read_text().strip(), "
+            "tls_context(Path(sys.argv[4]))))")
+    return [sys.executable, "-c", code, issuer_url(), client, str(client_secret_file(lab, client)),
+            str(lab.paths.ca_cert)]

@@ -24,22 +24,12 @@ from tests.e2e.conftest import psql, run, set_policy, superuser_sql, wait_for
 
 pytestmark = pytest.mark.lab
 
-TOKEN_SCRIPT = """
-import sys
-from pathlib import Path
-from appliance.identity.enroll_client import client_credentials_token, tls_context
-secret = Path(sys.argv[3]).read_text().strip()
-print(client_credentials_token(sys.argv[1], sys.argv[2], secret, tls_context(Path(sys.argv[4]))))
-"""
-
-
 @pytest.fixture(scope="module")
 def tokens(lab: Lab) -> dict[str, str]:
     """Access tokens for the lab's approvers, from the dev issuer (client credentials)."""
     out = {}
     for client in (*lab_identity.APPROVERS, lab_identity.AGENT_CLIENT):
-        proc = run(lab, "agent", [sys.executable, "-c", TOKEN_SCRIPT, lab_identity.issuer_url(), client,
-                                  str(lab_identity.client_secret_file(lab, client)), str(lab.paths.ca_cert)])
+        proc = run(lab, "agent", lab_identity.token_argv(lab, client))
         out[client] = proc.stdout.decode().strip()
     return out
 
