@@ -148,9 +148,12 @@ class MaskingAddon(Addon):
         rd = result.row_description
         formats = result.result_formats
         decision = result.statement.decision if result.statement is not None else None
-        key = (id(rd), formats, id(decision))
+        masks = getattr(decision, "masks", None) or ()
+        # Without masks the plan depends on the columns alone: statements that differ only
+        # in their numbers (a new Decision each) share it.
+        key = (id(rd), formats, id(decision) if masks else 0)
         cached = st.plans.get(key)
-        if cached is not None and cached[0] is rd and cached[1] is decision:
+        if cached is not None and cached[0] is rd and (not masks or cached[1] is decision):
             return cached[2]
         plan = self._make_plan(session, result, decision)
         if len(st.plans) >= _PLAN_CACHE:

@@ -192,9 +192,13 @@ class EnforcementAddon(Addon):
         return Hold(looked_up(), "looking up the masked columns")
 
 
-def _groups(session: SessionInfo) -> tuple[str, ...]:
-    identity = session.identity
-    return tuple(identity.groups) if identity is not None else ()
+def _groups(session: SessionInfo) -> frozenset[str]:
+    """The identity's groups, as the policy's cache keys them (made once per session)."""
+    groups = session.addon_state.get("groups")
+    if groups is None:
+        identity = session.identity
+        groups = session.addon_state["groups"] = frozenset(identity.groups) if identity is not None else frozenset()
+    return groups
 
 
 def _reject(decision: Decision) -> Reject:

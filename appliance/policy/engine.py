@@ -52,6 +52,7 @@ from appliance.policy.model import (
     StatementClass,
 )
 from appliance.policy.patterns import Kind, Pattern, covers, hits
+from appliance.policy.shape import shape
 from appliance.policy.rules import PolicyError, Rule, RuleSet, load_rules, parse_rules
 
 __all__ = ["Policy", "PolicyError", "Verdict", "load_policy"]
@@ -92,6 +93,8 @@ class Policy:
         self.rules = ruleset.rules
         self.search_path = ruleset.search_path
         self._decide_cached = functools.lru_cache(maxsize=CACHE_SIZE)(self._decide_uncached)
+        # In front: by exact text (a repeated statement is one lookup); behind it, by shape.
+        self._decide_exact = functools.lru_cache(maxsize=CACHE_SIZE)(self._decide_by_shape)
         self._function_cached = functools.lru_cache(maxsize=1024)(self._decide_function_uncached)
         self._applicable = functools.lru_cache(maxsize=256)(self._applicable_uncached)
 
@@ -122,7 +125,19 @@ class Policy:
         key = groups if isinstance(groups, frozenset) else frozenset(groups)
         if len(sql) > CACHE_MAX_CHARS:
             return self._decide_uncached(target, key, sql)
-        return self._decide_cached(target, key, sql)
+        return self._decide_exact(target, key, sql)
+
+    def _decide_by_shape(self, target: str, key: frozenset[str], sql: str) -> Decision:
+        shaped = shape(sql)
+        if shaped is None:
+            return self._decide_cached(target, key, sql)
+        # Same statement, other numbers: the shape's decision, with this statement's text.
+        decision = self._decide_cached(target, key, shaped)
+        c = decision.statements[0]
+        text = sql.strip().rstrip(";").rstrip()
+        own = Classification(c.classes, c.relations, c.columns, c.functions, c.command, text, c.prepared_name, c.error)
+        return Decision(decision.action, decision.rule, decision.message, decision.rule_line, (own,),
+                        decision.hold, decision.masks)
 
     def _decide_uncached(self, target: str, groups: frozenset[str], sql: str) -> Decision:
         return self.decide_classified(groups, target, classify(sql))

@@ -187,6 +187,7 @@ class Session:
         self._statements: dict[str, Statement] = {}
         self._portals: dict[str, Portal] = {}
         self._result: Result | None = None
+        self._descriptions: dict[bytes, m.RowDescription] = {}  # decoded RowDescriptions by their bytes
         self._ends_sent = 0  # Sync/Query/FunctionCall sent: each ends with ReadyForQuery
         self._ends_done = 0  # ReadyForQuery received
         self._stream_left = 0  # bytes of a streamed server message still to pass through
@@ -957,7 +958,17 @@ class Session:
         head = self._pending[0] if self._pending else None
         raw = view[pos + 5:end]
         check_row_description(view.obj, pos + 5, end)  # type: ignore[arg-type]
-        description = decode_backend(b"T", raw) if (self.hooks.row_description or self.hooks.data_row) else None
+        description = None
+        if self.hooks.row_description or self.hooks.data_row:
+            # A session sees the same few descriptions over and over: decode each once, and
+            # hand addons the same object, so what they derive from it can be kept too.
+            key = raw.tobytes()
+            description = self._descriptions.get(key)
+            if description is None:
+                description = decode_backend(b"T", raw)
+                if len(self._descriptions) >= 64:
+                    self._descriptions.clear()
+                self._descriptions[key] = description
         if head is not None and head.kind is DESCRIBE_STATEMENT:
             self._pending.popleft()
             statement = self._statements.get(head.name)
