@@ -30,7 +30,9 @@ from typing import Any, Protocol
 
 from appliance.masking import values as v
 from appliance.masking.copy import CopyMasker
-from appliance.masking.pan import THIRTEEN_ZEROS, ZERO_DROP, ZERO_TABLE, check_format, int_is_pan
+from appliance.masking.pan import (
+    PCI, THIRTEEN_ZEROS, ZERO_DROP, ZERO_TABLE, check_format, int_is_pan, is_pan_digits,
+)
 from appliance.masking.scanner import TEXT, MaskLeak, PanFound, mask_text
 from appliance.masking.stream import ColumnRule, Walker, data_row_parser, function_result_parser
 from appliance.proxy.hooks import Addon, FailClosed, Result, SessionInfo, StreamEdit
@@ -266,6 +268,18 @@ class MaskingAddon(Addon):
                 raise rule.column.fail()
             if kind == v.NUMERIC and (length > 18 or message[start + 2:start + 4] not in (b"\x00\x03", b"\x00\x04")):
                 continue  # only weights 3 and 4 make 13–20 digit integers
+            if kind == v.TEXT and length <= 19:
+                # The common shapes, decided without the scanner: text too short to spell
+                # 13 digits, and a value that is nothing but a 13-19 digit number (whose
+                # edges are its boundaries, so it is a PAN exactly when its digits are).
+                if length < 13:
+                    continue
+                value = message[start:pos].tobytes()
+                if value.isdigit():
+                    if is_pan_digits(value):
+                        edits.append((start, length, self._whole_pan(value)))
+                        count += 1
+                    continue
             new, found = v.mask_value(bytes(message[start:pos]), kind, self.fmt, rule.column)
             count += found
             if new is not None:
@@ -279,6 +293,10 @@ class MaskingAddon(Addon):
                 out[start:start + length] = new  # type: ignore[assignment]
             return bytes(out), count
         return _reframe(message, edits), count
+
+    def _whole_pan(self, digits: bytes) -> bytes:
+        shown_head = 6 if self.fmt == PCI else 0
+        return digits[:shown_head] + b"*" * (len(digits) - shown_head - 4) + digits[-4:]
 
     # ---- streamed messages --------------------------------------------------------------
 
