@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.config import Config, ConfigError
+from appliance.config import Config
 from appliance.proxy.hooks import Addon, AddonManager
 
 log = logging.getLogger("tollgate.features")
@@ -105,7 +105,4 @@ def _approvals(config: Config) -> Any:
         log.warning("no [identity.oidc]: nobody can approve, so held statements are refused")
         return None
     from appliance.holds.broker import HoldBroker
-    try:
-        return HoldBroker.from_config(config)
-    except ConfigError:
-        raise
+    return HoldBroker.from_config(config)
