@@ -10,6 +10,7 @@ Production serving (gunicorn, TLS) is in ``webui.serve``; tests use Flask's test
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from flask import Flask, Response, jsonify
@@ -24,6 +25,20 @@ MAX_REQUEST_BYTES = 64 * 1024
 def error_response(status: int, error: str, detail: str) -> tuple[Response, int]:
     """The one error shape every endpoint returns."""
     return jsonify(error=error, detail=detail), status
+
+
+# What may stand inside a quoted header parameter: printable ASCII but '"' and '\\'.
+_UNSAFE_IN_HEADER = re.compile(r'[^\x20-\x21\x23-\x5b\x5d-\x7e]')
+
+
+def bearer_refused(realm: str, detail: str, error: str = "invalid_token") -> tuple[Response, int]:
+    """401 for a missing or refused bearer token, with RFC 6750's WWW-Authenticate."""
+    response, status = error_response(401, error, detail)
+    header = f'Bearer realm="{realm}"'
+    if error == "invalid_token":
+        header += f', error="invalid_token", error_description="{_UNSAFE_IN_HEADER.sub("?", detail)}"'
+    response.headers["WWW-Authenticate"] = header
+    return response, status
 
 
 def _http_error(exc: HTTPException) -> tuple[Response, int]:

@@ -34,7 +34,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -54,7 +53,7 @@ from appliance.identity.oidc import (
     identity_from_claims,
 )
 from appliance.state.db import StateError
-from webui import error_response
+from webui import bearer_refused, error_response
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,6 @@ HTTP_STATUS = {
     "expired": 409,
     "duplicate_vote": 409,
 }
-_UNSAFE_IN_HEADER = re.compile(r'[^\x20-\x21\x23-\x5b\x5d-\x7e]')
 STORE_ERRORS = (StoreError, StateError, sqlite3.Error)
 
 
@@ -117,12 +115,7 @@ def _api() -> ApprovalsApi:
 # --- responses ---------------------------------------------------------------------------
 
 def _unauthorized(detail: str, error: str = "invalid_token") -> tuple[Response, int]:
-    response, status = error_response(401, error, detail)
-    header = f'Bearer realm="{REALM}"'
-    if error == "invalid_token":
-        header += f', error="invalid_token", error_description="{_UNSAFE_IN_HEADER.sub("?", detail)}"'
-    response.headers["WWW-Authenticate"] = header
-    return response, status
+    return bearer_refused(REALM, detail, error)
 
 
 def _refused(exc: ApprovalError) -> tuple[Response, int]:

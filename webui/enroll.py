@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import sqlite3
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,7 +39,7 @@ from appliance.identity.model import Identity, IdentityError
 from appliance.identity.oidc import IssuerError, OIDCSettings, OIDCValidator, TokenError, identity_from_claims
 from appliance.state.certificates import CertificateRegistry, RegistryError, format_serial
 from appliance.state.db import StateError
-from webui import error_response
+from webui import bearer_refused, error_response
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,6 @@ REALM = "tollgate-enroll"
 # How long a client should wait before retrying when the issuer is unreachable.
 RETRY_AFTER_SECONDS = 30
 # RFC 6750 §3: error_description is a quoted-string of printable ASCII without '"' or '\'.
-_UNSAFE_IN_HEADER = re.compile(r'[^\x20-\x21\x23-\x5b\x5d-\x7e]')
 
 
 @dataclass
@@ -102,12 +100,7 @@ def _enrollment() -> Enrollment:
 # --- responses ---------------------------------------------------------------------------
 
 def _token_refused(detail: str, error: str = "invalid_token") -> tuple[Response, int]:
-    response, status = error_response(401, error, detail)
-    header = f'Bearer realm="{REALM}"'
-    if error == "invalid_token":
-        header += f', error="invalid_token", error_description="{_UNSAFE_IN_HEADER.sub("?", detail)}"'
-    response.headers["WWW-Authenticate"] = header
-    return response, status
+    return bearer_refused(REALM, detail, error)
 
 
 def identity_json(identity: Identity) -> dict[str, Any]:
