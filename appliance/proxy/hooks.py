@@ -6,7 +6,10 @@ override it, so a hook nobody implements costs the hot path one falsy-list check
 
 Hooks run inside the session layer, synchronously. The only hooks that may wait are
 ``statement`` and ``execute``: they return a :class:`Hold` wrapping an awaitable, and the
-session pauses — only itself — until the awaitable yields a verdict. A hook that finds data
+session pauses — only itself — until the awaitable yields a verdict. ``forward`` is the
+commit point: it sees every request that makes the server act once its verdict is final,
+and may return an awaitable that must finish before the request goes upstream (the audit
+record being made durable); the session waits for those of a whole batch at once. A hook that finds data
 it must not let through and cannot make safe raises :class:`FailClosed`: the session ends
 with a FATAL error rather than pass it on.
 """
@@ -59,6 +62,7 @@ class SessionInfo:
     identity_source: str | None = None
     certificate_serial: int | None = None
     masked_values: int = 0  # values masked on their way to the agent, whole session
+    auth_error: str | None = None  # why the agent's authentication failed, when it did
     addon_state: dict[str, Any] = field(default_factory=dict)
 
 
@@ -86,6 +90,20 @@ class Statement:
 
 
 @dataclass(eq=False, slots=True)
+class Forward:
+    """A request that makes the server act — a Query, an Execute, a FunctionCall — at the
+    moment it goes upstream; or a statement refused instead (``reject`` set, Parse too)."""
+
+    kind: str  # "query", "execute", "function_call" or "parse"
+    statement: Statement | None
+    reject: "Reject | None" = None
+    portal: str = ""
+    bind: bytes | None = None  # the portal's Bind body (parameters), for an Execute
+    started_ns: int = 0  # time.perf_counter_ns() when it was forwarded
+    ticket: Any = None  # an addon's handle on this execution (the audit's statement number)
+
+
+@dataclass(eq=False, slots=True)
 class Result:
     """One result set (or command outcome) flowing back for a statement."""
 
@@ -98,6 +116,10 @@ class Result:
     # From CopyOutResponse: overall format (0 text/csv, 1 binary) and per-column formats.
     copy_format: int | None = None
     copy_column_formats: tuple[int, ...] = ()
+    forward: Forward | None = None  # the request this result answers
+    sqlstate: str | None = None  # the error's SQLSTATE, when the result is an error
+    skipped: bool = False  # the server skipped the request after an earlier error
+    sample: list[Any] | None = None  # rows an addon keeps (the audit's replay sample)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,6 +178,12 @@ class Addon:
         """Before a statement is forwarded. Return None to allow, Reject, or Hold."""
         return None
 
+    def forward(self, session: SessionInfo, request: Forward) -> "Awaitable[Any] | Reject | None":
+        """A request's verdict is final. For one about to go upstream, return an awaitable
+        it must wait for (raising refuses it), a Reject to refuse it now, or None; for a
+        refused one (``request.reject``) the answer is ignored."""
+        return None
+
     def row_description(self, session: SessionInfo, result: Result) -> None:
         """A result's column description is known (sent by the server or cached)."""
 
@@ -204,7 +232,7 @@ class Addon:
 
 
 HOOK_NAMES = (
-    "session_start", "session_end", "session_refused", "statement", "execute", "row_description",
+    "session_start", "session_end", "session_refused", "statement", "execute", "forward", "row_description",
     "data_row", "stream_chunk", "copy_data", "function_result", "notice", "notification",
     "result_complete",
 )
@@ -238,6 +266,7 @@ class AddonManager:
     session_refused: list[Callable[[SessionInfo, str], None]]
     statement: list[Callable[[SessionInfo, Statement], Verdict]]
     execute: list[Callable[[SessionInfo, Statement, bytes | None], Verdict]]
+    forward: list[Callable[[SessionInfo, Forward], "Awaitable[Any] | Reject | None"]]
     row_description: list[Callable[[SessionInfo, Result], None]]
     data_row: list[Callable[[SessionInfo, Result, memoryview], bytes | None]]
     stream_chunk: list[Callable[[SessionInfo, Result | None, bytes, memoryview, int, int], StreamEdit | None]]

@@ -21,6 +21,7 @@ import enum
 import logging
 import secrets
 from collections import deque
+from time import perf_counter_ns
 from typing import Any, Awaitable, Callable, Protocol
 
 from appliance.config import PG_MAX_MESSAGE, Endpoint, Target
@@ -31,7 +32,7 @@ from appliance.proxy.framing import (
     bind_fields, check_row_description, cstring, kind_and_name, parse_fields, unpack_length,
 )
 from appliance.proxy.hooks import (
-    AddonManager, FailClosed, Hold, Reject, Result, SessionInfo, Statement, StatementKind, Verdict,
+    AddonManager, FailClosed, Forward, Hold, Reject, Result, SessionInfo, Statement, StatementKind, Verdict,
 )
 from appliance.proxy.upstream_auth import AuthError, ScramSha256, md5_password
 
@@ -46,6 +47,7 @@ BLOCKED_FUNCTION_CALL = m.FunctionCall(0, (), (), 0).encode()
 # the server fails the stand-in Execute, with the transaction effects of a real error.
 BLOCKED_PORTAL = "\x01tollgate blocked portal"
 BLOCKED_EXECUTE = m.Execute(BLOCKED_PORTAL, 0).encode()
+BLOCKED_QUERY = m.Query(BLOCKED_SQL.decode()).encode()
 AUTH_OK = m.AuthenticationOk().encode()
 SSL_REQUEST = m.SSLRequest().encode()
 TRUE_VALUES = {"1", "true", "yes", "on", "database"}
@@ -128,11 +130,12 @@ CLOSE, SYNC, FUNCTION_CALL = Req.CLOSE, Req.SYNC, Req.FUNCTION_CALL
 class Pending:
     """One request in flight. ``reject`` marks a substituted (blocked) request."""
 
-    __slots__ = ("kind", "statement", "portal", "name", "reject")
+    __slots__ = ("kind", "statement", "portal", "name", "reject", "forward")
 
     def __init__(self, kind: Req, statement: Statement | None = None, portal: "Portal | None" = None,
                  name: str = "", reject: Reject | None = None):
         self.kind, self.statement, self.portal, self.name, self.reject = kind, statement, portal, name, reject
+        self.forward: Forward | None = None  # what the forward hooks saw (Query, Execute, FunctionCall)
 
 
 class Portal:
@@ -198,6 +201,9 @@ class Session:
         self._in_stream = False  # part of a message is on its way to the client
         self._held: Pending | None = None  # the statement waiting on a Hold
         self._held_verdict: Any = None
+        # A batch of client messages waiting for its forward hooks (audit records made
+        # durable) before it goes upstream: its pieces, and the requests it may yet refuse.
+        self._batch: tuple[list[bytes], list[tuple[int, Pending, bytes, Any]]] | None = None
         self._held_statement: Statement | None = None
         self._cancel_hold: Callable[[], None] | None = None
         self._client_paused = False
@@ -214,7 +220,7 @@ class Session:
 
     def client_data(self, data: bytes) -> None:
         try:
-            if self.phase is Phase.READY and not self._cbuf and self._held is None:
+            if self.phase is Phase.READY and not self._cbuf and self._held is None and self._batch is None:
                 rest = self._relay_client(data, 0)
                 if rest < len(data):
                     self._keep_client_rest(memoryview(data)[rest:])
@@ -226,7 +232,7 @@ class Session:
                 return  # the message at the head is still incomplete: don't rescan it
             if self.phase is Phase.STARTUP:
                 self._read_startup()
-            elif self.phase is Phase.READY and self._held is None:
+            elif self.phase is Phase.READY and self._held is None and self._batch is None:
                 self._drain_client_buffer()
             else:
                 self._check_client_buffer()
@@ -294,6 +300,7 @@ class Session:
         self.client_data(b"")
 
     def client_tls_failed(self, reason: str) -> None:
+        self.info.auth_error = f"TLS handshake failed: {reason}"
         self.authenticator.tls_failed(self.info, reason)
         self._close(f"TLS handshake with the agent failed: {reason}")
 
@@ -382,6 +389,7 @@ class Session:
         try:
             info.identity = self.authenticator.authenticate(info, self._peer_certificate)
         except AuthFailure as exc:
+            info.auth_error = exc.message
             raise SessionError("28000", exc.message, hint=exc.hint) from None
         credential = target.credentials.get(info.user or "")
         if credential is None:
@@ -539,6 +547,8 @@ class Session:
         view = memoryview(data)
         pending = self._pending
         max_len = self.max_client_message
+        forwarding = bool(self.hooks.forward)
+        waiting: list[tuple[int, Pending, bytes, Any]] = []  # requests whose forward hooks must finish first
         while n - pos >= 5 and self._held is None and self.phase is Phase.READY:
             tag = data[pos]
             (length,) = unpack_length(data, pos + 1)
@@ -560,11 +570,13 @@ class Session:
                     self._hold(Pending(QUERY, statement), verdict)
                     break
                 self._ends_sent += 1
-                if verdict is None:
-                    pending.append(Pending(QUERY, statement))
-                else:
-                    pending.append(Pending(QUERY, statement, None, "", verdict))
-                    replacement = m.Query(BLOCKED_SQL.decode()).encode()
+                request = Pending(QUERY, statement, None, "", verdict)
+                pending.append(request)
+                if verdict is not None:
+                    replacement = BLOCKED_QUERY
+                if forwarding:
+                    replacement = self._commit("query", request, BLOCKED_QUERY, view[pos:end], replacement,
+                                               len(pieces), waiting)
             elif tag == 0x50:  # P
                 stmt_name, query, param_types = parse_fields(data, pos + 5, end)
                 statement = Statement(StatementKind.PARSE, query, stmt_name, param_types)
@@ -579,15 +591,18 @@ class Session:
                     pending.append(Pending(PARSE, statement, None, stmt_name))
                     self._statements[stmt_name] = statement
                 else:
-                    pending.append(Pending(PARSE, statement, None, stmt_name, verdict))
+                    request = Pending(PARSE, statement, None, stmt_name, verdict)
+                    pending.append(request)
                     replacement = m.Parse(stmt_name, BLOCKED_SQL.decode(), ()).encode()
+                    if forwarding:  # only to be recorded: a refused Parse has nothing to wait for
+                        self._forward("parse", request)
             elif tag == 0x42:  # B
                 portal_name, stmt_name, formats = bind_fields(data, pos + 5, end)
                 bound = self._statements.get(stmt_name)
                 if portal_name == BLOCKED_PORTAL:
                     raise ProtocolError("that portal name is reserved")
                 portal = Portal(portal_name, bound, formats, self._ends_sent)
-                if bound is not None and (bound.deferred is not None or bound.epoch != self.hooks.epoch):
+                if bound is not None and (forwarding or bound.deferred is not None or bound.epoch != self.hooks.epoch):
                     portal.bind = bytes(view[pos + 5:end])
                 pending.append(Pending(BIND, None, portal))
                 self._portals[portal_name] = portal
@@ -603,11 +618,15 @@ class Session:
                     if type(verdict) is Hold:
                         self._hold(Pending(EXECUTE, None, portal, portal_name), verdict)
                         break
-                    pending.append(Pending(EXECUTE, None, portal, portal_name, verdict))
+                    request = Pending(EXECUTE, None, portal, portal_name, verdict)
                     if verdict is not None:
                         replacement = BLOCKED_EXECUTE
                 else:
-                    pending.append(Pending(EXECUTE, None, portal, portal_name))
+                    request = Pending(EXECUTE, None, portal, portal_name)
+                pending.append(request)
+                if forwarding:
+                    replacement = self._commit("execute", request, BLOCKED_EXECUTE, view[pos:end], replacement,
+                                               len(pieces), waiting)
             elif tag == 0x53:  # S
                 pending.append(Pending(SYNC))
                 self._ends_sent += 1
@@ -633,22 +652,100 @@ class Session:
                 if type(verdict) is Hold:
                     self._hold(Pending(FUNCTION_CALL, statement), verdict)
                     break
-                pending.append(Pending(FUNCTION_CALL, statement, None, "", verdict))
+                request = Pending(FUNCTION_CALL, statement, None, "", verdict)
+                pending.append(request)
                 self._ends_sent += 1
                 if verdict is not None:
                     # No function has OID 0: the server fails the stand-in call for us.
                     replacement = BLOCKED_FUNCTION_CALL
+                if forwarding:
+                    replacement = self._commit("function_call", request, BLOCKED_FUNCTION_CALL, view[pos:end],
+                                               replacement, len(pieces), waiting)
             if replacement is not None:
                 pieces.append(view[flush_from:pos])
                 pieces.append(replacement)
                 flush_from = end
             pos = end
-        if pieces:
+        if waiting:
+            pieces.append(view[flush_from:pos])
+            self._wait_for_batch([bytes(p) for p in pieces], waiting)
+        elif pieces:
             pieces.append(view[flush_from:pos])
             self.io.send_server(b"".join(pieces))
         elif pos > flush_from:
             self.io.send_server(data if flush_from == 0 and pos == n else view[flush_from:pos])
         return pos
+
+    def _commit(self, kind: str, request: Pending, blocked: bytes, message: memoryview,
+                replacement: bytes | memoryview | None, piece: int,
+                waiting: list[tuple[int, Pending, bytes, Any]]) -> bytes | memoryview | None:
+        """Put a request whose verdict is final to the forward hooks; returns what to send
+        in its place. One that must wait goes as a piece of its own, so that it can still
+        be swapped for ``blocked`` if what it waits for fails."""
+        wait = self._forward(kind, request)
+        if request.reject is not None:
+            return blocked if replacement is None else replacement
+        if wait is not None:
+            # Its piece lands after the one flushing everything before it: index piece + 1.
+            waiting.append((piece + 1, request, blocked, wait))
+            return message
+        return replacement
+
+    def _forward(self, kind: str, request: Pending) -> Any:
+        portal = request.portal
+        statement = portal.statement if portal is not None else request.statement
+        forward = Forward(kind, statement, request.reject, portal.name if portal is not None else "",
+                          portal.bind if portal is not None else None, perf_counter_ns())
+        request.forward = forward
+        wait: Any = None
+        for hook in self.hooks.forward:
+            try:
+                out = hook(self.info, forward)
+            except Exception as exc:  # fail closed, as for statement hooks
+                log.exception("forward hook %r failed", hook)
+                out = Reject("XX000", f"Tollgate could not prepare the statement to run: {exc}")
+            if out is None or request.reject is not None:
+                continue
+            if type(out) is Reject:
+                request.reject = forward.reject = out
+                return None
+            wait = out if wait is None else _all_of(wait, out)
+        return wait
+
+    def _wait_for_batch(self, pieces: list[bytes], waiting: list[tuple[int, Pending, bytes, Any]]) -> None:
+        """Hold a batch back until its forward hooks' awaitables are done; the client waits
+        meanwhile (only this session)."""
+        self._batch = (pieces, waiting)
+        if not self._client_paused:
+            self.io.pause_client()
+            self._client_paused = True
+        waits = [w for _, _, _, w in waiting]
+        # Never cancelled: the awaitables may be shared with other sessions (group commit).
+        self.io.wait(waits[0] if len(waits) == 1 else _all_of(*waits), self._batch_done)
+
+    def _batch_done(self, result: Any, error: BaseException | None) -> None:
+        if self._batch is None or self.phase is Phase.CLOSED:
+            return
+        pieces, waiting = self._batch
+        self._batch = None
+        if error is not None:
+            reject = Reject(getattr(error, "sqlstate", None) or "58030",
+                            f"Tollgate could not complete what must happen before this statement runs, so it "
+                            f"did not run: {error}", hint=getattr(error, "hint", None))
+            log.error("session %s: refusing %d request(s): %s", self.info.id, len(waiting), error)
+            for index, request, blocked, _ in waiting:
+                if request.reject is None:
+                    request.reject = reject
+                    if request.forward is not None:
+                        request.forward.reject = reject
+                    pieces[index] = blocked
+        self.io.send_server(b"".join(pieces))
+        if self._held is None:
+            self._c_need = 0
+            self.client_data(b"")  # what queued behind the batch
+            if self._held is None and self._batch is None and self._client_paused and self.phase is Phase.READY:
+                self._client_paused = False
+                self.io.resume_client()
 
     def _decide(self, statement: Statement) -> Verdict:
         if self._held_verdict is not None:
@@ -725,7 +822,7 @@ class Session:
         self._held_verdict = _ALLOWED if verdict is None else verdict
         self._c_need = 0
         self.client_data(b"")  # resume with what queued behind the hold, errors mapped as ever
-        if self._held is None and self._client_paused and self.phase is Phase.READY:
+        if self._held is None and self._batch is None and self._client_paused and self.phase is Phase.READY:
             self._client_paused = False
             self.io.resume_client()
 
@@ -860,8 +957,8 @@ class Session:
             statement = portal.statement
             if description is None and statement is not None:
                 description = statement.row_description
-            return Result(statement, description, portal.result_formats)
-        return Result(request.statement)
+            return Result(statement, description, portal.result_formats, forward=request.forward)
+        return Result(request.statement, forward=request.forward)
 
     def _rewrite(self, hooks: list[Callable[..., bytes | None]], message: memoryview, *args: Any) -> bytes | None:
         """Run rewriting hooks in turn, each seeing the previous one's output."""
@@ -917,8 +1014,9 @@ class Session:
     def _on_empty_query(self, view: memoryview, pos: int, end: int) -> None:
         return self._on_portal_suspended(view, pos, end)
 
-    def _complete(self, tag: str | None, error: bool) -> None:
+    def _complete(self, tag: str | None, error: bool, sqlstate: str | None = None) -> None:
         result = self._current_result()
+        result.sqlstate = sqlstate
         for hook in self.hooks.result_complete:
             hook(self.info, result, tag, error)
 
@@ -932,14 +1030,22 @@ class Session:
             replacement = error_bytes("ERROR", r.sqlstate, r.message, r.detail, r.hint)
         elif self.hooks.notice:
             replacement = self._rewrite(self.hooks.notice, view[pos:end], True)
-        if self.hooks.result_complete and head is not None and head.kind in (QUERY, EXECUTE):
-            self._complete(None, True)
+        if self.hooks.result_complete and head is not None and head.kind in (QUERY, EXECUTE, FUNCTION_CALL):
+            code = head.reject.sqlstate if head.reject is not None else _error_code(view, pos, end)
+            self._complete(None, True, code)
         self._result = None
         if head is not None and head.kind not in (QUERY, FUNCTION_CALL, SYNC):
             # Extended protocol: the server now skips everything up to the next Sync, so
             # statements and portals those requests would have made never exist.
+            if head.kind is EXECUTE and pending and pending[0] is head:
+                pending.popleft()  # this one has had its say above
             while pending and pending[0].kind is not SYNC:
-                self._forget_created(pending.popleft())
+                skipped = pending.popleft()
+                self._forget_created(skipped)
+                if skipped.forward is not None and self.hooks.result_complete:
+                    result = Result(skipped.forward.statement, forward=skipped.forward, skipped=True)
+                    for hook in self.hooks.result_complete:
+                        hook(self.info, result, None, True)
         elif view[pos + 5:end].tobytes().find(b"SFATAL\0") >= 0:
             self.close_reason = "the database ended the session (FATAL)"
         return replacement
@@ -980,7 +1086,8 @@ class Session:
             if portal is not None:
                 portal.row_description = description
         else:
-            self._result = Result(head.statement if head else None, description)
+            self._result = Result(head.statement if head else None, description,
+                                  forward=head.forward if head else None)
             for hook in self.hooks.row_description:
                 hook(self.info, self._result)
         return None
@@ -1132,6 +1239,25 @@ _CLIENT_LENGTH_BOUNDS: dict[int, tuple[int, int]] = {
 _SERVER_FIXED_LENGTHS: dict[int, int] = {
     ord("1"): 4, ord("2"): 4, ord("3"): 4, ord("n"): 4, ord("s"): 4, ord("I"): 4, ord("c"): 4, ord("Z"): 5,
 }
+
+
+async def _all_of(*waits: Any) -> None:
+    for wait in waits:
+        await wait
+
+
+def _error_code(view: memoryview, pos: int, end: int) -> str | None:
+    """The SQLSTATE (field C) of an ErrorResponse at view[pos:end]."""
+    data = view.obj
+    i = pos + 5
+    while i < end and data[i] != 0:  # type: ignore[index]
+        stop = data.find(b"\0", i + 1, end)  # type: ignore[union-attr]
+        if stop < 0:
+            return None
+        if data[i] == 0x43:  # type: ignore[index]
+            return bytes(data[i + 1:stop]).decode("ascii", "replace")  # type: ignore[index]
+        i = stop + 1
+    return None
 
 
 def _tag_name(tag: int) -> str:
