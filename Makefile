@@ -3,6 +3,7 @@
 #   make demo    the lab (agent, appliance and database namespaces) with Tollgate in it
 #   make test    the whole test suite
 #   make bench   pgbench through Tollgate vs direct vs pgbouncer, as ratios
+#   make verifier  dist/tollgate-verify.pyz: the auditor's standalone bundle verifier
 #
 # Each target installs what it needs first: Debian packages, the kernel-headers link bcc
 # compiles against, and a venv that sees Debian's python3-bpfcc.
@@ -17,7 +18,7 @@ APT_PACKAGES := nftables iproute2 procps python3-venv python3-dev python3-bpfcc 
 PG_BINDIR    := /usr/lib/postgresql/15/bin
 PYTEST_ARGS  ?=
 
-.PHONY: demo demo-down test bench host-deps venv lint clean
+.PHONY: demo demo-down test bench host-deps venv lint clean verifier
 
 demo: host-deps venv
 	$(TOLLGATE) lab up --name demo
@@ -58,6 +59,27 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[fast,test]'
 	touch $@
+
+# The auditor's verifier as one zipapp: the audit modules it needs, the PAN detector, and
+# nothing else of the appliance (it needs only python3 and python3-cryptography). The
+# masking package's __init__ is replaced by an empty one so only pan.py is loaded.
+VERIFIER_PYZ   ?= dist/tollgate-verify.pyz
+VERIFIER_BUILD ?= build/verifier
+VERIFIER_SRC   := appliance/__init__.py appliance/masking/pan.py \
+                  $(addprefix appliance/audit/,__init__.py canonical.py merkle.py note.py trust.py bundle.py verifier.py)
+
+verifier: $(VERIFIER_PYZ)
+
+$(VERIFIER_PYZ): $(VERIFIER_SRC) Makefile
+	rm -rf $(VERIFIER_BUILD)
+	mkdir -p $(VERIFIER_BUILD)/appliance/audit $(VERIFIER_BUILD)/appliance/masking $(dir $@)
+	cp appliance/__init__.py $(VERIFIER_BUILD)/appliance/
+	cp $(filter appliance/audit/%,$(VERIFIER_SRC)) $(VERIFIER_BUILD)/appliance/audit/
+	cp appliance/masking/pan.py $(VERIFIER_BUILD)/appliance/masking/
+	: > $(VERIFIER_BUILD)/appliance/masking/__init__.py
+	printf 'import sys\nfrom appliance.audit.verifier import main\nsys.exit(main())\n' > $(VERIFIER_BUILD)/__main__.py
+	python3 -m zipapp $(VERIFIER_BUILD) -o $@ -p '/usr/bin/env python3'
+	@echo "built $@ (run: python3 $@ BUNDLE --root-key KEY)"
 
 lint: venv
 	$(PY) -m ruff check appliance tests bench
