@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "appliance.identity.cli",
     "appliance.policy.cli",
     "appliance.holds.cli",
+    "appliance.audit.cli",
 )
 
 

@@ -9,6 +9,7 @@ and nothing starts half-configured. Unknown keys are errors too — a misspelt
 from __future__ import annotations
 
 import ipaddress
+import socket
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -188,6 +189,31 @@ class ApprovalsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditConfig:
+    """The tamper-evident audit log: where it lives, how durable, how often it is signed."""
+
+    dir: Path
+    # Checkpoint origin line (C2SP tlog-checkpoint): names this log, and its signing keys.
+    origin: str = ""
+    # "fsync": a statement is forwarded only once its record is on disk (fdatasync'd);
+    # "write": once the kernel has it (survives a proxy crash, not a power cut).
+    durability: str = "fsync"
+    checkpoint_records: int = 1000  # sign a checkpoint at least every N records …
+    checkpoint_seconds: float = 1.0  # … or T seconds after the first unsigned record
+    heartbeat_seconds: float = 60.0  # and re-sign the unchanged tree this often when idle
+    segment_bytes: int = 64 << 20  # a segment file is closed once it grows past this
+    result_rows: int = 20  # rows of each result kept (masked) for replay; 0 keeps none
+    result_bytes: int = 8192  # cap on the bytes of kept result values per statement
+    offbox_dir: Path | None = None  # every checkpoint is also copied here (other storage)
+    offbox_syslog: str | None = None  # … and sent to syslog: "unix:/dev/log" or "udp:HOST:PORT"
+    root_key: Path | None = None  # the trust root's private key, if kept on the box
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.dir / "keys"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole appliance configuration."""
 
@@ -199,6 +225,7 @@ class Config:
     policy: PolicyConfig | None = None
     masking: MaskingConfig = MaskingConfig()
     approvals: ApprovalsConfig = ApprovalsConfig()
+    audit: AuditConfig | None = None
     _by_endpoint: Mapping[Endpoint, Target] = field(repr=False, compare=False, default_factory=dict)
 
     def target_for(self, endpoint: Endpoint) -> Target | None:
@@ -251,6 +278,14 @@ class _Section:
             return fn(value)
         except (ValueError, TypeError) as exc:
             raise self.error(name, str(exc)) from None
+
+    def optional_path(self, name: str, base: Path) -> Path | None:
+        """An optional path; a relative one is taken from ``base`` (the config's folder)."""
+        raw = self.get(name, str, None)
+        if raw is None:
+            return None
+        p = Path(raw)
+        return p if p.is_absolute() else base / p
 
     def section(self, name: str, required: bool = False) -> "_Section":
         self.used.add(name)
@@ -451,11 +486,7 @@ def _parse_approvals(s: _Section, base: Path) -> ApprovalsConfig:
     d = ApprovalsConfig()
 
     def path_or_none(name: str) -> Path | None:
-        raw = s.get(name, str, None)
-        if raw is None:
-            return None
-        p = Path(raw)
-        return p if p.is_absolute() else base / p
+        return s.optional_path(name, base)
 
     api_url = s.get("api_url", str, None)
     if api_url is not None and not api_url.startswith("https://"):
@@ -475,6 +506,44 @@ def _parse_approvals(s: _Section, base: Path) -> ApprovalsConfig:
     return config
 
 
+def _parse_audit(s: _Section, base: Path, identity: IdentityConfig | None) -> AuditConfig:
+    def path_or_none(name: str) -> Path | None:
+        return s.optional_path(name, base)
+
+    directory = path_or_none("dir")
+    if directory is None:
+        if identity is None:
+            raise s.error("dir", "is required when there is no [identity] section (its state_dir holds it otherwise)")
+        directory = identity.state_dir / "audit"
+    origin = s.get("origin", str, f"tollgate/{socket.gethostname()}")
+    if not origin or any(c.isspace() or c == "+" for c in origin) or not origin.isprintable():
+        raise s.error("origin", f"{origin!r} must be non-empty, printable, without spaces or '+'")
+    durability = s.get("durability", str, "fsync")
+    if durability not in ("fsync", "write"):
+        raise s.error("durability", f"must be 'fsync' or 'write', not {durability!r}")
+
+    def bounded(name: str, kind: Any, default: Any, low: float, high: float) -> Any:
+        value = s.get(name, kind, default)
+        if not low <= value <= high:
+            raise s.error(name, f"must be between {low:g} and {high:g}")
+        return value
+
+    d = AuditConfig(directory)
+    records = bounded("checkpoint_records", int, d.checkpoint_records, 1, 1_000_000)
+    seconds = float(bounded("checkpoint_seconds", (int, float), d.checkpoint_seconds, 0.01, 3600))
+    heartbeat = float(bounded("heartbeat_seconds", (int, float), d.heartbeat_seconds, 0.05, 86400))
+    segment = bounded("segment_bytes", int, d.segment_bytes, 1 << 12, 1 << 34)
+    rows = bounded("result_rows", int, d.result_rows, 0, 100_000)
+    size = bounded("result_bytes", int, d.result_bytes, 0, 1 << 24)
+    syslog = s.get("offbox_syslog", str, None)
+    if syslog is not None and not (syslog.startswith("unix:/") or syslog.startswith("udp:")):
+        raise s.error("offbox_syslog", "must be 'unix:/PATH' or 'udp:HOST:PORT'")
+    config = AuditConfig(directory, origin, durability, records, seconds, heartbeat, segment, rows, size,
+                         path_or_none("offbox_dir"), syslog, path_or_none("root_key"))
+    s.finish()
+    return config
+
+
 def parse_config(text: str, path: Path) -> Config:
     """Parse config text; ``path`` names the file in errors and anchors relative paths."""
     try:
@@ -489,7 +558,8 @@ def parse_config(text: str, path: Path) -> Config:
     policy = _parse_policy(top.section("policy"), path.parent) if "policy" in data else None
     masking = _parse_masking(top.section("masking")) if "masking" in data else MaskingConfig()
     approvals = _parse_approvals(top.section("approvals"), path.parent) if "approvals" in data else ApprovalsConfig()
-    top.used.update(("policy", "masking", "approvals"))
+    audit = _parse_audit(top.section("audit"), path.parent, identity) if "audit" in data else None
+    top.used.update(("policy", "masking", "approvals", "audit"))
     if proxy.agent_auth == "certificate" and identity is None:
         raise ConfigError(f"{path}: proxy.agent_auth: 'certificate' needs an [identity] section")
     raw_targets = top.get("targets", list, [])
@@ -508,7 +578,8 @@ def parse_config(text: str, path: Path) -> Config:
                 raise section.error(f"addresses[{j}]", f"{ep} is already protected by target {by_endpoint[ep].name!r}")
             by_endpoint[ep] = target
         targets.append(target)
-    return Config(path, proxy, intercept, tuple(targets), identity, policy, masking, approvals, by_endpoint)
+    return Config(path, proxy, intercept, tuple(targets), identity, policy, masking, approvals, audit,
+                  by_endpoint)
 
 
 def load_config(path: str | Path) -> Config:

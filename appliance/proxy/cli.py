@@ -1,4 +1,4 @@
-"""``tollgate run`` (the proxy) and ``tollgate sessions`` (what it is serving now)."""
+"""``tollgate run`` (the proxy), and what it is serving now (``tollgate sessions --live``)."""
 
 from __future__ import annotations
 
@@ -26,11 +26,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--no-intercept", action="store_true",
                      help="don't touch nftables or routing (the ruleset is managed elsewhere)")
     run.set_defaults(handler=cmd_run)
-
-    sessions = sub.add_parser("sessions", help="list live sessions")
-    sessions.add_argument("-c", "--config", required=True)
-    sessions.add_argument("--json", action="store_true")
-    sessions.set_defaults(handler=cmd_sessions)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -66,7 +61,12 @@ async def serve(config: Config, method: Any, features: Features, authenticator: 
     server = ProxyServer(config, method, features.addons, authenticator)
     # Listen first, divert second: traffic is only diverted to a port that is answering.
     # The ruleset stays when we exit, so agents fail closed rather than bypass the proxy.
-    await server.start()
+    await features.prepare()  # the audit log is open before the first session can start
+    try:
+        await server.start()
+    except BaseException:
+        await features.close()
+        raise
     try:
         await features.start(server)
         if intercept:
@@ -111,7 +111,8 @@ def control_request(config: Config, request: dict[str, Any]) -> dict[str, Any]:
     return json.loads(data)
 
 
-def cmd_sessions(args: argparse.Namespace) -> int:
+def cmd_live_sessions(args: argparse.Namespace) -> int:
+    """``tollgate sessions --live`` (registered with the audit commands): the proxy's sessions now."""
     config = load_config(args.config)
     reply = control_request(config, {"op": "sessions"})
     sessions = reply.get("sessions", [])

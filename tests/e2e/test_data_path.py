@@ -49,7 +49,7 @@ def test_psql_with_unchanged_conninfo_reaches_the_real_database_through_tollgate
 
 def test_tollgate_sees_the_agents_source_address_and_destination(lab: Lab):
     # psql runs the listing while its own session is open: no timing involved.
-    listing = f"{sys.executable} -m appliance.cli sessions -c {lab.config_path} --json"
+    listing = f"{sys.executable} -m appliance.cli sessions --live -c {lab.config_path} --json"
     out = psql(lab, "SELECT 1", extra=["-c", f"\\! {listing}"])
     sessions, _ = json.JSONDecoder().raw_decode(out[out.index("["):])
     [mine] = [s for s in sessions if s["phase"] == "ready"]

@@ -62,7 +62,7 @@ def psql_with(lab: Lab, directory: Path, sql: str = "SELECT 1", **env: str):
 
 
 def test_enrolled_agent_connects_with_an_unchanged_conninfo_and_is_identified(lab: Lab):
-    listing = f"{sys.executable} -m appliance.cli sessions -c {lab.config_path} --json"
+    listing = f"{sys.executable} -m appliance.cli sessions --live -c {lab.config_path} --json"
     out = psql(lab, "SELECT current_user", extra=["-c", f"\\! {listing}"])
     sessions, _ = json.JSONDecoder().raw_decode(out[out.index("["):])
     [mine] = [s for s in sessions if s["phase"] == "ready"]
@@ -167,7 +167,7 @@ def test_fifty_concurrent_agents_are_each_attributed_correctly(lab: Lab, tmp_pat
         barrier_ok = all(c.execute("SELECT 1").fetchone()[0] == 1 for c in conns)
         sessions = json.loads(subprocess.run(listing, capture_output=True, check=True).stdout)
         print(json.dumps({"ok": barrier_ok, "sessions": sessions}))
-    """, lab.conninfo(), str(tmp_path), sys.executable, "-m", "appliance.cli", "sessions", "-c",
+    """, lab.conninfo(), str(tmp_path), sys.executable, "-m", "appliance.cli", "sessions", "--live", "-c",
         str(lab.config_path), "--json").stdout.decode().strip().splitlines()[-1])
     assert got["ok"]
     by_app = {s["application_name"]: s for s in got["sessions"] if s["application_name"] in names}

@@ -1,0 +1,206 @@
+"""``export``: whole logs, sessions and time ranges make bundles the verifier accepts; the
+export is recorded; with the proxy running it goes through the control socket."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import tarfile
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.audit.export import ExportError, export
+from appliance.audit.keys import init_audit_dir
+from appliance.audit.reader import AuditReader
+from appliance.audit.store import AuditLog
+from appliance.audit.verifier import verify_bundle
+from appliance.config import Config, load_config
+
+ORIGIN = "tollgate.test/export"
+
+
+def write_config(tmp_path: Path, control: bool = False) -> Config:
+    text = f'[audit]\ndir = "audit"\norigin = "{ORIGIN}"\ncheckpoint_records = 40\nsegment_bytes = 8192\n'
+    if control:
+        text = f'[proxy]\ncontrol_socket = "{tmp_path / "control.sock"}"\n' + text
+    path = tmp_path / "tollgate.toml"
+    path.write_text(text)
+    config = load_config(path)
+    assert config.audit is not None
+    init_audit_dir(config.audit)
+    return config
+
+
+def session_records(sid: str, n: int, approval: str | None = None) -> Iterator[dict[str, Any]]:
+    base = {"user": f"agent-{sid}", "origin": "10.0.0.9:5555", "object": "payments/cards", "session": sid}
+    yield {"type": "session.start", "outcome": "success", **base, "groups": ["agents"], "target": "payments",
+           "database": "cards", "db_user": "app", "client_tls": "TLSv1.3", "upstream_tls": "TLSv1.3"}
+    for i in range(1, n + 1):
+        extra = {"approval": approval} if approval and i == 2 else {}
+        yield {"type": "statement", "outcome": "success", **base, "stmt": i, "kind": "query",
+               "text": f"SELECT {i}", "decision": "allow", "classes": [], **extra}
+        yield {"type": "result", "outcome": "success", **base, "stmt": i, "tag": "SELECT 1", "rows": 1,
+               "masked": 0, "duration_us": 120}
+    if approval:
+        yield {"type": "approval.request", "outcome": "success", **base, "approval": approval, "stmt": 2,
+               "requester": f"agent-{sid}", "target": "payments", "sql": "SELECT 2", "classes": ["pan"],
+               "rule": "hold-pan", "approvers": ["dba"], "min_approvals": 1}
+    yield {"type": "session.end", "outcome": "success", **base, "reason": "client closed", "statements": n,
+           "masked": 0, "duration_us": 5000}
+
+
+def fill(config: Config) -> None:
+    """Three interleaved sessions; an approval decided after its session ended (no session field)."""
+    assert config.audit is not None
+    log = AuditLog.open(config.audit, version="t")
+    streams = [session_records("A", 30), session_records("B", 30, approval="apr-B1"), session_records("C", 30)]
+    live = list(streams)
+    while live:
+        for stream in list(live):
+            record = next(stream, None)
+            if record is None:
+                live.remove(stream)
+            else:
+                log.append(record)
+    log.append({"type": "approval.decision", "user": "dba-1", "outcome": "success", "origin": "10.0.0.1:443",
+                "object": "payments/cards", "approval": "apr-B1", "decision": "approve", "approver": "dba-1",
+                "reason": "ok"})
+    log.close()
+
+
+def root_key(config: Config) -> str:
+    assert config.audit is not None
+    return (config.audit.keys_dir / "root.pub").read_text().strip()
+
+
+def bundle_records(path: Path) -> list[dict[str, Any]]:
+    out = []
+    with tarfile.open(path) as tar:
+        for member in sorted(tar.getnames()):
+            if member.startswith("records/") and member.endswith(".jsonl"):
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                out += [json.loads(line) for line in data.splitlines()]
+    return out
+
+
+def last_admin(config: Config) -> dict[str, Any]:
+    assert config.audit is not None
+    records = [json.loads(e.line) for e in AuditReader(config.audit.dir).records()]
+    return [r for r in records if r["type"] == "admin"][-1]
+
+
+def test_whole_log(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    fill(config)
+    out = tmp_path / "all.tar.gz"
+    seen: list[tuple[int, int]] = []
+    summary = export(config, out, progress=lambda done, total: seen.append((done, total)))
+    assert summary.left_out == 0 and summary.records == summary.log_size > 190
+    assert seen[-1] == (summary.log_size, summary.log_size)
+    report = verify_bundle(out, root_key(config))
+    assert report.ok, report.failures
+    assert report.records_valid == summary.records
+    admin = last_admin(config)
+    assert admin["action"] == "audit.export" and admin["outcome"] == "success"
+    assert admin["object"] == "audit-log" and admin["origin"].startswith("cli:")
+    assert admin["out"] == str(out) and admin["records"] == summary.records and admin["sha256"] == summary.sha256
+    assert admin["seq"] == summary.admin_seq >= summary.log_size  # after what it exported
+
+
+def test_one_session_with_its_late_approval(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    fill(config)
+    out = tmp_path / "b.tar.gz"
+    summary = export(config, out, session="B")
+    records = bundle_records(out)
+    assert {r["type"] for r in records} >= {"session.start", "statement", "result", "approval.request",
+                                            "approval.decision", "session.end"}
+    assert all(r.get("session") == "B" for r in records if r["type"] != "approval.decision")
+    assert [r["approval"] for r in records if r["type"] == "approval.decision"] == ["apr-B1"]
+    assert summary.records == len(records) == 1 + 60 + 1 + 1 + 1
+    assert summary.left_out == summary.log_size - summary.records
+    report = verify_bundle(out, root_key(config))
+    assert report.ok, report.failures
+    assert report.left_out == summary.left_out
+    assert last_admin(config)["session"] == "B"
+
+
+def test_time_range(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    fill(config)
+    assert config.audit is not None
+    times = [json.loads(e.line)["time"] for e in AuditReader(config.audit.dir).records()]
+    lo, hi = times[60], times[120]
+    frm = datetime.fromisoformat(lo)
+    to = datetime.fromisoformat(hi)
+    out = tmp_path / "range.tar.gz"
+    summary = export(config, out, frm, to)
+    records = bundle_records(out)
+    assert records and all(lo <= r["time"] <= hi for r in records)
+    assert summary.records == sum(1 for t in times if lo <= t <= hi)
+    report = verify_bundle(out, root_key(config))
+    assert report.ok, report.failures
+
+    empty = tmp_path / "none.tar.gz"  # nothing selected: still a bundle that verifies
+    summary = export(config, empty, datetime(2001, 1, 1, tzinfo=UTC), datetime(2001, 1, 2, tzinfo=UTC))
+    assert summary.records == 0 and summary.checkpoints == 1
+    assert verify_bundle(empty, root_key(config)).ok
+
+    with pytest.raises(ExportError, match="is before"):
+        export(config, tmp_path / "x.tar.gz", to, to - timedelta(seconds=1))
+
+
+def test_through_a_running_proxy(tmp_path: Path) -> None:
+    """The proxy holds the log: export asks it for a checkpoint and records through it."""
+    from appliance.audit.control import register_control_ops
+    from appliance.proxy.server import ProxyServer, start_control_server
+
+    config = write_config(tmp_path, control=True)
+    fill(config)
+    assert config.audit is not None and config.proxy.control_socket is not None
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    holder: dict[str, Any] = {}
+
+    def serve() -> None:
+        asyncio.set_event_loop(loop)
+        log = AuditLog.open(config.audit, version="proxy")  # type: ignore[arg-type]
+        log.start(loop)
+        server = ProxyServer(config, None)  # type: ignore[arg-type]
+        register_control_ops(server.control_ops, log)
+        holder["log"] = log
+        holder["control"] = loop.run_until_complete(start_control_server(server, config.proxy.control_socket))
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    log: AuditLog = holder["log"]
+    try:
+        size_before = log.size
+        out = tmp_path / "live.tar.gz"
+        summary = export(config, out, session="A")
+        assert summary.via == "proxy"
+        assert summary.log_size >= size_before  # the proxy's fresh checkpoint
+        assert log.size == summary.admin_seq + 1  # appended by the proxy, the writer
+        assert verify_bundle(out, root_key(config)).ok
+    finally:
+        async def shutdown() -> None:
+            holder["control"].close()
+            await holder["control"].wait_closed()
+            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), 10)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(15)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        log.close()
+        loop.close()
+    admin = last_admin(config)
+    assert admin["action"] == "audit.export" and admin["session"] == "A"

@@ -1,0 +1,558 @@
+"""The audit log writer: records, recovery after a crash, group commit, checkpoints, keys, failures.
+
+Real files, real fsync, real Ed25519. The only fault injected by hand is a failing
+fdatasync (no disk here fails on demand); a full disk is a real, small tmpfs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.audit import merkle, note
+from appliance.audit.keys import AuditKeyError, KeyRing, init_audit_dir, load_root_key
+from appliance.audit.reader import AuditReader
+from appliance.audit.store import (
+    AuditError,
+    AuditLog,
+    AuditUnavailable,
+    checkpoint_root,
+)
+from appliance.audit.trust import parse_trust
+from appliance.config import AuditConfig
+
+ORIGIN = "tollgate.test/audit"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def make_config(tmp_path: Path, **overrides: Any) -> AuditConfig:
+    """An initialised audit directory under ``tmp_path``; quiet cadence unless overridden."""
+    settings: dict[str, Any] = {"origin": ORIGIN, "checkpoint_records": 1_000_000, "checkpoint_seconds": 3600.0,
+                                "heartbeat_seconds": 3600.0}
+    settings.update(overrides)
+    config = AuditConfig(tmp_path / "audit", **settings)
+    init_audit_dir(config)
+    return config
+
+
+def statement(i: int, session: str = "s-1", **extra: Any) -> dict[str, Any]:
+    return {"type": "statement", "user": "agent@example.com", "outcome": "success", "origin": "10.0.0.7:40000",
+            "object": "payments/cards", "session": session, "stmt": i, "kind": "query",
+            "text": f"SELECT * FROM cards WHERE id = {i}", "decision": "allow", "classes": [], **extra}
+
+
+def lines(config: AuditConfig) -> list[dict[str, Any]]:
+    return [json.loads(e.line) for e in AuditReader(config.dir).records()]
+
+
+def check_tree(config: AuditConfig) -> int:
+    """Every checkpoint's root equals the root of the records' leaves at its size; return
+    how many checkpoints were checked. Also: seq fields are 0..n-1 and every file ends in \\n."""
+    reader = AuditReader(config.dir)
+    leaves = []
+    for entry in reader.records():
+        assert json.loads(entry.line)["seq"] == entry.seq
+        leaves.append(merkle.leaf_hash(entry.line))
+    for _start, path in reader.segments():
+        data = path.read_bytes()
+        assert not data or data.endswith(b"\n"), f"{path} ends in a partial line"
+    checkpoints = reader.checkpoints()
+    ring = KeyRing.load(config)
+    for cp in checkpoints:
+        _text, keys = note.open_note(cp["note"], ring.trust.verifier_keys())
+        ring.trust.check(keys[0].name, keys[0].key_hash, cp["size"])  # signed by a key valid at that size
+        assert cp["size"] <= len(leaves)
+        assert checkpoint_root(cp) == merkle.root_of(leaves[:cp["size"]]), f"checkpoint {cp['size']}"
+    return len(checkpoints)
+
+
+class CollectingSink:
+    """An off-box sink that keeps what it is given, and says when something came."""
+
+    name = "collect"
+
+    def __init__(self) -> None:
+        self.notes: list[tuple[str, int, int]] = []
+        self.event = threading.Event()
+
+    def deliver(self, text: str, size: int, unix_time: int) -> None:
+        self.notes.append((text, size, unix_time))
+        self.event.set()
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.notes):
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out; got checkpoints {[n[1] for n in self.notes]}"
+            self.event.wait(left)
+            self.event.clear()
+
+
+# --- round trip and recovery ----------------------------------------------------------------------
+
+def test_round_trip(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    log = AuditLog.open(config, version="1.2.3", run="aaaaaaaaaaaa")
+    seqs = [log.append(statement(i)) for i in range(100)]
+    assert seqs == list(range(2, 102))  # 0: log.start, 1: key.generate (a new log's first key)
+    log.close("test over")
+    records = lines(config)
+    assert [r["type"] for r in records[:2]] == ["log.start", "key.generate"]
+    start = records[0]
+    assert start["version"] == "1.2.3" and start["durability"] == "fsync" and start["run"] == "aaaaaaaaaaaa"
+    assert start["recovered"] == {"truncated_bytes": 0, "records": 0} and "previous_run" not in start
+    assert start["key"] == KeyRing.load(config).signing_key.key_id
+    assert records[-1]["type"] == "log.stop" and records[-1]["reason"] == "test over"
+    assert all(r["time"].endswith("Z") and len(r["time"]) == 27 for r in records)
+    assert records[50]["text"] == "SELECT * FROM cards WHERE id = 48"
+
+    again = AuditLog.open(config, version="1.2.4", run="bbbbbbbbbbbb")
+    assert again.size == 104
+    again.close()
+    records = lines(config)
+    assert records[103]["type"] == "log.start" and records[103]["previous_run"] == "aaaaaaaaaaaa"
+    assert records[103]["recovered"] == {"truncated_bytes": 0, "records": 0}  # closed cleanly: all signed
+    assert check_tree(config) >= 3
+
+
+def test_partial_trailing_line_is_cut_and_reported(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    log = AuditLog.open(config, version="t")
+    for i in range(10):
+        log.append(statement(i))
+    log.checkpoint_now()
+    for i in range(10, 15):  # written, never checkpointed
+        log.append(statement(i))
+    _abandon(log)
+    segment = config.dir / "segments" / "000000000000.jsonl"
+    partial = b'{"kind":"query","object":"payments/cards","seq":17,"text":"SELECT 1'  # a killed write
+    with open(segment, "ab") as f:
+        f.write(partial)
+    log = AuditLog.open(config, version="t")
+    assert log.size == 18
+    log.close()
+    records = lines(config)
+    assert [r["seq"] for r in records] == list(range(len(records)))
+    start = records[17]
+    assert start["type"] == "log.start"
+    assert start["recovered"] == {"truncated_bytes": len(partial), "records": 5}
+    assert [r["stmt"] for r in records[2:17]] == list(range(15))
+    check_tree(config)
+
+
+def _abandon(log: AuditLog) -> None:
+    """What SIGKILL leaves: no log.stop, no final checkpoint, the lock dropped with the fds."""
+    log._stopping = True
+    log._wake.set()
+    if log._thread is not None:
+        log._thread.join()
+    log._close_fds()
+    os.close(log._lock_fd)
+
+
+WRITER = """
+import sys
+from pathlib import Path
+from appliance.config import AuditConfig
+from appliance.audit.store import AuditLog
+config = AuditConfig(Path(sys.argv[1]), origin=sys.argv[2], checkpoint_records=50, checkpoint_seconds=3600.0,
+                     heartbeat_seconds=3600.0)
+log = AuditLog.open(config, version="child")
+log.start()
+i = 0
+while True:
+    seq = log.append({"type": "statement", "user": "u", "outcome": "success", "origin": "1.2.3.4:5",
+                      "object": "t/db", "session": "kill", "stmt": i, "text": "x" * (i % 300), "kind": "query"})
+    if i == 400:
+        log.checkpoint_now()
+        print(seq, flush=True)  # acknowledged: durable and signed
+    elif i == 3000:
+        print("more", flush=True)  # and on it goes, until killed
+    i += 1
+"""
+
+
+def test_kill_9_while_writing(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    child = subprocess.Popen([sys.executable, "-c", WRITER, str(config.dir), ORIGIN], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        acknowledged = int(child.stdout.readline())  # type: ignore[union-attr]
+        assert child.stdout.readline() == "more\n"  # type: ignore[union-attr]  # killed mid-stream
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    log = AuditLog.open(config, version="t")
+    size = log.size
+    log.close()
+    records = lines(config)
+    assert size > 3000 > acknowledged
+    start = records[size - 1]
+    assert start["type"] == "log.start" and start["previous_run"] == records[0]["run"]
+    assert [r["stmt"] for r in records[2:size - 1]] == list(range(size - 3))  # nothing lost, nothing doubled
+    assert check_tree(config) >= 2
+
+
+def test_recovery_without_state_rehashes_to_the_same_tree(tmp_path: Path) -> None:
+    config = make_config(tmp_path, segment_bytes=4096)
+    log = AuditLog.open(config, version="t")
+    for i in range(300):
+        log.append(statement(i))
+    log.close()
+    segments = AuditReader(config.dir).segments()
+    assert len(segments) > 5 and [s for s, _ in segments] == sorted(s for s, _ in segments)
+    for start, path in segments:  # each segment is named by the seq of its first line
+        first = json.loads(path.read_bytes().split(b"\n", 1)[0])
+        assert first["seq"] == start
+    (config.dir / "state.json").write_text('{"v":1,"size":3,"segment":0,"offset":10,"hashes":[]}')  # wrong
+    log = AuditLog.open(config, version="t")
+    log.close()
+    (config.dir / "state.json").unlink()
+    log = AuditLog.open(config, version="t")
+    assert log.size == 306
+    log.close()
+    assert check_tree(config) >= 4
+
+
+def test_state_one_checkpoint_behind_is_used_and_consistent(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    log = AuditLog.open(config, version="t")
+    for i in range(30):
+        log.append(statement(i))
+    log.checkpoint_now()
+    older = (config.dir / "state.json").read_bytes()
+    for i in range(30, 60):
+        log.append(statement(i))
+    log.checkpoint_now()  # then killed before state.json was replaced
+    _abandon(log)
+    (config.dir / "state.json").write_bytes(older)
+    log = AuditLog.open(config, version="t")
+    assert log.size == 63  # 62 records, and its log.start
+    log.close()
+    assert lines(config)[62]["recovered"] == {"truncated_bytes": 0, "records": 0}
+    check_tree(config)
+
+
+def test_a_log_shorter_than_its_checkpoints_is_refused(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    log = AuditLog.open(config, version="t")
+    for i in range(20):
+        log.append(statement(i))
+    log.close()
+    segment = config.dir / "segments" / "000000000000.jsonl"
+    data = segment.read_bytes()
+    segment.write_bytes(data[:data.rindex(b"\n", 0, len(data) - 1) + 1])  # the last record removed
+    with pytest.raises(AuditError, match="last checkpoint covers 23"):
+        AuditLog.open(config, version="t")
+
+
+def test_one_writer_at_a_time(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    log = AuditLog.open(config, version="t")
+    try:
+        with pytest.raises(AuditError, match=f"in use by pid {os.getpid()}"):
+            AuditLog.open(config, version="t")
+    finally:
+        log.close()
+    AuditLog.open(config, version="t").close()  # released on close
+
+
+def test_missing_keys_are_named(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    (config.keys_dir / "current").unlink()
+    with pytest.raises(AuditKeyError, match=r"keys/current.*tollgate audit init"):
+        AuditLog.open(config, version="t")
+    with pytest.raises(AuditError, match="tollgate audit init"):
+        AuditLog.open(replace(config, dir=tmp_path / "nowhere"), version="t")
+
+
+# --- durability and checkpoints -------------------------------------------------------------------------
+
+def test_durable_futures_resolve_after_a_sync(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    log = AuditLog.open(config, version="t")
+
+    async def main() -> list[int]:
+        log.start(asyncio.get_running_loop())
+
+        async def agent(n: int) -> list[int]:
+            done = []
+            for i in range(50):
+                seq = log.append(statement(i, session=f"s-{n}"))
+                fut = log.durable(seq)
+                assert fut is not None  # not synced yet: the sync thread can't have run in between
+                await fut
+                assert log.durable_size > seq
+                assert log.durable(seq) is None  # now it is
+                done.append(seq)
+            return done
+
+        results = await asyncio.gather(*(agent(n) for n in range(8)))
+        return sorted(s for r in results for s in r)
+
+    try:
+        seqs = asyncio.run(main())
+    finally:
+        log.close()
+    assert seqs == list(range(2, 402))
+    check_tree(config)
+
+
+def test_write_durability_needs_no_waiting(tmp_path: Path) -> None:
+    config = make_config(tmp_path, durability="write")
+    log = AuditLog.open(config, version="t")
+    try:
+        seq = log.append(statement(1))
+        assert log.durable(seq) is None
+    finally:
+        log.close()
+
+
+def test_checkpoint_every_n_records(tmp_path: Path) -> None:
+    config = make_config(tmp_path, checkpoint_records=10)
+    sink = CollectingSink()
+    log = AuditLog.open(config, version="t", sinks=[sink])
+    try:
+        sink.wait_for(lambda notes: len(notes) == 1)  # signed at open, shipped on the sinks' thread
+        assert sink.notes[0][1] == 2
+        log.start()
+        for i in range(9):
+            log.append(statement(i))
+        assert log.checkpoint_now()["size"] == 11  # (by hand: the count starts again)
+        for i in range(10):
+            log.append(statement(i))
+        sink.wait_for(lambda notes: notes[-1][1] == 21)  # ten new records: signed
+        for i in range(10):
+            log.append(statement(i))
+        sink.wait_for(lambda notes: notes[-1][1] == 31)
+    finally:
+        log.close()
+    sizes = [n[1] for n in sink.notes]
+    assert sizes == [2, 11, 21, 31, 32]  # and none in between (the last: log.stop, at close)
+    assert check_tree(config) == len(sizes)
+
+
+@pytest.mark.parametrize("durability", ["fsync", "write"])
+def test_checkpoint_seconds_after_the_first_unsigned_record(tmp_path: Path, durability: str) -> None:
+    config = make_config(tmp_path, checkpoint_seconds=0.2, durability=durability)
+    sink = CollectingSink()
+    log = AuditLog.open(config, version="t", sinks=[sink])
+    try:
+        log.start()
+        appended = time.monotonic()
+        seq = log.append(statement(1))
+        sink.wait_for(lambda notes: bool(notes) and notes[-1][1] > seq)
+        waited = time.monotonic() - appended
+    finally:
+        log.close()
+    assert 0.15 <= waited < 5
+
+
+def test_heartbeat_when_idle_and_checkpoint_on_request(tmp_path: Path) -> None:
+    config = make_config(tmp_path, heartbeat_seconds=0.1)
+    sink = CollectingSink()
+    log = AuditLog.open(config, version="t", sinks=[sink])
+    try:
+        log.start()
+        sink.wait_for(lambda notes: len(notes) >= 3)
+        assert {n[1] for n in sink.notes} == {2}  # same size, re-signed
+        times = [n[2] for n in sink.notes]
+        assert times == sorted(times)  # each a new signature over the same tree, never older
+    finally:
+        log.close()
+
+    config = replace(config, heartbeat_seconds=3600.0)
+    sink = CollectingSink()
+    log = AuditLog.open(config, version="t", sinks=[sink])
+    try:
+        log.start()
+        seq = log.append(statement(1))
+        log.request_checkpoint()  # a session ended
+        sink.wait_for(lambda notes: bool(notes) and notes[-1][1] > seq)
+    finally:
+        log.close()
+
+
+# --- keys ---------------------------------------------------------------------------------------------
+
+def test_rotation_is_recorded_and_signed_on_both_sides(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    log = AuditLog.open(config, version="t")
+    old = log.keyring.signing_key
+    for i in range(5):
+        log.append(statement(i))
+    new = log.rotate_key(load_root_key(config), user="alice", origin="cli:0")
+    for i in range(5):
+        log.append(statement(i))
+    log.close()
+    records = lines(config)
+    [rotate] = [r for r in records if r["type"] == "key.rotate"]
+    at = rotate["seq"] + 1
+    assert rotate["key"] == new.key_id and rotate["previous"] == old.key_id and rotate["valid_from"] == at
+    assert rotate["user"] == "alice" and rotate["origin"] == "cli:0"
+    ring = KeyRing.load(config)
+    assert ring.signing_key.key_id == new.key_id
+    assert [(e.key.key_id, e.valid_from, e.valid_until) for e in ring.trust.entries] == \
+        [(old.key_id, 0, at), (new.key_id, at, None)]
+    assert (config.keys_dir / "current").read_text().strip() == new.key_id
+    by_key = {}
+    for cp in AuditReader(config.dir).checkpoints():
+        _, [key] = note.open_note(cp["note"], ring.trust.verifier_keys())
+        by_key.setdefault(key.key_id, []).append(cp["size"])
+    assert max(by_key[old.key_id]) == at and min(by_key[new.key_id]) == at
+    assert check_tree(config) >= 4
+
+
+def test_rotation_needs_the_root_key(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    root = config.keys_dir / "root.key"
+    offline = tmp_path / "offline-root.pem"
+    root.rename(offline)
+    with pytest.raises(AuditKeyError, match="give --root-key FILE"):
+        load_root_key(config)
+    log = AuditLog.open(config, version="t")
+    try:
+        other = note.SigningKey.generate(f"{ORIGIN}/root")
+        with pytest.raises(AuditKeyError, match="not the one"):
+            log.rotate_key(other)
+        log.rotate_key(load_root_key(config, offline))
+    finally:
+        log.close()
+    trust = parse_trust((config.dir / "trust.note").read_text(), load_root_key(config, offline).verifier)
+    assert len(trust.entries) == 2
+
+
+# --- failures -----------------------------------------------------------------------------------------
+
+@pytest.fixture
+def small_fs() -> Any:
+    """A 256 KiB tmpfs, unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where = Path(tempfile.mkdtemp(prefix="tollgate-full-"))
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(where)],
+                          check=False, capture_output=True, text=True)
+    if done.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+        where.rmdir()
+
+
+def _fill(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as exc:
+        assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+
+
+def test_disk_full_refuses_then_resumes_with_a_failure_record(small_fs: Path) -> None:
+    config = make_config(small_fs)
+    log = AuditLog.open(config, version="t")
+    try:
+        log.append(statement(0))
+        _fill(small_fs / "filler")
+        with pytest.raises(AuditUnavailable) as raised:
+            for i in range(1, 10_000):  # the segment's last page fills up
+                log.append(statement(i))
+        assert raised.value.errno == errno.ENOSPC
+        size = log.size
+        for _ in range(3):  # still full: keeps refusing, nothing half-written
+            with pytest.raises(AuditUnavailable):
+                log.append(statement(-1))
+            log.note_refused()
+        assert log.size == size
+        segment = config.dir / "segments" / "000000000000.jsonl"
+        assert segment.read_bytes().endswith(b"\n")
+        assert AuditReader(config.dir).size() == size
+        assert log.status()["failure"]["refused"] == 3
+
+        (small_fs / "filler").unlink()  # space returns: service resumes by itself
+        seq = log.append(statement(99))
+        assert seq == size + 1
+    finally:
+        log.close()
+    records = lines(config)
+    failure = records[size]
+    assert failure["type"] == "audit.failure" and failure["refused"] == 3
+    assert "No space left" in failure["error"] and failure["since"] <= failure["time"]
+    assert "lost" not in failure
+    assert records[size + 1]["stmt"] == 99
+    check_tree(config)
+
+
+def test_failed_fsync_rolls_back_and_fails_the_waiting(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    log = AuditLog.open(config, version="t")
+    failing = threading.Event()
+    real = os.fdatasync
+
+    def fdatasync(fd: int) -> None:  # the disk reports an I/O error, once
+        if failing.is_set():
+            failing.clear()
+            raise OSError(errno.EIO, "Input/output error")
+        real(fd)
+
+    log._fdatasync = fdatasync
+
+    async def main() -> tuple[int, list[Any]]:
+        log.start(asyncio.get_running_loop())
+        seq = log.append(statement(0))
+        await log.durable(seq)  # type: ignore[misc]
+        durable = log.durable_size
+        failing.set()
+        with log._commit:  # no sync round starts until all five are written: one batch
+            seqs = [log.append(statement(i)) for i in range(1, 6)]
+        outcomes = await asyncio.gather(*(log.durable(s) for s in seqs), return_exceptions=True)  # type: ignore[misc]
+        return durable, outcomes
+
+    try:
+        durable, outcomes = asyncio.run(main())
+        assert all(isinstance(o, AuditUnavailable) and "Input/output error" in str(o) for o in outcomes)
+        assert log.size == durable  # rolled back: the file and the tree
+        log.note_refused(5)
+        seq = log.append(statement(42))
+        assert seq == durable + 1
+    finally:
+        log.close()
+    records = lines(config)
+    failure = records[durable]
+    assert failure["type"] == "audit.failure" and failure["refused"] == 5
+    assert failure["lost"] == {"from": durable, "to": durable + 4}
+    assert records[durable + 1]["stmt"] == 42
+    assert not any(r.get("stmt") in (1, 2, 3, 4, 5) for r in records)
+    check_tree(config)
+
+
+def test_offbox_directory_gets_every_checkpoint(tmp_path: Path) -> None:
+    offbox = tmp_path / "other-storage"
+    offbox.mkdir()
+    config = make_config(tmp_path, offbox_dir=offbox)
+    log = AuditLog.open(config, version="t")
+    log.append(statement(1))
+    log.checkpoint_now()
+    log.close()
+    names = sorted(p.name for p in offbox.iterdir())
+    made = AuditReader(config.dir).checkpoints()
+    assert len(names) == len(made) and all(n.startswith("checkpoint-") and n.endswith(".note") for n in names)
+    assert {p.read_text() for p in offbox.iterdir()} == {cp["note"] for cp in made}
