@@ -44,7 +44,7 @@ import contextlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from appliance.holds.service import ApprovalError, ApprovalService
 from appliance.holds.store import ApprovalRequest, Grant, Requester
@@ -132,6 +132,8 @@ class HoldBroker:
         self._closing = False
         self._failing: str | None = None  # why the store failed, until it works again
         self._last_sweep = 0.0
+        # Told of each request opened here and of its outcome: ("request" | "decision", request).
+        self.listeners: list[Callable[[str, ApprovalRequest], None]] = []
 
     @classmethod
     def from_config(cls, config: Any) -> HoldBroker:
@@ -185,9 +187,12 @@ class HoldBroker:
         when shutting down."""
         if self._closing:
             raise RuntimeError("the appliance is shutting down")
-        return self.service.request(requester=requester, target=target, database=database, sql=sql, params=params,
-                                    decision=decision, fingerprint=fingerprint, session_id=session_id,
-                                    client=client, role=role, timeout_seconds=timeout_seconds)
+        request = self.service.request(requester=requester, target=target, database=database, sql=sql,
+                                       params=params, decision=decision, fingerprint=fingerprint,
+                                       session_id=session_id, client=client, role=role,
+                                       timeout_seconds=timeout_seconds)
+        self._notify("request", request)
+        return request
 
     def decision(self, request: ApprovalRequest, timeout: float | None = None) -> asyncio.Future[Reject | None]:
         """A future for ``request``'s outcome (see the module docstring); cancel it to withdraw.
@@ -249,7 +254,15 @@ class HoldBroker:
         if not waiter.future.done():
             waiter.future.set_result(verdict)
 
+    def _notify(self, event: str, request: ApprovalRequest) -> None:
+        for listener in self.listeners:
+            try:
+                listener(event, request)
+            except Exception:  # a listener's failure is its own (the audit reports its own)
+                log.exception("approval listener %r failed on %s %s", listener, event, request.id)
+
     def _resolve_all(self, request: ApprovalRequest) -> None:
+        self._notify("decision", request)
         for waiter in list(self._waiters.get(request.id, ())):
             self._resolve(waiter, verdict_for(request, waiter.timeout if request.status == "expired" else None))
 
@@ -284,6 +297,8 @@ class HoldBroker:
             return
         if request.status == "expired":
             log.info("approval %s timed out after %ss", request_id, _seconds(waiter.timeout))
+        if not request.pending:
+            self._notify("decision", request)
         self._resolve(waiter, verdict_for(request, waiter.timeout if request.status == "expired" else None))
 
     async def _withdraw(self, request_id: str, why: str) -> None:
@@ -292,7 +307,9 @@ class HoldBroker:
         except Exception as exc:  # noqa: BLE001 - the statement is already refused; log and move on
             log.error("approval %s: could not withdraw it (%s): %s", request_id, why, exc)
             return
-        if request.status != "withdrawn":
+        if request.status == "withdrawn":
+            self._notify("decision", request)
+        else:
             log.info("approval %s was already %s when its statement stopped waiting", request_id, request.status)
 
     def _spawn(self, coro: Any) -> None:

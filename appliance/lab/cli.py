@@ -42,6 +42,9 @@ def _add_commands(sub: Any) -> None:
                          "(card numbers are masked either way)")
     up.add_argument("--agent-auth", choices=("certificate", "trust"), default="certificate",
                     help="certificate: enroll the agent by OIDC and require mTLS (default); trust: no identity")
+    up.add_argument("--audit", choices=("fsync", "write", "off"), default="fsync",
+                    help="the audit log's durability: a statement runs once its record is fsync'd (default) "
+                         "or written; off: no audit log")
     up.add_argument("--json", action="store_true", help="print the status as JSON when up")
     up.set_defaults(handler=cmd_up)
 
@@ -79,7 +82,7 @@ def _fail(message: str) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     try:
         lab = Lab.create(args.name, owner_pid=args.owner_pid, proxy=args.proxy, method=args.method,
-                         agent_auth=args.agent_auth, policy=args.policy)
+                         agent_auth=args.agent_auth, policy=args.policy, audit=args.audit)
     except LabError as exc:
         return _fail(str(exc))
     if args.json:
@@ -231,6 +234,16 @@ def next_steps(s: dict[str, Any]) -> str:
         f"    tollgate policy check -c {s['proxy']['config']} --as payments-agents --target payments --sql \"TRUNCATE cards\"",
         "",
     ]
+    if s["proxy"].get("audit", "off") != "off":
+        config = s["proxy"]["config"]
+        lines += [
+            "  What happened, from the audit log (signed; verifiable offline):",
+            f"    tollgate sessions -c {config}",
+            f"    tollgate replay SESSION -c {config}",
+            f"    tollgate audit export -c {config} -o /tmp/bundle.tar.gz",
+            f"    tollgate-verify /tmp/bundle.tar.gz --root-key @{s['proxy']['audit_dir']}/keys/root.pub",
+            "",
+        ]
     if s["proxy"]["enabled"]:
         lines += [f"  Watch the appliance:  tail -f {s['proxy']['log']}"]
     else:

@@ -16,6 +16,7 @@ import logging
 import os
 import select
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -54,7 +55,8 @@ class Lab:
 
     def __init__(self, name: str | None = None, *, owner_pid: int | None = None, proxy: bool = True,
                  method: str = "redirect", root: Path = st.LAB_ROOT, suite_role: bool = False,
-                 agent_auth: str = "certificate", policy: str = "lab"):
+                 agent_auth: str = "certificate", policy: str = "lab", audit: str = "fsync",
+                 audit_dir: Path | None = None):
         try:
             self.name = st.validate_name(name) if name else st.generate_name()
         except st.StateError as exc:
@@ -77,6 +79,11 @@ class Lab:
         if policy not in lab_policy.POLICIES:
             raise LabError(f"policy must be one of {', '.join(lab_policy.POLICIES)}, not {policy!r}")
         self.policy = policy
+        # The audit log's durability ("fsync", "write"), or "off" for no [audit] at all.
+        if audit not in ("fsync", "write", "off"):
+            raise LabError(f"audit must be 'fsync', 'write' or 'off', not {audit!r}")
+        self.audit = audit
+        self._audit_dir = Path(audit_dir) if audit_dir is not None else None  # e.g. a small tmpfs (tests)
         self.root = root
         self.dir = st.lab_dir(self.name, root)
         self.paths = Paths(self.dir)
@@ -104,7 +111,9 @@ class Lab:
         proxy = recorded.get("proxy", {})
         lab = cls(name, root=root, proxy=bool(proxy.get("enabled")), method=proxy.get("method", "redirect"),
                   suite_role=database.SUITE_ROLE in recorded.get("roles", {}),
-                  agent_auth=proxy.get("agent_auth", "trust"), policy=proxy.get("policy", "lab"))
+                  agent_auth=proxy.get("agent_auth", "trust"), policy=proxy.get("policy", "lab"),
+                  audit=proxy.get("audit", "off"),
+                  audit_dir=Path(proxy["audit_dir"]) if proxy.get("audit_dir") else None)
         lab.state = recorded
         owner = recorded.get("owner")
         lab.owner_pid = owner["pid"] if owner else None
@@ -132,6 +141,15 @@ class Lab:
     @property
     def policy_path(self) -> Path:
         return self.dir / "policy.toml"
+
+    @property
+    def audit_dir(self) -> Path:
+        return self._audit_dir if self._audit_dir is not None else self.dir / "audit"
+
+    @property
+    def offbox_dir(self) -> Path:
+        """Where the lab's appliance copies each checkpoint (standing in for other storage)."""
+        return self.dir / "offbox-checkpoints"
 
     @property
     def control_socket(self) -> Path:
@@ -176,7 +194,8 @@ class Lab:
             "paths": self._paths(),
             "roles": {},
             "proxy": {"enabled": self.proxy_enabled, "method": self.method, "port": PROXY_PORT,
-                      "agent_auth": self.agent_auth, "policy": self.policy},
+                      "agent_auth": self.agent_auth, "policy": self.policy, "audit": self.audit,
+                      "audit_dir": str(self.audit_dir)},
         }
         self._save()
         try:
@@ -252,9 +271,13 @@ class Lab:
         # Catch a config the proxy would reject now, with the lab's error, not the proxy's.
         from appliance.config import ConfigError, load_config
         try:
-            load_config(self.config_path)
+            config = load_config(self.config_path)
         except ConfigError as exc:
             raise LabError(f"generated an invalid proxy config: {exc}") from None
+        if config.audit is not None:
+            from appliance.audit.keys import init_audit_dir
+            init_audit_dir(config.audit)
+            self.offbox_dir.mkdir(mode=0o700, exist_ok=True)  # "other storage": there before the proxy
 
     def _start_identity_services(self) -> None:
         """The dev OIDC issuer and the enrollment service in gw; then enroll the agent."""
@@ -287,18 +310,64 @@ class Lab:
         """The proxy's command line, run in the gw namespace (tests may override it)."""
         return [sys.executable, "-m", "appliance.cli", "run", "-c", str(self.config_path)]
 
+    def restart_proxy(self) -> None:
+        """Start the proxy again after it died (or was killed), and wait until it is ready."""
+        proxy = self.state.get("pids", {}).get("proxy")
+        if proxy and st.process_alive(proxy):
+            raise LabError("the proxy is still running")
+        self._start_proxy()
+
+    def set_audit(self, audit: str) -> None:
+        """Run the proxy with another audit setting ("fsync", "write", "off"): rewrite its
+        config and restart it (the benchmark compares them in one lab)."""
+        if audit not in ("fsync", "write", "off"):
+            raise LabError(f"audit must be 'fsync', 'write' or 'off', not {audit!r}")
+        if audit == self.audit:
+            return
+        self.stop_proxy()
+        self.audit = audit
+        self.state["proxy"]["audit"] = audit
+        self._save()
+        self.config_path.write_text(render_proxy_config(self))
+        if audit != "off" and not (self.audit_dir / "keys").is_dir():
+            from appliance.audit.keys import init_audit_dir
+            from appliance.config import load_config
+            init_audit_dir(load_config(self.config_path).audit)
+        self.restart_proxy()
+
+    def stop_proxy(self, timeout: float = 30.0) -> None:
+        """Stop the proxy the way a service manager does (SIGTERM) and wait until it is gone."""
+        proxy = self.state.get("pids", {}).get("proxy")
+        if not proxy or not st.process_alive(proxy):
+            return
+        try:
+            pidfd = os.pidfd_open(proxy["pid"])
+        except ProcessLookupError:
+            return
+        try:
+            os.kill(proxy["pid"], signal.SIGTERM)
+            if not select.select([pidfd], [], [], timeout)[0]:  # readable once the process has exited
+                raise LabError(f"the proxy (pid {proxy['pid']}) did not stop within {timeout:.0f}s")
+        finally:
+            os.close(pidfd)
+        if self._proxy_proc is not None:
+            self._proxy_proc.wait()
+            self._proxy_proc = None
+
     def _start_proxy(self) -> None:
+        offset = self.proxy_log.stat().st_size if self.proxy_log.exists() else 0
         self._proxy_proc = self._spawn_in_gw(self.proxy_argv(), self.proxy_log)
         self.state["pids"]["proxy"] = st.process_identity(self._proxy_proc.pid)
         self._save()
-        self._wait_ready(self._proxy_proc, self.proxy_log, PROXY_READY_LINE, "the proxy")
+        self._wait_ready(self._proxy_proc, self.proxy_log, PROXY_READY_LINE, "the proxy", offset)
 
-    def _wait_ready(self, proc: subprocess.Popen[bytes], log_path: Path, ready_line: str, what: str) -> None:
-        """Until ``proc`` logs its ready line; fail at once if it exits, or at the timeout."""
+    def _wait_ready(self, proc: subprocess.Popen[bytes], log_path: Path, ready_line: str, what: str,
+                    offset: int = 0) -> None:
+        """Until ``proc`` logs its ready line (after ``offset``: the log is appended to across
+        restarts); fail at once if it exits, or at the timeout."""
         deadline = time.monotonic() + PROXY_READY_TIMEOUT
         pidfd = os.pidfd_open(proc.pid)
         try:
-            offset = 0
             while True:
                 with open(log_path, "rb") as fh:
                     fh.seek(offset)
@@ -504,6 +573,8 @@ class Lab:
                 "log": str(self.proxy_log),
                 "control_socket": str(self.control_socket),
                 "target": TARGET_NAME,
+                "audit": self.audit,
+                "audit_dir": str(self.audit_dir),
             },
             "agent_conninfo": self.conninfo(),
             "conninfo": {
@@ -540,6 +611,9 @@ def render_proxy_config(lab: Lab) -> str:
     for role in roles:
         lines += ["", f"[targets.credentials.{role}]", f"password_file = {q(str(lab.password_file(role)))}"]
     lines += ["", "[policy]", f"file = {q(str(lab.policy_path))}", "reload_seconds = 0.2"]
+    if lab.audit != "off":
+        lines += ["", "[audit]", f"dir = {q(str(lab.audit_dir))}", f"origin = {q('tollgate.lab/' + lab.name)}",
+                  f"durability = {q(lab.audit)}", f"offbox_dir = {q(str(lab.offbox_dir))}"]
     if lab.agent_auth == "certificate":
         lines += lab_identity.config_lines(lab)
     return "\n".join(lines) + "\n"

@@ -123,7 +123,7 @@ class EnforcementAddon(Addon):
         target = session.target.name if session.target is not None else ""
         if self._granted(session, target, statement.text):
             return None
-        return self._hold(session, statement.text, _bind_params(bind, statement.param_types, self.scrub), decision)
+        return self._hold(session, statement.text, bind_params(bind, statement.param_types, self.scrub), decision)
 
     def session_end(self, session: SessionInfo, reason: str) -> None:
         session.addon_state.pop(self.name, None)
@@ -245,8 +245,10 @@ def _show_binary(oid: int, value: bytes) -> str:
     return "\\x" + value.hex()
 
 
-def _bind_params(bind: bytes | None, param_types: tuple[int, ...], scrub: Callable[[str], str]) -> list[str] | None:
-    """The parameters of a Bind, as an approver is shown them (PANs scrubbed, long ones cut)."""
+def bind_params(bind: bytes | None, param_types: tuple[int, ...], scrub: Callable[[str], str],
+                null: str | None = "NULL") -> list[str | None] | None:
+    """The parameters of a Bind, as an approver is shown them and records keep them (PANs
+    scrubbed, long ones cut); SQL NULL as ``null``."""
     if bind is None:
         return None
     try:
@@ -258,8 +260,9 @@ def _bind_params(bind: bytes | None, param_types: tuple[int, ...], scrub: Callab
     for i, value in enumerate(message.params):
         fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
         if value is None:
-            text = "NULL"
-        elif fmt == 1:
+            shown.append(null)
+            continue
+        if fmt == 1:
             text = _show_binary(param_types[i] if i < len(param_types) else 0, value)
         else:
             text = value.decode("utf-8", "replace")

@@ -50,6 +50,7 @@ class PolicyHolder:
         self.loaded_at: float = 0.0
         self.generation = 0  # bumped at every policy change
         self._callbacks: list[ReloadCallback] = []
+        self._failure_callbacks: list[Callable[[str], None]] = []
         self._signature = _signature(self.path)
         policy, digest = self._load()  # raises PolicyError: no valid policy, no proxy
         self._current = policy
@@ -72,6 +73,21 @@ class PolicyHolder:
         self._callbacks.append(fn)
         return fn
 
+    def on_failure(self, fn: Callable[[str], None]) -> Callable[[str], None]:
+        """Call ``fn(error)`` when a reload fails with a new error (the old policy stays)."""
+        self._failure_callbacks.append(fn)
+        return fn
+
+    def _failed(self, error: str) -> None:
+        if error == self.last_error:
+            return  # the same broken file, polled again
+        self.last_error = error
+        for fn in list(self._failure_callbacks):
+            try:
+                fn(error)
+            except Exception:
+                log.exception("policy failure callback %r failed", fn)
+
     def _load(self) -> tuple[Policy, str]:
         try:
             raw = self.path.read_bytes()
@@ -89,12 +105,12 @@ class PolicyHolder:
             self._signature = signature
             if str(exc) != self.last_error:
                 log.error("policy reload failed, keeping the previous policy: %s", exc)
-            self.last_error = str(exc)
+            self._failed(str(exc))
             return False
         except Exception as exc:  # never let a reload take the proxy down
             self._signature = signature
-            self.last_error = f"{self.path}: {type(exc).__name__}: {exc}"
             log.exception("policy reload failed, keeping the previous policy")
+            self._failed(f"{self.path}: {type(exc).__name__}: {exc}")
             return False
         self._signature = signature
         self.last_error = None
@@ -123,7 +139,7 @@ class PolicyHolder:
         if _signature(self.path) is None:
             if self.last_error is None or "missing" not in self.last_error:
                 log.error("policy file %s is missing; keeping the previous policy", self.path)
-            self.last_error = f"{self.path}: missing; the previous policy stays in force"
+            self._failed(f"{self.path}: missing; the previous policy stays in force")
             self._signature = None
             return False
         return self.reload()

@@ -1,8 +1,10 @@
 """Which features run in the proxy, built from the configuration, and their life cycle.
 
-``tollgate run`` asks :func:`build_features` for the addons (enforcement, masking) and the
-background work they need (policy file watching and SIGHUP, the approvals poller, catalog
-lookups), starts that work once the server listens and stops it on the way out. Keeping the
+``tollgate run`` asks :func:`build_features` for the addons (enforcement, masking, audit)
+and the background work they need (policy file watching and SIGHUP, the approvals poller,
+catalog lookups, the audit log's group commit and checkpoints). The audit log is opened
+before the server listens (no session may start unrecorded) and closed after the last
+session has ended; the rest starts once the server listens and stops on the way out. Keeping the
 assembly here leaves the server shell unaware of any particular feature.
 """
 
@@ -13,7 +15,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from appliance.config import Config
+from appliance.config import Config, ConfigError
 from appliance.proxy.hooks import Addon, AddonManager
 
 log = logging.getLogger("tollgate.features")
@@ -25,10 +27,32 @@ class Features:
     policy: Any = None  # appliance.policy.holder.PolicyHolder
     approvals: Any = None  # appliance.holds.broker.HoldBroker
     catalog: Any = None  # appliance.masking.catalog.PgColumnCatalog
+    audit: Any = None  # appliance.audit.addon.AuditAddon
+    audit_config: Any = None  # appliance.config.AuditConfig
+    audit_log: Any = None  # appliance.audit.store.AuditLog, once opened
     _tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+    async def prepare(self) -> None:
+        """Before the server listens: open the audit log (recovering it after a crash).
+        Raises if it can't be opened: the proxy must not run unrecorded."""
+        if self.audit is None:
+            return
+        from appliance import __version__
+        from appliance.audit.store import AuditError, AuditLog
+        try:
+            self.audit_log = await asyncio.to_thread(AuditLog.open, self.audit_config, version=__version__)
+        except AuditError as exc:
+            raise ConfigError(f"audit log {self.audit_config.dir}: {exc}") from None
+        self.audit_log.start(asyncio.get_running_loop())
+        self.audit.log = self.audit_log
+        if self.policy is not None:  # which policy was in force from the start
+            self.audit.policy_reloaded(str(self.policy.path), self.policy.digest, self.policy.generation, None)
 
     async def start(self, server: Any) -> None:
         loop = asyncio.get_running_loop()
+        if self.audit_log is not None:
+            from appliance.audit.control import register_control_ops
+            register_control_ops(server.control_ops, self.audit_log)
         if self.policy is not None:
             self.policy.install_sighup(loop)
             self._tasks.append(loop.create_task(self.policy.watch(), name="policy-watch"))
@@ -47,6 +71,9 @@ class Features:
         self._tasks.clear()
         if self.approvals is not None:
             await self.approvals.close()
+        if self.audit_log is not None:
+            audit_log, self.audit_log = self.audit_log, None
+            await asyncio.to_thread(audit_log.close, "the proxy stopped")
 
     def policy_status(self) -> dict[str, Any]:
         holder = self.policy
@@ -87,9 +114,37 @@ def build_features(config: Config) -> Features:
         addons.append(MaskingAddon(config.masking.pan_format, features.catalog))
     else:
         log.warning("masking is turned off ([masking] enabled = false): card numbers reach agents in clear")
+    if config.audit is not None:
+        # Last: it records what the others decided and masked.
+        addons.append(_audit(config, features, scrub))
+    else:
+        log.warning("no [audit] configured: sessions and statements are not recorded")
     for addon in addons:
         features.addons.add(addon)
     return features
+
+
+def _audit(config: Config, features: Features, scrub: Any) -> Addon:
+    from appliance.audit.addon import AuditAddon, SamplingAuditAddon
+    from appliance.audit.keys import KeyRing
+    audit_config = config.audit
+    assert audit_config is not None
+    from appliance.audit.keys import AuditKeyError
+    try:
+        KeyRing.load(audit_config)  # fail now, with the file named, rather than at the first session
+    except AuditKeyError as exc:
+        raise ConfigError(f"{config.path}: audit: {exc}") from None
+    kind = SamplingAuditAddon if audit_config.result_rows > 0 and audit_config.result_bytes > 0 else AuditAddon
+    addon = kind(None, scrub, result_rows=audit_config.result_rows, result_bytes=audit_config.result_bytes)
+    features.audit, features.audit_config = addon, audit_config
+    if features.approvals is not None:
+        features.approvals.listeners.append(addon.approval_event)
+    holder = features.policy
+    if holder is not None:
+        path = str(holder.path)
+        holder.on_reload(lambda policy: addon.policy_reloaded(path, holder.digest, holder.generation, None))
+        holder.on_failure(lambda error: addon.policy_reloaded(path, None, holder.generation, error))
+    return addon
 
 
 def _scrubber(config: Config) -> Any:

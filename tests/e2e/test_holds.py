@@ -97,6 +97,20 @@ def test_an_update_held_and_approved_by_a_dba_runs_exactly_once(lab: Lab, tokens
     [decided] = [r for r in listing(lab, tokens["lab-dba-2"], "approved") if r["id"] == request["id"]]
     assert decided["votes"][0]["approver"]["subject"] == "lab-dba-1"
     assert decided["votes"][0]["reason"] == "ticket CHG-1042"
+    # The audit log has the request, the decision with its approver and reason, and the
+    # statement that ran under it.
+    from tests.e2e.test_audit import records
+    mine = wait_for(lambda: [r for r in records(lab) if r.get("approval") == request["id"]
+                             and r["type"] in ("approval.request", "approval.decision", "statement")]
+                    if len([r for r in records(lab) if r.get("approval") == request["id"]]) >= 3 else None,
+                    "the approval's records")
+    by_type = {r["type"]: r for r in mine}
+    assert by_type["approval.request"]["user"] == "lab-agent" and by_type["approval.request"]["rule"] == \
+        "card-changes-need-a-dba"
+    assert by_type["approval.decision"]["decision"] == "approve"
+    assert by_type["approval.decision"]["approver"] == "lab-dba-1"
+    assert by_type["approval.decision"]["reason"] == "ticket CHG-1042"
+    assert by_type["statement"]["outcome"] == "success" and f"WHERE id = {card_id}" in by_type["statement"]["text"]
 
 
 def test_a_denied_statement_gets_an_error_naming_the_approval_and_the_reason(lab: Lab, tokens, card):

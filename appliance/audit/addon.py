@@ -1,0 +1,334 @@
+"""The audit addon: turns what a session does into records in the audit log.
+
+Records follow docs/audit-format.md. The one that matters most is ``statement``: it is
+appended at the ``forward`` hook — the moment a request's verdict is final — and the
+request goes upstream only once the record is durable (the hook hands the session the
+log's durability future; with ``durability = "write"`` the append alone suffices). A
+record that can't be written refuses its statement: nothing unrecorded reaches the
+database. Records of things already done (results, session ends) are best effort: a
+failure is counted and reported by the log as soon as it can write again.
+
+Everything put in a record is scrubbed of card numbers first: SQL text, parameters,
+sampled result values (already masked on their way to the agent), error messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from appliance.proxy.hooks import Addon, Forward, Reject, Result, SessionInfo
+
+if TYPE_CHECKING:
+    from appliance.holds.store import ApprovalRequest
+
+log = logging.getLogger("tollgate.audit")
+
+MAX_TEXT = 65536  # characters of SQL text kept; longer text is cut and its digest kept
+DISK_FULL_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
+
+
+class _SessionAudit:
+    """What the addon keeps per session."""
+
+    __slots__ = ("approval", "base", "id", "started_ns", "statements")
+
+    def __init__(self, session_id: str, base: dict[str, Any]) -> None:
+        self.id = session_id
+        self.statements = 0
+        self.started_ns = time.perf_counter_ns()
+        self.approval: str | None = None  # the approval the next forwarded statement ran under
+        self.base = base  # the 10.2.2 fields every record of this session carries
+
+
+class AuditAddon(Addon):
+    """Records sessions, statements, results and approvals in an :class:`AuditLog`."""
+
+    name = "audit"
+
+    def __init__(self, audit_log: Any, scrub: Callable[[str], str], *, result_rows: int = 20,
+                 result_bytes: int = 8192):
+        self.log = audit_log
+        self.scrub = scrub
+        self.result_rows = result_rows
+        self.result_bytes = result_bytes
+        self._by_proxy_id: dict[int, _SessionAudit] = {}  # for approvals, which name sessions by SessionInfo.id
+        self._decided: set[tuple[str, str]] = set()
+
+    # ---- sessions ---------------------------------------------------------------------------
+
+    def _state(self, session: SessionInfo) -> _SessionAudit:
+        state = session.addon_state.get(self.name)
+        if state is None:
+            target = session.target.name if session.target is not None else "?"
+            base = {"user": _user(session), "origin": str(session.client),
+                    "object": f"{target}/{session.database or '?'}"}
+            state = session.addon_state[self.name] = _SessionAudit(f"{self.log.run}-{session.id}", base)
+            self._by_proxy_id[session.id] = state
+        return state
+
+    def session_start(self, session: SessionInfo) -> None:
+        state = self._state(session)
+        identity = self._identity_fields(session)
+        self._append({"type": "auth.success", "outcome": "success", "session": state.id, **state.base,
+                      **identity, "target": _target(session)})
+        self._append({"type": "session.start", "outcome": "success", "session": state.id, **state.base, **identity,
+                      "target": _target(session), "database": session.database, "db_user": session.user,
+                      "application_name": session.application_name, "client_tls": session.client_tls,
+                      "upstream_tls": session.upstream_tls, "backend_pid": session.backend_pid})
+
+    def session_end(self, session: SessionInfo, reason: str) -> None:
+        state = self._state(session)
+        self._by_proxy_id.pop(session.id, None)
+        self._append({"type": "session.end", "outcome": "success", "session": state.id, **state.base,
+                      "reason": self.scrub(reason), "statements": state.statements, "masked": session.masked_values,
+                      "duration_us": (time.perf_counter_ns() - state.started_ns) // 1000})
+        self.log.request_checkpoint()
+
+    def session_refused(self, session: SessionInfo, reason: str) -> None:
+        state = self._state(session)
+        self._by_proxy_id.pop(session.id, None)
+        if session.auth_error is not None:
+            self._append({"type": "auth.failure", "outcome": "failure", "session": state.id, **state.base,
+                          "reason": self.scrub(session.auth_error), "target": _target(session)})
+            return
+        if session.identity is not None:
+            self._append({"type": "auth.success", "outcome": "success", "session": state.id, **state.base,
+                          **self._identity_fields(session), "target": _target(session)})
+        self._append({"type": "session.refused", "outcome": "failure", "session": state.id, **state.base,
+                      "reason": self.scrub(reason), "target": _target(session)})
+
+    @staticmethod
+    def _identity_fields(session: SessionInfo) -> dict[str, Any]:
+        identity = session.identity
+        serial = session.certificate_serial
+        return {"groups": list(getattr(identity, "groups", ())), "identity_source": session.identity_source,
+                "cert_serial": f"{serial:x}" if serial is not None else None}
+
+    # ---- statements ---------------------------------------------------------------------------
+
+    def forward(self, session: SessionInfo, request: Forward) -> Any:
+        state = self._state(session)
+        state.statements += 1
+        request.ticket = state.statements
+        record = {"type": "statement", "session": state.id, "stmt": state.statements, "kind": request.kind,
+                  **state.base, **self._statement_fields(request)}
+        if state.approval is not None:
+            record["approval"], state.approval = state.approval, None
+        reject = request.reject
+        if reject is not None:
+            record["outcome"] = "failure"
+            record["sqlstate"] = reject.sqlstate
+            record["message"] = self.scrub(reject.message)
+        else:
+            record["outcome"] = "success"
+        try:
+            seq = self.log.append(_clean(record))
+        except Exception as exc:  # the log can't take it: the statement must not run
+            if reject is not None:
+                return None  # refused anyway; the log counts what it missed
+            self.log.note_refused()
+            return _unrecorded(exc)
+        if reject is not None:
+            return None
+        return self.log.durable(seq)
+
+    def _statement_fields(self, request: Forward) -> dict[str, Any]:
+        statement = request.statement
+        fields: dict[str, Any] = {}
+        if statement is None:
+            fields["text"] = f"<unknown prepared statement for portal {request.portal!r}>"
+            return fields
+        text = statement.text
+        if len(text) > MAX_TEXT:
+            fields["text_sha256"] = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
+            fields["text_length"] = len(text)
+            text = text[:MAX_TEXT] + "…"
+        fields["text"] = self.scrub(text)
+        if statement.name:
+            fields["statement_name"] = statement.name
+        if request.portal:
+            fields["portal"] = request.portal
+        if request.bind is not None:
+            from appliance.policy.addon import bind_params
+            fields["params"] = bind_params(request.bind, statement.param_types, self.scrub, null=None)
+        decision = statement.decision
+        if decision is not None:
+            fields["decision"] = decision.action.value
+            fields["rule"] = decision.rule
+            fields["classes"] = sorted(c.value for c in decision.classes)
+        else:
+            fields["decision"] = "unchecked"  # no policy configured
+        return fields
+
+    # ---- results --------------------------------------------------------------------------------
+
+    def result_complete(self, session: SessionInfo, result: Result, tag: str | None, error: bool) -> None:
+        try:
+            self._result(session, result, tag, error)
+        except Exception:  # the statement has run; a broken record must not break the session
+            log.exception("audit: could not record a result")
+
+    def _result(self, session: SessionInfo, result: Result, tag: str | None, error: bool) -> None:
+        forward = result.forward
+        if forward is None or forward.reject is not None:
+            return  # not a forwarded request (or refused: its statement record says so)
+        state = self._state(session)
+        record: dict[str, Any] = {"type": "result", "session": state.id, "stmt": forward.ticket, **state.base,
+                                  "outcome": "failure" if error else "success", "rows": result.rows,
+                                  "masked": result.masked,
+                                  "duration_us": (time.perf_counter_ns() - forward.started_ns) // 1000}
+        if tag is not None:
+            record["tag"] = tag
+        if result.sqlstate is not None:
+            record["sqlstate"] = result.sqlstate
+        if result.skipped:
+            record["skipped"] = True
+        if result.sample is not None:
+            record["sample"] = self._sample(result)
+        self._append(record)
+
+    def _sample(self, result: Result) -> dict[str, Any]:
+        sample = result.sample or []
+        truncated = bool(sample and sample[-1] is _TRUNCATED)
+        rows = [row for row in sample if row is not _TRUNCATED]
+        description = result.row_description
+        columns = [f.name for f in description.fields] if description is not None else []
+        return {"columns": columns, "rows": rows, "truncated": truncated or result.rows > len(rows)}
+
+    # ---- approvals and other appliance events ---------------------------------------------------
+
+    def approval_event(self, event: str, request: ApprovalRequest) -> None:
+        """HoldBroker listener: a request was opened, or decided."""
+        state = self._by_proxy_id.get(_int(request.session_id))
+        base = dict(state.base) if state is not None else {"user": request.requester.subject,
+                                                          "origin": request.client or "local",
+                                                          "object": f"{request.target}/{request.database}"}
+        session_id = state.id if state is not None else None
+        if event == "request":
+            if state is not None:
+                state.approval = request.id
+            self._append(_clean({
+                "type": "approval.request", "outcome": "success", **base, "session": session_id,
+                "approval": request.id, "requester": request.requester.subject, "target": request.target,
+                "sql": self.scrub(request.sql),
+                "classes": sorted({cls for entry in request.classification for cls in entry.get("classes", ())}),
+                "rule": request.rule, "approvers": list(request.approver_groups),
+                "min_approvals": request.min_approvals}))
+            return
+        key = (request.id, request.status)
+        if key in self._decided:
+            return
+        self._decided.add(key)
+        if len(self._decided) > 10_000:
+            self._decided.clear()
+        decision = {"approved": "approve", "denied": "deny", "expired": "timeout",
+                    "withdrawn": "withdrawn"}.get(request.status, request.status)
+        votes = [{"approver": v.approver_subject, "verdict": str(v.verdict), "reason": self.scrub(v.reason),
+                  **({"grant_minutes": v.grant_minutes} if v.grant_minutes else {})} for v in request.votes]
+        deciding = request.votes[-1] if request.votes else None
+        self._append(_clean({
+            "type": "approval.decision", "outcome": "success" if decision == "approve" else "failure", **base,
+            "session": session_id, "approval": request.id, "decision": decision,
+            "approver": deciding.approver_subject if deciding is not None else "tollgate",
+            "reason": self.scrub(request.status_reason or (deciding.reason if deciding else "")),
+            "votes": votes}))
+
+    def policy_reloaded(self, path: str, digest: str | None, generation: int, error: str | None) -> None:
+        self._append(_clean({"type": "policy.reload", "outcome": "failure" if error else "success",
+                             "user": "tollgate", "origin": "local", "object": f"policy:{path}", "file": path,
+                             "sha256": digest, "generation": generation, "error": error}))
+
+    # ---- writing ----------------------------------------------------------------------------------
+
+    def _append(self, record: dict[str, Any]) -> None:
+        try:
+            self.log.append(_clean(record))
+        except Exception as exc:  # already happened: it can't be undone, only reported
+            log.error("audit: could not record %s: %s", record.get("type"), exc)
+
+
+class SamplingAuditAddon(AuditAddon):
+    """The audit addon that also keeps the first rows of each result (masked) for replay."""
+
+    def data_row(self, session: SessionInfo, result: Result, message: memoryview) -> bytes | None:
+        sample = result.sample
+        if sample is None:
+            sample = result.sample = []
+        elif len(sample) >= self.result_rows or (sample and sample[-1] is _TRUNCATED):
+            return None
+        budget = self.result_bytes - sum(_row_size(r) for r in sample)
+        try:
+            row = _decode_row(message, result.result_formats, budget, self.scrub)
+        except Exception:  # only the replay sample suffers: the row itself goes on
+            log.exception("audit: could not sample a result row")
+            row = None
+        sample.append(row if row is not None else _TRUNCATED)
+        return None
+
+
+_TRUNCATED = object()  # marks a sample cut short by its byte budget
+
+
+def _row_size(row: Any) -> int:
+    return 0 if row is _TRUNCATED else sum(len(v) for v in row if v is not None)
+
+
+def _decode_row(message: memoryview, formats: tuple[int, ...], budget: int,
+                scrub: Callable[[str], str]) -> list[str | None] | None:
+    """A DataRow's values as strings (binary ones as ``\\x`` hex), None when over budget."""
+    raw = bytes(message)
+    count = int.from_bytes(raw[5:7], "big")
+    pos = 7
+    values: list[str | None] = []
+    used = 0
+    for i in range(count):
+        length = int.from_bytes(raw[pos:pos + 4], "big", signed=True)
+        pos += 4
+        if length < 0:
+            values.append(None)
+            continue
+        value = raw[pos:pos + length]
+        pos += length
+        fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        text = "\\x" + value[:64].hex() + ("…" if length > 64 else "") if fmt == 1 else \
+            value.decode("utf-8", "replace")
+        used += len(text)
+        if used > budget:
+            return None
+        values.append(scrub(text))
+    return values
+
+
+def _unrecorded(exc: BaseException) -> Reject:
+    full = getattr(exc, "errno", None) in DISK_FULL_ERRNOS or "No space left" in str(exc)
+    return Reject("53100" if full else "58030",
+                  f"Tollgate could not record this statement in the audit log, so it was not run: {exc}",
+                  hint="Nothing reaches the database unrecorded. The appliance operator must make the audit "
+                       "directory writable again; statements run again as soon as it is.")
+
+
+def _clean(record: dict[str, Any]) -> dict[str, Any]:
+    """Absent values are left out, never null (the spec), except inside ``params``."""
+    return {k: v for k, v in record.items() if v is not None}
+
+
+def _user(session: SessionInfo) -> str:
+    identity = session.identity
+    if identity is not None:
+        return identity.subject
+    return f"unidentified@{session.client.address}"
+
+
+def _target(session: SessionInfo) -> str | None:
+    return session.target.name if session.target is not None else None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,141 @@
+"""The audit addon on session traces, writing to a real audit log in a temp directory.
+
+Sessions are driven with no sockets (tests/proxy/trace.py); the log is the real writer
+with real fsync, so what is asserted is what an auditor would read back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from appliance.audit.addon import AuditAddon, SamplingAuditAddon
+from appliance.audit.keys import init_audit_dir
+from appliance.audit.store import AuditLog
+from appliance.config import AuditConfig
+from appliance.masking.addon import MaskingAddon
+from appliance.masking.pan import scrub
+from appliance.pgwire import messages as m
+from appliance.proxy.hooks import Addon, Reject, SessionInfo, Statement
+from appliance.proxy.session import BLOCKED_SQL
+from tests.proxy.trace import backend, frontend, ready_session
+
+PAN = "4111111111111111"
+
+
+def _scrub(text: str) -> str:
+    return scrub(text, "pci")
+
+
+@pytest.fixture
+def audit_log(tmp_path: Path) -> Iterator[AuditLog]:
+    config = AuditConfig(tmp_path / "audit", origin="tollgate.test/addon", durability="write")
+    init_audit_dir(config)
+    log = AuditLog.open(config, version="test")
+    try:
+        yield log
+    finally:
+        log.close("test over")
+
+
+def read(log: AuditLog) -> list[dict[str, Any]]:
+    out = []
+    for segment in sorted((log.config.dir / "segments").glob("*.jsonl")):
+        out += [json.loads(line) for line in segment.read_bytes().splitlines() if line]
+    return out
+
+
+class Blocker(Addon):
+    def statement(self, session: SessionInfo, statement: Statement):
+        return Reject("42501", "no truncating") if "TRUNCATE" in statement.text else None
+
+
+def test_a_statement_is_recorded_before_it_goes_upstream_and_its_result_after(audit_log: AuditLog):
+    session, io = ready_session([MaskingAddon("pci"), SamplingAuditAddon(audit_log, _scrub, result_rows=2)])
+    session.client_data(frontend(m.Query(f"SELECT '{PAN}' AS pan, 1 AS n")))
+    [statement] = [r for r in read(audit_log) if r["type"] == "statement"]
+    assert io.server_got()  # forwarded only now that the record exists
+    assert statement["text"] == "SELECT '411111******1111' AS pan, 1 AS n"
+    assert statement["outcome"] == "success" and statement["decision"] == "unchecked"
+    assert statement["kind"] == "query" and statement["stmt"] == 1
+    assert statement["origin"] == "198.18.1.10:40000" and statement["object"] == "payments/payments"
+    description = m.RowDescription((m.FieldDescription("pan", 0, 0, 25, -1, -1, 0),
+                                    m.FieldDescription("n", 0, 0, 23, 4, -1, 0)))
+    session.server_data(backend(description, *(m.DataRow((PAN.encode(), str(i).encode())) for i in range(3)),
+                                m.CommandComplete("SELECT 3"), m.ReadyForQuery(b"I")))
+    [result] = [r for r in read(audit_log) if r["type"] == "result"]
+    assert (result["stmt"], result["tag"], result["rows"], result["masked"]) == (1, "SELECT 3", 3, 3)
+    assert result["sample"] == {"columns": ["pan", "n"], "rows": [["411111******1111", "0"],
+                                                                   ["411111******1111", "1"]], "truncated": True}
+    assert PAN not in json.dumps(read(audit_log))
+
+
+def test_parameters_are_recorded_scrubbed_with_nulls(audit_log: AuditLog):
+    session, io = ready_session([AuditAddon(audit_log, _scrub)])
+    session.client_data(frontend(m.Parse("s", "SELECT $1::text, $2::text", ()),
+                                 m.Bind("", "s", (0,), (PAN.encode(), None), ()), m.Execute("", 0), m.Sync()))
+    [statement] = [r for r in read(audit_log) if r["type"] == "statement"]
+    assert statement["kind"] == "execute" and statement["statement_name"] == "s"
+    assert statement["params"] == ["411111******1111", None]
+
+
+def test_a_blocked_statement_is_recorded_as_a_failure_and_has_no_result(audit_log: AuditLog):
+    session, io = ready_session([Blocker(), AuditAddon(audit_log, _scrub)])
+    session.client_data(frontend(m.Query("TRUNCATE cards")))
+    [sent] = io.server_got()
+    assert sent.query.encode() == BLOCKED_SQL
+    session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", "syntax"), m.ReadyForQuery(b"I")))
+    records = read(audit_log)
+    [statement] = [r for r in records if r["type"] == "statement"]
+    assert statement["outcome"] == "failure" and statement["sqlstate"] == "42501"
+    assert statement["message"] == "no truncating"
+    assert not [r for r in records if r["type"] == "result"]
+
+
+def test_an_error_result_carries_its_sqlstate(audit_log: AuditLog):
+    session, io = ready_session([AuditAddon(audit_log, _scrub)])
+    session.client_data(frontend(m.Query("SELECT 1/0")))
+    session.server_data(backend(m.ErrorResponse.build("ERROR", "22012", "division by zero"), m.ReadyForQuery(b"I")))
+    [result] = [r for r in read(audit_log) if r["type"] == "result"]
+    assert result["outcome"] == "failure" and result["sqlstate"] == "22012"
+
+
+def test_session_start_end_and_refusal_records(audit_log: AuditLog):
+    session, io = ready_session([AuditAddon(audit_log, _scrub)])
+    session.client_closed()
+    types = [r["type"] for r in read(audit_log)]
+    assert types[-3:] == ["auth.success", "session.start", "session.end"]
+    start, end = read(audit_log)[-2:]
+    assert start["session"] == end["session"] and start["session"].startswith(audit_log.run)
+    assert start["user"] == "unidentified@198.18.1.10" and end["statements"] == 0
+
+
+def test_in_fsync_mode_the_statement_waits_for_the_record_to_be_durable(tmp_path: Path):
+    config = AuditConfig(tmp_path / "audit", origin="tollgate.test/addon", durability="fsync")
+    init_audit_dir(config)
+
+    async def scenario() -> list[Any]:
+        log = AuditLog.open(config, version="test")
+        log.start(asyncio.get_running_loop())
+        try:
+            session, io = ready_session([AuditAddon(log, _scrub)])
+            session.client_data(frontend(m.Query("SELECT 1")))
+            assert io.server_got() == [] and len(io.waits) == 1  # not before it is on disk
+            awaitable, done = io.waits[0]
+            try:
+                await awaitable
+                done(None, None)
+            except BaseException as exc:  # noqa: BLE001 - handed to the session like the shell does
+                done(None, exc)
+            return [log.durable_size, io.server_got()]
+        finally:
+            await asyncio.to_thread(log.close, "test over")
+
+    durable, sent = asyncio.run(scenario())
+    assert [x.query for x in sent] == ["SELECT 1"]
+    assert durable >= 3  # log.start, the statement, and whatever came between
