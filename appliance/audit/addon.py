@@ -126,7 +126,7 @@ class AuditAddon(Addon):
         else:
             record["outcome"] = "success"
         try:
-            seq = self.log.append(_clean(record))
+            seq = self.log.append(_clean(record), trusted=True)
         except Exception as exc:  # the log can't take it: the statement must not run
             if reject is not None:
                 return None  # refused anyway; the log counts what it missed
@@ -147,6 +147,8 @@ class AuditAddon(Addon):
             fields["text_sha256"] = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
             fields["text_length"] = len(text)
             text = text[:MAX_TEXT] + "…"
+        if not text.isascii():  # bytes that weren't UTF-8 arrive as lone surrogates: show them as U+FFFD
+            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
         fields["text"] = self.scrub(text)
         if statement.name:
             fields["statement_name"] = statement.name
@@ -246,7 +248,7 @@ class AuditAddon(Addon):
 
     def _append(self, record: dict[str, Any]) -> None:
         try:
-            self.log.append(_clean(record))
+            self.log.append(_clean(record), trusted=True)
         except Exception as exc:  # already happened: it can't be undone, only reported
             log.error("audit: could not record %s: %s", record.get("type"), exc)
 

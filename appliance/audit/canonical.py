@@ -112,16 +112,21 @@ def _write(obj: Any, out: list[str]) -> None:
         out.append(_encode(obj))
 
 
-def dumps(obj: Any) -> bytes:
+def dumps(obj: Any, *, trusted: bool = False) -> bytes:
     """The RFC 8785 form of ``obj`` as UTF-8 bytes (no trailing newline).
 
     TypeError for floats, non-str keys and other types; ValueError for lone surrogates and
-    integers beyond ±(2**53 − 1).
+    integers beyond ±(2**53 − 1). ``trusted``: the caller vouches that ``obj`` is of the
+    model with keys below U+E000 (the proxy's own records, built from literals and
+    integers): the walk that checks it — most of the cost — is skipped.
     """
-    try:
-        slow = _check(obj)
-    except RecursionError:
-        raise ValueError("nesting too deep") from None
+    if trusted:
+        slow = False
+    else:
+        try:
+            slow = _check(obj)
+        except RecursionError:
+            raise ValueError("nesting too deep") from None
     if slow:
         parts: list[str] = []
         _write(obj, parts)

@@ -413,7 +413,7 @@ class AuditLog:
 
     # --- appending ---------------------------------------------------------------------------
 
-    def append(self, record: dict[str, Any]) -> int:
+    def append(self, record: dict[str, Any], *, trusted: bool = False) -> int:
         """Write ``record`` (filling ``seq``, ``time`` if absent, ``run``); return its seq.
 
         The line is in the segment (the kernel has it) when this returns; :meth:`durable`
@@ -423,9 +423,9 @@ class AuditLog:
         with self._lock:
             if self._failure is not None:
                 self._recover_from_failure()
-            return self._append_locked(record)
+            return self._append_locked(record, trusted)
 
-    def _append_locked(self, record: dict[str, Any]) -> int:
+    def _append_locked(self, record: dict[str, Any], trusted: bool = False) -> int:
         if self._closed:
             raise AuditUnavailable("the audit log is closed")
         if self._offset >= self._segment_bytes:
@@ -435,7 +435,7 @@ class AuditLog:
         if "time" not in record:
             record["time"] = self._clock.now()
         record["run"] = self.run
-        data = canonical.dumps(record)
+        data = canonical.dumps(record, trusted=trusted)
         offset = self._offset
         try:
             written = os.pwritev(self._fd, (data, _NL), offset)
