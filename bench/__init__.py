@@ -56,7 +56,8 @@ class Case:
     case (``bench.__main__.SETUPS``). ``during``: a condition held only while this case runs
     (``bench.__main__.DURING``, e.g. statements waiting for approval). ``compare_to``: a
     case whose TPS on the same path this one is reported against. ``rows_per_tx``: rows
-    each transaction returns, to report rows per second.
+    each transaction returns, to report rows per second. ``audit``: the audit log setting
+    the proxy runs with for this case ("fsync", the default and the lab's, "write", "off").
     """
 
     name: str
@@ -70,6 +71,7 @@ class Case:
     during: str | None = None
     compare_to: str | None = None
     rows_per_tx: int | None = None
+    audit: str = "fsync"
 
     @property
     def clients(self) -> int:
@@ -118,6 +120,16 @@ register(Case("connect-tls", ("-S", "-C", "-c", "4", "-j", "2", "-M", "simple"),
 register(Case("c8-simple-20-holds", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
               "select-only, 8 clients, while 20 other sessions wait for approvals", paths=("tollgate",),
               during="holds20", compare_to="c8-simple"))
+
+# The audit log's cost on the select-only path. Every case above runs with it on, as
+# shipped: each statement is forwarded only once its record is fsync'd (group commit).
+# These two show what that costs: records only written (not fsync'd) before forwarding,
+# and no audit log at all; both against c8-simple through Tollgate.
+register(Case("c8-simple-audit-write", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
+              "select-only, 8 clients, audit records written but not fsync'd before forwarding",
+              paths=("tollgate",), compare_to="c8-simple", audit="write"))
+register(Case("c8-simple-audit-off", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
+              "select-only, 8 clients, no audit log", paths=("tollgate",), compare_to="c8-simple", audit="off"))
 
 # Masking on a large result: every row carries a Luhn-valid PAN that Tollgate masks on the
 # way. Rows per second vs direct, and the proxy's peak RSS, which must not grow with the

@@ -281,9 +281,13 @@ def run_case(ctx: Context, case: Case, paths: list[str], *, duration: int, repea
     return result
 
 
+AUDIT_LOG_CASE = "audit-log"  # not pgbench: the audit log's own rates (bench/audit_log.py)
+
+
 def select_cases(names: list[str] | None) -> list[Case]:
     if not names:
         return list(CASES.values())
+    names = [n for n in names if n != AUDIT_LOG_CASE]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise BenchError(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
@@ -401,6 +405,9 @@ def measure(ctx: Context, args: argparse.Namespace, plan: list[tuple[Case, list[
 
     print(header(meta), flush=True)
     for case, paths in plan:
+        if "tollgate" in paths and lab.audit != case.audit:
+            log.info("bench: restarting the proxy with audit %s", case.audit)
+            lab.set_audit(case.audit)
         script = None
         if case.script is not None:
             script = workdir / f"{case.name}.sql"
@@ -418,7 +425,10 @@ def _main(args: argparse.Namespace) -> int:
     wanted = set(args.path or ROUTES)
     plan = [(c, [p for p in c.paths if p in wanted]) for c in cases]
     plan = [(c, ps) for c, ps in plan if ps]
+    audit_log_case = not args.case or AUDIT_LOG_CASE in args.case
     if not plan:
+        if audit_log_case:
+            return _audit_log_only()
         raise BenchError("nothing to run: no selected case runs on the selected paths")
     paths_used = {p for _, ps in plan for p in ps}
     missing = sorted({n for c, _ in plan for n in c.needs if n not in SETUPS})
@@ -456,6 +466,10 @@ def _main(args: argparse.Namespace) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    if audit_log_case:
+        from bench import audit_log
+        meta["audit_log"] = audit_log.measure(progress=progress)
+
     meta["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     meta["host"]["loadavg_after"] = loadavg()
     doc = report.document(meta, results, raw=args.raw)
@@ -465,6 +479,8 @@ def _main(args: argparse.Namespace) -> int:
     print(report.summary_line(results))
     for line in report.derived_lines(results):
         print(line)
+    if "audit_log" in meta:
+        print(_audit_log_line(meta["audit_log"]))
     out = report.write_json(doc, args.results_dir, report.timestamp(started))
     print(f"\nload average after: {' '.join(map(str, meta['host']['loadavg_after']))}; results: {out}")
     failed = [f"{cr.case.name}/{p}" for cr in results for p, pr in cr.paths.items()
@@ -473,6 +489,19 @@ def _main(args: argparse.Namespace) -> int:
         print(f"bench: some runs failed: {', '.join(failed)}", file=sys.stderr)
         return 1
     return 0
+
+
+def _audit_log_line(result: dict[str, Any]) -> str:
+    durable = ", ".join(f"{rate:,} with {n} appenders" for n, rate in result["durable_records_per_s"].items())
+    return (f"audit log: durable records/s (fsync, group commit): {durable}; verified records/s: "
+            f"{result['verified_records_per_s']:,} ({'ok' if result['verified_ok'] else 'VERIFY FAILED'})")
+
+
+def _audit_log_only() -> int:
+    from bench import audit_log
+    result = audit_log.measure(progress=progress)
+    print(_audit_log_line(result))
+    return 0 if result["verified_ok"] else 1
 
 
 def header(meta: dict[str, Any]) -> str:
