@@ -1046,7 +1046,8 @@ class Session:
                     result = Result(skipped.forward.statement, forward=skipped.forward, skipped=True)
                     for hook in self.hooks.result_complete:
                         hook(self.info, result, None, True)
-        elif view[pos + 5:end].tobytes().find(b"SFATAL\0") >= 0:
+        if view[pos + 5:end].tobytes().find(b"SFATAL\0") >= 0:
+            # Whatever the request: the server's FATAL is the client's last word, not ours.
             self.close_reason = "the database ended the session (FATAL)"
         return replacement
 

@@ -757,6 +757,9 @@ def client_must_wait(verdict: Verdict) -> bool:
 
 @FUZZ
 @given(data=startup_garbage())
+# The server's FATAL for a bad Bind is the client's last message: no second FATAL of ours.
+@example(data=b"\x00\x00\x00\x12\x00\x03\x00\x00user\x00app\x00\x00B\x00\x00\x00\x0f\x00\x01\x00\x00\x01\x01"
+              b"\x00\x00\x00\x00\x00")
 def test_client_garbage_before_startup(harness, proxy, bystander, data):
     judged = judge_startup(data)
     verdict = judged.verdict
