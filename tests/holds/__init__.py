@@ -109,3 +109,11 @@ def client_token(issuer: DevIssuer, tls: TlsFiles, client_id: str) -> str:
                               form={"grant_type": "client_credentials"})
     assert status == 200, body
     return body["access_token"]
+
+
+def approvals_issuer(tls: TlsFiles) -> DevIssuer:
+    """A started dev issuer that knows the agents, people and approvers of these tests."""
+    from tests.identity.dev_flows import AUDIENCE
+    from tests.webui import CLIENTS, USERS
+    return DevIssuer(("127.0.0.1", 0), tls_cert=tls.cert_file, tls_key=tls.key_file, audience=AUDIENCE,
+                     clients={**CLIENTS, **APPROVER_CLIENTS}, users=USERS).start()

@@ -23,13 +23,13 @@ from tests.holds import (
     APPROVER_CLIENTS,
     CARD_UPDATE,
     PAYMENT_DELETE,
+    approvals_issuer,
     client_token,
     open_request,
 )
-from tests.identity.dev_flows import AUDIENCE
 from tests.identity.test_enroll_client import EnrollServer, tollgate
 from tests.identity.tls_helpers import TlsFiles, make_tls_files
-from tests.webui import CLIENTS, USERS, Appliance, make_appliance
+from tests.webui import Appliance, make_appliance
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +39,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 @pytest.fixture(scope="module")
 def issuer(tls: TlsFiles) -> Iterator[DevIssuer]:
-    issuer = DevIssuer(("127.0.0.1", 0), tls_cert=tls.cert_file, tls_key=tls.key_file, audience=AUDIENCE,
-                       clients={**CLIENTS, **APPROVER_CLIENTS}, users=USERS).start()
+    issuer = approvals_issuer(tls)
     yield issuer
     issuer.stop()
 

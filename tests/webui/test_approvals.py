@@ -28,13 +28,14 @@ from tests.holds import (
     PAYMENT_DELETE,
     T0,
     Clock,
+    approvals_issuer,
     client_token,
     decision,
     open_request,
 )
 from tests.identity.dev_flows import AUDIENCE, id_token
 from tests.identity.tls_helpers import TlsFiles, make_tls_files
-from tests.webui import CLIENTS, USERS, Appliance, make_appliance
+from tests.webui import Appliance, make_appliance
 from webui import create_app
 
 
@@ -45,8 +46,7 @@ def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
 
 @pytest.fixture(scope="module")
 def issuer(tls: TlsFiles) -> Iterator[DevIssuer]:
-    issuer = DevIssuer(("127.0.0.1", 0), tls_cert=tls.cert_file, tls_key=tls.key_file, audience=AUDIENCE,
-                       clients={**CLIENTS, **APPROVER_CLIENTS}, users=USERS).start()
+    issuer = approvals_issuer(tls)
     yield issuer
     issuer.stop()
 
