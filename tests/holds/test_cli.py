@@ -28,32 +28,17 @@ from tests.holds import (
     open_request,
 )
 from tests.identity.test_enroll_client import EnrollServer, tollgate
-from tests.identity.tls_helpers import TlsFiles, make_tls_files
-from tests.webui import Appliance, make_appliance
+from tests.identity.test_enroll_client import appliance, server, tls  # noqa: F401 - fixtures, shared
+from tests.identity.tls_helpers import TlsFiles
+from tests.webui import Appliance
 
 
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls_files(tmp_path_factory.mktemp("issuer-tls"))
-
-
+# The enrollment tests' appliance and server, with an issuer that also knows the approvers.
 @pytest.fixture(scope="module")
 def issuer(tls: TlsFiles) -> Iterator[DevIssuer]:
     issuer = approvals_issuer(tls)
     yield issuer
     issuer.stop()
-
-
-@pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, tls: TlsFiles) -> Appliance:
-    return make_appliance(tmp_path_factory.mktemp("appliance"), issuer.url, tls.ca_file)
-
-
-@pytest.fixture(scope="module")
-def server(appliance: Appliance) -> Iterator[EnrollServer]:
-    server = EnrollServer(appliance)
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
