@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from appliance.pgwire import decode_backend
 from appliance.proxy.hooks import Addon, Forward, Reject, Result, SessionInfo
 
 if TYPE_CHECKING:
@@ -282,19 +283,14 @@ def _row_size(row: Any) -> int:
 def _decode_row(message: memoryview, formats: tuple[int, ...], budget: int,
                 scrub: Callable[[str], str]) -> list[str | None] | None:
     """A DataRow's values as strings (binary ones as ``\\x`` hex), None when over budget."""
-    raw = bytes(message)
-    count = int.from_bytes(raw[5:7], "big")
-    pos = 7
+    row = decode_backend(b"D", bytes(message[5:]))
     values: list[str | None] = []
     used = 0
-    for i in range(count):
-        length = int.from_bytes(raw[pos:pos + 4], "big", signed=True)
-        pos += 4
-        if length < 0:
+    for i, value in enumerate(row.values):
+        if value is None:
             values.append(None)
             continue
-        value = raw[pos:pos + length]
-        pos += length
+        length = len(value)
         fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
         text = "\\x" + value[:64].hex() + ("…" if length > 64 else "") if fmt == 1 else \
             value.decode("utf-8", "replace")

@@ -1248,17 +1248,8 @@ async def _all_of(*waits: Any) -> None:
 
 
 def _error_code(view: memoryview, pos: int, end: int) -> str | None:
-    """The SQLSTATE (field C) of an ErrorResponse at view[pos:end]."""
-    data = view.obj
-    i = pos + 5
-    while i < end and data[i] != 0:  # type: ignore[index]
-        stop = data.find(b"\0", i + 1, end)  # type: ignore[union-attr]
-        if stop < 0:
-            return None
-        if data[i] == 0x43:  # type: ignore[index]
-            return bytes(data[i + 1:stop]).decode("ascii", "replace")  # type: ignore[index]
-        i = stop + 1
-    return None
+    """The SQLSTATE of an ErrorResponse at view[pos:end] (a rare message: decoded in full)."""
+    return decode_backend(b"E", bytes(view[pos + 5:end])).sqlstate
 
 
 def _tag_name(tag: int) -> str:
