@@ -1,7 +1,8 @@
 # Tollgate — set-up, demo, tests and benchmarks on a Debian 12 host, as root.
 #
 #   make demo    the lab (agent, appliance and database namespaces) with Tollgate in it
-#   make test    the whole test suite
+#   make lint    ruff (rules in pyproject.toml) and the import contracts (.importlinter)
+#   make test    lint, then the whole test suite
 #   make bench   pgbench through Tollgate vs direct vs pgbouncer, as ratios
 #   make verifier  dist/tollgate-verify.pyz: the auditor's standalone bundle verifier
 #
@@ -27,7 +28,7 @@ demo: host-deps venv
 demo-down: venv
 	$(TOLLGATE) lab down --name demo
 
-test: host-deps venv
+test: host-deps venv lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: host-deps venv
@@ -57,7 +58,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[fast,test]'
+	$(PY) -m pip install -q -e '.[fast,test,lint]'
 	touch $@
 
 # The auditor's verifier as one zipapp: the audit modules it needs, the PAN detector, and
@@ -81,8 +82,13 @@ $(VERIFIER_PYZ): $(VERIFIER_SRC) Makefile
 	python3 -m zipapp $(VERIFIER_BUILD) -o $@ -p '/usr/bin/env python3'
 	@echo "built $@ (run: python3 $@ BUNDLE --root-key KEY)"
 
+# ruff over every Python tree, the eBPF loaders included once bpf/ has any, then the layering
+# contracts. lint-imports keeps no cache directory: its graph builds in a fraction of a second.
+LINT_PATHS := appliance webui bench tests $(wildcard bpf/*.py)
+
 lint: venv
-	$(PY) -m ruff check appliance tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache
