@@ -5,6 +5,8 @@
 - :mod:`~appliance.holds.service` — the rules: who may decide, when a request is settled,
   time-boxed grants; every refusal an :class:`~appliance.holds.service.ApprovalError`
   with a stable ``code``;
+- :mod:`~appliance.holds.notifier` — the events the service sends and the notifier contract
+  (below both the service and the webhook, so neither imports the other back);
 - :mod:`~appliance.holds.webhook` — signed JSON events to an outside system, off the caller's
   thread;
 - :mod:`~appliance.holds.broker` — the proxy's side: open a request, await its outcome as a

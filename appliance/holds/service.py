@@ -38,8 +38,18 @@ import logging
 import unicodedata
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, Protocol
+from typing import Any
 
+from appliance.holds.notifier import (
+    EVENT_DECIDED,
+    EVENT_EXPIRED,
+    EVENT_REQUESTED,
+    EVENT_VOTED,
+    EVENT_WITHDRAWN,
+    EVENTS,
+    Notifier,
+    NullNotifier,
+)
 from appliance.holds.store import (
     APPROVALS_FILE,
     STATUSES,
@@ -54,6 +64,7 @@ from appliance.holds.store import (
     normalize_request_id,
     utcnow,
 )
+from appliance.holds.webhook import notifier_from_config
 from appliance.identity.model import Identity
 
 log = logging.getLogger("tollgate.approvals")
@@ -62,13 +73,6 @@ MAX_REASON_CHARS = 2000
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
 
-EVENT_REQUESTED = "approval.requested"
-EVENT_VOTED = "approval.voted"  # a vote that did not settle the request (more approvals needed)
-EVENT_DECIDED = "approval.decided"  # approved or denied
-EVENT_EXPIRED = "approval.expired"
-EVENT_WITHDRAWN = "approval.withdrawn"
-EVENTS = (EVENT_REQUESTED, EVENT_VOTED, EVENT_DECIDED, EVENT_EXPIRED, EVENT_WITHDRAWN)
-
 
 class ApprovalError(Exception):
     """A request the rules refuse, with a stable ``code`` and a message for a human."""
@@ -76,24 +80,6 @@ class ApprovalError(Exception):
     def __init__(self, code: str, message: str, request: ApprovalRequest | None = None):
         super().__init__(message)
         self.code, self.message, self.request = code, message, request
-
-
-class Notifier(Protocol):
-    """Who hears about requests and decisions (appliance.holds.webhook.WebhookNotifier)."""
-
-    def notify(self, event: str, request: ApprovalRequest) -> None: ...
-
-    def close(self, timeout: float = 5.0) -> None: ...
-
-
-class NullNotifier:
-    """Tells nobody: no webhook configured."""
-
-    def notify(self, event: str, request: ApprovalRequest) -> None:
-        pass
-
-    def close(self, timeout: float = 5.0) -> None:
-        pass
 
 
 def classification_json(decision: Any) -> tuple[dict[str, Any], ...]:
@@ -147,7 +133,6 @@ class ApprovalService:
         """The service for an appliance config: ``<identity.state_dir>/approvals.db`` (or
         ``path``), the configured webhook, and PAN scrubbing of reasons."""
         from appliance.config import ConfigError
-        from appliance.holds.webhook import notifier_from_config
 
         if path is None:
             if config.identity is None:

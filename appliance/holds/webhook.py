@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from appliance.holds.notifier import Notifier, NullNotifier
 from appliance.holds.store import ApprovalRequest, iso, utcnow
 
 log = logging.getLogger("tollgate.approvals.webhook")
@@ -210,10 +211,8 @@ def read_secret(path: Path) -> bytes:
     return secret
 
 
-def notifier_from_config(config: Any) -> Any:
+def notifier_from_config(config: Any) -> Notifier:
     """A :class:`WebhookNotifier` for ``[approvals] webhook_url``, or a no-op notifier."""
-    from appliance.holds.service import NullNotifier
-
     approvals = config.approvals
     if not approvals.webhook_url:
         return NullNotifier()
