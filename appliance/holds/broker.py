@@ -17,7 +17,9 @@ returns an :class:`asyncio.Future` resolving to:
 denied by <approver>: <reason>")``           server says when a GRANT is missing)
 ``Reject("42501", "approval apr-… timed      no decision in time; the request is marked expired.
 out after <n>s without a decision")``        Not 57014 (query_canceled), which drivers may treat
-                                             as a retryable statement timeout
+                                             as a retryable statement timeout. ``<n>`` is the
+                                             request's own timeout (or the waiter's shorter one),
+                                             never a measured time
 ``Reject("42501", "approval apr-… was        withdrawn by someone else
 withdrawn: …")``
 ``Reject("58000", "approval apr-… could      the approvals database failed (58000 system_error):
@@ -32,9 +34,12 @@ withdrawn, unless another waiter still waits for it.
 No per-request polling: one poller task reads the store's revision counter every
 ``poll_seconds`` (in a thread — SQLite blocks) and, only when it moved or a waiter was
 added, reads the waited-for requests and the live grants in one go. Each waiter has one
-timer for its deadline. :meth:`HoldBroker.grant_allows` answers from the grants cached by
-the poller and never touches the database; the cache is emptied when the store fails, so
-grants fail closed too.
+timer for its deadline, set through ``call_later`` (the event loop's by default; tests pass
+one they fire by hand, so a deadline is an event, not a race against the clock).
+:meth:`HoldBroker.grant_allows` answers from the grants cached by the poller and never
+touches the database; the cache is emptied when the store fails, so grants fail closed too.
+:meth:`HoldBroker.refresh` reads the store at once, as a poll does; :meth:`HoldBroker.drain`
+waits for the withdrawals and expiries already under way.
 """
 
 from __future__ import annotations
@@ -42,9 +47,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Protocol
 
 from appliance.holds.service import ApprovalError, ApprovalService
 from appliance.holds.store import ApprovalRequest, Grant, Requester
@@ -73,7 +78,8 @@ def _votes_so_far(request: ApprovalRequest) -> str:
 
 
 def verdict_for(request: ApprovalRequest, waited: float | None = None) -> Reject | None:
-    """The session verdict a settled request means (``None``: go ahead)."""
+    """The session verdict a settled request means (``None``: go ahead); ``waited`` is the
+    timeout a waiter set itself, shorter than the request's own, to name in a timeout."""
     rule = f"policy rule {request.rule!r}" + (f" (line {request.rule_line})" if request.rule_line else "")
     if request.status == "approved":
         return None
@@ -99,13 +105,30 @@ def _unavailable(request_id: str, exc: BaseException) -> Reject:
                                         "not run", hint="the appliance's approvals database needs attention")
 
 
+class Timer(Protocol):
+    """What ``call_later`` returns: a pending call that can be called off."""
+
+    def cancel(self) -> None: ...
+
+
+# ``loop.call_later``'s shape: (delay in seconds, callback, *args) -> a cancellable handle.
+CallLater = Callable[..., Timer]
+
+
 @dataclass(eq=False)
 class _Waiter:
     request: ApprovalRequest
     future: asyncio.Future[Reject | None]
-    timeout: float
-    timer: asyncio.TimerHandle | None = None
+    # The timeout the caller chose, or None: the request's own (its time left is the delay).
+    # Messages name this, never a delay computed from the clock a moment after opening.
+    timeout: float | None
+    timer: Timer | None = None
     expiring: bool = False
+
+    @property
+    def expiry_reason(self) -> str | None:
+        """Why the request expires, for the store (None: the service names its own timeout)."""
+        return None if self.timeout is None else f"no decision within {_seconds(self.timeout)} s"
 
 
 @dataclass
@@ -119,10 +142,11 @@ class HoldBroker:
     """Approval requests for held statements, and their outcomes as session verdicts."""
 
     def __init__(self, service: ApprovalService, poll_seconds: float = 0.2, *, owns_service: bool = False,
-                 sweep_seconds: float = SWEEP_SECONDS):
+                 sweep_seconds: float = SWEEP_SECONDS, call_later: CallLater | None = None):
         self.service = service
         self.poll_seconds = poll_seconds
         self.sweep_seconds = sweep_seconds
+        self._call_later = call_later  # None: the running loop's
         self._owns_service = owns_service
         self._waiters: dict[str, list[_Waiter]] = {}
         self._grants = _GrantCache()
@@ -167,8 +191,7 @@ class HoldBroker:
                                                             f"{waiter.request.id} was withdrawn"))
         for request_id in ids:
             self._spawn(self._withdraw(request_id, SHUTDOWN_WHY))
-        if self._background:
-            await asyncio.wait(list(self._background), timeout=10)
+        await self.drain(timeout=10)
         if self._owns_service:
             await asyncio.to_thread(self.service.close)
 
@@ -176,6 +199,23 @@ class HoldBroker:
     def waiting(self) -> int:
         """How many statements wait for a decision right now."""
         return sum(len(ws) for ws in self._waiters.values())
+
+    async def refresh(self) -> None:
+        """Read the store now, as each poll does: settled requests resolve their waiters and
+        the grant cache is reloaded. A failing store fails closed, as in the poller."""
+        try:
+            await self._refresh(force=True)
+        except Exception as exc:  # any store failure fails closed
+            self._store_failed(exc)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait until the withdrawals and expiries already started (by cancelled waiters,
+        deadlines or a failing store) are recorded, or ``timeout`` seconds pass."""
+        while self._background:
+            # Work may start more work (an expiry's verdict can cancel a waiter): loop until none.
+            _, pending = await asyncio.wait(list(self._background), timeout=timeout)
+            if pending:
+                return
 
     # --- the addon's side ---------------------------------------------------------------------
 
@@ -202,14 +242,14 @@ class HoldBroker:
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reject | None] = loop.create_future()
-        if timeout is None:
-            timeout = max(0.0, (request.expires_at - self.service.now()).total_seconds())
+        delay = timeout if timeout is not None else max(0.0, (request.expires_at - self.service.now())
+                                                        .total_seconds())
         waiter = _Waiter(request, future, timeout)
         if self._closing:
             self._resolve(waiter, Reject(SHUTDOWN_SQLSTATE, "the appliance is shutting down"))
             return future
         self._waiters.setdefault(request.id, []).append(waiter)
-        waiter.timer = loop.call_later(timeout, self._deadline, waiter)
+        waiter.timer = (self._call_later or loop.call_later)(delay, self._deadline, waiter)
         future.add_done_callback(lambda f: self._finished(waiter))
         self._dirty = True
         self._ensure_poller()
@@ -289,14 +329,13 @@ class HoldBroker:
         request_id = waiter.request.id
         try:
             # Settled atomically in the store: an approval that landed just before wins.
-            request = await asyncio.to_thread(self.service.expire, request_id,
-                                              f"no decision within {_seconds(waiter.timeout)} s")
+            request = await asyncio.to_thread(self.service.expire, request_id, waiter.expiry_reason)
         except Exception as exc:  # noqa: BLE001 - whatever broke the store, fail closed
             log.error("approval %s: could not record its expiry: %s", request_id, exc)
             self._resolve(waiter, _unavailable(request_id, exc))
             return
         if request.status == "expired":
-            log.info("approval %s timed out after %ss", request_id, _seconds(waiter.timeout))
+            log.info("approval %s timed out: %s", request_id, request.status_reason)
         if not request.pending:
             self._notify("decision", request)
         self._resolve(waiter, verdict_for(request, waiter.timeout if request.status == "expired" else None))
@@ -325,6 +364,9 @@ class HoldBroker:
 
     async def _poll_loop(self) -> None:
         while True:
+            # A poll every poll_seconds, the first one poll_seconds after starting: start() and
+            # a waiter's arrival (which marks the broker dirty) are read by the next poll anyway.
+            await asyncio.sleep(self.poll_seconds)
             try:
                 await self._refresh()
                 if self._failing is not None:
@@ -339,7 +381,6 @@ class HoldBroker:
                 raise
             except Exception as exc:  # noqa: BLE001 - any store failure fails closed, and polling goes on
                 self._store_failed(exc)
-            await asyncio.sleep(self.poll_seconds)
 
     async def _refresh(self, force: bool = False) -> None:
         revision = await asyncio.to_thread(self.service.store.revision)
@@ -355,7 +396,11 @@ class HoldBroker:
                 self._resolve_all(request)
 
     def _read(self, ids: list[str]) -> tuple[list[Grant], dict[str, ApprovalRequest]]:
-        return self.service.active_grants(), (self.service.store.get_many(ids) if ids else {})
+        # Requests first, grants second: an approval with a grant commits both at once, so
+        # whenever its waiter is released here, the grant it made is already in the cache
+        # (the other order could release the statement a poll before its grant shows).
+        requests = self.service.store.get_many(ids) if ids else {}
+        return self.service.active_grants(), requests
 
     @staticmethod
     def _expiries(grants: Sequence[Grant]) -> dict[tuple[str, str, str], float]:

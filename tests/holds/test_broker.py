@@ -2,6 +2,11 @@
 
 Decisions are made the way the web service makes them: through a second ApprovalService on
 the same SQLite file, from another thread.
+
+Nothing here waits on the clock: deadlines are set through a ``call_later`` the tests fire by
+hand (:class:`Deadlines`), "nothing happened yet" is checked after :meth:`HoldBroker.refresh`
+read the store, and a cancellation's withdrawal is awaited with :meth:`HoldBroker.drain`.
+Every await has a generous safety net (:data:`SAFETY`) that only a hang ever reaches.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ import asyncio
 import sqlite3
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
@@ -23,10 +29,53 @@ from appliance.proxy.hooks import Reject
 from tests.holds import AGENT, CARD_UPDATE, DBA1, DBA2, PAYMENT_DELETE, Clock, decision
 
 POLL = 0.02
+# Only a hang reaches these: a test that works never waits for them, however loaded the machine.
+SAFETY = 60.0
+T = TypeVar("T")
 
 
 def run(coro: Coroutine[Any, Any, Any]) -> Any:
-    return asyncio.run(asyncio.wait_for(coro, 30))
+    return asyncio.run(asyncio.wait_for(coro, 4 * SAFETY))
+
+
+async def settled(awaitable: Awaitable[T]) -> T:
+    """``awaitable``'s result, failing (not hanging) if it never comes."""
+    return await asyncio.wait_for(awaitable, SAFETY)
+
+
+@dataclass(eq=False)
+class _Deadline:
+    delay: float
+    callback: Callable[..., None]
+    args: tuple[Any, ...]
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Deadlines:
+    """The broker's ``call_later``: records each deadline; the test fires them when it chooses."""
+
+    def __init__(self) -> None:
+        self.set: list[_Deadline] = []
+
+    def __call__(self, delay: float, callback: Callable[..., None], *args: Any) -> _Deadline:
+        deadline = _Deadline(delay, callback, args)
+        self.set.append(deadline)
+        return deadline
+
+    @property
+    def pending(self) -> list[float]:
+        """The delays of the deadlines not yet fired nor cancelled."""
+        return [d.delay for d in self.set if not d.cancelled]
+
+    def fire(self) -> None:
+        """Every pending deadline runs out now."""
+        for deadline in self.set:
+            if not deadline.cancelled:
+                deadline.cancelled = True
+                deadline.callback(*deadline.args)
 
 
 @pytest.fixture
@@ -42,9 +91,12 @@ def web(path: Path) -> Iterator[ApprovalService]:
     service.close()
 
 
-def make_broker(path: Path, poll: float = POLL, clock: Clock | None = None) -> HoldBroker:
+def make_broker(path: Path, poll: float = POLL, clock: Clock | None = None,
+                deadlines: Deadlines | None = None) -> HoldBroker:
+    """A broker on ``path``; its deadlines only run out when the test fires them."""
     kwargs = {} if clock is None else {"clock": clock}
-    return HoldBroker(ApprovalService(ApprovalStore(path), max_grant_minutes=60, **kwargs), poll, owns_service=True)
+    return HoldBroker(ApprovalService(ApprovalStore(path), max_grant_minutes=60, **kwargs), poll, owns_service=True,
+                      call_later=deadlines if deadlines is not None else Deadlines())
 
 
 def open_hold(broker: HoldBroker, sql: str = CARD_UPDATE, fingerprint: str = "fp-card", **kwargs: Any) -> ApprovalRequest:
@@ -68,8 +120,15 @@ def in_thread(fn: Callable[[], Any]) -> Awaitable[Any]:
     return done
 
 
-async def until(condition: Callable[[], Any], what: str, timeout: float = 5.0) -> Any:
-    """Wait for an observable state, failing with ``what`` after ``timeout``."""
+async def cancelled(future: asyncio.Future[Any], broker: HoldBroker) -> None:
+    """After ``future`` was cancelled: until the broker has seen it (its done-callback, added
+    before ours, has run) and recorded whatever withdrawal that started."""
+    await asyncio.wait([future])
+    await asyncio.wait_for(broker.drain(), SAFETY)
+
+
+async def until(condition: Callable[[], Any], what: str, timeout: float = SAFETY) -> Any:
+    """Wait for a state only the poller produces, failing with ``what`` if it never comes."""
     deadline = asyncio.get_running_loop().time() + timeout
     while True:
         value = condition()
@@ -88,10 +147,10 @@ def test_approval_from_another_thread_lets_the_statement_go(path: Path, web: App
         await broker.start()
         request = open_hold(broker)
         outcome = broker.decision(request)
-        await asyncio.sleep(3 * POLL)
+        await broker.refresh()  # what a poll does: the request is read, and still pending
         assert not outcome.done() and broker.waiting == 1
         await in_thread(lambda: web.decide(request.id, DBA1, True, "CHG-7"))
-        assert await asyncio.wait_for(outcome, 5) is None
+        assert await settled(outcome) is None  # the poller saw the approval
         assert broker.waiting == 0
         await broker.close()
     run(main())
@@ -104,7 +163,7 @@ def test_denial_becomes_a_42501_naming_the_approver_and_reason(path: Path, web: 
         request = open_hold(broker)
         outcome = broker.decision(request)
         await in_thread(lambda: web.decide(request.id, DBA1, False, "not during the freeze"))
-        verdict = await asyncio.wait_for(outcome, 5)
+        verdict = await settled(outcome)
         await broker.close()
         assert verdict == Reject("42501", f"approval {request.id} was denied by dba1@example.test: not during the "
                                           "freeze",
@@ -116,12 +175,16 @@ def test_denial_becomes_a_42501_naming_the_approver_and_reason(path: Path, web: 
 
 def test_no_decision_in_time_is_a_42501_and_the_request_expires(path: Path, web: ApprovalService) -> None:
     async def main() -> None:
-        broker = make_broker(path)
+        deadlines = Deadlines()
+        broker = make_broker(path, deadlines=deadlines)
         await broker.start()
         request = open_hold(broker)
-        started = asyncio.get_running_loop().time()
-        verdict = await broker.decision(request, timeout=0.3)
-        assert asyncio.get_running_loop().time() - started >= 0.3
+        outcome = broker.decision(request, timeout=0.3)
+        assert deadlines.pending == [0.3]
+        await broker.refresh()
+        assert not outcome.done()  # only its deadline ends the wait
+        deadlines.fire()
+        verdict = await settled(outcome)
         assert verdict.sqlstate == "42501"
         assert verdict.message == f"approval {request.id} timed out after 0.3s without a decision"
         assert verdict.detail == ("policy rule 'card-changes-need-a-dba' (line 3); 0 of 1 approval(s) from "
@@ -134,24 +197,34 @@ def test_no_decision_in_time_is_a_42501_and_the_request_expires(path: Path, web:
     run(main())
 
 
-def test_default_timeout_is_the_requests_own(path: Path) -> None:
+def test_default_timeout_is_the_requests_own(path: Path, web: ApprovalService) -> None:
     async def main() -> None:
-        broker = make_broker(path)
+        clock, deadlines = Clock(), Deadlines()
+        broker = make_broker(path, clock=clock, deadlines=deadlines)
         request = open_hold(broker, timeout_seconds=0.25)
-        verdict = await broker.decision(request)
+        clock.advance(0.1)  # the statement starts waiting a moment after its request was opened
+        outcome = broker.decision(request)
+        assert deadlines.pending == [pytest.approx(0.15)]  # the time the request has left …
+        deadlines.fire()
+        verdict = await settled(outcome)
+        # … but what ran out is the request's own timeout, and that is what the agent is told.
         assert verdict.message == f"approval {request.id} timed out after 0.25s without a decision"
+        assert web.get(request.id).status_reason == "no decision within 0.25 s"
         await broker.close()
     run(main())
 
 
 def test_an_approval_that_lands_just_before_the_deadline_wins(path: Path, web: ApprovalService) -> None:
     async def main() -> None:
-        broker = make_broker(path, poll=60)  # the poller won't see it: only the deadline's check can
+        deadlines = Deadlines()
+        broker = make_broker(path, poll=3600, deadlines=deadlines)  # no poll: only the deadline's check can see it
         await broker.start()
         request = open_hold(broker)
         outcome = broker.decision(request, timeout=0.3)
         await in_thread(lambda: web.decide(request.id, DBA1, True, "just in time"))
-        assert await outcome is None
+        assert not outcome.done()
+        deadlines.fire()
+        assert await settled(outcome) is None
         assert web.get(request.id).status == "approved"
         await broker.close()
     run(main())
@@ -163,7 +236,7 @@ def test_withdrawn_elsewhere_is_refused(path: Path, web: ApprovalService) -> Non
         request = open_hold(broker)
         outcome = broker.decision(request)
         await in_thread(lambda: web.withdraw(request.id, "operator cleared the queue"))
-        verdict = await asyncio.wait_for(outcome, 5)
+        verdict = await settled(outcome)
         assert verdict.message == f"approval {request.id} was withdrawn: operator cleared the queue"
         await broker.close()
     run(main())
@@ -178,9 +251,10 @@ def test_cancelling_the_wait_withdraws_the_request(path: Path, web: ApprovalServ
         request = open_hold(broker)
         # As the session does: wrapped by ensure_future, cancelled when the client cancels.
         waiting = asyncio.ensure_future(broker.decision(request))
-        await asyncio.sleep(2 * POLL)
+        await broker.refresh()
         waiting.cancel()
-        stored = await until(lambda: (r := web.get(request.id)).status != "pending" and r, "the withdrawal")
+        await cancelled(waiting, broker)
+        stored = web.get(request.id)
         assert stored.status == "withdrawn"
         assert stored.status_reason == "the client cancelled the statement or disconnected"
         assert broker.waiting == 0
@@ -193,12 +267,17 @@ def test_cancelling_a_task_awaiting_it_withdraws_too(path: Path, web: ApprovalSe
         broker = make_broker(path)
         request = open_hold(broker)
 
+        awaiting = asyncio.Event()
+
         async def session() -> Reject | None:
-            return await broker.decision(request)
+            outcome = broker.decision(request)
+            awaiting.set()  # and, in the same step, the task parks on the outcome
+            return await outcome
         task = asyncio.get_running_loop().create_task(session())
-        await asyncio.sleep(0.05)
+        await awaiting.wait()
         task.cancel()
-        await until(lambda: web.get(request.id).status == "withdrawn", "the withdrawal")
+        await cancelled(task, broker)
+        assert web.get(request.id).status == "withdrawn"
         await broker.close()
     run(main())
 
@@ -207,8 +286,10 @@ def test_cancelled_before_anything_ran_still_withdraws(path: Path, web: Approval
     async def main() -> None:
         broker = make_broker(path)
         request = open_hold(broker)
-        broker.decision(request).cancel()
-        await until(lambda: web.get(request.id).status == "withdrawn", "the withdrawal")
+        outcome = broker.decision(request)
+        outcome.cancel()
+        await cancelled(outcome, broker)
+        assert web.get(request.id).status == "withdrawn"
         await broker.close()
     run(main())
 
@@ -219,10 +300,10 @@ def test_another_waiter_keeps_the_request_alive(path: Path, web: ApprovalService
         request = open_hold(broker)
         first, second = broker.decision(request), broker.decision(request)
         first.cancel()
-        await asyncio.sleep(5 * POLL)
-        assert web.get(request.id).pending
+        await cancelled(first, broker)
+        assert web.get(request.id).pending and broker.waiting == 1
         await in_thread(lambda: web.decide(request.id, DBA1, True, "ok"))
-        assert await asyncio.wait_for(second, 5) is None
+        assert await settled(second) is None
         await broker.close()
     run(main())
 
@@ -237,8 +318,9 @@ def test_grant_is_seen_from_the_cache_without_blocking(path: Path, web: Approval
         request = open_hold(broker)
         outcome = broker.decision(request)
         await in_thread(lambda: web.decide(request.id, DBA1, True, "batch fix", grant_minutes=5))
-        assert await asyncio.wait_for(outcome, 5) is None
-        await until(lambda: broker.grant_allows("agent-ci", "payments", "fp-card"), "the grant in the cache")
+        assert await settled(outcome) is None
+        # Released by the read that also loaded the grant: the next statement of that shape passes.
+        assert broker.grant_allows("agent-ci", "payments", "fp-card")
         assert not broker.grant_allows("agent-ci", "payments", "fp-other-shape")
         assert not broker.grant_allows("agent-ci", "billing", "fp-card")
         assert not broker.grant_allows("someone-else", "payments", "fp-card")
@@ -266,7 +348,8 @@ def test_grant_stops_allowing_when_it_expires(path: Path, web: ApprovalService) 
         # Decided with the same (settable) time, so the grant's window is the clock's.
         ApprovalService(web.store, max_grant_minutes=60, clock=clock).decide(request.id, DBA1, True, "ok",
                                                                              grant_minutes=1)
-        await until(lambda: broker.grant_allows("agent-ci", "payments", "fp-card"), "the grant in the cache")
+        await broker.refresh()
+        assert broker.grant_allows("agent-ci", "payments", "fp-card")
         clock.advance(59)
         assert broker.grant_allows("agent-ci", "payments", "fp-card")
         clock.advance(1)
@@ -287,7 +370,7 @@ def test_one_poller_serves_every_waiter(path: Path, web: ApprovalService) -> Non
         assert len(pollers) == 1
         for r in requests:
             await in_thread(lambda r=r: web.decide(r.id, DBA2, True, "bulk review"))
-        assert await asyncio.wait_for(asyncio.gather(*outcomes), 5) == [None] * 25
+        assert await settled(asyncio.gather(*outcomes)) == [None] * 25
         await broker.close()
         assert not [t for t in asyncio.all_tasks() if t.get_name() == "approvals-poller"]
     run(main())
@@ -299,20 +382,21 @@ def test_a_failing_store_refuses_waiters_and_grants_then_recovers(path: Path, we
         await broker.start()
         granted = open_hold(broker, fingerprint="fp-granted")
         web.decide(granted.id, DBA1, True, "ok", grant_minutes=30)
-        await until(lambda: broker.grant_allows("agent-ci", "payments", "fp-granted"), "the grant")
+        await broker.refresh()
+        assert broker.grant_allows("agent-ci", "payments", "fp-granted")
         request = open_hold(broker)
         outcome = broker.decision(request)
         breaker = sqlite3.connect(path)
         breaker.execute("ALTER TABLE revision RENAME TO revision_gone")  # a real failure, not a stub
         breaker.commit()
-        verdict = await asyncio.wait_for(outcome, 5)
+        verdict = await settled(outcome)  # the poller hit the failure
         assert verdict.sqlstate == "58000"
         assert verdict.message.startswith(f"approval {request.id} could not be checked: no such table: revision")
         assert not broker.grant_allows("agent-ci", "payments", "fp-granted")  # fail closed
         breaker.execute("ALTER TABLE revision_gone RENAME TO revision")
         breaker.commit()
         breaker.close()
-        await until(lambda: broker.grant_allows("agent-ci", "payments", "fp-granted"), "recovery")
+        await until(lambda: broker.grant_allows("agent-ci", "payments", "fp-granted"), "the poller's recovery")
         await broker.close()
     run(main())
 
@@ -365,10 +449,10 @@ def test_hold_takes_the_enforcement_addons_request(path: Path, web: ApprovalServ
                 opened.params, opened.fingerprint, opened.min_approvals) == (
             "agent-ci", "12", "10.0.0.2:5000", "app", PAYMENT_DELETE, None, "fp-delete", 2)
         await in_thread(lambda: web.decide(opened.id, DBA1, True, "one"))
-        await asyncio.sleep(5 * POLL)
+        await broker.refresh()
         assert not outcome.done()  # two approvals needed
         await in_thread(lambda: web.decide(opened.id, DBA2, True, "two"))
-        assert await asyncio.wait_for(outcome, 5) is None
+        assert await settled(outcome) is None
         await broker.close()
     run(main())
 
@@ -378,14 +462,14 @@ def test_wait_for_by_id(path: Path, web: ApprovalService) -> None:
         broker = make_broker(path)
         decided = open_hold(broker)
         web.decide(decided.id, DBA1, False, "no")
-        verdict = await broker.wait_for(decided.id, 5)
+        verdict = await broker.wait_for(decided.id, SAFETY)
         assert verdict.message.endswith("was denied by dba1@example.test: no")
         pending = open_hold(broker)
-        waiting = asyncio.ensure_future(broker.wait_for(pending.id, 5))
+        waiting = asyncio.ensure_future(broker.wait_for(pending.id, SAFETY))
         await in_thread(lambda: web.decide(pending.id, DBA1, True, "ok"))
-        assert await waiting is None
+        assert await settled(waiting) is None
         with pytest.raises(ApprovalError, match="there is no approval request apr-000000"):
-            await broker.wait_for("apr-000000", 1)
+            await broker.wait_for("apr-000000", SAFETY)
         await broker.close()
     run(main())
 
@@ -438,9 +522,9 @@ def test_the_enforcement_addon_holds_through_the_broker(path: Path, web: Approva
                 opened.session_id, opened.fingerprint) == (
             "agent-ci", "agent", "payments", "app", sql, str(session.id), addon_module.fingerprint(sql))
         await in_thread(lambda: web.decide(opened.id, DBA1, True, "nightly fix", grant_minutes=10))
-        assert await asyncio.wait_for(verdict.decision, 5) is None
+        assert await settled(verdict.decision) is None
         # The grant covers the statement's shape: other constants pass without a new request.
-        await until(lambda: broker.grant_allows("agent-ci", "payments", addon_module.fingerprint(sql)), "the grant")
+        assert broker.grant_allows("agent-ci", "payments", addon_module.fingerprint(sql))
         again = "UPDATE public.cards SET status = 'active' WHERE id = 7"
         assert addon.statement(session, Statement(StatementKind.QUERY, again)) is None
         assert len(web.list()) == 1
