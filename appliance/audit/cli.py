@@ -132,7 +132,7 @@ def _run(fn: Any) -> Any:
         from appliance.audit.export import ExportError
         from appliance.audit.keys import AuditKeyError
         from appliance.audit.reader import ReaderError
-        from appliance.audit.store import AuditError
+        from appliance.audit.store_errors import AuditError
         try:
             return fn(args)
         except UsageError as exc:
@@ -319,7 +319,7 @@ def _file_facts(audit: AuditConfig) -> dict[str, Any]:
 def _offline_status(audit: AuditConfig) -> dict[str, Any]:
     from appliance.audit.keys import KeyRing
     from appliance.audit.reader import AuditReader
-    from appliance.audit.store import lock_holder, segment_name
+    from appliance.audit.store_segments import lock_holder, segment_name
     reader = AuditReader(audit.dir)
     ring = KeyRing.load(audit)
     segments = reader.segments()
@@ -386,7 +386,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def _record_verify(config: Config, bundle: Path, code: int) -> None:
     """Best effort: the verification is an administrative action on the log's data."""
     from appliance.audit.export import ExportError, LogAccess, cli_identity
-    from appliance.audit.store import AuditError
+    from appliance.audit.store_errors import AuditError
     user, origin = cli_identity()
     record = {"action": "audit.verify", "user": user, "outcome": "success" if code == 0 else "failure",
               "origin": origin, "object": "audit-log", "bundle": str(bundle.resolve()), "exit": code}

@@ -31,7 +31,8 @@ from appliance.audit import merkle
 from appliance.audit.bundle import BundleWriter
 from appliance.audit.keys import KeyRing
 from appliance.audit.reader import AuditReader, field_pattern, parse, record_time
-from appliance.audit.store import AuditError, AuditLog
+from appliance.audit.store import AuditLog
+from appliance.audit.store_errors import AuditError
 from appliance.config import AuditConfig, Config, ConfigError
 
 log = logging.getLogger("tollgate.audit")

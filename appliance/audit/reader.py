@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from appliance.audit import merkle
-from appliance.audit.store import last_complete_line, list_segments
+from appliance.audit.store_segments import last_complete_line, list_segments
 
 READ_CHUNK = 1 << 23
 _NL = b"\n"

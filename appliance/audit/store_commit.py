@@ -1,0 +1,367 @@
+"""Group commit: the sync thread that makes audit records durable, and failing safely.
+
+* :meth:`GroupCommit.durable` returns an asyncio future on the loop given to
+  :meth:`GroupCommit.start` that resolves once an ``fdatasync`` covers the record.
+* The *sync thread* snapshots the write position under the log's lock, ``fdatasync``\\ s
+  outside it, publishes the durable point and resolves every future it covers with one
+  ``loop.call_soon_threadsafe``. With ``durability = "fsync"`` and a loop, the first
+  append of each loop iteration schedules one ``call_soon`` that wakes the thread once the
+  iteration is over: every task the iteration ran has appended by then, so one
+  ``fdatasync`` covers them all (group commit without a timer, no wake per record).
+* The same thread signs checkpoints when the :class:`~appliance.audit.store_checkpoints.Checkpointer`
+  says one is due.
+* A sync round and anything else that signs are serialised by ``commit_lock``, so a
+  checkpoint is always over exactly what was made durable, with the key valid at that size.
+
+An ``fdatasync`` that fails may have lost what the kernel held: the segment and the tree
+are rolled back to the last durable point, the futures beyond it fail (their statements
+were never forwarded) and the :class:`Outage` remembers which seqs were lost, for the
+``audit.failure`` record the next append writes first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+from asyncio import (
+    _get_running_loop as _running_loop,  # C: None off the loop, no exception
+)
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from appliance.audit import merkle
+from appliance.audit.keys import fsync_dir
+from appliance.audit.store_checkpoints import Checkpointer
+from appliance.audit.store_errors import AuditUnavailable
+from appliance.audit.store_segments import SegmentWriter, Snapshot
+
+if TYPE_CHECKING:
+    import asyncio
+
+log = logging.getLogger("tollgate.audit")
+
+REPAIR_RETRY_SECONDS = 0.5
+
+
+@dataclass(slots=True)
+class Failure:
+    error: str
+    since: str
+    lost: tuple[int, int] | None = None  # (first, last) seq rolled back
+
+
+class Outage:
+    """Why the log refuses records, since when, and what was lost meanwhile: what the
+    ``audit.failure`` record written once it works again says. Changed under the log's lock."""
+
+    def __init__(self, clock: Callable[[], str]) -> None:
+        self._clock = clock
+        self.failure: Failure | None = None
+        self.refused = 0  # statements the proxy refused since the failure
+        self.total = 0  # failures since the log was opened
+
+    def note(self, message: str, lost: tuple[int, int] | None = None) -> None:
+        failure = self.failure
+        if failure is None:
+            self.failure = failure = Failure(message, self._clock())
+            self.total += 1
+            log.error("audit: %s — statements are refused until it can be written", message)
+        else:
+            failure.error = message
+        if lost is not None:
+            before = failure.lost
+            failure.lost = lost if before is None else (min(before[0], lost[0]), max(before[1], lost[1]))
+
+    def over(self) -> None:
+        self.failure = None
+        self.refused = 0
+
+
+class GroupCommit:
+    """Makes what ``end`` holds durable; see the module docstring."""
+
+    def __init__(self, end: SegmentWriter, checkpoints: Checkpointer, outage: Outage, *, fsync_mode: bool,
+                 fdatasync: Callable[[int], None]) -> None:
+        self.commit_lock = threading.Lock()  # sync rounds and signing, in order
+        self._end = end
+        self._lock = end.lock
+        self._checkpoints = checkpoints
+        self._outage = outage
+        self._fsync_mode = fsync_mode
+        self._fdatasync = fdatasync
+        # the durable point (published by whoever synced, under the lock)
+        self._durable = Snapshot(0, 0, 0, merkle.CompactRange())
+        self.durable_size = 0
+        self._epoch = 0  # bumped by every rollback: a future of an older epoch was rolled back
+        self.broken: str | None = None  # a rollback after a failed sync that is not complete yet
+        self._repair_at = 0.0
+        # the thread
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._wake = threading.Event()
+        self._waiting = False
+        self._wake_at = 1
+        self._kicked = False  # a _kick is scheduled on the loop
+        self._kick_loop: asyncio.AbstractEventLoop | None = None  # fsync mode: appends on it ask for syncs
+        self._sync_target = 0  # records up to here have someone waiting: sync them
+        self._stopping = False
+        self._waiters: deque[tuple[int, int, asyncio.Future[None]]] = deque()
+
+    def restart_from(self, snap: Snapshot) -> None:
+        """Recovery found the log durable up to ``snap``."""
+        self._durable, self.durable_size = snap, snap.size
+
+    def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Start the sync thread; ``loop`` is where :meth:`durable` futures live."""
+        if loop is not None:
+            self._loop = loop
+            if self._fsync_mode:
+                self._kick_loop = loop
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="audit-sync", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the sync thread after its current round (not from the thread itself)."""
+        self._stopping = True
+        self._wake.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    # --- on the appending side -----------------------------------------------------------------
+
+    def appended(self, size: int) -> None:
+        """Under the lock, after an append made the log ``size`` records long."""
+        if self._waiting and size >= self._wake_at:
+            self._wake.set()
+        if not self._kicked and self._kick_loop is not None and _running_loop() is self._kick_loop:
+            # fsync mode, on the loop: one sync for everything this loop iteration appends
+            # (as durable() asks; records nobody waits for are synced as promptly)
+            self._kicked = True
+            self._kick_loop.call_soon(self._kick)
+
+    def wake(self) -> None:
+        """Have the thread look at the cadence again (a checkpoint was requested)."""
+        if self._waiting:
+            self._wake.set()
+
+    def durable(self, seq: int) -> asyncio.Future[None] | None:
+        """None if record ``seq`` needs no waiting (``durability = "write"``, or already
+        synced); else a future resolved once an fdatasync covers it, or failed with
+        :class:`AuditUnavailable`. Call on the event loop's thread."""
+        if not self._fsync_mode or seq < self.durable_size:
+            return None
+        loop = self._loop
+        if loop is None:
+            import asyncio
+            loop = self._loop = asyncio.get_running_loop()
+        if self._thread is None:
+            raise RuntimeError("AuditLog.start() was not called: nothing would make the record durable")
+        fut = loop.create_future()
+        waiters = self._waiters
+        entry = (seq, self._epoch, fut)
+        if waiters and waiters[-1][0] > seq:  # out of order (rare): keep the queue sorted
+            i = len(waiters)
+            while i and waiters[i - 1][0] > seq:
+                i -= 1
+            waiters.insert(i, entry)
+        else:
+            waiters.append(entry)
+        if seq < self.durable_size:  # a sync published between the check above and now
+            self._resolve_waiters(self.durable_size, self._epoch)
+        elif not self._kicked:
+            # Ask for the sync once this loop iteration is over: every task that runs in it
+            # appends first, so one fdatasync covers them all (group commit without a timer).
+            self._kicked = True
+            loop.call_soon(self._kick)
+        return fut
+
+    def _kick(self) -> None:
+        """On the loop, after the tasks of an iteration ran: sync what they are waiting for."""
+        self._kicked = False
+        self._sync_target = self._end.size
+        if self._waiting:
+            self._wake.set()
+
+    def _resolve_waiters(self, size: int, epoch: int) -> None:
+        """On the loop: resolve the futures of records below ``size`` (of ``epoch``)."""
+        waiters = self._waiters
+        later: list[tuple[int, int, asyncio.Future[None]]] = []
+        while waiters and waiters[0][0] < size:
+            entry = waiters.popleft()
+            e, fut = entry[1], entry[2]
+            if e > epoch:  # a record written after a rollback, with a reused seq: not this sync's
+                later.append(entry)
+            elif not fut.done():
+                if e == epoch:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(AuditUnavailable("the audit record was rolled back after a failed sync"))
+        if later:
+            waiters.extendleft(reversed(later))
+
+    def _fail_waiters(self, epoch: int, message: str, code: int | None) -> None:
+        """On the loop: fail every future from ``epoch`` (or before) still waiting."""
+        keep: deque[tuple[int, int, asyncio.Future[None]]] = deque()
+        for entry in self._waiters:
+            if entry[1] <= epoch:
+                if not entry[2].done():
+                    entry[2].set_exception(AuditUnavailable(message, code))
+            else:
+                keep.append(entry)
+        self._waiters = keep
+
+    def _tell_loop(self, callback: Callable[..., None], *args: object) -> None:
+        loop = self._loop
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+                loop.call_soon_threadsafe(callback, *args)
+
+    # --- syncing -----------------------------------------------------------------------------
+
+    def sync(self, snap: Snapshot) -> bool:
+        """Make ``snap`` durable and publish it; False (rolled back) if a sync failed.
+        Under ``commit_lock``."""
+        try:
+            for fd in snap.retired:
+                os.fsync(fd)
+            if snap.dir_dirty:
+                fsync_dir(self._end.segdir)
+            if snap.size > self.durable_size or snap.retired:
+                self._fdatasync(snap.fd)
+        except OSError as exc:
+            self._sync_failed(snap, exc)
+            return False
+        for fd in snap.retired:
+            with contextlib.suppress(OSError):  # synced already: nothing is lost
+                os.close(fd)
+        with self._lock:
+            if snap.size >= self.durable_size:
+                self._durable = snap
+                self.durable_size = snap.size
+            epoch = self._epoch
+        if self._waiters and self._loop is not None:
+            self._tell_loop(self._resolve_waiters, snap.size, epoch)
+        return True
+
+    def sync_snapshot(self) -> Snapshot:
+        """Under ``commit_lock``: make everything written so far durable; the position synced.
+        AuditUnavailable if the sync failed (and the log was rolled back)."""
+        snap = self._end.snapshot()
+        if not self.sync(snap):
+            failure = self._outage.failure
+            raise AuditUnavailable(failure.error if failure else "the audit log could not be synced")
+        return snap
+
+    def _sync_failed(self, snap: Snapshot, exc: OSError) -> None:
+        """An fsync failed: the kernel may have dropped what it held. Roll the log back to
+        the last durable point and fail everything beyond it."""
+        end = self._end
+        message = f"cannot make the audit log durable ({end.path}): {exc.strerror or exc}"
+        with self._lock:
+            durable = self._durable
+            lost = (durable.size, end.size - 1) if end.size > durable.size else None
+            epoch = self._epoch
+            self._epoch += 1
+            end.retired.extend(fd for fd in snap.retired if fd not in end.retired)
+            self._outage.note(message, lost)
+            self.broken = message
+            try:
+                self._repair()
+            except AuditUnavailable:
+                self._repair_at = time.monotonic() + REPAIR_RETRY_SECONDS  # stays broken: the sync thread retries
+        log.error("audit: %s; rolled back to seq %d%s", message, durable.size,
+                  f" (records {lost[0]}–{lost[1]} lost, their statements refused)" if lost else "")
+        self._tell_loop(self._fail_waiters, epoch, message, exc.errno)
+
+    def repair_if_broken(self) -> None:
+        """Under ``commit_lock``: finish a rollback still pending; AuditUnavailable if it can't be."""
+        if self.broken is not None and not self._try_repair():
+            raise AuditUnavailable(self.broken or "the audit log is being rolled back")
+
+    def _try_repair(self) -> bool:
+        with self._lock:
+            try:
+                self._repair()
+            except AuditUnavailable as exc:
+                self._repair_at = time.monotonic() + REPAIR_RETRY_SECONDS
+                log.error("audit: %s (retrying)", exc)
+                return False
+        log.warning("audit: rolled back to seq %d; records can be written again", self._end.size)
+        return True
+
+    def _repair(self) -> None:
+        """Under the lock: put the files and the tree back at the last durable point."""
+        try:
+            self._end.roll_back(self._durable)
+        except OSError as exc:
+            self.broken = f"cannot roll the audit log back after a failure: {exc.strerror or exc}"
+            raise AuditUnavailable(self.broken, exc.errno) from None
+        self.broken = None
+
+    # --- the sync thread -----------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                now = time.monotonic()
+                if self._due(now):
+                    with self.commit_lock:
+                        if self._stopping:
+                            break
+                        self._round()
+                    continue
+                self._waiting = True
+                now = time.monotonic()
+                if not self._due(now):
+                    self._wake.wait(max(self._deadline(now) - now, 0.0))
+                self._waiting = False
+                self._wake.clear()
+        except BaseException as exc:  # never die silently: nothing would become durable any more
+            log.critical("audit: the sync thread failed; the log refuses records from now on", exc_info=True)
+            message = f"the audit log's sync thread failed: {type(exc).__name__}: {exc}"
+            with self._lock:
+                self.broken = message
+                self._repair_at = float("inf")
+                self._outage.note(message)
+                epoch = self._epoch
+                self._epoch += 1
+            self._tell_loop(self._fail_waiters, epoch, message, None)
+            raise
+
+    def _due(self, now: float) -> bool:
+        if self.broken is not None:
+            return now >= self._repair_at
+        size = self._end.size
+        checkpoints = self._checkpoints
+        checkpoints.note_size(now, size)
+        if self._fsync_mode and self._loop is None:  # no loop to kick us: every append does
+            self._wake_at = self.durable_size + 1
+            if size > self.durable_size or self._end.retired:
+                return True
+        else:  # appends wake us for checkpoints only; in fsync mode _kick asks for the syncs
+            self._wake_at = checkpoints.wake_size()
+            if self._sync_target > self.durable_size:
+                return True
+        return checkpoints.due(now, size)
+
+    def _deadline(self, now: float) -> float:
+        if self.broken is not None:
+            return self._repair_at
+        return self._checkpoints.deadline()
+
+    def _round(self) -> None:
+        """Under commit_lock: sync what is written; sign a checkpoint if one is due."""
+        if self.broken is not None and not self._try_repair():
+            return
+        snap = self._end.snapshot()
+        if not self.sync(snap):
+            return
+        if self._checkpoints.due(time.monotonic(), snap.size):
+            self._checkpoints.sign(snap)

@@ -1,0 +1,273 @@
+"""The audit log's segment files: their names, the writer's lock, and the end of the log.
+
+Records live in ``dir/segments/NNNNNNNNNNNN.jsonl``, each file named by the seq of its
+first line. :class:`SegmentWriter` is where the log ends (the current segment's file and
+offset, the record count, the Merkle tree's compact range): it appends lines, starts the
+next segment when one is full, hands out :class:`Snapshot`\\ s for a sync to make durable,
+and rolls back to one after a sync failed. The functions below read segments back:
+rehashing them at recovery and finding their last complete line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.audit import keys, merkle
+from appliance.audit.keys import fsync_dir
+from appliance.audit.store_errors import AuditError
+
+SEGMENT_RE = re.compile(r"^(\d{12})\.jsonl$")
+READ_CHUNK = 1 << 23
+NL = b"\n"
+
+
+def segment_name(start: int) -> str:
+    return f"{start:012d}.jsonl"
+
+
+def list_segments(directory: Path) -> list[tuple[int, Path]]:
+    """(first seq, path) of each segment file, in order."""
+    segments = directory / "segments"
+    try:
+        names = os.listdir(segments)
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        m = SEGMENT_RE.match(name)
+        if m:
+            out.append((int(m.group(1)), segments / name))
+    out.sort()
+    return out
+
+
+@dataclass(slots=True)
+class Snapshot:
+    """A write position: everything before it is in the segment files (and, once synced, durable)."""
+
+    size: int
+    seg_start: int
+    offset: int
+    tree: merkle.CompactRange
+    fd: int = -1
+    retired: tuple[int, ...] = ()
+    dir_dirty: bool = False
+
+
+class SegmentWriter:
+    """The end of the log. Every method but :meth:`snapshot` expects ``lock`` held.
+
+    Segments that filled up stay open (``retired``) until a sync has fsync'd them, and a
+    new segment's directory entry is fsync'd by that sync too (``dir_dirty``): the sync
+    thread does that work, never an append.
+    """
+
+    __slots__ = ("dir_dirty", "directory", "fd", "lock", "offset", "retired", "seg_start", "segdir", "segment_bytes",
+                 "size", "tail_dirty", "tree")
+
+    def __init__(self, directory: Path, segment_bytes: int) -> None:
+        self.lock = threading.RLock()  # the write position: appends, snapshots, rollbacks
+        self.directory = directory
+        self.segdir = directory / "segments"
+        self.segment_bytes = segment_bytes
+        self.fd = -1
+        self.seg_start = 0
+        self.offset = 0
+        self.size = 0
+        self.tree = merkle.CompactRange()
+        self.retired: list[int] = []
+        self.dir_dirty = False
+        self.tail_dirty = False  # a failed write could not be cut off the segment yet
+
+    @property
+    def path(self) -> Path:
+        """The segment being written."""
+        return self.segdir / segment_name(self.seg_start)
+
+    def open_at(self, seg_start: int, size: int, tree: merkle.CompactRange) -> Snapshot:
+        """Continue the log in segment ``seg_start`` (created if new) after ``size`` records
+        whose tree is ``tree``; the position reached, durable."""
+        path = self.segdir / segment_name(seg_start)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        os.fsync(fd)  # what a killed writer left in the page cache is durable from here
+        fsync_dir(self.segdir)
+        self.fd, self.seg_start, self.offset = fd, seg_start, os.fstat(fd).st_size
+        self.size, self.tree = size, tree
+        return Snapshot(size, seg_start, self.offset, tree.copy())
+
+    def append(self, data: bytes) -> None:
+        """Write ``data`` and a newline as the next record and add its leaf to the tree.
+
+        OSError if the line could not be written whole: then the position has not moved and
+        :meth:`cut_failed_write` must take off whatever part of it reached the file.
+        """
+        offset = self.offset
+        written = os.pwritev(self.fd, (data, NL), offset)
+        if written != len(data) + 1:
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write: "
+                                        f"{written} of {len(data) + 1} bytes)")
+        self.offset = offset + written
+        self.size += 1
+        self.tree.append_leaf(merkle.leaf_hash(data))
+
+    def cut_failed_write(self) -> OSError | None:
+        """Cut the file back to the position after a failed write; the error if it could not
+        be (``tail_dirty`` then says it must be before anything else is written)."""
+        try:
+            os.ftruncate(self.fd, self.offset)
+        except OSError as exc:
+            self.tail_dirty = True
+            return exc
+        self.tail_dirty = False
+        return None
+
+    def next_segment(self) -> None:
+        """Start the segment named by the next seq. OSError if it can't be created;
+        AuditError if a file of that name already holds data."""
+        path = self.segdir / segment_name(self.size)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        if os.fstat(fd).st_size:
+            os.close(fd)
+            raise AuditError(f"{path}: a new segment already holds data")
+        self.retired.append(self.fd)
+        self.fd, self.seg_start, self.offset = fd, self.size, 0
+        self.dir_dirty = True
+
+    def snapshot(self) -> Snapshot:
+        """The position now, with the segments retired and the directory change since the
+        last snapshot: the next sync is theirs."""
+        with self.lock:
+            snap = Snapshot(self.size, self.seg_start, self.offset, self.tree.copy(), self.fd,
+                            tuple(self.retired), self.dir_dirty)
+            self.retired = []
+            self.dir_dirty = False
+            return snap
+
+    def roll_back(self, to: Snapshot) -> None:
+        """Put the files, the count and the tree back at ``to`` (a durable position): later
+        segments removed, the one ``to`` ends in cut there. OSError if the files can't be."""
+        fds = {self.fd, *self.retired} - {-1}
+        for fd in fds:
+            os.close(fd)
+        self.fd, self.retired = -1, []
+        for start, path in list_segments(self.directory):
+            if start > to.seg_start:
+                path.unlink()
+        path = self.segdir / segment_name(to.seg_start)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.fd = fd
+        os.ftruncate(fd, to.offset)
+        os.fsync(fd)
+        fsync_dir(self.segdir)
+        self.seg_start, self.offset, self.size = to.seg_start, to.offset, to.size
+        self.tree = to.tree.copy()
+
+    def close_fds(self) -> None:
+        for fd in {self.fd, *self.retired} - {-1}:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.fd = -1
+        self.retired = []
+
+
+# --- the writer's lock ---------------------------------------------------------------------------
+
+
+def take_lock(directory: Path) -> int:
+    """Lock ``directory`` for this process (``dir/LOCK`` says its pid); the lock's fd,
+    released when closed. AuditError naming the holder if another process has it."""
+    fd = os.open(directory / "LOCK", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            os.close(fd)
+            raise
+        try:
+            pid = os.pread(fd, 32, 0).decode().split()[0]
+        except (IndexError, UnicodeDecodeError):
+            pid = "?"
+        os.close(fd)
+        raise AuditError(f"the audit log is in use by pid {pid} ({directory / 'LOCK'})") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def lock_holder(directory: Path) -> int | None:
+    """The pid that holds the audit directory's lock (a running writer), or None."""
+    return keys._locked(directory)
+
+
+# --- reading segments back -------------------------------------------------------------------------
+
+
+def rehash(path: Path, offset: int, tree: merkle.CompactRange, size: int, check_size: int,
+           check_root: bytes | None) -> tuple[int, int, bytes]:
+    """Hash the complete lines of ``path`` from ``offset`` into ``tree``.
+
+    Returns (new size, bytes of a partial last line, the last complete line). When the tree
+    passes ``check_size`` its root must be ``check_root`` (the last checkpoint's).
+    """
+    leaf = merkle.leaf_hash
+    add = tree.append_leaf
+    rest = b""
+    last = b""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        while chunk := f.read(READ_CHUNK):
+            lines = (rest + chunk).split(NL) if rest else chunk.split(NL)
+            rest = lines.pop()
+            for line in lines:
+                if size == check_size and check_root is not None and tree.root() != check_root:
+                    raise AuditError(f"{path}: the records before seq {size} don't match the last checkpoint")
+                add(leaf(line))
+                size += 1
+            if lines:
+                last = lines[-1]
+    if size == check_size and check_root is not None and tree.root() != check_root:
+        raise AuditError(f"{path}: the records don't match the last checkpoint (size {check_size})")
+    return size, len(rest), last
+
+
+def truncate(path: Path, length: int) -> None:
+    """Cut ``path`` to ``length`` bytes, durably."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        os.ftruncate(fd, length)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def last_complete_line(path: Path) -> bytes | None:
+    """The last complete (newline-ended) line of a file, read from its end; None if it has
+    none (empty, or one partial line)."""
+    with open(path, "rb") as f:
+        end = os.fstat(f.fileno()).st_size
+        back = min(end, 1 << 16)
+        while back:
+            f.seek(end - back)
+            data = f.read(back)
+            body = data[:data.rfind(NL)]  # the complete lines only
+            i = body.rfind(NL)
+            if i >= 0 or back == end:
+                return body[i + 1:] or None
+            back = min(end, back * 4)
+    return None
+
+
+def last_line_of_log(segments: list[tuple[int, Path]]) -> bytes:
+    """The last complete line of the log (looking back over empty segments)."""
+    for _start, path in reversed(segments):
+        line = last_complete_line(path)
+        if line is not None:
+            return line
+    return b""
