@@ -11,9 +11,10 @@ from __future__ import annotations
 import ipaddress
 import socket
 import tomllib
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, TypeVar
+from typing import Any, Literal, TypeVar
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -39,7 +40,7 @@ class Endpoint:
     port: int
 
     @classmethod
-    def parse(cls, text: str) -> "Endpoint":
+    def parse(cls, text: str) -> Endpoint:
         """Parse ``1.2.3.4:5432`` or ``[2001:db8::1]:5432``."""
         host, sep, port_text = text.rpartition(":")
         if not sep or not host:
@@ -287,7 +288,7 @@ class _Section:
         p = Path(raw)
         return p if p.is_absolute() else base / p
 
-    def section(self, name: str, required: bool = False) -> "_Section":
+    def section(self, name: str, required: bool = False) -> _Section:
         self.used.add(name)
         if name not in self.data and not required:
             return _Section(self.path, self.key(name), {})
@@ -536,7 +537,7 @@ def _parse_audit(s: _Section, base: Path, identity: IdentityConfig | None) -> Au
     rows = bounded("result_rows", int, d.result_rows, 0, 100_000)
     size = bounded("result_bytes", int, d.result_bytes, 0, 1 << 24)
     syslog = s.get("offbox_syslog", str, None)
-    if syslog is not None and not (syslog.startswith("unix:/") or syslog.startswith("udp:")):
+    if syslog is not None and not syslog.startswith(("unix:/", "udp:")):
         raise s.error("offbox_syslog", "must be 'unix:/PATH' or 'udp:HOST:PORT'")
     config = AuditConfig(directory, origin, durability, records, seconds, heartbeat, segment, rows, size,
                          path_or_none("offbox_dir"), syslog, path_or_none("root_key"))

@@ -12,8 +12,8 @@ runs on. The harness, the table and the JSON need no change.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Mapping
 
 # --- paths -----------------------------------------------------------------------------
 
@@ -144,5 +144,16 @@ register(Case("masked-1m", ("-c", "1", "-j", "1", "-M", "simple"),
               paths=("direct", "tollgate"), script=MASKED_SQL.format(rows=1_000_000), needs=("pan_rows",),
               rows_per_tx=1_000_000))
 
-__all__ = ["Route", "ROUTES", "ALL_PATHS", "BASELINE", "REFERENCE", "DIRECT", "PGBOUNCER", "TOLLGATE",
-           "Case", "CASES", "register"]
+__all__ = [
+    "ALL_PATHS",
+    "BASELINE",
+    "CASES",
+    "DIRECT",
+    "PGBOUNCER",
+    "REFERENCE",
+    "ROUTES",
+    "TOLLGATE",
+    "Case",
+    "Route",
+    "register",
+]

@@ -21,12 +21,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any
 
-from bench import BASELINE, CASES, REFERENCE, ROUTES, Case, Route
-from bench import pgbench, pgbouncer, report
+from bench import BASELINE, CASES, REFERENCE, ROUTES, Case, Route, pgbench, pgbouncer, report
 from bench.report import CaseResult, PathResult
 
 log = logging.getLogger("bench")
@@ -58,9 +58,9 @@ def _on_signal(signum: int, _frame: Any) -> None:
 
 
 # Setup steps a case may ask for by name (``Case.needs``): name → fn(context), run once.
-SETUPS: dict[str, Callable[["Context"], None]] = {}
+SETUPS: dict[str, Callable[[Context], None]] = {}
 # Conditions held only while one case runs (``Case.during``): name → context manager factory.
-DURING: dict[str, Callable[["Context"], ContextManager[None]]] = {}
+DURING: dict[str, Callable[[Context], contextlib.AbstractContextManager[None]]] = {}
 
 PAN_ROWS = 1_000_000
 PAN_ROWS_SQL = f"""
@@ -77,7 +77,7 @@ ANALYZE bench_cards;
 """
 
 
-def setup_pan_rows(ctx: "Context") -> None:
+def setup_pan_rows(ctx: Context) -> None:
     """bench_cards: PAN_ROWS rows of distinct Luhn-valid Visa numbers (made in SQL, fast)."""
     log.info("bench: creating bench_cards (%d rows with PANs)", PAN_ROWS)
     superuser_sql(ctx.lab, PAN_ROWS_SQL.format(role=ROLE), dbname=DB_NAME)
@@ -87,7 +87,7 @@ SETUPS["pan_rows"] = setup_pan_rows
 
 
 @contextlib.contextmanager
-def holds_pending(ctx: "Context", count: int = 20) -> Iterator[None]:
+def holds_pending(ctx: Context, count: int = 20) -> Iterator[None]:
     """``count`` agent sessions, each with an UPDATE waiting for approval, for the duration."""
     from appliance.config import load_config
     from appliance.proxy.cli import control_request
@@ -96,9 +96,11 @@ def holds_pending(ctx: "Context", count: int = 20) -> Iterator[None]:
     procs = []
     try:
         for i in range(count):
-            procs.append(ctx.lab.popen("agent", ["psql", "-X", "-q", ctx.lab.conninfo(), "-c",
-                                                 f"UPDATE cards SET brand = brand WHERE id = {i + 1}"],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            # Not a comprehension: if a start fails, finally: must still see the sessions already started.
+            procs.append(  # noqa: PERF401
+                ctx.lab.popen("agent", ["psql", "-X", "-q", ctx.lab.conninfo(), "-c",
+                                        f"UPDATE cards SET brand = brand WHERE id = {i + 1}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         deadline = time.monotonic() + 60
         while True:
             held = sum(1 for s in control_request(config, {"op": "sessions"})["sessions"] if s["held"])
@@ -160,10 +162,8 @@ def reset_peak_rss(pid: int | None) -> None:
     """Start the process's peak-RSS count (VmHWM) afresh: writing 5 to clear_refs does that."""
     if pid is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except OSError:
-        pass
 
 
 def peak_rss_kb(pid: int | None) -> int | None:
@@ -436,7 +436,7 @@ def _main(args: argparse.Namespace) -> int:
         raise BenchError(f"cases need setup steps the harness does not have: {', '.join(missing)}")
     preconditions(paths_used)
 
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     load_before = loadavg()
     meta: dict[str, Any] = {
         "started_at": started.isoformat(timespec="seconds"),
@@ -470,7 +470,7 @@ def _main(args: argparse.Namespace) -> int:
         from bench import audit_log
         meta["audit_log"] = audit_log.measure(progress=progress)
 
-    meta["finished_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    meta["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     meta["host"]["loadavg_after"] = loadavg()
     doc = report.document(meta, results, raw=args.raw)
     print()
@@ -511,12 +511,18 @@ def header(meta: dict[str, Any]) -> str:
                     for p, info in meta.get("paths", {}).items() if info.get("ok"))
     repeats = f" × {s['repeat']} (medians)" if s["repeat"] > 1 else ""
     lines = [
-        f"Tollgate bench — lab {meta['lab']['name']}, {s['duration_s']} s per run{repeats}, "
-        f"pgbench -n, scale {s['scale']}, paths interleaved per case",
-        f"host: {h['cpu_count']} CPUs ({h['cpu_model']}), kernel {h['kernel']}, "
-        f"load average before {' '.join(map(str, h['loadavg_before']))}",
-        f"versions: {v['pgbench']}; {v['pgbouncer'] or 'no pgbouncer'}; "
-        f"{(v['postgresql'] or '').split(' on ')[0]}; uvloop {v['uvloop'] or 'absent'}",
+        (
+            f"Tollgate bench — lab {meta['lab']['name']}, {s['duration_s']} s per run{repeats}, "
+            f"pgbench -n, scale {s['scale']}, paths interleaved per case"
+        ),
+        (
+            f"host: {h['cpu_count']} CPUs ({h['cpu_model']}), kernel {h['kernel']}, "
+            f"load average before {' '.join(map(str, h['loadavg_before']))}"
+        ),
+        (
+            f"versions: {v['pgbench']}; {v['pgbouncer'] or 'no pgbouncer'}; "
+            f"{(v['postgresql'] or '').split(' on ')[0]}; uvloop {v['uvloop'] or 'absent'}"
+        ),
         f"TLS: {tls}" if tls else "TLS: (no path answered)",
         f"ratios vs {BASELINE}; summary: tollgate vs {REFERENCE}",
     ]

@@ -15,8 +15,9 @@ import asyncio
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RECORD = {
     "type": "statement", "user": "lab-agent", "outcome": "success", "origin": "198.18.1.10:51234",
@@ -65,14 +66,14 @@ def measure(records: int = 200_000, appenders: tuple[int, ...] = (8, 50),
         assert config.audit is not None
         init_audit_dir(config.audit)
         for count in appenders:
-            async def durable_run() -> float:
+            async def durable_run(appenders: int) -> float:
                 audit_log = await asyncio.to_thread(AuditLog.open, config.audit, version=__version__)
                 audit_log.start(asyncio.get_running_loop())
                 try:
-                    return await _append_durably(audit_log, count, records)
+                    return await _append_durably(audit_log, appenders, records)
                 finally:
                     await asyncio.to_thread(audit_log.close, "bench")
-            rate = run(durable_run())
+            rate = run(durable_run(count))
             out["durable_records_per_s"][str(count)] = round(rate)
             progress(f"audit log: {rate:,.0f} durable records/s ({count} appenders, fsync, group commit)")
 

@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 import subprocess
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 PGBENCH = "pgbench"  # found on the lab's PATH (PostgreSQL 15's bin directory first)
 
@@ -173,7 +174,7 @@ def build_argv(options: Sequence[str], conninfo: str, *, duration: int, script: 
     argv = [PGBENCH, "-n", "-T", str(duration), *options]
     if script is not None:
         argv += ["-f", str(script)]
-    return argv + [conninfo]
+    return [*argv, conninfo]
 
 
 def run(lab: Any, node: str, argv: Sequence[str], *, env: Mapping[str, str] | None = None,

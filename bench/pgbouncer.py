@@ -111,7 +111,7 @@ class PgBouncer:
     def log_path(self) -> Path | None:
         return self.workdir / "pgbouncer.log" if self.workdir else None
 
-    def __enter__(self) -> "PgBouncer":
+    def __enter__(self) -> PgBouncer:
         self.start()
         return self
 

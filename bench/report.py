@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from bench import BASELINE, REFERENCE, Case
 from bench.pgbench import PgbenchRun
@@ -65,7 +66,7 @@ class PathResult:
     @property
     def proxy_cpu_us_per_tx(self) -> float | None:
         per_tx = []
-        for run, cpu in zip(self.runs, self.proxy_cpu_s):
+        for run, cpu in zip(self.runs, self.proxy_cpu_s, strict=True):
             if run.ok and cpu is not None and run.result.transactions:
                 per_tx.append(cpu * 1e6 / run.result.transactions)
         return _median(per_tx)
@@ -140,7 +141,7 @@ def render_table(results: Sequence[CaseResult]) -> str:
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(c.rjust(w) if i in numeric and cells is not headers else c.ljust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+                         for i, (c, w) in enumerate(zip(cells, widths, strict=True))).rstrip()
 
     out = [line(headers), line(tuple("-" * w for w in widths))]
     for i, r in enumerate(rows):
@@ -227,7 +228,8 @@ def document(meta: dict[str, Any], results: Sequence[CaseResult], *, raw: bool =
                 "paths": {
                     path: {**pr.summary(),
                            "runs": [{**run.to_dict(raw=raw), "proxy_cpu_s": cpu, "proxy_peak_rss_kb": rss}
-                                    for run, cpu, rss in zip(pr.runs, pr.proxy_cpu_s, pr.proxy_peak_rss_kb)]}
+                                    for run, cpu, rss in zip(pr.runs, pr.proxy_cpu_s, pr.proxy_peak_rss_kb,
+                                                             strict=True)]}
                     for path, pr in cr.paths.items()
                 },
                 "comparison": cr.comparison(),
@@ -239,7 +241,7 @@ def document(meta: dict[str, Any], results: Sequence[CaseResult], *, raw: bool =
 
 
 def timestamp(now: datetime | None = None) -> str:
-    return (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
+    return (now or datetime.now(UTC)).strftime("%Y%m%dT%H%M%SZ")
 
 
 def write_json(doc: dict[str, Any], directory: Path, stamp: str) -> Path:

@@ -15,9 +15,9 @@ import ipaddress
 import os
 import secrets
 import stat
+from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Callable, Iterable, Union
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -53,8 +53,8 @@ MAX_RSA_BITS = 8192
 ACCEPTED_CURVES = (ec.SECP256R1, ec.SECP384R1)
 ACCEPTED_KEYS = "EC P-256/P-384, RSA of at least 2048 bits, or Ed25519"
 
-IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
-PrivateKey = Union[ec.EllipticCurvePrivateKey, rsa.RSAPrivateKey, ed25519.Ed25519PrivateKey]
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 Signer = Callable[[x509.CertificateBuilder], x509.Certificate]
 
 
@@ -227,7 +227,7 @@ class CertificateAuthority:
 
     @classmethod
     def create(cls, directory: str | Path, name: str = DEFAULT_CA_NAME, lifetime_days: int = 3650, *,
-               now: datetime | None = None) -> "CertificateAuthority":
+               now: datetime | None = None) -> CertificateAuthority:
         """A new CA in ``directory`` (``ca.crt`` 0644, ``ca.key`` 0600); never overwrites one."""
         directory = Path(directory)
         if lifetime_days < 1:
@@ -266,7 +266,7 @@ class CertificateAuthority:
 
     @classmethod
     def load(cls, cert_path: str | Path, key_path: str | Path | None = None, *,
-             signer: Signer | None = None) -> "CertificateAuthority":
+             signer: Signer | None = None) -> CertificateAuthority:
         """The CA from its certificate; with ``key_path`` (or a ``signer``) it may issue too."""
         cert_path = Path(cert_path)
         try:

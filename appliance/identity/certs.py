@@ -22,7 +22,7 @@ agree with it when read back.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import unquote
 
 from cryptography import x509
@@ -189,7 +189,9 @@ def identity_from_certificate(cert: x509.Certificate) -> Identity:
     try:
         ext = cert.extensions.get_extension_for_oid(IDENTITY_EXTENSION_OID).value
     except x509.ExtensionNotFound:
-        raise IdentityError(f"certificate has no Tollgate identity extension ({IDENTITY_EXTENSION_OID.dotted_string})") from None
+        raise IdentityError(
+            f"certificate has no Tollgate identity extension ({IDENTITY_EXTENSION_OID.dotted_string})"
+        ) from None
     ext_kind, groups, issuer = decode_identity_extension(ext.value)
     if ext_kind != kind:
         raise IdentityError(f"certificate identity extension says kind {ext_kind!r} but its URI says {kind!r}")
@@ -220,7 +222,7 @@ def fingerprint(cert: x509.Certificate) -> str:
 
 def utc(dt: datetime) -> datetime:
     """An aware UTC datetime (cryptography < 42 hands out naive UTC ones)."""
-    return dt.replace(tzinfo=timezone.utc) if dt.tzinfo is None else dt.astimezone(timezone.utc)
+    return dt.replace(tzinfo=UTC) if dt.tzinfo is None else dt.astimezone(UTC)
 
 
 def not_valid_before(cert: x509.Certificate) -> datetime:
@@ -234,4 +236,4 @@ def not_valid_after(cert: x509.Certificate) -> datetime:
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)

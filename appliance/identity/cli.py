@@ -14,9 +14,10 @@ import json
 import os
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from appliance.identity import enroll_client
 from appliance.identity.ca import (
     CA_CERT_FILE,
     CA_KEY_FILE,
@@ -25,7 +26,6 @@ from appliance.identity.ca import (
     CertificateAuthority,
     write_file_atomically,
 )
-from appliance.identity import enroll_client
 from appliance.identity.certs import certificate_pem, fingerprint, not_valid_after, private_key_pem
 from appliance.identity.model import IdentityError
 from appliance.state.certificates import REGISTRY_FILE, CertificateRegistry, CertRecord, RegistryError

@@ -40,10 +40,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import jwt
@@ -62,14 +63,14 @@ _EC_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "
 _OKP_CURVES = frozenset({"Ed25519", "Ed448"})
 ASYMMETRIC_ALGS = _RSA_ALGS | frozenset(_EC_ALGS.values()) | {"EdDSA"}
 
-_AGENT_SIGNALS: dict[str, Callable[[Mapping[str, Any], "OIDCSettings"], bool]] = {
+_AGENT_SIGNALS: dict[str, Callable[[Mapping[str, Any], OIDCSettings], bool]] = {
     "gty": lambda c, s: c.get("gty") == "client-credentials",
     "sub_is_client": lambda c, s: c.get("sub") is not None
     and c.get("sub") in (c.get("client_id"), c.get("azp")),
     "idtyp_app": lambda c, s: c.get("idtyp") == "app",
     "no_email": lambda c, s: _claim_at(c, s.email_claim) is None,
 }
-_PERSON_SIGNALS: dict[str, Callable[[Mapping[str, Any], "OIDCSettings"], bool]] = {
+_PERSON_SIGNALS: dict[str, Callable[[Mapping[str, Any], OIDCSettings], bool]] = {
     "nonce": lambda c, s: "nonce" in c,
     "auth_time": lambda c, s: "auth_time" in c,
     "email": lambda c, s: _claim_at(c, s.email_claim) is not None,
@@ -176,7 +177,7 @@ def https_fetch(ca_file: Path | None = None, timeout: float = 5) -> Fetch:
 
 
 def _utc(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _claim_at(claims: Mapping[str, Any], path: str) -> Any:

@@ -40,7 +40,7 @@ class InterceptMethod(ABC):
     def teardown(self, config: Config) -> None:
         """Remove exactly what :meth:`setup` installs; nothing else, no error if absent."""
 
-    def prepare_listener(self, sock: socket.socket) -> None:
+    def prepare_listener(self, sock: socket.socket) -> None:  # noqa: B027 - optional, most methods need nothing
         """Adjust a proxy listening socket before it is bound."""
 
     def prepare_upstream(self, sock: socket.socket, config: Config) -> None:

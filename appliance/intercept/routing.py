@@ -40,7 +40,7 @@ def _ipr() -> IPRoute:
 
 def _route_spec(family: int, dst: str, lo: int, table: int) -> dict[str, object]:
     # IPv4 refuses a local route in universe scope; `ip route` picks host scope itself.
-    spec: dict[str, object] = dict(family=family, dst=dst, type="local", oif=lo, table=table)
+    spec: dict[str, object] = {"family": family, "dst": dst, "type": "local", "oif": lo, "table": table}
     if family == socket.AF_INET:
         spec["scope"] = "host"
     return spec
@@ -54,7 +54,7 @@ def add_policy_routing(mark: int, table: int) -> None:
         lo = _loopback_index(ipr)
         for family, dst in _DEFAULTS:
             steps = (
-                ("rule", dict(family=family, priority=RULE_PRIORITY, fwmark=mark, table=table)),
+                ("rule", {"family": family, "priority": RULE_PRIORITY, "fwmark": mark, "table": table}),
                 ("route", _route_spec(family, dst, lo, table)),
             )
             for kind, spec in steps:

@@ -9,8 +9,8 @@ fail), ``delete table``, then the full table — all committed together or not a
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 from appliance.config import Config, Endpoint, InterceptConfig, IPNetwork, ProxyConfig, Target
 from appliance.intercept.base import InterceptError
@@ -52,8 +52,10 @@ def render_ruleset(config: Config, method: str | None = None) -> str:
     if method == "tproxy":
         lines += [
             f"# Diverted packets are marked {ic.tproxy_mark:#x}; policy routing delivers them locally:",
-            f"#   ip rule add fwmark {ic.tproxy_mark:#x} lookup {ic.route_table}"
-            f"; ip route add local 0.0.0.0/0 dev lo table {ic.route_table} (and ::/0 with -6)",
+            (
+                f"#   ip rule add fwmark {ic.tproxy_mark:#x} lookup {ic.route_table}"
+                f"; ip route add local 0.0.0.0/0 dev lo table {ic.route_table} (and ::/0 with -6)"
+            ),
         ]
     lines += [
         f"table inet {ic.table} {{}}",
@@ -99,7 +101,7 @@ def probe_config(method: str, table: str) -> Config:
         agent_interfaces=("lo",),
         table=table,
     )
-    return Config(Path("(dry run)"), ProxyConfig(), intercept, (target,), {e: target for e in endpoints})
+    return Config(Path("(dry run)"), ProxyConfig(), intercept, (target,), dict.fromkeys(endpoints, target))
 
 
 def _split_networks(networks: Iterable[IPNetwork]) -> tuple[list[IPNetwork], list[IPNetwork]]:

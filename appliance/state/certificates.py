@@ -13,7 +13,7 @@ import json
 import string
 import threading
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +53,10 @@ MIGRATIONS = (
             revoked_revision INTEGER
         )""",
         "CREATE INDEX certificates_subject ON certificates (subject)",
-        "CREATE INDEX certificates_revoked_revision ON certificates (revoked_revision) "
-        "WHERE revoked_revision IS NOT NULL",
+        (
+            "CREATE INDEX certificates_revoked_revision ON certificates (revoked_revision) "
+            "WHERE revoked_revision IS NOT NULL"
+        ),
         "CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)",
         "INSERT INTO revision VALUES (1, 0)",
     ),
@@ -98,7 +100,7 @@ def _epoch(dt: datetime) -> int:
 
 
 def _from_epoch(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value, timezone.utc)
+    return None if value is None else datetime.fromtimestamp(value, UTC)
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +194,8 @@ class CertificateRegistry:
         issued = _epoch(utcnow() if now is None else now)
         with self.db.transaction() as conn:
             if conn.execute("SELECT 1 FROM certificates WHERE serial = ?", (f"{cert.serial_number:x}",)).fetchone():
-                raise RegistryError(f"a certificate with serial {format_serial(cert.serial_number)} is already recorded")
+                serial = format_serial(cert.serial_number)
+                raise RegistryError(f"a certificate with serial {serial} is already recorded")
             conn.execute(
                 "INSERT INTO certificates (serial, subject, kind, groups, email, issuer, fingerprint, not_before,"
                 " not_after, issued_at, pem) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -293,5 +296,11 @@ class CertificateRegistry:
         return serial in self._revoked
 
 
-__all__ = ["CertRecord", "CertificateRegistry", "REGISTRY_FILE", "RegistryError", "format_serial",
-           "serial_candidates"]
+__all__ = [
+    "REGISTRY_FILE",
+    "CertRecord",
+    "CertificateRegistry",
+    "RegistryError",
+    "format_serial",
+    "serial_candidates",
+]

@@ -11,9 +11,9 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
 
 # Migration N (1-based) is MIGRATIONS[N-1]: a tuple of SQL statements run in one
 # transaction. The applied number is kept in SQLite's own ``PRAGMA user_version``.

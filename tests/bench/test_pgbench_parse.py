@@ -97,13 +97,13 @@ ABORTED_STDERR = """\
 pgbench: error: client 1 script 0 aborted in command 1 query 0: FATAL:  terminating connection due to administrator command
 pgbench: error: client 0 script 0 aborted in command 1 query 0: FATAL:  terminating connection due to administrator command
 pgbench: error: Run was aborted; the above results are incomplete.
-"""
+"""  # noqa: E501 - pgbench's output, verbatim
 
 BAD_PASSWORD_STDERR = """\
 pgbench: error: connection to server at "198.18.2.11", port 5432 failed: FATAL:  password authentication failed for user "app"
 connection to server at "198.18.2.11", port 5432 failed: FATAL:  password authentication failed for user "app"
 pgbench: error: could not create connection for setup
-"""
+"""  # noqa: E501 - pgbench's output, verbatim
 
 # PostgreSQL 13: two tps lines, a server version that differs from pgbench's.
 PG13 = """\

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import strategies as st
 
 from appliance import pgwire as pg
@@ -163,4 +165,4 @@ def chunked(draw: st.DrawFn, data: bytes) -> list[bytes]:
     """``data`` split at random points (including empty chunks)."""
     cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=12)))
     bounds = [0, *cuts, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:])]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]

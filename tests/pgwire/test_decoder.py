@@ -135,7 +135,7 @@ def test_a_failed_decoder_stays_failed() -> None:
     decoder.feed(b"\x7f\x00\x00\x00\x04")
     with pytest.raises(pg.ProtocolError, match="unknown frontend message type 0x7f"):
         decoder.next_message()
-    with pytest.raises(pg.ProtocolError, match="already failed.*0x7f"):
+    with pytest.raises(pg.ProtocolError, match=r"already failed.*0x7f"):
         decoder.next_message()
     with pytest.raises(pg.ProtocolError, match="already failed"):
         decoder.feed(pg.Sync().encode())
@@ -342,7 +342,7 @@ def test_cancel_request_with_protocol_3_2_key() -> None:
 def test_startup_validate(parameters: dict[str, str], text: str) -> None:
     with pytest.raises(pg.ProtocolError, match=text):
         pg.StartupMessage(pg.PROTOCOL_3_0, parameters).validate()
-    with pytest.raises(pg.ProtocolError, match="unsupported frontend protocol 2.0"):
+    with pytest.raises(pg.ProtocolError, match=r"unsupported frontend protocol 2\.0"):
         pg.StartupMessage(131072, {"user": "u"}).validate()
     pg.StartupMessage(pg.PROTOCOL_3_0, {"user": "u"}).validate()
 

@@ -90,8 +90,10 @@ GOLDEN = [
     (pg.Execute("", 0), b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"),
     (
         pg.Bind("", "s1", (1,), (b"\x00\x01", None), (1,)),
-        b"B\x00\x00\x00\x1c\x00s1\x00\x00\x01\x00\x01\x00\x02"
-        b"\x00\x00\x00\x02\x00\x01\xff\xff\xff\xff\x00\x01\x00\x01",
+        (
+            b"B\x00\x00\x00\x1c\x00s1\x00\x00\x01\x00\x01\x00\x02"
+            b"\x00\x00\x00\x02\x00\x01\xff\xff\xff\xff\x00\x01\x00\x01"
+        ),
     ),
     (pg.AuthenticationOk(), b"R\x00\x00\x00\x08\x00\x00\x00\x00"),
     (pg.AuthenticationMD5Password(b"abcd"), b"R\x00\x00\x00\x0c\x00\x00\x00\x05abcd"),
@@ -109,8 +111,10 @@ GOLDEN = [
     ),
     (
         pg.RowDescription((pg.FieldDescription("id", 16384, 1, 23, 4, -1, 0),)),
-        b"T\x00\x00\x00\x1b\x00\x01id\x00\x00\x00\x40\x00\x00\x01"
-        b"\x00\x00\x00\x17\x00\x04\xff\xff\xff\xff\x00\x00",
+        (
+            b"T\x00\x00\x00\x1b\x00\x01id\x00\x00\x00\x40\x00\x00\x01"
+            b"\x00\x00\x00\x17\x00\x04\xff\xff\xff\xff\x00\x00"
+        ),
     ),
     (pg.CommandComplete("SELECT 1"), b"C\x00\x00\x00\x0dSELECT 1\x00"),
     (
@@ -153,4 +157,4 @@ def test_password_helpers() -> None:
     assert message.encode() == b"p\x00\x00\x00\x0bs3cret\x00"
     assert message.password == "s3cret"
     with pytest.raises(pg.ProtocolError):
-        pg.PasswordMessage(b"no terminator").password
+        _ = pg.PasswordMessage(b"no terminator").password
