@@ -3,7 +3,7 @@
 1. A fresh checkpoint fixes what the bundle covers (its *log size*): asked of the running
    proxy over its control socket (``audit.checkpoint``), or — when the proxy isn't
    running — made by opening the log here (taking its lock, as the writer).
-2. Every position 0 … log size − 1 is fed to :class:`~appliance.audit.bundle.BundleWriter`
+2. Every position 0 … log size − 1 is fed to :class:`~appliance.audit.bundle_writer.BundleWriter`
    in order: the records the filters select with their lines, the others by leaf hash only
    (the writer turns runs of those into proofs). Filters: a time range on the records'
    ``time`` (both ends inclusive) and a session — its records, and the decisions on
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from appliance.audit import merkle
-from appliance.audit.bundle import BundleWriter
+from appliance.audit.bundle_writer import BundleWriter
 from appliance.audit.keys import KeyRing
 from appliance.audit.reader import AuditReader, field_pattern, parse, record_time
 from appliance.audit.store import AuditLog

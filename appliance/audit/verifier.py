@@ -39,18 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.audit import canonical
-from appliance.audit.bundle import (
-    CHECKPOINTS,
-    MANIFEST,
-    PROOFS,
-    ROOT_PUB,
-    TRUST,
-    Bundle,
-    BundleError,
-    Manifest,
-    open_bundle,
-    parse_manifest,
-)
+from appliance.audit.bundle_layout import CHECKPOINTS, MANIFEST, PROOFS, ROOT_PUB, TRUST, Manifest, parse_manifest
+from appliance.audit.bundle_reader import Bundle, BundleError, open_bundle
 from appliance.audit.merkle import EMPTY_ROOT, HASH_SIZE, CompactRange, decomposition
 from appliance.audit.note import (
     Checkpoint,

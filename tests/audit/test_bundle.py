@@ -16,15 +16,9 @@ from pathlib import Path
 import pytest
 
 from appliance.audit import canonical
-from appliance.audit.bundle import (
-    BundleWriter,
-    ManifestFile,
-    make_manifest,
-    open_bundle,
-    parse_manifest,
-    safe_member_name,
-    segment_stem,
-)
+from appliance.audit.bundle_layout import ManifestFile, make_manifest, parse_manifest, safe_member_name, segment_stem
+from appliance.audit.bundle_reader import open_bundle
+from appliance.audit.bundle_writer import BundleWriter
 from appliance.audit.merkle import CompactRange, decomposition, leaf_hash, root_of
 from appliance.audit.note import (
     NoteError,

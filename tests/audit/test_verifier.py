@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.audit import canonical, verifier
-from appliance.audit.bundle import ManifestFile, make_manifest, parse_manifest
+from appliance.audit.bundle_layout import ManifestFile, make_manifest, parse_manifest
 from appliance.audit.merkle import leaf_hash
 from appliance.audit.note import SigningKey, make_checkpoint, sign_note, split_note
 from appliance.audit.verifier import (
@@ -451,7 +451,8 @@ def test_zipapp_runs_standalone(env: dict, log: Log, tmp_path: Path) -> None:
     assert probe.stdout.split() == [], f"the verifier imported non-stdlib modules: {probe.stdout}"
     ours = {m for m in modules[start:] if m.startswith("appliance")}
     assert ours <= {"appliance", "appliance.audit", "appliance.masking", "appliance.masking.pan",
-                    *(f"appliance.audit.{m}" for m in ("canonical", "merkle", "note", "trust", "bundle", "verifier"))}
+                    *(f"appliance.audit.{m}" for m in ("canonical", "merkle", "note", "trust", "bundle_layout",
+                                                         "bundle_reader", "verifier"))}
     assert "appliance.masking.pan" in ours
     # And the code came from the zip, not the repository.
     where = subprocess.run([_python_for_pyz(), "-I", "-c",
