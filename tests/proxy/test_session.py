@@ -1,56 +1,128 @@
-"""Trace tests of the session layer: events in, effects out, no sockets."""
+"""Trace tests of the session layer: events in, effects out, no sockets.
+
+Each test is a playbook (tests/proxy/playbook.py): one ordered script of what the agent
+and the database send and everything the session does in return. Protocol state (pending
+requests, prepared statements, portals) is checked by what it makes the session do next,
+seen on the wire or by an addon, never by reading the session's attributes.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 
 import pytest
 
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import (
-    Addon, FailClosed, Hold, Reject, Result, SessionInfo, Statement, StatementKind, StreamEdit,
+    Addon,
+    FailClosed,
+    Forward,
+    Hold,
+    Reject,
+    Result,
+    SessionInfo,
+    Statement,
+    StatementKind,
+    StreamEdit,
 )
-from appliance.proxy.session import BLOCKED_PORTAL, BLOCKED_SQL, CancelRegistry, Phase
+from appliance.proxy.pipeline import BLOCKED_PORTAL, BLOCKED_SQL
+from appliance.proxy.session import CancelRegistry, Phase
 from appliance.proxy.upstream_auth import md5_password
-from tests.proxy.trace import (
-    UPSTREAM_KEY, backend, frontend, make_target, new_session, ready_session, startup,
+from tests.proxy.playbook import (
+    ANY,
+    UPSTREAM_KEY,
+    CancelDelivered,
+    CancelTarget,
+    CancelUpstream,
+    Capture,
+    ClientClosed,
+    ClientData,
+    ClientGets,
+    ClientTlsFailed,
+    ClientTlsReady,
+    Close,
+    Contains,
+    Error,
+    Fatal,
+    Like,
+    OpenUpstream,
+    Partial,
+    PauseClient,
+    ResumeClient,
+    ServerClosed,
+    ServerData,
+    ServerGets,
+    StartClientTls,
+    StartUpstreamTls,
+    UpstreamConnected,
+    UpstreamTlsReady,
+    Wait,
+    WaitCancelled,
+    WaitDone,
+    make_target,
+    playbook,
+    ready_playbook,
+    roundtrip,
+    startup,
 )
+
+BLOCKED = BLOCKED_SQL.decode()
+READY = m.ReadyForQuery(b"I")
+
+
+class Outcomes(Addon):
+    """Sees what the session makes of each result: the statement it is attributed to, and
+    how it ended. With a forward hook, requests the server skipped are reported too."""
+
+    def __init__(self) -> None:
+        self.results: list[tuple[str | None, str | None, bool, bool]] = []
+
+    def forward(self, session: SessionInfo, request: Forward) -> None:
+        return None
+
+    def result_complete(self, session: SessionInfo, result: Result, tag: str | None, error: bool) -> None:
+        text = result.statement.text if result.statement is not None else None
+        self.results.append((text, tag, error, result.skipped))
+
+
+def connect(pb, *, upstream_startup=None, **params: str):
+    """Script the agent's startup and the upstream connection, up to the login request."""
+    return (pb
+            >> ClientData(startup(**params))
+            << OpenUpstream("payments", "198.18.2.10:5432")
+            >> UpstreamConnected()
+            << ServerGets(upstream_startup or Like(m.StartupMessage)))
 
 
 # ---- startup and upstream login ------------------------------------------------------------
 
 def test_startup_logs_in_upstream_with_held_credentials_and_hides_the_backend_key():
-    session, io = new_session()
-    session.client_data(startup(application_name="agent-7"))
-    assert io.events == [("open_upstream", "payments", "198.18.2.10:5432")]
-    session.upstream_connected()
-    [sent] = io.server_got()
-    assert sent.parameters["user"] == "app_rw"
-    assert sent.parameters["database"] == "payments"
-    assert sent.parameters["application_name"] == "agent-7"
-
-    session.server_data(m.AuthenticationMD5Password(b"abcd").encode())
-    [password] = io.server_got()
-    assert password.payload == md5_password("app_rw", "pencil", b"abcd") + b"\0"
-    assert io.client_got() == []  # the agent is not part of the password exchange
-
-    session.server_data(backend(m.AuthenticationOk(), m.ParameterStatus("client_encoding", "UTF8"),
-                                m.BackendKeyData(*UPSTREAM_KEY), m.ReadyForQuery(b"I")))
-    got = io.client_got()
-    assert [type(x) for x in got] == [m.AuthenticationOk, m.ParameterStatus, m.BackendKeyData, m.ReadyForQuery]
-    key = got[2]
-    assert (key.process_id, key.secret_key) != UPSTREAM_KEY
-    assert len(key.secret_key) == 4
-    assert session.phase is Phase.READY
-    assert session.info.parameters["client_encoding"] == "UTF8"
+    pb = playbook()
+    key = Capture(m.BackendKeyData)
+    assert (connect(pb, application_name="agent-7", upstream_startup=m.StartupMessage(196608, {
+                "user": "app_rw", "database": "payments", "application_name": "agent-7"}))
+            >> ServerData(m.AuthenticationMD5Password(b"abcd"))
+            # the agent is not part of the password exchange: it gets nothing here
+            << ServerGets(m.PasswordMessage(md5_password("app_rw", "pencil", b"abcd") + b"\0"))
+            >> ServerData(m.AuthenticationOk(), m.ParameterStatus("client_encoding", "UTF8"),
+                          m.BackendKeyData(*UPSTREAM_KEY), READY)
+            << ClientGets(m.AuthenticationOk(), m.ParameterStatus("client_encoding", "UTF8"), key, READY))
+    assert (key.value.process_id, key.value.secret_key) != UPSTREAM_KEY
+    assert len(key.value.secret_key) == 4
+    assert pb.session.phase is Phase.READY
+    assert pb.session.info.parameters["client_encoding"] == "UTF8"
 
 
 def test_database_defaults_to_the_agents_role_not_the_upstream_login():
-    session, io = new_session()
-    session.client_data(m.StartupMessage(196608, {"user": "app"}).encode())
-    session.upstream_connected()
-    [sent] = io.server_got()
-    assert sent.parameters["database"] == "app"
+    pb = playbook()
+    assert (pb
+            >> ClientData(m.StartupMessage(196608, {"user": "app"}))
+            << OpenUpstream()
+            >> UpstreamConnected()
+            << ServerGets(m.StartupMessage(196608, {"user": "app_rw", "database": "app"})))
 
 
 def test_scram_matches_rfc7677_vector():
@@ -64,66 +136,93 @@ def test_scram_matches_rfc7677_vector():
     scram.verify_server_final(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
 
 
-def test_scram_server_with_a_wrong_signature_is_refused():
-    session, io = new_session()
-    session.client_data(startup())
-    session.upstream_connected()
-    session.server_data(m.AuthenticationSASL(("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")).encode())
-    io.server_got()
-    nonce = session._scram._nonce
-    session.server_data(m.AuthenticationSASLContinue(f"r={nonce}xyz,s=c2FsdA==,i=4096".encode()).encode())
-    io.server_got()
-    session.server_data(m.AuthenticationSASLFinal(b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=").encode())
-    [error] = io.client_got()
-    assert error.severity == "FATAL" and "signature does not match" in error.message
-    assert io.closed
+def scram_server(password: str, salt: bytes, rounds: int, auth_message: bytes) -> tuple[bytes, bytes]:
+    """What a SCRAM-SHA-256 server expects (RFC 5802 §3): the client's proof, and the
+    signature that proves the server knows the password."""
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, rounds)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    signature = hmac.digest(hashlib.sha256(client_key).digest(), auth_message, "sha256")
+    proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+    server_signature = hmac.digest(hmac.digest(salted, b"Server Key", "sha256"), auth_message, "sha256")
+    return base64.b64encode(proof), base64.b64encode(server_signature)
+
+
+@pytest.mark.parametrize("server_knows_the_password", [True, False])
+def test_scram_login_proves_the_password_and_checks_the_servers_proof(server_knows_the_password):
+    pb = playbook()
+    first, final = Capture(m.PasswordMessage), Capture(m.PasswordMessage)
+    assert (connect(pb)
+            >> ServerData(m.AuthenticationSASL(("SCRAM-SHA-256-PLUS", "SCRAM-SHA-256")))
+            << ServerGets(first))
+    initial = m.SASLInitialResponse.from_payload(first.value.payload)
+    assert initial.mechanism == "SCRAM-SHA-256"  # never -PLUS (see ScramSha256)
+    assert initial.data.startswith(b"n,,")  # no channel binding
+    client_first_bare = initial.data[3:]
+    nonce = dict(a.split(b"=", 1) for a in client_first_bare.split(b","))[b"r"]
+    server_first = b"r=" + nonce + b"xyz,s=" + base64.b64encode(b"salt") + b",i=4096"
+    assert pb >> ServerData(m.AuthenticationSASLContinue(server_first)) << ServerGets(final)
+
+    without_proof = b"c=biws,r=" + nonce + b"xyz"
+    proof, signature = scram_server("pencil", b"salt", 4096,
+                                    client_first_bare + b"," + server_first + b"," + without_proof)
+    assert final.value.payload == without_proof + b",p=" + proof
+    if server_knows_the_password:
+        assert (pb
+                >> ServerData(m.AuthenticationSASLFinal(b"v=" + signature), m.AuthenticationOk(),
+                              m.BackendKeyData(*UPSTREAM_KEY), READY)
+                << ClientGets(m.AuthenticationOk(), Like(m.BackendKeyData), READY))
+    else:
+        assert (pb
+                >> ServerData(m.AuthenticationSASLFinal(b"v=AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="))
+                << ClientGets(Fatal(ANY, "signature does not match"))
+                << Close())
 
 
 def test_cleartext_password_refused_without_upstream_tls():
-    session, io = new_session()
-    session.client_data(startup())
-    session.upstream_connected()
-    io.server_got()
-    session.server_data(m.AuthenticationCleartextPassword().encode())
-    assert io.server_got() == []
-    [error] = io.client_got()
-    assert error.sqlstate == "28000" and "cleartext" in error.message
-    assert io.closed
+    pb = playbook()
+    assert (connect(pb)
+            >> ServerData(m.AuthenticationCleartextPassword())
+            << ClientGets(Like(m.ErrorResponse, sqlstate="28000", message=Contains("cleartext")))
+            << Close())  # and the server got nothing
 
 
 def test_cleartext_password_sent_over_upstream_tls():
-    session, io = new_session(target=make_target(tls="require"))
-    session.client_data(startup())
-    session.upstream_connected()
-    assert [type(x) for x in io.server_got()] == [m.SSLRequest]
-    session.server_data(b"S")
-    assert io.events[-1] == ("start_tls", "payments")
-    session.upstream_tls_ready("TLSv1.3")
-    assert [type(x) for x in io.server_got()] == [m.StartupMessage]
-    session.server_data(m.AuthenticationCleartextPassword().encode())
-    [password] = io.server_got()
-    assert password.payload == b"pencil\0"
+    pb = playbook(target=make_target(tls="require"))
+    assert (pb
+            >> ClientData(startup())
+            << OpenUpstream()
+            >> UpstreamConnected()
+            << ServerGets(m.SSLRequest())
+            >> ServerData(b"S")
+            << StartUpstreamTls("payments")
+            >> UpstreamTlsReady("TLSv1.3")
+            << ServerGets(Like(m.StartupMessage))
+            >> ServerData(m.AuthenticationCleartextPassword())
+            << ServerGets(m.PasswordMessage(b"pencil\0")))
 
 
 def test_required_upstream_tls_refused_by_server_fails_closed():
-    session, io = new_session(target=make_target(tls="require"))
-    session.client_data(startup())
-    session.upstream_connected()
-    io.server_got()
-    session.server_data(b"N")
-    [error] = io.client_got()
-    assert error.severity == "FATAL" and "refused TLS" in error.message
-    assert io.server_got() == []
+    pb = playbook(target=make_target(tls="require"))
+    assert (pb
+            >> ClientData(startup())
+            << OpenUpstream()
+            >> UpstreamConnected()
+            << ServerGets(m.SSLRequest())
+            >> ServerData(b"N")
+            << ClientGets(Fatal(ANY, "refused TLS"))
+            << Close())
 
 
 def test_server_data_before_tls_handshake_is_refused():
-    session, io = new_session(target=make_target(tls="require"))
-    session.client_data(startup())
-    session.upstream_connected()
-    session.server_data(b"Sgarbage")
-    [error] = io.client_got()
-    assert "before the TLS handshake" in error.message
-    assert ("start_tls", "payments") not in io.events
+    pb = playbook(target=make_target(tls="require"))
+    assert (pb
+            >> ClientData(startup())
+            << OpenUpstream()
+            >> UpstreamConnected()
+            << ServerGets(m.SSLRequest())
+            >> ServerData(b"Sgarbage")
+            << ClientGets(Like(m.ErrorResponse, message=Contains("before the TLS handshake")))
+            << Close())  # no TLS started
 
 
 class Recorder(Addon):
@@ -142,53 +241,58 @@ class Recorder(Addon):
 
 def test_unknown_destination_is_refused_and_reported():
     recorder = Recorder()
-    session, io = new_session([recorder], no_target=True)
-    session.client_data(startup())
-    [error] = io.client_got()
-    assert error.severity == "FATAL" and error.sqlstate == "08004"
-    assert "does not protect a database at 198.18.2.10:5432" in error.message
-    assert io.events == [] and io.closed
+    pb = playbook([recorder], no_target=True)
+    assert (pb
+            >> ClientData(startup())
+            << ClientGets(Fatal("08004", "does not protect a database at 198.18.2.10:5432"))
+            << Close())
     assert recorder.calls[0][0] == "refused"
 
 
 def test_role_without_credentials_is_refused():
-    session, io = new_session()
-    session.client_data(startup(user="postgres"))
-    [error] = io.client_got()
-    assert error.sqlstate == "28000" and "no credentials for role 'postgres'" in error.message
-    assert io.events == []
+    pb = playbook()
+    assert (pb
+            >> ClientData(startup(user="postgres"))
+            << ClientGets(Like(m.ErrorResponse, sqlstate="28000",
+                               message=Contains("no credentials for role 'postgres'")))
+            << Close())
 
 
 def test_replication_connections_are_refused_by_default():
-    session, io = new_session()
-    session.client_data(startup(replication="database"))
-    [error] = io.client_got()
-    assert "replication" in error.message and io.closed
+    pb = playbook()
+    assert (pb
+            >> ClientData(startup(replication="database"))
+            << ClientGets(Like(m.ErrorResponse, message=Contains("replication")))
+            << Close())
 
 
 def test_ssl_and_gssenc_requests_are_declined_then_startup_proceeds():
-    session, io = new_session()
-    session.client_data(m.GSSENCRequest().encode())
-    assert io.client_got() == [b"N"]
-    session.client_data(m.SSLRequest().encode())
-    assert io.client_got() == [b"N"]
-    session.client_data(startup())
-    assert io.events == [("open_upstream", "payments", "198.18.2.10:5432")]
+    pb = playbook()
+    assert (pb
+            >> ClientData(m.GSSENCRequest())
+            << ClientGets(m.GSSENCResponse(False))
+            >> ClientData(m.SSLRequest())
+            << ClientGets(m.SSLResponse(False))
+            >> ClientData(startup())
+            << OpenUpstream("payments", "198.18.2.10:5432"))
 
 
 def test_bytes_after_ssl_request_are_refused_with_a_fatal():
-    session, io = new_session()
-    session.client_data(m.SSLRequest().encode() + startup())
-    [error] = io.client_got()
-    assert error.sqlstate == "08P01" and "unencrypted data after an encryption request" in error.message
-    assert io.closed and io.events == []
+    pb = playbook()
+    assert (pb
+            >> ClientData(m.SSLRequest(), startup())
+            << ClientGets(Fatal("08P01", "unencrypted data after an encryption request"))
+            << Close())
 
 
 def test_session_hooks_see_start_and_end():
     recorder = Recorder()
-    session, io = ready_session([recorder])
-    session.client_data(frontend(m.Terminate()))
-    session.server_closed()
+    pb = ready_playbook([recorder])
+    assert (pb
+            >> ClientData(m.Terminate())
+            << ServerGets(m.Terminate())
+            >> ServerClosed()
+            << Close())
     assert recorder.calls == [("start", "app"), ("end", "client terminated the session")]
 
 
@@ -196,71 +300,82 @@ def test_session_hooks_see_start_and_end():
 
 def test_cancel_request_reaches_the_right_backend_with_the_real_key():
     cancels = CancelRegistry()
-    first, first_io = new_session(cancels=cancels)
-    first.client_data(startup())
-    first.upstream_connected()
-    first.server_data(backend(m.AuthenticationOk(), m.BackendKeyData(*UPSTREAM_KEY), m.ReadyForQuery(b"I")))
-    issued = first_io.client_got()[1]
+    issued = Capture(m.BackendKeyData)
+    first = playbook(cancels=cancels)
+    assert (connect(first)
+            >> ServerData(m.AuthenticationOk(), m.BackendKeyData(*UPSTREAM_KEY), READY)
+            << ClientGets(m.AuthenticationOk(), issued, READY))
 
-    canceller, canceller_io = new_session(cancels=cancels)
-    canceller.client_data(m.CancelRequest(issued.process_id, issued.secret_key).encode())
-    assert canceller_io.events == [("cancel_upstream", "198.18.2.10:5432", *UPSTREAM_KEY)]
-    # Open until the database has acted: a client takes our close to mean "done".
-    assert not canceller_io.closed and canceller_io.to_client == b""
-    canceller.cancel_delivered()
-    assert canceller_io.closed and canceller_io.to_client == b""
+    canceller = playbook(cancels=cancels)
+    assert (canceller
+            >> ClientData(m.CancelRequest(issued.value.process_id, issued.value.secret_key))
+            << CancelUpstream("198.18.2.10:5432", *UPSTREAM_KEY))
+    # Open until the database has acted: a client takes our close to mean "done". Nothing
+    # is ever sent back on a cancel connection.
+    assert canceller >> CancelDelivered() << Close()
 
 
 def test_cancel_with_the_upstream_key_itself_does_nothing():
     cancels = CancelRegistry()
-    first, first_io = ready_session(cancels=cancels)
-    canceller, canceller_io = new_session(cancels=cancels)
-    canceller.client_data(m.CancelRequest(*UPSTREAM_KEY).encode())
-    assert canceller_io.closed and canceller_io.events == []
+    ready_playbook(cancels=cancels)
+    canceller = playbook(cancels=cancels)
+    assert canceller >> ClientData(m.CancelRequest(*UPSTREAM_KEY)) << Close()
 
 
 def test_closed_session_key_is_forgotten():
     cancels = CancelRegistry()
-    session, io = ready_session(cancels=cancels)
+    issued = Capture(m.BackendKeyData)
+    pb = ready_playbook(cancels=cancels, key=issued)
     assert len(cancels) == 1
-    session.client_closed()
+    assert pb >> ClientClosed() << Close()
     assert len(cancels) == 0
+    canceller = playbook(cancels=cancels)  # the old key now cancels nothing
+    assert canceller >> ClientData(m.CancelRequest(issued.value.process_id, issued.value.secret_key)) << Close()
 
 
 # ---- relay, pipelines, errors ---------------------------------------------------------------
 
 def test_simple_query_is_forwarded_byte_for_byte():
-    session, io = ready_session()
-    query = frontend(m.Query("SELECT 1; SELECT 2"))
-    session.client_data(query)
-    assert bytes(io.to_server) == query
-    reply = backend(m.RowDescription(()), m.DataRow((b"1",)), m.CommandComplete("SELECT 1"),
-                    m.RowDescription(()), m.DataRow((b"2",)), m.CommandComplete("SELECT 1"),
-                    m.ReadyForQuery(b"I"))
+    pb = ready_playbook()
+    query = m.Query("SELECT 1; SELECT 2").encode()
+    reply = b"".join(x.encode() for x in (
+        m.RowDescription(()), m.DataRow((b"1",)), m.CommandComplete("SELECT 1"),
+        m.RowDescription(()), m.DataRow((b"2",)), m.CommandComplete("SELECT 1"), READY))
+    pb >> ClientData(query) << ServerGets(query)  # bytes: exactly these bytes
     # Split anywhere: the client still gets exactly the server's bytes.
     for cut in (1, 7, len(reply) - 3):
-        io.to_client.clear()
-        session.server_data(reply[:cut])
-        session.server_data(reply[cut:])
-        assert bytes(io.to_client) == reply
-        session.client_data(query)
+        pb >> ServerData(reply, cuts=[cut]) << ClientGets(reply) >> ClientData(query) << ServerGets(query)
+    assert pb
 
 
 def test_pipeline_error_skips_to_sync_and_state_follows_the_server():
-    session, io = ready_session()
-    session.client_data(frontend(
-        m.Parse("s1", "SELECT 1", ()), m.Bind("", "s1", (), (), ()), m.Execute("", 0),
-        m.Parse("s2", "SELECT broken", ()), m.Bind("", "s2", (), (), ()), m.Execute("", 0),
-        m.Sync(),
-        m.Parse("s3", "SELECT 3", ()), m.Sync()))
-    session.server_data(backend(m.ParseComplete(), m.BindComplete(), m.DataRow((b"1",)),
-                                m.CommandComplete("SELECT 1")))
-    assert [p.kind.name for p in session._pending] == ["PARSE", "BIND", "EXECUTE", "SYNC", "PARSE", "SYNC"]
-    session.server_data(backend(m.ErrorResponse.build("ERROR", "42703", "column broken does not exist")))
-    assert [p.kind.name for p in session._pending] == ["SYNC", "PARSE", "SYNC"]
-    session.server_data(backend(m.ReadyForQuery(b"I"), m.ParseComplete(), m.ReadyForQuery(b"I")))
-    assert not session._pending
-    assert set(session._statements) == {"s1", "s3"}
+    outcomes = Outcomes()
+    pb = ready_playbook([outcomes])
+    assert (roundtrip(pb, [
+                m.Parse("s1", "SELECT 1", ()), m.Bind("", "s1", (), (), ()), m.Execute("", 0),
+                m.Parse("s2", "SELECT broken", ()), m.Bind("", "s2", (), (), ()), m.Execute("", 0),
+                m.Sync(),
+                m.Parse("s3", "SELECT 3", ()), m.Sync()],
+                [m.ParseComplete(), m.BindComplete(), m.DataRow((b"1",)), m.CommandComplete("SELECT 1")]))
+    assert outcomes.results == [("SELECT 1", "SELECT 1", False, False)]
+    # The Parse of s2 fails: the server skips its Bind and Execute, up to the Sync.
+    error = m.ErrorResponse.build("ERROR", "42703", "column broken does not exist")
+    assert pb >> ServerData(error) << ClientGets(error)
+    assert outcomes.results[1:] == [("SELECT broken", None, True, True)]
+    assert roundtrip(pb, [], [READY, m.ParseComplete(), READY])
+    assert len(outcomes.results) == 2  # nothing else was attributed a result
+
+    # Nothing is left pending: the next result is the next request's.
+    assert roundtrip(pb, [m.Query("SELECT 4")], [m.CommandComplete("SELECT 1"), READY])
+    assert outcomes.results[2:] == [("SELECT 4", "SELECT 1", False, False)]
+    # s1 and s3 exist; s2, which the server skipped, is unknown.
+    for name in ("s1", "s3"):
+        assert roundtrip(pb, [m.Bind("", name, (), (), ()), m.Execute("", 0), m.Sync()],
+                         [m.BindComplete(), m.CommandComplete("SELECT 1"), READY])
+    missing = m.ErrorResponse.build("ERROR", "26000", 'prepared statement "s2" does not exist')
+    assert roundtrip(pb, [m.Bind("", "s2", (), (), ()), m.Execute("", 0), m.Sync()], [missing, READY])
+    assert outcomes.results[3:] == [("SELECT 1", "SELECT 1", False, False), ("SELECT 3", "SELECT 1", False, False),
+                                    (None, None, True, True)]
 
 
 class Blocker(Addon):
@@ -271,35 +386,35 @@ class Blocker(Addon):
 
 
 def test_blocked_query_never_reaches_the_server_and_the_error_keeps_transaction_state():
-    session, io = ready_session([Blocker()])
-    session.client_data(frontend(m.Query("BEGIN")))
-    session.server_data(backend(m.CommandComplete("BEGIN"), m.ReadyForQuery(b"T")))
-    io.server_got(), io.client_got()
-    session.client_data(frontend(m.Query("DROP TABLE cards")))
-    [sent] = io.server_got()
-    assert sent.query.encode() == BLOCKED_SQL
-    # The server fails our stand-in as it would any failing statement in a transaction.
-    session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", 'syntax error at or near "TOLLGATE"'),
-                                m.ReadyForQuery(b"E")))
-    error, ready = io.client_got()
-    assert (error.sqlstate, error.message, error.get("H")) == ("42501", "DROP is not allowed for agents", "ask a DBA")
-    assert ready.status == b"E"
+    pb = ready_playbook([Blocker()])
+    assert (roundtrip(pb, [m.Query("BEGIN")], [m.CommandComplete("BEGIN"), m.ReadyForQuery(b"T")])
+            >> ClientData(m.Query("DROP TABLE cards"))
+            << ServerGets(m.Query(BLOCKED))
+            # The server fails our stand-in as it would any failing statement in a transaction.
+            >> ServerData(m.ErrorResponse.build("ERROR", "42601", 'syntax error at or near "TOLLGATE"'),
+                          m.ReadyForQuery(b"E"))
+            << ClientGets(Like(m.ErrorResponse, sqlstate="42501", message="DROP is not allowed for agents",
+                               hint="ask a DBA"),
+                          m.ReadyForQuery(b"E")))
 
 
 def test_blocked_parse_in_a_pipeline_fails_like_a_server_error():
-    session, io = ready_session([Blocker()])
-    session.client_data(frontend(
-        m.Parse("ok", "SELECT 1", ()), m.Parse("bad", "DROP TABLE cards", ()),
-        m.Bind("", "bad", (), (), ()), m.Execute("", 0), m.Sync()))
-    sent = io.server_got()
-    assert [type(x) for x in sent] == [m.Parse, m.Parse, m.Bind, m.Execute, m.Sync]
-    assert sent[1].name == "bad" and sent[1].query.encode() == BLOCKED_SQL
-    session.server_data(backend(m.ParseComplete(), m.ErrorResponse.build("ERROR", "42601", "syntax error"),
-                                m.ReadyForQuery(b"I")))
-    got = io.client_got()
-    assert [type(x) for x in got] == [m.ParseComplete, m.ErrorResponse, m.ReadyForQuery]
-    assert got[1].sqlstate == "42501"
-    assert set(session._statements) == {"ok"}
+    outcomes = Outcomes()
+    pb = ready_playbook([Blocker(), outcomes])
+    assert (pb
+            >> ClientData(m.Parse("ok", "SELECT 1", ()), m.Parse("bad", "DROP TABLE cards", ()),
+                          m.Bind("", "bad", (), (), ()), m.Execute("", 0), m.Sync())
+            << ServerGets(m.Parse("ok", "SELECT 1", ()), m.Parse("bad", BLOCKED, ()),
+                          m.Bind("", "bad", (), (), ()), m.Execute("", 0), m.Sync())
+            >> ServerData(m.ParseComplete(), m.ErrorResponse.build("ERROR", "42601", "syntax error"), READY)
+            << ClientGets(m.ParseComplete(), Error("42501"), READY))
+    # "ok" exists; "bad" was never created: its Execute is not the blocked one's stand-in,
+    # the server is left to say it does not exist.
+    assert roundtrip(pb, [m.Bind("", "ok", (), (), ()), m.Execute("", 0), m.Sync()],
+                     [m.BindComplete(), m.CommandComplete("SELECT 1"), READY])
+    missing = m.ErrorResponse.build("ERROR", "26000", 'prepared statement "bad" does not exist')
+    assert roundtrip(pb, [m.Bind("", "bad", (), (), ()), m.Execute("", 0), m.Sync()], [missing, READY])
+    assert outcomes.results[-2:] == [("SELECT 1", "SELECT 1", False, False), (None, None, True, True)]
 
 
 class Holder(Addon):
@@ -313,58 +428,64 @@ class Holder(Addon):
         return None
 
 
+UPDATE = m.Query("UPDATE cards SET brand = 'x'")
+
+
 def test_hold_pauses_only_this_session_then_runs_in_order_on_approval():
     holder = Holder()
-    session, io = ready_session([holder])
-    session.client_data(frontend(m.Query("SELECT 1"), m.Query("UPDATE cards SET brand = 'x'"), m.Query("SELECT 2")))
-    assert [x.query for x in io.server_got()] == ["SELECT 1"]
-    assert io.client_paused and len(io.waits) == 1
-    session.client_data(frontend(m.Query("SELECT 3")))  # arrives while held: queued, not sent
-    assert io.server_got() == []
-    awaitable, done = io.waits[0]
-    awaitable.close()
-    done(None, None)
-    assert [x.query for x in io.server_got()] == ["UPDATE cards SET brand = 'x'", "SELECT 2", "SELECT 3"]
-    assert not io.client_paused
+    pb = ready_playbook([holder])
+    assert (pb
+            >> ClientData(m.Query("SELECT 1"), UPDATE, m.Query("SELECT 2"))
+            << PauseClient()
+            << Wait("approval")
+            << ServerGets(m.Query("SELECT 1"))
+            >> ClientData(m.Query("SELECT 3"))  # arrives while held: queued, not sent
+            >> WaitDone("approval")
+            << ServerGets(UPDATE, m.Query("SELECT 2"), m.Query("SELECT 3"))
+            << ResumeClient())
     assert len(holder.held) == 1  # decided once, not re-asked on resume
 
 
 def test_denied_hold_is_rejected_like_a_block():
-    session, io = ready_session([Holder()])
-    session.client_data(frontend(m.Query("UPDATE cards SET brand = 'x'")))
-    awaitable, done = io.waits[0]
-    awaitable.close()
-    done(Reject("42501", "denied by alice: not during freeze"), None)
-    [sent] = io.server_got()
-    assert sent.query.encode() == BLOCKED_SQL
-    session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", "syntax"), m.ReadyForQuery(b"I")))
-    error, _ = io.client_got()
-    assert error.message == "denied by alice: not during freeze"
+    pb = ready_playbook([Holder()])
+    assert (pb
+            >> ClientData(UPDATE)
+            << PauseClient()
+            << Wait("approval")
+            >> WaitDone("approval", Reject("42501", "denied by alice: not during freeze"))
+            << ServerGets(m.Query(BLOCKED))
+            << ResumeClient()
+            >> ServerData(m.ErrorResponse.build("ERROR", "42601", "syntax"), READY)
+            << ClientGets(Like(m.ErrorResponse, message="denied by alice: not during freeze"), READY))
 
 
 def test_cancel_while_held_withdraws_the_request_with_57014():
-    session, io = ready_session([Holder()])
-    session.client_data(frontend(m.Query("UPDATE cards SET brand = 'x'")))
-    awaitable, _ = io.waits[0]
-    awaitable.close()
-    assert session.cancel_target() is None  # handled here: nothing to send upstream
-    assert ("hold_cancelled",) in io.events
-    assert not any(e[0] == "cancel_upstream" for e in io.events)
-    [sent] = io.server_got()
-    assert sent.query.encode() == BLOCKED_SQL
-    session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", "syntax"), m.ReadyForQuery(b"I")))
-    error, _ = io.client_got()
-    assert error.sqlstate == "57014"
+    pb = ready_playbook([Holder()])
+    cancel = CancelTarget()
+    assert (pb
+            >> ClientData(UPDATE)
+            << PauseClient()
+            << Wait("approval")
+            >> cancel
+            << WaitCancelled("approval")  # and no cancel goes upstream
+            << ServerGets(m.Query(BLOCKED))
+            << ResumeClient()
+            >> ServerData(m.ErrorResponse.build("ERROR", "42601", "syntax"), READY)
+            << ClientGets(Error("57014"), READY))
+    assert cancel.result is None  # handled here: nothing to send upstream
 
 
 def test_failing_hold_fails_closed():
-    session, io = ready_session([Holder()])
-    session.client_data(frontend(m.Query("UPDATE cards SET brand = 'x'")))
-    awaitable, done = io.waits[0]
-    awaitable.close()
-    done(None, RuntimeError("approval store unavailable"))
-    [sent] = io.server_got()
-    assert sent.query.encode() == BLOCKED_SQL
+    pb = ready_playbook([Holder()])
+    assert (pb
+            >> ClientData(UPDATE)
+            << PauseClient()
+            << Wait("approval")
+            >> WaitDone("approval", error=RuntimeError("approval store unavailable"))
+            << ServerGets(m.Query(BLOCKED))
+            << ResumeClient()
+            >> ServerData(m.ErrorResponse.build("ERROR", "42601", "syntax"), READY)
+            << ClientGets(Error("XX000"), READY))
 
 
 class RowWatcher(Addon):
@@ -382,22 +503,19 @@ class RowWatcher(Addon):
 
 def test_data_row_hook_gets_cached_description_and_bind_formats_and_may_rewrite():
     watcher = RowWatcher()
-    session, io = ready_session([watcher])
+    pb = ready_playbook([watcher])
     field = m.FieldDescription("pan", 1, 1, 25, -1, -1, 0)
-    session.client_data(frontend(m.Parse("q", "SELECT pan FROM cards", ()), m.Describe(b"S", "q"), m.Sync()))
-    session.server_data(backend(m.ParseComplete(), m.ParameterDescription(()), m.RowDescription((field,)),
-                                m.ReadyForQuery(b"I")))
-    io.client_got()
-    # Execute without Describe: the proxy still knows the columns and the asked-for formats.
-    session.client_data(frontend(m.Bind("", "q", (), (), (1,)), m.Execute("", 0), m.Sync()))
-    session.server_data(backend(m.BindComplete(), m.DataRow((b"4111111111111111",)),
-                                m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
+    assert (roundtrip(pb, [m.Parse("q", "SELECT pan FROM cards", ()), m.Describe(b"S", "q"), m.Sync()],
+                      [m.ParseComplete(), m.ParameterDescription(()), m.RowDescription((field,)), READY])
+            # Execute without Describe: the proxy still knows the columns and the asked-for formats.
+            >> ClientData(m.Bind("", "q", (), (), (1,)), m.Execute("", 0), m.Sync())
+            << ServerGets(m.Bind("", "q", (), (), (1,)), m.Execute("", 0), m.Sync())
+            >> ServerData(m.BindComplete(), m.DataRow((b"4111111111111111",)), m.CommandComplete("SELECT 1"), READY)
+            << ClientGets(m.BindComplete(), m.DataRow((b"****111111111111",)), m.CommandComplete("SELECT 1"), READY))
     [(result, _)] = watcher.rows
     assert result.row_description.fields[0].name == "pan"
     assert result.result_formats == (1,)
     assert result.statement.text == "SELECT pan FROM cards"
-    got = io.client_got()
-    assert got[1].values == (b"****111111111111",)
     assert watcher.completed == [("SELECT 1", False)]
 
 
@@ -413,15 +531,19 @@ class Streamer(Addon):
 
 def test_large_values_stream_through_without_being_held_whole():
     streamer = Streamer()
-    session, io = ready_session([streamer], stream_threshold=4096)
+    pb = ready_playbook([streamer], stream_threshold=4096)
     value = b"7" * 200_000
-    reply = backend(m.DataRow((value,)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
-    session.client_data(frontend(m.Query("SELECT big")))
-    for i in range(0, len(reply), 1000):
-        session.server_data(reply[i:i + 1000])
-        assert len(session._sbuf) < 1000  # never accumulates the value
-    got = io.client_got()
-    assert got[0].values == (b"*" * 200_000,)
+    row = m.DataRow((value,)).encode()
+    reply = row + m.CommandComplete("SELECT 1").encode() + READY.encode()
+    pb = roundtrip(pb, [m.Query("SELECT big")])
+    for start in range(0, len(reply), 1000):
+        end = min(start + 1000, len(reply))
+        pb >> ServerData(reply[start:end])
+        if end < len(row):
+            # Passed on as it arrives: the agent is never a read behind (it holds part of a
+            # message it cannot read yet).
+            pb << ClientGets(Partial(low=end - 999, high=end))
+    assert pb << ClientGets(m.DataRow((b"*" * 200_000,)), m.CommandComplete("SELECT 1"), READY)
     assert streamer.seen == 4 + 2 + 4 + 200_000 - 4 - 2 + 2  # body: count, length, value
 
 
@@ -437,17 +559,16 @@ def test_copy_in_and_out_pass_through_the_copy_hooks():
             seen.append((from_client, bytes(message[5:])))
             return None
 
-    session, io = ready_session([CopyWatch()])
-    session.client_data(frontend(m.Query("COPY t FROM STDIN")))
-    session.server_data(backend(m.CopyInResponse(0, (0,))))
-    session.client_data(frontend(m.CopyData(b"1\n"), m.CopyData(b"2\n"), m.CopyDone()))
-    session.server_data(backend(m.CommandComplete("COPY 2"), m.ReadyForQuery(b"I")))
-    session.client_data(frontend(m.Query("COPY t TO STDOUT")))
-    session.server_data(backend(m.CopyOutResponse(0, (0,)), m.CopyData(b"1\n"), m.CopyDone(),
-                                m.CommandComplete("COPY 1"), m.ReadyForQuery(b"I")))
+    pb = ready_playbook([CopyWatch()])
+    assert (roundtrip(pb, [m.Query("COPY t FROM STDIN")], [m.CopyInResponse(0, (0,))])
+            >> ClientData(m.CopyData(b"1\n"), m.CopyData(b"2\n"), m.CopyDone())
+            << ServerGets(m.CopyData(b"1\n"), m.CopyData(b"2\n"), m.CopyDone())
+            >> ServerData(m.CommandComplete("COPY 2"), READY)
+            << ClientGets(m.CommandComplete("COPY 2"), READY))
+    assert roundtrip(pb, [m.Query("COPY t TO STDOUT")],
+                     [m.CopyOutResponse(0, (0,)), m.CopyData(b"1\n"), m.CopyDone(), m.CommandComplete("COPY 1"), READY])
     assert seen == [(True, b"1\n"), (True, b"2\n"), (False, b"1\n")]
     assert copy_results[-1] == (0, (0,))
-    assert [type(x) for x in io.server_got()][-1] == m.Query
 
 
 def test_notice_and_notification_hooks_may_rewrite():
@@ -458,52 +579,57 @@ def test_notice_and_notification_hooks_may_rewrite():
         def notification(self, session, message):
             return bytes(message).replace(b"secret", b"******")
 
-    session, io = ready_session([Scrub()])
-    session.server_data(backend(m.NoticeResponse((("S", "NOTICE"), ("C", "00000"), ("M", "a secret"))),
-                                m.NotificationResponse(7, "chan", "the secret")))
-    notice, note = io.client_got()
-    assert notice.message == "a ******" and note.payload == "the ******"
+    pb = ready_playbook([Scrub()])
+    assert (pb
+            >> ServerData(m.NoticeResponse((("S", "NOTICE"), ("C", "00000"), ("M", "a secret"))),
+                          m.NotificationResponse(7, "chan", "the secret"))
+            << ClientGets(Like(m.NoticeResponse, message="a ******"),
+                          Like(m.NotificationResponse, payload="the ******")))
 
 
 # ---- bad input --------------------------------------------------------------------------------
 
 def test_malformed_client_message_ends_the_session_with_a_fatal_that_says_why():
-    session, io = ready_session()
-    session.client_data(b"Q\x00\x00\x00\x02")
-    [error] = io.client_got()
-    assert error.severity == "FATAL" and error.sqlstate == "08P01"
-    assert "length 2" in error.message
-    assert io.closed
+    pb = ready_playbook()
+    assert (pb
+            >> ClientData(b"Q\x00\x00\x00\x02")
+            << ClientGets(Fatal("08P01", "length 2"))
+            << Close())
 
 
 def test_unknown_client_message_type_is_refused():
-    session, io = ready_session()
-    session.client_data(b"\x7f\x00\x00\x00\x04")
-    [error] = io.client_got()
-    assert "unexpected frontend message type" in error.message and io.closed
+    pb = ready_playbook()
+    assert (pb
+            >> ClientData(b"\x7f\x00\x00\x00\x04")
+            << ClientGets(Fatal("08P01", message=Contains("frontend message type", "0x7f")))
+            << Close())
 
 
 def test_malformed_server_message_ends_the_session():
-    session, io = ready_session()
-    session.server_data(b"Z\x00\x00\x00\x05Q")
-    [error] = io.client_got()
-    assert error.severity == "FATAL" and "database server" in error.message
+    pb = ready_playbook()
+    assert (pb
+            >> ServerData(b"Z\x00\x00\x00\x05Q")
+            << ClientGets(Fatal(ANY, "database server"))
+            << Close())
 
 
 def test_server_fatal_reaches_the_client_then_the_session_closes():
-    session, io = ready_session()
-    fatal = backend(m.ErrorResponse.build("FATAL", "57P01", "terminating connection due to administrator command"))
-    session.server_data(fatal)
-    assert bytes(io.to_client) == fatal
-    session.server_closed()
-    assert io.closed and session.close_reason.startswith("the database ended the session")
+    pb = ready_playbook()
+    fatal = m.ErrorResponse.build("FATAL", "57P01", "terminating connection due to administrator command").encode()
+    assert (pb
+            >> ServerData(fatal)
+            << ClientGets(fatal)  # these very bytes, and nothing of ours after them
+            >> ServerClosed()
+            << Close())
+    assert pb.session.close_reason.startswith("the database ended the session")
 
 
 def test_oversized_startup_packet_is_refused():
-    session, io = new_session()
-    session.client_data(b"\x00\x01\x00\x00" + b"\x00" * 16)
-    [error] = io.client_got()
-    assert error.sqlstate == "08P01" and "startup packet length" in error.message
+    pb = playbook()
+    assert (pb
+            >> ClientData(b"\x00\x01\x00\x00" + b"\x00" * 16)
+            << ClientGets(Like(m.ErrorResponse, sqlstate="08P01", message=Contains("startup packet", "65536")))
+            << Close())
 
 
 @pytest.mark.parametrize("kind", [StatementKind.QUERY, StatementKind.PARSE])
@@ -512,34 +638,49 @@ def test_statement_hook_that_raises_fails_closed(kind):
         def statement(self, session, statement):
             raise RuntimeError("policy store gone")
 
-    session, io = ready_session([Broken()])
-    message = m.Query("SELECT 1") if kind is StatementKind.QUERY else m.Parse("", "SELECT 1", ())
-    session.client_data(frontend(message))
-    [sent] = io.server_got()
-    assert sent.query.encode() == BLOCKED_SQL
+    pb = ready_playbook([Broken()])
+    if kind is StatementKind.QUERY:
+        assert pb >> ClientData(m.Query("SELECT 1")) << ServerGets(m.Query(BLOCKED))
+    else:
+        assert pb >> ClientData(m.Parse("", "SELECT 1", ())) << ServerGets(m.Parse("", BLOCKED, ()))
+
+
+class Formats(Addon):
+    """Sees each row with the statement and result formats the session attributes it to."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str | None, tuple[int, ...]]] = []
+
+    def data_row(self, session, result, message):
+        self.rows.append((result.statement.text if result.statement else None, result.result_formats))
 
 
 def test_portal_bound_after_a_sync_survives_that_syncs_ready_for_query():
-    session, io = ready_session([RowWatcher()])
-    session.client_data(frontend(
-        m.Parse("q", "SELECT 1", ()), m.Bind("", "q", (), (), ()), m.Execute("", 0), m.Sync(),
-        m.Bind("p2", "q", (), (), (1,)), m.Execute("p2", 1), m.Sync()))
-    session.server_data(backend(m.ParseComplete(), m.BindComplete(), m.DataRow((b"1",)),
-                                m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
-    assert "p2" in session._portals
-    session.server_data(backend(m.BindComplete(), m.DataRow((b"1",)), m.PortalSuspended(),
-                                m.ReadyForQuery(b"I")))
-    assert session._portals == {}
-    assert not session._pending
+    rows, outcomes = Formats(), Outcomes()
+    pb = ready_playbook([rows, outcomes])
+    assert (roundtrip(pb, [m.Parse("q", "SELECT 1", ()), m.Bind("", "q", (), (), ()), m.Execute("", 0), m.Sync(),
+                           m.Bind("p2", "q", (), (), (1,)), m.Execute("p2", 1), m.Sync()],
+                      [m.ParseComplete(), m.BindComplete(), m.DataRow((b"1",)), m.CommandComplete("SELECT 1"), READY])
+            # p2 outlived the first ReadyForQuery: its row is still attributed to it
+            >> ServerData(m.BindComplete(), m.DataRow((b"1",)), m.PortalSuspended(), READY)
+            << ClientGets(m.BindComplete(), m.DataRow((b"1",)), m.PortalSuspended(), READY))
+    assert rows.rows == [("SELECT 1", ()), ("SELECT 1", (1,))]
+    # … but not the transaction's end it was bound before: p2 is gone, and nothing is
+    # pending (this Execute's outcome is its own).
+    missing = m.ErrorResponse.build("ERROR", "34000", 'portal "p2" does not exist')
+    assert roundtrip(pb, [m.Execute("p2", 1), m.Sync()], [missing, READY])
+    assert outcomes.results[-1] == (None, None, True, False)
 
 
 def test_close_statement_then_reparse_in_one_pipeline_keeps_the_new_statement():
-    session, io = ready_session()
-    session.client_data(frontend(m.Parse("s", "SELECT 1", ()), m.Sync()))
-    session.server_data(backend(m.ParseComplete(), m.ReadyForQuery(b"I")))
-    session.client_data(frontend(m.Close(b"S", "s"), m.Parse("s", "SELECT 2", ()), m.Sync()))
-    session.server_data(backend(m.CloseComplete(), m.ParseComplete(), m.ReadyForQuery(b"I")))
-    assert session._statements["s"].text == "SELECT 2"
+    outcomes = Outcomes()
+    pb = ready_playbook([outcomes])
+    assert roundtrip(pb, [m.Parse("s", "SELECT 1", ()), m.Sync()], [m.ParseComplete(), READY])
+    assert roundtrip(pb, [m.Close(b"S", "s"), m.Parse("s", "SELECT 2", ()), m.Sync()],
+                     [m.CloseComplete(), m.ParseComplete(), READY])
+    assert roundtrip(pb, [m.Bind("", "s", (), (), ()), m.Execute("", 0), m.Sync()],
+                     [m.BindComplete(), m.CommandComplete("SELECT 1"), READY])
+    assert outcomes.results[-1] == ("SELECT 2", "SELECT 1", False, False)
 
 
 # ---- the agent side: TLS and identity -----------------------------------------------------------
@@ -563,68 +704,70 @@ class CertificateOnly:
         return peer_certificate.decode()
 
 
+def tls_accepted(pb):
+    return (pb
+            >> ClientData(m.SSLRequest())
+            << ClientGets(m.SSLResponse(True))
+            << StartClientTls("server-context-for-payments"))
+
+
 def test_ssl_request_is_answered_with_tls_when_the_authenticator_offers_it():
-    auth = CertificateOnly()
-    session, io = new_session(authenticator=auth)
-    session.client_data(m.SSLRequest().encode())
-    assert io.client_got() == [b"S"]
-    assert io.events == [("start_client_tls", "server-context-for-payments")]
-    session.client_tls_ready("TLSv1.3", b"alice")
-    session.client_data(startup())
-    assert io.events[-1] == ("open_upstream", "payments", "198.18.2.10:5432")
-    assert session.info.identity == "alice" and session.info.client_tls == "TLSv1.3"
+    pb = playbook(authenticator=CertificateOnly())
+    assert (tls_accepted(pb)
+            >> ClientTlsReady("TLSv1.3", b"alice")
+            >> ClientData(startup())
+            << OpenUpstream("payments", "198.18.2.10:5432"))
+    assert pb.session.info.identity == "alice" and pb.session.info.client_tls == "TLSv1.3"
 
 
 def test_missing_certificate_is_refused_with_28000_and_how_to_enroll():
-    session, io = new_session(authenticator=CertificateOnly())
-    session.client_data(m.SSLRequest().encode())
-    io.client_got()
-    session.client_tls_ready("TLSv1.3", None)
-    session.client_data(startup())
-    [error] = io.client_got()
-    assert (error.severity, error.sqlstate, error.message, error.get("H")) == \
-        ("FATAL", "28000", "a client certificate is required", "run tollgate enroll")
-    assert not any(e[0] == "open_upstream" for e in io.events)
+    pb = playbook(authenticator=CertificateOnly())
+    assert (tls_accepted(pb)
+            >> ClientTlsReady("TLSv1.3", None)
+            >> ClientData(startup())
+            << ClientGets(Fatal("28000", message="a client certificate is required", hint="run tollgate enroll"))
+            << Close())  # no upstream connection opened
 
 
 def test_failed_client_handshake_is_remembered_and_closes():
     auth = CertificateOnly()
-    session, io = new_session(authenticator=auth)
-    session.client_data(m.SSLRequest().encode())
-    session.client_tls_failed("certificate verify failed: unable to get local issuer certificate")
-    assert io.closed and auth.failures == ["certificate verify failed: unable to get local issuer certificate"]
+    pb = playbook(authenticator=auth)
+    assert (tls_accepted(pb)
+            >> ClientTlsFailed("certificate verify failed: unable to get local issuer certificate")
+            << Close())
+    assert auth.failures == ["certificate verify failed: unable to get local issuer certificate"]
 
 
 def test_database_hanging_up_on_a_ready_session_is_reported():
-    session, io = ready_session()
-    session.server_closed()
-    [error] = io.client_got()
-    assert (error.severity, error.sqlstate) == ("FATAL", "08006") and "closed the connection" in error.message
+    pb = ready_playbook()
+    assert (pb
+            >> ServerClosed()
+            << ClientGets(Fatal("08006", "closed the connection"))
+            << Close())
 
 
 def test_a_sync_claiming_a_megabyte_is_refused_from_its_header():
-    session, io = ready_session()
-    session.client_data(b"S\x00\x10\x00\x00")
-    [error] = io.client_got()
-    assert "message type 'S' has length 1048576, outside 4..4" in error.message
+    pb = ready_playbook()
+    assert (pb
+            >> ClientData(b"S\x00\x10\x00\x00")  # the header alone: refused without waiting for the rest
+            << ClientGets(Like(m.ErrorResponse, message=Contains("'S'", "length 1048576")))
+            << Close())
 
 
 def test_a_large_message_in_many_reads_is_framed_once():
-    session, io = ready_session()
-    query = frontend(m.Query("SELECT '" + "x" * 300_000 + "'"))
-    calls = []
-    original = session._relay_client
-    session._relay_client = lambda data, pos: calls.append(len(data)) or original(data, pos)
-    for i in range(0, len(query), 4096):
-        session.client_data(query[i:i + 4096])
-    assert bytes(io.to_server) == query
-    assert len(calls) == 2  # the first piece (head seen), then the completed message
+    pb = ready_playbook()
+    query = m.Query("SELECT '" + "x" * 300_000 + "'").encode()
+    pieces = [query[i:i + 4096] for i in range(0, len(query), 4096)]
+    writes = pb.writes("server")
+    for piece in pieces[:-1]:
+        pb >> ClientData(piece)  # nothing happens until the message is whole
+    assert pb >> ClientData(pieces[-1]) << ServerGets(query)
+    assert pb.writes("server") == writes + 1  # … and then it goes in one piece
 
 
 def test_bind_with_65535_parameters_is_valid():
-    session, io = ready_session()
-    session.client_data(frontend(m.Parse("s", "INSERT", ()), m.Bind("", "s", (), (None,) * 65535, ()), m.Sync()))
-    assert [type(x) for x in io.server_got()] == [m.Parse, m.Bind, m.Sync]
+    pb = ready_playbook()
+    assert roundtrip(pb, [m.Parse("s", "INSERT", ()), m.Bind("", "s", (), (None,) * 65535, ()), m.Sync()])
 
 
 class KeepBack(Addon):
@@ -644,14 +787,11 @@ class KeepBack(Addon):
 
 def test_stream_hook_may_keep_bytes_back_for_the_next_window():
     addon = KeepBack()
-    session, io = ready_session([addon], stream_threshold=4096)
+    pb = ready_playbook([addon], stream_threshold=4096)
     value = (b"x7" + b"7" * 999) * 20  # runs of 1000 sevens: '77' pairs split across reads
-    reply = backend(m.DataRow((value,)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I"))
-    session.client_data(frontend(m.Query("SELECT big")))
-    for i in range(0, len(reply), 333):
-        session.server_data(reply[i:i + 333])
-    got = io.client_got()
-    assert got[0].values == (value.replace(b"77", b"**"),)
+    assert (roundtrip(pb, [m.Query("SELECT big")])
+            >> ServerData(m.DataRow((value,)), m.CommandComplete("SELECT 1"), READY, chunk=333)
+            << ClientGets(m.DataRow((value.replace(b"77", b"**"),)), m.CommandComplete("SELECT 1"), READY))
     assert addon.offsets == sorted(addon.offsets) and addon.offsets[0] == 0
 
 
@@ -660,12 +800,13 @@ def test_a_hook_that_keeps_bytes_back_at_the_end_of_a_message_fails_closed():
         def stream_chunk(self, session, result, tag, window, offset, total):
             return StreamEdit(None, 1)
 
-    session, io = ready_session([Greedy()], stream_threshold=4096)
-    session.client_data(frontend(m.Query("SELECT big")))
-    row = backend(m.DataRow((b"a" * 10_000,)))
-    session.server_data(row[:5000])
-    session.server_data(row[5000:])
-    assert io.closed and b"SFATAL" not in io.to_client  # cut: a FATAL inside the row would garble it
+    pb = ready_playbook([Greedy()], stream_threshold=4096)
+    row = m.DataRow((b"a" * 10_000,)).encode()
+    assert (roundtrip(pb, [m.Query("SELECT big")])
+            >> ServerData(row[:5000])
+            << ClientGets(Partial())
+            >> ServerData(row[5000:])
+            << Close())  # cut: a FATAL inside the row would garble it
 
 
 class Deferring(Addon):
@@ -692,57 +833,59 @@ class Deferring(Addon):
 
 def test_a_deferred_statement_is_prepared_at_once_and_held_at_each_execute_with_its_parameters():
     addon = Deferring()
-    session, io = ready_session([addon])
-    session.client_data(frontend(m.Parse("upd", "UPDATE cards SET brand = $1", ()), m.Sync()))
-    session.server_data(backend(m.ParseComplete(), m.ReadyForQuery(b"I")))
-    session.client_data(frontend(m.Bind("", "upd", (), (b"visa",), ()), m.Execute("", 0), m.Sync()))
-    assert [type(x) for x in io.server_got()] == [m.Parse, m.Sync, m.Bind]  # Execute held
-    assert io.client_paused and len(addon.binds) == 1 and b"visa" in addon.binds[0]
-    awaitable, done = io.waits[0]
-    awaitable.close()
-    done(None, None)
-    assert [type(x) for x in io.server_got()] == [m.Execute, m.Sync]
+    pb = ready_playbook([addon])
+    bind = m.Bind("", "upd", (), (b"visa",), ())
+    assert (roundtrip(pb, [m.Parse("upd", "UPDATE cards SET brand = $1", ()), m.Sync()], [m.ParseComplete(), READY])
+            >> ClientData(bind, m.Execute("", 0), m.Sync())
+            << PauseClient()
+            << Wait("execute")
+            << ServerGets(bind))  # the Execute is held
+    assert len(addon.binds) == 1 and b"visa" in addon.binds[0]
+    assert (pb
+            >> WaitDone("execute")
+            << ServerGets(m.Execute("", 0), m.Sync())
+            << ResumeClient())
     assert len(addon.binds) == 1  # decided once, not re-asked on resume
 
 
 def test_a_held_execute_that_is_denied_fails_like_a_server_error_at_execute():
-    addon = Deferring()
-    session, io = ready_session([addon])
-    session.client_data(frontend(m.Parse("", "UPDATE cards SET brand = $1", ()),
-                                 m.Bind("", "", (), (b"visa",), ()), m.Execute("", 0), m.Sync()))
-    awaitable, done = io.waits[0]
-    awaitable.close()
-    done(Reject("42501", "approval apr-1 was denied"), None)
-    *_, execute, sync = io.server_got()
-    assert execute.portal == BLOCKED_PORTAL and type(sync) is m.Sync
-    session.server_data(backend(m.ParseComplete(), m.BindComplete(),
-                                m.ErrorResponse.build("ERROR", "34000", "portal does not exist"),
-                                m.ReadyForQuery(b"I")))
-    *_, error, ready = io.client_got()
-    assert error.message == "approval apr-1 was denied" and error.sqlstate == "42501"
+    pb = ready_playbook([Deferring()])
+    parse, bind = m.Parse("", "UPDATE cards SET brand = $1", ()), m.Bind("", "", (), (b"visa",), ())
+    assert (pb
+            >> ClientData(parse, bind, m.Execute("", 0), m.Sync())
+            << PauseClient()
+            << Wait("approval")
+            << ServerGets(parse, bind)
+            >> WaitDone("approval", Reject("42501", "approval apr-1 was denied"))
+            << ServerGets(m.Execute(BLOCKED_PORTAL, 0), m.Sync())
+            << ResumeClient()
+            >> ServerData(m.ParseComplete(), m.BindComplete(),
+                          m.ErrorResponse.build("ERROR", "34000", "portal does not exist"), READY)
+            << ClientGets(m.ParseComplete(), m.BindComplete(),
+                          Like(m.ErrorResponse, sqlstate="42501", message="approval apr-1 was denied"), READY))
 
 
 def test_a_statement_prepared_before_a_policy_change_is_decided_again_at_execute():
     addon = Deferring()
-    hooks_session, io = ready_session([addon])
-    hooks_session.client_data(frontend(m.Parse("s", "SELECT 1", ()), m.Sync()))
-    hooks_session.server_data(backend(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    pb = ready_playbook([addon])
+    assert roundtrip(pb, [m.Parse("s", "SELECT 1", ()), m.Sync()], [m.ParseComplete(), READY])
     addon.block_everything = True
-    hooks_session.hooks.epoch += 1  # what a policy reload does
+    pb.hooks.epoch += 1  # what a policy reload does
     for _ in range(2):  # and it stays decided
-        hooks_session.client_data(frontend(m.Bind("", "s", (), (), ()), m.Execute("", 0), m.Sync()))
-        *_, execute, _sync = io.server_got()
-        assert execute.portal == BLOCKED_PORTAL
-        hooks_session.server_data(backend(m.BindComplete(), m.ErrorResponse.build("ERROR", "34000", "no portal"),
-                                          m.ReadyForQuery(b"I")))
-        error, _ = io.client_got()[-2:]
-        assert error.message == "policy changed: no longer allowed"
+        assert (pb
+                >> ClientData(m.Bind("", "s", (), (), ()), m.Execute("", 0), m.Sync())
+                << ServerGets(m.Bind("", "s", (), (), ()), m.Execute(BLOCKED_PORTAL, 0), m.Sync())
+                >> ServerData(m.BindComplete(), m.ErrorResponse.build("ERROR", "34000", "no portal"), READY)
+                << ClientGets(m.BindComplete(), Like(m.ErrorResponse, message="policy changed: no longer allowed"),
+                              READY))
 
 
 def test_a_client_may_not_bind_the_reserved_blocked_portal_name():
-    session, io = ready_session([])
-    session.client_data(frontend(m.Bind(BLOCKED_PORTAL, "", (), (), ()), m.Sync()))
-    assert io.closed
+    pb = ready_playbook([])
+    assert (pb
+            >> ClientData(m.Bind(BLOCKED_PORTAL, "", (), (), ()), m.Sync())
+            << ClientGets(Fatal())
+            << Close())  # and nothing reached the server
 
 
 def test_data_a_hook_cannot_make_safe_ends_the_session_with_a_fatal():
@@ -750,11 +893,11 @@ def test_data_a_hook_cannot_make_safe_ends_the_session_with_a_fatal():
         def data_row(self, session, result, message):
             raise FailClosed("42501", "column pan (int8) holds a card number", hint="cast it to text")
 
-    session, io = ready_session([Unsafe()])
-    session.client_data(frontend(m.Query("SELECT pan FROM cards")))
-    session.server_data(backend(m.RowDescription(()), m.DataRow((b"1",))))
-    [fatal] = io.client_got()
-    assert fatal.severity == "FATAL" and "card number" in fatal.message and io.closed
+    pb = ready_playbook([Unsafe()])
+    assert (roundtrip(pb, [m.Query("SELECT pan FROM cards")])
+            >> ServerData(m.RowDescription(()), m.DataRow((b"1",)))
+            << ClientGets(Fatal(ANY, "card number"))
+            << Close())
 
 
 def test_function_call_results_pass_the_function_result_hook():
@@ -762,10 +905,10 @@ def test_function_call_results_pass_the_function_result_hook():
         def function_result(self, session, message):
             return bytes(message).replace(b"secret", b"******")
 
-    session, io = ready_session([Scrub()])
-    session.client_data(frontend(m.FunctionCall(1234, (), (), 0)))
-    session.server_data(backend(m.FunctionCallResponse(b"secret"), m.ReadyForQuery(b"I")))
-    assert io.client_got()[0].value == b"******"
+    pb = ready_playbook([Scrub()])
+    assert (roundtrip(pb, [m.FunctionCall(1234, (), (), 0)])
+            >> ServerData(m.FunctionCallResponse(b"secret"), READY)
+            << ClientGets(m.FunctionCallResponse(b"******"), READY))
 
 
 def test_a_statement_resumed_after_its_hold_keeps_what_the_hooks_decided():
@@ -784,10 +927,15 @@ def test_a_statement_resumed_after_its_hold_keeps_what_the_hooks_decided():
             self.results.append(result)
 
     addon = DecidingHolder()
-    session, io = ready_session([addon])
-    session.client_data(frontend(m.Query("SELECT cvv FROM cards")))
-    awaitable, done = io.waits[0]
-    awaitable.close()
-    done(None, None)
-    session.server_data(backend(m.RowDescription(()), m.CommandComplete("SELECT 0"), m.ReadyForQuery(b"I")))
+    pb = ready_playbook([addon])
+    reply = [m.RowDescription(()), m.CommandComplete("SELECT 0"), READY]
+    assert (pb
+            >> ClientData(m.Query("SELECT cvv FROM cards"))
+            << PauseClient()
+            << Wait("approval")
+            >> WaitDone("approval")
+            << ServerGets(m.Query("SELECT cvv FROM cards"))
+            << ResumeClient()
+            >> ServerData(*reply)
+            << ClientGets(*reply))
     assert addon.results[0].statement.decision == "mask the cvv"

@@ -1,5 +1,8 @@
 """Traces for the ``forward`` hook: the commit point every request that makes the server
-act passes once its verdict is final, and the batch that waits for it."""
+act passes once its verdict is final, and the batch that waits for it.
+
+Playbooks (tests/proxy/playbook.py): what each side receives and when the session pauses,
+waits and resumes, as one ordered script."""
 
 from __future__ import annotations
 
@@ -16,8 +19,24 @@ from appliance.proxy.hooks import (
     SessionInfo,
     Statement,
 )
-from appliance.proxy.session import BLOCKED_PORTAL, BLOCKED_SQL
-from tests.proxy.trace import backend, frontend, ready_session
+from appliance.proxy.pipeline import BLOCKED_PORTAL, BLOCKED_SQL
+from tests.proxy.playbook import (
+    ClientData,
+    ClientGets,
+    Error,
+    Like,
+    PauseClient,
+    ResumeClient,
+    ServerData,
+    ServerGets,
+    Wait,
+    WaitDone,
+    ready_playbook,
+    roundtrip,
+)
+
+BLOCKED = BLOCKED_SQL.decode()
+READY = m.ReadyForQuery(b"I")
 
 
 class Recorder(Addon):
@@ -46,7 +65,7 @@ class Blocker(Addon):
 
 
 class Token:
-    """Stands for an awaitable the session must wait on (RecordingIO never awaits it)."""
+    """Stands for an awaitable the session must wait on (the playbook never awaits it)."""
 
 
 class Unavailable(Exception):
@@ -54,36 +73,33 @@ class Unavailable(Exception):
     hint = "free some space"
 
 
-def _close(awaitable: Any) -> None:
-    if hasattr(awaitable, "close"):
-        awaitable.close()
-
-
 def test_forward_sees_each_request_that_makes_the_server_act_with_its_parameters():
     recorder = Recorder()
-    session, io = ready_session([recorder])
-    session.client_data(frontend(
-        m.Query("SELECT 1"),
-        m.Parse("s1", "SELECT $1::text", ()), m.Bind("", "s1", (0,), (b"hello",), ()), m.Describe(b"P", ""),
-        m.Execute("", 0), m.Sync(),
-        m.FunctionCall(1598, (), (), 0)))
+    pb = ready_playbook([recorder])
+    requests = [m.Query("SELECT 1"),
+                m.Parse("s1", "SELECT $1::text", ()), m.Bind("", "s1", (0,), (b"hello",), ()), m.Describe(b"P", ""),
+                m.Execute("", 0), m.Sync(),
+                m.FunctionCall(1598, (), (), 0)]
+    assert roundtrip(pb, requests)  # nothing waited for: all sent at once
     assert [f.kind for f in recorder.forwards] == ["query", "execute", "function_call"]
     query, execute, call = recorder.forwards
     assert query.statement.text == "SELECT 1" and query.reject is None
     assert execute.statement.text == "SELECT $1::text" and b"hello" in execute.bind
     assert call.statement.function_oid == 1598
     assert all(f.started_ns > 0 for f in recorder.forwards)
-    assert len(io.server_got()) == 7  # nothing waited for: all sent at once
 
 
 def test_refused_statements_are_shown_to_forward_with_their_reject_and_never_wait():
     recorder = Recorder(answer=Token())
-    session, io = ready_session([Blocker(), recorder])
-    session.client_data(frontend(m.Query("DROP TABLE cards"), m.Parse("", "DROP TABLE cards", ()), m.Sync()))
-    assert [(f.kind, f.reject.message) for f in recorder.forwards] == [("query", "no dropping"), ("parse", "no dropping")]
-    assert io.waits == []
-    sent = io.server_got()
-    assert sent[0].query.encode() == BLOCKED_SQL
+    pb = ready_playbook([Blocker(), recorder])
+    assert (pb
+            >> ClientData(m.Query("DROP TABLE cards"), m.Parse("", "DROP TABLE cards", ()), m.Sync())
+            << ServerGets(m.Query(BLOCKED), m.Parse("", BLOCKED, ()), m.Sync()))  # no wait
+    assert [(f.kind, f.reject.message) for f in recorder.forwards] == [("query", "no dropping"),
+                                                                        ("parse", "no dropping")]
+
+
+BATCH = [m.Query("SELECT 1"), m.Parse("", "SELECT 2", ()), m.Bind("", "", (), (), ()), m.Execute("", 0), m.Sync()]
 
 
 def test_a_batch_waits_once_for_all_its_forwards_then_goes_in_order():
@@ -94,73 +110,64 @@ def test_a_batch_waits_once_for_all_its_forwards_then_goes_in_order():
         return tokens[-1]
 
     recorder = Recorder(answer)
-    session, io = ready_session([recorder])
-    session.client_data(frontend(
-        m.Query("SELECT 1"),
-        m.Parse("", "SELECT 2", ()), m.Bind("", "", (), (), ()), m.Execute("", 0), m.Sync()))
-    assert io.server_got() == []
-    assert io.client_paused and len(io.waits) == 1 and len(tokens) == 2
-    session.client_data(frontend(m.Query("SELECT 3")))  # arrives while the batch waits
-    assert io.server_got() == [] and len(recorder.forwards) == 2
-    awaitable, done = io.waits.pop()
-    _close(awaitable)
-    done(None, None)
-    sent = io.server_got()
-    assert [type(x).__name__ for x in sent][:5] == ["Query", "Parse", "Bind", "Execute", "Sync"]
-    assert len(recorder.forwards) == 3  # SELECT 3 went through the hook after the batch
-    assert len(io.waits) == 1 and io.client_paused  # … and waits in a batch of its own
-    awaitable, done = io.waits.pop()
-    done(None, None)
-    assert [x.query for x in io.server_got()] == ["SELECT 3"]
-    assert not io.client_paused
+    pb = ready_playbook([recorder])
+    assert (pb
+            >> ClientData(*BATCH)
+            << PauseClient()
+            << Wait("batch"))
+    assert len(tokens) == 2
+    assert pb >> ClientData(m.Query("SELECT 3"))  # arrives while the batch waits: nothing goes
+    assert len(recorder.forwards) == 2
+    assert (pb
+            >> WaitDone("batch")
+            << ServerGets(*BATCH)
+            << Wait("SELECT 3"))  # … which went through the hook after the batch, and waits in a batch of its own
+    assert len(recorder.forwards) == 3
+    assert (pb
+            >> WaitDone("SELECT 3")
+            << ServerGets(m.Query("SELECT 3"))
+            << ResumeClient())
 
 
 def test_when_the_wait_fails_every_request_of_the_batch_is_refused_and_none_reaches_the_server():
-    session, io = ready_session([Recorder(answer=lambda r: Token())])
-    session.client_data(frontend(
-        m.Query("SELECT 1"),
-        m.Parse("", "SELECT 2", ()), m.Bind("", "", (), (), ()), m.Execute("", 0), m.Sync()))
-    awaitable, done = io.waits.pop()
-    _close(awaitable)
-    done(None, Unavailable("the audit log could not be written: No space left on device"))
-    query, parse, bind, execute, sync = io.server_got()
-    assert query.query.encode() == BLOCKED_SQL
-    assert parse.query == "SELECT 2" and execute.portal == BLOCKED_PORTAL
-    session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", "syntax error"), m.ReadyForQuery(b"I"),
-                                m.ParseComplete(), m.BindComplete(),
-                                m.ErrorResponse.build("ERROR", "34000", "portal does not exist"),
-                                m.ReadyForQuery(b"I")))
-    got = io.client_got()
-    errors = [x for x in got if isinstance(x, m.ErrorResponse)]
-    assert [e.sqlstate for e in errors] == ["53100", "53100"]
-    assert "No space left on device" in errors[0].message and dict(errors[0].fields)["H"] == "free some space"
-    assert not io.client_paused
-    session.client_data(frontend(m.Query("SELECT 4")))  # the session carries on
-    assert io.waits
+    pb = ready_playbook([Recorder(answer=lambda r: Token())])
+    refused = Error("53100", "No space left on device", hint="free some space")
+    assert (pb
+            >> ClientData(*BATCH)
+            << PauseClient()
+            << Wait("batch")
+            >> WaitDone("batch", error=Unavailable("the audit log could not be written: No space left on device"))
+            << ServerGets(m.Query(BLOCKED), m.Parse("", "SELECT 2", ()), m.Bind("", "", (), (), ()),
+                          m.Execute(BLOCKED_PORTAL, 0), m.Sync())
+            << ResumeClient()
+            >> ServerData(m.ErrorResponse.build("ERROR", "42601", "syntax error"), READY,
+                          m.ParseComplete(), m.BindComplete(),
+                          m.ErrorResponse.build("ERROR", "34000", "portal does not exist"), READY)
+            << ClientGets(refused, READY, m.ParseComplete(), m.BindComplete(), Error("53100"), READY)
+            >> ClientData(m.Query("SELECT 4"))  # the session carries on
+            << PauseClient()
+            << Wait())
 
 
 def test_a_forward_hook_may_refuse_at_once():
     recorder = Recorder(answer=lambda r: Reject("53100", "audit log full"))
-    session, io = ready_session([recorder])
-    session.client_data(frontend(m.Query("SELECT 1")))
-    [sent] = io.server_got()
-    assert sent.query.encode() == BLOCKED_SQL and io.waits == []
-    session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", "syntax"), m.ReadyForQuery(b"I")))
-    error, _ = io.client_got()
-    assert (error.sqlstate, error.message) == ("53100", "audit log full")
-    [(result, tag, is_error)] = recorder.results
+    pb = ready_playbook([recorder])
+    assert (pb
+            >> ClientData(m.Query("SELECT 1"))
+            << ServerGets(m.Query(BLOCKED))  # and no wait
+            >> ServerData(m.ErrorResponse.build("ERROR", "42601", "syntax"), READY)
+            << ClientGets(Like(m.ErrorResponse, sqlstate="53100", message="audit log full"), READY))
+    [(result, _tag, is_error)] = recorder.results
     assert is_error and result.sqlstate == "53100" and result.forward is recorder.forwards[0]
 
 
 def test_results_carry_their_forward_the_error_code_and_skipped_requests():
     recorder = Recorder()
-    session, io = ready_session([recorder])
-    session.client_data(frontend(
-        m.Parse("", "SELECT 1/0", ()), m.Bind("", "", (), (), ()), m.Execute("", 0),
-        m.Parse("b", "SELECT 2", ()), m.Bind("", "b", (), (), ()), m.Execute("", 0), m.Sync()))
-    io.server_got()
-    session.server_data(backend(m.ParseComplete(), m.BindComplete(),
-                                m.ErrorResponse.build("ERROR", "22012", "division by zero"), m.ReadyForQuery(b"I")))
+    pb = ready_playbook([recorder])
+    assert roundtrip(pb, [m.Parse("", "SELECT 1/0", ()), m.Bind("", "", (), (), ()), m.Execute("", 0),
+                          m.Parse("b", "SELECT 2", ()), m.Bind("", "b", (), (), ()), m.Execute("", 0), m.Sync()],
+                     [m.ParseComplete(), m.BindComplete(),
+                      m.ErrorResponse.build("ERROR", "22012", "division by zero"), READY])
     first, second = recorder.results
     assert first[0].forward is recorder.forwards[0] and first[0].sqlstate == "22012" and first[2]
     assert second[0].skipped and second[0].forward is recorder.forwards[1]
@@ -168,16 +175,17 @@ def test_results_carry_their_forward_the_error_code_and_skipped_requests():
 
 def test_a_hold_behind_a_waiting_batch_never_overtakes_it():
     recorder = Recorder(answer=lambda r: Token())
-    session, io = ready_session([Blocker(), recorder])
-    session.client_data(frontend(m.Query("SELECT 1"), m.Query("UPDATE t SET x = 1")))
-    assert len(io.waits) == 2  # the approval and the batch before it
-    (approval, approve), (batch, batch_done) = io.waits
-    _close(approval)
-    approve(None, None)  # approved first: still waits for the batch ahead of it
-    assert io.server_got() == []
-    batch_done(None, None)
-    assert [x.query for x in io.server_got()] == ["SELECT 1"]
-    awaitable, done = io.waits[2]  # the approved UPDATE, in a batch of its own
-    done(None, None)
-    assert [x.query for x in io.server_got()] == ["UPDATE t SET x = 1"]
-    assert not io.client_paused
+    pb = ready_playbook([Blocker(), recorder])
+    update = m.Query("UPDATE t SET x = 1")
+    assert (pb
+            >> ClientData(m.Query("SELECT 1"), update)
+            << PauseClient()
+            << Wait("approval")  # the UPDATE's hold …
+            << Wait("batch")  # … and the batch before it
+            >> WaitDone("approval")  # approved first: still waits for the batch ahead of it
+            >> WaitDone("batch")
+            << ServerGets(m.Query("SELECT 1"))
+            << Wait("update")  # the approved UPDATE, in a batch of its own
+            >> WaitDone("update")
+            << ServerGets(update)
+            << ResumeClient())

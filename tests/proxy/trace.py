@@ -1,85 +1,120 @@
-"""A recording SessionIO and helpers to drive a Session through traces, with no sockets."""
+"""Step-by-step session driving for tests outside tests/proxy (policy, masking, audit):
+call the session's event methods yourself and read what each side got since last asked.
+
+RecordingIO is the playbook's TraceIO (tests/proxy/playbook.py) — one ordered list of
+every effect — with the older per-side views on top of it. New session-layer tests use
+playbooks, which check the order across sides too.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from appliance.config import Credential, Endpoint, Target
+from appliance.config import Target
 from appliance.pgwire import BackendDecoder, FrontendDecoder
 from appliance.pgwire import messages as m
-from appliance.proxy.hooks import AddonManager, Addon, SessionInfo
+from appliance.proxy.hooks import Addon, AddonManager, SessionInfo
 from appliance.proxy.session import CancelRegistry, Session
+from tests.proxy.playbook import (
+    AGENT,
+    DB,
+    MAX_DECODED,
+    UPSTREAM_KEY,
+    CancelUpstream,
+    Close,
+    OpenUpstream,
+    PauseClient,
+    ResumeClient,
+    StartClientTls,
+    StartUpstreamTls,
+    TraceIO,
+    WaitCancelled,
+    _Send,
+    make_target,
+)
 
-DB = Endpoint.parse("198.18.2.10:5432")
-AGENT = Endpoint.parse("198.18.1.10:40000")
-UPSTREAM_KEY = (4242, b"\x01\x02\x03\x04")
+__all__ = ["AGENT", "DB", "UPSTREAM_KEY", "RecordingIO", "backend", "frontend", "make_target", "new_session",
+           "ready_session", "startup"]
 
 
-def make_target(tls: str = "disable", **kw: Any) -> Target:
-    creds = {"app": Credential("app_rw", "pencil")}
-    return Target("payments", (DB,), creds, tls=tls, **kw)  # type: ignore[arg-type]
-
-
-class RecordingIO:
-    """Implements SessionIO by recording: bytes per direction, and every other effect."""
+class RecordingIO(TraceIO):
+    """The ordered trace, read per side: ``client_got()``/``server_got()`` decode what that
+    side received since the last call; ``to_client``/``to_server`` are those bytes."""
 
     def __init__(self) -> None:
-        self.events: list[tuple[Any, ...]] = []
-        self.to_client = bytearray()
-        self.to_server = bytearray()
-        self.waits: list[tuple[Awaitable[Any], Callable[[Any, BaseException | None], None]]] = []
-        self.closed = False
-        self.client_paused = False
-        self._server_decoder = FrontendDecoder()
-        self._client_decoder = BackendDecoder()
-
-    def send_client(self, data: bytes | memoryview) -> None:
-        self.to_client += data
-
-    def send_server(self, data: bytes | memoryview) -> None:
-        self.to_server += data
-
-    def open_upstream(self, target: Target, endpoint: Endpoint) -> None:
-        self.events.append(("open_upstream", target.name, str(endpoint)))
-
-    def start_upstream_tls(self, target: Target) -> None:
-        self.events.append(("start_tls", target.name))
-
-    def start_client_tls(self, context: Any) -> None:
-        self.events.append(("start_client_tls", context))
-
-    def pause_client(self) -> None:
-        self.client_paused = True
-
-    def resume_client(self) -> None:
-        self.client_paused = False
+        super().__init__()
+        self._read = {"client": 0, "server": 0}  # trace index each side was read up to
+        self._decoders = {"client": BackendDecoder(MAX_DECODED), "server": FrontendDecoder(MAX_DECODED, MAX_DECODED)}
+        # (awaitable, done) of each wait, in order; tests may pop them once handled.
+        self.pending_waits: list[tuple[Awaitable[Any], Callable[[Any, BaseException | None], None]]] = []
 
     def wait(self, awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]) -> Callable[[], None]:
-        self.waits.append((awaitable, done))
-        return lambda: self.events.append(("hold_cancelled",))
+        self.pending_waits.append((awaitable, done))
+        return super().wait(awaitable, done)
 
-    def cancel_upstream(self, endpoint: Endpoint, process_id: int, secret_key: bytes) -> None:
-        self.events.append(("cancel_upstream", str(endpoint), process_id, secret_key))
+    @property
+    def waits(self) -> list[tuple[Awaitable[Any], Callable[[Any, BaseException | None], None]]]:  # type: ignore[override]
+        return self.pending_waits
 
-    def close(self) -> None:
-        self.closed = True
+    def _unread(self, side: str) -> bytes:
+        return b"".join(e.data for e in self.trace[self._read[side]:] if isinstance(e, _Send) and e.side == side)
 
-    # -- reading what was sent --
+    @property
+    def to_client(self) -> bytes:
+        return self._unread("client")
+
+    @property
+    def to_server(self) -> bytes:
+        return self._unread("server")
+
+    @property
+    def closed(self) -> bool:
+        return any(isinstance(e, Close) for e in self.trace)
+
+    @property
+    def client_paused(self) -> bool:
+        state = False
+        for e in self.trace:
+            if isinstance(e, (PauseClient, ResumeClient)):
+                state = isinstance(e, PauseClient)
+        return state
+
+    @property
+    def events(self) -> list[tuple[Any, ...]]:
+        """The effects other than sends, as tuples."""
+        out: list[tuple[Any, ...]] = []
+        for e in self.trace:
+            if isinstance(e, OpenUpstream):
+                out.append(("open_upstream", e.target, e.endpoint))
+            elif isinstance(e, StartUpstreamTls):
+                out.append(("start_tls", e.target))
+            elif isinstance(e, StartClientTls):
+                out.append(("start_client_tls", e.context))
+            elif isinstance(e, CancelUpstream):
+                out.append(("cancel_upstream", e.endpoint, e.process_id, e.secret_key))
+            elif isinstance(e, WaitCancelled):
+                out.append(("hold_cancelled",))
+        return out
+
+    def _take(self, side: str) -> bytes:
+        data = self._unread(side)
+        self._read[side] = len(self.trace)
+        return data
 
     def client_got(self) -> list[Any]:
         """Messages sent to the client since the last call (SSL answers as raw bytes)."""
-        data = bytes(self.to_client)
-        self.to_client.clear()
+        data = self._take("client")
         if data in (b"N", b"S"):
             return [data]
-        self._client_decoder.feed(data)
-        return list(self._client_decoder)
+        decoder = self._decoders["client"]
+        decoder.feed(data)
+        return list(decoder)
 
     def server_got(self) -> list[Any]:
-        data = bytes(self.to_server)
-        self.to_server.clear()
-        self._server_decoder.feed(data)
-        return list(self._server_decoder)
+        decoder = self._decoders["server"]
+        decoder.feed(self._take("server"))
+        return list(decoder)
 
 
 def new_session(addons: list[Addon] | None = None, target: Target | None = None,
