@@ -154,7 +154,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     from appliance.lab import identity as lab_identity
     try:
         lab = Lab.open(args.name)
-        argv = lab_identity.token_argv(lab, args.client)
+        argv = lab_identity.token_argv(lab.paths, args.client)
     except (LabError, ValueError) as exc:
         return _fail(str(exc))
     proc = subprocess.run(lab.command("agent", argv), env=lab.env(), capture_output=True, text=True, timeout=60)

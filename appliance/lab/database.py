@@ -20,7 +20,6 @@ import os
 import pwd
 import secrets
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -29,6 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.lab import schema, topology
+from appliance.lab.layout import Paths
+from appliance.lab.readiness import tail
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_PORT = 5432
@@ -42,34 +43,13 @@ LOOPBACKS = ("127.0.0.1/32", "::1/128")
 # through the catch-all host line of pg_hba; never created in a lab that did not ask for it.
 SUITE_ROLE = "suite"
 SUITE_DB = "suite"
+# A safety net for starting the server (pg_ctl -w -t, pg_isready -t): never a bound on a
+# server that works, only on one that hangs.
+START_TIMEOUT_SECONDS = 120
 
 
 class DatabaseError(Exception):
     """PostgreSQL could not be set up, started or stopped."""
-
-
-@dataclass(frozen=True, slots=True)
-class Paths:
-    """Where one lab's cluster keeps its files."""
-
-    root: Path
-
-    @property
-    def data(self) -> Path: return self.root / "pgdata"
-    @property
-    def socket_dir(self) -> Path: return self.root / "pgsock"
-    @property
-    def log(self) -> Path: return self.root / "postgres.log"
-    @property
-    def tls_dir(self) -> Path: return self.root / "tls"
-    @property
-    def ca_cert(self) -> Path: return self.tls_dir / "ca.crt"
-    @property
-    def ca_key(self) -> Path: return self.tls_dir / "ca.key"
-    @property
-    def server_cert(self) -> Path: return self.tls_dir / "server.crt"
-    @property
-    def server_key(self) -> Path: return self.tls_dir / "server.key"
 
 
 def new_password() -> str:
@@ -240,7 +220,7 @@ GRANT SELECT ON ALL TABLES IN SCHEMA public TO legacy_md5, clear_tls;
 
 def init_cluster(paths: Paths, netns: str) -> None:
     """initdb (as postgres), our settings appended to postgresql.conf, our pg_hba.conf."""
-    for binary in ("initdb", "pg_ctl", "postgres", "psql"):
+    for binary in ("initdb", "pg_ctl", "postgres", "psql", "pg_isready"):
         if not (PG_BIN / binary).exists():
             raise DatabaseError(f"{PG_BIN / binary} is missing: install postgresql-15 (make host-deps)")
     for d in (paths.data, paths.socket_dir):
@@ -259,13 +239,30 @@ def init_cluster(paths: Paths, netns: str) -> None:
 
 
 def start(paths: Paths, netns: str) -> int:
-    """Start the server in ``netns`` and return the postmaster's pid once it accepts connections."""
-    _run(["ip", "netns", "exec", netns, "runuser", "-u", PG_USER, "--", str(PG_BIN / "pg_ctl"),
-          "-D", str(paths.data), "-l", str(paths.log), "-w", "-t", "60", "start"],
-         f"starting PostgreSQL in {netns} (log: {paths.log})", cwd=paths.root)
+    """Start the server in ``netns`` and return the postmaster's pid once it accepts
+    connections on every lab address.
+
+    ``pg_ctl -w`` returns when the server says it is ready (its postmaster.pid reads
+    "ready", written once its sockets listen); ``pg_isready`` then asks it over TCP on each
+    address, from inside the namespace, where alone they are routed. The timeouts are
+    safety nets: a server that works is waited for only as long as it takes.
+    """
+    try:
+        _run(["ip", "netns", "exec", netns, "runuser", "-u", PG_USER, "--", str(PG_BIN / "pg_ctl"),
+              "-D", str(paths.data), "-l", str(paths.log), "-w", "-t", str(START_TIMEOUT_SECONDS), "start"],
+             f"starting PostgreSQL in {netns}", cwd=paths.root, timeout=START_TIMEOUT_SECONDS + 30)
+    except DatabaseError as exc:
+        raise DatabaseError(f"{exc}\nlast lines of {paths.log}:\n{tail(paths.log)}") from None
     pid = postmaster_pid(paths)
     if pid is None:
         raise DatabaseError(f"PostgreSQL reported started but {paths.data}/postmaster.pid is missing")
+    for address in topology.DB_ADDRESSES:
+        try:
+            _run(["ip", "netns", "exec", netns, str(PG_BIN / "pg_isready"), "-h", address, "-p", str(PG_PORT),
+                  "-t", str(START_TIMEOUT_SECONDS)], f"PostgreSQL accepting connections on {address}:{PG_PORT}",
+                 timeout=START_TIMEOUT_SECONDS + 30)
+        except DatabaseError as exc:
+            raise DatabaseError(f"{exc}\nlast lines of {paths.log}:\n{tail(paths.log)}") from None
     return pid
 
 

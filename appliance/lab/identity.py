@@ -5,6 +5,10 @@ certificate for the protected target, starts the dev-only OIDC issuer and the en
 service in the gateway namespace, and enrolls the agent with the client-credentials grant
 — the real flow, over HTTPS — into the agent's own home, so that the unchanged psql
 command in the demo presents its certificate as libpq does by default.
+
+Everything here works from the lab's file layout (:class:`~appliance.lab.layout.Paths`),
+never from the :class:`~appliance.lab.lab.Lab` itself, which starts what this module
+describes: the dependency runs one way, lab → identity.
 """
 
 from __future__ import annotations
@@ -14,8 +18,7 @@ import ipaddress
 import os
 import secrets
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -24,10 +27,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.identity import CertificateAuthority, certificate_pem, private_key_pem, write_file_atomically
 from appliance.lab import topology
+from appliance.lab.layout import Paths
 from appliance.state.certificates import CertificateRegistry
-
-if TYPE_CHECKING:
-    from appliance.lab.lab import Lab
 
 ISSUER_PORT = 9443
 ENROLL_PORT = 8443
@@ -49,9 +50,19 @@ def enroll_url() -> str:
     return f"https://{topology.GW_AGENT_V4}:{ENROLL_PORT}"
 
 
-def prepare(lab: "Lab") -> dict[str, Any]:
+def issuer_ready_url() -> str:
+    """What the lab asks the dev issuer to know it answers (its discovery document)."""
+    return f"{issuer_url()}/.well-known/openid-configuration"
+
+
+def enroll_ready_url() -> str:
+    """What the lab asks the enrollment service to know a worker answers."""
+    return f"{enroll_url()}/healthz"
+
+
+def prepare(paths: Paths) -> dict[str, Any]:
     """Files the identity layer needs, before any process starts. Returns the status part."""
-    state = lab.dir / "identity"
+    state = paths.identity_dir
     state.mkdir(mode=0o700)
     ca = CertificateAuthority.create(state / "ca")
     CertificateRegistry(state / "certificates.db")
@@ -61,35 +72,27 @@ def prepare(lab: "Lab") -> dict[str, Any]:
                                  ipaddress.ip_address(topology.DB_PROTECTED_V6)], [])
     write_file_atomically(servers / f"{TARGET}.crt", certificate_pem(cert), mode=0o644)
     write_file_atomically(servers / f"{TARGET}.key", private_key_pem(key), mode=0o600)
-    _issuer_certificate(lab, state)
+    _issuer_certificate(paths)
     for client in (AGENT_CLIENT, *APPROVERS):
-        fd = os.open(client_secret_file(lab, client), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(paths.client_secret_file(client), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(secrets.token_urlsafe(24) + "\n")
-    home = agent_home(lab)
+    home = paths.agent_home
     pgdir = home / ".postgresql"
     pgdir.mkdir(parents=True, mode=0o700)
     # Trust the database's own lab CA for direct connections; enrollment adds the appliance CA.
-    write_file_atomically(pgdir / "root.crt", lab.paths.ca_cert.read_bytes(), mode=0o644)
-    return {"state_dir": str(state), "ca_cert": str(state / "ca" / "ca.crt"), "issuer_url": issuer_url(),
+    write_file_atomically(pgdir / "root.crt", paths.ca_cert.read_bytes(), mode=0o644)
+    return {"state_dir": str(state), "ca_cert": str(paths.appliance_ca_cert), "issuer_url": issuer_url(),
             "enroll_url": enroll_url(), "agent_home": str(home), "dev_only_issuer": True,
             "agent": {"subject": AGENT_CLIENT, "groups": sorted(AGENT_GROUPS), "client_id": AGENT_CLIENT},
-            "approvers": {c: {"groups": list(APPROVER_GROUPS), "secret_file": str(client_secret_file(lab, c))}
+            "approvers": {c: {"groups": list(APPROVER_GROUPS), "secret_file": str(paths.client_secret_file(c))}
                           for c in APPROVERS}}
 
 
-def client_secret_file(lab: "Lab", client: str) -> Path:
-    return lab.dir / "identity" / f"{client}.secret"
-
-
-def agent_home(lab: "Lab") -> Path:
-    return lab.dir / "agent-home"
-
-
-def _issuer_certificate(lab: "Lab", state: Path) -> None:
+def _issuer_certificate(paths: Paths) -> None:
     """The dev issuer's HTTPS certificate, from the lab's (database) CA, for the gateway address."""
-    ca_key = serialization.load_pem_private_key(lab.paths.ca_key.read_bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate(lab.paths.ca_cert.read_bytes())
+    ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.timezone.utc)
     cert = (
@@ -103,13 +106,13 @@ def _issuer_certificate(lab: "Lab", state: Path) -> None:
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
-    write_file_atomically(state / "issuer.crt", certificate_pem(cert), mode=0o644)
-    write_file_atomically(state / "issuer.key", private_key_pem(key), mode=0o600)
+    write_file_atomically(paths.issuer_cert, certificate_pem(cert), mode=0o644)
+    write_file_atomically(paths.issuer_key, private_key_pem(key), mode=0o600)
 
 
-def config_lines(lab: "Lab") -> list[str]:
+def config_lines(paths: Paths) -> list[str]:
     """The [identity] section of the lab's Tollgate config."""
-    state = lab.dir / "identity"
+    state = paths.identity_dir
     return [
         "", "[identity]",
         f'state_dir = "{state}"',
@@ -118,41 +121,40 @@ def config_lines(lab: "Lab") -> list[str]:
         "", "[identity.oidc]",
         f'issuer = "{issuer_url()}"',
         f'audience = "{AUDIENCE}"',
-        f'ca_file = "{lab.paths.ca_cert}"',
+        f'ca_file = "{paths.ca_cert}"',
         # Lab only: follow the dev issuer's key rotations at once. The rate limit that
         # protects a real issuer from a stream of unknown kids is tested on its own.
         "jwks_min_refresh_seconds = 0",
         "", "[approvals]",
         f'api_url = "{enroll_url()}"',
-        f'api_ca_file = "{state / "ca" / "ca.crt"}"',
+        f'api_ca_file = "{paths.appliance_ca_cert}"',
         "poll_seconds = 0.1",
     ]
 
 
-def issuer_argv(lab: "Lab") -> list[str]:
-    state = lab.dir / "identity"
+def issuer_argv(paths: Paths) -> list[str]:
+    def client(name: str, groups: tuple[str, ...]) -> list[str]:
+        return ["--client", f"{name}:{paths.client_secret_file(name)}:{','.join(groups)}"]
     return [sys.executable, "-m", "appliance.lab.oidc_issuer", "--bind", f"{topology.GW_AGENT_V4}:{ISSUER_PORT}",
-            "--tls-cert", str(state / "issuer.crt"), "--tls-key", str(state / "issuer.key"),
-            "--audience", AUDIENCE,
-            "--client", f"{AGENT_CLIENT}:{state / 'lab-agent.secret'}:{','.join(AGENT_GROUPS)}",
-            *[arg for c in APPROVERS for arg in ("--client", f"{c}:{state / (c + '.secret')}:{','.join(APPROVER_GROUPS)}")],
+            "--tls-cert", str(paths.issuer_cert), "--tls-key", str(paths.issuer_key),
+            "--audience", AUDIENCE, *client(AGENT_CLIENT, AGENT_GROUPS),
+            *[arg for c in APPROVERS for arg in client(c, APPROVER_GROUPS)],
             "--user", "dev@lab.tollgate:payments-dbas"]
 
 
-def enroll_server_argv(lab: "Lab") -> list[str]:
-    return [sys.executable, "-m", "appliance.cli", "enroll-server", "-c", str(lab.config_path)]
+def enroll_server_argv(paths: Paths) -> list[str]:
+    return [sys.executable, "-m", "appliance.cli", "enroll-server", "-c", str(paths.config)]
 
 
-def enroll_agent_argv(lab: "Lab") -> list[str]:
-    state = lab.dir / "identity"
+def enroll_agent_argv(paths: Paths) -> list[str]:
     return [sys.executable, "-m", "appliance.cli", "enroll", "--url", enroll_url(),
-            "--client-id", AGENT_CLIENT, "--client-secret-file", str(state / "lab-agent.secret"),
-            "--issuer", issuer_url(), "--issuer-ca-file", str(lab.paths.ca_cert),
-            "--ca-file", str(state / "ca" / "ca.crt"),
-            "--out-dir", str(agent_home(lab) / ".postgresql")]
+            "--client-id", AGENT_CLIENT, "--client-secret-file", str(paths.client_secret_file(AGENT_CLIENT)),
+            "--issuer", issuer_url(), "--issuer-ca-file", str(paths.ca_cert),
+            "--ca-file", str(paths.appliance_ca_cert),
+            "--out-dir", str(paths.agent_home / ".postgresql")]
 
 
-def token_argv(lab: "Lab", client: str) -> list[str]:
+def token_argv(paths: Paths, client: str) -> list[str]:
     """A command (to run in the agent node) printing an access token for one of the dev
     issuer's clients — how the lab's approvers authenticate to the approvals API."""
     if client not in (AGENT_CLIENT, *APPROVERS):
@@ -161,5 +163,5 @@ def token_argv(lab: "Lab", client: str) -> list[str]:
             "from appliance.identity.enroll_client import client_credentials_token, tls_context; "
             "print(client_credentials_token(sys.argv[1], sys.argv[2], Path(sys.argv[3]).read_text().strip(), "
             "tls_context(Path(sys.argv[4]))))")
-    return [sys.executable, "-c", code, issuer_url(), client, str(client_secret_file(lab, client)),
-            str(lab.paths.ca_cert)]
+    return [sys.executable, "-c", code, issuer_url(), client, str(paths.client_secret_file(client)),
+            str(paths.ca_cert)]

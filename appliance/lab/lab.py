@@ -1,8 +1,12 @@
 """The ``Lab``: one agent → appliance → database network with PostgreSQL and Tollgate in it.
 
 ``up()`` builds in order — state record, namespaces and links, TLS, cluster, roles and
-data, Tollgate config, proxy — saving state after each step; any failure tears down what
-was built and raises :class:`LabError`. ``down()`` works from the state record alone, so it
+data, Tollgate config, identity services, proxy — saving state after each step; any
+failure tears down what was built and raises :class:`LabError`. Each step waits until what
+it started really serves (:mod:`appliance.lab.readiness`): PostgreSQL accepts connections,
+the dev issuer and the enrollment service answer HTTPS from the agent's namespace, the
+proxy has said it listens and diverts; a service that dies first fails the step with the
+end of its log. ``down()`` works from the state record alone, so it
 also finishes a half-built lab or one whose builder was killed, and it always runs every
 step: stop the proxy, stop PostgreSQL, kill whatever else runs in the namespaces, delete
 them, and remove the state directory last (kept only if a namespace could not be deleted,
@@ -19,22 +23,22 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import appliance
-from appliance.lab import database, state as st, topology
+from appliance.lab import database, readiness, state as st, topology
 from appliance.lab import identity as lab_identity
 from appliance.lab import policy as lab_policy
-from appliance.lab.database import Paths
+from appliance.lab.layout import Paths
 
 log = logging.getLogger(__name__)
 
 PROXY_PORT = 15432
 PROXY_READY_LINE = "tollgate: ready"
-PROXY_READY_TIMEOUT = 30.0
+ISSUER_READY_LINE = "dev-oidc-issuer: ready"
+ENROLL_READY_LINE = "tollgate-enroll: ready"
 METHODS = ("redirect", "tproxy")
 TARGET_NAME = "payments"
 LAB_ONLY_NOTE = "lab-only credentials, generated for this lab; never use them anywhere else"
@@ -42,6 +46,17 @@ LAB_ONLY_NOTE = "lab-only credentials, generated for this lab; never use them an
 
 class LabError(Exception):
     """The lab could not be brought up, found, or torn down; the message says why."""
+
+
+class Service(NamedTuple):
+    """A lab service run in gw, and how to know it serves: its ready line, then an HTTPS
+    answer from ``url`` (trusting ``ca_file``) asked from the agent's namespace."""
+
+    name: str
+    argv: list[str]
+    ready_line: str
+    url: str
+    ca_file: Path
 
 
 class Lab:
@@ -132,35 +147,35 @@ class Lab:
 
     @property
     def config_path(self) -> Path:
-        return self.dir / "tollgate.toml"
+        return self.paths.config
 
     @property
     def proxy_log(self) -> Path:
-        return self.dir / "tollgate.log"
+        return self.paths.proxy_log
 
     @property
     def policy_path(self) -> Path:
-        return self.dir / "policy.toml"
+        return self.paths.policy
 
     @property
     def audit_dir(self) -> Path:
-        return self._audit_dir if self._audit_dir is not None else self.dir / "audit"
+        return self._audit_dir if self._audit_dir is not None else self.paths.audit_dir
 
     @property
     def offbox_dir(self) -> Path:
         """Where the lab's appliance copies each checkpoint (standing in for other storage)."""
-        return self.dir / "offbox-checkpoints"
+        return self.paths.offbox_dir
 
     @property
     def control_socket(self) -> Path:
-        return self.dir / "tollgate.sock"
+        return self.paths.control_socket
 
     @property
     def secrets_dir(self) -> Path:
-        return self.dir / "secrets"
+        return self.paths.secrets_dir
 
     def password_file(self, role: str) -> Path:
-        return self.secrets_dir / f"{role}.password"
+        return self.paths.password_file(role)
 
     def _save(self) -> None:
         if self.dir.is_dir():
@@ -248,7 +263,7 @@ class Lab:
         log.info("lab %s: database up", self.name)
 
         if self.agent_auth == "certificate":
-            self.state["identity"] = lab_identity.prepare(self)
+            self.state["identity"] = lab_identity.prepare(self.paths)
             self._save()
         self._write_proxy_config(passwords)
         if self.agent_auth == "certificate":
@@ -279,17 +294,33 @@ class Lab:
             init_audit_dir(config.audit)
             self.offbox_dir.mkdir(mode=0o700, exist_ok=True)  # "other storage": there before the proxy
 
+    def identity_services(self) -> list[Service]:
+        """The dev OIDC issuer and the enrollment service, in start order (tests may override it)."""
+        return [
+            Service("oidc-issuer", lab_identity.issuer_argv(self.paths), ISSUER_READY_LINE,
+                    lab_identity.issuer_ready_url(), self.paths.ca_cert),
+            Service("enroll", lab_identity.enroll_server_argv(self.paths), ENROLL_READY_LINE,
+                    lab_identity.enroll_ready_url(), self.paths.appliance_ca_cert),
+        ]
+
     def _start_identity_services(self) -> None:
-        """The dev OIDC issuer and the enrollment service in gw; then enroll the agent."""
-        for name, argv, line in (("oidc-issuer", lab_identity.issuer_argv(self), "dev-oidc-issuer: ready"),
-                                 ("enroll", lab_identity.enroll_server_argv(self), "tollgate-enroll: ready")):
-            log_path = self.dir / f"{name}.log"
-            proc = self._spawn_in_gw(argv, log_path)
-            self.state["pids"][name] = st.process_identity(proc.pid)
+        """The identity services in gw, each waited for until it answers HTTPS from the agent's
+        namespace (where enrollment runs); then enroll the agent."""
+        for service in self.identity_services():
+            log_path = self.paths.service_log(service.name)
+            proc = self._spawn_in_gw(service.argv, log_path)
+            self.state["pids"][service.name] = st.process_identity(proc.pid)
             self._save()
-            self._wait_ready(proc, log_path, line, name)
-        enrolled = subprocess.run(self.command("agent", lab_identity.enroll_agent_argv(self)), env=self.env(),
-                                  capture_output=True, text=True, timeout=60)
+            # The lab's addresses are routed only inside its namespaces: ask from the agent's.
+            probe = self.command("agent", readiness.https_probe_argv(service.url, service.ca_file))
+            try:
+                readiness.wait_for_line(proc, log_path, service.ready_line, service.name)
+                readiness.wait_for_answer(proc, log_path, service.name, probe, env=self.env())
+            except readiness.NotReady as exc:
+                raise LabError(str(exc)) from None
+            log.info("lab %s: %s answers at %s", self.name, service.name, service.url)
+        enrolled = subprocess.run(self.command("agent", lab_identity.enroll_agent_argv(self.paths)), env=self.env(),
+                                  capture_output=True, text=True, timeout=readiness.READY_TIMEOUT)
         if enrolled.returncode != 0:
             raise LabError(f"enrolling the lab's agent failed:\n{enrolled.stdout}{enrolled.stderr}")
         self.state["identity"]["enrollment"] = enrolled.stdout.strip()
@@ -359,35 +390,12 @@ class Lab:
         self._proxy_proc = self._spawn_in_gw(self.proxy_argv(), self.proxy_log)
         self.state["pids"]["proxy"] = st.process_identity(self._proxy_proc.pid)
         self._save()
-        self._wait_ready(self._proxy_proc, self.proxy_log, PROXY_READY_LINE, "the proxy", offset)
-
-    def _wait_ready(self, proc: subprocess.Popen[bytes], log_path: Path, ready_line: str, what: str,
-                    offset: int = 0) -> None:
-        """Until ``proc`` logs its ready line (after ``offset``: the log is appended to across
-        restarts); fail at once if it exits, or at the timeout."""
-        deadline = time.monotonic() + PROXY_READY_TIMEOUT
-        pidfd = os.pidfd_open(proc.pid)
+        # The proxy prints its ready line once it listens and its ruleset diverts to it
+        # (after ``offset``: the log is appended to across restarts).
         try:
-            while True:
-                with open(log_path, "rb") as fh:
-                    fh.seek(offset)
-                    chunk = fh.read()
-                # Keep the last partial line in view so a ready line split across reads matches.
-                if ready_line.encode() in chunk:
-                    return
-                offset += max(0, chunk.rfind(b"\n") + 1)
-                if proc.poll() is not None:
-                    raise LabError(f"{what} exited (status {proc.returncode}) before it was ready; "
-                                   f"last lines of {log_path}:\n{tail(log_path)}")
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise LabError(f"{what} was not ready after {PROXY_READY_TIMEOUT:.0f}s (no "
-                                   f"{ready_line!r} line); last lines of {log_path}:\n"
-                                   f"{tail(log_path)}")
-                # Wakes at once if the proxy exits; otherwise re-reads the log every 50 ms.
-                select.select([pidfd], [], [], min(0.05, remaining))
-        finally:
-            os.close(pidfd)
+            readiness.wait_for_line(self._proxy_proc, self.proxy_log, PROXY_READY_LINE, "the proxy", offset=offset)
+        except readiness.NotReady as exc:
+            raise LabError(str(exc)) from None
 
     # --- down ------------------------------------------------------------------------
 
@@ -472,7 +480,7 @@ class Lab:
         """``argv`` prefixed so that it runs in ``node``'s namespace (the agent in its own home,
         where enrollment put ``~/.postgresql``)."""
         if node == "agent":
-            return ["ip", "netns", "exec", self.namespace(node), "env", f"HOME={lab_identity.agent_home(self)}", *argv]
+            return ["ip", "netns", "exec", self.namespace(node), "env", f"HOME={self.paths.agent_home}", *argv]
         return ["ip", "netns", "exec", self.namespace(node), *argv]
 
     @staticmethod
@@ -615,16 +623,8 @@ def render_proxy_config(lab: Lab) -> str:
         lines += ["", "[audit]", f"dir = {q(str(lab.audit_dir))}", f"origin = {q('tollgate.lab/' + lab.name)}",
                   f"durability = {q(lab.audit)}", f"offbox_dir = {q(str(lab.offbox_dir))}"]
     if lab.agent_auth == "certificate":
-        lines += lab_identity.config_lines(lab)
+        lines += lab_identity.config_lines(lab.paths)
     return "\n".join(lines) + "\n"
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError as exc:
-        return f"(cannot read {path}: {exc.strerror})"
-    return "\n".join(text.splitlines()[-lines:]) or "(empty)"
 
 
 def gc(root: Path = st.LAB_ROOT) -> list[tuple[str, str]]:

@@ -29,7 +29,7 @@ def tokens(lab: Lab) -> dict[str, str]:
     """Access tokens for the lab's approvers, from the dev issuer (client credentials)."""
     out = {}
     for client in (*lab_identity.APPROVERS, lab_identity.AGENT_CLIENT):
-        proc = run(lab, "agent", lab_identity.token_argv(lab, client))
+        proc = run(lab, "agent", lab_identity.token_argv(lab.paths, client))
         out[client] = proc.stdout.decode().strip()
     return out
 
@@ -150,9 +150,9 @@ def test_a_dba_cannot_approve_their_own_statement_but_another_dba_can(lab: Lab, 
     card_id, before = card
     # lab-dba-1 enrolls an agent certificate of their own, into a home of their own.
     home = Path(f"/run/tollgate-lab/{lab.name}/dba-home")
-    argv = lab_identity.enroll_agent_argv(lab)
+    argv = lab_identity.enroll_agent_argv(lab.paths)
     argv[argv.index("--client-id") + 1] = "lab-dba-1"
-    argv[argv.index("--client-secret-file") + 1] = str(lab_identity.client_secret_file(lab, "lab-dba-1"))
+    argv[argv.index("--client-secret-file") + 1] = str(lab.paths.client_secret_file("lab-dba-1"))
     argv[argv.index("--out-dir") + 1] = str(home / ".postgresql")
     (home / ".postgresql").mkdir(parents=True, exist_ok=True)
     (home / ".postgresql" / "root.crt").write_bytes(lab.paths.ca_cert.read_bytes())

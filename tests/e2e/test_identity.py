@@ -190,7 +190,7 @@ def test_issuer_key_rotation_is_followed_without_a_restart(lab: Lab, tmp_path: P
         print(urllib.request.urlopen(req, context=ctx).read().decode())
     """
     python(lab, rotate, str(lab.paths.ca_cert), node="gw")
-    argv = lab_identity.enroll_agent_argv(lab)
+    argv = lab_identity.enroll_agent_argv(lab.paths)
     argv[argv.index("--out-dir") + 1] = str(tmp_path / "after-rotation")
     out = run(lab, "agent", argv).stdout.decode()
     assert "expires at" in out

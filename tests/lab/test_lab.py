@@ -22,6 +22,8 @@ from tests.lab.conftest import lab_leftovers
 pytestmark = pytest.mark.lab
 
 REPO = Path(__file__).resolve().parents[2]
+# Only a hang reaches this: a test that works never waits for it, however loaded the machine.
+SAFETY = 120.0
 
 
 def lab_cli(*args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -233,15 +235,18 @@ def test_down_finishes_a_half_built_lab(lab_host: None) -> None:
     name = "hb" + os.urandom(3).hex()
     builder = subprocess.Popen([sys.executable, "-m", "appliance.lab.cli", "up", "--name", name, "--no-proxy"],
                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # Kill it once the database namespace exists, i.e. somewhere in the middle of building.
+    # Kill it once the database namespace exists, i.e. somewhere in the middle of building
+    # (the cluster, identity services and enrollment still to come). The deadline is only a
+    # safety net for a builder that hangs.
     db_ns = Path("/run/netns", f"tg{name}-db")
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + SAFETY
     while not db_ns.exists() and builder.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
     builder.send_signal(signal.SIGKILL)
     builder.wait()
     half = Lab(name)
-    assert half.dir.exists() and db_ns.exists()
+    assert db_ns.exists(), f"the builder never created {db_ns} (exit status {builder.returncode})"
+    assert half.dir.exists()
     assert lab_cli("down", "--name", name).returncode == 0
     assert lab_leftovers(half) == []
 
@@ -267,6 +272,29 @@ def test_proxy_is_started_in_gw_and_waited_for(lab_host: None) -> None:
         assert fake.status()["healthy"]
     assert lab_leftovers(fake) == []
     assert not lab_state.process_alive({"pid": proxy["pid"], "start_time": -1})
+
+
+class _DyingEnrollLab(Lab):
+    """A lab whose enrollment service says it is ready and then dies, as gunicorn does when a
+    worker fails to boot (it listened, said so, then closed its socket)."""
+
+    script = ("import sys; print('tollgate-enroll: ready on https://198.18.1.1:8443', file=sys.stderr, flush=True); "
+              "print('Worker failed to boot.', file=sys.stderr); sys.exit(3)")
+
+    def identity_services(self):  # type: ignore[no-untyped-def]
+        return [s._replace(argv=[sys.executable, "-c", self.script]) if s.name == "enroll" else s
+                for s in super().identity_services()]
+
+
+def test_a_service_that_dies_after_its_ready_line_fails_up_with_its_log(lab_host: None) -> None:
+    # Not "enrolling the lab's agent failed: ... Connection refused": the lab waits for an
+    # answer from the agent's namespace, and says which service died and what it logged.
+    dying = _DyingEnrollLab(owner_pid=os.getpid(), proxy=False)
+    with pytest.raises(LabError, match=r"(?s)enroll exited \(status 3\) before it was ready.*Worker failed to boot"
+                       ) as info:
+        dying.up()
+    assert "torn down" in str(info.value)
+    assert lab_leftovers(dying) == []
 
 
 def test_failed_up_tears_down_and_says_why(lab_host: None) -> None:

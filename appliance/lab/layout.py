@@ -1,0 +1,84 @@
+"""Where one lab keeps its files, all under its state directory ``/run/tollgate-lab/NAME/``.
+
+Every part of the lab — the cluster (:mod:`appliance.lab.database`), the identity plumbing
+(:mod:`appliance.lab.identity`), the :class:`~appliance.lab.lab.Lab` that brings them up —
+finds its files through one :class:`Paths`. It depends on nothing else of the lab, so each
+of those modules can take a ``Paths`` instead of reaching back into the ``Lab``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """One lab's files, from its state directory ``root``."""
+
+    root: Path
+
+    # --- PostgreSQL ----------------------------------------------------------------------
+
+    @property
+    def data(self) -> Path: return self.root / "pgdata"
+    @property
+    def socket_dir(self) -> Path: return self.root / "pgsock"
+    @property
+    def log(self) -> Path: return self.root / "postgres.log"
+
+    # --- the database's TLS (the lab CA, also behind the dev issuer's certificate) ---------
+
+    @property
+    def tls_dir(self) -> Path: return self.root / "tls"
+    @property
+    def ca_cert(self) -> Path: return self.tls_dir / "ca.crt"
+    @property
+    def ca_key(self) -> Path: return self.tls_dir / "ca.key"
+    @property
+    def server_cert(self) -> Path: return self.tls_dir / "server.crt"
+    @property
+    def server_key(self) -> Path: return self.tls_dir / "server.key"
+
+    # --- the appliance -------------------------------------------------------------------
+
+    @property
+    def config(self) -> Path: return self.root / "tollgate.toml"
+    @property
+    def proxy_log(self) -> Path: return self.root / "tollgate.log"
+    @property
+    def policy(self) -> Path: return self.root / "policy.toml"
+    @property
+    def control_socket(self) -> Path: return self.root / "tollgate.sock"
+    @property
+    def secrets_dir(self) -> Path: return self.root / "secrets"
+    @property
+    def audit_dir(self) -> Path: return self.root / "audit"
+    @property
+    def offbox_dir(self) -> Path: return self.root / "offbox-checkpoints"
+
+    def password_file(self, role: str) -> Path:
+        return self.secrets_dir / f"{role}.password"
+
+    def service_log(self, name: str) -> Path:
+        """The log of a lab service other than the proxy (``oidc-issuer``, ``enroll``)."""
+        return self.root / f"{name}.log"
+
+    # --- identity: appliance CA, dev issuer, enrolled agent ------------------------------
+
+    @property
+    def identity_dir(self) -> Path: return self.root / "identity"
+    @property
+    def appliance_ca_cert(self) -> Path: return self.identity_dir / "ca" / "ca.crt"
+    @property
+    def issuer_cert(self) -> Path: return self.identity_dir / "issuer.crt"
+    @property
+    def issuer_key(self) -> Path: return self.identity_dir / "issuer.key"
+    @property
+    def agent_home(self) -> Path: return self.root / "agent-home"
+
+    def client_secret_file(self, client: str) -> Path:
+        return self.identity_dir / f"{client}.secret"
+
+
+__all__ = ["Paths"]
