@@ -9,7 +9,13 @@ certificate handling decide the settings, not a separate gunicorn config file.
 The app is built in each worker after the fork (no ``preload_app``): the registry's SQLite
 connections must not cross a fork. Everything that could make a worker fail to boot is
 checked once first, in the parent, so a bad setup is one clear message, not a worker crash
-loop.
+loop — and the SQLite files are created and migrated there, once: workers opening a new
+file at the same moment race to set it up, and the loser's "database is locked" is a
+worker that fails to boot, which stops gunicorn altogether.
+
+The ready line (:data:`READY`, on stderr) says the socket listens; a worker may still be
+loading the app. Whoever waits for the service to answer (the lab, the tests) asks it:
+``GET /healthz`` answers 200 from a worker that is up.
 
 The server presents ``<state_dir>/servers/enroll.crt``; when it is missing it is issued by
 the appliance CA for the listen address (and ``enroll_url``'s host).
@@ -32,6 +38,7 @@ from appliance.identity.ca import CertificateAuthority, write_file_atomically
 from appliance.identity.certs import certificate_pem, not_valid_after, private_key_pem
 from appliance.identity.model import IdentityError
 from webui import create_app
+from webui.approvals import ApprovalsApi
 from webui.enroll import Enrollment
 
 log = logging.getLogger(__name__)
@@ -155,8 +162,10 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{config.path}: identity: enrollment needs an [identity] section")
     listen = args.listen or config.identity.enroll_listen
     host, port = parse_listen(listen)
-    # Fail here, once and clearly, rather than in every worker.
+    # Fail here, once and clearly, rather than in every worker; and create and migrate the
+    # registry and the approvals database here, before any worker opens them.
     Enrollment.from_config(config).close()
+    ApprovalsApi.from_config(config).close()
     cert, key = ensure_server_certificate(config.identity, host)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     EnrollServer(config, gunicorn_options(bind, cert, key, args.workers)).run()

@@ -281,8 +281,9 @@ def _write_pair(directory: Path, name: str, cert: x509.Certificate, key: object)
 def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_hostname: str) -> dict:
     """A real TLS handshake over a socketpair; what each side saw, or the error it raised."""
     a, b = socket.socketpair()
-    a.settimeout(10)
-    b.settimeout(10)
+    # 60 s: a safety net for a handshake that hangs, never a bound on a slow one.
+    a.settimeout(60)
+    b.settimeout(60)
     seen: dict = {}
 
     def serve() -> None:
@@ -302,7 +303,8 @@ def _handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext, server_ho
     except (ssl.SSLError, OSError) as exc:
         seen["client_error"] = exc
     finally:
-        thread.join(10)
+        thread.join(60)
+    assert not thread.is_alive(), "the server side of the handshake hung"
     return seen
 
 

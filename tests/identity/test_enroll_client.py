@@ -24,7 +24,7 @@ from appliance.identity import identity_from_certificate
 from appliance.identity.certs import not_valid_after
 from appliance.identity.enroll_client import _with_root, describe_remaining
 from appliance.lab.oidc_issuer import DevIssuer
-from tests.identity.tls_helpers import TlsFiles, make_tls_files
+from tests.identity.tls_helpers import TlsFiles, https_request, make_tls_files
 from tests.identity.dev_flows import AGENT_ID, AGENT_SECRET, id_token
 from tests.webui import Appliance, agent, alice, make_appliance, start_issuer
 
@@ -43,7 +43,11 @@ def mode(path: Path) -> int:
 
 
 class EnrollServer:
-    """``tollgate enroll-server`` as a subprocess; its stderr is drained into ``log`` by a thread."""
+    """``tollgate enroll-server`` as a subprocess; its stderr is drained into ``log`` by a thread.
+
+    Ready once it has said where it listens *and* a worker has answered ``/healthz``: gunicorn
+    listens before its worker boots, and closes the socket if the worker fails to.
+    """
 
     def __init__(self, appliance: Appliance) -> None:
         self.process = subprocess.Popen(
@@ -54,6 +58,7 @@ class EnrollServer:
         self.log: list[str] = []
         threading.Thread(target=self._drain, daemon=True).start()
         self.url = self._wait_ready()
+        self._wait_answer(appliance.state_dir / "ca" / "ca.crt")
 
     def _drain(self) -> None:
         assert self.process.stderr is not None
@@ -74,6 +79,17 @@ class EnrollServer:
             match = READY.search(line)
             if match:
                 return match.group(1)
+
+    def _wait_answer(self, ca_file: Path) -> None:
+        # One request: it waits in the listen backlog until the worker takes it.
+        try:
+            status, _, body = https_request(f"{self.url}/healthz", ca_file)
+        except OSError as exc:
+            self.stop()
+            raise AssertionError(f"enroll-server did not answer ({exc}):\n{''.join(self.log)}") from None
+        if status != 200:
+            self.stop()
+            raise AssertionError(f"enroll-server answered /healthz with {status} {body!r}:\n{''.join(self.log)}")
 
     def stop(self) -> None:
         self.process.terminate()

@@ -101,7 +101,8 @@ def https_request(url: str, ca_file: Path, *, form: dict[str, str] | None = None
     opener = urllib.request.build_opener(urllib.request.HTTPSHandler(context=client_context(ca_file)),
                                          _NoRedirect)
     try:
-        with opener.open(request, timeout=10) as response:
+        # 60 s: a safety net for a server that hangs, not a bound on one that is slow.
+        with opener.open(request, timeout=60) as response:
             return response.status, dict(response.headers), response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, dict(exc.headers), exc.read()
