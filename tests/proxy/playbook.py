@@ -63,7 +63,7 @@ from appliance.proxy.session import CancelRegistry, Session
 
 __all__ = [
     "ANY", "CancelDelivered", "CancelTarget", "CancelUpstream", "Capture", "ClientClosed", "ClientData",
-    "ClientGets", "ClientTlsFailed", "ClientTlsReady", "Close", "Contains", "Error", "Fatal", "Like",
+    "ClientGets", "ClientTlsFailed", "ClientTlsReady", "Close", "Contains", "Error", "Fatal", "Lacks", "Like", "Not",
     "OpenUpstream", "Partial", "PauseClient", "Playbook", "ResumeClient", "ServerClosed", "ServerData",
     "ServerGets", "StartClientTls", "StartUpstreamTls", "TerminateSession", "TraceIO", "UpstreamConnected",
     "UpstreamFailed", "UpstreamTlsFailed", "UpstreamTlsReady", "Wait", "WaitCancelled", "WaitDone",
@@ -293,6 +293,38 @@ class Contains:
 
     def __repr__(self) -> str:
         return f"Contains({', '.join(repr(p) for p in self.parts)})"
+
+
+class Lacks:
+    """Compares equal to any text that does not contain ``part``."""
+
+    def __init__(self, part: str):
+        self.part = part
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, str) and self.part not in other
+
+    def __hash__(self) -> int:
+        return hash(self.part)
+
+    def __repr__(self) -> str:
+        return f"Lacks({self.part!r})"
+
+
+class Not:
+    """Compares equal to anything but ``value``."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return not self.value == other
+
+    def __hash__(self) -> int:
+        return 1
+
+    def __repr__(self) -> str:
+        return f"Not({self.value!r})"
 
 
 _FIELD_CODES = {"detail": "D", "hint": "H", "position": "P", "where": "W"}
@@ -740,6 +772,7 @@ class Playbook:
     # -- running it --
 
     def __bool__(self) -> bool:
+        __tracebackhide__ = True  # pytest: the report is the diff, not this loop
         while self._done < len(self._script) and not self._failed:
             step = self._script[self._done]
             if isinstance(step, Input) and not self._agrees():
