@@ -17,23 +17,20 @@ import sys
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.audit import canonical, verifier
+from appliance.audit import canonical
 from appliance.audit.bundle_layout import ManifestFile, make_manifest, parse_manifest
 from appliance.audit.merkle import leaf_hash
 from appliance.audit.note import SigningKey, make_checkpoint, sign_note, split_note
-from appliance.audit.verifier import (
-    Report,
-    _flagged_lines,
-    _line_may_hold_pan,
-    find_clear_pans,
-    main,
-    verify_bundle,
-)
+from appliance.audit.verifier import main, verify_bundle
+from appliance.audit.verify_pan import find_clear_pans, flagged_lines, line_may_hold_pan
+from appliance.audit.verify_records import check_block
+from appliance.audit.verify_report import Report
 from tests.audit.test_bundle import ORIGIN, Log, ctime, make_log, unpack, write_bundle
 
 REPO = Path(__file__).resolve().parents[2]
@@ -450,9 +447,10 @@ def test_zipapp_runs_standalone(env: dict, log: Log, tmp_path: Path) -> None:
                            cwd=tmp_path, capture_output=True, text=True, check=True)
     assert probe.stdout.split() == [], f"the verifier imported non-stdlib modules: {probe.stdout}"
     ours = {m for m in modules[start:] if m.startswith("appliance")}
+    shipped = ("canonical", "merkle", "note", "trust", "bundle_layout", "bundle_reader", "verifier", "verify_members",
+               "verify_pan", "verify_records", "verify_report", "verify_signed", "verify_walk", "verify_workers")
     assert ours <= {"appliance", "appliance.audit", "appliance.masking", "appliance.masking.pan",
-                    *(f"appliance.audit.{m}" for m in ("canonical", "merkle", "note", "trust", "bundle_layout",
-                                                         "bundle_reader", "verifier"))}
+                    *(f"appliance.audit.{m}" for m in shipped)}
     assert "appliance.masking.pan" in ours
     # And the code came from the zip, not the repository.
     where = subprocess.run([_python_for_pyz(), "-I", "-c",
@@ -484,7 +482,7 @@ def test_line_prefilter_never_hides_a_pan(obj: object) -> None:
     except ValueError:
         return
     if find_clear_pans(obj):
-        assert _line_may_hold_pan(line)
+        assert line_may_hold_pan(line)
 
 
 def test_non_canonical_messages_never_quote_a_pan(bundle_dir: Path, log: Log) -> None:
@@ -619,41 +617,35 @@ TAMPER = {
 
 @pytest.mark.parametrize("filtered", [False, True], ids=["full", "filtered"])
 @pytest.mark.parametrize("tamper", TAMPER)
-def test_blocks_and_workers_report_what_line_by_line_does(env: dict, log: Log, tmp_path: Path,
-                                                          monkeypatch: pytest.MonkeyPatch, tamper: str,
+def test_blocks_and_workers_report_what_line_by_line_does(env: dict, log: Log, tmp_path: Path, tamper: str,
                                                           filtered: bool) -> None:
     d = unpack(env["filtered"], tmp_path / "b") if filtered else Path(shutil.copytree(env["template"], tmp_path / "b"))
     TAMPER[tamper](d, log)
 
-    def report(workers: int) -> dict:
-        r = verify(d, log, workers=workers).as_dict()
+    def report(workers: int, **fast_path: Any) -> dict:
+        r = verify(d, log, workers=workers, **fast_path).as_dict()
         r.pop("seconds")
         return r
 
-    with monkeypatch.context() as m:
-        m.setattr(verifier, "_check_block", lambda data: None)  # every record line by line
-        reference = report(1)
+    reference = report(1, block_check=lambda data: None)  # no block passes: every record line by line
     assert reference["ok"] == (tamper == "untouched")
     assert report(1) == reference
     for block in (150, 4000):  # about a line per block; a dozen or so
-        monkeypatch.setattr(verifier, "_BLOCK", block)
-        assert report(1) == reference
-        assert report(2) == reference
+        assert report(1, block_bytes=block) == reference
+        assert report(2, block_bytes=block) == reference
 
 
-def test_a_worker_killed_midway_changes_nothing(bundle_dir: Path, log: Log, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_worker_killed_midway_changes_nothing(bundle_dir: Path, log: Log) -> None:
     _edit(bundle_dir, log)
     expected = verify(bundle_dir, log, workers=1).as_dict()
-    parent, check = os.getpid(), verifier._check_block
+    parent = os.getpid()
 
-    def dies_in_a_worker(data: bytes) -> object:
+    def dies_in_a_worker(data: bytes) -> Any:
         if os.getpid() != parent:
             os._exit(9)  # as if killed (the OOM killer, kill -9)
-        return check(data)
+        return check_block(data)
 
-    monkeypatch.setattr(verifier, "_BLOCK", 2000)
-    monkeypatch.setattr(verifier, "_check_block", dies_in_a_worker)
-    got = verify(bundle_dir, log, workers=2).as_dict()
+    got = verify(bundle_dir, log, workers=2, block_bytes=2000, block_check=dies_in_a_worker).as_dict()
     for report in (expected, got):
         report.pop("seconds")
     assert got == expected
@@ -678,20 +670,20 @@ def test_block_prefilter_never_passes_over_a_line_with_a_pan(objs: list) -> None
             lines.append(canonical.dumps(obj))
         except ValueError:
             continue
-    flagged = {i for i, _line in _flagged_lines(b"".join(x + b"\n" for x in lines))}
+    flagged = {i for i, _line in flagged_lines(b"".join(x + b"\n" for x in lines))}
     for i, line in enumerate(lines):
-        if _line_may_hold_pan(line):
+        if line_may_hold_pan(line):
             assert i in flagged
-    for i, line in _flagged_lines(b"".join(x + b"\n" for x in lines)):
+    for i, line in flagged_lines(b"".join(x + b"\n" for x in lines)):
         assert line == lines[i]
 
 
 def test_block_prefilter_cases() -> None:
     def flagged(*texts: str) -> list[int]:
-        return [i for i, _ in _flagged_lines(b"".join(canonical.dumps({"t": t}) + b"\n" for t in texts))]
+        return [i for i, _ in flagged_lines(b"".join(canonical.dumps({"t": t}) + b"\n" for t in texts))]
     assert flagged("created > 1700000000001", "2025-03-01T10:00:00", "\\x3131") == []
     assert flagged("2025-03-01 10:00:00") == [0]  # dashes and a space: the detector decides
     assert flagged("ok", PAN, "\x19" + PAN, "\x19" + "5" * 13, "a 4111 1111 1111 1111", "\\x" + PAN.encode().hex()) \
         == [1, 2, 3, 4, 5]
-    assert _line_may_hold_pan(canonical.dumps({"t": "\x19" + PAN}))
-    assert not _line_may_hold_pan(canonical.dumps({"t": "\x19" + "5" * 13}))
+    assert line_may_hold_pan(canonical.dumps({"t": "\x19" + PAN}))
+    assert not line_may_hold_pan(canonical.dumps({"t": "\x19" + "5" * 13}))
