@@ -69,9 +69,12 @@ def proxy_request(lab: Lab, request: dict) -> dict:
     return control_request(load_config(lab.config_path), request)
 
 
-def wait_for(condition, what: str, timeout: float = 30.0, interval: float = 0.05):
+def wait_for(condition, what: str, timeout: float = 60.0, interval: float = 0.05):
     """Wait until ``condition()`` returns something truthy (an observable state of the
-    system under test), and return it; fail naming ``what`` after ``timeout``."""
+    system under test), and return it; fail naming ``what`` after ``timeout``.
+
+    The timeout is a safety net for a state that never comes, never a bound on how fast it
+    comes: nothing may assert on how long the wait took."""
     import time
     deadline = time.monotonic() + timeout
     while True:

@@ -851,7 +851,7 @@ def notifications(listen_dsn, talk_dsn):
         talker.execute("SELECT pg_notify('corpus_chan', %s)", (form,))
     talker.execute("SELECT pg_notify('corpus_chan', %s)", (sys.argv[5],))
     talker.execute("SELECT pg_notify(%s, 'on a card channel')", (pan_channel,))
-    got = [[n.channel, n.payload] for n in listener.notifies(timeout=30, stop_after=len(forms) + 2)]
+    got = [[n.channel, n.payload] for n in listener.notifies(timeout=60, stop_after=len(forms) + 2)]
     listener.close(); talker.close()
     return got
 

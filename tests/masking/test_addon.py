@@ -205,7 +205,7 @@ def test_the_real_catalog_against_a_real_server(postgres):
     async def load() -> None:
         waiting = catalog.ready(target.name, "postgres")
         assert waiting is not None
-        await waiting
+        await asyncio.wait_for(waiting, 60)  # a safety net against a hang, not a bound
     asyncio.run(load())
     dec = decision(ColumnMask("public.cards_cat.pan", MaskMethod.LAST4), columns=("pan",), relations=("cards_cat",))
     session, io, _ = masking_session(Decides(dec), masking=MaskingAddon(catalog=catalog), target=target)
