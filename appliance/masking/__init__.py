@@ -6,6 +6,7 @@ which types cannot hold a masked number); ``stream`` and ``copy`` walk large Dat
 COPY OUT data incrementally; ``addon`` plugs all of it into the session's hooks.
 """
 
-from appliance.masking.pan import find_pans, is_pan_digits, mask_pans, scrub
+from appliance.masking.pan import find_pans, is_pan_digits, mask_pans
+from appliance.masking.scanner import scrub
 
 __all__ = ["find_pans", "is_pan_digits", "mask_pans", "scrub"]

@@ -12,6 +12,10 @@ Detection is local: whether a span is a PAN, and which of its digits are shown, 
 only on the bytes from 64 before its start to 64 after it. The windowed scanner in
 :mod:`appliance.masking.scanner` relies on that to decide spans before a value is whole.
 
+This module imports nothing of the appliance: the auditor's standalone verifier ships it
+alone (``make verifier``). What builds on it — masking whole texts, bytea hex included
+(``scanner.scrub``), and values fed in windows — lives in :mod:`appliance.masking.scanner`.
+
 Masking keeps the length and the separators and replaces digits by ``*``: ``pci`` shows at
 most the first six and last four digits (PCI DSS v4 3.4.1), ``last4`` only the last four.
 """
@@ -226,10 +230,8 @@ def _context_ok(data: bytes, s: int, e: int, lo: int, hi: int) -> bool:
             nxt = data[e + 1]
             if nxt in _DIGITS or (nxt in b"+-" and e + 2 < hi and data[e + 2] in _DIGITS):
                 return False  # the mantissa of a float in exponent notation
-    for m in _UUID.finditer(data, max(lo, s - 36), min(hi, e + 36)):
-        if m.start() < e and m.end() > s:
-            return False  # digits inside a UUID-shaped token (even an all-digit one)
-    return True
+    # Digits inside a UUID-shaped token (even an all-digit one) are not a card number.
+    return not any(m.start() < e and m.end() > s for m in _UUID.finditer(data, max(lo, s - 36), min(hi, e + 36)))
 
 
 def find_pans(data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
@@ -347,17 +349,6 @@ def mask_pans(data: bytes | bytearray | memoryview, fmt: str = PCI) -> tuple[byt
     for s, e in spans:
         mask_span(out, data, s, e, fmt)
     return bytes(out), len(spans)
-
-
-def scrub(text: str, fmt: str = PCI) -> str:
-    """``text`` (SQL, parameters, log lines, approval requests) with card numbers masked,
-    including those in bytea hex (``\\x3431…``, as binary parameters are shown)."""
-    if not text:
-        return text
-    from appliance.masking.scanner import mask_text  # the scanner builds on this module
-
-    masked, _count = mask_text(text.encode("utf-8", "surrogateescape"), check_format(fmt))
-    return text if masked is None else masked.decode("utf-8", "surrogateescape")
 
 
 def luhn_complete(partial: str) -> str:

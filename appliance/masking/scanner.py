@@ -17,13 +17,25 @@ in COPY text or records), ``JSON`` (a card number that is a JSON *number* become
 string of the same length, since ``*`` can't go in a number), ``HEX`` (a bytea value in hex
 output: only the decoded bytes are searched) and ``ESCAPE`` (bytea escape output: octal
 escapes can't glue onto digits).
+
+:func:`scrub` masks a whole ``str`` (SQL, parameters, log lines, approval requests) in
+``TEXT`` mode, so card numbers in bytea hex are masked too.
 """
 
 from __future__ import annotations
 
 import re
 
-from appliance.masking.pan import CONTEXT, PREFILTER, STAR, find_pans, masked_positions, may_hold_pan
+from appliance.masking.pan import (
+    CONTEXT,
+    PCI,
+    PREFILTER,
+    STAR,
+    check_format,
+    find_pans,
+    masked_positions,
+    may_hold_pan,
+)
 
 TEXT, JSON, HEX, ESCAPE = 0, 1, 2, 3
 MODE_NAMES = ("text", "json", "hex", "escape")
@@ -206,8 +218,7 @@ class TextScanner:
                 if not in_str and not esc:
                     edits.append(_json_number(seen, s, e, fmt))
                     continue
-            for p in masked_positions(det, s, e, fmt):
-                edits.append((p, b"*"))
+            edits.extend((p, b"*") for p in masked_positions(det, s, e, fmt))
 
     def _hex_runs(self, seen: bytes, n: int, final: bool) -> list[tuple[int, int, int, bool]]:
         """Hex runs in view: (first aligned digit, end, digits start (may be < 0), open at end)."""
@@ -247,8 +258,7 @@ class TextScanner:
             if rs < und or rs >= nat:
                 continue
             self._found()
-            for p in masked_positions(decoded, s, e, self.fmt):
-                edits.append((a + 2 * p, _STAR_HEX))
+            edits.extend((a + 2 * p, _STAR_HEX) for p in masked_positions(decoded, s, e, self.fmt))
 
     def _found(self) -> None:
         if self.detect_only:
@@ -303,6 +313,15 @@ def mask_text(value: bytes | bytearray | memoryview, fmt: str, mode: int = TEXT)
     if not edits:
         return None, scanner.found
     return apply_edits(raw, edits), scanner.found
+
+
+def scrub(text: str, fmt: str = PCI) -> str:
+    """``text`` (SQL, parameters, log lines, approval requests) with card numbers masked,
+    including those in bytea hex (``\\x3431…``, as binary parameters are shown)."""
+    if not text:
+        return text
+    masked, _count = mask_text(text.encode("utf-8", "surrogateescape"), check_format(fmt))
+    return text if masked is None else masked.decode("utf-8", "surrogateescape")
 
 
 def _mask_whole(raw: bytes, fmt: str, json: bool) -> tuple[bytes | None, int]:

@@ -148,7 +148,7 @@ def _audit(config: Config, features: Features, scrub: Any) -> Addon:
 
 
 def _scrubber(config: Config) -> Any:
-    from appliance.masking.pan import scrub
+    from appliance.masking.scanner import scrub
     fmt = config.masking.pan_format
     return lambda text: scrub(text, fmt)
 
