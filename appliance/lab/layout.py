@@ -80,5 +80,15 @@ class Paths:
     def client_secret_file(self, client: str) -> Path:
         return self.identity_dir / f"{client}.secret"
 
+    def recorded(self) -> dict[str, str]:
+        """The paths ``state.json`` records (its keys are part of the state format)."""
+        return {
+            "dir": str(self.root), "config": str(self.config), "policy": str(self.policy),
+            "proxy_log": str(self.proxy_log), "control_socket": str(self.control_socket),
+            "secrets": str(self.secrets_dir), "pg_data": str(self.data), "pg_socket_dir": str(self.socket_dir),
+            "pg_log": str(self.log), "tls_ca": str(self.ca_cert), "tls_ca_key": str(self.ca_key),
+            "tls_server_cert": str(self.server_cert), "tls_server_key": str(self.server_key),
+        }
+
 
 __all__ = ["Paths"]

@@ -21,6 +21,7 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 from pyroute2 import IPRoute
@@ -74,6 +75,15 @@ IFACES = (
 
 # node → default gateways (v4, v6)
 DEFAULT_ROUTES = {"agent": (GW_AGENT_V4, GW_AGENT_V6), "db": (GW_DB_V4, GW_DB_V6)}
+
+
+def addresses() -> dict[str, dict[str, Any]]:
+    """Each node's addresses, as ``lab status`` shows them."""
+    return {
+        "agent": {"ipv4": AGENT_V4, "ipv6": AGENT_V6, "subnets": [AGENT_SUBNET_V4, AGENT_SUBNET_V6]},
+        "gw": {"agent_side": [GW_AGENT_V4, GW_AGENT_V6], "db_side": [GW_DB_V4, GW_DB_V6]},
+        "db": {"protected": [DB_PROTECTED_V4, DB_PROTECTED_V6], "direct": [DB_DIRECT_V4, DB_DIRECT_V6]},
+    }
 
 
 def namespace_names(lab_name: str) -> dict[str, str]:
