@@ -15,7 +15,7 @@ from appliance.audit.reader import AuditReader
 from appliance.audit.store import AuditLog
 from appliance.cli import main
 from appliance.config import load_config
-from tests.audit.test_export import session_records
+from tests.audit.records import session_records
 
 ORIGIN = "tollgate.test/cli"
 

@@ -7,7 +7,6 @@ import asyncio
 import json
 import tarfile
 import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from appliance.audit.reader import AuditReader
 from appliance.audit.store import AuditLog
 from appliance.audit.verifier import verify_bundle
 from appliance.config import Config, load_config
+from tests.audit.records import session_records
 
 ORIGIN = "tollgate.test/export"
 
@@ -34,24 +34,6 @@ def write_config(tmp_path: Path, control: bool = False) -> Config:
     assert config.audit is not None
     init_audit_dir(config.audit)
     return config
-
-
-def session_records(sid: str, n: int, approval: str | None = None) -> Iterator[dict[str, Any]]:
-    base = {"user": f"agent-{sid}", "origin": "10.0.0.9:5555", "object": "payments/cards", "session": sid}
-    yield {"type": "session.start", "outcome": "success", **base, "groups": ["agents"], "target": "payments",
-           "database": "cards", "db_user": "app", "client_tls": "TLSv1.3", "upstream_tls": "TLSv1.3"}
-    for i in range(1, n + 1):
-        extra = {"approval": approval} if approval and i == 2 else {}
-        yield {"type": "statement", "outcome": "success", **base, "stmt": i, "kind": "query",
-               "text": f"SELECT {i}", "decision": "allow", "classes": [], **extra}
-        yield {"type": "result", "outcome": "success", **base, "stmt": i, "tag": "SELECT 1", "rows": 1,
-               "masked": 0, "duration_us": 120}
-    if approval:
-        yield {"type": "approval.request", "outcome": "success", **base, "approval": approval, "stmt": 2,
-               "requester": f"agent-{sid}", "target": "payments", "sql": "SELECT 2", "classes": ["pan"],
-               "rule": "hold-pan", "approvers": ["dba"], "min_approvals": 1}
-    yield {"type": "session.end", "outcome": "success", **base, "reason": "client closed", "statements": n,
-           "masked": 0, "duration_us": 5000}
 
 
 def fill(config: Config) -> None:

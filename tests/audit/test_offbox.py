@@ -59,11 +59,26 @@ def test_syslog_sink_over_a_unix_datagram_socket(tmp_path: Path) -> None:
     assert parse_syslog_message(data) == NOTE
 
 
-def test_syslog_addresses() -> None:
-    assert SyslogSink("udp:127.0.0.1:514").name == "syslog:udp:127.0.0.1:514"
-    assert SyslogSink("udp:[::1]:514")._udp == ("::1", 514)
+@pytest.mark.parametrize("family, host, address", [(socket.AF_INET, "127.0.0.1", "127.0.0.1"),
+                                                    (socket.AF_INET6, "::1", "[::1]")])
+def test_syslog_over_udp(family: socket.AddressFamily, host: str, address: str) -> None:
+    with socket.socket(family, socket.SOCK_DGRAM) as server:
+        try:
+            server.bind((host, 0))
+        except OSError as exc:
+            pytest.skip(f"no {host} here: {exc.strerror}")
+        server.settimeout(5)
+        port = server.getsockname()[1]
+        sink = SyslogSink(f"udp:{address}:{port}")
+        assert sink.name == f"syslog:udp:{address}:{port}"
+        sink.deliver(NOTE, 7, 1)
+        data = server.recv(65536)
+    assert parse_syslog_message(data) == NOTE
+
+
+def test_syslog_addresses_refused() -> None:
     for bad in ("udp:host", "unix:relative", "tcp:1.2.3.4:514"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="want|absolute"):
             SyslogSink(bad)
 
 

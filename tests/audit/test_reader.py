@@ -16,7 +16,7 @@ from appliance.audit.reader import (
     record_time,
 )
 from appliance.audit.store import AuditLog
-from tests.audit.test_store import make_config, statement
+from tests.audit.records import make_config, statement
 
 
 @pytest.fixture

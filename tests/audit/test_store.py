@@ -23,32 +23,16 @@ from typing import Any
 import pytest
 
 from appliance.audit import merkle, note
-from appliance.audit.keys import AuditKeyError, KeyRing, init_audit_dir, load_root_key
+from appliance.audit.keys import AuditKeyError, KeyRing, load_root_key
 from appliance.audit.reader import AuditReader
 from appliance.audit.store import AuditLog
 from appliance.audit.store_checkpoints import checkpoint_root
 from appliance.audit.store_errors import AuditError, AuditUnavailable
 from appliance.audit.trust import parse_trust
 from appliance.config import AuditConfig
+from tests.audit.records import ORIGIN, make_config, statement
 
-ORIGIN = "tollgate.test/audit"
 REPO = Path(__file__).resolve().parents[2]
-
-
-def make_config(tmp_path: Path, **overrides: Any) -> AuditConfig:
-    """An initialised audit directory under ``tmp_path``; quiet cadence unless overridden."""
-    settings: dict[str, Any] = {"origin": ORIGIN, "checkpoint_records": 1_000_000, "checkpoint_seconds": 3600.0,
-                                "heartbeat_seconds": 3600.0}
-    settings.update(overrides)
-    config = AuditConfig(tmp_path / "audit", **settings)
-    init_audit_dir(config)
-    return config
-
-
-def statement(i: int, session: str = "s-1", **extra: Any) -> dict[str, Any]:
-    return {"type": "statement", "user": "agent@example.com", "outcome": "success", "origin": "10.0.0.7:40000",
-            "object": "payments/cards", "session": session, "stmt": i, "kind": "query",
-            "text": f"SELECT * FROM cards WHERE id = {i}", "decision": "allow", "classes": [], **extra}
 
 
 def lines(config: AuditConfig) -> list[dict[str, Any]]:
@@ -154,6 +138,7 @@ WRITER = """
 import sys
 from pathlib import Path
 from appliance.config import AuditConfig
+from tests.audit.records import ORIGIN, make_config, statement
 from appliance.audit.store import AuditLog
 config = AuditConfig(Path(sys.argv[1]), origin=sys.argv[2], checkpoint_records=50, checkpoint_seconds=3600.0,
                      heartbeat_seconds=3600.0)

@@ -31,16 +31,15 @@ from appliance.audit.verifier import main, verify_bundle
 from appliance.audit.verify_pan import find_clear_pans, flagged_lines, line_may_hold_pan
 from appliance.audit.verify_records import check_block
 from appliance.audit.verify_report import Report
-from tests.audit.test_bundle import ORIGIN, Log, ctime, make_log, unpack, write_bundle
+from tests.audit.synthetic_log import ORIGIN, Log, ctime, unpack, write_bundle
 
 REPO = Path(__file__).resolve().parents[2]
 PAN = "4111111111111111"  # a Visa test number: Luhn-valid
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def env(log: Log, tmp_path_factory: pytest.TempPathFactory) -> dict:
     base = tmp_path_factory.mktemp("verifier")
-    log = make_log(n=300, segment_size=100, every=37, rotate_at=150)
     full = base / "full.tar.gz"
     write_bundle(log, full)
     keep = set(range(40, 60)) | set(range(120, 135)) | {299}
@@ -48,11 +47,6 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> dict:
     write_bundle(log, filtered, lambda s: s in keep, session="s-1")
     template = unpack(full, base / "full-dir")
     return {"log": log, "full": full, "filtered": filtered, "template": template, "base": base}
-
-
-@pytest.fixture
-def log(env: dict) -> Log:
-    return env["log"]
 
 
 @pytest.fixture
