@@ -1,14 +1,23 @@
-"""Fixtures shared by the whole suite: whether this host can run a lab at all."""
+"""Fixtures shared by the whole suite: whether this host can run a lab at all, and an
+enrollment service (the real ``tollgate enroll-server``) for the tests that talk to one."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
 
 from appliance.lab import gc
 from appliance.lab.database import PG_BIN
+
+if TYPE_CHECKING:  # the fixtures import them when used: a suite that needs none stays light
+    from appliance.lab.oidc_issuer import DevIssuer
+    from tests.identity.enroll_server import EnrollServer
+    from tests.identity.tls_helpers import TlsFiles
+    from tests.webui import Appliance
 
 
 def lab_unavailable() -> str | None:
@@ -30,3 +39,38 @@ def lab_host() -> None:
     gc()
 
 
+# --- an enrollment service: `tollgate enroll-server` with its appliance and dev issuer -----------
+# Shared by the enrollment client tests (tests/identity) and the approvals CLI tests
+# (tests/holds, which override `issuer` with one that also knows the approvers). Module
+# scope: each module gets its own issuer, appliance and server.
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    """A throwaway CA and a 127.0.0.1 server certificate, for the dev issuer."""
+    from tests.identity.tls_helpers import make_tls_files
+    return make_tls_files(tmp_path_factory.mktemp("issuer-tls"))
+
+
+@pytest.fixture(scope="module")
+def issuer(tls: TlsFiles) -> Iterator[DevIssuer]:
+    """A dev OIDC issuer on 127.0.0.1 (bound, and so answering, once it is returned)."""
+    from tests.webui import start_issuer
+    issuer = start_issuer(tls)
+    yield issuer
+    issuer.stop()
+
+
+@pytest.fixture(scope="module")
+def appliance(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, tls: TlsFiles) -> Appliance:
+    """An appliance state directory (CA, registry) and a config trusting ``issuer``."""
+    from tests.webui import make_appliance
+    return make_appliance(tmp_path_factory.mktemp("appliance"), issuer.url, tls.ca_file)
+
+
+@pytest.fixture(scope="module")
+def server(appliance: Appliance) -> Iterator[EnrollServer]:
+    """``tollgate enroll-server`` for ``appliance``, started once a worker answers."""
+    from tests.identity.enroll_server import EnrollServer
+    server = EnrollServer(appliance)
+    yield server
+    server.stop()

@@ -27,13 +27,13 @@ from tests.holds import (
     client_token,
     open_request,
 )
-from tests.identity.test_enroll_client import EnrollServer, tollgate
-from tests.identity.test_enroll_client import appliance, server, tls  # noqa: F401 - fixtures, shared
+from tests.identity.enroll_server import EnrollServer, tollgate
 from tests.identity.tls_helpers import TlsFiles
 from tests.webui import Appliance
 
 
-# The enrollment tests' appliance and server, with an issuer that also knows the approvers.
+# The shared enrollment fixtures (tests/conftest.py: tls, appliance, server), with an issuer
+# that also knows the approvers.
 @pytest.fixture(scope="module")
 def issuer(tls: TlsFiles) -> Iterator[DevIssuer]:
     issuer = approvals_issuer(tls)

@@ -1,20 +1,16 @@
 """``tollgate enroll`` against a real ``tollgate enroll-server`` (gunicorn, TLS) and a real dev issuer.
 
 Everything runs on 127.0.0.1: the issuer in this process, the server and the client as
-subprocesses of the real CLI.
+subprocesses of the real CLI (the server and its fixtures: tests/identity/enroll_server.py,
+tests/conftest.py).
 """
 
 from __future__ import annotations
 
-import queue
-import re
 import stat
 import subprocess
-import sys
-import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from cryptography import x509
@@ -24,106 +20,17 @@ from appliance.identity import identity_from_certificate
 from appliance.identity.certs import not_valid_after
 from appliance.identity.enroll_client import _with_root, describe_remaining
 from appliance.lab.oidc_issuer import DevIssuer
-from tests.identity.tls_helpers import TlsFiles, https_request, make_tls_files
 from tests.identity.dev_flows import AGENT_ID, AGENT_SECRET, id_token
-from tests.webui import Appliance, agent, alice, make_appliance, start_issuer
-
-REPO = Path(__file__).resolve().parents[2]
-READY = re.compile(r"tollgate-enroll: ready on (https://127\.0\.0\.1:\d+)")
-STARTUP_TIMEOUT = 60
-
-
-def tollgate(*args: str, **kwargs: object) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "appliance.cli", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=60, **kwargs)  # type: ignore[call-overload]
+from tests.identity.enroll_server import EnrollServer, tollgate
+from tests.identity.tls_helpers import TlsFiles
+from tests.webui import Appliance, agent, alice
 
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-class EnrollServer:
-    """``tollgate enroll-server`` as a subprocess; its stderr is drained into ``log`` by a thread.
-
-    Ready once it has said where it listens *and* a worker has answered ``/healthz``: gunicorn
-    listens before its worker boots, and closes the socket if the worker fails to.
-    """
-
-    def __init__(self, appliance: Appliance) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "enroll-server", "-c", str(appliance.config_path),
-             "--listen", "127.0.0.1:0", "--workers", "1"],
-            cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.lines: queue.Queue[str | None] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._drain, daemon=True).start()
-        self.url = self._wait_ready()
-        self._wait_answer(appliance.state_dir / "ca" / "ca.crt")
-
-    def _drain(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.log.append(line)
-            self.lines.put(line)
-        self.lines.put(None)
-
-    def _wait_ready(self) -> str:
-        while True:
-            try:
-                line = self.lines.get(timeout=STARTUP_TIMEOUT)
-            except queue.Empty:
-                self.stop()
-                raise AssertionError(f"enroll-server not ready after {STARTUP_TIMEOUT}s:\n{''.join(self.log)}")
-            if line is None:
-                raise AssertionError(f"enroll-server exited ({self.process.wait()}):\n{''.join(self.log)}")
-            match = READY.search(line)
-            if match:
-                return match.group(1)
-
-    def _wait_answer(self, ca_file: Path) -> None:
-        # One request: it waits in the listen backlog until the worker takes it.
-        try:
-            status, _, body = https_request(f"{self.url}/healthz", ca_file)
-        except OSError as exc:
-            self.stop()
-            raise AssertionError(f"enroll-server did not answer ({exc}):\n{''.join(self.log)}") from None
-        if status != 200:
-            self.stop()
-            raise AssertionError(f"enroll-server answered /healthz with {status} {body!r}:\n{''.join(self.log)}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls_files(tmp_path_factory.mktemp("issuer-tls"))
-
-
-@pytest.fixture(scope="module")
-def issuer(tls: TlsFiles) -> Iterator[DevIssuer]:
-    issuer = start_issuer(tls)
-    yield issuer
-    issuer.stop()
-
-
-@pytest.fixture(scope="module")
-def appliance(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, tls: TlsFiles) -> Appliance:
-    return make_appliance(tmp_path_factory.mktemp("appliance"), issuer.url, tls.ca_file)
-
-
-@pytest.fixture(scope="module")
-def server(appliance: Appliance) -> Iterator[EnrollServer]:
-    server = EnrollServer(appliance)
-    yield server
-    server.stop()
-
-
+# tls, issuer, appliance and server: the shared enrollment fixtures of tests/conftest.py.
 @pytest.fixture(scope="module")
 def secret_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("secret") / "client-secret"
