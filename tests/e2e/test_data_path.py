@@ -329,7 +329,7 @@ def test_a_bad_client_ends_only_its_own_connection(lab: Lab):
         import json, os, socket, ssl, struct, sys, psycopg
         keep = psycopg.connect(sys.argv[1], autocommit=True)
         pg = os.path.expanduser("~/.postgresql")
-        raw = socket.create_connection(("198.18.2.10", 5432), timeout=10)
+        raw = socket.create_connection(("198.18.2.10", 5432), timeout=60)
         raw.sendall(struct.pack("!II", 8, 80877103))           # SSLRequest, as libpq does
         assert raw.recv(1) == b"S"
         context = ssl.create_default_context(cafile=pg + "/root.crt")

@@ -60,7 +60,8 @@ class EnrollServer:
                 line = self.lines.get(timeout=STARTUP_TIMEOUT)
             except queue.Empty:
                 self.stop()
-                raise AssertionError(f"enroll-server not ready after {STARTUP_TIMEOUT}s:\n{''.join(self.log)}")
+                log = "".join(self.log)
+                raise AssertionError(f"enroll-server not ready after {STARTUP_TIMEOUT}s:\n{log}") from None
             if line is None:
                 raise AssertionError(f"enroll-server exited ({self.process.wait()}):\n{''.join(self.log)}")
             match = READY.search(line)
