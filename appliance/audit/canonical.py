@@ -243,12 +243,11 @@ def loads_canonical(line: bytes | bytearray | memoryview) -> Any:
     except ValueError as exc:
         raise CanonicalError(str(exc)) from None
     try:
-        if line.isascii() or _HIGH.search(line) is None:
-            # Only str/int/bool/None/list/dict come out of the decoder (no floats: the hook
-            # refuses them), so the C encoder gives the canonical form directly.
-            again = _encode_parsed(obj).encode("utf-8")
-        else:
-            again = dumps(obj)
+        # Only str/int/bool/None/list/dict come out of the decoder (no floats: the hook
+        # refuses them), so the C encoder gives the canonical form directly — unless a key
+        # may need UTF-16 ordering (_HIGH, above): then the full dumps decides.
+        plain = line.isascii() or _HIGH.search(line) is None
+        again = _encode_parsed(obj).encode("utf-8") if plain else dumps(obj)
     except RecursionError:
         raise CanonicalError("nesting too deep") from None
     except UnicodeEncodeError:
@@ -263,7 +262,8 @@ def loads_canonical(line: bytes | bytearray | memoryview) -> Any:
 def _difference(line: bytes, canonical: bytes) -> str:
     n = min(len(line), len(canonical))
     i = next((i for i in range(n) if line[i] != canonical[i]), n)
-    return f"not in canonical form (differs at byte {i}: {line[max(0, i - 10):i + 10]!r} should be {canonical[max(0, i - 10):i + 10]!r})"
+    return (f"not in canonical form (differs at byte {i}: {line[max(0, i - 10):i + 10]!r} "
+            f"should be {canonical[max(0, i - 10):i + 10]!r})")
 
 
 def is_canonical(line: bytes | bytearray | memoryview) -> bool:

@@ -265,10 +265,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"  trusted   {entry}")
     failure = status.get("failure")
     if failure:
-        print(f"FAILING     since {failure['since']}: {failure['error']} ({failure.get('refused', 0)} statements refused)")
+        print(f"FAILING     since {failure['since']}: {failure['error']} "
+              f"({failure.get('refused', 0)} statements refused)")
     for sink in status.get("offbox", []):
         state = f"error: {sink['error']}" if sink.get("error") else "ok"
-        print(f"off-box     {sink['sink']}: {sink.get('delivered', 0)} sent, {sink.get('pending', 0)} waiting ({state})")
+        print(f"off-box     {sink['sink']}: {sink.get('delivered', 0)} sent, "
+              f"{sink.get('pending', 0)} waiting ({state})")
     if status.get("root_key_on_box"):
         print(f"warning     the root private key is on this box ({status['root_key_on_box']}): move it offline")
     return EXIT_OK

@@ -293,9 +293,6 @@ def _checkpoints(reader: AuditReader, fresh: dict[str, Any], first: int | None) 
     except StopIteration:
         raise ExportError("the fresh checkpoint is not in checkpoints.jsonl (was the log replaced?)") from None
     chosen = everything[:end + 1]
-    if first is None:
-        chosen = [chosen[-1]]
-    else:
-        chosen = [c for c in chosen if c["size"] >= first + 1]
+    chosen = [chosen[-1]] if first is None else [c for c in chosen if c["size"] >= first + 1]
     chosen.sort(key=lambda c: c["size"])  # stable: file order within a size
     return [{"note": c["note"], "size": c["size"], "time": c["time"]} for c in chosen]

@@ -127,7 +127,7 @@ class CompactRange:
         """(start, level, hash) of each subtree, left to right."""
         out = []
         p = self._begin
-        for level, h in zip(self._levels, self._hashes):
+        for level, h in zip(self._levels, self._hashes, strict=True):
             out.append((p, level, h))
             p += 1 << level
         return out
@@ -186,7 +186,7 @@ class CompactRange:
             i += 1 << level
             while len(nodes) > 1:
                 pairs = iter(nodes)
-                nodes = [_sha256(_prefix + left + right).digest() for left, right in zip(pairs, pairs)]
+                nodes = [_sha256(_prefix + left + right).digest() for left, right in zip(pairs, pairs, strict=True)]
             self.append_node(level, nodes[0])
 
     def append_node(self, level: int, h: bytes) -> None:
@@ -215,7 +215,7 @@ class CompactRange:
         """Append the adjacent range ``other`` ([self.end, …)) node by node."""
         if other._begin != self._end:
             raise ValueError(f"range [{other._begin}, {other._end}) does not start at {self._end}")
-        for level, h in zip(other._levels, other._hashes):
+        for level, h in zip(other._levels, other._hashes, strict=True):
             self.append_node(level, h)
 
     def root(self) -> bytes:
@@ -240,8 +240,8 @@ def _path(m: int, leaves: Sequence[bytes]) -> list[bytes]:
         return []
     k = _split(n)
     if m < k:
-        return _path(m, leaves[:k]) + [root_of(leaves[k:])]
-    return _path(m - k, leaves[k:]) + [root_of(leaves[:k])]
+        return [*_path(m, leaves[:k]), root_of(leaves[k:])]
+    return [*_path(m - k, leaves[k:]), root_of(leaves[:k])]
 
 
 def inclusion_proof(leaves: Sequence[bytes], index: int, size: int | None = None) -> list[bytes]:
@@ -259,8 +259,8 @@ def _subproof(m: int, leaves: Sequence[bytes], complete: bool) -> list[bytes]:
         return [] if complete else [root_of(leaves)]
     k = _split(n)
     if m <= k:
-        return _subproof(m, leaves[:k], complete) + [root_of(leaves[k:])]
-    return _subproof(m - k, leaves[k:], False) + [root_of(leaves[:k])]
+        return [*_subproof(m, leaves[:k], complete), root_of(leaves[k:])]
+    return [*_subproof(m - k, leaves[k:], False), root_of(leaves[:k])]
 
 
 def consistency_proof(leaves: Sequence[bytes], first: int, second: int | None = None) -> list[bytes]:

@@ -226,12 +226,14 @@ class SigningKey:
         return key
 
     def to_note_key(self) -> str:
-        seed = self._key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+        seed = self._key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                       serialization.NoEncryption())
         return f"PRIVATE+KEY+{self.name}+{self.key_id}+{base64.b64encode(bytes([ALG_ED25519]) + seed).decode()}"
 
     def to_pem(self) -> bytes:
         """PKCS#8 PEM, unencrypted (the file is 0600; the name is kept elsewhere)."""
-        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        return self._key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption())
 
     @property
     def key_hash(self) -> bytes:

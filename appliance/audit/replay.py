@@ -136,7 +136,8 @@ def sessions_table(rows: list[SessionRow]) -> str:
         elif r.state == "refused":
             end = f"refused {short_time(r.end, False)}"
         else:
-            end = f"{short_time(r.end, False)} / {_duration(r.duration_us if r.duration_us is not None else _span_us(r.start, r.end))}"
+            duration = r.duration_us if r.duration_us is not None else _span_us(r.start, r.end)
+            end = f"{short_time(r.end, False)} / {_duration(duration)}"
         table.append((r.session, r.user, ",".join(r.groups) or "-", r.source, r.target, short_time(r.start), end,
                       str(r.statements), str(r.blocked), str(r.masked)))
     return _align(table, right={7, 8, 9})
@@ -172,8 +173,7 @@ def sample_table(sample: dict[str, Any], indent: str = SQL_INDENT) -> list[str]:
     widths = [max(len(row[i]) for row in grid) for i in range(width)]
     out = [indent + " | ".join(c.ljust(widths[i]) for i, c in enumerate(columns)).rstrip(),
            indent + "-+-".join("-" * w for w in widths)]
-    for r in grid[1:]:
-        out.append(indent + " | ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip())
+    out.extend(indent + " | ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in grid[1:])
     if sample.get("truncated"):
         out.append(indent + "… (more rows not kept)")
     return out

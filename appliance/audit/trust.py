@@ -137,7 +137,8 @@ def parse_trust(note: str | bytes, root: VerifierKey) -> Trust:
     if not origin or any(c.isspace() for c in origin):
         raise NoteError("malformed trust file: bad origin")
     if root.name != root_name(origin):
-        raise NoteError(f"trust file for origin {origin!r} must be signed by a key named {root_name(origin)!r}, not {root.name!r}")
+        raise NoteError(f"trust file for origin {origin!r} must be signed by a key named {root_name(origin)!r}, "
+                        f"not {root.name!r}")
     entries = []
     for n, line in enumerate(lines[2:], 3):
         parts = line.split(" ")

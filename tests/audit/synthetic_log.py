@@ -84,7 +84,8 @@ def make_log(n: int = 300, segment_size: int = 100, every: int = 37, rotate_at: 
              sessions: Callable[[int], str] | None = None) -> Log:
     root = SigningKey.generate(f"{ORIGIN}/root")
     old, new = SigningKey.generate(ORIGIN), SigningKey.generate(ORIGIN)
-    trust_note = build_trust(ORIGIN, [TrustEntry(old.verifier, 0, rotate_at), TrustEntry(new.verifier, rotate_at, None)], root)
+    entries = [TrustEntry(old.verifier, 0, rotate_at), TrustEntry(new.verifier, rotate_at, None)]
+    trust_note = build_trust(ORIGIN, entries, root)
     times = [T0 + timedelta(seconds=seq * 2) for seq in range(n)]
     lines = [canonical.dumps(record(seq, times[seq], sessions(seq) if sessions else "s-1")) for seq in range(n)]
     log = Log(root, old, new, rotate_at, trust_note, lines, [leaf_hash(x) for x in lines], [], segment_size, times)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -29,7 +30,8 @@ values = st.recursive(
 
 def test_known_forms() -> None:
     assert dumps({"b": 1, "a": [True, False, None, -5, 0]}) == b'{"a":[true,false,null,-5,0],"b":1}'
-    assert dumps("\u2028 \x7f \x01 \x1f \b\f\n\r\t \" \\ é") == '"\u2028 \x7f \\u0001 \\u001f \\b\\f\\n\\r\\t \\" \\\\ é"'.encode()
+    assert dumps("\u2028 \x7f \x01 \x1f \b\f\n\r\t \" \\ é") == \
+        '"\u2028 \x7f \\u0001 \\u001f \\b\\f\\n\\r\\t \\" \\\\ é"'.encode()
     assert dumps([]) == b"[]" and dumps({}) == b"{}"
 
 
@@ -42,8 +44,9 @@ def test_keys_sort_by_utf16_code_units() -> None:
 def test_rfc8785_sorting_example() -> None:
     # The RFC's own sorting example (§3.2.3), without its float-free-incompatible values.
     obj = {"\u20ac": "Euro Sign", "\r": "Carriage Return", "\ufb33": "Hebrew Letter Dalet With Dagesh",
-           "1": "One", "\U0001f600": "Emoji: Grinning Face", "\u0080": "Control", "\u00f6": "Latin Small Letter O With Diaeresis"}
-    keys = [k for k in loads(dumps(obj))]
+           "1": "One", "\U0001f600": "Emoji: Grinning Face", "\u0080": "Control",
+           "\u00f6": "Latin Small Letter O With Diaeresis"}
+    keys = list(loads(dumps(obj)))
     assert keys == ["\r", "1", "\u0080", "\u00f6", "\u20ac", "\U0001f600", "\ufb33"]
 
 
@@ -60,11 +63,11 @@ def test_other_types_refused(bad: object) -> None:
 
 
 def test_lone_surrogates_and_big_ints_refused() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="lone surrogate"):
         dumps("a\ud800b")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="lone surrogate"):
         dumps({"\udfff": 1})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="RFC 8785 cannot represent exactly"):
         dumps(MAX_INT + 1)
     assert dumps(-MAX_INT) == str(-MAX_INT).encode()
 
@@ -104,10 +107,8 @@ def test_round_trip(value: object) -> None:
 @settings(max_examples=500, deadline=None)
 @given(st.binary(max_size=60) | st.text(max_size=40).map(lambda s: s.encode("utf-8", "surrogatepass")))
 def test_fuzz_loads_raises_only_canonical_error(data: bytes) -> None:
-    try:
+    with contextlib.suppress(CanonicalError):
         loads(data)
-    except CanonicalError:
-        pass
     assert is_canonical(data) in (True, False)
 
 
@@ -135,9 +136,10 @@ def _per_line(lines: list[bytes]) -> list[object] | None:
 
 
 BAD_LINES = [
-    b'{"a":1.0}', b"NaN", b'{"a":1,"a":2}', b'{"a":1,"a":1}', b'"\\ud800"', b'"\xff"', b"", b"[1,]", b"9007199254740992",
-    b"-9007199254740992", b"[" * 100000, b'{"b":1,"a":2}', b'{"a": 1}', b' {"a":1}', b'"\\u0041"', b'"\\/"', b"-0",
-    b'"\\u001F"', b'{"a":1},{"b":2}', b"1,2", b"[1]]", b"[[1]", b'{"a":1}\r', "{\"\ue000\":1,\"\U0001F600\":2}".encode(),
+    b'{"a":1.0}', b"NaN", b'{"a":1,"a":2}', b'{"a":1,"a":1}', b'"\\ud800"', b'"\xff"', b"", b"[1,]",
+    b"9007199254740992", b"-9007199254740992", b"[" * 100000, b'{"b":1,"a":2}', b'{"a": 1}', b' {"a":1}',
+    b'"\\u0041"', b'"\\/"', b"-0", b'"\\u001F"', b'{"a":1},{"b":2}', b"1,2", b"[1]]", b"[[1]", b'{"a":1}\r',
+    "{\"\ue000\":1,\"\U0001F600\":2}".encode(),
 ]
 GOOD_LINES = [
     b"{}", b"[]", b"0", b"-5", b"9007199254740991", b'"12345678901234567890"', b'{"a":[1,null,true,"\\n"]}',
@@ -158,7 +160,7 @@ def test_lines_accepted() -> None:
     block = b"".join(x + b"\n" for x in GOOD_LINES)
     assert repr(loads_canonical_lines(block)) == repr(_per_line(GOOD_LINES))
     assert loads_canonical_lines(b"") == []
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="ends with a newline"):
         loads_canonical_lines(b"{}\n{}")
 
 

@@ -78,8 +78,9 @@ def test_an_existing_root_key_is_used(tmp_path: Path) -> None:
     assert load_root_key(config).key_id == root.key_id
 
 
-@pytest.mark.parametrize(("damage", "message"), [
-    (lambda d: (d / "keys" / "root.pub").unlink(), r"keys/root\.pub: the root verifier key is missing; run `tollgate audit init`"),
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "keys" / "root.pub").unlink(),
+     r"keys/root\.pub: the root verifier key is missing; run `tollgate audit init`"),
     (lambda d: (d / "trust.note").unlink(), r"trust\.note: the trust file is missing; run `tollgate audit init`"),
     (lambda d: (d / "trust.note").write_text("tollgate-trust v1\n"), r"trust\.note: does not verify"),
     (lambda d: (d / "keys" / "current").write_text("0badc0de\n"), r"keys/current: names key '0badc0de'"),
@@ -97,7 +98,7 @@ def test_load_errors_name_the_file(tmp_path: Path, damage: object, message: str)
 def test_origin_must_match(tmp_path: Path) -> None:
     config = config_for(tmp_path)
     init_audit_dir(config)
-    with pytest.raises(AuditKeyError, match="is for origin 'tollgate.test/keys'"):
+    with pytest.raises(AuditKeyError, match=r"is for origin 'tollgate\.test/keys'"):
         KeyRing.load(replace(config, origin="someone/else"))
 
 
@@ -132,9 +133,9 @@ def test_root_key_off_the_box(tmp_path: Path) -> None:
     with pytest.raises(AuditKeyError, match=r"not on this box .*give --root-key FILE"):
         load_root_key(config)
     assert load_root_key(config, away).name == f"{ORIGIN}/root"
+    other = tmp_path / "other.pem"
+    other.write_bytes(SigningKey.generate(f"{ORIGIN}/root").to_pem())
     with pytest.raises(AuditKeyError, match="is not the root key"):
-        other = tmp_path / "other.pem"
-        other.write_bytes(SigningKey.generate(f"{ORIGIN}/root").to_pem())
         load_root_key(config, other)
 
 

@@ -428,14 +428,22 @@ def small_fs() -> Any:
 
 
 def _fill(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
+    """Write ``path`` until the file system is full."""
+    def write_forever(fd: int) -> None:
         while True:
             os.write(fd, b"\0" * 4096)
-    except OSError as exc:
-        assert exc.errno == errno.ENOSPC
+
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with pytest.raises(OSError, match="No space left on device"):
+            write_forever(fd)
     finally:
         os.close(fd)
+
+
+def _append_until_refused(log: AuditLog) -> None:
+    for i in range(1, 10_000):  # the segment's last page fills up
+        log.append(statement(i))
 
 
 def test_disk_full_refuses_then_resumes_with_a_failure_record(small_fs: Path) -> None:
@@ -444,9 +452,8 @@ def test_disk_full_refuses_then_resumes_with_a_failure_record(small_fs: Path) ->
     try:
         log.append(statement(0))
         _fill(small_fs / "filler")
-        with pytest.raises(AuditUnavailable) as raised:
-            for i in range(1, 10_000):  # the segment's last page fills up
-                log.append(statement(i))
+        with pytest.raises(AuditUnavailable, match="No space left on device") as raised:
+            _append_until_refused(log)
         assert raised.value.errno == errno.ENOSPC
         size = log.size
         for _ in range(3):  # still full: keeps refusing, nothing half-written

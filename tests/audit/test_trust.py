@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -93,16 +95,12 @@ def test_fuzz_parse_trust(lines: list[str]) -> None:
         note = sign_note(text, ROOT)
     except NoteError:
         return
-    try:
+    with contextlib.suppress(NoteError):
         parse_trust(note, ROOT.verifier)
-    except NoteError:
-        pass
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.text(max_size=200))
 def test_fuzz_raw(note: str) -> None:
-    try:
+    with contextlib.suppress(NoteError):
         parse_trust(note, ROOT.verifier)
-    except NoteError:
-        pass

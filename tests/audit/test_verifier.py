@@ -127,7 +127,8 @@ def test_json_report(env: dict, log: Log, tmp_path: Path) -> None:
     assert data["failures"] == [] and data["log_size"] == 300 and data["origin"] == ORIGIN
 
 
-def test_root_key_from_file_and_exit_codes(env: dict, log: Log, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_root_key_from_file_and_exit_codes(env: dict, log: Log, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     key_file = tmp_path / "root.pub"
     key_file.write_text(log.root.verifier_key() + "\n")
     assert main([str(env["full"]), "--root-key", f"@{key_file}", "--quiet"]) == 0
@@ -157,7 +158,8 @@ def test_record_edited(bundle_dir: Path, log: Log) -> None:
     write_lines(path, lines)
     report = verify(bundle_dir, log)
     assert not report.ok
-    assert has(report, rf"^record: {SEG0} line 11 seq 10: record altered: its leaf hash differs from records/000000000000.leaves entry 11$")
+    assert has(report, rf"^record: {SEG0} line 11 seq 10: record altered: "
+                       r"its leaf hash differs from records/000000000000.leaves entry 11$")
     assert has(report, rf"^file: {SEG0}: altered")
     assert report.records_valid == 299
     assert report.checkpoints_valid == report.checkpoints_total
@@ -242,11 +244,13 @@ def test_tail_cut_detected_with_offbox_copies(log: Log, tmp_path: Path) -> None:
     last = log.checkpoints[-1]
     assert has(report, r"^tail-cut: off-box checkpoint size 259 \(.*checkpoint-259-\d+\.note\): tail cut: off-box "
                        r"checkpoint size 259 at \S+ is beyond the bundle's log \(size 222\)$")
-    assert has(report, rf"tail cut: off-box checkpoint size 300 at {last['time']} is beyond the bundle's log \(size 222\)")
+    assert has(report, rf"tail cut: off-box checkpoint size 300 at {last['time']} "
+                       r"is beyond the bundle's log \(size 222\)")
     assert report.offbox_valid == len([c for c in log.checkpoints if c["size"] <= 222])
     # The same copies as syslog lines.
     syslog = tmp_path / "syslog"
-    syslog.write_text("".join(f"Mar  1 09:00:00 gw tollgate[42]: tollgate-checkpoint {base64.b64encode(c['note'].encode()).decode()}\n"
+    syslog.write_text("".join(f"Mar  1 09:00:00 gw tollgate[42]: tollgate-checkpoint "
+                              f"{base64.b64encode(c['note'].encode()).decode()}\n"
                               "Mar  1 09:00:01 gw sshd[7]: unrelated\n" for c in log.checkpoints))
     report = verify(cut, log, offbox=[syslog])
     assert has(report, r"^tail-cut: off-box checkpoint size 300 \(.*syslog line \d+\): tail cut")
@@ -261,7 +265,8 @@ def test_offbox_consistent_and_rewritten(env: dict, log: Log, tmp_path: Path) ->
     other = make_checkpoint(ORIGIN, 111, hashlib.sha256(b"other history").digest(), ctime(log.times[110]))
     (offbox / "checkpoint-111-1.note").write_text(sign_note(other, log.old))
     report = verify(env["full"], log, offbox=[offbox])
-    assert has(report, r"^offbox: off-box checkpoint size 111 \(.*checkpoint-111-1\.note\): root differs from the bundle's checkpoint")
+    assert has(report, r"^offbox: off-box checkpoint size 111 \(.*checkpoint-111-1\.note\): "
+                       r"root differs from the bundle's checkpoint")
     # One at a size the bundle has no checkpoint of: checked against the walk.
     mid = make_checkpoint(ORIGIN, 100, hashlib.sha256(b"x").digest(), ctime(log.times[99]))
     (offbox / "checkpoint-111-1.note").unlink()
@@ -282,7 +287,8 @@ def test_checkpoint_forged_with_another_key(bundle_dir: Path, log: Log) -> None:
     resign(bundle_dir, log.new)
     report = verify(bundle_dir, log)
     assert messages(report) == [
-        f"checkpoint: checkpoint size {cp['size']} (checkpoints.jsonl line 3): unknown key {ORIGIN}+{stranger.key_id} (not in the trust file)"]
+        (f"checkpoint: checkpoint size {cp['size']} (checkpoints.jsonl line 3): "
+         f"unknown key {ORIGIN}+{stranger.key_id} (not in the trust file)")]
     assert report.checkpoints_valid == report.checkpoints_total - 1
 
 
@@ -312,7 +318,8 @@ def test_manifest_entries_swapped(bundle_dir: Path, log: Log) -> None:
     (bundle_dir / "manifest.note").write_text(swapped)
     report = verify(bundle_dir, log)
     assert has(report, rf"^manifest: manifest.note: signature: bad signature by {ORIGIN}\+{log.new.key_id}$")
-    assert has(report, r"^file: records/000000000100.jsonl: altered: .*content is what the manifest lists for records/000000000200.jsonl")
+    assert has(report, r"^file: records/000000000100.jsonl: altered: "
+                       r".*content is what the manifest lists for records/000000000200.jsonl")
 
 
 def test_files_swapped(bundle_dir: Path, log: Log) -> None:
@@ -321,7 +328,8 @@ def test_files_swapped(bundle_dir: Path, log: Log) -> None:
     a.write_bytes(db)
     b.write_bytes(da)
     report = verify(bundle_dir, log)
-    assert has(report, r"^file: records/000000000100.leaves: altered: .*manifest lists for records/000000000200.leaves \(files swapped\?\)")
+    assert has(report, r"^file: records/000000000100.leaves: altered: "
+                       r".*manifest lists for records/000000000200.leaves \(files swapped\?\)")
     assert has(report, r"^file: records/000000000200.leaves: altered: .*manifest lists for records/000000000100.leaves")
     assert has(report, r"^record: records/000000000100.jsonl line 1 seq 100: record altered")
 
@@ -351,7 +359,8 @@ def _log_with_pan(log: Log) -> Log:
     lines[42] = canonical.dumps(rec)
     bad = Log(log.root, log.old, log.new, log.rotate_at, log.trust_note, lines, [leaf_hash(x) for x in lines], [],
               log.segment_size, log.times)
-    bad.checkpoints = [bad.checkpoint(c["size"], log.times[c["size"] - 1] + timedelta(seconds=1)) for c in log.checkpoints]
+    bad.checkpoints = [bad.checkpoint(c["size"], log.times[c["size"] - 1] + timedelta(seconds=1))
+                       for c in log.checkpoints]
     return bad
 
 
@@ -375,7 +384,8 @@ def test_raw_pan_planted_without_resigning(bundle_dir: Path, log: Log) -> None:
     lines[42] = canonical.dumps(rec)
     write_lines(path, lines)
     report = verify(bundle_dir, log)
-    assert has(report, rf"^pan: {SEG0} line 43 seq 42: clear PAN at \$\.params\[1\] \(\*\*\*\* \*\*\*\* \*\*\*\* 1111\)$")
+    assert has(report, rf"^pan: {SEG0} line 43 seq 42: clear PAN at \$\.params\[1\] "
+                       r"\(\*\*\*\* \*\*\*\* \*\*\*\* 1111\)$")
     assert has(report, rf"^record: {SEG0} line 43 seq 42: record altered")
     assert has(report, rf"^file: {SEG0}: altered")
     assert PAN not in report.to_json() and PAN[:4] + " " not in report.summary()
@@ -448,7 +458,8 @@ def test_zipapp_runs_standalone(env: dict, log: Log, tmp_path: Path) -> None:
     assert "appliance.masking.pan" in ours
     # And the code came from the zip, not the repository.
     where = subprocess.run([_python_for_pyz(), "-I", "-c",
-                            f"import sys; sys.path.insert(0, {str(pyz)!r}); import appliance.audit.verifier as v; print(v.__file__)"],
+                            (f"import sys; sys.path.insert(0, {str(pyz)!r}); "
+                             "import appliance.audit.verifier as v; print(v.__file__)")],
                            cwd=tmp_path, capture_output=True, text=True, check=True)
     assert where.stdout.strip().startswith(str(pyz))
 
