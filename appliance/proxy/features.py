@@ -38,7 +38,8 @@ class Features:
         if self.audit is None:
             return
         from appliance import __version__
-        from appliance.audit.store import AuditError, AuditLog
+        from appliance.audit.store import AuditLog
+        from appliance.audit.store_errors import AuditError
         try:
             self.audit_log = await asyncio.to_thread(AuditLog.open, self.audit_config, version=__version__)
         except AuditError as exc:
