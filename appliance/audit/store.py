@@ -77,7 +77,7 @@ class AuditLog:
     """
 
     def __init__(self, config: AuditConfig, keyring: KeyRing, lock_fd: int, *, version: str, run: str,
-                 fdatasync: Callable[[int], None] = os.fdatasync):
+                 fdatasync: Callable[[int], None] = os.fdatasync) -> None:
         self.config = config
         self.keyring = keyring
         self.version = version

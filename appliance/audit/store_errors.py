@@ -14,6 +14,6 @@ class AuditError(Exception):
 class AuditUnavailable(AuditError):
     """A record could not be written or made durable: what depends on it must not proceed."""
 
-    def __init__(self, message: str, errno_: int | None = None):
+    def __init__(self, message: str, errno_: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno_

@@ -36,6 +36,9 @@ _STEM = re.compile(r"records/([0-9]{12})\.(jsonl|leaves)")
 _sha256 = hashlib.sha256
 PROGRESS_EVERY = 100_000  # positions between progress reports
 
+# What the walk checks when it reaches a size: a checkpoint's root, or an off-box one's.
+Event = CheckedCheckpoint | OffboxCheckpoint
+
 
 class RecordWalk:
     """Walks the records of one bundle against what :class:`SignedParts` read from it.
@@ -60,7 +63,7 @@ class RecordWalk:
         self.log_size = signed.log_size
         self.gaps = signed.gaps
         # Events: checkpoint sizes and off-box sizes, checked when the walk's range ends there.
-        events: dict[int, list[Any]] = {}
+        events: dict[int, list[Event]] = {}
         for c in signed.checkpoints:
             events.setdefault(c.size, []).append(c)
         for size, lst in signed.offbox_wanted.items():
@@ -70,18 +73,20 @@ class RecordWalk:
         self.event_i = 0
         self.cr: CompactRange | None = CompactRange()  # None once a position's hash is unknown
         self.broken_at: int | None = None
-        self.unchecked: list[Any] = []
+        self.unchecked: list[Event] = []
         self.p = 0  # the position the walk is at
         self.gap_i = 0
         self.stems: list[str] = []
         self.progress_next = 0 if progress is not None else 1 << 62
+        self.checker: BlockChecker | None = None
 
     def run(self) -> None:
+        """Walk every position, record files in order, and report what does not hold."""
         log_size = self.log_size
         self.stems = self._record_files()
         self._events_at(0)
         self._skip_gaps()
-        self.checker = BlockChecker(self._workers_wanted(), self.block_check)
+        checker = self.checker = BlockChecker(self._workers_wanted(), self.block_check)
         try:
             for i, stem in enumerate(self.stems):
                 start = int(stem)
@@ -90,7 +95,7 @@ class RecordWalk:
                 self._missing_until(min(start, log_size), None, "no records file holds it and no proof covers it")
                 self._walk_file(stem, start, end)
         finally:
-            self.checker.close()
+            checker.close()
         self._missing_until(log_size, None, "no records file holds it and no proof covers it")
         # Whatever events were never reached.
         while self.event_i < len(self.event_sizes):

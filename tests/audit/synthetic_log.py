@@ -12,10 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 from appliance.audit import canonical
 from appliance.audit.bundle_reader import open_bundle
-from appliance.audit.bundle_writer import BundleWriter
+from appliance.audit.bundle_writer import BundleSummary, BundleWriter
 from appliance.audit.merkle import leaf_hash, root_of
 from appliance.audit.note import SigningKey, make_checkpoint, sign_note
 from appliance.audit.trust import TrustEntry, build_trust
@@ -33,7 +34,7 @@ def ctime(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def record(seq: int, t: datetime, session: str = "s-1") -> dict:
+def record(seq: int, t: datetime, session: str = "s-1") -> dict[str, Any]:
     kind = TYPES[seq % len(TYPES)]
     rec = {
         "seq": seq, "time": rtime(t), "type": kind, "user": f"agent-{seq % 3}",
@@ -53,6 +54,8 @@ def record(seq: int, t: datetime, session: str = "s-1") -> dict:
 
 @dataclass
 class Log:
+    """The records, their leaf hashes and signed checkpoints; the keys that signed them."""
+
     root: SigningKey
     old: SigningKey
     new: SigningKey
@@ -60,7 +63,7 @@ class Log:
     trust_note: str
     lines: list[bytes]
     hashes: list[bytes]
-    checkpoints: list[dict]
+    checkpoints: list[dict[str, Any]]
     segment_size: int
     times: list[datetime] = field(default_factory=list)
 
@@ -71,12 +74,12 @@ class Log:
     def segment(self, seq: int) -> str:
         return f"{seq - seq % self.segment_size:012d}"
 
-    def checkpoint(self, size: int, when: datetime, key: SigningKey | None = None) -> dict:
+    def checkpoint(self, size: int, when: datetime, key: SigningKey | None = None) -> dict[str, Any]:
         key = key or (self.old if size < self.rotate_at else self.new)
         text = make_checkpoint(ORIGIN, size, root_of(self.hashes[:size]), ctime(when))
         return {"note": sign_note(text, key), "size": size, "time": ctime(when)}
 
-    def checkpoints_upto(self, size: int) -> list[dict]:
+    def checkpoints_upto(self, size: int) -> list[dict[str, Any]]:
         return [c for c in self.checkpoints if c["size"] <= size]
 
 
@@ -100,7 +103,7 @@ def make_log(n: int = 300, segment_size: int = 100, every: int = 37, rotate_at: 
 
 def write_bundle(log: Log, path: Path, include: Callable[[int], bool] = lambda seq: True, *,
                  upto: int | None = None, frm: str | None = None, to: str | None = None,
-                 session: str | None = None, first_checkpoint: int = 0, created: str | None = None):
+                 session: str | None = None, first_checkpoint: int = 0, created: str | None = None) -> BundleSummary:
     size = log.size if upto is None else upto
     cps = [c for c in log.checkpoints_upto(size) if c["size"] >= first_checkpoint]
     with BundleWriter(path, origin=ORIGIN, signing_key=log.new if size >= log.rotate_at else log.old,
