@@ -37,8 +37,9 @@ the comparison is per message:
 
 An expected message is a pgwire message (compared by value), ``bytes`` (exactly these
 bytes, one or more whole messages), a matcher (:class:`Like`, :func:`Error`,
-:func:`Fatal`), a :class:`Capture` (matches and keeps the actual message), or
-:class:`Partial`.
+:func:`Fatal`, whose field values may be ``ANY``, :class:`Contains`, :class:`Lacks` or
+:class:`Not`), a :class:`Capture` (matches and keeps the actual message), or
+:class:`Partial`. Effects other than sends compare by their fields (``ANY`` allowed).
 
 Before each input runs, everything expected so far must already have happened: a trace
 stops where it goes wrong, and a ``Wait("name")`` is bound to the session's wait before a
