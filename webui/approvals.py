@@ -44,7 +44,7 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from appliance.config import Config, ConfigError
 from appliance.holds.service import MAX_LIST_LIMIT, ApprovalError, ApprovalService
 from appliance.holds.store import STATUSES, StoreError
-from appliance.identity.model import Identity
+from appliance.model.identity import Identity
 from appliance.identity.oidc import (
     IssuerError,
     OIDCSettings,

@@ -3,7 +3,7 @@
 ``POST /v1/enroll`` takes ``{"token": ..., "csr": ...}`` (or the token as
 ``Authorization: Bearer``). People present an ID token, agents a client-credentials access
 token; either is validated against the configured issuer and mapped to an
-:class:`~appliance.identity.model.Identity`. The CSR only proves possession of a key: the
+:class:`~appliance.model.identity.Identity`. The CSR only proves possession of a key: the
 certificate's names come from the identity, and a CSR that names anyone else is refused
 (403) rather than silently corrected, so a confused or malicious client learns why.
 
@@ -35,7 +35,7 @@ from appliance.config import Config, ConfigError
 # issue_client applies them again, so this can only refuse more, never less.
 from appliance.identity.ca import CertificateAuthority, check_client_key, check_csr_claims
 from appliance.identity.certs import certificate_pem, not_valid_after
-from appliance.identity.model import Identity, IdentityError
+from appliance.model.identity import Identity, IdentityError
 from appliance.identity.oidc import IssuerError, OIDCSettings, OIDCValidator, TokenError, identity_from_claims
 from appliance.state.certificates import CertificateRegistry, RegistryError, format_serial
 from appliance.state.db import StateError

@@ -36,7 +36,7 @@ from gunicorn.app.base import BaseApplication
 from appliance.config import Config, ConfigError, IdentityConfig, load_config
 from appliance.identity.ca import CertificateAuthority, write_file_atomically
 from appliance.identity.certs import certificate_pem, not_valid_after, private_key_pem
-from appliance.identity.model import IdentityError
+from appliance.model.identity import IdentityError
 from webui import create_app
 from webui.approvals import ApprovalsApi
 from webui.enroll import Enrollment

@@ -65,7 +65,7 @@ from appliance.holds.store import (
     utcnow,
 )
 from appliance.holds.webhook import notifier_from_config
-from appliance.identity.model import Identity
+from appliance.model.identity import Identity
 
 log = logging.getLogger("tollgate.approvals")
 

@@ -150,7 +150,7 @@ def iso(dt: datetime | None) -> str | None:
 
 @dataclass(frozen=True, slots=True)
 class Requester:
-    """Who asked. Not an :class:`~appliance.identity.model.Identity`: in trust mode the proxy
+    """Who asked. Not an :class:`~appliance.model.identity.Identity`: in trust mode the proxy
     knows only an address (kind ``unidentified``), and that must still be shown."""
 
     subject: str

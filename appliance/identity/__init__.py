@@ -21,7 +21,7 @@ from appliance.identity.certs import (
     identity_from_certificate,
     private_key_pem,
 )
-from appliance.identity.model import IDENTITY_KINDS, Identity, IdentityError, IdentityKind
+from appliance.model.identity import IDENTITY_KINDS, Identity, IdentityError, IdentityKind
 
 __all__ = [
     "CA_CERT_FILE", "CA_KEY_FILE", "DEFAULT_CLIENT_LIFETIME", "IDENTITY_EXTENSION_OID", "IDENTITY_KINDS",

@@ -36,7 +36,7 @@ from appliance.identity.certs import (
     utc,
     utcnow,
 )
-from appliance.identity.model import Identity, IdentityError
+from appliance.model.identity import Identity, IdentityError
 
 CA_CERT_FILE = "ca.crt"
 CA_KEY_FILE = "ca.key"

@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
-from appliance.identity.model import IDENTITY_KINDS, IDENTITY_URI_PREFIX, Identity, IdentityError
+from appliance.model.identity import IDENTITY_KINDS, IDENTITY_URI_PREFIX, Identity, IdentityError
 
 # 32473 is the IANA Private Enterprise Number reserved for documentation (RFC 5612);
 # 7468 is Tollgate's sub-arc under it. Replace the arc with a registered PEN before

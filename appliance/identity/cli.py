@@ -27,7 +27,7 @@ from appliance.identity.ca import (
     write_file_atomically,
 )
 from appliance.identity.certs import certificate_pem, fingerprint, not_valid_after, private_key_pem
-from appliance.identity.model import IdentityError
+from appliance.model.identity import IdentityError
 from appliance.state.certificates import REGISTRY_FILE, CertificateRegistry, CertRecord, RegistryError
 from appliance.state.db import StateError
 

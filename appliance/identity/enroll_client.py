@@ -43,7 +43,7 @@ from appliance.identity.certs import (
     private_key_pem,
     utcnow,
 )
-from appliance.identity.model import Identity, IdentityError
+from appliance.model.identity import Identity, IdentityError
 
 DEFAULT_OUT_DIR = Path("~/.postgresql")
 CERT_FILE, KEY_FILE, ROOT_FILE = "postgresql.crt", "postgresql.key", "root.crt"

@@ -49,7 +49,7 @@ from urllib.parse import urlsplit
 
 import jwt
 
-from appliance.identity.model import Identity, IdentityError
+from appliance.model.identity import Identity, IdentityError
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ import uuid
 from typing import Any, Awaitable, Callable, Protocol
 
 from appliance.pgwire import decode_frontend
-from appliance.policy.model import Action, Decision, StatementClass
+from appliance.model.decision import Action, Decision, StatementClass
 from appliance.proxy.hooks import Addon, Hold, Reject, SessionInfo, Statement, StatementKind, Verdict
 
 log = logging.getLogger("tollgate.enforcement")

@@ -39,8 +39,8 @@ from typing import Any
 import pglast.ast as _ast
 from pglast.parser import ParseError, parse_sql_json
 
-from appliance.policy.model import Classification
-from appliance.policy.model import StatementClass as C
+from appliance.model.decision import Classification
+from appliance.model.decision import StatementClass as C
 from appliance.policy.patterns import qualified, quote_part
 
 Json = dict[str, Any]

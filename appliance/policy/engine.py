@@ -1,7 +1,7 @@
 """The policy engine: a loaded rule set deciding what happens to each request.
 
 :class:`Policy` answers "may these groups run this SQL on this target?" with a
-:class:`~appliance.policy.model.Decision`. Each statement is judged on its own
+:class:`~appliance.model.decision.Decision`. Each statement is judged on its own
 (:meth:`Policy.judge`) and the verdicts are combined for the request: the first BLOCK
 wins; else any HOLD holds (the first hold's spec); else MASK with every mask; else ALLOW.
 
@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from appliance.policy.classifier import CACHE_MAX_CHARS, CACHE_SIZE, classify
-from appliance.policy.model import (
+from appliance.model.decision import (
     Action,
     Classification,
     ColumnMask,

@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from appliance.policy.model import (
+from appliance.model.decision import (
     Action,
     ColumnMask,
     HoldSpec,

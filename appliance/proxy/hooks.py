@@ -79,7 +79,7 @@ class Statement:
     verdict: "Verdict | None" = None
     # Learnt from the server's answer to Describe(statement); clients may skip Describe.
     row_description: "RowDescription | None" = None
-    # Policy's decision (appliance.policy.model.Decision), for masking and records.
+    # Policy's decision (appliance.model.decision.Decision), for masking and records.
     decision: Any = None
     # The AddonManager.epoch the verdict was reached in: a prepared statement is decided
     # again at Execute once policy has changed since.

@@ -28,7 +28,7 @@ from appliance.identity.certs import (
     utc,
     utcnow,
 )
-from appliance.identity.model import Identity
+from appliance.model.identity import Identity
 from appliance.state.db import Database, StateError
 
 REGISTRY_FILE = "certificates.db"

@@ -13,10 +13,10 @@ from typing import Any
 
 from appliance.holds.service import ApprovalService
 from appliance.holds.store import ApprovalRequest, Requester
-from appliance.identity.model import Identity
+from appliance.model.identity import Identity
 from appliance.lab.oidc_issuer import DevClient, DevIssuer
 from appliance.policy.engine import Policy
-from appliance.policy.model import Action, Decision
+from appliance.model.decision import Action, Decision
 from tests.identity.tls_helpers import TlsFiles, https_json
 
 APPROVERS = "payments-dbas"

@@ -17,7 +17,7 @@ import pytest
 from appliance.holds.cli import duration
 from appliance.holds.service import ApprovalService
 from appliance.holds.store import ApprovalStore
-from appliance.identity.model import Identity
+from appliance.model.identity import Identity
 from appliance.lab.oidc_issuer import DevIssuer
 from tests.holds import (
     APPROVER_CLIENTS,

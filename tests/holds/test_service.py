@@ -13,7 +13,7 @@ import pytest
 from appliance.config import load_config
 from appliance.holds.service import ApprovalError, ApprovalService
 from appliance.holds.store import ApprovalStore, Requester
-from appliance.policy.model import Action, Decision, HoldSpec
+from appliance.model.decision import Action, Decision, HoldSpec
 from tests.holds import (
     AGENT,
     APPROVERS,

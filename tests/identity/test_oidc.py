@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from appliance.identity.model import Identity
+from appliance.model.identity import Identity
 from appliance.identity.oidc import (
     IssuerError, OIDCSettings, OIDCValidator, TokenError, https_fetch, identity_from_claims, token_kind,
 )

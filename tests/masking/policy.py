@@ -4,7 +4,7 @@ too) and decisions as the policy engine makes them."""
 
 from __future__ import annotations
 
-from appliance.policy.model import Action, Classification, ColumnMask, Decision, StatementClass
+from appliance.model.decision import Action, Classification, ColumnMask, Decision, StatementClass
 
 
 class DictCatalog:

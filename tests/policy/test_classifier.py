@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from appliance.policy import classifier
 from appliance.policy.classifier import classify, classify_uncached
-from appliance.policy.model import Classification
-from appliance.policy.model import StatementClass as C
+from appliance.model.decision import Classification
+from appliance.model.decision import StatementClass as C
 
 
 def one(sql: str) -> Classification:

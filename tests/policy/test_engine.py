@@ -6,7 +6,7 @@ import textwrap
 
 from appliance.policy.classifier import classify
 from appliance.policy.engine import Policy
-from appliance.policy.model import Action, HoldSpec, MaskMethod, StatementClass
+from appliance.model.decision import Action, HoldSpec, MaskMethod, StatementClass
 
 POLICY = textwrap.dedent("""\
     default = "deny"

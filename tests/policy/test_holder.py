@@ -12,7 +12,7 @@ import pytest
 
 from appliance.policy.engine import Policy
 from appliance.policy.holder import PolicyHolder
-from appliance.policy.model import Action
+from appliance.model.decision import Action
 from appliance.policy.rules import PolicyError
 
 ALLOW_READS = '[[rule]]\nname = "reads"\nclasses = ["read"]\naction = "allow"\n'

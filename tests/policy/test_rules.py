@@ -7,7 +7,7 @@ import textwrap
 import pytest
 
 from appliance.policy.engine import Policy
-from appliance.policy.model import Action, HoldSpec, MaskMethod, StatementClass
+from appliance.model.decision import Action, HoldSpec, MaskMethod, StatementClass
 from appliance.policy.rules import PolicyError, load_rules, parse_duration, parse_rules
 
 

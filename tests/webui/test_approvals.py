@@ -20,7 +20,7 @@ from flask.testing import FlaskClient
 from appliance.holds.broker import HoldBroker
 from appliance.holds.service import ApprovalService
 from appliance.holds.store import ApprovalStore
-from appliance.identity.model import Identity
+from appliance.model.identity import Identity
 from appliance.lab.oidc_issuer import DevIssuer
 from tests.holds import (
     APPROVER_CLIENTS,
@@ -252,7 +252,7 @@ def test_deny(client: FlaskClient, proxy: ApprovalService, tokens: dict[str, str
 
 def test_a_person_with_an_id_token_can_be_an_approver_of_their_groups(
         client: FlaskClient, proxy: ApprovalService, tokens: dict[str, str]) -> None:
-    from appliance.policy.model import Action, Decision, HoldSpec
+    from appliance.model.decision import Action, Decision, HoldSpec
     opened = proxy.request(requester=Identity("agent-ci", "agent", ()), target="payments", database="payments",
                            sql="TRUNCATE public.audit_tmp", params=None, fingerprint="fp-t",
                            decision=Decision(Action.HOLD, "dba-review", hold=HoldSpec(("dba",))))

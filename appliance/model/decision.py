@@ -1,4 +1,4 @@
-"""The policy's vocabulary: statement classes, classifications, rules and decisions.
+"""What policy says about a statement: its classes, classification, rules and decisions.
 
 Shared by the classifier (what a statement is), the rule engine (what policy says about
 it), the enforcement addon (block / hold / allow in the data path), masking (which columns
