@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from appliance.pgwire import DEFAULT_MAX_MESSAGE_SIZE
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 InterceptMethodName = Literal["redirect", "tproxy"]
@@ -25,7 +27,7 @@ INTERCEPT_METHODS: tuple[InterceptMethodName, ...] = ("redirect", "tproxy")
 TLS_MODES: tuple[TlsMode, ...] = ("disable", "prefer", "require", "verify-ca", "verify-full")
 AGENT_AUTH_MODES = ("trust", "certificate")
 # PostgreSQL's own ceiling for one message is 1 GiB; a little more covers framing.
-PG_MAX_MESSAGE = (1 << 30) + (1 << 20)
+PG_MAX_MESSAGE = DEFAULT_MAX_MESSAGE_SIZE  # PostgreSQL's own limit
 
 
 class ConfigError(Exception):

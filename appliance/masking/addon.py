@@ -35,7 +35,8 @@ from appliance.masking.pan import (
 )
 from appliance.masking.scanner import TEXT, MaskLeak, PanFound, mask_text
 from appliance.masking.stream import ColumnRule, Walker, data_row_parser, function_result_parser
-from appliance.proxy.hooks import Addon, FailClosed, Result, SessionInfo, StreamEdit
+from appliance.masking.errors import MaskingError
+from appliance.proxy.hooks import Addon, Result, SessionInfo, StreamEdit
 
 STATE_KEY = "masking"
 # The row pre-filter (pan.may_hold_pan, inlined): two C calls over the raw DataRow, cheaper
@@ -167,7 +168,7 @@ class MaskingAddon(Addon):
         rd = result.row_description
         if rd is None:
             if getattr(decision, "masks", ()):
-                raise FailClosed("42501", "policy masks columns of this result, but its columns were never "
+                raise MaskingError("42501", "policy masks columns of this result, but its columns were never "
                                  "described", hint="describe the statement (or use the simple query protocol)")
             return Plan([], untyped=True)  # sized by each row
         fields = rd.fields
@@ -194,13 +195,13 @@ class MaskingAddon(Addon):
 
     def _catalog_name(self, session: SessionInfo, f: Any) -> str | None:
         if self.catalog is None:
-            raise FailClosed("42501", "policy masks columns of this result, but Tollgate has no catalog to "
+            raise MaskingError("42501", "policy masks columns of this result, but Tollgate has no catalog to "
                              "recognise them")
         target = session.target.name if session.target is not None else ""
         try:
             return self.catalog.column_name(target, session.database or "", f.table_oid, f.column_number)
         except Exception as exc:  # the masked columns can't be recognised: nothing goes out
-            raise FailClosed("42501", f"the columns this result must mask could not be identified: {exc}") from None
+            raise MaskingError("42501", f"the columns this result must mask could not be identified: {exc}") from None
 
     def _plan_for(self, session: SessionInfo, result: Result) -> Plan:
         st = _state(session)
@@ -219,7 +220,7 @@ class MaskingAddon(Addon):
         try:
             out, count = self._mask_row(result, plan, message, hit)
         except (ValueError, struct.error, IndexError) as exc:
-            raise FailClosed("XX000", f"Tollgate could not read a row to check it for card numbers: {exc}") from None
+            raise MaskingError("XX000", f"Tollgate could not read a row to check it for card numbers: {exc}") from None
         if count:
             result.masked += count
             session.masked_values += count
@@ -326,13 +327,13 @@ class MaskingAddon(Addon):
                         raise ValueError("the message ended inside a value")
         except (ValueError, struct.error, IndexError) as exc:
             st.stream = None
-            raise FailClosed("XX000", f"Tollgate could not read a streamed message to check it for card "
+            raise MaskingError("XX000", f"Tollgate could not read a streamed message to check it for card "
                              f"numbers: {exc}") from None
-        except (FailClosed, PanFound, MaskLeak) as exc:
+        except (MaskingError, PanFound, MaskLeak) as exc:
             st.stream = None
-            if isinstance(exc, FailClosed):
+            if isinstance(exc, MaskingError):
                 raise
-            raise FailClosed("XX000", f"a card number could not be masked in a streamed message: {exc}") from None
+            raise MaskingError("XX000", f"a card number could not be masked in a streamed message: {exc}") from None
         if count:
             if result is not None:
                 result.masked += count
@@ -364,7 +365,7 @@ class MaskingAddon(Addon):
         try:
             out, count = masker.message(message[5:])
         except (ValueError, struct.error, IndexError) as exc:
-            raise FailClosed("XX000", f"Tollgate could not read COPY data to check it for card numbers: {exc}") from None
+            raise MaskingError("XX000", f"Tollgate could not read COPY data to check it for card numbers: {exc}") from None
         if count:
             result.masked += count
             session.masked_values += count
@@ -465,5 +466,5 @@ def _refuse_masked_copy(result: Result) -> None:
             continue
         for m in masks:
             if any(_relation_touches(r, m.column) for r in s.relations) or any(touches(c, m.column) for c in s.columns):
-                raise FailClosed("42501", f"COPY can't carry {m.column} masked as policy requires",
+                raise MaskingError("42501", f"COPY can't carry {m.column} masked as policy requires",
                                  hint="select the rows instead, so the column can be masked")

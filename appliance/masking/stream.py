@@ -27,7 +27,7 @@ from collections.abc import Callable, Generator, Sequence
 
 from appliance.masking import values as v
 from appliance.masking.scanner import ESCAPE, HEX, JSON, TEXT, MaskLeak, PanFound, TextScanner
-from appliance.proxy.hooks import FailClosed
+from appliance.masking.errors import MaskingError
 
 TAKE, PEEK, LEAF, SKIP, STARS = range(5)
 
@@ -118,7 +118,7 @@ class Walker:
                     try:
                         edits, cut = scanner.feed(seen[pos:pos + avail], final, may_keep)
                     except PanFound as exc:
-                        self.gen.throw(exc)  # the parser turns it into its column's FailClosed
+                        self.gen.throw(exc)  # the parser turns it into its column's MaskingError
                         raise
                     self.masked += scanner.found - before
                     for off, rep in edits:
@@ -140,7 +140,7 @@ class Walker:
                     continue
                 break
         except MaskLeak as exc:
-            raise FailClosed("XX000", f"a card number could not be masked: {exc}") from None
+            raise MaskingError("XX000", f"a card number could not be masked: {exc}") from None
         return self._finish(pos, may_keep)
 
     def _advance(self, reply: object) -> None:
@@ -246,7 +246,7 @@ def value_parser(walker: Walker, size: int, rule: ColumnRule, fmt: str) -> Parse
             at, data = yield from _take(size)
             new = v.column_mask(bytes(data), kind, method)  # type: ignore[arg-type]
             if new is None or len(new) != size:
-                raise FailClosed("42501", f"{column.name} is masked by policy as {method.value}, which its type "  # type: ignore[attr-defined]
+                raise MaskingError("42501", f"{column.name} is masked by policy as {method.value}, which its type "  # type: ignore[attr-defined]
                                  "can't show in a row this large", hint="select it cast to text, e.g. col::text")
             if new != data:
                 walker.write(at, new)
@@ -261,7 +261,7 @@ def value_parser(walker: Walker, size: int, rule: ColumnRule, fmt: str) -> Parse
             # Too large to hold for the exact PAN/LAST4 form: hidden entirely instead.
             yield (STARS, size, _stars(kind, hexed, size))
             return
-        raise FailClosed("42501", f"{column.name} is masked by policy, and a value this large of its type "
+        raise MaskingError("42501", f"{column.name} is masked by policy, and a value this large of its type "
                          "can't be masked while streamed", hint="select it cast to text, e.g. col::text")
     if kind == v.SKIP:
         yield (SKIP, size)
@@ -299,7 +299,7 @@ def value_parser(walker: Walker, size: int, rule: ColumnRule, fmt: str) -> Parse
         except PanFound:
             raise column.fail() from None
     elif size > v.SMALL_VALUE:
-        raise FailClosed("42501", f"{column.name} ({v.type_name(column.oid)}) is too large to check for card "
+        raise MaskingError("42501", f"{column.name} ({v.type_name(column.oid)}) is too large to check for card "
                          "numbers while streamed", hint="select it cast to text, e.g. col::text")
     else:
         at, data = yield from _take(size)
@@ -307,7 +307,7 @@ def value_parser(walker: Walker, size: int, rule: ColumnRule, fmt: str) -> Parse
         walker.masked += count
         if masked is not None:
             if len(masked) != size:
-                raise FailClosed("42501", f"{column.name} could not be masked in place while streamed",
+                raise MaskingError("42501", f"{column.name} could not be masked in place while streamed",
                                  hint="select it cast to text, e.g. col::text")
             walker.write(at, masked)
 

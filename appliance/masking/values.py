@@ -11,7 +11,7 @@ into a *kind* by how it carries text:
 - bytea in text format is hex (``\\x3431…``: decoded, searched, re-encoded as ``2a``) or
   escape format;
 - int8, numeric, money (and their arrays, ranges) can't hold ``*``: a card number there
-  raises :class:`FailClosed` telling the agent to select it cast to text;
+  raises :class:`MaskingError` telling the agent to select it cast to text;
 - binary arrays, records and ranges are parsed and each element handled by its own type;
 - a binary value of a type we don't know (extension types, enums, domains in binary) is
   scanned as bytes, and checked as an int8 or numeric if it has exactly that shape;
@@ -36,10 +36,10 @@ from appliance.masking.pan import PCI, STAR, int_is_pan, is_pan_digits, masked_p
 from appliance.masking.scanner import ESCAPE, HEX, has_pan, mask_text, neutralise_escapes
 from appliance.masking.scanner import JSON as JSON_MODE
 from appliance.masking.scanner import TEXT as TEXT_MODE
-from appliance.proxy.hooks import FailClosed
+from appliance.masking.errors import MaskingError
 
 if TYPE_CHECKING:
-    from appliance.policy.model import MaskMethod
+    from appliance.model.decision import MaskMethod
 
 # ---- kinds ---------------------------------------------------------------------------
 
@@ -171,22 +171,22 @@ def kind_of(oid: int, fmt: int) -> int:
 # ---- failing closed --------------------------------------------------------------------
 
 
-def cannot_mask(column: str, oid: int, fmt: int) -> FailClosed:
+def cannot_mask(column: str, oid: int, fmt: int) -> MaskingError:
     name = type_name(oid)
     shown = name if fmt == 0 else f"binary {name}"
-    return FailClosed("42501", f"{column} ({shown}) holds a card number that Tollgate cannot mask as {name}",
+    return MaskingError("42501", f"{column} ({shown}) holds a card number that Tollgate cannot mask as {name}",
                       hint="select it cast to text, e.g. col::text, to receive it masked")
 
 
 class Column:
-    """What a FailClosed message says about the value: its column and declared type."""
+    """What a MaskingError message says about the value: its column and declared type."""
 
     __slots__ = ("fmt", "name", "oid")
 
     def __init__(self, name: str, oid: int, fmt: int):
         self.name, self.oid, self.fmt = name, oid, fmt
 
-    def fail(self) -> FailClosed:
+    def fail(self) -> MaskingError:
         return cannot_mask(self.name, self.oid, self.fmt)
 
 
@@ -263,7 +263,7 @@ def money_text_is_pan(value: bytes | memoryview) -> bool:
 
 def mask_value(value: bytes, kind: int, fmt: str, column: Column) -> tuple[bytes | None, int]:
     """The value with card numbers masked (None if unchanged), and how many were masked.
-    Raises FailClosed for a card number in a type that can't hold a masked one, ValueError
+    Raises MaskingError for a card number in a type that can't hold a masked one, ValueError
     for a binary value that doesn't parse as its type."""
     if kind == TEXT or kind == STRUCT:
         return mask_text(value, fmt, TEXT_MODE)

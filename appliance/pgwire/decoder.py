@@ -15,20 +15,19 @@ from typing import Callable, Iterator
 
 from . import messages as m
 from .errors import ProtocolError
+from .framing import (
+    BACKEND_BOUNDS,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    FRONTEND_BOUNDS,
+    MAX_STARTUP_PACKET_LENGTH,
+    Bounds,
+    frame_end,
+    startup_packet_end,
+)
+from .framing import show_tag as _show_tag
 from .messages import INT8, INT16, INT32, UINT16, UINT32, _text
 
-# PostgreSQL's limits (src/include/libpq/pqcomm.h, postgres.c, auth.h): larger packets
-# are refused by the server, so a proxy has no reason to buffer them either.
-MAX_STARTUP_PACKET_LENGTH = 10000
-SMALL_MESSAGE_LIMIT = 10000
-AUTH_TOKEN_LIMIT = 65535 + 4
-DEFAULT_MAX_MESSAGE_SIZE = (1 << 30) + (1 << 20)
-
 Body = bytes | bytearray | memoryview
-
-
-def _show_tag(tag: int) -> str:
-    return f"'{chr(tag)}'" if 0x21 <= tag <= 0x7E else f"0x{tag:02x}"
 
 
 class _Reader:
@@ -490,35 +489,6 @@ _BACKEND: dict[int, _Decoder] = {
     ord("T"): _row_description,
 }
 
-# Bounds on the length field (which counts itself) known before the body arrives, so a
-# garbage length on a small message fails at once instead of waiting for a gigabyte.
-# None as the maximum means "the decoder's max_message_size".
-_Bounds = tuple[int, int | None]
-_FRONTEND_BOUNDS: dict[int, _Bounds] = {
-    ord("C"): (6, SMALL_MESSAGE_LIMIT),
-    ord("D"): (6, SMALL_MESSAGE_LIMIT),
-    ord("E"): (9, SMALL_MESSAGE_LIMIT),
-    ord("H"): (4, 4),
-    ord("S"): (4, 4),
-    ord("X"): (4, 4),
-    ord("c"): (4, 4),
-    ord("f"): (5, SMALL_MESSAGE_LIMIT),
-    ord("p"): (4, AUTH_TOKEN_LIMIT),
-}
-_BACKEND_BOUNDS: dict[int, _Bounds] = {
-    ord("1"): (4, 4),
-    ord("2"): (4, 4),
-    ord("3"): (4, 4),
-    ord("I"): (4, 4),
-    ord("n"): (4, 4),
-    ord("s"): (4, 4),
-    ord("c"): (4, 4),
-    ord("Z"): (5, 5),
-    ord("R"): (8, None),
-    ord("K"): (8 + m.MIN_CANCEL_KEY_LENGTH, 8 + m.MAX_CANCEL_KEY_LENGTH),
-}
-
-
 def _decode(table: dict[int, _Decoder], side: str, tag: bytes, body: Body) -> m.Message:
     if len(tag) != 1:
         raise ProtocolError(f"a message type is one byte, not {len(tag)}")
@@ -632,6 +602,15 @@ class _StreamDecoder:
         self._check_alive()
         self._buf += data
 
+    def take_rest(self) -> bytes:
+        """Hand the bytes fed but not yet returned to another reader (a relay taking over
+        once a login is done); the decoder is empty afterwards."""
+        with memoryview(self._buf) as view:
+            rest = bytes(view[self._pos:])
+        self._buf.clear()
+        self._pos = 0
+        return rest
+
     def next_message(self) -> m.Message | None:
         """The next complete message, or None if more bytes are needed."""
         self._check_alive()
@@ -669,34 +648,14 @@ class _StreamDecoder:
         else:
             self._pos = end
 
-    def _typed(
-        self, table: dict[int, _Decoder], bounds: dict[int, _Bounds], side: str
-    ) -> m.Message | None:
+    def _typed(self, table: dict[int, _Decoder], bounds: dict[int, Bounds], side: str) -> m.Message | None:
         buf, pos = self._buf, self._pos
         if len(buf) - pos < 5:
             return None
-        tag = buf[pos]
-        decode = table.get(tag)
-        if decode is None:
-            raise ProtocolError(f"unknown {side} message type {_show_tag(tag)}")
-        (length,) = INT32.unpack_from(buf, pos + 1)
-        if length < 4:
-            raise ProtocolError(
-                f"message type {_show_tag(tag)} has length {length}, below the minimum of 4"
-            )
-        low, high = bounds.get(tag, (4, None))
-        high = self.max_message_size if high is None else min(high, self.max_message_size)
-        if not low <= length <= high:
-            what = f"message type {_show_tag(tag)}"
-            if low == high:
-                raise ProtocolError(f"{what} has length {length}, but it must be exactly {low}")
-            if length < low:
-                raise ProtocolError(f"{what} has length {length}, below the minimum of {low}")
-            raise ProtocolError(f"{what} has length {length}, above the limit of {high} bytes")
-        end = pos + 1 + length
+        end = frame_end(buf, pos, bounds, self.max_message_size, side)
         if len(buf) < end:
             return None
-        return decode(self._take(pos + 5, end))
+        return table[buf[pos]](self._take(pos + 5, end))
 
 
 class FrontendDecoder(_StreamDecoder):
@@ -717,7 +676,7 @@ class FrontendDecoder(_StreamDecoder):
 
     def _next(self) -> m.Message | None:
         if self._phase == "typed":
-            return self._typed(_FRONTEND, _FRONTEND_BOUNDS, "frontend")
+            return self._typed(_FRONTEND, FRONTEND_BOUNDS, "frontend")
         if self._phase == "cancelled":
             if self.buffered_bytes:
                 raise ProtocolError(
@@ -731,22 +690,7 @@ class FrontendDecoder(_StreamDecoder):
         buf, pos = self._buf, self._pos
         if len(buf) - pos < 4:
             return None
-        (length,) = INT32.unpack_from(buf, pos)
-        if length < 8:
-            raise ProtocolError(f"startup packet length {length} is below the minimum of 8")
-        if length > self.max_startup_size:
-            # A TLS record starts with 0x16 0x03: a client trying direct TLS (PostgreSQL 17's
-            # sslnegotiation=direct) rather than SSLRequest looks like a huge packet.
-            hint = (
-                " (it looks like a TLS handshake sent without SSLRequest)"
-                if buf[pos] == 0x16 and len(buf) - pos > 1 and buf[pos + 1] == 0x03
-                else ""
-            )
-            raise ProtocolError(
-                f"startup packet of {length} bytes exceeds the "
-                f"{self.max_startup_size}-byte limit{hint}"
-            )
-        end = pos + length
+        end = startup_packet_end(buf, pos, self.max_startup_size)
         if len(buf) < end:
             return None
         packet = decode_startup(self._take(pos + 4, end))
@@ -777,7 +721,7 @@ class BackendDecoder(_StreamDecoder):
 
     def _next(self) -> m.Message | None:
         if self._expect is None:
-            return self._typed(_BACKEND, _BACKEND_BOUNDS, "backend")
+            return self._typed(_BACKEND, BACKEND_BOUNDS, "backend")
         if self.buffered_bytes == 0:
             return None
         byte = self._buf[self._pos]

@@ -22,7 +22,7 @@ from appliance.masking.addon import MaskingAddon
 from appliance.masking.scanner import scrub
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import Addon, Reject, SessionInfo, Statement
-from appliance.proxy.session import BLOCKED_SQL
+from appliance.proxy.pipeline import BLOCKED_SQL
 from tests.proxy.trace import backend, frontend, ready_session
 
 PAN = "4111111111111111"

@@ -14,8 +14,9 @@ from appliance.masking.addon import MaskingAddon
 from appliance.masking.pan import find_pans
 from appliance.masking.scanner import ESCAPE, HEX, JSON, TEXT, TextScanner, mask_text
 from appliance.pgwire import messages as m
-from appliance.policy.model import ColumnMask, MaskMethod
-from appliance.proxy.hooks import FailClosed, Result, SessionInfo, Statement, StatementKind
+from appliance.model.decision import ColumnMask, MaskMethod
+from appliance.masking.errors import MaskingError
+from appliance.proxy.hooks import Result, SessionInfo, Statement, StatementKind
 from tests.masking.policy import DictCatalog, decision
 from tests.masking.wire import array_bin, numeric_bin, record_bin
 
@@ -63,19 +64,19 @@ def whole_and_streamed(fields: tuple[m.FieldDescription, ...], values: tuple[byt
     addon.row_description(s, r)
     try:
         out = addon.data_row(s, r, memoryview(message))
-        whole: bytes | FailClosed = (out if out is not None else message)[5:]
-    except FailClosed as exc:
+        whole: bytes | MaskingError = (out if out is not None else message)[5:]
+    except MaskingError as exc:
         whole = exc
     for cuts in cuts_list:
         s2 = info()
         r2 = Result(None, rd)
         addon.row_description(s2, r2)
         try:
-            got: bytes | FailClosed = stream(addon, s2, r2, b"D", message[5:], cuts)
-        except FailClosed as exc:
+            got: bytes | MaskingError = stream(addon, s2, r2, b"D", message[5:], cuts)
+        except MaskingError as exc:
             got = exc
-        if isinstance(whole, FailClosed):
-            assert isinstance(got, FailClosed), cuts
+        if isinstance(whole, MaskingError):
+            assert isinstance(got, MaskingError), cuts
         else:
             assert got == whole, cuts
             assert s2.masked_values == s.masked_values and r2.masked == r.masked

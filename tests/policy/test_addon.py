@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from appliance.identity.model import Identity
+from appliance.model.identity import Identity
 from appliance.pgwire import messages as m
 from appliance.policy.addon import EnforcementAddon, fingerprint
 from appliance.policy.holder import PolicyHolder
-from appliance.policy.model import Action
-from appliance.proxy.session import BLOCKED_PORTAL, BLOCKED_SQL
+from appliance.model.decision import Action
+from appliance.proxy.pipeline import BLOCKED_PORTAL, BLOCKED_SQL
 from tests.proxy.trace import backend, frontend, ready_session
 
 POLICY = """

@@ -1,23 +1,21 @@
-"""Hot-path helpers: read just the fields the session layer needs, straight from the bytes.
+"""Reading one or two fields of a message in place, without decoding the whole of it.
 
-The full codec (``appliance.pgwire``) decodes whole messages into dataclasses; on the
-relay path that is wasted work for messages we only need one or two fields of. These
-functions read those fields in place and raise the codec's ProtocolError on anything
-malformed, so a bad message still ends the connection cleanly.
+The decoders build whole messages; a relay that forwards a message as it came needs only
+a name or a count from it, and a Bind may carry a gigabyte of parameters it must not copy.
+These readers take the message body's range in a buffer and raise ProtocolError on
+anything malformed, so a bad message still ends the connection cleanly.
 """
 
 from __future__ import annotations
 
 import struct
 
-from appliance.pgwire import ProtocolError
+from .errors import ProtocolError
 
-unpack_length = struct.Struct("!I").unpack_from
 unpack_int16 = struct.Struct("!h").unpack_from
 # PostgreSQL reads parameter and format counts as unsigned 16-bit (up to 65535 parameters).
 unpack_count = struct.Struct("!H").unpack_from
 unpack_int32 = struct.Struct("!i").unpack_from
-pack_header = struct.Struct("!cI").pack
 
 
 def cstring(buf: bytes | bytearray, pos: int, end: int) -> tuple[str, int]:
@@ -111,3 +109,18 @@ def check_row_description(body: bytes, start: int, end: int) -> None:
             raise ProtocolError("RowDescription is shorter than its field count says")
     if pos != end:
         raise ProtocolError("RowDescription has trailing bytes")
+
+
+def query_text(body: bytes, start: int, end: int) -> str:
+    """The SQL of a Query body."""
+    if end <= start or body[end - 1] != 0:
+        raise ProtocolError("Query text is not NUL-terminated")
+    return body[start:end - 1].decode("utf-8", "surrogateescape")
+
+
+def execute_portal(body: bytes, start: int, end: int) -> str:
+    """The portal name of an Execute body (its row limit is the server's business)."""
+    portal, after = cstring(body, start, end)
+    if end - after != 4:
+        raise ProtocolError("Execute must end with a 4-byte row limit")
+    return portal

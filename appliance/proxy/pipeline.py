@@ -1,0 +1,376 @@
+"""The request pipeline: client messages framed, decided, committed and sent upstream.
+
+Each message is framed in place (``appliance.pgwire.framing``) and forwarded as a range of
+the bytes received; only requests that make the server act are looked at closely:
+
+1. **decide** — a Query, Parse or FunctionCall is put to the ``statement`` hooks, an
+   Execute of a prepared statement to the ``execute`` hooks when an addon asked to see it
+   run (or policy changed since it was prepared). A Reject swaps the request for a
+   stand-in the server is sure to fail, so transaction and pipeline state match a real
+   error. A Hold parks the request — its bytes kept in its :class:`Pending` entry — and
+   pauses this client only; the request resumes from that entry once decided.
+2. **commit** — a request whose verdict is final passes the ``forward`` hooks (the audit
+   record). What they must wait for (the record made durable) holds the whole batch of
+   messages back until done; if it fails, every request of the batch is swapped for its
+   stand-in and refused.
+"""
+
+from __future__ import annotations
+
+from time import perf_counter_ns
+from typing import TYPE_CHECKING, Any, Callable
+
+from appliance.pgwire import FRONTEND_SESSION_BOUNDS, ProtocolError, decode_frontend, frame_end
+from appliance.pgwire.framing import unpack_length
+from appliance.pgwire import messages as m
+from appliance.pgwire.fields import bind_fields, execute_portal, kind_and_name, parse_fields, query_text
+from appliance.proxy import dispatch
+from appliance.proxy.hooks import Forward, Hold, Reject, Statement, StatementKind, Verdict
+from appliance.proxy.requests import (
+    BIND, CLOSE, DESCRIBE_PORTAL, DESCRIBE_STATEMENT, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, Pending, Portal,
+    RequestState,
+)
+
+if TYPE_CHECKING:
+    from appliance.proxy.session import Session
+
+# A statement the server is sure to reject at parse time, sent in place of a rejected one,
+# so that transaction and pipeline state on the server match what the client is told.
+BLOCKED_SQL = b"TOLLGATE BLOCKED STATEMENT"
+BLOCKED_QUERY = m.Query(BLOCKED_SQL.decode()).encode()
+BLOCKED_FUNCTION_CALL = m.FunctionCall(0, (), (), 0).encode()  # no function has OID 0
+# No portal has this name (a client can't have bound it: we never forward such a Bind):
+# the server fails the stand-in Execute, with the transaction effects of a real error.
+BLOCKED_PORTAL = "\x01tollgate blocked portal"
+BLOCKED_EXECUTE = m.Execute(BLOCKED_PORTAL, 0).encode()
+
+Waiting = list[tuple[int, Pending, bytes, Any]]  # (piece index, request, stand-in, awaitable)
+
+
+class RequestPipeline:
+    """Client → server for a ready session."""
+
+    def __init__(self, session: Session, requests: RequestState):
+        self.session, self.requests = session, requests
+        self.hooks = session.hooks
+        self.buffer = bytearray()  # client bytes not yet processed (partial, or behind a hold or batch)
+        # Bytes the buffer needs before its head message is complete: a large message
+        # arriving in many reads is framed once, not re-copied per read.
+        self.need = 0
+        self.held: Pending | None = None  # the request waiting on a Hold
+        self.decided: tuple[Pending, Verdict] | None = None  # a finished hold, not yet admitted
+        self.batch: tuple[list[bytes], Waiting] | None = None  # sent once its forward hooks' waits finish
+        self.cancel_hold: Callable[[], None] | None = None
+        self.paused = False
+
+    @property
+    def blocked(self) -> bool:
+        return self.held is not None or self.decided is not None or self.batch is not None
+
+    def feed(self, data: bytes) -> None:
+        if not self.buffer and not self.blocked:
+            rest = self._relay(data)
+            if rest < len(data):
+                self._keep(memoryview(data)[rest:])
+            return
+        self.buffer += data
+        if self.blocked:
+            self._check_buffer()
+        elif len(self.buffer) >= self.need:  # else the head message is still incomplete
+            self._drain()
+
+    def resume(self) -> None:
+        """Frame what waited in the buffer while the session could not relay it."""
+        self.need = 0
+        if self.buffer and not self.blocked:
+            self._drain()
+
+    def _check_buffer(self) -> None:
+        limit = self.session.max_client_message
+        if len(self.buffer) > limit + 5:
+            raise ProtocolError(f"client sent more than {limit} bytes without a complete message")
+
+    def _drain(self) -> None:
+        data = bytes(self.buffer)
+        self.buffer.clear()
+        self.need = 0
+        rest = self._relay(data)
+        if rest < len(data):
+            self._keep(memoryview(data)[rest:])
+
+    def _keep(self, rest: memoryview) -> None:
+        """Keep an unprocessed tail; note how much the head message needs to be complete."""
+        self.buffer += rest
+        self._check_buffer()
+        self.need = 1 + unpack_length(rest, 1)[0] if len(rest) >= 5 else 5
+
+    # ---- framing and the per-message work ------------------------------------------------------
+
+    def _relay(self, data: bytes) -> int:
+        """Frame and forward client messages; returns where processing stopped."""
+        session, requests, hooks = self.session, self.requests, self.hooks
+        pending = requests.pending
+        n = len(data)
+        pos = flush_from = 0
+        pieces: list[bytes | memoryview] = []
+        view = memoryview(data)
+        max_len = session.max_client_message
+        forwarding = bool(hooks.forward)
+        waiting: Waiting = []  # requests whose forward hooks must finish first
+        while n - pos >= 5 and self.held is None and session.ready:
+            tag = data[pos]
+            end = frame_end(data, pos, FRONTEND_SESSION_BOUNDS, max_len, "frontend")
+            if end > n:
+                break
+            replacement: bytes | memoryview | None = None
+            if tag == 0x51:  # Q
+                statement = Statement(StatementKind.QUERY, query_text(data, pos + 5, end))
+                verdict = self._decide(statement)
+                if type(verdict) is Hold:
+                    self._hold(Pending(QUERY, statement), view[pos:end], verdict)
+                    pos = end
+                    break
+                replacement = self._admit(Pending(QUERY, statement), verdict, view[pos:end], len(pieces), waiting)
+            elif tag == 0x50:  # P
+                name, query, param_types = parse_fields(data, pos + 5, end)
+                statement = Statement(StatementKind.PARSE, query, name, param_types)
+                verdict = self._decide(statement)
+                if type(verdict) is Hold:
+                    self._hold(Pending(PARSE, statement, None, name), view[pos:end], verdict)
+                    pos = end
+                    break
+                replacement = self._admit(Pending(PARSE, statement, None, name), verdict, view[pos:end],
+                                          len(pieces), waiting)
+            elif tag == 0x42:  # B
+                portal_name, stmt_name, formats = bind_fields(data, pos + 5, end)
+                if portal_name == BLOCKED_PORTAL:
+                    raise ProtocolError("that portal name is reserved")
+                bound = requests.statements.get(stmt_name)
+                portal = Portal(portal_name, bound, formats, requests.ends_sent)
+                if bound is not None and (forwarding or bound.deferred is not None or bound.epoch != hooks.epoch):
+                    portal.bind = bytes(view[pos + 5:end])
+                pending.append(Pending(BIND, None, portal))
+                requests.portals[portal_name] = portal
+            elif tag == 0x45:  # E
+                portal_name = execute_portal(data, pos + 5, end)
+                portal = requests.portals.get(portal_name)
+                bound = portal.statement if portal is not None else None
+                verdict = None
+                if bound is not None and (bound.deferred is not None or bound.epoch != hooks.epoch
+                                          or bound.verdict is not None):
+                    verdict = self._decide_execute(portal, bound)  # type: ignore[arg-type]
+                    if type(verdict) is Hold:
+                        self._hold(Pending(EXECUTE, None, portal, portal_name), view[pos:end], verdict)
+                        pos = end
+                        break
+                replacement = self._admit(Pending(EXECUTE, None, portal, portal_name), verdict, view[pos:end],
+                                          len(pieces), waiting)
+            elif tag == 0x53:  # S
+                pending.append(Pending(SYNC))
+                requests.ends_sent += 1
+            elif tag == 0x44:  # D
+                kind, name = kind_and_name(data, pos + 5, end, "Describe")
+                pending.append(Pending(DESCRIBE_STATEMENT if kind == 0x53 else DESCRIBE_PORTAL, None, None, name))
+            elif tag == 0x43:  # C
+                kind, name = kind_and_name(data, pos + 5, end, "Close")
+                pending.append(Pending(CLOSE))
+                (requests.statements if kind == 0x53 else requests.portals).pop(name, None)
+            elif tag == 0x64:  # d: CopyData
+                if hooks.copy_data:
+                    replacement = dispatch.rewrite(hooks.copy_data, session.info, view[pos:end], None, True)
+            elif tag == 0x66:  # f CopyFail (H Flush, c CopyDone: their length is all there is)
+                decode_frontend(b"f", view[pos + 5:end])
+            elif tag == 0x58:  # X Terminate: the server closing next is expected
+                session.close_reason = "client terminated the session"
+            elif tag == 0x46:  # F: FunctionCall
+                call = decode_frontend(b"F", view[pos + 5:end])
+                statement = Statement(StatementKind.FUNCTION_CALL, f"<function call oid {call.function_oid}>",
+                                      function_oid=call.function_oid)
+                verdict = self._decide(statement)
+                if type(verdict) is Hold:
+                    self._hold(Pending(FUNCTION_CALL, statement), view[pos:end], verdict)
+                    pos = end
+                    break
+                replacement = self._admit(Pending(FUNCTION_CALL, statement), verdict, view[pos:end], len(pieces),
+                                          waiting)
+            if replacement is not None:
+                pieces.append(view[flush_from:pos])
+                pieces.append(replacement)
+                flush_from = end
+            pos = end
+        held_at = pos - len(self.held.message) if self.held is not None and self.held.message else pos
+        if waiting:
+            pieces.append(view[flush_from:held_at])
+            self._wait_for_batch([bytes(p) for p in pieces], waiting)
+        elif pieces:
+            pieces.append(view[flush_from:held_at])
+            session.io.send_server(b"".join(pieces))
+        elif held_at > flush_from:
+            session.io.send_server(data if flush_from == 0 and held_at == n else view[flush_from:held_at])
+        return pos
+
+    def _admit(self, request: Pending, verdict: Verdict, message: memoryview, piece: int,
+               waiting: Waiting) -> bytes | memoryview | None:
+        """Queue a decided request; returns what to send in its place (None: itself)."""
+        requests = self.requests
+        kind = request.kind
+        request.reject = verdict  # type: ignore[assignment]  # a Hold never gets here
+        if kind is PARSE:
+            requests.pending.append(request)
+            if verdict is None:
+                requests.statements[request.name] = request.statement  # type: ignore[assignment]
+                return None
+            if self.hooks.forward:  # only to be recorded: a refused Parse has nothing to wait for
+                self._forward("parse", request)
+            return m.Parse(request.name, BLOCKED_SQL.decode(), ()).encode()
+        if kind is EXECUTE:
+            blocked = BLOCKED_EXECUTE
+        else:
+            requests.ends_sent += 1
+            blocked = BLOCKED_QUERY if kind is QUERY else BLOCKED_FUNCTION_CALL
+        requests.pending.append(request)
+        replacement = None if verdict is None else blocked
+        if self.hooks.forward:
+            return self._commit(request, blocked, message, replacement, piece, waiting)
+        return replacement
+
+    def _commit(self, request: Pending, blocked: bytes, message: memoryview, replacement: bytes | None,
+                piece: int, waiting: Waiting) -> bytes | memoryview | None:
+        """Put a request whose verdict is final to the forward hooks; returns what to send
+        in its place. One that must wait goes as a piece of its own, so that it can still
+        be swapped for ``blocked`` if what it waits for fails."""
+        kind = request.kind
+        wait = self._forward("query" if kind is QUERY else "execute" if kind is EXECUTE else "function_call", request)
+        if request.reject is not None:
+            return blocked if replacement is None else replacement
+        if wait is not None:
+            # Its piece lands after the one flushing everything before it: index piece + 1.
+            waiting.append((piece + 1, request, blocked, wait))
+            return message
+        return replacement
+
+    def _forward(self, kind: str, request: Pending) -> Any:
+        portal = request.portal
+        statement = portal.statement if portal is not None else request.statement
+        forward = Forward(kind, statement, request.reject, portal.name if portal is not None else "",
+                          portal.bind if portal is not None else None, perf_counter_ns())
+        request.forward = forward
+        wait = dispatch.forward(self.hooks.forward, self.session.info, forward)
+        request.reject = forward.reject
+        return wait
+
+    # ---- decisions ------------------------------------------------------------------------------
+
+    def _decide(self, statement: Statement) -> Verdict:
+        verdict = dispatch.decide(self.hooks.statement, self.session.info, statement)
+        if verdict is not None:
+            statement.verdict = verdict
+        statement.epoch = self.hooks.epoch
+        return verdict
+
+    def _decide_execute(self, portal: Portal, statement: Statement) -> Verdict:
+        """A prepared statement about to run: decided again if policy changed since it was
+        prepared, and put to the ``execute`` hooks if an addon deferred it to run time."""
+        if statement.epoch != self.hooks.epoch:
+            statement.verdict = None
+            self._decide(statement)
+        verdict = statement.verdict
+        if type(verdict) is Reject:
+            return verdict  # prepared under rules that no longer allow it
+        if statement.deferred is None and verdict is None:
+            return None
+        # Deferred to run time (a hold is asked for with the parameters it runs with).
+        return dispatch.decide_execute(self.hooks.execute, self.session.info, statement, portal.bind)
+
+    # ---- holds and batches: this client waits, nobody else ------------------------------------
+
+    def _pause(self) -> None:
+        if not self.paused:
+            self.paused = True
+            self.session.io.pause_client()
+
+    def _hold(self, request: Pending, message: memoryview, hold: Hold) -> None:
+        request.message = bytes(message)
+        self.held = request
+        self._pause()
+        self.cancel_hold = self.session.io.wait(hold.decision, self._hold_done)
+
+    def _hold_done(self, result: Any, error: BaseException | None) -> None:
+        if self.held is None or not self.session.ready:
+            return
+        if error is not None:
+            result = Reject("XX000", f"the approval could not be completed: {error}")
+        elif result is not None and not isinstance(result, Reject):
+            result = Reject("XX000", f"the approval returned {result!r}, which is not a verdict")
+        self.cancel_hold = None
+        self.resolve_hold(result)
+
+    def resolve_hold(self, verdict: Reject | None) -> None:
+        """The held request is decided (or withdrawn): it goes on from its pending entry."""
+        if self.cancel_hold is not None:
+            cancel, self.cancel_hold = self.cancel_hold, None
+            cancel()
+        held, self.held = self.held, None
+        if held is not None:
+            self.decided = (held, verdict)
+        self.session.run(self._carry_on)
+
+    def _wait_for_batch(self, pieces: list[bytes], waiting: Waiting) -> None:
+        """Hold a batch back until its forward hooks' awaitables are done."""
+        self.batch = (pieces, waiting)
+        self._pause()
+        # Never cancelled: the awaitables may be shared with other sessions (group commit).
+        self.session.io.wait(dispatch.all_of([w for _, _, _, w in waiting]), self._batch_done)
+
+    def _batch_done(self, result: Any, error: BaseException | None) -> None:
+        if self.batch is None or not self.session.ready:
+            return
+        pieces, waiting = self.batch
+        self.batch = None
+        if error is not None:
+            reject = Reject(getattr(error, "sqlstate", None) or "58030",
+                            f"Tollgate could not complete what must happen before this statement runs, so it "
+                            f"did not run: {error}", hint=getattr(error, "hint", None))
+            dispatch.log.error("session %s: refusing %d request(s): %s", self.session.info.id, len(waiting), error)
+            for index, request, blocked, _ in waiting:
+                if request.reject is None:
+                    request.reject = reject
+                    if request.forward is not None:
+                        request.forward.reject = reject
+                    pieces[index] = blocked
+        self.session.io.send_server(b"".join(pieces))
+        self.session.run(self._carry_on)
+
+    def _carry_on(self) -> None:
+        """After a hold or a batch: the decided request first, then what queued behind it."""
+        if self.batch is not None or self.held is not None:
+            return
+        if self.decided is not None:
+            request, verdict = self.decided
+            self.decided = None
+            self._admit_decided(request, verdict)
+            if self.batch is not None:
+                return
+        if self.buffer:
+            self._drain()
+        if not self.blocked and self.paused and self.session.ready:
+            self.paused = False
+            self.session.io.resume_client()
+
+    def _admit_decided(self, request: Pending, verdict: Verdict) -> None:
+        message, request.message = memoryview(request.message or b""), None
+        statement = request.statement
+        if statement is not None and request.kind is not EXECUTE:
+            statement.verdict, statement.epoch = verdict, self.hooks.epoch
+        waiting: Waiting = []
+        replacement = self._admit(request, verdict, message, 0, waiting)
+        piece = message if replacement is None else replacement
+        if waiting:
+            self._wait_for_batch([b"", bytes(piece)], waiting)
+        else:
+            self.session.io.send_server(piece)
+
+    def close(self) -> None:
+        if self.cancel_hold is not None:
+            cancel, self.cancel_hold = self.cancel_hold, None
+            cancel()

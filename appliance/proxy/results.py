@@ -1,0 +1,356 @@
+"""The response relay: server messages attributed to their requests, shown to the hooks, and
+passed to the client.
+
+Messages are framed in place (``appliance.pgwire.framing``) and forwarded as ranges of the
+bytes received, with only the ones a hook rewrote spliced in. The few that move protocol
+state (ReadyForQuery, CommandComplete, errors, descriptions, completions) update the
+session's :class:`RequestState`; rare messages are decoded in full so nothing malformed
+reaches the client. A DataRow, CopyData or FunctionCallResponse too large to hold is
+streamed: its header goes out at once and the body follows in windows the
+``stream_chunk`` hooks may rewrite in place, keeping a tail back while a card number may
+continue in the next window.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable
+
+from appliance.pgwire import BACKEND_BOUNDS, ProtocolError, decode_backend, frame_end
+from appliance.pgwire import messages as m
+from appliance.pgwire.fields import check_row_description, cstring
+from appliance.proxy import dispatch
+from appliance.proxy.hooks import Result
+from appliance.proxy.requests import (
+    BIND, CLOSE, DESCRIBE_PORTAL, DESCRIBE_STATEMENT, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, RequestState,
+)
+from appliance.proxy.errors import SessionError
+
+if TYPE_CHECKING:
+    from appliance.proxy.session import Session
+
+_STREAMABLE = frozenset(b"DdV")
+# Backend messages too rare to matter for speed: decoded in full to validate them. DataRow
+# is not among them: it is the hot message, checked by the addons that parse rows.
+_DECODED = frozenset(b"ENAtGHWV")
+# Valid once logged in: what a session relays (authentication and cancel keys are over).
+_SESSION_BOUNDS = {tag: bounds for tag, bounds in BACKEND_BOUNDS.items() if tag not in b"RKv"}
+
+
+def error_bytes(severity: str, sqlstate: str, message: str, detail: str | None = None,
+                hint: str | None = None) -> bytes:
+    return m.ErrorResponse.build(severity, sqlstate, message, detail=detail, hint=hint).encode()
+
+
+class ResponseRelay:
+    """Server → client for a ready session."""
+
+    def __init__(self, session: Session, requests: RequestState):
+        self.session, self.requests = session, requests
+        self.hooks, self.info = session.hooks, session.info
+        self.buffer = bytearray()  # server bytes not yet processed (a partial message)
+        self.need = 0
+        self.result: Result | None = None
+        self.descriptions: dict[bytes, m.RowDescription] = {}  # decoded RowDescriptions by their bytes
+        self.stream_left = 0  # bytes of a streamed message still to pass through
+        self.stream_tag = b""
+        self.stream_total = 0
+        self.stream_done = 0  # body bytes of the streamed message received so far
+        self.stream_carry = b""  # streamed bytes a hook kept back for the next window
+        self.in_stream = False  # part of a message is on its way to the client
+
+    def feed(self, data: bytes) -> None:
+        if self.buffer:
+            self.buffer += data
+            if len(self.buffer) < self.need:
+                return
+            data = bytes(self.buffer)
+            self.buffer.clear()
+            self.need = 0
+        n = len(data)
+        pos = 0
+        view = memoryview(data)
+        pieces: list[bytes | memoryview] = []
+        flush_from = 0
+        if self.stream_left:
+            pos = min(n, self.stream_left)
+            self.stream_left -= pos
+            if self.hooks.stream_chunk:
+                pieces.append(self._stream_window(view[:pos]))
+                flush_from = pos
+            self.in_stream = self.stream_left > 0
+        handlers = _HANDLERS
+        try:
+            while n - pos >= 5:
+                tag = data[pos]
+                end = frame_end(data, pos, _SESSION_BOUNDS, self.session.max_server_message, "backend")
+                if end > n:
+                    if end - pos - 1 > self.session.stream_threshold and tag in _STREAMABLE:
+                        flush_from = self._start_stream(view, pos, end - pos - 1, pieces, flush_from)
+                        pos = n
+                    else:
+                        self.need = end - pos
+                    break
+                replacement = None
+                if tag == 0x44:  # D: DataRow
+                    if self.hooks.data_row:
+                        result = self.current_result()
+                        result.rows += 1
+                        replacement = dispatch.rewrite(self.hooks.data_row, self.info, view[pos:end], result)
+                else:
+                    if tag in _DECODED:
+                        # Rare messages: fully checked, so nothing malformed reaches the client.
+                        decode_backend(bytes((tag,)), view[pos + 5:end])
+                    handler = handlers.get(tag)  # the others (_PASSTHROUGH) carry no state we track
+                    if handler is not None:
+                        replacement = handler(self, view, pos, end)
+                if replacement is not None:
+                    pieces.append(view[flush_from:pos])
+                    pieces.append(replacement)
+                    flush_from = end
+                pos = end
+        except ProtocolError:
+            # What the server sent before the bad message is the client's, as it would be
+            # from the server directly; then the session ends.
+            self._flush(data, view, pieces, flush_from, pos)
+            raise
+        if pos < n:
+            self.buffer += view[pos:]
+            self.need = max(self.need, 5)
+        self._flush(data, view, pieces, flush_from, pos)
+
+    def _flush(self, data: bytes, view: memoryview, pieces: list[bytes | memoryview], flush_from: int,
+               pos: int) -> None:
+        """Send what was relayed up to ``pos``: the received bytes with replacements spliced in."""
+        if pieces:
+            pieces.append(view[flush_from:pos])
+            self.session.io.send_client(b"".join(pieces))
+        elif pos > flush_from:
+            self.session.io.send_client(data if flush_from == 0 and pos == len(data) else view[flush_from:pos])
+
+    # ---- streaming ------------------------------------------------------------------------------
+
+    def _start_stream(self, view: memoryview, pos: int, length: int, pieces: list, flush_from: int) -> int:
+        """Begin passing a large message through in pieces (it is never held whole); the
+        rest of ``view`` is its first piece. Returns the new flush_from."""
+        self.stream_tag, self.stream_total = bytes(view[pos:pos + 1]), length - 4
+        body = view[pos + 5:]
+        if self.stream_tag == b"D":
+            self.current_result().rows += 1
+        self.stream_left = self.stream_total - len(body)
+        self.stream_done = 0
+        if self.hooks.stream_chunk:
+            window = self._stream_window(body)  # a hook failing here: nothing of it was sent yet
+            pieces.append(view[flush_from:pos + 5])
+            pieces.append(window)
+            flush_from = len(view)
+        self.in_stream = True
+        return flush_from
+
+    def _stream_window(self, new: memoryview) -> bytes | memoryview:
+        """Run the stream_chunk hooks over the bytes kept back so far plus ``new``; returns
+        what may go to the client now. The message's header is already on its way, so a
+        replacement must keep the window's length."""
+        carry = self.stream_carry
+        window: memoryview = memoryview(carry + new) if carry else new
+        offset = self.stream_done - len(carry)
+        final = self.stream_left == 0
+        keep = 0
+        result = self.current_result() if self.stream_tag == b"D" else self.result
+        for hook in self.hooks.stream_chunk:
+            try:
+                edit = hook(self.info, result, self.stream_tag, window, offset, self.stream_total)
+            except Exception as exc:
+                raise dispatch.failed(hook, exc) from exc
+            if edit is None:
+                continue
+            if edit.data is not None:
+                if len(edit.data) != len(window):
+                    raise SessionError("XX000", "a streamed value was rewritten to another length")
+                window = memoryview(edit.data)
+            keep = max(keep, edit.keep)
+        if final and keep:
+            raise SessionError("XX000", "a stream hook kept bytes back at the end of a message")
+        if keep > self.session.stream_threshold:
+            raise SessionError("XX000", "a stream hook kept back more than stream_threshold bytes")
+        self.stream_done += len(new)
+        if keep:
+            self.stream_carry = bytes(window[len(window) - keep:])
+            return window[:len(window) - keep]
+        self.stream_carry = b""
+        return window
+
+    # ---- results ----------------------------------------------------------------------------------
+
+    def current_result(self) -> Result:
+        if self.result is None:
+            pending = self.requests.pending
+            self.result = self.requests.result_for(pending[0] if pending else None)
+        return self.result
+
+    def _complete(self, tag: str | None, error: bool, sqlstate: str | None = None) -> None:
+        result = self.current_result()
+        result.sqlstate = sqlstate
+        dispatch.notify(self.hooks.result_complete, self.info, result, tag, error)
+
+    # Handlers for server messages that move protocol state. Each returns replacement bytes
+    # for the message, or None to forward it unchanged.
+
+    def _on_ready_for_query(self, view: memoryview, pos: int, end: int) -> None:
+        status = bytes(view[pos + 5:pos + 6])
+        if status not in (b"I", b"E", b"T"):
+            raise ProtocolError("ReadyForQuery must carry one status byte I, E or T")
+        self.info.transaction_status = status
+        self.requests.ready_for_query(status)
+        self.result = None
+
+    def _on_command_complete(self, view: memoryview, pos: int, end: int) -> None:
+        if end - pos < 6 or view.obj.find(b"\0", pos + 5, end) != end - 1:  # type: ignore[union-attr]
+            raise ProtocolError("CommandComplete must hold exactly one NUL-terminated tag")
+        pending = self.requests.pending
+        head = pending[0] if pending else None
+        if self.hooks.result_complete:
+            tag, _ = cstring(view.obj, pos + 5, end)  # type: ignore[arg-type]
+            self._complete(tag, False)
+        self.result = None
+        if head is not None and head.kind is EXECUTE:
+            pending.popleft()
+
+    def _on_portal_suspended(self, view: memoryview, pos: int, end: int) -> None:
+        if self.hooks.result_complete:
+            self._complete(None, False)
+        self.result = None
+        pending = self.requests.pending
+        if pending and pending[0].kind is EXECUTE:
+            pending.popleft()
+
+    def _on_error(self, view: memoryview, pos: int, end: int) -> bytes | None:
+        pending = self.requests.pending
+        head = pending[0] if pending else None
+        replacement: bytes | None = None
+        if head is not None and head.reject is not None:
+            # The server rejected our stand-in for a blocked request: tell the client why.
+            r = head.reject
+            replacement = error_bytes("ERROR", r.sqlstate, r.message, r.detail, r.hint)
+        elif self.hooks.notice:
+            replacement = dispatch.rewrite(self.hooks.notice, self.info, view[pos:end], True)
+        if self.hooks.result_complete and head is not None and head.kind in (QUERY, EXECUTE, FUNCTION_CALL):
+            code = head.reject.sqlstate if head.reject is not None else _error_code(view, pos, end)
+            self._complete(None, True, code)
+        self.result = None
+        if head is not None and head.kind not in (QUERY, FUNCTION_CALL, SYNC):
+            # Extended protocol: the server now skips everything up to the next Sync, so
+            # statements and portals those requests would have made never exist.
+            if head.kind is EXECUTE and pending and pending[0] is head:
+                pending.popleft()  # this one has had its say above
+            while pending and pending[0].kind is not SYNC:
+                skipped = pending.popleft()
+                self.requests.forget_created(skipped)
+                if skipped.forward is not None and self.hooks.result_complete:
+                    result = Result(skipped.forward.statement, forward=skipped.forward, skipped=True)
+                    dispatch.notify(self.hooks.result_complete, self.info, result, None, True)
+        if view[pos + 5:end].tobytes().find(b"SFATAL\0") >= 0:
+            # Whatever the request: the server's FATAL is the client's last word, not ours.
+            self.session.close_reason = "the database ended the session (FATAL)"
+        return replacement
+
+    def _on_notice(self, view: memoryview, pos: int, end: int) -> bytes | None:
+        if self.hooks.notice:
+            return dispatch.rewrite(self.hooks.notice, self.info, view[pos:end], False)
+        return None
+
+    def _on_notification(self, view: memoryview, pos: int, end: int) -> bytes | None:
+        if self.hooks.notification:
+            return dispatch.rewrite(self.hooks.notification, self.info, view[pos:end])
+        return None
+
+    def _on_row_description(self, view: memoryview, pos: int, end: int) -> None:
+        requests = self.requests
+        pending = requests.pending
+        head = pending[0] if pending else None
+        check_row_description(view.obj, pos + 5, end)  # type: ignore[arg-type]
+        description = None
+        if self.hooks.row_description or self.hooks.data_row:
+            # A session sees the same few descriptions over and over: decode each once, and
+            # hand addons the same object, so what they derive from it can be kept too.
+            key = view[pos + 5:end].tobytes()
+            description = self.descriptions.get(key)
+            if description is None:
+                description = decode_backend(b"T", key)
+                if len(self.descriptions) >= 64:
+                    self.descriptions.clear()
+                self.descriptions[key] = description  # type: ignore[assignment]
+        if head is not None and head.kind is DESCRIBE_STATEMENT:
+            pending.popleft()
+            statement = requests.statements.get(head.name)
+            if statement is not None:
+                statement.row_description = description  # type: ignore[assignment]
+        elif head is not None and head.kind is DESCRIBE_PORTAL:
+            pending.popleft()
+            portal = requests.portals.get(head.name)
+            if portal is not None:
+                portal.row_description = description  # type: ignore[assignment]
+        else:
+            self.result = Result(head.statement if head else None, description,  # type: ignore[arg-type]
+                                 forward=head.forward if head else None)
+            dispatch.notify(self.hooks.row_description, self.info, self.result)
+
+    def _on_no_data(self, view: memoryview, pos: int, end: int) -> None:
+        self._answered(DESCRIBE_STATEMENT, DESCRIBE_PORTAL)
+
+    def _on_parse_complete(self, view: memoryview, pos: int, end: int) -> None:
+        self._answered(PARSE)
+
+    def _on_bind_complete(self, view: memoryview, pos: int, end: int) -> None:
+        self._answered(BIND)
+
+    def _on_close_complete(self, view: memoryview, pos: int, end: int) -> None:
+        self._answered(CLOSE)
+
+    def _answered(self, *kinds: object) -> None:
+        pending = self.requests.pending
+        if pending and pending[0].kind in kinds:
+            pending.popleft()
+
+    def _on_copy_data(self, view: memoryview, pos: int, end: int) -> bytes | None:
+        if self.hooks.copy_data:
+            return dispatch.rewrite(self.hooks.copy_data, self.info, view[pos:end], self.current_result(), False)
+        return None
+
+    def _on_copy_out(self, view: memoryview, pos: int, end: int) -> None:
+        response = decode_backend(b"H", view[pos + 5:end])
+        result = self.current_result()
+        result.copy_format, result.copy_column_formats = response.format, response.column_formats  # type: ignore[attr-defined]
+
+    def _on_function_result(self, view: memoryview, pos: int, end: int) -> bytes | None:
+        if self.hooks.function_result:
+            return dispatch.rewrite(self.hooks.function_result, self.info, view[pos:end])
+        return None
+
+    def _on_parameter_status(self, view: memoryview, pos: int, end: int) -> None:
+        status = decode_backend(b"S", view[pos + 5:end])
+        self.info.parameters[status.name] = status.value  # type: ignore[attr-defined]
+
+
+_HANDLERS: dict[int, Callable[[ResponseRelay, memoryview, int, int], bytes | None]] = {
+    ord("Z"): ResponseRelay._on_ready_for_query,
+    ord("C"): ResponseRelay._on_command_complete,
+    ord("s"): ResponseRelay._on_portal_suspended,
+    ord("I"): ResponseRelay._on_portal_suspended,  # EmptyQueryResponse ends its request the same way
+    ord("E"): ResponseRelay._on_error,
+    ord("N"): ResponseRelay._on_notice,
+    ord("A"): ResponseRelay._on_notification,
+    ord("T"): ResponseRelay._on_row_description,
+    ord("n"): ResponseRelay._on_no_data,
+    ord("1"): ResponseRelay._on_parse_complete,
+    ord("2"): ResponseRelay._on_bind_complete,
+    ord("3"): ResponseRelay._on_close_complete,
+    ord("d"): ResponseRelay._on_copy_data,
+    ord("H"): ResponseRelay._on_copy_out,
+    ord("V"): ResponseRelay._on_function_result,
+    ord("S"): ResponseRelay._on_parameter_status,
+}
+
+
+def _error_code(view: memoryview, pos: int, end: int) -> str | None:
+    """The SQLSTATE of an ErrorResponse at view[pos:end] (a rare message: decoded in full)."""
+    return decode_backend(b"E", bytes(view[pos + 5:end])).sqlstate  # type: ignore[attr-defined]
