@@ -16,7 +16,7 @@ from appliance.config import ConfigError
 from appliance.intercept.base import InterceptError
 
 COMMAND_MODULES = (
-    "appliance.proxy.cli",
+    "appliance.composition",
     "appliance.intercept.cli",
     "appliance.lab.cli",
     "appliance.identity.cli",

@@ -90,7 +90,7 @@ SETUPS["pan_rows"] = setup_pan_rows
 def holds_pending(ctx: Context, count: int = 20) -> Iterator[None]:
     """``count`` agent sessions, each with an UPDATE waiting for approval, for the duration."""
     from appliance.config import load_config
-    from appliance.proxy.cli import control_request
+    from appliance.proxy.control import control_request
 
     config = load_config(ctx.lab.config_path)
     procs = []

@@ -14,17 +14,21 @@ sampled result values (already masked on their way to the agent), error messages
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from appliance.audit.control import register_control_ops
 from appliance.pgwire import decode_backend
+from appliance.pgwire.params import bind_params
 from appliance.proxy.hooks import Addon, Forward, Reject, Result, SessionInfo
 
 if TYPE_CHECKING:
-    from appliance.holds.store import ApprovalRequest
+    from appliance.audit.store import AuditLog
+    from appliance.proxy.control import ControlOps
 
 log = logging.getLogger("tollgate.audit")
 
@@ -49,15 +53,33 @@ class AuditAddon(Addon):
     """Records sessions, statements, results and approvals in an :class:`AuditLog`."""
 
     name = "audit"
+    after = ("enforcement", "masking")  # it records what they decided and masked
 
-    def __init__(self, audit_log: Any, scrub: Callable[[str], str], *, result_rows: int = 20,
-                 result_bytes: int = 8192):
-        self.log = audit_log
+    def __init__(self, audit_log: AuditLog | None, scrub: Callable[[str], str], *, result_rows: int = 20,
+                 result_bytes: int = 8192, opener: Callable[[], AuditLog] | None = None):
+        """Record in ``audit_log``, or in the log ``opener`` opens when the proxy starts."""
+        self.log: AuditLog = audit_log  # type: ignore[assignment]  # set by open() when None
+        self.opener = opener
         self.scrub = scrub
         self.result_rows = result_rows
         self.result_bytes = result_bytes
         self._by_proxy_id: dict[int, _SessionAudit] = {}  # for approvals, which name sessions by SessionInfo.id
         self._decided: set[tuple[str, str]] = set()
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Open (and recover) the log before the first session can start; raises if it can't."""
+        if self.opener is not None:
+            self.log = await asyncio.to_thread(self.opener)
+            self.log.start(asyncio.get_running_loop())
+
+    async def start(self, control: ControlOps) -> None:
+        register_control_ops(control, self.log)
+
+    async def close(self) -> None:
+        if self.opener is not None:
+            await asyncio.to_thread(self.log.close, "the proxy stopped")
 
     # ---- sessions ---------------------------------------------------------------------------
 
@@ -114,7 +136,7 @@ class AuditAddon(Addon):
     def forward(self, session: SessionInfo, request: Forward) -> Any:
         state = self._state(session)
         state.statements += 1
-        request.ticket = state.statements
+        request.number = state.statements
         record = {"type": "statement", "session": state.id, "stmt": state.statements, "kind": request.kind,
                   **state.base, **self._statement_fields(request)}
         if state.approval is not None:
@@ -156,7 +178,6 @@ class AuditAddon(Addon):
         if request.portal:
             fields["portal"] = request.portal
         if request.bind is not None:
-            from appliance.policy.addon import bind_params
             fields["params"] = bind_params(request.bind, statement.param_types, self.scrub, null=None)
         decision = statement.decision
         if decision is not None:
@@ -180,7 +201,7 @@ class AuditAddon(Addon):
         if forward is None or forward.reject is not None:
             return  # not a forwarded request (or refused: its statement record says so)
         state = self._state(session)
-        record: dict[str, Any] = {"type": "result", "session": state.id, "stmt": forward.ticket, **state.base,
+        record: dict[str, Any] = {"type": "result", "session": state.id, "stmt": forward.number, **state.base,
                                   "outcome": "failure" if error else "success", "rows": result.rows,
                                   "masked": result.masked,
                                   "duration_us": (time.perf_counter_ns() - forward.started_ns) // 1000}
@@ -195,9 +216,8 @@ class AuditAddon(Addon):
         self._append(record)
 
     def _sample(self, result: Result) -> dict[str, Any]:
-        sample = result.sample or []
-        truncated = bool(sample and sample[-1] is _TRUNCATED)
-        rows = [row for row in sample if row is not _TRUNCATED]
+        rows = result.sample or []
+        truncated = result.sample_truncated
         description = result.row_description
         columns = [f.name for f in description.fields] if description is not None else []
         return {"columns": columns, "rows": rows, "truncated": truncated or result.rows > len(rows)}
@@ -261,23 +281,23 @@ class SamplingAuditAddon(AuditAddon):
         sample = result.sample
         if sample is None:
             sample = result.sample = []
-        elif len(sample) >= self.result_rows or (sample and sample[-1] is _TRUNCATED):
+        elif len(sample) >= self.result_rows or result.sample_truncated:
             return None
         budget = self.result_bytes - sum(_row_size(r) for r in sample)
         try:
             row = _decode_row(message, result.result_formats, budget, self.scrub)
-        except Exception:  # only the replay sample suffers: the row itself goes on
+        except Exception:  # noqa: BLE001 - only the replay sample suffers: the row itself goes on
             log.exception("audit: could not sample a result row")
             row = None
-        sample.append(row if row is not None else _TRUNCATED)
+        if row is None:  # over the byte budget (or unreadable): the sample stops here
+            result.sample_truncated = True
+        else:
+            sample.append(row)
         return None
 
 
-_TRUNCATED = object()  # marks a sample cut short by its byte budget
-
-
-def _row_size(row: Any) -> int:
-    return 0 if row is _TRUNCATED else sum(len(v) for v in row if v is not None)
+def _row_size(row: list[str | None]) -> int:
+    return sum(len(v) for v in row if v is not None)
 
 
 def _decode_row(message: memoryview, formats: tuple[int, ...], budget: int,

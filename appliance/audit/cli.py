@@ -292,7 +292,7 @@ def _age(stamp: str) -> str:
 def _live_status(config: Config) -> dict[str, Any] | None:
     if config.proxy.control_socket is None:
         return None
-    from appliance.proxy.cli import control_request
+    from appliance.proxy.control import control_request
     try:
         reply = control_request(config, {"op": "audit"})
     except (ConfigError, ValueError):

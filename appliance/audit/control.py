@@ -9,17 +9,19 @@ local command.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from appliance.proxy.control import ControlOps
 
 ADMIN_FIELDS = ("action", "user", "origin", "object", "outcome")
 
 
-def register_control_ops(ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]], audit_log: Any) -> None:
-    ops["audit"] = lambda request: {"audit": audit_log.status()}
-    ops["audit.checkpoint"] = lambda request: {"checkpoint": audit_log.checkpoint_now()}
-    ops["audit.append"] = lambda request: {"seq": _append_admin(audit_log, request)}
-    ops["audit.rotate"] = lambda request: {"rotated": _rotate(audit_log, request)}
+def register_control_ops(ops: ControlOps, audit_log: Any) -> None:
+    ops.register("audit", lambda request: {"audit": audit_log.status()})
+    ops.register("audit.checkpoint", lambda request: {"checkpoint": audit_log.checkpoint_now()})
+    ops.register("audit.append", lambda request: {"seq": _append_admin(audit_log, request)})
+    ops.register("audit.rotate", lambda request: {"rotated": _rotate(audit_log, request)})
 
 
 def _append_admin(audit_log: Any, request: dict[str, Any]) -> int:

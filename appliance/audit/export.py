@@ -109,7 +109,7 @@ class LogAccess:
     def _proxy_answers(self) -> bool:
         if self.config.proxy.control_socket is None:
             return False
-        from appliance.proxy.cli import control_request
+        from appliance.proxy.control import control_request
         try:
             reply = control_request(self.config, {"op": "ping"})
         except ConfigError:
@@ -117,7 +117,7 @@ class LogAccess:
         return bool(reply.get("ok"))
 
     def _ask(self, request: dict[str, Any]) -> dict[str, Any]:
-        from appliance.proxy.cli import control_request
+        from appliance.proxy.control import control_request
         reply = control_request(self.config, request)
         if not reply.get("ok"):
             raise ExportError(f"the proxy refused {request['op']}: {reply.get('error', 'no reason given')}")

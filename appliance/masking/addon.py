@@ -36,6 +36,7 @@ from appliance.masking.pan import (
 from appliance.masking.scanner import TEXT, MaskLeak, PanFound, mask_text
 from appliance.masking.stream import ColumnRule, Walker, data_row_parser, function_result_parser
 from appliance.masking.errors import MaskingError
+from appliance.model.decision import Decision, StatementClass
 from appliance.proxy.hooks import Addon, Result, SessionInfo, StreamEdit
 
 STATE_KEY = "masking"
@@ -136,6 +137,7 @@ class MaskingAddon(Addon):
     """Masks card numbers (and policy-masked columns) in everything sent to the agent."""
 
     name = STATE_KEY
+    after = ("enforcement",)  # it masks the columns the decision names
 
     def __init__(self, fmt: str = "pci", catalog: ColumnCatalog | None = None):
         self.fmt = check_format(fmt)
@@ -151,7 +153,7 @@ class MaskingAddon(Addon):
         rd = result.row_description
         formats = result.result_formats
         decision = result.statement.decision if result.statement is not None else None
-        masks = getattr(decision, "masks", None) or ()
+        masks = decision.masks if decision is not None else ()
         # Without masks the plan depends on the columns alone: statements that differ only
         # in their numbers (a new Decision each) share it.
         key = (id(rd), formats, id(decision) if masks else 0)
@@ -164,20 +166,20 @@ class MaskingAddon(Addon):
         st.plans[key] = (rd, decision, plan)  # the references keep the ids from being reused
         return plan
 
-    def _make_plan(self, session: SessionInfo, result: Result, decision: Any) -> Plan:
+    def _make_plan(self, session: SessionInfo, result: Result, decision: Decision | None) -> Plan:
         rd = result.row_description
         if rd is None:
-            if getattr(decision, "masks", ()):
+            if decision is not None and decision.masks:
                 raise MaskingError("42501", "policy masks columns of this result, but its columns were never "
                                  "described", hint="describe the statement (or use the simple query protocol)")
             return Plan([], untyped=True)  # sized by each row
         fields = rd.fields
         formats = result.result_formats
-        masks = tuple(getattr(decision, "masks", ()) or ())
+        masks = decision.masks if decision is not None else ()
         by_column = {m.column: m.method for m in masks}
         computed = None
         if masks:
-            named = [c for s in getattr(decision, "statements", ()) for c in s.columns]
+            named = [c for s in decision.statements for c in s.columns]  # type: ignore[union-attr]
             computed = _strictest(m.method for m in masks if any(touches(c, m.column) for c in named))
         rules = []
         for i, f in enumerate(fields):
@@ -458,11 +460,11 @@ def _refuse_masked_copy(result: Result) -> None:
     """COPY data carries no column identities, so a policy column mask can't be applied to
     it: a COPY that reads a masked column's table fails closed."""
     decision = result.statement.decision if result.statement is not None else None
-    masks = tuple(getattr(decision, "masks", ()) or ())
+    masks = decision.masks if decision is not None else ()
     if not masks:
         return
-    for s in getattr(decision, "statements", ()):
-        if "copy_out" not in {getattr(c, "value", c) for c in s.classes}:
+    for s in decision.statements:  # type: ignore[union-attr]
+        if StatementClass.COPY_OUT not in s.classes:
             continue
         for m in masks:
             if any(_relation_touches(r, m.column) for r in s.relations) or any(touches(c, m.column) for c in s.columns):

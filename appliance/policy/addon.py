@@ -23,16 +23,19 @@ import asyncio
 import logging
 import struct
 import uuid
-from typing import Any, Awaitable, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
-from appliance.pgwire import decode_frontend
 from appliance.model.decision import Action, Decision, StatementClass
+from appliance.pgwire.params import bind_params
+from appliance.policy.holder import PolicyHolder
 from appliance.proxy.hooks import Addon, Hold, Reject, SessionInfo, Statement, StatementKind, Verdict
+
+if TYPE_CHECKING:
+    from appliance.proxy.control import ControlOps
 
 log = logging.getLogger("tollgate.enforcement")
 
 BLOCKED_SQLSTATE = "42501"  # insufficient_privilege, as the server says for a missing GRANT
-MAX_PARAM_SHOWN = 512  # characters of one parameter an approver is shown
 
 
 class PolicySource(Protocol):
@@ -49,6 +52,10 @@ class Approvals(Protocol):
 
     def hold(self, request: dict[str, Any], decision: Decision) -> Awaitable[Reject | None]: ...
 
+    async def start(self) -> None: ...
+
+    async def close(self) -> None: ...
+
 
 class Catalog(Protocol):
     def ready(self, target: str, database: str) -> "asyncio.Future[None] | None": ...
@@ -60,7 +67,7 @@ def requester(session: SessionInfo) -> dict[str, Any]:
     if identity is None:
         return {"subject": f"unidentified@{session.client.address}", "display": f"unidentified ({session.client})",
                 "kind": "unidentified", "groups": []}
-    return {"subject": identity.subject, "display": getattr(identity, "display", identity.subject),
+    return {"subject": identity.subject, "display": identity.display,
             "kind": identity.kind, "groups": list(identity.groups)}
 
 
@@ -83,6 +90,30 @@ class EnforcementAddon(Addon):
         self.approvals = approvals
         self.catalog = catalog
         self.scrub = scrub
+        self._watch: asyncio.Task[None] | None = None
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    async def start(self, control: ControlOps) -> None:
+        """Reload the policy file on change and on SIGHUP; hold requests reach approvers."""
+        if isinstance(self.policy, PolicyHolder):
+            holder = self.policy
+            holder.install_sighup(asyncio.get_running_loop())
+            self._watch = asyncio.get_running_loop().create_task(holder.watch(), name="policy-watch")
+            control.register("policy", lambda request: holder.status())
+        if self.approvals is not None:
+            await self.approvals.start()
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            try:
+                await self._watch
+            except asyncio.CancelledError:
+                pass
+            self._watch = None
+        if self.approvals is not None:
+            await self.approvals.close()
 
     # ---- hooks -------------------------------------------------------------------------
 
@@ -118,7 +149,7 @@ class EnforcementAddon(Addon):
 
     def execute(self, session: SessionInfo, statement: Statement, bind: bytes | None) -> Verdict:
         decision = statement.deferred
-        if not isinstance(decision, Decision) or decision.action is not Action.HOLD:
+        if decision is None or decision.action is not Action.HOLD:
             return None
         target = session.target.name if session.target is not None else ""
         if self._granted(session, target, statement.text):
@@ -219,54 +250,3 @@ def _sole_prepare(decision: Decision) -> str | None:
 
 def _prepared(session: SessionInfo) -> dict[str, Decision]:
     return session.addon_state.setdefault(EnforcementAddon.name, {})
-
-
-_BINARY_SHOWN: dict[int, Callable[[bytes], str]] = {
-    16: lambda b: "true" if b == b"\x01" else "false",
-    21: lambda b: str(int.from_bytes(b, "big", signed=True)),
-    23: lambda b: str(int.from_bytes(b, "big", signed=True)),
-    20: lambda b: str(int.from_bytes(b, "big", signed=True)),
-    26: lambda b: str(int.from_bytes(b, "big")),
-    700: lambda b: repr(struct.unpack("!f", b)[0]),
-    701: lambda b: repr(struct.unpack("!d", b)[0]),
-    2950: lambda b: str(uuid.UUID(bytes=b)),
-    **{oid: (lambda b: b.decode("utf-8", "replace")) for oid in (25, 1043, 1042, 19, 18, 114, 705)},
-}
-
-
-def _show_binary(oid: int, value: bytes) -> str:
-    """A binary-format parameter as its text form, for the types drivers send binary."""
-    shown = _BINARY_SHOWN.get(oid)
-    if shown is not None:
-        try:
-            return shown(value)
-        except (ValueError, struct.error):
-            pass
-    return "\\x" + value.hex()
-
-
-def bind_params(bind: bytes | None, param_types: tuple[int, ...], scrub: Callable[[str], str],
-                null: str | None = "NULL") -> list[str | None] | None:
-    """The parameters of a Bind, as an approver is shown them and records keep them (PANs
-    scrubbed, long ones cut); SQL NULL as ``null``."""
-    if bind is None:
-        return None
-    try:
-        message = decode_frontend(b"B", bind)
-    except Exception:
-        return ["<parameters could not be decoded>"]
-    formats = message.param_formats
-    shown: list[str] = []
-    for i, value in enumerate(message.params):
-        fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
-        if value is None:
-            shown.append(null)
-            continue
-        if fmt == 1:
-            text = _show_binary(param_types[i] if i < len(param_types) else 0, value)
-        else:
-            text = value.decode("utf-8", "replace")
-        if len(text) > MAX_PARAM_SHOWN:
-            text = text[:MAX_PARAM_SHOWN] + f"… ({len(text)} characters)"
-        shown.append(scrub(text))
-    return shown

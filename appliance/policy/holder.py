@@ -150,6 +150,11 @@ class PolicyHolder:
             await asyncio.sleep(self.reload_seconds)
             self.check()
 
+    def status(self) -> dict[str, object]:
+        """What ``tollgate`` shows of the policy in force (the proxy's control socket)."""
+        return {"file": str(self.path), "sha256": self.digest, "generation": self.generation,
+                "loaded_at": self.loaded_at, "last_error": self.last_error, "rules": len(self.current.rules)}
+
     def install_sighup(self, loop: asyncio.AbstractEventLoop) -> None:
         """Reload at once on SIGHUP (the conventional "re-read your config")."""
         loop.add_signal_handler(signal.SIGHUP, self._sighup)

@@ -9,22 +9,40 @@ Hooks run inside the session layer, synchronously. The only hooks that may wait 
 session pauses — only itself — until the awaitable yields a verdict. ``forward`` is the
 commit point: it sees every request that makes the server act once its verdict is final,
 and may return an awaitable that must finish before the request goes upstream (the audit
-record being made durable); the session waits for those of a whole batch at once. A hook that finds data
-it must not let through and cannot make safe raises :class:`FailClosed`: the session ends
-with a FATAL error rather than pass it on.
+record being made durable); the session waits for those of a whole batch at once. Whatever a hook raises fails
+closed (see ``dispatch``); a hook that finds data it must not let through and cannot make
+safe raises an error with a ``sqlstate`` and ``message`` (:class:`FailClosed`, or the
+feature's own) so the agent is told why.
+
+Besides hooks, an addon has a life cycle the composition root drives: ``open`` before the
+proxy listens, ``start`` once it does (background work, control-socket operations),
+``close`` after the last session. Addons declare which others must run before them
+(``after``); :class:`AddonManager` refuses an order that breaks that.
+
+Data passes between addons only through the typed fields of the hook data: policy's
+:class:`~appliance.model.decision.Decision` on a Statement, the
+:class:`~appliance.model.identity.Identity` on SessionInfo, the audit's statement number
+on a Forward, the audit's sample on a Result.
 """
 
 from __future__ import annotations
 
 import enum
 import itertools
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
 
+from appliance.model.decision import Decision
+from appliance.model.identity import Identity
+
 if TYPE_CHECKING:
     from appliance.config import Endpoint, Target
     from appliance.pgwire.messages import RowDescription
+    from appliance.proxy.control import ControlOps
+
+log = logging.getLogger("tollgate.addons")
 
 
 class StatementKind(enum.Enum):
@@ -56,9 +74,9 @@ class SessionInfo:
     client_tls: str | None = None  # TLS version towards the agent, None if clear
     backend_pid: int | None = None
     transaction_status: bytes = b"I"
-    # Who this is (appliance.identity.Identity), and how we know: "certificate", or
-    # "legacy-source-address" for the opt-in address mapping; None in trust mode.
-    identity: Any = None
+    # Who this is, and how we know: "certificate", or "legacy-source-address" for the
+    # opt-in address mapping; None in trust mode.
+    identity: Identity | None = None
     identity_source: str | None = None
     certificate_serial: int | None = None
     masked_values: int = 0  # values masked on their way to the agent, whole session
@@ -79,14 +97,14 @@ class Statement:
     verdict: "Verdict | None" = None
     # Learnt from the server's answer to Describe(statement); clients may skip Describe.
     row_description: "RowDescription | None" = None
-    # Policy's decision (appliance.model.decision.Decision), for masking and records.
-    decision: Any = None
+    # Policy's decision, for masking and records.
+    decision: Decision | None = None
     # The AddonManager.epoch the verdict was reached in: a prepared statement is decided
     # again at Execute once policy has changed since.
     epoch: int = 0
-    # Set by an addon that wants a say at every Execute of this statement (a hold is
+    # Set by policy when it wants a say at every Execute of this statement (a hold is
     # asked for when it runs, with its parameters, not when it is prepared).
-    deferred: Any = None
+    deferred: Decision | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -100,7 +118,7 @@ class Forward:
     portal: str = ""
     bind: bytes | None = None  # the portal's Bind body (parameters), for an Execute
     started_ns: int = 0  # time.perf_counter_ns() when it was forwarded
-    ticket: Any = None  # an addon's handle on this execution (the audit's statement number)
+    number: int | None = None  # the statement's number in its session's audit records
 
 
 @dataclass(eq=False, slots=True)
@@ -119,7 +137,9 @@ class Result:
     forward: Forward | None = None  # the request this result answers
     sqlstate: str | None = None  # the error's SQLSTATE, when the result is an error
     skipped: bool = False  # the server skipped the request after an earlier error
-    sample: list[Any] | None = None  # rows an addon keeps (the audit's replay sample)
+    # The first rows, as text, the audit keeps for replay; truncated when a row was cut.
+    sample: list[list[str | None]] | None = None
+    sample_truncated: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +184,19 @@ class Addon:
     """Base class for features. Override only the hooks you need."""
 
     name: str = "addon"
+    # Addons whose hooks must run before this one's when both are present (masking reads
+    # the decision enforcement made; audit records what both did).
+    after: tuple[str, ...] = ()
+
+    async def open(self) -> None:
+        """Before the proxy listens. Raising stops it from starting (the audit log must be
+        open before the first session)."""
+
+    async def start(self, control: ControlOps) -> None:
+        """The proxy listens: start background work, register control-socket operations."""
+
+    async def close(self) -> None:
+        """After the last session has ended."""
 
     def session_start(self, session: SessionInfo) -> None:
         """The upstream session is authenticated and ready for queries."""
@@ -238,19 +271,48 @@ HOOK_NAMES = (
 )
 
 
+class AddonOrderError(ValueError):
+    """The addons are in an order their declarations forbid."""
+
+
 class AddonManager:
-    """Holds the addons and, per hook, the bound methods of those that implement it."""
+    """Holds the addons in their declared order and, per hook, the bound methods of those
+    that implement it; runs their life cycle."""
 
     def __init__(self, addons: Iterable[Addon] = ()):
         self.addons: list[Addon] = list(addons)
+        check_order(self.addons)
         # Bumped when a decision-making addon's rules change (a policy reload): verdicts
         # of prepared statements from an older epoch are reached again at Execute.
         self.epoch = 0
+        self._opened: list[Addon] = []
         self._index()
 
-    def add(self, addon: Addon) -> None:
-        self.addons.append(addon)
-        self._index()
+    def bump_epoch(self) -> None:
+        self.epoch += 1
+
+    async def open(self) -> None:
+        """Open every addon in order; if one fails, close those already open and raise."""
+        for addon in self.addons:
+            try:
+                await addon.open()
+            except BaseException:
+                await self.close()
+                raise
+            self._opened.append(addon)
+
+    async def start(self, control: ControlOps) -> None:
+        for addon in self._opened:
+            await addon.start(control)
+
+    async def close(self) -> None:
+        """Close the opened addons in reverse order; one failing doesn't keep the rest open."""
+        while self._opened:
+            addon = self._opened.pop()
+            try:
+                await addon.close()
+            except Exception:  # noqa: BLE001 - shutting down: report it, close the others
+                log.exception("addon %s failed to close", addon.name)
 
     def _index(self) -> None:
         for hook in HOOK_NAMES:
@@ -275,3 +337,15 @@ class AddonManager:
     notice: list[Callable[[SessionInfo, bool, memoryview], bytes | None]]
     notification: list[Callable[[SessionInfo, memoryview], bytes | None]]
     result_complete: list[Callable[[SessionInfo, Result, str | None, bool], None]]
+
+
+def check_order(addons: list[Addon]) -> None:
+    """Raise AddonOrderError unless every addon comes after the ones it declares it runs after."""
+    last: dict[str, int] = {}
+    for index, addon in enumerate(addons):
+        last[addon.name] = index
+    for index, addon in enumerate(addons):
+        late = [name for name in addon.after if last.get(name, -1) > index]
+        if late:
+            raise AddonOrderError(f"addon {addon.name!r} must run after {', '.join(map(repr, late))}, "
+                                  "but comes before")

@@ -22,8 +22,10 @@ from appliance.config import Config, Endpoint, Target, normalize_address
 from appliance.intercept.base import InterceptError, InterceptMethod
 from appliance.pgwire import messages as m
 from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
+from appliance.proxy.cancel import CancelRegistry
+from appliance.proxy.control import ControlOps, start_control_server
 from appliance.proxy.hooks import AddonManager, SessionInfo
-from appliance.proxy.session import CancelRegistry, Session
+from appliance.proxy.session import Session
 
 log = logging.getLogger("tollgate.server")
 
@@ -373,8 +375,10 @@ class ProxyServer:
         self.config = config
         self.method = method
         self.addons = addons or AddonManager()
-        # Further control-socket requests, by "op": features register theirs (policy status…).
-        self.control_ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        # What the control socket answers; addons register theirs when they start.
+        self.control = ControlOps()
+        self.control.register("ping", lambda request: {})
+        self.control.register("sessions", lambda request: {"sessions": self.snapshot()})
         self.authenticator = authenticator or TrustAuthenticator()
         self.cancels = CancelRegistry()
         self.sessions: dict[int, Session] = {}
@@ -400,7 +404,7 @@ class ProxyServer:
                 raise
             self._servers.append(await loop.create_server(lambda: ClientConnection(self), sock=sock))
         if self.config.proxy.control_socket is not None:
-            self._servers.append(await start_control_server(self, self.config.proxy.control_socket))
+            self._servers.append(await start_control_server(self.control, self.config.proxy.control_socket))
         if hasattr(self.authenticator, "revocations"):
             self._watcher = asyncio.ensure_future(self._watch_revocations())
 
@@ -463,41 +467,3 @@ class ProxyServer:
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [s.describe() for s in self.sessions.values()]
-
-
-async def start_control_server(server: ProxyServer, path: Path) -> asyncio.AbstractServer:
-    """A root-only unix socket answering one JSON request per line (``{"op": "sessions"}``)."""
-
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while line := await reader.readline():
-                try:
-                    request = json.loads(line)
-                    op = request.get("op") if isinstance(request, dict) else None
-                except ValueError:
-                    op = None
-                if op == "sessions":
-                    reply: dict[str, Any] = {"ok": True, "sessions": server.snapshot()}
-                elif op == "ping":
-                    reply = {"ok": True}
-                elif op in server.control_ops:
-                    try:
-                        reply = {"ok": True, **server.control_ops[op](request)}
-                    except Exception as exc:
-                        reply = {"ok": False, "error": str(exc)}
-                else:
-                    known = ", ".join(sorted(("sessions", "ping", *server.control_ops)))
-                    reply = {"ok": False, "error": f"unknown request; known ops: {known}"}
-                writer.write(json.dumps(reply).encode() + b"\n")
-                await writer.drain()
-        finally:
-            writer.close()
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        path.unlink()
-    old_umask = os.umask(0o077)
-    try:
-        return await asyncio.start_unix_server(handle, path=str(path))
-    finally:
-        os.umask(old_umask)

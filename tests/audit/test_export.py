@@ -140,7 +140,7 @@ def test_time_range(tmp_path: Path) -> None:
 def test_through_a_running_proxy(tmp_path: Path) -> None:
     """The proxy holds the log: export asks it for a checkpoint and records through it."""
     from appliance.audit.control import register_control_ops
-    from appliance.proxy.server import ProxyServer, start_control_server
+    from appliance.proxy.control import ControlOps, start_control_server
 
     config = write_config(tmp_path, control=True)
     fill(config)
@@ -153,10 +153,11 @@ def test_through_a_running_proxy(tmp_path: Path) -> None:
         asyncio.set_event_loop(loop)
         log = AuditLog.open(config.audit, version="proxy")  # type: ignore[arg-type]
         log.start(loop)
-        server = ProxyServer(config, None)  # type: ignore[arg-type]
-        register_control_ops(server.control_ops, log)
+        ops = ControlOps()
+        ops.register("ping", lambda request: {})
+        register_control_ops(ops, log)
         holder["log"] = log
-        holder["control"] = loop.run_until_complete(start_control_server(server, config.proxy.control_socket))
+        holder["control"] = loop.run_until_complete(start_control_server(ops, config.proxy.control_socket))
         ready.set()
         loop.run_forever()
 

@@ -65,7 +65,7 @@ def superuser_sql(lab: Lab, sql: str, dbname: str = "payments") -> str:
 
 def proxy_request(lab: Lab, request: dict) -> dict:
     from appliance.config import load_config
-    from appliance.proxy.cli import control_request
+    from appliance.proxy.control import control_request
     return control_request(load_config(lab.config_path), request)
 
 

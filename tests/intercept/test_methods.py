@@ -10,7 +10,6 @@ here touches the host's own namespace: every command runs through ``ip netns exe
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -107,22 +106,8 @@ elif verb == "routing":  # routing TABLE: every rule, and the routes in TABLE, v
     print(json.dumps({"rules": rules, "routes": routes}))
 '''
 
-INTERCEPT_ONLY_CLI = (
-    "import argparse, sys\n"
-    "from appliance.intercept import cli\n"
-    "p = argparse.ArgumentParser(prog='tollgate')\n"
-    "cli.register(p.add_subparsers(dest='command', required=True))\n"
-    "a = p.parse_args()\n"
-    "sys.exit(a.handler(a))\n"
-)
-
-
 def tollgate_argv() -> list[str]:
-    """The real `tollgate` CLI, or only the intercept commands while sibling packages are missing."""
-    siblings = ("appliance.proxy.cli", "appliance.lab.cli")
-    if all(importlib.util.find_spec(name) for name in siblings):
-        return [PY, "-m", "appliance.cli"]
-    return [PY, "-c", INTERCEPT_ONLY_CLI]
+    return [PY, "-m", "appliance.cli"]
 
 
 def run(*cmd: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

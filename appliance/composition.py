@@ -1,0 +1,213 @@
+"""The composition root: ``tollgate run`` builds the proxy and its addons from the
+configuration, wires the features to one another, and drives their life cycle.
+
+This is the one module that knows every feature. The features don't import one another:
+what one must hear of another (a policy reload, an approval) is wired here, and what passes
+between them in the data path travels in the typed hook data. The addons run in the order
+of :data:`ADDON_ORDER` — enforcement decides, masking masks what was decided, audit records
+both — and :class:`~appliance.proxy.hooks.AddonManager` checks it against what each addon
+declares before the proxy starts.
+
+Start-up order matters for the guarantees: the addons open (the audit log is recovered and
+open) before the server listens, the server listens before traffic is diverted to it, and
+on the way out sessions end before the addons close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from appliance import __version__
+from appliance.audit.addon import AuditAddon, SamplingAuditAddon
+from appliance.audit.keys import AuditKeyError, KeyRing
+from appliance.audit.store import AuditLog
+from appliance.audit.store_errors import AuditError
+from appliance.config import Config, ConfigError, load_config
+from appliance.holds.broker import HoldBroker
+from appliance.identity.agent_auth import CertificateAuthenticator
+from appliance.intercept import get_method
+from appliance.masking.addon import MaskingAddon
+from appliance.masking.catalog import PgColumnCatalog
+from appliance.masking.scanner import scrub
+from appliance.policy.addon import EnforcementAddon
+from appliance.policy.holder import PolicyHolder
+from appliance.policy.rules import PolicyError
+from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
+from appliance.proxy.hooks import Addon, AddonManager, AddonOrderError
+from appliance.proxy.server import ProxyServer
+
+log = logging.getLogger("tollgate")
+
+ADDON_ORDER = ("enforcement", "masking", "audit")
+
+
+@dataclass
+class Assembly:
+    """What ``tollgate run`` serves with: the addons in order, and the agent authenticator."""
+
+    addons: AddonManager
+    authenticator: AgentAuthenticator
+    audit: AuditAddon | None = None
+    policy: PolicyHolder | None = None
+
+
+def build(config: Config) -> Assembly:
+    """The addons ``config`` asks for, wired together. Raises ConfigError (or PolicyError)
+    when a feature can't start as configured: the proxy must not run without the policy
+    or the audit log it was given."""
+    text_scrubber = _scrubber(config)
+    policy, catalog, approvals = None, None, None
+    addons: dict[str, Addon] = {}
+    if config.policy is not None:
+        policy = PolicyHolder(config.policy.file, config.policy.reload_seconds)
+        catalog = PgColumnCatalog(config.targets)
+        catalog.set_columns(policy.current.masked_columns)
+        approvals = _approvals(config)
+        addons["enforcement"] = EnforcementAddon(policy, approvals, catalog, text_scrubber)
+    else:
+        log.warning("no [policy] configured: statements are not checked against any policy "
+                    "(card numbers are still masked)")
+    if config.masking.enabled:
+        addons["masking"] = MaskingAddon(config.masking.pan_format, catalog)
+    else:
+        log.warning("masking is turned off ([masking] enabled = false): card numbers reach agents in clear")
+    audit = _audit(config, text_scrubber) if config.audit is not None else None
+    if audit is not None:
+        addons["audit"] = audit
+    else:
+        log.warning("no [audit] configured: sessions and statements are not recorded")
+    try:
+        manager = AddonManager(addons[name] for name in ADDON_ORDER if name in addons)
+    except AddonOrderError as exc:
+        raise ConfigError(f"{config.path}: the proxy's addons: {exc}") from None
+    if policy is not None:
+        _wire_policy(policy, manager, catalog, audit)
+    if approvals is not None and audit is not None:
+        approvals.listeners.append(audit.approval_event)
+    return Assembly(manager, authenticator_for(config), audit, policy)
+
+
+def _wire_policy(policy: PolicyHolder, manager: AddonManager, catalog: PgColumnCatalog | None,
+                 audit: AuditAddon | None) -> None:
+    @policy.on_reload
+    def reloaded(current: Any) -> None:
+        # Prepared statements decided under the old rules are decided again when run.
+        manager.bump_epoch()
+        if catalog is not None:
+            catalog.set_columns(current.masked_columns)
+
+    if audit is not None:
+        path = str(policy.path)
+        policy.on_reload(lambda current: audit.policy_reloaded(path, policy.digest, policy.generation, None))
+        policy.on_failure(lambda error: audit.policy_reloaded(path, None, policy.generation, error))
+
+
+def _audit(config: Config, text_scrubber: Any) -> AuditAddon:
+    audit_config = config.audit
+    assert audit_config is not None
+    try:
+        KeyRing.load(audit_config)  # fail now, with the file named, rather than at the first session
+    except AuditKeyError as exc:
+        raise ConfigError(f"{config.path}: audit: {exc}") from None
+    sampling = audit_config.result_rows > 0 and audit_config.result_bytes > 0
+    kind = SamplingAuditAddon if sampling else AuditAddon
+    return kind(None, text_scrubber, result_rows=audit_config.result_rows, result_bytes=audit_config.result_bytes,
+                opener=lambda: AuditLog.open(audit_config, version=__version__))
+
+
+def _scrubber(config: Config) -> Any:
+    fmt = config.masking.pan_format
+    return lambda text: scrub(text, fmt)
+
+
+def _approvals(config: Config) -> HoldBroker | None:
+    """The approvals broker, when the appliance can authenticate approvers (OIDC)."""
+    identity = config.identity
+    if identity is None or identity.oidc is None:
+        log.warning("no [identity.oidc]: nobody can approve, so held statements are refused")
+        return None
+    return HoldBroker.from_config(config)
+
+
+def authenticator_for(config: Config) -> AgentAuthenticator:
+    if config.proxy.agent_auth == "certificate":
+        return CertificateAuthenticator(config)
+    return TrustAuthenticator()
+
+
+# ---- tollgate run ------------------------------------------------------------------------------
+
+def register(sub: argparse._SubParsersAction) -> None:
+    run = sub.add_parser("run", help="run the proxy (applies the intercept ruleset first)")
+    run.add_argument("-c", "--config", required=True, help="Tollgate configuration (TOML)")
+    run.add_argument("--no-intercept", action="store_true",
+                     help="don't touch nftables or routing (the ruleset is managed elsewhere)")
+    run.set_defaults(handler=cmd_run)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    method = get_method(config.intercept.method)
+    if not args.no_intercept:
+        supported, why = method.is_supported()
+        if not supported:
+            raise ConfigError(f"{config.path}: intercept.method: {method.name} is not usable here: {why}")
+    try:
+        import uvloop  # optional: about a third faster on the relay path
+    except ImportError:
+        uvloop = None
+    runner = uvloop.run if uvloop is not None else asyncio.run
+    try:
+        assembly = build(config)
+    except PolicyError as exc:
+        print(f"tollgate: policy: {exc}", file=sys.stderr)
+        return 2
+    return runner(serve(config, method, assembly, intercept=not args.no_intercept))
+
+
+async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: bool = True) -> int:
+    addons = assembly.addons
+    server = ProxyServer(config, method, addons, assembly.authenticator)
+    try:
+        await addons.open()  # the audit log is open before the first session can start
+    except AuditError as exc:
+        raise ConfigError(f"audit log {config.audit.dir if config.audit else '?'}: {exc}") from None
+    if assembly.audit is not None and assembly.policy is not None:  # which policy was in force from the start
+        policy = assembly.policy
+        assembly.audit.policy_reloaded(str(policy.path), policy.digest, policy.generation, None)
+    # Listen first, divert second: traffic is only diverted to a port that is answering.
+    # The ruleset stays when we exit, so agents fail closed rather than bypass the proxy.
+    try:
+        await server.start()
+    except BaseException:
+        await addons.close()
+        raise
+    try:
+        await addons.start(server.control)
+        if intercept:
+            # pyroute2 drives an event loop of its own, which can't nest inside ours.
+            await asyncio.to_thread(method.setup, config)
+    except BaseException:
+        await server.close()
+        await addons.close()
+        raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    targets = ", ".join(f"{t.name} ({', '.join(map(str, t.endpoints))})" for t in config.targets)
+    log.info("listening on port %d (%s intercept); protecting %s", config.proxy.listen_port,
+             config.intercept.method, targets or "nothing")
+    # The lab and service managers wait for this exact line.
+    print("tollgate: ready", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await server.close()
+    await addons.close()
+    return 0

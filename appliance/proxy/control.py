@@ -1,0 +1,98 @@
+"""The control socket: how local commands ask the running proxy, both ends and the format.
+
+A root-only Unix socket (``proxy.control_socket``) takes one JSON object per line, each with
+an ``op``, and answers each with one JSON object per line: ``{"ok": true, …}`` or
+``{"ok": false, "error": "…"}``. The proxy answers ``ping`` and ``sessions`` itself; an
+addon registers its own operations when it starts (the audit log's ``audit.*``, the
+policy's ``policy``) on the :class:`ControlOps` it is handed. :func:`control_request` is
+the client the CLI, the tests and the bench use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from appliance.config import Config, ConfigError
+
+log = logging.getLogger("tollgate.control")
+
+Request = dict[str, Any]
+Reply = dict[str, Any]
+Handler = Callable[[Request], Reply]
+
+
+class ControlOps:
+    """The operations the control socket answers, by name."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, Handler] = {}
+
+    def register(self, op: str, handler: Handler) -> None:
+        if op in self._handlers:
+            raise ValueError(f"control operation {op!r} is registered twice")
+        self._handlers[op] = handler
+
+    def answer(self, line: bytes) -> Reply:
+        """The reply to one request line; a handler's exception is the client's error."""
+        try:
+            request = json.loads(line)
+        except ValueError:
+            request = None
+        op = request.get("op") if isinstance(request, dict) else None
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None:
+            return {"ok": False, "error": f"unknown request; known ops: {', '.join(sorted(self._handlers))}"}
+        try:
+            return {"ok": True, **handler(request)}  # type: ignore[arg-type]
+        except Exception as exc:  # noqa: BLE001 - the asking command reports it; the proxy goes on
+            log.warning("control request %r failed: %s", op, exc)
+            return {"ok": False, "error": str(exc)}
+
+
+async def start_control_server(ops: ControlOps, path: Path) -> asyncio.AbstractServer:
+    """Listen on ``path`` (created owner-only) and answer each request line with ``ops``."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while line := await reader.readline():
+                writer.write(json.dumps(ops.answer(line)).encode() + b"\n")
+                await writer.drain()
+        finally:
+            writer.close()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    old_umask = os.umask(0o077)
+    try:
+        return await asyncio.start_unix_server(handle, path=str(path))
+    finally:
+        os.umask(old_umask)
+
+
+def control_request(config: Config, request: Request) -> Reply:
+    """Ask the proxy ``config`` describes; one request, one reply."""
+    path = config.proxy.control_socket
+    if path is None:
+        raise ConfigError(f"{config.path}: proxy.control_socket: is not set, so the proxy can't be asked")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError as exc:
+            raise ConfigError(f"{config.path}: proxy.control_socket: cannot reach {path}: {exc.strerror} "
+                              "(is tollgate running?)") from None
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
