@@ -62,11 +62,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 # The auditor's verifier as one zipapp: the audit modules it needs, the PAN detector, and
-# nothing else of the appliance (it needs only python3 and python3-cryptography). The
-# masking package's __init__ is replaced by an empty one so only pan.py is loaded.
+# nothing else of the appliance (it needs only python3 and python3-cryptography).
 VERIFIER_PYZ   ?= dist/tollgate-verify.pyz
 VERIFIER_BUILD ?= build/verifier
-VERIFIER_SRC   := appliance/__init__.py appliance/masking/pan.py \
+VERIFIER_SRC   := appliance/__init__.py appliance/pan/__init__.py appliance/pan/detector.py \
                   $(addprefix appliance/audit/,__init__.py canonical.py merkle.py note.py trust.py \
                     bundle_layout.py bundle_reader.py verifier.py verify_members.py verify_pan.py \
                     verify_records.py verify_report.py verify_signed.py verify_walk.py verify_workers.py)
@@ -75,11 +74,10 @@ verifier: $(VERIFIER_PYZ)
 
 $(VERIFIER_PYZ): $(VERIFIER_SRC) Makefile
 	rm -rf $(VERIFIER_BUILD)
-	mkdir -p $(VERIFIER_BUILD)/appliance/audit $(VERIFIER_BUILD)/appliance/masking $(dir $@)
+	mkdir -p $(VERIFIER_BUILD)/appliance/audit $(VERIFIER_BUILD)/appliance/pan $(dir $@)
 	cp appliance/__init__.py $(VERIFIER_BUILD)/appliance/
 	cp $(filter appliance/audit/%,$(VERIFIER_SRC)) $(VERIFIER_BUILD)/appliance/audit/
-	cp appliance/masking/pan.py $(VERIFIER_BUILD)/appliance/masking/
-	: > $(VERIFIER_BUILD)/appliance/masking/__init__.py
+	cp appliance/pan/__init__.py appliance/pan/detector.py $(VERIFIER_BUILD)/appliance/pan/
 	printf 'import sys\nfrom appliance.audit.verifier import main\nsys.exit(main())\n' > $(VERIFIER_BUILD)/__main__.py
 	python3 -m zipapp $(VERIFIER_BUILD) -o $@ -p '/usr/bin/env python3'
 	@echo "built $@ (run: python3 $@ BUNDLE --root-key KEY)"

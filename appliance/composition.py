@@ -34,7 +34,7 @@ from appliance.identity.agent_auth import CertificateAuthenticator
 from appliance.intercept import get_method
 from appliance.masking.addon import MaskingAddon
 from appliance.masking.catalog import PgColumnCatalog
-from appliance.masking.scanner import scrub
+from appliance.pan.scanner import scrub
 from appliance.policy.addon import EnforcementAddon
 from appliance.policy.holder import PolicyHolder
 from appliance.policy.rules import PolicyError

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from appliance.model.oidc import OIDCSettings
 from appliance.pgwire import DEFAULT_MAX_MESSAGE_SIZE
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -127,7 +128,7 @@ class IdentityConfig:
     # Shown to a refused agent so it knows where to enroll.
     enroll_url: str | None = None
     enroll_listen: str = "0.0.0.0:8443"
-    oidc: Any = None  # appliance.identity.oidc.OIDCSettings; None until configured
+    oidc: OIDCSettings | None = None
     legacy_sources: tuple[LegacySource, ...] = ()
 
     @property
@@ -418,8 +419,6 @@ def _parse_target(s: _Section, base: Path) -> Target:
 
 
 def _parse_oidc(s: _Section, base: Path) -> Any:
-    from appliance.identity.oidc import OIDCSettings  # the identity package is optional here
-
     fields: dict[str, Any] = {"issuer": s.get("issuer", str), "audience": s.get("audience", str)}
     for name in ("subject_claim", "email_claim", "groups_claim", "kind_claim", "default_kind"):
         if name in s.data:

@@ -13,7 +13,8 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from appliance.config import Credential, Endpoint, Target
 from appliance.pgwire import messages as m

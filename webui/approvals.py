@@ -44,14 +44,14 @@ from flask import Blueprint, Flask, Response, current_app, g, jsonify, request
 from appliance.config import Config, ConfigError
 from appliance.holds.service import MAX_LIST_LIMIT, ApprovalError, ApprovalService
 from appliance.holds.store import STATUSES, StoreError
-from appliance.model.identity import Identity
 from appliance.identity.oidc import (
     IssuerError,
-    OIDCSettings,
     OIDCValidator,
     TokenError,
     identity_from_claims,
 )
+from appliance.model.identity import Identity
+from appliance.model.oidc import OIDCSettings
 from appliance.state.db import StateError
 from webui import bearer_refused, error_response
 

@@ -31,13 +31,15 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
 from appliance.config import Config, ConfigError
+
 # The CA's own CSR rules, run here first so each refusal gets its own HTTP status;
 # issue_client applies them again, so this can only refuse more, never less.
 from appliance.identity.ca import CertificateAuthority, check_client_key, check_csr_claims
 from appliance.identity.certs import certificate_pem, not_valid_after
+from appliance.identity.oidc import IssuerError, OIDCValidator, TokenError, identity_from_claims
+from appliance.identity.registry import CertificateRegistry, RegistryError, format_serial
 from appliance.model.identity import Identity, IdentityError
-from appliance.identity.oidc import IssuerError, OIDCSettings, OIDCValidator, TokenError, identity_from_claims
-from appliance.state.certificates import CertificateRegistry, RegistryError, format_serial
+from appliance.model.oidc import OIDCSettings
 from appliance.state.db import StateError
 from webui import bearer_refused, error_response
 
@@ -65,7 +67,7 @@ class Enrollment:
     @classmethod
     def from_config(cls, config: Config, *, validator: OIDCValidator | None = None,
                     ca: CertificateAuthority | None = None,
-                    registry: CertificateRegistry | None = None) -> "Enrollment":
+                    registry: CertificateRegistry | None = None) -> Enrollment:
         identity = config.identity
         if identity is None:
             raise ConfigError(f"{config.path}: identity: enrollment needs an [identity] section")

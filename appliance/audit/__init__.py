@@ -5,7 +5,7 @@ The formats are in ``docs/audit-format.md``. The modules an auditor's verifier n
 ``note`` (C2SP signed notes and tlog-checkpoints, Ed25519), ``trust`` (the root-signed
 list of signing keys), ``bundle_layout`` and ``bundle_reader`` (export bundles),
 ``verifier`` (``tollgate-verify``) and its ``verify_*`` steps — import only the standard
-library, ``cryptography``, each other and ``appliance.masking.pan``, so ``make verifier``
+library, ``cryptography``, each other and ``appliance.pan.detector``, so ``make verifier``
 can pack them into one zipapp (the Makefile's VERIFIER_SRC lists them).
 
 The appliance's side: ``store`` (the log writer, ``AuditLog``) and its ``store_*`` parts,

@@ -19,7 +19,7 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.audit.control import register_control_ops
 from appliance.pgwire import decode_backend
@@ -31,6 +31,37 @@ if TYPE_CHECKING:
     from appliance.proxy.control import ControlOps
 
 log = logging.getLogger("tollgate.audit")
+
+
+class Approver(Protocol):
+    subject: str
+
+
+class ApprovalVote(Protocol):
+    approver_subject: str
+    verdict: Any
+    reason: str
+    grant_minutes: int | None
+
+
+class ApprovalRequest(Protocol):
+    """What the audit records of an approval request (``appliance.holds.store.ApprovalRequest``,
+    handed over by the composition root, which wires the broker's events here)."""
+
+    id: str
+    requester: Approver
+    target: str
+    database: str
+    sql: str
+    classification: tuple[dict[str, Any], ...]
+    rule: str
+    approver_groups: tuple[str, ...]
+    min_approvals: int
+    session_id: str | None
+    client: str
+    status: str
+    status_reason: str | None
+    votes: tuple[ApprovalVote, ...]
 
 MAX_TEXT = 65536  # characters of SQL text kept; longer text is cut and its digest kept
 DISK_FULL_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
@@ -150,7 +181,7 @@ class AuditAddon(Addon):
             record["outcome"] = "success"
         try:
             seq = self.log.append(_clean(record), trusted=True)
-        except Exception as exc:  # the log can't take it: the statement must not run
+        except Exception as exc:  # noqa: BLE001 - the log can't take it: the statement must not run
             if reject is not None:
                 return None  # refused anyway; the log counts what it missed
             self.log.note_refused()
@@ -270,7 +301,7 @@ class AuditAddon(Addon):
     def _append(self, record: dict[str, Any]) -> None:
         try:
             self.log.append(_clean(record), trusted=True)
-        except Exception as exc:  # already happened: it can't be undone, only reported
+        except Exception as exc:  # noqa: BLE001 - already happened: it can't be undone, only reported
             log.error("audit: could not record %s: %s", record.get("type"), exc)
 
 
@@ -286,7 +317,7 @@ class SamplingAuditAddon(AuditAddon):
         budget = self.result_bytes - sum(_row_size(r) for r in sample)
         try:
             row = _decode_row(message, result.result_formats, budget, self.scrub)
-        except Exception:  # noqa: BLE001 - only the replay sample suffers: the row itself goes on
+        except Exception:
             log.exception("audit: could not sample a result row")
             row = None
         if row is None:  # over the byte budget (or unreadable): the sample stops here

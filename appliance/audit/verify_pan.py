@@ -5,7 +5,7 @@ A record must never hold a card number in the clear (the proxy scrubs what it re
 strings decoded first, as binary parameters are shown that way). Most records hold no run
 of 13 digits at all, so :func:`line_may_hold_pan` and :func:`flagged_lines` rule lines out
 from their canonical bytes first, a line or a whole block at a time. Detection itself is
-:mod:`appliance.masking.pan`, the proxy's own detector.
+:mod:`appliance.pan.detector`, the proxy's own detector.
 
 What is reported quotes a card number masked (:func:`mask_digits`), and messages that
 quote record content have every long digit run starred (:func:`redact_digits`).
@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from typing import Any
 
-from appliance.masking.pan import CONTEXT, PREFILTER, find_pans, int_is_pan, is_pan_digits, may_hold_pan
+from appliance.pan.detector import CONTEXT, PREFILTER, find_pans, int_is_pan, is_pan_digits, may_hold_pan
 
 
 def mask_digits(digits_and_separators: bytes) -> str:
@@ -135,7 +135,7 @@ def line_may_hold_pan(line: bytes) -> bool:
 
     The detector is run only where a card number can be: on each run of 13 or more digits,
     spaces and dashes, with the CONTEXT bytes either side (detection is local: that is all
-    it looks at, see appliance.masking.pan). A run of plain digits is a card number only
+    it looks at, see appliance.pan.detector). A run of plain digits is a card number only
     as a whole (a candidate has no digit on either side), so ``is_pan_digits`` settles it.
     """
     if not may_hold_pan(line):  # linear, in C: no 13 digits in a row, raw or hex-encoded

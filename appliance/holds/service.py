@@ -377,7 +377,7 @@ class ApprovalService:
 
 def _scrubber(config: Any) -> Callable[[str], str] | None:
     try:
-        from appliance.masking.scanner import scrub
+        from appliance.pan.scanner import scrub
     except ImportError:  # pragma: no cover - masking ships with the appliance
         return None
     fmt = config.masking.pan_format

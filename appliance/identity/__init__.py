@@ -3,7 +3,7 @@
 ``model`` is the validated :class:`Identity`; ``certs`` writes an identity into a
 certificate and reads it back; ``ca`` is the appliance CA (issue client and server
 certificates, verify clients); ``cli`` adds ``tollgate ca …`` and ``tollgate certs …``.
-Revocations live in :mod:`appliance.state.certificates`.
+Revocations live in :mod:`appliance.identity.registry`.
 """
 
 from appliance.identity.ca import (

@@ -25,10 +25,10 @@ from cryptography import x509
 from appliance.config import Config, ConfigError, IdentityConfig, Target
 from appliance.identity.ca import CertificateAuthority
 from appliance.identity.certs import identity_from_certificate
+from appliance.identity.registry import CertificateRegistry, format_serial
 from appliance.model.identity import Identity, IdentityError
 from appliance.proxy.agent_auth import AuthFailure
 from appliance.proxy.hooks import SessionInfo
-from appliance.state.certificates import CertificateRegistry, format_serial
 
 log = logging.getLogger("tollgate.identity")
 

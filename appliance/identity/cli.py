@@ -1,5 +1,5 @@
 """``tollgate ca init``, ``tollgate certs list|revoke|issue-server``, ``tollgate enroll`` and
-``tollgate enroll-server``.
+``tollgate enroll-server`` (registered by webui.cli).
 
 Layout under the state directory: ``ca/ca.crt`` (0644), ``ca/ca.key`` (0600) and
 ``certificates.db`` (the registry, 0600).
@@ -27,8 +27,8 @@ from appliance.identity.ca import (
     write_file_atomically,
 )
 from appliance.identity.certs import certificate_pem, fingerprint, not_valid_after, private_key_pem
+from appliance.identity.registry import REGISTRY_FILE, CertificateRegistry, CertRecord, RegistryError
 from appliance.model.identity import IdentityError
-from appliance.state.certificates import REGISTRY_FILE, CertificateRegistry, CertRecord, RegistryError
 from appliance.state.db import StateError
 
 DEFAULT_STATE_DIR = Path("/var/lib/tollgate")
@@ -77,15 +77,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     server.set_defaults(handler=cmd_certs_issue_server)
 
     enroll_client.add_parser(sub)
-
-    enroll_server = sub.add_parser("enroll-server", help="serve enrollment (OIDC token + CSR -> client "
-                                                         "certificate) over HTTPS")
-    enroll_server.add_argument("-c", "--config", type=Path, required=True, help="the appliance config file")
-    enroll_server.add_argument("--listen", metavar="IP:PORT",
-                               help="override identity.enroll_listen (port 0: any free port, shown in the "
-                                    "ready line)")
-    enroll_server.add_argument("--workers", type=int, default=2, help="worker processes (default: %(default)s)")
-    enroll_server.set_defaults(handler=cmd_enroll_server)
 
 
 def _reported(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -203,12 +194,3 @@ def cmd_certs_issue_server(args: argparse.Namespace) -> int:
     print(f"  certificate: {args.out_cert}")
     print(f"  key:         {args.out_key} (0600)")
     return 0
-
-
-@_reported
-def cmd_enroll_server(args: argparse.Namespace) -> int:
-    if args.workers < 1:
-        raise IdentityError("--workers must be at least 1")
-    from webui.serve import run  # the web stack (Flask, gunicorn) loads only for this command
-
-    return run(args)

@@ -44,24 +44,27 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import urlsplit
 
 import jwt
 
 from appliance.model.identity import Identity, IdentityError
+from appliance.model.oidc import (
+    AGENT_SIGNALS,
+    EC_ALGS,
+    PERSON_SIGNALS,
+    RSA_ALGS,
+    Kind,
+    OIDCSettings,
+)
 
 log = logging.getLogger(__name__)
 
 Claims = dict[str, Any]
 Fetch = Callable[[str], tuple[int, bytes]]
-Kind = Literal["person", "agent"]
 
-# Which header `alg` a key may verify, by JWK key type (and curve for EC/OKP).
-_RSA_ALGS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"})
-_EC_ALGS = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512", "secp256k1": "ES256K"}
 _OKP_CURVES = frozenset({"Ed25519", "Ed448"})
-ASYMMETRIC_ALGS = _RSA_ALGS | frozenset(_EC_ALGS.values()) | {"EdDSA"}
 
 _AGENT_SIGNALS: dict[str, Callable[[Mapping[str, Any], OIDCSettings], bool]] = {
     "gty": lambda c, s: c.get("gty") == "client-credentials",
@@ -75,6 +78,8 @@ _PERSON_SIGNALS: dict[str, Callable[[Mapping[str, Any], OIDCSettings], bool]] = 
     "auth_time": lambda c, s: "auth_time" in c,
     "email": lambda c, s: _claim_at(c, s.email_claim) is not None,
 }
+# The settings check names against the model's lists; the two must say the same.
+assert set(_AGENT_SIGNALS) == set(AGENT_SIGNALS) and set(_PERSON_SIGNALS) == set(PERSON_SIGNALS)
 
 MAX_DOCUMENT_BYTES = 1 << 20
 
@@ -89,64 +94,6 @@ class TokenError(Exception):
 
 class IssuerError(TokenError):
     """The issuer's discovery document or JWKS could not be fetched or is wrong."""
-
-
-@dataclass(frozen=True)
-class OIDCSettings:
-    """How to trust one issuer and how to read identities out of its tokens."""
-
-    issuer: str
-    audience: str
-    algorithms: tuple[str, ...] = ("RS256", "ES256", "EdDSA")
-    ca_file: Path | None = None
-    subject_claim: str = "sub"
-    email_claim: str = "email"
-    groups_claim: str = "groups"
-    kind_claim: str | None = None
-    agent_when: tuple[str, ...] = ("gty", "sub_is_client", "idtyp_app")
-    person_when: tuple[str, ...] = ("nonce", "auth_time", "email")
-    default_kind: Kind | None = None
-    leeway_seconds: float = 30
-    jwks_min_refresh_seconds: float = 30
-    jwks_max_age_seconds: float = 3600
-    http_timeout: float = 5
-
-    def __post_init__(self) -> None:
-        url = urlsplit(self.issuer)
-        if url.scheme != "https" or not url.hostname:
-            raise ValueError(f"issuer {self.issuer!r} must be an https:// URL")
-        if url.query or url.fragment:
-            raise ValueError(f"issuer {self.issuer!r} must not have a query or fragment")
-        if not self.audience:
-            raise ValueError("audience is empty")
-        algorithms = tuple(self.algorithms)
-        if not algorithms:
-            raise ValueError("algorithms is empty: no token could ever be verified")
-        for alg in algorithms:
-            if alg.lower() == "none":
-                raise ValueError("algorithm 'none' is never allowed: it means an unsigned token")
-            if alg.upper().startswith("HS"):
-                raise ValueError(f"algorithm {alg!r} is not allowed: HMAC verified with a public key "
-                                 "lets anyone who has the key forge tokens")
-            if alg not in ASYMMETRIC_ALGS:
-                raise ValueError(f"algorithm {alg!r} is unknown (known: {', '.join(sorted(ASYMMETRIC_ALGS))})")
-        object.__setattr__(self, "algorithms", algorithms)
-        if self.ca_file is not None:
-            object.__setattr__(self, "ca_file", Path(self.ca_file))
-        for name in ("subject_claim", "email_claim", "groups_claim"):
-            if not getattr(self, name):
-                raise ValueError(f"{name} is empty")
-        for signal in self.agent_when:
-            if signal not in _AGENT_SIGNALS:
-                raise ValueError(f"agent_when: unknown signal {signal!r} (known: {', '.join(_AGENT_SIGNALS)})")
-        for signal in self.person_when:
-            if signal not in _PERSON_SIGNALS:
-                raise ValueError(f"person_when: unknown signal {signal!r} (known: {', '.join(_PERSON_SIGNALS)})")
-        if self.default_kind not in (None, "person", "agent"):
-            raise ValueError(f"default_kind must be 'person', 'agent' or unset, not {self.default_kind!r}")
-        for name in ("leeway_seconds", "jwks_min_refresh_seconds", "jwks_max_age_seconds", "http_timeout"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must not be negative")
 
 
 def https_fetch(ca_file: Path | None = None, timeout: float = 5) -> Fetch:
@@ -196,9 +143,9 @@ def _key_algorithms(jwk: Mapping[str, Any]) -> frozenset[str]:
     """The header algorithms a public JWK may verify; empty for anything not a public key."""
     kty = jwk.get("kty")
     if kty == "RSA":
-        algs = _RSA_ALGS
-    elif kty == "EC" and jwk.get("crv") in _EC_ALGS:
-        algs = frozenset({_EC_ALGS[jwk["crv"]]})
+        algs = RSA_ALGS
+    elif kty == "EC" and jwk.get("crv") in EC_ALGS:
+        algs = frozenset({EC_ALGS[jwk["crv"]]})
     elif kty == "OKP" and jwk.get("crv") in _OKP_CURVES:
         algs = frozenset({"EdDSA"})
     else:

@@ -88,7 +88,7 @@ def _run(argv: list[str], what: str, *, input: str | None = None, cwd: Path | No
 def make_tls(paths: Paths) -> None:
     """A throwaway lab CA and a server certificate for the db's addresses (IP SANs)."""
     paths.tls_dir.mkdir(mode=0o755, exist_ok=True)
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Tollgate lab"),
                          x509.NameAttribute(NameOID.COMMON_NAME, "Tollgate lab CA (lab only)")])

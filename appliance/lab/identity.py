@@ -26,9 +26,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.identity import CertificateAuthority, certificate_pem, private_key_pem, write_file_atomically
+from appliance.identity.registry import CertificateRegistry
 from appliance.lab import topology
 from appliance.lab.layout import Paths
-from appliance.state.certificates import CertificateRegistry
 
 ISSUER_PORT = 9443
 ENROLL_PORT = 8443
@@ -94,7 +94,7 @@ def _issuer_certificate(paths: Paths) -> None:
     ca_key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), None)
     ca_cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.timezone.utc)
+    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "dev OIDC issuer (lab only)")]))

@@ -22,15 +22,16 @@ import shutil
 import signal
 import subprocess
 import sys
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import appliance
-from appliance.lab import database, readiness, state as st, topology
+from appliance.lab import database, proxy_config, readiness, topology
 from appliance.lab import identity as lab_identity
 from appliance.lab import policy as lab_policy
-from appliance.lab import proxy_config
+from appliance.lab import state as st
 from appliance.lab.layout import Paths
 
 log = logging.getLogger(__name__)
@@ -109,14 +110,14 @@ class Lab:
     # --- construction ----------------------------------------------------------------
 
     @classmethod
-    def create(cls, name: str | None = None, **kwargs: Any) -> "Lab":
+    def create(cls, name: str | None = None, **kwargs: Any) -> Lab:
         """Construct and bring up a lab (see ``__init__`` for the keyword arguments)."""
         lab = cls(name, **kwargs)
         lab.up()
         return lab
 
     @classmethod
-    def open(cls, name: str | None = None, root: Path = st.LAB_ROOT) -> "Lab":
+    def open(cls, name: str | None = None, root: Path = st.LAB_ROOT) -> Lab:
         """Attach to an existing lab (``name`` may be omitted when exactly one exists)."""
         try:
             name = st.resolve_name(name, root)
@@ -134,7 +135,7 @@ class Lab:
         lab.owner_pid = owner["pid"] if owner else None
         return lab
 
-    def __enter__(self) -> "Lab":
+    def __enter__(self) -> Lab:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -183,7 +184,7 @@ class Lab:
 
     # --- up --------------------------------------------------------------------------
 
-    def up(self) -> "Lab":
+    def up(self) -> Lab:
         """Build the lab; on any failure tear down what was built and raise LabError."""
         try:
             owner = st.process_identity(self.owner_pid) if self.owner_pid else None
@@ -200,7 +201,7 @@ class Lab:
             "version": 1,
             "name": self.name,
             "dir": str(self.dir),
-            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "phase": "building",
             "owner": owner,
             "operator": st.process_identity(os.getpid()),

@@ -29,10 +29,11 @@ import ssl
 import threading
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
-from urllib.parse import urlencode, urlsplit, urlunsplit, parse_qsl
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -145,7 +146,7 @@ class DevIssuer:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def start(self) -> "DevIssuer":
+    def start(self) -> DevIssuer:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.tls_cert, self.tls_key)
         self._server = make_server(self.bind[0], self.bind[1], self.app, threaded=True, ssl_context=context)
@@ -166,7 +167,7 @@ class DevIssuer:
             self._thread.join()
             self._thread = None
 
-    def __enter__(self) -> "DevIssuer":
+    def __enter__(self) -> DevIssuer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

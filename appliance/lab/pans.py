@@ -61,7 +61,7 @@ class TestPan(str):
 
     brand: str
 
-    def __new__(cls, pan: str, brand: str) -> "TestPan":
+    def __new__(cls, pan: str, brand: str) -> TestPan:
         obj = super().__new__(cls, pan)
         obj.brand = brand
         return obj

@@ -9,8 +9,8 @@ therefore owns every table.
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 
 from appliance.lab.pans import make_test_pans
 
@@ -60,7 +60,7 @@ _MERCHANTS = ("Acme Hardware", "Blue Bottle Coffee", "City Parking", "Delta Book
               "Kite Streaming", "Lumen Energy")
 _CURRENCIES = ("EUR", "USD", "GBP", "CHF")
 _STATUSES = ("captured", "captured", "captured", "authorized", "refunded", "declined")
-_EPOCH = datetime(2024, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 class _Raw(str):

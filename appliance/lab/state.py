@@ -19,9 +19,10 @@ import json
 import os
 import re
 import secrets
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 LAB_ROOT = Path("/run/tollgate-lab")
 STATE_FILE = "state.json"

@@ -21,8 +21,8 @@ import signal
 import subprocess
 import time
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from pyroute2 import IPRoute
 

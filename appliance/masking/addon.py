@@ -30,13 +30,19 @@ from typing import Any, Protocol
 
 from appliance.masking import values as v
 from appliance.masking.copy import CopyMasker
-from appliance.masking.pan import (
-    PCI, THIRTEEN_ZEROS, ZERO_DROP, ZERO_TABLE, check_format, int_is_pan, is_pan_digits,
-)
-from appliance.masking.scanner import TEXT, MaskLeak, PanFound, mask_text
-from appliance.masking.stream import ColumnRule, Walker, data_row_parser, function_result_parser
 from appliance.masking.errors import MaskingError
+from appliance.masking.stream import ColumnRule, Walker, data_row_parser, function_result_parser
 from appliance.model.decision import Decision, StatementClass
+from appliance.pan.detector import (
+    PCI,
+    THIRTEEN_ZEROS,
+    ZERO_DROP,
+    ZERO_TABLE,
+    check_format,
+    int_is_pan,
+    is_pan_digits,
+)
+from appliance.pan.scanner import TEXT, MaskLeak, PanFound, mask_text
 from appliance.proxy.hooks import Addon, Result, SessionInfo, StreamEdit
 
 STATE_KEY = "masking"

@@ -23,9 +23,9 @@ from __future__ import annotations
 import struct
 
 from appliance.masking import values as v
-from appliance.masking.scanner import TEXT, TextScanner
-from appliance.masking.pan import may_hold_pan
 from appliance.masking.stream import LEAF, SKIP, TAKE, ColumnRule, Parser, Walker, _take, value_parser
+from appliance.pan.detector import may_hold_pan
+from appliance.pan.scanner import TEXT, TextScanner
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _I16 = struct.Struct("!h")

@@ -7,7 +7,7 @@ a sequence of commands — over the bytes as they come:
   as an int8, which are judged only once complete); the parser gets ``(offset, bytes)``
   and may :meth:`Walker.write` a replacement;
 - ``(LEAF, n, scanner)``: ``n`` bytes (−1: no end) of text through a windowed
-  :class:`~appliance.masking.scanner.TextScanner`;
+  :class:`~appliance.pan.scanner.TextScanner`;
 - ``(SKIP, n)``: pass ``n`` bytes; ``(STARS, n, pattern)``: overwrite them as they pass.
 
 Between windows the walker either keeps back the bytes from where it stopped (the session
@@ -26,8 +26,8 @@ import struct
 from collections.abc import Callable, Generator, Sequence
 
 from appliance.masking import values as v
-from appliance.masking.scanner import ESCAPE, HEX, JSON, TEXT, MaskLeak, PanFound, TextScanner
 from appliance.masking.errors import MaskingError
+from appliance.pan.scanner import ESCAPE, HEX, JSON, TEXT, MaskLeak, PanFound, TextScanner
 
 TAKE, PEEK, LEAF, SKIP, STARS = range(5)
 

@@ -32,11 +32,11 @@ import re
 import struct
 from typing import TYPE_CHECKING
 
-from appliance.masking.pan import PCI, STAR, int_is_pan, is_pan_digits, masked_positions
-from appliance.masking.scanner import ESCAPE, HEX, has_pan, mask_text, neutralise_escapes
-from appliance.masking.scanner import JSON as JSON_MODE
-from appliance.masking.scanner import TEXT as TEXT_MODE
 from appliance.masking.errors import MaskingError
+from appliance.pan.detector import PCI, STAR, int_is_pan, is_pan_digits, masked_positions
+from appliance.pan.scanner import ESCAPE, HEX, has_pan, mask_text, neutralise_escapes
+from appliance.pan.scanner import JSON as JSON_MODE
+from appliance.pan.scanner import TEXT as TEXT_MODE
 
 if TYPE_CHECKING:
     from appliance.model.decision import MaskMethod

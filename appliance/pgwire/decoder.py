@@ -11,7 +11,7 @@ has raised it stays failed. Nothing here does I/O.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 from . import messages as m
 from .errors import ProtocolError
@@ -33,7 +33,7 @@ Body = bytes | bytearray | memoryview
 class _Reader:
     """A cursor over one message body whose errors name the message and field."""
 
-    __slots__ = ("data", "pos", "name")
+    __slots__ = ("data", "name", "pos")
 
     def __init__(self, data: bytes, name: str) -> None:
         self.data = data

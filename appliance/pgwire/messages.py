@@ -17,8 +17,9 @@ Conventions:
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import ClassVar, Iterable, Self
+from typing import ClassVar, Self
 
 from .errors import ProtocolError
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from typing import Callable
+from collections.abc import Callable
 
 from .decoder import decode_frontend
 from .errors import ProtocolError

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import struct
-import uuid
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.model.decision import Action, Decision, StatementClass
 from appliance.pgwire.params import bind_params
@@ -58,7 +57,7 @@ class Approvals(Protocol):
 
 
 class Catalog(Protocol):
-    def ready(self, target: str, database: str) -> "asyncio.Future[None] | None": ...
+    def ready(self, target: str, database: str) -> asyncio.Future[None] | None: ...
 
 
 def requester(session: SessionInfo) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from appliance.config import load_config
-from appliance.policy.engine import Policy, Verdict
 from appliance.model.decision import Action, Classification, Decision
+from appliance.policy.engine import Policy, Verdict
 from appliance.policy.rules import PolicyError
 
 EXIT_ALLOW, EXIT_BLOCK, EXIT_ERROR, EXIT_HOLD = 0, 1, 2, 3

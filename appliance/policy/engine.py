@@ -41,7 +41,6 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.policy.classifier import CACHE_MAX_CHARS, CACHE_SIZE, classify
 from appliance.model.decision import (
     Action,
     Classification,
@@ -51,9 +50,10 @@ from appliance.model.decision import (
     MaskMethod,
     StatementClass,
 )
+from appliance.policy.classifier import CACHE_MAX_CHARS, CACHE_SIZE, classify
 from appliance.policy.patterns import Kind, Pattern, covers, hits
-from appliance.policy.shape import shape
 from appliance.policy.rules import PolicyError, Rule, RuleSet, load_rules, parse_rules
+from appliance.policy.shape import shape
 
 __all__ = ["Policy", "PolicyError", "Verdict", "load_policy"]
 

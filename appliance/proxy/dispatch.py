@@ -12,7 +12,8 @@ reports, so the audit log records it.
 from __future__ import annotations
 
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from appliance.proxy.errors import AddonFailed
 from appliance.proxy.hooks import Forward, Reject, SessionInfo, Statement, Verdict
@@ -84,7 +85,7 @@ def decide(hooks: list[Callable[[SessionInfo, Statement], Verdict]], info: Sessi
     for hook in hooks:
         try:
             verdict = hook(info, statement)
-        except Exception:
+        except Exception:  # noqa: BLE001 - fail closed: the statement is refused (logged there)
             return _refusal(hook, "evaluate the statement")
         if verdict is not None:
             return verdict
@@ -97,7 +98,7 @@ def decide_execute(hooks: list[Callable[[SessionInfo, Statement, bytes | None], 
     for hook in hooks:
         try:
             verdict = hook(info, statement, bind)
-        except Exception:
+        except Exception:  # noqa: BLE001 - fail closed: the execution is refused (logged there)
             return _refusal(hook, "evaluate the statement")
         if verdict is not None:
             return verdict
@@ -113,7 +114,7 @@ def forward(hooks: list[Callable[[SessionInfo, Forward], Any]], info: SessionInf
     for hook in hooks:
         try:
             out = hook(info, request)
-        except Exception:
+        except Exception:  # noqa: BLE001 - fail closed: the request is refused (logged there)
             out = _refusal(hook, "prepare the statement to run")
         if out is None or request.reject is not None:
             continue

@@ -31,8 +31,9 @@ import enum
 import itertools
 import logging
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from appliance.model.decision import Decision
 from appliance.model.identity import Identity
@@ -94,9 +95,9 @@ class Statement:
     param_types: tuple[int, ...] = ()
     function_oid: int | None = None
     # Set by the session once decided; enforcement at Bind/Execute reads it by name.
-    verdict: "Verdict | None" = None
+    verdict: Verdict | None = None
     # Learnt from the server's answer to Describe(statement); clients may skip Describe.
-    row_description: "RowDescription | None" = None
+    row_description: RowDescription | None = None
     # Policy's decision, for masking and records.
     decision: Decision | None = None
     # The AddonManager.epoch the verdict was reached in: a prepared statement is decided
@@ -114,7 +115,7 @@ class Forward:
 
     kind: str  # "query", "execute", "function_call" or "parse"
     statement: Statement | None
-    reject: "Reject | None" = None
+    reject: Reject | None = None
     portal: str = ""
     bind: bytes | None = None  # the portal's Bind body (parameters), for an Execute
     started_ns: int = 0  # time.perf_counter_ns() when it was forwarded
@@ -211,7 +212,7 @@ class Addon:
         """Before a statement is forwarded. Return None to allow, Reject, or Hold."""
         return None
 
-    def forward(self, session: SessionInfo, request: Forward) -> "Awaitable[Any] | Reject | None":
+    def forward(self, session: SessionInfo, request: Forward) -> Awaitable[Any] | Reject | None:
         """A request's verdict is final. For one about to go upstream, return an awaitable
         it must wait for (raising refuses it), a Reject to refuse it now, or None; for a
         refused one (``request.reject``) the answer is ignored."""
@@ -311,7 +312,7 @@ class AddonManager:
             addon = self._opened.pop()
             try:
                 await addon.close()
-            except Exception:  # noqa: BLE001 - shutting down: report it, close the others
+            except Exception:
                 log.exception("addon %s failed to close", addon.name)
 
     def _index(self) -> None:
@@ -328,7 +329,7 @@ class AddonManager:
     session_refused: list[Callable[[SessionInfo, str], None]]
     statement: list[Callable[[SessionInfo, Statement], Verdict]]
     execute: list[Callable[[SessionInfo, Statement, bytes | None], Verdict]]
-    forward: list[Callable[[SessionInfo, Forward], "Awaitable[Any] | Reject | None"]]
+    forward: list[Callable[[SessionInfo, Forward], Awaitable[Any] | Reject | None]]
     row_description: list[Callable[[SessionInfo, Result], None]]
     data_row: list[Callable[[SessionInfo, Result, memoryview], bytes | None]]
     stream_chunk: list[Callable[[SessionInfo, Result | None, bytes, memoryview, int, int], StreamEdit | None]]

@@ -9,7 +9,8 @@ cancel key swapped for one Tollgate issues; ReadyForQuery makes the session read
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import Credential, Target
 from appliance.pgwire import BackendDecoder, ProtocolError

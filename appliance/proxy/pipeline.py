@@ -17,17 +17,28 @@ the bytes received; only requests that make the server act are looked at closely
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from appliance.pgwire import FRONTEND_SESSION_BOUNDS, ProtocolError, decode_frontend, frame_end
-from appliance.pgwire.framing import unpack_length
 from appliance.pgwire import messages as m
 from appliance.pgwire.fields import bind_fields, execute_portal, kind_and_name, parse_fields, query_text
+from appliance.pgwire.framing import unpack_length
 from appliance.proxy import dispatch
 from appliance.proxy.hooks import Forward, Hold, Reject, Statement, StatementKind, Verdict
 from appliance.proxy.requests import (
-    BIND, CLOSE, DESCRIBE_PORTAL, DESCRIBE_STATEMENT, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, Pending, Portal,
+    BIND,
+    CLOSE,
+    DESCRIBE_PORTAL,
+    DESCRIBE_STATEMENT,
+    EXECUTE,
+    FUNCTION_CALL,
+    PARSE,
+    QUERY,
+    SYNC,
+    Pending,
+    Portal,
     RequestState,
 )
 

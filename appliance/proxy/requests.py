@@ -43,7 +43,7 @@ ENDED_BY_READY = frozenset({QUERY, SYNC, FUNCTION_CALL})
 class Portal:
     """A bound portal: its statement and the result formats the client asked for."""
 
-    __slots__ = ("name", "statement", "result_formats", "row_description", "epoch", "bind")
+    __slots__ = ("bind", "epoch", "name", "result_formats", "row_description", "statement")
 
     def __init__(self, name: str, statement: Statement | None, result_formats: tuple[int, ...], epoch: int):
         self.name, self.statement, self.result_formats = name, statement, result_formats
@@ -60,7 +60,7 @@ class Pending:
     """One request in flight. ``reject`` marks a substituted (blocked) request; ``message``
     holds the client's bytes of a request waiting on a hold, which resumes from here."""
 
-    __slots__ = ("kind", "statement", "portal", "name", "reject", "forward", "message")
+    __slots__ = ("forward", "kind", "message", "name", "portal", "reject", "statement")
 
     def __init__(self, kind: Req, statement: Statement | None = None, portal: Portal | None = None,
                  name: str = "", reject: Reject | None = None):
@@ -72,7 +72,7 @@ class Pending:
 class RequestState:
     """The pending FIFO, prepared statements and portals of one session."""
 
-    __slots__ = ("pending", "statements", "portals", "ends_sent", "ends_done")
+    __slots__ = ("ends_done", "ends_sent", "pending", "portals", "statements")
 
     def __init__(self) -> None:
         self.pending: deque[Pending] = deque()

@@ -13,17 +13,27 @@ continue in the next window.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from appliance.pgwire import BACKEND_BOUNDS, ProtocolError, decode_backend, frame_end
 from appliance.pgwire import messages as m
 from appliance.pgwire.fields import check_row_description, cstring
 from appliance.proxy import dispatch
+from appliance.proxy.errors import SessionError
 from appliance.proxy.hooks import Result
 from appliance.proxy.requests import (
-    BIND, CLOSE, DESCRIBE_PORTAL, DESCRIBE_STATEMENT, EXECUTE, FUNCTION_CALL, PARSE, QUERY, SYNC, RequestState,
+    BIND,
+    CLOSE,
+    DESCRIBE_PORTAL,
+    DESCRIBE_STATEMENT,
+    EXECUTE,
+    FUNCTION_CALL,
+    PARSE,
+    QUERY,
+    SYNC,
+    RequestState,
 )
-from appliance.proxy.errors import SessionError
 
 if TYPE_CHECKING:
     from appliance.proxy.session import Session

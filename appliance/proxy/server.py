@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import json
 import logging
-import os
 import socket
 import ssl
-from pathlib import Path
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from appliance.config import Config, Endpoint, Target, normalize_address
 from appliance.intercept.base import InterceptError, InterceptMethod
@@ -46,7 +44,7 @@ class BurstYield:
     Takes functions, not a transport: after start_tls the transport to pause is a new one.
     """
 
-    __slots__ = ("count", "paused", "pause", "resume")
+    __slots__ = ("count", "pause", "paused", "resume")
 
     def __init__(self, pause: Callable[[], None], resume: Callable[[], None]):
         self.pause, self.resume = pause, resume
@@ -73,7 +71,7 @@ def endpoint_of(sockaddr: Any) -> Endpoint:
 class UpstreamConnection(asyncio.Protocol):
     """The database side of one session; forwards events to the client side's session."""
 
-    def __init__(self, owner: "ClientConnection"):
+    def __init__(self, owner: ClientConnection):
         self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.paused_by_client = False
@@ -112,7 +110,7 @@ class UpstreamConnection(asyncio.Protocol):
 class ClientConnection(asyncio.Protocol):
     """The agent side of one session, and the session's SessionIO."""
 
-    def __init__(self, server: "ProxyServer"):
+    def __init__(self, server: ProxyServer):
         self.server = server
         self.transport: asyncio.Transport | None = None
         self.upstream = UpstreamConnection(self)
@@ -259,7 +257,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             sock = await self.server.open_upstream_socket(endpoint, target.connect_timeout)
             await loop.create_connection(lambda: self.upstream, sock=sock)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             self.session.upstream_failed(str(exc) or type(exc).__name__)
             return
         if self.transport is None:  # the agent left while we were connecting
@@ -294,7 +292,7 @@ class AgentTLS:
     that alert before closing, so the agent's driver reports why instead of a bare EOF.
     """
 
-    __slots__ = ("conn", "sslobj", "incoming", "outgoing", "handshaking", "deadline")
+    __slots__ = ("conn", "deadline", "handshaking", "incoming", "outgoing", "sslobj")
 
     def __init__(self, conn: ClientConnection, context: ssl.SSLContext):
         self.conn = conn
@@ -443,14 +441,14 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         try:
             sock = await self.open_upstream_socket(endpoint, 10.0)
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             log.warning("could not deliver a cancel request to %s: %s", endpoint, exc)
             return
         try:
             await loop.sock_sendall(sock, m.CancelRequest(process_id, secret_key).encode())
             # The server closes without answering once it has acted on the request.
             await asyncio.wait_for(loop.sock_recv(sock, 1), 10.0)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass
         finally:
             sock.close()

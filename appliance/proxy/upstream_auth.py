@@ -94,7 +94,7 @@ class ScramSha256:
         without_proof = f"c=biws,r={nonce}"
         auth_message = f"{self._client_first_bare},{server_first.decode()},{without_proof}".encode()
         signature = hmac.digest(stored_key, auth_message, "sha256")
-        proof = bytes(a ^ b for a, b in zip(client_key, signature))
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
         server_key = hmac.digest(salted, b"Server Key", "sha256")
         self._expected_server_signature = hmac.digest(server_key, auth_message, "sha256")
         return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()

@@ -1,20 +1,6 @@
 """The appliance's durable state: small SQLite databases shared by the proxy and the CLI.
 
-``db`` is the SQLite helper (WAL, numbered migrations, a connection per thread);
-``certificates`` is the registry of issued client certificates and revocations.
+``db`` is the SQLite helper (WAL, numbered migrations, a connection per thread). What is
+stored in it belongs to the features: the certificate registry is
+``appliance.identity.registry``, approvals are ``appliance.holds.store``.
 """
-
-from appliance.state.certificates import (
-    REGISTRY_FILE,
-    CertificateRegistry,
-    CertRecord,
-    RegistryError,
-    format_serial,
-    serial_candidates,
-)
-from appliance.state.db import Database, StateError
-
-__all__ = [
-    "REGISTRY_FILE", "CertRecord", "CertificateRegistry", "Database", "RegistryError", "StateError",
-    "format_serial", "serial_candidates",
-]

@@ -19,7 +19,7 @@ from appliance.audit.keys import init_audit_dir
 from appliance.audit.store import AuditLog
 from appliance.config import AuditConfig
 from appliance.masking.addon import MaskingAddon
-from appliance.masking.scanner import scrub
+from appliance.pan.scanner import scrub
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import Addon, Reject, SessionInfo, Statement
 from appliance.proxy.pipeline import BLOCKED_SQL

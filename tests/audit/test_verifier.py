@@ -453,9 +453,9 @@ def test_zipapp_runs_standalone(env: dict, log: Log, tmp_path: Path) -> None:
     ours = {m for m in modules[start:] if m.startswith("appliance")}
     shipped = ("canonical", "merkle", "note", "trust", "bundle_layout", "bundle_reader", "verifier", "verify_members",
                "verify_pan", "verify_records", "verify_report", "verify_signed", "verify_walk", "verify_workers")
-    assert ours <= {"appliance", "appliance.audit", "appliance.masking", "appliance.masking.pan",
+    assert ours <= {"appliance", "appliance.audit", "appliance.masking", "appliance.pan.detector",
                     *(f"appliance.audit.{m}" for m in shipped)}
-    assert "appliance.masking.pan" in ours
+    assert "appliance.pan.detector" in ours
     # And the code came from the zip, not the repository.
     where = subprocess.run([_python_for_pyz(), "-I", "-c",
                             (f"import sys; sys.path.insert(0, {str(pyz)!r}); "

@@ -11,7 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import pytest
 

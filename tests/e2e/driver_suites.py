@@ -23,9 +23,9 @@ import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from appliance.lab import DB_DIRECT_V4, DB_PROTECTED_V4, Lab
 from appliance.lab.database import PG_BIN, PG_PORT, SUITE_DB, SUITE_ROLE

@@ -23,8 +23,8 @@ transparency. Agent identity and mTLS are covered by tests/e2e/test_identity.py.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 

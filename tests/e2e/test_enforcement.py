@@ -10,7 +10,7 @@ import pytest
 
 from appliance.lab import Lab
 from appliance.lab.policy import LAB_POLICY
-from tests.e2e.conftest import psql, proxy_request, python_json, set_policy, superuser_sql, wait_for
+from tests.e2e.conftest import proxy_request, psql, python_json, set_policy, superuser_sql, wait_for
 
 ERRORS = """
 import json, sys, psycopg

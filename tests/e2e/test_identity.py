@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from appliance.identity import CertificateAuthority, Identity, certificate_pem, private_key_pem
+from appliance.identity.registry import CertificateRegistry
 from appliance.lab import Lab
-from appliance.state.certificates import CertificateRegistry
 from tests.e2e.conftest import psql, python, run
 
 pytestmark = pytest.mark.lab
@@ -98,7 +98,7 @@ def test_certificate_from_another_ca_is_refused(lab: Lab, tmp_path: Path, sslmod
 
 
 def test_expired_certificate_is_refused(lab: Lab, tmp_path: Path):
-    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=2)
+    long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
     issue(lab, Identity("old-agent", "agent", ("payments-agents",)), tmp_path / "old", now=long_ago, lifetime=dt.timedelta(hours=8))
     proc = psql_with(lab, tmp_path / "old")
     assert proc.returncode != 0
@@ -180,7 +180,6 @@ def test_fifty_concurrent_agents_are_each_attributed_correctly(lab: Lab, tmp_pat
 
 def test_issuer_key_rotation_is_followed_without_a_restart(lab: Lab, tmp_path: Path):
     from appliance.lab import identity as lab_identity
-
     from appliance.lab import state as lab_state
 
     enroll_service = lab.state["pids"]["enroll"]

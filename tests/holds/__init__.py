@@ -13,10 +13,10 @@ from typing import Any
 
 from appliance.holds.service import ApprovalService
 from appliance.holds.store import ApprovalRequest, Requester
-from appliance.model.identity import Identity
 from appliance.lab.oidc_issuer import DevClient, DevIssuer
-from appliance.policy.engine import Policy
 from appliance.model.decision import Action, Decision
+from appliance.model.identity import Identity
+from appliance.policy.engine import Policy
 from tests.identity.tls_helpers import TlsFiles, https_json
 
 APPROVERS = "payments-dbas"

@@ -17,8 +17,8 @@ import pytest
 from appliance.holds.cli import duration
 from appliance.holds.service import ApprovalService
 from appliance.holds.store import ApprovalStore
-from appliance.model.identity import Identity
 from appliance.lab.oidc_issuer import DevIssuer
+from appliance.model.identity import Identity
 from tests.holds import (
     APPROVER_CLIENTS,
     CARD_UPDATE,

@@ -8,7 +8,7 @@ import socket
 import ssl
 import stat
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -23,15 +23,15 @@ from appliance.identity import (
     CertificateAuthority,
     IdentityError,
     certificate_pem,
+    cli,
     identity_from_certificate,
     private_key_pem,
     sign_with_key_file,
 )
-from appliance.identity import cli
 from appliance.identity.certs import not_valid_after, not_valid_before
 from tests.identity import ALICE, BOT, ec_key, make_csr, new_ca
 
-T0 = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
 def mode(path: Path) -> int:
@@ -335,7 +335,7 @@ def test_tls_verify_full_against_the_target_address_with_a_client_certificate(tl
     assert seen.get("reply") == b"ok", seen
     assert ("IP Address", "198.18.2.10") in seen["server_cert"]["subjectAltName"]
     assert ("URI", ALICE.uri) in seen["client_cert"]["subjectAltName"]
-    assert ((("commonName", "alice"),), (("organizationName", "Tollgate"),)) == seen["client_cert"]["subject"]
+    assert seen["client_cert"]["subject"] == ((("commonName", "alice"),), (("organizationName", "Tollgate"),))
 
 
 def test_tls_client_refuses_a_server_certificate_for_another_address(tls):

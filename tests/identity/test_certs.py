@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from cryptography import x509
@@ -60,7 +60,7 @@ def test_extension_der_is_exactly_the_documented_layout():
         "3017"                      # SEQUENCE, 23 bytes
         "020101"                    # version INTEGER 1
         "0c056167656e74"            # kind UTF8String "agent"
-        "3008" "0c026731" "0c026732"  # groups SEQUENCE OF UTF8String, sorted
+        "30080c0267310c026732"  # groups SEQUENCE OF UTF8String, sorted
         "800169"                    # issuer [0] IMPLICIT UTF8String "i"
     )
     assert decode_identity_extension(der) == ("agent", ("g1", "g2"), "i")
@@ -75,11 +75,11 @@ def test_extension_round_trips_long_form_lengths_and_no_issuer():
 
 @pytest.mark.parametrize("der, message", [
     (bytes.fromhex("3003020101"), "truncated"),
-    (bytes.fromhex("3008020101" "0e0161" "3000"), "expected tag 0x0c, found 0x0e"),
-    (bytes.fromhex("3008020102" "0c0161" "3000"), "version 2 is not supported"),
-    (bytes.fromhex("3008020101" "0c0161" "3000") + b"\x00", "trailing data"),
-    (bytes.fromhex("3008020101" "0c01ff" "3000"), "not valid UTF-8"),
-    (bytes.fromhex("300b020101" "0c0161" "3000" "0c0161"), "expected tag 0x80"),
+    (bytes.fromhex("30080201010e01613000"), "expected tag 0x0c, found 0x0e"),
+    (bytes.fromhex("30080201020c01613000"), "version 2 is not supported"),
+    (bytes.fromhex("30080201010c01613000") + b"\x00", "trailing data"),
+    (bytes.fromhex("30080201010c01ff3000"), "not valid UTF-8"),
+    (bytes.fromhex("300b0201010c016130000c0161"), "expected tag 0x80"),
     (bytes.fromhex("30800201010c01613000"), "invalid length"),
     (bytes.fromhex("3081080201010c01613000"), "invalid length"),  # long form for a short length
 ])
@@ -121,7 +121,7 @@ def _self_signed(subject_cn: str | None, identity: Identity | None = None,
     """A certificate shaped however a test needs, for the reader to judge."""
     key = ec_key()
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_cn)] if subject_cn else [])
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     builder = (x509.CertificateBuilder().issuer_name(name).public_key(key.public_key()).serial_number(1)
                .not_valid_before(now).not_valid_after(now + timedelta(hours=1)))
     if identity is not None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import stat
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -182,7 +182,7 @@ def test_token_on_the_command_line_is_refused(tmp_path: Path) -> None:
     (timedelta(seconds=-1), "already expired"),
 ])
 def test_describe_remaining(left: timedelta, text: str) -> None:
-    now = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    now = datetime(2030, 1, 1, tzinfo=UTC)
     assert describe_remaining(now + left, now) == text
 
 

@@ -5,18 +5,25 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from appliance.model.identity import Identity
 from appliance.identity.oidc import (
-    IssuerError, OIDCSettings, OIDCValidator, TokenError, https_fetch, identity_from_claims, token_kind,
+    IssuerError,
+    OIDCValidator,
+    TokenError,
+    https_fetch,
+    identity_from_claims,
+    token_kind,
 )
 from appliance.lab.oidc_issuer import DevClient, DevIssuer, DevUser
+from appliance.model.identity import Identity
+from appliance.model.oidc import OIDCSettings
 from tests.identity.dev_flows import AUDIENCE, REDIRECT, client_credentials_token, id_token
 from tests.identity.tls_helpers import TlsFiles, make_tls_files
 

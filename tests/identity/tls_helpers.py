@@ -33,7 +33,7 @@ def _name(common_name: str) -> x509.Name:
 
 def make_tls_files(directory: Path, hosts: tuple[str, ...] = ("127.0.0.1", "::1", "localhost")) -> TlsFiles:
     """Write ``ca.pem``, ``server.pem`` and ``server.key`` for ``hosts`` (IPs or DNS names)."""
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     validity = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
 
     ca_key = ec.generate_private_key(ec.SECP256R1())

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 
 from appliance.config import load_config
-from appliance.lab import Lab, LabError, gc
+from appliance.lab import Lab, LabError, gc, topology
 from appliance.lab import state as lab_state
-from appliance.lab import topology
 from appliance.lab.pans import brand_of, is_luhn_valid
 from tests.lab.conftest import lab_leftovers
 

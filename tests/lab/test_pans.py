@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from appliance.lab.pans import (
-    BRAND_RULES, BRANDS, TestPan, brand_of, is_luhn_valid, luhn_check_digit, make_test_pans,
+    BRAND_RULES,
+    BRANDS,
+    TestPan,
+    brand_of,
+    is_luhn_valid,
+    luhn_check_digit,
+    make_test_pans,
 )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.masking.pan import ISSUERS, MAESTRO_OTHER_6, Issuer, luhn_complete
+from appliance.pan.detector import ISSUERS, MAESTRO_OTHER_6, Issuer, luhn_complete
 
 
 def pans_for(issuer: Issuer, length: int, variant: int = 0) -> str:

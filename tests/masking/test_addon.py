@@ -9,9 +9,9 @@ import pytest
 from appliance.config import Credential, Endpoint, Target
 from appliance.masking.addon import MaskingAddon, touches
 from appliance.masking.catalog import PgColumnCatalog
-from appliance.masking.pan import find_pans
-from appliance.pgwire import messages as m
 from appliance.model.decision import ColumnMask, Decision, MaskMethod, StatementClass
+from appliance.pan.detector import find_pans
+from appliance.pgwire import messages as m
 from appliance.proxy.hooks import Addon, Result, SessionInfo, Statement
 from tests.masking.policy import DictCatalog, decision
 from tests.masking.wire import array_bin, binary_copy, numeric_bin

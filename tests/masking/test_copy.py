@@ -9,8 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.masking.copy import SIGNATURE, CopyMasker, mask_copy
-from appliance.masking.pan import find_pans
 from appliance.masking.errors import MaskingError
+from appliance.pan.detector import find_pans
 from tests.masking.wire import binary_copy
 
 PAN = b"4111111111111111"

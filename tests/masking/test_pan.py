@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.lab.pans import is_luhn_valid, make_test_pans
-from appliance.masking.pan import ISSUERS, brand, find_pans, is_pan_digits, luhn_complete, luhn_ok, mask_pans
-from appliance.masking.scanner import scrub
+from appliance.pan.detector import ISSUERS, brand, find_pans, is_pan_digits, luhn_complete, luhn_ok, mask_pans
+from appliance.pan.scanner import scrub
 from tests.masking.corpus import every_brand_and_length
 
 CORPUS = sorted(set(every_brand_and_length()))

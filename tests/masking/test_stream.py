@@ -11,11 +11,11 @@ from hypothesis import strategies as st
 
 from appliance.masking import values as v
 from appliance.masking.addon import MaskingAddon
-from appliance.masking.pan import find_pans
-from appliance.masking.scanner import ESCAPE, HEX, JSON, TEXT, TextScanner, mask_text
-from appliance.pgwire import messages as m
-from appliance.model.decision import ColumnMask, MaskMethod
 from appliance.masking.errors import MaskingError
+from appliance.model.decision import ColumnMask, MaskMethod
+from appliance.pan.detector import find_pans
+from appliance.pan.scanner import ESCAPE, HEX, JSON, TEXT, TextScanner, mask_text
+from appliance.pgwire import messages as m
 from appliance.proxy.hooks import Result, SessionInfo, Statement, StatementKind
 from tests.masking.policy import DictCatalog, decision
 from tests.masking.wire import array_bin, numeric_bin, record_bin
@@ -297,7 +297,7 @@ def _json_reference(data: bytes) -> tuple[bool, bool]:
 @given(st.lists(st.sampled_from([b'"', b"\\", b"a", b"1", b"{", b":"]), max_size=40).map(b"".join),
        st.integers(0, 40))
 def test_json_string_state_carries_across_any_split(data, cut):
-    from appliance.masking.scanner import json_advance
+    from appliance.pan.scanner import json_advance
 
     cut = min(cut, len(data))
     state = json_advance(data, 0, cut, False, False)

@@ -15,10 +15,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.masking import values as v
-from appliance.masking.pan import find_pans
-from appliance.model.decision import MaskMethod
 from appliance.masking.errors import MaskingError
-from tests.masking.wire import array_bin, int8_bin, numeric_bin, record_bin, range_bin
+from appliance.model.decision import MaskMethod
+from appliance.pan.detector import find_pans
+from tests.masking.wire import array_bin, int8_bin, numeric_bin, range_bin, record_bin
 
 PAN = "4111111111111111"
 BPAN = PAN.encode()

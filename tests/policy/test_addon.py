@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
+from appliance.model.decision import Action
 from appliance.model.identity import Identity
 from appliance.pgwire import messages as m
 from appliance.policy.addon import EnforcementAddon, fingerprint
 from appliance.policy.holder import PolicyHolder
-from appliance.model.decision import Action
 from appliance.proxy.pipeline import BLOCKED_PORTAL, BLOCKED_SQL
 from tests.proxy.trace import backend, frontend, ready_session
 

@@ -6,10 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from appliance.policy import classifier
-from appliance.policy.classifier import classify, classify_uncached
 from appliance.model.decision import Classification
 from appliance.model.decision import StatementClass as C
+from appliance.policy import classifier
+from appliance.policy.classifier import classify, classify_uncached
 
 
 def one(sql: str) -> Classification:
@@ -450,7 +450,7 @@ def test_empty(sql: str) -> None:
 def test_unparsable_carries_the_parser_message(sql: str) -> None:
     c = one(sql)
     assert c.classes == {C.UNPARSABLE}
-    assert c.error and "syntax error" in c.error or "unterminated" in (c.error or "")
+    assert (c.error and "syntax error" in c.error) or "unterminated" in (c.error or "")
     assert c.text == sql
 
 

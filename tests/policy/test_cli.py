@@ -44,7 +44,7 @@ POLICY = textwrap.dedent("""\
     """)
 
 
-@pytest.fixture()
+@pytest.fixture
 def policy_file(tmp_path: Path) -> Path:
     path = tmp_path / "policy.toml"
     path.write_text(POLICY)

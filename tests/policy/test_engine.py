@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import textwrap
 
+from appliance.model.decision import Action, HoldSpec, MaskMethod, StatementClass
 from appliance.policy.classifier import classify
 from appliance.policy.engine import Policy
-from appliance.model.decision import Action, HoldSpec, MaskMethod, StatementClass
 
 POLICY = textwrap.dedent("""\
     default = "deny"

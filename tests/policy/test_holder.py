@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from appliance.model.decision import Action
 from appliance.policy.engine import Policy
 from appliance.policy.holder import PolicyHolder
-from appliance.model.decision import Action
 from appliance.policy.rules import PolicyError
 
 ALLOW_READS = '[[rule]]\nname = "reads"\nclasses = ["read"]\naction = "allow"\n'
@@ -29,7 +29,7 @@ def write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-@pytest.fixture()
+@pytest.fixture
 def policy_file(tmp_path: Path) -> Path:
     path = tmp_path / "policy.toml"
     path.write_text(ALLOW_READS)

@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from appliance.policy.engine import Policy
 from appliance.model.decision import Action, HoldSpec, MaskMethod, StatementClass
+from appliance.policy.engine import Policy
 from appliance.policy.rules import PolicyError, load_rules, parse_duration, parse_rules
 
 

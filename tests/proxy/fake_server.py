@@ -151,7 +151,7 @@ class FakeBackend:
             conn.eof.set()
         except ProtocolError:
             pass  # a startup packet the codec refuses: just hang up
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass  # the proxy never closed: conn.eof stays clear for the test to see
         finally:
             self._writers.discard(writer)

@@ -33,9 +33,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
@@ -252,7 +253,7 @@ class Client:
             data = self.sock.recv(1 << 16)
         except ConnectionResetError:
             data = b""  # a reset after the proxy's last words: they were read already
-        except socket.timeout:
+        except TimeoutError:
             raise AssertionError(self._hang_message(deadline)) from None
         if not data:
             self.eof = True
@@ -848,7 +849,7 @@ def check_server_outcome(post: bytes, garbage: bytes, judged: ServerJudgement) -
             assert v is Verdict.EITHER or judged.errors, "the server hung up and the client wasn't told"
         else:
             assert fatal.sqlstate.startswith("08") and "database server" in (fatal.message or ""), fatal
-    if v is not Verdict.UNCHECKED and cut != len(garbage) or v is Verdict.OPEN:
+    if (v is not Verdict.UNCHECKED and cut != len(garbage)) or v is Verdict.OPEN:
         decode_clean(post)  # the client was left with whole, valid messages only
 
 

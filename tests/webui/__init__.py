@@ -11,8 +11,8 @@ from pathlib import Path
 
 from appliance.config import Config, load_config
 from appliance.identity import CertificateAuthority, Identity
+from appliance.identity.registry import CertificateRegistry
 from appliance.lab.oidc_issuer import DevClient, DevIssuer, DevUser
-from appliance.state.certificates import CertificateRegistry
 from tests.identity.dev_flows import AGENT_ID, AGENT_SECRET, AUDIENCE, REDIRECT
 from tests.identity.tls_helpers import TlsFiles
 

@@ -20,8 +20,8 @@ from flask.testing import FlaskClient
 from appliance.holds.broker import HoldBroker
 from appliance.holds.service import ApprovalService
 from appliance.holds.store import ApprovalStore
-from appliance.model.identity import Identity
 from appliance.lab.oidc_issuer import DevIssuer
+from appliance.model.identity import Identity
 from tests.holds import (
     APPROVER_CLIENTS,
     CARD_UPDATE,

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -19,8 +20,8 @@ from appliance.identity import identity_from_certificate
 from appliance.identity.certs import fingerprint, not_valid_after, not_valid_before
 from appliance.lab.oidc_issuer import DevIssuer
 from tests.identity import ec_key, make_csr
-from tests.identity.tls_helpers import TlsFiles, make_tls_files
 from tests.identity.dev_flows import AUDIENCE, client_credentials_token, id_token
+from tests.identity.tls_helpers import TlsFiles, make_tls_files
 from tests.webui import Appliance, agent, alice, make_appliance, start_issuer
 from webui import MAX_REQUEST_BYTES, create_app
 

@@ -8,16 +8,16 @@ import json
 import sqlite3
 import stat
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from appliance.identity import CertificateAuthority, Identity
-from appliance.identity import cli
-from appliance.state import CertificateRegistry, Database, RegistryError, StateError, format_serial, serial_candidates
+from appliance.identity import CertificateAuthority, Identity, cli
+from appliance.identity.registry import CertificateRegistry, RegistryError, format_serial, serial_candidates
+from appliance.state.db import Database, StateError
 from tests.identity import ALICE, BOT, ec_key, make_csr
 
-T0 = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+T0 = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
 
 
 @pytest.fixture(scope="module")
@@ -253,10 +253,9 @@ def test_database_gives_each_thread_its_own_connection_and_rolls_back_failures(t
     t.start()
     t.join()
     assert other[0] is not db.connection() and db.connection() is db.connection()
-    with pytest.raises(ZeroDivisionError):
-        with db.transaction() as conn:
-            conn.execute("INSERT INTO a VALUES (1)")
-            1 / 0
+    with pytest.raises(ZeroDivisionError), db.transaction() as conn:
+        conn.execute("INSERT INTO a VALUES (1)")
+        1 / 0
     assert db.connection().execute("SELECT count(*) FROM a").fetchone()[0] == 0
     db.close()
 

@@ -10,11 +10,11 @@ notation, UUID-shaped tokens, runs of 20 or more digits; epoch-millisecond times
 
 Detection is local: whether a span is a PAN, and which of its digits are shown, depends
 only on the bytes from 64 before its start to 64 after it. The windowed scanner in
-:mod:`appliance.masking.scanner` relies on that to decide spans before a value is whole.
+:mod:`appliance.pan.scanner` relies on that to decide spans before a value is whole.
 
 This module imports nothing of the appliance: the auditor's standalone verifier ships it
 alone (``make verifier``). What builds on it — masking whole texts, bytea hex included
-(``scanner.scrub``), and values fed in windows — lives in :mod:`appliance.masking.scanner`.
+(``scanner.scrub``), and values fed in windows — lives in :mod:`appliance.pan.scanner`.
 
 Masking keeps the length and the separators and replaces digits by ``*``: ``pci`` shows at
 most the first six and last four digits (PCI DSS v4 3.4.1), ``last4`` only the last four.

@@ -2,7 +2,7 @@
 
 A value reaches us either whole (a DataRow held in memory) or as a stream of windows (a
 message too large to hold, or COPY data). Both go through :class:`TextScanner`, so both
-give the same bytes. Since detection is local (:mod:`appliance.masking.pan`), a span can be
+give the same bytes. Since detection is local (:mod:`appliance.pan.detector`), a span can be
 *decided* once 64 bytes after its start have been seen, or a byte that no candidate, UUID,
 decimal or exponent can cross (a "hard" byte). The scanner:
 
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import re
 
-from appliance.masking.pan import (
+from appliance.pan.detector import (
     CONTEXT,
     PCI,
     PREFILTER,
