@@ -205,7 +205,7 @@ class HoldBroker:
         the grant cache is reloaded. A failing store fails closed, as in the poller."""
         try:
             await self._refresh(force=True)
-        except Exception as exc:  # any store failure fails closed
+        except Exception as exc:  # noqa: BLE001 - any store failure fails closed, as in the poller
             self._store_failed(exc)
 
     async def drain(self, timeout: float | None = None) -> None:

@@ -179,7 +179,7 @@ def format_list(requests: list[dict[str, Any]], now: datetime) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for i, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
         if i:
             lines.append("    " + _one_line(requests[i - 1]["sql"]))
     return "\n".join(lines)

@@ -84,8 +84,10 @@ class ApprovalsClient:
         except urllib.error.URLError as exc:
             reason = exc.reason
             if isinstance(reason, ssl.SSLCertVerificationError):
-                hint = "" if self._ca_file else " (pass the appliance CA with --ca-file, or set [approvals] api_ca_file)"
-                raise ClientError(f"cannot verify the TLS certificate of {url}: {reason.verify_message}{hint}") from None
+                hint = ("" if self._ca_file
+                        else " (pass the appliance CA with --ca-file, or set [approvals] api_ca_file)")
+                raise ClientError(f"cannot verify the TLS certificate of {url}: "
+                                  f"{reason.verify_message}{hint}") from None
             raise ClientError(f"cannot reach the approvals API at {url}: {reason}") from None
         except (OSError, ValueError) as exc:
             raise ClientError(f"cannot reach the approvals API at {url}: {exc}") from None

@@ -226,7 +226,7 @@ class ApprovalService:
                 vote = Vote(approver.subject, approver.display, approver.kind, tuple(approver.groups),
                             "approve" if approve else "deny", reason, now, grant_minutes)
                 tx.add_vote(key, vote)
-                votes = request.votes + (vote,)
+                votes = (*request.votes, vote)
                 if not approve:
                     tx.settle(key, "denied", now)
                 elif sum(1 for v in votes if v.verdict == "approve") >= request.min_approvals:

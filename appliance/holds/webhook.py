@@ -19,6 +19,7 @@ discovered.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import hmac
 import json
@@ -135,10 +136,8 @@ class WebhookNotifier:
             thread = self._thread
         if thread is None or not thread.is_alive():
             return
-        try:
+        with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout)
-        except queue.Full:
-            pass
         thread.join(timeout)
         if thread.is_alive():
             log.warning("webhook: %d event(s) for %s not delivered before shutdown", self._queue.qsize(), self.url)

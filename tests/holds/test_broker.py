@@ -99,7 +99,8 @@ def make_broker(path: Path, poll: float = POLL, clock: Clock | None = None,
                       call_later=deadlines if deadlines is not None else Deadlines())
 
 
-def open_hold(broker: HoldBroker, sql: str = CARD_UPDATE, fingerprint: str = "fp-card", **kwargs: Any) -> ApprovalRequest:
+def open_hold(broker: HoldBroker, sql: str = CARD_UPDATE, fingerprint: str = "fp-card",
+              **kwargs: Any) -> ApprovalRequest:
     return broker.open(requester=AGENT, target="payments", database="payments", sql=sql, params=["blocked", "42"],
                        decision=decision(sql), fingerprint=fingerprint, session_id=3, **kwargs)
 

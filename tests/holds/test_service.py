@@ -365,9 +365,9 @@ def test_list_by_status(service: ApprovalService) -> None:
     assert {r.id for r in service.list()} == {a.id, b.id}
     assert [r.id for r in service.list("pending")] == [a.id]
     assert [r.id for r in service.list("denied")] == [b.id]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown status 'open'"):
         service.list("open")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="limit must be between 1 and"):
         service.list(limit=0)
 
 

@@ -145,10 +145,15 @@ def test_revision_is_seen_by_another_connection(service: ApprovalService) -> Non
 def test_a_failed_transaction_changes_nothing(service: ApprovalService) -> None:
     opened = open_request(service)
     revision = service.store.revision()
-    with pytest.raises(sqlite3.IntegrityError), service.store.write() as tx:
-        vote = Vote("dba-1", "dba1", "person", (), "approve", "ok", T0)
-        tx.add_vote(opened.id, vote)
-        tx.add_vote(opened.id, vote)  # the database itself refuses a second vote
+    vote = Vote("dba-1", "dba1", "person", (), "approve", "ok", T0)
+
+    def vote_twice() -> None:
+        with service.store.write() as tx:
+            tx.add_vote(opened.id, vote)
+            tx.add_vote(opened.id, vote)  # the database itself refuses a second vote
+
+    with pytest.raises(sqlite3.IntegrityError):
+        vote_twice()
     assert service.store.get(opened.id).votes == ()
     assert service.store.revision() == revision
 
@@ -159,7 +164,7 @@ def test_settled_requests_are_never_settled_again(service: ApprovalService) -> N
         tx.settle(opened.id, "denied", T0)
     with pytest.raises(StoreError, match="is not pending"), service.store.write() as tx:
         tx.settle(opened.id, "approved", T0)
-    with pytest.raises(ValueError), service.store.write() as tx:
+    with pytest.raises(ValueError, match="a request is settled to approved"), service.store.write() as tx:
         tx.settle(opened.id, "pending", T0)
     assert service.store.get(opened.id).status == "denied"
     with pytest.raises(sqlite3.IntegrityError):  # the CHECK constraint, below the code

@@ -303,7 +303,7 @@ def test_notifier_from_config(tmp_path: Path, receiver: Receiver) -> None:
     service.close()
 
     (tmp_path / "hook.secret").write_text("\n")
-    with pytest.raises(ConfigError, match="hook.secret is empty"):
+    with pytest.raises(ConfigError, match=r"hook\.secret is empty"):
         notifier_from_config(load_config(path))
     (tmp_path / "hook.secret").unlink()
     with pytest.raises(ConfigError, match="cannot read"):
