@@ -186,10 +186,10 @@ def format_status(s: dict[str, Any]) -> str:
         f"lab {s['name']}: {s['phase']}, {health}; {owner}; state in {s['state_dir']}",
         f"  agent  {ns['agent']:<16} {', '.join([addr['agent']['ipv4'], addr['agent']['ipv6']])}",
         f"  gw     {ns['gw']:<16} {', '.join(addr['gw']['agent_side'] + addr['gw']['db_side'])}",
-        f"  db     {ns['db']:<16} protected {', '.join(addr['db']['protected'])}; "
-        f"direct {', '.join(addr['db']['direct'])}",
-        f"  database  {db['dbname']} on port {db['port']}, "
-        f"{'running' if db['running'] else 'NOT running'} (pid {db['pid']}), TLS CA {db['tls_ca']}",
+        (f"  db     {ns['db']:<16} protected {', '.join(addr['db']['protected'])}; "
+         f"direct {', '.join(addr['db']['direct'])}"),
+        (f"  database  {db['dbname']} on port {db['port']}, "
+         f"{'running' if db['running'] else 'NOT running'} (pid {db['pid']}), TLS CA {db['tls_ca']}"),
         f"  roles ({s['roles_note']}):",
     ]
     for role, info in s["roles"].items():
@@ -225,13 +225,16 @@ def next_steps(s: dict[str, Any]) -> str:
         "",
         "  Policy at work (the lab's policy file is beside its config; edit it, it reloads):",
         f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" -c \"DROP TABLE cards\"      # blocked",
-        f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" -c \"UPDATE cards SET brand = brand WHERE id = 1\"",
+        (f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" "
+         f"-c \"UPDATE cards SET brand = brand WHERE id = 1\""),
         "      (waits for a payments DBA; in another terminal:)",
         f"    T=$(tollgate lab token --name {name} lab-dba-1)",
-        f"    tollgate lab exec --name {name} agent -- env TOLLGATE_TOKEN=$T {tollgate} approvals list -c {s['proxy']['config']}",
-        f"    tollgate lab exec --name {name} agent -- env TOLLGATE_TOKEN=$T {tollgate} approvals approve ID --reason \"why\" "
-        f"-c {s['proxy']['config']}",
-        f"    tollgate policy check -c {s['proxy']['config']} --as payments-agents --target payments --sql \"TRUNCATE cards\"",
+        (f"    tollgate lab exec --name {name} agent -- env TOLLGATE_TOKEN=$T {tollgate} "
+         f"approvals list -c {s['proxy']['config']}"),
+        (f"    tollgate lab exec --name {name} agent -- env TOLLGATE_TOKEN=$T {tollgate} "
+         f"approvals approve ID --reason \"why\" -c {s['proxy']['config']}"),
+        (f"    tollgate policy check -c {s['proxy']['config']} --as payments-agents --target payments "
+         f"--sql \"TRUNCATE cards\""),
         "",
     ]
     if s["proxy"].get("audit", "off") != "off":

@@ -178,15 +178,12 @@ def render_hba() -> str:
         "# TYPE   DATABASE  USER        ADDRESS                 METHOD",
         f"local    all       {PG_USER:<11} {'':<23} trust",
     ]
-    for src in sources:
-        lines.append(f"hostssl  all       {'clear_tls':<11} {src:<23} password")
+    lines.extend(f"hostssl  all       {'clear_tls':<11} {src:<23} password" for src in sources)
     # Cleartext passwords never cross an unencrypted connection.
     lines.append(f"host     all       {'clear_tls':<11} {'all':<23} reject")
-    for role in ("legacy_md5", "app"):
-        for src in sources:
-            lines.append(f"host     all       {role:<11} {src:<23} {ROLES[role]}")
-    for src in sources:
-        lines.append(f"host     all       {'all':<11} {src:<23} scram-sha-256")
+    lines.extend(f"host     all       {role:<11} {src:<23} {ROLES[role]}"
+                 for role in ("legacy_md5", "app") for src in sources)
+    lines.extend(f"host     all       {'all':<11} {src:<23} scram-sha-256" for src in sources)
     return "\n".join(lines) + "\n"
 
 

@@ -15,6 +15,7 @@ so a later ``down``/``gc`` can retry).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -219,7 +220,7 @@ class Lab:
         except BaseException as exc:
             try:
                 self.down()
-            except Exception as teardown_exc:
+            except Exception as teardown_exc:  # noqa: BLE001 - best effort: the up failure is raised below
                 log.error("lab %s: teardown after a failed up also failed: %s", self.name, teardown_exc)
             if not isinstance(exc, Exception):
                 raise  # KeyboardInterrupt / SystemExit: torn down, now let it through
@@ -392,10 +393,8 @@ class Lab:
     def down(self) -> None:
         """Tear the lab down completely; raise LabError only if something of it remains."""
         if self.dir.is_dir():
-            try:
+            with contextlib.suppress(st.StateError):  # half-written: fall back to what this object knows
                 self.state = st.load(self.dir)
-            except st.StateError:
-                pass  # half-written: fall back to what this object knows
             if self.state:
                 self.state["phase"] = "tearing-down"
                 self.state["operator"] = st.process_identity(os.getpid())
@@ -406,7 +405,7 @@ class Lab:
         # The proxy first (politely: it may want to log its shutdown), then the database.
         try:
             topology.kill_namespace_processes(namespaces["gw"], grace=10.0)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - teardown goes on; what remains is reported below
             problems.append(str(exc))
         if self._proxy_proc is not None:
             self._proxy_proc.wait()  # reap our child so it leaves no zombie
@@ -415,12 +414,12 @@ class Lab:
         for ns in namespaces.values():
             try:
                 topology.kill_namespace_processes(ns)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - teardown goes on; what remains is reported below
                 problems.append(str(exc))
         for ns in namespaces.values():
             try:
                 topology.delete_namespace(ns)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - teardown goes on; what remains is reported below
                 problems.append(str(exc))
         left = [ns for ns in namespaces.values() if topology.namespace_exists(ns)]
         if left:

@@ -404,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     host, _, port = args.bind.rpartition(":")
     clients = {}
     for spec in args.client:
-        client_id, secret_file, groups = (spec.split(":", 2) + [""])[:3]
+        client_id, secret_file, groups = [*spec.split(":", 2), ""][:3]
         clients[client_id] = DevClient(Path(secret_file).read_text().strip(), tuple(filter(None, groups.split(","))))
     users = {}
     for spec in args.user:

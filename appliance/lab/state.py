@@ -175,7 +175,7 @@ def gc(teardown: Callable[[str], None], root: Path = LAB_ROOT) -> list[tuple[str
             try:
                 teardown(name)
                 collected.append((name, reason))
-            except Exception as exc:  # keep collecting the others
+            except Exception as exc:  # noqa: BLE001 - a failed teardown is reported; the next lab is still tried
                 errors.append(f"{name}: {exc}")
     if errors:
         raise StateError("gc could not remove: " + "; ".join(errors))

@@ -15,6 +15,7 @@ coexist. This module also owns namespace lifecycle and the killing of what runs 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -166,10 +167,8 @@ def wait_for_exit(pids: list[int], timeout: float) -> list[int]:
     """Wait until every pid has exited (pidfd readiness, no polling); return the survivors."""
     fds: dict[int, int] = {}
     for pid in pids:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             fds[os.pidfd_open(pid)] = pid
-        except ProcessLookupError:
-            pass
     try:
         poller = select.poll()
         for fd in fds:
@@ -196,10 +195,8 @@ def kill_namespace_processes(ns: str, grace: float = 5.0) -> None:
         if not pids:
             return
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
         wait_for_exit(pids, wait)
     left = namespace_pids(ns)
     if left:

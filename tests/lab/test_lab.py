@@ -121,8 +121,8 @@ def test_auth_methods_per_role(lab: Lab) -> None:
     # pg_authid needs a superuser; ask the server over its socket instead when app can't read it.
     if methods.returncode != 0:
         methods = lab.exec("db", ["psql", "-X", "-At", "-h", lab.status()["database"]["socket_dir"], "-U",
-                                  "postgres", "-c", "SELECT rolname, left(rolpassword, 3) FROM pg_authid"
-                                  " WHERE rolname IN ('app', 'legacy_md5') ORDER BY 1"],
+                                  "postgres", "-c", ("SELECT rolname, left(rolpassword, 3) FROM pg_authid"
+                                                     " WHERE rolname IN ('app', 'legacy_md5') ORDER BY 1")],
                            capture_output=True, text=True, check=True)
     assert methods.stdout.split() == ["app|SCR", "legacy_md5|md5"]
 
@@ -152,7 +152,7 @@ def test_status_json_has_the_documented_keys(lab: Lab) -> None:
     assert (db["host"], db["port"], db["dbname"]) == ("198.18.2.10", 5432, "payments")
     assert Path(db["tls_ca"]).is_file() and db["running"]
     assert set(status["roles"]) == {"app", "legacy_md5", "clear_tls"}
-    for role, info in status["roles"].items():
+    for info in status["roles"].values():
         assert info["lab_only"] is True and info["password"]
         assert Path(info["password_file"]).read_text().strip() == info["password"]
         assert Path(info["password_file"]).stat().st_mode & 0o777 == 0o600
