@@ -114,7 +114,7 @@ def touches(classified: str, masked: str) -> bool:
     possibly, to the masked column "schema.table.column"? Unqualified names match any
     table: the search path decides at run time, so this errs towards masking."""
     parts = classified.casefold().split(".")
-    schema, table, column = (masked.casefold().split(".", 2) + ["", "", ""])[:3]
+    schema, table, column = [*masked.casefold().split(".", 2), "", "", ""][:3]
     if parts[-1] not in ("*", column):
         return False
     rel = parts[:-1]
@@ -127,7 +127,7 @@ def touches(classified: str, masked: str) -> bool:
 
 def _relation_touches(relation: str, masked: str) -> bool:
     parts = relation.casefold().split(".")
-    schema, table = (masked.casefold().split(".", 2) + ["", ""])[:2]
+    schema, table = [*masked.casefold().split(".", 2), "", ""][:2]
     return parts[-1] == table and (len(parts) == 1 or parts[-2] == schema)
 
 
@@ -208,7 +208,7 @@ class MaskingAddon(Addon):
         target = session.target.name if session.target is not None else ""
         try:
             return self.catalog.column_name(target, session.database or "", f.table_oid, f.column_number)
-        except Exception as exc:  # the masked columns can't be recognised: nothing goes out
+        except Exception as exc:  # noqa: BLE001 - fail closed: whatever the catalog raises, nothing goes out unmasked
             raise MaskingError("42501", f"the columns this result must mask could not be identified: {exc}") from None
 
     def _plan_for(self, session: SessionInfo, result: Result) -> Plan:
@@ -373,7 +373,8 @@ class MaskingAddon(Addon):
         try:
             out, count = masker.message(message[5:])
         except (ValueError, struct.error, IndexError) as exc:
-            raise MaskingError("XX000", f"Tollgate could not read COPY data to check it for card numbers: {exc}") from None
+            raise MaskingError("XX000", "Tollgate could not read COPY data to check it for card numbers: "
+                                        f"{exc}") from None
         if count:
             result.masked += count
             session.masked_values += count

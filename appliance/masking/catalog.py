@@ -93,7 +93,7 @@ class PgColumnCatalog:
             if generation == self._generation:
                 self._maps[key] = mapping
                 self._errors.pop(key, None)
-        except Exception as exc:  # any failure: that database's masked results fail closed
+        except Exception as exc:  # noqa: BLE001 - any failure: that database's masked results fail closed
             text = str(exc).strip()
             why = text.splitlines()[0] if text else type(exc).__name__
             log.error("cannot read the catalog of %s/%s: %s", key[0], key[1], why)

@@ -95,7 +95,7 @@ class Walker:
                         raise ValueError("bytes after the end of the message structure")
                     break
                 op = cmd[0]
-                if op == TAKE or op == PEEK:
+                if op in (TAKE, PEEK):
                     need = cmd[1]
                     if n - pos < need:
                         break

@@ -265,7 +265,7 @@ def mask_value(value: bytes, kind: int, fmt: str, column: Column) -> tuple[bytes
     """The value with card numbers masked (None if unchanged), and how many were masked.
     Raises MaskingError for a card number in a type that can't hold a masked one, ValueError
     for a binary value that doesn't parse as its type."""
-    if kind == TEXT or kind == STRUCT:
+    if kind in (TEXT, STRUCT):
         return mask_text(value, fmt, TEXT_MODE)
     if kind == JSON:
         return mask_text(value, fmt, JSON_MODE)

@@ -16,7 +16,7 @@ def pans_for(issuer: Issuer, length: int, variant: int = 0) -> str:
 def every_brand_and_length() -> list[tuple[str, str]]:
     """(brand, PAN) for every issuer row and every length it issues, at both range ends."""
     out = []
-    for issuer in ISSUERS + (MAESTRO_OTHER_6,):
+    for issuer in (*ISSUERS, MAESTRO_OTHER_6):
         for length in issuer.lengths:
             for variant in (0, 2):
                 pan = pans_for(issuer, length, variant)

@@ -105,7 +105,8 @@ def test_extended_protocol_uses_the_statements_description_and_binds_formats():
 
 
 @pytest.mark.parametrize("value,type_oid", [
-    (struct.pack("!q", int(PAN)), 20), (numeric_bin(PAN.decode()), 1700), (array_bin(20, [struct.pack("!q", int(PAN))]), 1016),
+    (struct.pack("!q", int(PAN)), 20), (numeric_bin(PAN.decode()), 1700),
+    (array_bin(20, [struct.pack("!q", int(PAN))]), 1016),
 ])
 def test_binary_numbers_holding_a_card_number_end_the_session_with_a_fatal(value, type_oid):
     session, io, _ = masking_session()
@@ -147,7 +148,8 @@ def test_catalog_named_columns_get_their_policy_mask():
     catalog = DictCatalog({(CARDS_OID, 2): "public.cards.pan", (CARDS_OID, 3): "public.cards.cvv",
                            (CARDS_OID, 4): "public.cards.holder", (CARDS_OID, 5): "public.cards.secret"})
     dec = decision(ColumnMask("public.cards.pan", MaskMethod.LAST4), ColumnMask("public.cards.cvv", MaskMethod.NULL),
-                   ColumnMask("public.cards.holder", MaskMethod.FULL), ColumnMask("public.cards.secret", MaskMethod.PAN),
+                   ColumnMask("public.cards.holder", MaskMethod.FULL),
+                   ColumnMask("public.cards.secret", MaskMethod.PAN),
                    columns=("cards.pan", "cards.cvv", "cards.holder", "cards.secret"))
     session, io, _ = masking_session(Decides(dec), masking=MaskingAddon(catalog=catalog))
     rd = m.RowDescription((field("id", 23, table=CARDS_OID, attnum=1), field("card", table=CARDS_OID, attnum=2),
@@ -308,7 +310,7 @@ def test_copy_in_data_from_the_client_is_not_touched():
     session.client_data(frontend(m.Query("COPY cards FROM STDIN")))
     session.server_data(backend(m.CopyInResponse(0, (0,))))
     session.client_data(frontend(m.CopyData(b"1\t" + PAN + b"\n"), m.CopyDone()))
-    assert [g for g in io.server_got() if isinstance(g, m.CopyData)][0].data == b"1\t" + PAN + b"\n"
+    assert next(g for g in io.server_got() if isinstance(g, m.CopyData)).data == b"1\t" + PAN + b"\n"
 
 
 def test_copy_of_a_table_with_a_masked_column_fails_closed():

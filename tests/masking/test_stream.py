@@ -35,7 +35,7 @@ def stream(addon: MaskingAddon, session: SessionInfo, result: Result | None, tag
            cuts: list[int]) -> bytes:
     """Feed a message body the way the session does: windows of new bytes after what was kept."""
     out, carry, pos = bytearray(), b"", 0
-    bounds = sorted({c for c in cuts if 0 < c < len(body)}) + [len(body)]
+    bounds = [*sorted({c for c in cuts if 0 < c < len(body)}), len(body)]
     for end in bounds:
         window = carry + body[pos:end]
         pos = end
@@ -205,7 +205,7 @@ def rows(draw):  # type: ignore[no-untyped-def]
 @given(rows())
 def test_random_rows_in_random_windows_are_masked_as_whole(row):
     fields, values, cuts = row
-    whole_and_streamed(fields, values, [cuts, [c for c in range(1, 4000, 3)]])
+    whole_and_streamed(fields, values, [cuts, list(range(1, 4000, 3))])
 
 
 @settings(max_examples=400, deadline=None)
@@ -217,7 +217,7 @@ def test_text_scanner_windows_match_one_shot(text, mode, fmt, cuts):
     whole = mask_text(text, fmt, mode)[0] or text
     scanner = TextScanner(fmt, mode)
     out, carry_orig, kept, pos = bytearray(), b"", b"", 0
-    bounds = sorted({c for c in cuts if 0 < c < len(text)}) + [len(text)]
+    bounds = [*sorted({c for c in cuts if 0 < c < len(text)}), len(text)]
     for end in bounds:
         new = text[pos:end]
         pos = end

@@ -25,7 +25,8 @@ def numeric_bin(text: str) -> bytes:
     whole = whole.lstrip("0")
     whole = "0" * (-len(whole) % 4) + whole
     frac = frac + "0" * (-len(frac) % 4)
-    groups = [int(whole[i:i + 4]) for i in range(0, len(whole), 4)] + [int(frac[i:i + 4]) for i in range(0, len(frac), 4)]
+    groups = ([int(whole[i:i + 4]) for i in range(0, len(whole), 4)]
+              + [int(frac[i:i + 4]) for i in range(0, len(frac), 4)])
     weight = len(whole) // 4 - 1
     while groups and groups[0] == 0:
         groups.pop(0)
