@@ -20,6 +20,7 @@ a verdict the session layer understands:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
@@ -72,10 +73,11 @@ def requester(session: SessionInfo) -> dict[str, Any]:
 
 def fingerprint(sql: str) -> str:
     """The statement's shape (constants and parameters stripped), for time-boxed grants."""
+    from pglast.parser import ParseError
+    from pglast.parser import fingerprint as pg_fingerprint
     try:
-        from pglast.parser import fingerprint as pg_fingerprint
         return pg_fingerprint(sql)
-    except Exception:  # unparsable SQL has no shape: only the exact text matches
+    except (ParseError, UnicodeEncodeError):  # unparsable SQL has no shape: only the exact text matches
         import hashlib
         return "text:" + hashlib.sha256(sql.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
@@ -106,10 +108,8 @@ class EnforcementAddon(Addon):
     async def close(self) -> None:
         if self._watch is not None:
             self._watch.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
-            except asyncio.CancelledError:
-                pass
             self._watch = None
         if self.approvals is not None:
             await self.approvals.close()

@@ -84,11 +84,7 @@ _INLINE = _inline_fields()
 
 def _strings(items: Any) -> list[str]:
     """The values of a list of String nodes (a qualified name)."""
-    out = []
-    for item in items or ():
-        if isinstance(item, dict) and "String" in item:
-            out.append(item["String"].get("sval", ""))
-    return out
+    return [item["String"].get("sval", "") for item in items or () if isinstance(item, dict) and "String" in item]
 
 
 def _unwrap(node: Any) -> tuple[str | None, Any]:

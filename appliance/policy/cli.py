@@ -120,7 +120,7 @@ def _print_text(policy: Policy, decision: Decision, verdicts: list[Verdict]) -> 
               f"times out after {_duration(hold.timeout_seconds)}")
     if decision.masks:
         print("masks:     " + ", ".join(f"{m.column} ({m.method.value})" for m in decision.masks))
-    for number, (statement, verdict) in enumerate(zip(decision.statements, verdicts), 1):
+    for number, (statement, verdict) in enumerate(zip(decision.statements, verdicts, strict=True), 1):
         print()
         print(f"statement {number}: {statement.command or '(empty)'}")
         print(f"  text:      {_one_line(statement.text)}")
@@ -163,5 +163,5 @@ def _as_json(policy: Policy, args: argparse.Namespace, decision: Decision,
                                            "min_approvals": hold.min_approvals,
                                            "timeout_seconds": hold.timeout_seconds},
         "masks": [{"column": m.column, "method": m.method.value} for m in decision.masks],
-        "statements": [_statement_json(s, v) for s, v in zip(decision.statements, verdicts)],
+        "statements": [_statement_json(s, v) for s, v in zip(decision.statements, verdicts, strict=True)],
     }

@@ -164,7 +164,7 @@ def _aligned(pattern: Pattern, parts: Parts) -> Iterable[tuple[re.Pattern[str], 
     has unknown leading parts."""
     if len(parts) < len(pattern.parts):
         parts = (None,) * (len(pattern.parts) - len(parts)) + parts
-    return zip(pattern.parts, parts[len(parts) - len(pattern.parts):])
+    return zip(pattern.parts, parts[len(parts) - len(pattern.parts):], strict=True)
 
 
 def _is_oid_function(name: str) -> bool:

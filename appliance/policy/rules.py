@@ -337,7 +337,7 @@ def parse_rules(text: str, path: str | Path = "<policy>") -> RuleSet:
     for key in data:
         if key not in TOP_KEYS:
             line = reader.where.key(None, key) or next(
-                (i + 1 for i, l in enumerate(reader.where.lines) if re.match(rf"^\s*\[+\s*{re.escape(key)}\b", l)),
+                (i + 1 for i, ln in enumerate(reader.where.lines) if re.match(rf"^\s*\[+\s*{re.escape(key)}\b", ln)),
                 None)
             raise reader.error(line, f"unknown key {key!r} (known: {', '.join(TOP_KEYS)})")
 

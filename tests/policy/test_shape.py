@@ -13,7 +13,8 @@ from appliance.policy.shape import shape
 
 
 @pytest.mark.parametrize("sql, shaped", [
-    ("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;", "SELECT abalance FROM pgbench_accounts WHERE aid = 0;"),
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = 12345;",
+     "SELECT abalance FROM pgbench_accounts WHERE aid = 0;"),
     ("select * from t1 where x = 1.5e3 and y = 'a1'", "select * from t1 where x = 0 and y = 'a1'"),
     ('select "t 1" from x where a = 5 -- 7', 'select "t 1" from x where a = 0 -- 7'),
     ("SELECT set_config('role', 'x', false) LIMIT 3", "SELECT set_config('role', 'x', false) LIMIT 0"),
@@ -46,7 +47,10 @@ def test_a_shape_classifies_exactly_as_the_statement_itself(sql: str):
     if shaped is None:
         return
     ours, theirs = classify_uncached(sql), classify_uncached(shaped)
-    strip = lambda cs: [(c.classes, c.relations, c.columns, c.functions, c.command, c.prepared_name) for c in cs]
+
+    def strip(cs):
+        return [(c.classes, c.relations, c.columns, c.functions, c.command, c.prepared_name) for c in cs]
+
     if any(c.error for c in ours):
         assert any(c.error for c in theirs)  # unparsable stays unparsable (and blocked)
         return
