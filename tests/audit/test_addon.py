@@ -76,7 +76,7 @@ def test_a_statement_is_recorded_before_it_goes_upstream_and_its_result_after(au
 
 
 def test_parameters_are_recorded_scrubbed_with_nulls(audit_log: AuditLog):
-    session, io = ready_session([AuditAddon(audit_log, _scrub)])
+    session, _io = ready_session([AuditAddon(audit_log, _scrub)])
     session.client_data(frontend(m.Parse("s", "SELECT $1::text, $2::text", ()),
                                  m.Bind("", "s", (0,), (PAN.encode(), None), ()), m.Execute("", 0), m.Sync()))
     [statement] = [r for r in read(audit_log) if r["type"] == "statement"]
@@ -98,7 +98,7 @@ def test_a_blocked_statement_is_recorded_as_a_failure_and_has_no_result(audit_lo
 
 
 def test_an_error_result_carries_its_sqlstate(audit_log: AuditLog):
-    session, io = ready_session([AuditAddon(audit_log, _scrub)])
+    session, _io = ready_session([AuditAddon(audit_log, _scrub)])
     session.client_data(frontend(m.Query("SELECT 1/0")))
     session.server_data(backend(m.ErrorResponse.build("ERROR", "22012", "division by zero"), m.ReadyForQuery(b"I")))
     [result] = [r for r in read(audit_log) if r["type"] == "result"]
@@ -106,7 +106,7 @@ def test_an_error_result_carries_its_sqlstate(audit_log: AuditLog):
 
 
 def test_session_start_end_and_refusal_records(audit_log: AuditLog):
-    session, io = ready_session([AuditAddon(audit_log, _scrub)])
+    session, _io = ready_session([AuditAddon(audit_log, _scrub)])
     session.client_closed()
     types = [r["type"] for r in read(audit_log)]
     assert types[-3:] == ["auth.success", "session.start", "session.end"]
