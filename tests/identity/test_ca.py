@@ -62,10 +62,10 @@ def test_create_writes_cert_0644_and_key_0600(tmp_path):
 def test_create_refuses_to_overwrite_an_existing_ca(tmp_path):
     first = new_ca(tmp_path)
     before = (tmp_path / CA_KEY_FILE).read_bytes()
-    with pytest.raises(IdentityError, match="ca.crt already exists; refusing to overwrite"):
+    with pytest.raises(IdentityError, match=r"ca\.crt already exists; refusing to overwrite"):
         CertificateAuthority.create(tmp_path)
     (tmp_path / CA_CERT_FILE).unlink()  # a lone key (a crash mid-create) is protected too
-    with pytest.raises(IdentityError, match="ca.key already exists"):
+    with pytest.raises(IdentityError, match=r"ca\.key already exists"):
         CertificateAuthority.create(tmp_path)
     assert (tmp_path / CA_KEY_FILE).read_bytes() == before
     assert first.certificate is not None
@@ -213,7 +213,8 @@ def test_accepted_key_types(tmp_path, make_key):
     (lambda: ec.generate_private_key(ec.SECP256K1()), "EC secp256k1"),
 ])
 def test_weak_or_unexpected_keys_are_rejected(tmp_path, make_key, described):
-    with pytest.raises(IdentityError, match=f"CSR key is {described}; Tollgate accepts EC P-256/P-384, RSA of at least 2048"):
+    with pytest.raises(IdentityError,
+                       match=f"CSR key is {described}; Tollgate accepts EC P-256/P-384, RSA of at least 2048"):
         new_ca(tmp_path).issue_client(make_csr(make_key()), BOT)
 
 
@@ -262,7 +263,8 @@ def test_server_certificate_fields(tmp_path):
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == ["198.18.2.10", "fd7a:6c67:2::10"]
     assert san.get_values_for_type(x509.DNSName) == ["db.example"]
-    assert list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert (list(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+            == [ExtendedKeyUsageOID.SERVER_AUTH])
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()
     assert not_valid_after(cert) - not_valid_before(cert) == timedelta(days=397, minutes=1)
     with pytest.raises(IdentityError, match="at least one address"):

@@ -124,10 +124,7 @@ def _self_signed(subject_cn: str | None, identity: Identity | None = None,
     now = datetime.now(UTC)
     builder = (x509.CertificateBuilder().issuer_name(name).public_key(key.public_key()).serial_number(1)
                .not_valid_before(now).not_valid_after(now + timedelta(hours=1)))
-    if identity is not None:
-        builder = add_client_identity(builder, identity)
-    else:
-        builder = builder.subject_name(name)
+    builder = add_client_identity(builder, identity) if identity is not None else builder.subject_name(name)
     if sans is not None:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     if extension is not None:
@@ -143,20 +140,21 @@ GOOD_EXT = encode_identity_extension(Identity("bob", "person"))
 
 
 @pytest.mark.parametrize("cert_args, message", [
-    (dict(subject_cn="bob"), "no subjectAltName"),
-    (dict(subject_cn="bob", sans=[x509.DNSName("bob.example")]), "no tollgate:identity:… URI"),
-    (dict(subject_cn="bob", sans=[_uri("tollgate:identity:person:bob"), _uri("tollgate:identity:person:eve")]),
+    ({"subject_cn": "bob"}, "no subjectAltName"),
+    ({"subject_cn": "bob", "sans": [x509.DNSName("bob.example")]}, "no tollgate:identity:… URI"),
+    ({"subject_cn": "bob", "sans": [_uri("tollgate:identity:person:bob"), _uri("tollgate:identity:person:eve")]},
      "names 2 identities"),
-    (dict(subject_cn="bob", sans=[_uri("tollgate:identity:root:bob")], extension=GOOD_EXT), "does not name a kind"),
-    (dict(subject_cn="bob", sans=[_uri("tollgate:identity:person:%ff")], extension=GOOD_EXT), "not valid percent"),
-    (dict(subject_cn="eve", sans=[_uri("tollgate:identity:person:bob")], extension=GOOD_EXT),
+    ({"subject_cn": "bob", "sans": [_uri("tollgate:identity:root:bob")], "extension": GOOD_EXT},
+     "does not name a kind"),
+    ({"subject_cn": "bob", "sans": [_uri("tollgate:identity:person:%ff")], "extension": GOOD_EXT}, "not valid percent"),
+    ({"subject_cn": "eve", "sans": [_uri("tollgate:identity:person:bob")], "extension": GOOD_EXT},
      r"CN \('eve'\) does not match its identity URI \(subject 'bob'\)"),
-    (dict(subject_cn=None, sans=[_uri("tollgate:identity:person:bob")], extension=GOOD_EXT), r"CN \(none\)"),
-    (dict(subject_cn="bob", sans=[_uri("tollgate:identity:person:bob")]), "no Tollgate identity extension"),
-    (dict(subject_cn="bob", sans=[_uri("tollgate:identity:agent:bob")], extension=GOOD_EXT),
+    ({"subject_cn": None, "sans": [_uri("tollgate:identity:person:bob")], "extension": GOOD_EXT}, r"CN \(none\)"),
+    ({"subject_cn": "bob", "sans": [_uri("tollgate:identity:person:bob")]}, "no Tollgate identity extension"),
+    ({"subject_cn": "bob", "sans": [_uri("tollgate:identity:agent:bob")], "extension": GOOD_EXT},
      "extension says kind 'person' but its URI says 'agent'"),
-    (dict(subject_cn="bob", sans=[_uri("tollgate:identity:person:bob"), x509.RFC822Name("a@x"),
-                                  x509.RFC822Name("b@x")], extension=GOOD_EXT), "2 email addresses"),
+    ({"subject_cn": "bob", "sans": [_uri("tollgate:identity:person:bob"), x509.RFC822Name("a@x"),
+                                    x509.RFC822Name("b@x")], "extension": GOOD_EXT}, "2 email addresses"),
 ])
 def test_malformed_certificates_are_rejected_with_the_reason(cert_args, message):
     with pytest.raises(IdentityError, match=message):

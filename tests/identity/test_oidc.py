@@ -301,7 +301,7 @@ def test_issuer_not_trusted_by_the_ca_file_is_refused_and_retried_rate_limited(
     validator = OIDCValidator(OIDCSettings(issuer=issuer.url, audience=AUDIENCE), fetch=spy, now=clock)
     token = issuer.mint(issuer.base_claims("alice"))
     for _ in range(2):
-        with pytest.raises(IssuerError, match="discovery document.*CERTIFICATE_VERIFY_FAILED"):
+        with pytest.raises(IssuerError, match=r"discovery document.*CERTIFICATE_VERIFY_FAILED"):
             validator.validate(token)
     assert len(spy.urls) == 1
     clock.advance(31)

@@ -84,7 +84,8 @@ def test_revoke_by_serial(ca, csr, registry):
     assert not registry.is_revoked(cert.serial_number)
     record = registry.revoke(cert.serial_number, "laptop lost", "ops", now=T0 + timedelta(hours=1))
     assert record.revoked and record.status() == "revoked"
-    assert (record.revoked_at, record.revoked_reason, record.revoked_by) == (T0 + timedelta(hours=1), "laptop lost", "ops")
+    assert ((record.revoked_at, record.revoked_reason, record.revoked_by)
+            == (T0 + timedelta(hours=1), "laptop lost", "ops"))
     assert registry.revision() == 1
     assert registry.is_revoked(cert.serial_number)
     assert not registry.is_revoked(other.serial_number)
@@ -237,7 +238,7 @@ def test_database_migrates_once_in_wal_mode_with_private_files(tmp_path):
     assert db.connection().execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert stat.S_IMODE((tmp_path / "s.db").stat().st_mode) == 0o600
     db.close()
-    db = Database(tmp_path / "s.db", migrations + [("INSERT INTO a VALUES (2)",)])
+    db = Database(tmp_path / "s.db", [*migrations, ("INSERT INTO a VALUES (2)",)])
     assert [r[0] for r in db.connection().execute("SELECT x FROM a ORDER BY x")] == [1, 2]  # 1 and 2 not re-run
     db.close()
     with pytest.raises(StateError, match="schema version 3 is newer than this Tollgate understands \\(2\\)"):
@@ -253,9 +254,14 @@ def test_database_gives_each_thread_its_own_connection_and_rolls_back_failures(t
     t.start()
     t.join()
     assert other[0] is not db.connection() and db.connection() is db.connection()
-    with pytest.raises(ZeroDivisionError), db.transaction() as conn:
-        conn.execute("INSERT INTO a VALUES (1)")
-        1 / 0
+
+    def insert_then_fail() -> None:
+        with db.transaction() as conn:
+            conn.execute("INSERT INTO a VALUES (1)")
+            raise ZeroDivisionError("a failure inside the transaction")
+
+    with pytest.raises(ZeroDivisionError, match="a failure inside the transaction"):
+        insert_then_fail()
     assert db.connection().execute("SELECT count(*) FROM a").fetchone()[0] == 0
     db.close()
 
@@ -277,7 +283,7 @@ def state(tmp_path, capsys):
     ca = CertificateAuthority.load(tmp_path / "ca" / "ca.crt", tmp_path / "ca" / "ca.key")
     registry = CertificateRegistry(tmp_path / "certificates.db")
     certs = [ca.issue_client(make_csr(ec_key()), ident) for ident in (ALICE, ALICE, BOT)]
-    for cert, ident in zip(certs, (ALICE, ALICE, BOT)):
+    for cert, ident in zip(certs, (ALICE, ALICE, BOT), strict=True):
         registry.record_issued(cert, ident)
     yield tmp_path, registry, certs
     registry.close()
