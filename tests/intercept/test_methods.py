@@ -124,7 +124,8 @@ class Lab:
     db: str
     procs: list[subprocess.Popen[str]] = field(default_factory=list)
 
-    def exec(self, ns: str, *cmd: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    def exec(self, ns: str, *cmd: str, check: bool = True,
+             stdin: str | None = None) -> subprocess.CompletedProcess[str]:
         return run("ip", "netns", "exec", ns, *cmd, check=check, stdin=stdin)
 
     def tollgate(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -292,7 +293,8 @@ def test_bypass_mark_is_never_diverted(lab: Lab, tmp_path: Path) -> None:
 def test_setup_is_idempotent_and_teardown_exact(lab: Lab, method: str, tmp_path: Path) -> None:
     config = str(write_config(tmp_path / "tollgate.toml", method))
     # Someone else's table and rule, which teardown must leave alone.
-    lab.exec(lab.gw, NFT, "-f", "-", stdin="table inet other {\n\tchain c {\n\t\ttype filter hook input priority 0;\n\t}\n}\n")
+    lab.exec(lab.gw, NFT, "-f", "-",
+             stdin="table inet other {\n\tchain c {\n\t\ttype filter hook input priority 0;\n\t}\n}\n")
     lab.exec(lab.gw, "ip", "rule", "add", "fwmark", "0x99", "lookup", "99", "priority", "1234")
     try:
         lab.tollgate("intercept", "up", "-c", config)

@@ -117,8 +117,8 @@ VARIANTS = {
     "small": (SMALL, ("198.18.2.10:5432",)),
     "empty": ("", ()),
     "dual-stack": (
-        'agent_subnets = ["198.18.1.0/24", "fd7a:6c67:1::/64", "10.0.0.0/8", "10.1.0.0/16"]\n'
-        'agent_interfaces = ["eth1", "veth-agents"]\ntable = "tg_test"\nbypass_mark = 7\ntproxy_mark = 8\n',
+        ('agent_subnets = ["198.18.1.0/24", "fd7a:6c67:1::/64", "10.0.0.0/8", "10.1.0.0/16"]\n'
+         'agent_interfaces = ["eth1", "veth-agents"]\ntable = "tg_test"\nbypass_mark = 7\ntproxy_mark = 8\n'),
         ("198.18.2.10:5432", "198.18.2.11:6432", "[fd7a:6c67:2::10]:5432"),
     ),
 }
@@ -221,7 +221,8 @@ def test_teardown_text() -> None:
 
 def test_cli_show_prints_the_ruleset_without_applying(tmp_path: Path) -> None:
     path = tmp_path / "tollgate.toml"
-    path.write_text(f'[intercept]\nmethod = "tproxy"\n{SMALL}[[targets]]\nname = "orders"\naddresses = ["198.18.2.10:5432"]\n')
+    path.write_text(f'[intercept]\nmethod = "tproxy"\n{SMALL}'
+                    '[[targets]]\nname = "orders"\naddresses = ["198.18.2.10:5432"]\n')
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["intercept", "show", "-c", str(path)])
