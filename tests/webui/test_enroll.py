@@ -137,11 +137,11 @@ def test_ca_pem_and_healthz(client: FlaskClient, appliance: Appliance) -> None:
 @pytest.mark.parametrize("claim, reason", [
     ({"cn": "bob"}, "CSR subject claims CN='bob', but the requester is authenticated as 'alice'"),
     ({"sans": [x509.UniformResourceIdentifier("tollgate:identity:person:bob")]},
-     "CSR requests subjectAltName URI:tollgate:identity:person:bob, which is not the requester's identity "
-     "(tollgate:identity:person:alice)"),
+     ("CSR requests subjectAltName URI:tollgate:identity:person:bob, which is not the requester's identity "
+      "(tollgate:identity:person:alice)")),
     ({"sans": [x509.RFC822Name("bob@example.test")]},
-     "CSR requests subjectAltName email:bob@example.test, which is not the requester's identity "
-     "(tollgate:identity:person:alice)"),
+     ("CSR requests subjectAltName email:bob@example.test, which is not the requester's identity "
+      "(tollgate:identity:person:alice)")),
 ], ids=["cn", "uri-san", "email-san"])
 def test_csr_claiming_another_identity_is_refused_403(client: FlaskClient, issuer: DevIssuer, tls: TlsFiles,
                                                       appliance: Appliance, claim: dict[str, Any],
