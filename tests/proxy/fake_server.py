@@ -166,7 +166,8 @@ class FakeBackend:
         conn.received += data
         return data
 
-    async def _next(self, reader: asyncio.StreamReader, decoder: FrontendDecoder, conn: BackendConn) -> m.Message | None:
+    async def _next(self, reader: asyncio.StreamReader, decoder: FrontendDecoder,
+                    conn: BackendConn) -> m.Message | None:
         while (message := decoder.next_message()) is None:
             data = await self._read(reader, conn)
             if not data:
@@ -190,7 +191,7 @@ class FakeBackend:
     @staticmethod
     async def _write_pieces(writer: asyncio.StreamWriter, script: Script) -> None:
         bounds = [0, *sorted(c for c in script.cuts if 0 < c < len(script.garbage)), len(script.garbage)]
-        for start, end in zip(bounds, bounds[1:]):
+        for start, end in itertools.pairwise(bounds):
             writer.write(script.garbage[start:end])
             await writer.drain()
             # Let the proxy's read run before the next piece, so pieces tend to arrive apart.
@@ -203,12 +204,14 @@ class FakeBackend:
             try:
                 message = await self._next(reader, decoder, conn)
             except ProtocolError as exc:
-                writer.write(m.ErrorResponse.build("FATAL", "08P01", f"fake backend: invalid frontend message: {exc}").encode())
+                writer.write(m.ErrorResponse.build("FATAL", "08P01",
+                                                   f"fake backend: invalid frontend message: {exc}").encode())
                 return
             if message is None or isinstance(message, m.Terminate):
                 return
             if isinstance(message, m.PasswordMessage):
-                writer.write(m.ErrorResponse.build("FATAL", "08P01", "fake backend: unexpected password message").encode())
+                writer.write(m.ErrorResponse.build("FATAL", "08P01",
+                                                   "fake backend: unexpected password message").encode())
                 return
             writer.write(answer(message))
             await writer.drain()

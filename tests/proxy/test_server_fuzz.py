@@ -25,9 +25,11 @@ relayed, and the oracle tolerates exactly that (``UNCHECKED``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import gc
 import hashlib
+import itertools
 import os
 import socket
 import struct
@@ -229,17 +231,15 @@ class Client:
         """Send data, in separate writes cut at ``cuts`` (how they arrive is up to TCP)."""
         bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
         try:
-            for start, end in zip(bounds, bounds[1:]):
+            for start, end in itertools.pairwise(bounds):
                 self.sock.sendall(data[start:end])
             return True
         except (BrokenPipeError, ConnectionResetError):
             return False  # the proxy already hung up; what it said is still readable
 
     def half_close(self) -> None:
-        try:
+        with contextlib.suppress(OSError):
             self.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
 
     def close(self) -> None:
         self.sock.close()
@@ -275,7 +275,7 @@ class Client:
         """Read through the next ReadyForQuery after ``mark``; returns the messages, moves mark."""
         deadline = time.monotonic() + timeout
         while True:
-            found, end = frames(self.raw, self.mark)
+            found, _end = frames(self.raw, self.mark)
             for tag, _, stop in found:
                 if tag == ord("Z"):
                     got = decode_clean(bytes(self.raw[self.mark:stop]))
@@ -337,7 +337,8 @@ def decode_clean(data: bytes, ssl_answers: int = 0) -> list[m.Message]:
         got.extend(decoder)
     except ProtocolError as exc:
         raise AssertionError(f"the client received invalid protocol bytes ({exc}) after {got!r}: {data!r}") from None
-    assert decoder.buffered_bytes == 0, f"the client was left with a partial message: {data[-decoder.buffered_bytes:]!r}"
+    assert decoder.buffered_bytes == 0, (
+        f"the client was left with a partial message: {data[-decoder.buffered_bytes:]!r}")
     return got
 
 
@@ -485,7 +486,8 @@ def judge_startup(data: bytes) -> StartupJudgement:
         except ProtocolError:
             return StartupJudgement(Verdict.PROXY_FATAL, answers)
         params = packet.parameters
-        if params.get("user") != "app" or params.get("replication", "false").lower() in {"1", "true", "yes", "on", "database"}:
+        if (params.get("user") != "app"
+                or params.get("replication", "false").lower() in {"1", "true", "yes", "on", "database"}):
             return StartupJudgement(Verdict.REFUSED, answers)
         return StartupJudgement(Verdict.LOGGED_IN, answers, data[pos:])
 
@@ -928,7 +930,8 @@ def test_server_garbage_during_login(harness, proxy, bystander, garbage, cuts):
     keys = [x for x in got if isinstance(x, m.BackendKeyData)]
     event(f"login {'ready' if ready else 'refused'}, {len(keys)} BackendKeyData")
     server_keys = {decode_lenient(garbage[start:end])[0].secret_key
-                   for tag, start, end in frames(garbage)[0] if tag == ord("K") and not backend_error(garbage[start:end])}
+                   for tag, start, end in frames(garbage)[0]
+                   if tag == ord("K") and not backend_error(garbage[start:end])}
     assert not {k.secret_key for k in keys} & server_keys, "the database's cancel key reached the client"
     assert len(keys) <= 1, f"the client was given {len(keys)} cancel keys"
     assert_healthy(harness, proxy, bystander)
@@ -1110,7 +1113,8 @@ def test_backpressure_holds_a_200MB_result_at_the_database(harness, rows, row_si
         def paused() -> bool:
             conn = session_for(proxy, key).io
             return conn.upstream.transport is not None and not conn.upstream.transport.is_reading()
-        harness.wait_for(lambda: paused() or upstream.stream_done.is_set(), "the proxy to stop reading from the database", 20)
+        harness.wait_for(lambda: paused() or upstream.stream_done.is_set(),
+                         "the proxy to stop reading from the database", 20)
         assert not upstream.stream_done.is_set(), "the proxy took the whole result while the client read nothing"
         buffered = harness.call(lambda: session_for(proxy, key).io.transport.get_write_buffer_size())
         assert buffered <= HIGH_WATER + (4 << 20), f"{buffered} bytes queued for the client"
