@@ -30,9 +30,7 @@ def records(lab: Lab) -> list[dict[str, Any]]:
     """Every record in the appliance's audit log, in order (the live segment included)."""
     out = []
     for segment in sorted((lab.audit_dir / "segments").glob("*.jsonl")):
-        for line in segment.read_bytes().split(b"\n"):
-            if line:
-                out.append(json.loads(line))
+        out.extend(json.loads(line) for line in segment.read_bytes().split(b"\n") if line)
     return out
 
 

@@ -134,9 +134,11 @@ def test_plain_pg_dump_through_tollgate_is_identical_but_for_masked_card_numbers
 
 
 def test_pg_restore_through_tollgate(lab: Lab):
-    psql(lab, "DROP TABLE IF EXISTS restore_probe; CREATE TABLE restore_probe AS SELECT g AS n FROM generate_series(1, 1000) g")
+    psql(lab, "DROP TABLE IF EXISTS restore_probe; "
+              "CREATE TABLE restore_probe AS SELECT g AS n FROM generate_series(1, 1000) g")
     try:
-        run(lab, "agent", ["sh", "-c", f"pg_dump -Fc -t restore_probe '{lab.conninfo(direct=True)}' > /tmp/tg-probe.{lab.name}"])
+        run(lab, "agent", ["sh", "-c",
+                           f"pg_dump -Fc -t restore_probe '{lab.conninfo(direct=True)}' > /tmp/tg-probe.{lab.name}"])
         psql(lab, "DROP TABLE restore_probe")
         run(lab, "agent", ["pg_restore", "--no-owner", "-d", lab.conninfo(), f"/tmp/tg-probe.{lab.name}"])
         assert psql(lab, "SELECT sum(n) FROM restore_probe").strip() == "500500"
@@ -161,7 +163,8 @@ def test_cancel_stops_a_running_pg_sleep(lab: Lab):
                 outcome["sqlstate"] = exc.sqlstate
         t = threading.Thread(target=sleeper); t.start()
         # Cancel once the server really is sleeping (an event, not a guess).
-        while watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND query LIKE 'SELECT pg_sleep%%' AND state = 'active'", (pid,)).fetchone()[0] == 0:
+        while watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s "
+                              "AND query LIKE 'SELECT pg_sleep%%' AND state = 'active'", (pid,)).fetchone()[0] == 0:
             time.sleep(0.01)
         conn.cancel()
         t.join(90)
@@ -202,13 +205,15 @@ COPY_SCRIPT = """
     with psycopg.connect(sys.argv[1], autocommit=True) as conn:
         out = bytearray()
         # No PAN column: COPY's fidelity, not masking (tests/e2e/test_masking.py), is the point.
-        with conn.cursor().copy(f"COPY (SELECT id, pan_last4, expiry, brand FROM cards ORDER BY id) TO STDOUT {opts}") as copy:
+        with conn.cursor().copy(f"COPY (SELECT id, pan_last4, expiry, brand FROM cards ORDER BY id) "
+                                f"TO STDOUT {opts}") as copy:
             for chunk in copy:
                 out += chunk
         conn.execute("CREATE TEMP TABLE copy_back (id int, last4 text, expiry text, brand text)")
         with conn.cursor().copy(f"COPY copy_back FROM STDIN {opts}") as copy:
             copy.write(bytes(out))
-        back = conn.execute("SELECT md5(string_agg(id || last4 || expiry || brand, ',' ORDER BY id)) FROM copy_back").fetchone()[0]
+        back = conn.execute("SELECT md5(string_agg(id || last4 || expiry || brand, ',' ORDER BY id)) "
+                            "FROM copy_back").fetchone()[0]
         print(json.dumps({"out": hashlib.sha256(out).hexdigest(), "size": len(out), "back": back}))
 """
 
@@ -231,7 +236,8 @@ def test_ten_megabyte_values_both_ways(lab: Lab):
             conn.execute("INSERT INTO big VALUES ('" + value + "')", prepare=False)  # as literal SQL
             rows = conn.execute("SELECT v FROM big").fetchall()
             binary = conn.cursor(binary=True).execute("SELECT v::bytea FROM big LIMIT 1").fetchone()[0]
-            print(json.dumps([len(rows), all(r[0] == value for r in rows), hashlib.md5(bytes(binary)).hexdigest() == hashlib.md5(value.encode()).hexdigest()]))
+            print(json.dumps([len(rows), all(r[0] == value for r in rows),
+                              hashlib.md5(bytes(binary)).hexdigest() == hashlib.md5(value.encode()).hexdigest()]))
     """
     assert python_json(lab, script, lab.conninfo()) == [2, True, True]
     # psql's simple protocol too, result compared with direct.

@@ -112,7 +112,8 @@ def test_a_policy_change_reaches_live_sessions_and_a_broken_file_is_refused(lab:
                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "ready"
-        no_card_reads = LAB_POLICY.replace('name = "no-role-changes-or-procedural-code"', '''name = "no-card-reads-today"
+        no_card_reads = LAB_POLICY.replace('name = "no-role-changes-or-procedural-code"',
+                                           '''name = "no-card-reads-today"
 classes = ["read"]
 relations = ["public.cards"]
 action = "block"

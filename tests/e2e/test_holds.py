@@ -138,7 +138,8 @@ def test_the_agent_cannot_approve_and_an_approver_cannot_vote_twice(lab: Lab, to
         no_reason = approvals(lab, tokens["lab-dba-1"], "approve", request["id"], "--reason", " ", check=False)
         assert no_reason.returncode != 0 and b"reason" in no_reason.stderr + no_reason.stdout
         approvals(lab, tokens["lab-dba-1"], "deny", request["id"], "--reason", "cleanup")
-        again = approvals(lab, tokens["lab-dba-1"], "approve", request["id"], "--reason", "changed my mind", check=False)
+        again = approvals(lab, tokens["lab-dba-1"], "approve", request["id"], "--reason", "changed my mind",
+                          check=False)
         assert again.returncode != 0
         code, _, err = finish(proc)
     finally:
@@ -195,7 +196,8 @@ def test_cancelling_a_held_statement_gives_57014_and_withdraws_the_request(lab: 
     finally:
         proc.kill()
     assert code != 0 and "57014" in err
-    withdrawn = wait_for(lambda: [r for r in listing(lab, tokens["lab-dba-1"], "withdrawn") if r["id"] == request["id"]],
+    withdrawn = wait_for(lambda: [r for r in listing(lab, tokens["lab-dba-1"], "withdrawn")
+                                  if r["id"] == request["id"]],
                          "the request to be withdrawn")
     assert withdrawn[0]["status"] == "withdrawn"
     late = approvals(lab, tokens["lab-dba-1"], "approve", request["id"], "--reason", "too late", check=False)
@@ -234,7 +236,7 @@ def test_an_extended_protocol_statement_in_a_pipeline_and_transaction_is_held_wi
 
 
 def test_a_time_boxed_approval_lets_the_same_statement_shape_through_without_asking(lab: Lab, tokens, card):
-    card_id, before = card
+    card_id, _before = card
     proc = start_psql(lab, f"UPDATE cards SET expiry = expiry WHERE id = {card_id}")
     try:
         request = held_request(lab, tokens["lab-dba-1"], f"SET expiry = expiry WHERE id = {card_id}")

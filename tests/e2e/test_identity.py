@@ -58,7 +58,8 @@ def write_pair(directory: Path, cert_pem: bytes, key_pem: bytes) -> None:
 def psql_with(lab: Lab, directory: Path, sql: str = "SELECT 1", **env: str):
     """psql from the agent with the certificate in ``directory`` (or none there)."""
     return run(lab, "agent", ["psql", "-X", "-A", "-t", lab.conninfo(), "-c", sql], check=False,
-               env={"PGSSLCERT": str(directory / "postgresql.crt"), "PGSSLKEY": str(directory / "postgresql.key"), **env})
+               env={"PGSSLCERT": str(directory / "postgresql.crt"), "PGSSLKEY": str(directory / "postgresql.key"),
+                    **env})
 
 
 def test_enrolled_agent_connects_with_an_unchanged_conninfo_and_is_identified(lab: Lab):
@@ -99,7 +100,8 @@ def test_certificate_from_another_ca_is_refused(lab: Lab, tmp_path: Path, sslmod
 
 def test_expired_certificate_is_refused(lab: Lab, tmp_path: Path):
     long_ago = dt.datetime.now(dt.UTC) - dt.timedelta(days=2)
-    issue(lab, Identity("old-agent", "agent", ("payments-agents",)), tmp_path / "old", now=long_ago, lifetime=dt.timedelta(hours=8))
+    issue(lab, Identity("old-agent", "agent", ("payments-agents",)), tmp_path / "old", now=long_ago,
+          lifetime=dt.timedelta(hours=8))
     proc = psql_with(lab, tmp_path / "old")
     assert proc.returncode != 0
     assert b"client certificate refused" in proc.stderr and b"expired" in proc.stderr

@@ -103,9 +103,7 @@ CONTROL_INNER = ("4111111111111111", "5555555555554444", "4012888888881881")
 def corpus_pans() -> list[str]:
     rng = random.Random(SEED)
     pans = [str(p) for p in make_test_pans(SEED, 28)]  # every brand rule and length the lab lists
-    for prefix, lengths in EXTRA_PANS:
-        for length in lengths:
-            pans.append(_pan(rng, prefix, length))
+    pans.extend(_pan(rng, prefix, length) for prefix, lengths in EXTRA_PANS for length in lengths)
     pans = list(dict.fromkeys(p for p in pans if p not in CONTROL_INNER))
     return pans
 
@@ -344,11 +342,11 @@ def compare_rows(columns: list[str], through: list[list[str | None]], direct: li
     problems = []
     if len(through) != len(direct):
         return [f"{what}: {len(through)} rows through Tollgate, {len(direct)} directly"]
-    for t_row, d_row in zip(through, direct):
+    for t_row, d_row in zip(through, direct, strict=True):
         ident = int(bytes.fromhex(d_row[0]).decode()) if what.endswith("text") else \
             struct.unpack("!i", bytes.fromhex(d_row[0]))[0]
         item = BY_ID[ident]
-        for col, t_val, d_val in zip(columns, t_row, d_row):
+        for col, t_val, d_val in zip(columns, t_row, d_row, strict=False):
             if col == "id" or (only and col not in only):
                 continue
             t_b, d_b = unhex(t_val), unhex(d_val)
@@ -511,7 +509,7 @@ def test_copy_out_masks_every_pan_and_passes_every_control(results: dict, fmt: s
     t_rows, d_rows = copy_rows(through, fmt), copy_rows(direct, fmt)
     assert len(t_rows) == len(d_rows) == len(ITEMS)
     problems = []
-    for t_row, d_row in zip(t_rows, d_rows):
+    for t_row, d_row in zip(t_rows, d_rows, strict=True):
         item = BY_ID[copy_row_id(d_row, fmt)]
         want = d_row.replace(item.form.encode(), item.expected.encode())
         if item.pan:
@@ -530,7 +528,7 @@ def test_copy_out_masks_pans_that_are_json_numbers(results: dict, fmt: str):
     t_rows, d_rows = copy_rows(through, fmt), copy_rows(direct, fmt)
     assert len(t_rows) == len(d_rows) == len(ITEMS)
     problems = []
-    for t_row, d_row in zip(t_rows, d_rows):
+    for t_row, d_row in zip(t_rows, d_rows, strict=True):
         item = BY_ID[copy_row_id(d_row, fmt)]
         if item.num is None or item.pan is None:
             ok = [d_row]
@@ -555,7 +553,7 @@ def test_psql_copy_to_stdout_masks_every_pan(lab: Lab):
     expected = [d.replace(BY_ID[copy_row_id(d, "text")].form.encode(),
                           BY_ID[copy_row_id(d, "text")].expected.encode()) for d in d_rows]
     problems = [f"row {copy_row_id(d, 'text')}:\n    through  {t!r}\n    expected {e!r}"
-                for t, d, e in zip(t_rows, d_rows, expected) if t != e]
+                for t, d, e in zip(t_rows, d_rows, expected, strict=True) if t != e]
     assert not problems, report(problems)
 
 
@@ -612,21 +610,19 @@ NUM_CONTROL_IDS = sorted(i.id for i in CONTROL_ITEMS if i.num and i.num.lstrip("
 
 def number_cases() -> list[list]:
     cases = []
-    for item in NUM_PAN_ROWS:
-        for col in ("i8", "num"):
-            for binary in (False, True):
-                cases.append([f"{col} {'binary' if binary else 'text'} {item.pan}",
-                              f"SELECT {col} FROM corpus.nums WHERE id = {item.id}", binary])
+    cases.extend([f"{col} {'binary' if binary else 'text'} {item.pan}",
+                  f"SELECT {col} FROM corpus.nums WHERE id = {item.id}", binary]
+                 for item in NUM_PAN_ROWS for col in ("i8", "num") for binary in (False, True))
     for item in NUM_PAN_ROWS[::5]:  # containers of a card number stored as a number
-        for expr in ("ARRAY[i8]", "ARRAY[num]"):
-            for binary in (False, True):
-                cases.append([f"{expr} {'binary' if binary else 'text'} {item.pan}",
-                              f"SELECT {expr} FROM corpus.nums WHERE id = {item.id}", binary])
+        cases.extend([f"{expr} {'binary' if binary else 'text'} {item.pan}",
+                      f"SELECT {expr} FROM corpus.nums WHERE id = {item.id}", binary]
+                     for expr in ("ARRAY[i8]", "ARRAY[num]") for binary in (False, True))
         cases.append([f"ROW(i8) binary {item.pan}", f"SELECT ROW(i8, 1) FROM corpus.nums WHERE id = {item.id}", True])
         cases.append([f"ROW(num) binary {item.pan}", f"SELECT ROW(num, 1) FROM corpus.nums WHERE id = {item.id}", True])
-        for col in ("i8", "num"):  # COPY binary says nothing of types: an 8-byte / numeric-shaped field
-            cases.append([f"copy binary {col} {item.pan}",
-                          f"COPY (SELECT {col} FROM corpus.nums WHERE id = {item.id}) TO STDOUT (FORMAT binary)", False])
+        # COPY binary says nothing of types: an 8-byte / numeric-shaped field
+        cases.extend([f"copy binary {col} {item.pan}",
+                      f"COPY (SELECT {col} FROM corpus.nums WHERE id = {item.id}) TO STDOUT (FORMAT binary)", False]
+                     for col in ("i8", "num"))
     pans_sql = "SELECT id, i8, num FROM corpus.nums WHERE is_pan ORDER BY id"
     controls_sql = "SELECT id, i8, num FROM corpus.nums WHERE NOT is_pan ORDER BY id"
     for fmt, opts in (("text", ""), ("csv", " (FORMAT csv)")):
@@ -688,10 +684,10 @@ def test_a_pan_stored_as_a_number_cast_to_text_arrives_masked(numbers: dict, fmt
     direct, through = res["direct"]["rows"], res["through"]["rows"]
     assert len(direct) == len(NUM_PAN_ROWS) == len(through)
     problems = []
-    for d_row, t_row in zip(direct, through):
+    for d_row, t_row in zip(direct, through, strict=True):
         d_id = unhex(d_row[0])
         item = BY_ID[int(d_id) if fmt == "text" else struct.unpack("!i", d_id)[0]]
-        for col, (d, t) in enumerate(zip(d_row[1:], t_row[1:]), 1):
+        for col, (d, t) in enumerate(zip(d_row[1:], t_row[1:], strict=False), 1):
             d_b, t_b = unhex(d), unhex(t)
             # numeric → jsonb is a JSON number: it becomes a JSON string of the same length.
             masked = json_number_mask(item.pan) if col == 4 else pci_mask(item.pan)
@@ -709,7 +705,7 @@ def test_a_pan_stored_as_a_number_is_masked_in_copy_text(numbers: dict, fmt: str
     t_rows = copy_rows(unhex(res["through"]["rows"][0][0]), fmt)
     assert len(d_rows) == len(t_rows) == len(NUM_PAN_ROWS)
     problems = []
-    for d_row, t_row in zip(d_rows, t_rows):
+    for d_row, t_row in zip(d_rows, t_rows, strict=True):
         pan = BY_ID[copy_row_id(d_row, fmt)].pan
         want = d_row.replace(pan.encode(), pci_mask(pan).encode())
         assert d_row.count(pan.encode()) == 2 and want != d_row
@@ -788,7 +784,7 @@ def test_a_composite_with_json_fields_is_masked_and_still_loads(composites: dict
     direct, through = composites[f"direct {fmt}"], composites[f"through {fmt}"]
     assert len(direct) == len(through) == sum(1 for i in ITEMS if i.num)
     problems = []
-    for d_row, t_row in zip(direct, through):
+    for d_row, t_row in zip(direct, through, strict=True):
         item = BY_ID[d_row[0]]
         want = json.loads(json.dumps(d_row))
         if item.pan:
@@ -918,7 +914,7 @@ def test_notifications_are_masked(events: dict):
     assert len(through) == len(want), f"{len(through)} notifications through Tollgate, {len(want)} sent: {through}"
     what = [f"{'PAN' if i.pan else 'control'} {i.form!r}" for i in EVENT_ITEMS] + [
         f"a {len(BIG_PAYLOAD)}-byte payload", f"channel {PAN_CHANNEL!r}"]
-    problems = [f"{w_}: through {t!r} expected {w!r}" for w_, t, w in zip(what, through, want) if t != w]
+    problems = [f"{w_}: through {t!r} expected {w!r}" for w_, t, w in zip(what, through, want, strict=True) if t != w]
     assert not problems, report(problems)
     assert not leaks(json.dumps(through).encode())
 
@@ -1091,7 +1087,8 @@ with psycopg.connect(through, autocommit=True) as conn:
     for fmt in ("text", "binary"):
         data = bytearray()
         try:
-            with conn.cursor().copy("COPY corpus.big TO STDOUT" + (" (FORMAT binary)" if fmt == "binary" else "")) as copy:
+            with conn.cursor().copy("COPY corpus.big TO STDOUT"
+                                    + (" (FORMAT binary)" if fmt == "binary" else "")) as copy:
                 for chunk in copy:
                     data += chunk
         except Exception as exc:
@@ -1102,7 +1099,8 @@ with psycopg.connect(through, autocommit=True) as conn:
 print(json.dumps(out))
 """
 
-BIG_PATHS = [f"select {n} {f}" for n in ("t", "j", "jb", "a") for f in ("text", "binary")] + ["copy text", "copy binary"]
+BIG_PATHS = ([f"select {n} {f}" for n in ("t", "j", "jb", "a") for f in ("text", "binary")]
+             + ["copy text", "copy binary"])
 
 
 @pytest.fixture(scope="module")
