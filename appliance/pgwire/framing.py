@@ -10,6 +10,7 @@ once, not waited for.
 from __future__ import annotations
 
 import struct
+from functools import lru_cache
 
 from . import messages as m
 from .errors import ProtocolError
@@ -82,6 +83,16 @@ def frame_end(buf: bytes | bytearray | memoryview, pos: int, bounds: dict[int, B
     if low <= length <= high:
         return pos + 1 + length
     raise ProtocolError(_length_error(tag, _unpack_signed(buf, pos + 1)[0], low, high))
+
+
+@lru_cache(maxsize=16)
+def resolved_bounds(bounds_id: str, max_size: int) -> dict[int, tuple[int, int]]:
+    """A side's bounds (``"frontend"``, ``"frontend-session"``, ``"backend"``) with "the
+    reader's maximum" resolved to ``max_size``: what a relay's hot loop checks a length
+    against before calling :func:`frame_end`, which names the problem, only when it fails."""
+    bounds = {"frontend": FRONTEND_BOUNDS, "frontend-session": FRONTEND_SESSION_BOUNDS,
+              "backend": BACKEND_BOUNDS}[bounds_id]
+    return {tag: (low, max_size if high == 0 or high > max_size else high) for tag, (low, high) in bounds.items()}
 
 
 def _length_error(tag: int, length: int, low: int, high: int) -> str:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.pgwire import FRONTEND_SESSION_BOUNDS, ProtocolError, decode_frontend, frame_end
 from appliance.pgwire import messages as m
 from appliance.pgwire.fields import bind_fields, execute_portal, kind_and_name, parse_fields, query_text
-from appliance.pgwire.framing import unpack_length
+from appliance.pgwire.framing import resolved_bounds, unpack_length
 from appliance.proxy import dispatch
 from appliance.proxy.hooks import Forward, Hold, Reject, Statement, StatementKind, Verdict
 from appliance.proxy.requests import (
@@ -79,7 +79,7 @@ class RequestPipeline:
         return self.held is not None or self.decided is not None or self.batch is not None
 
     def feed(self, data: bytes) -> None:
-        if not self.buffer and not self.blocked:
+        if not self.buffer and self.held is None and self.batch is None and self.decided is None:
             rest = self._relay(data)
             if rest < len(data):
                 self._keep(memoryview(data)[rest:])
@@ -128,9 +128,14 @@ class RequestPipeline:
         max_len = session.max_client_message
         forwarding = bool(hooks.forward)
         waiting: Waiting = []  # requests whose forward hooks must finish first
+        limits = resolved_bounds("frontend-session", max_len)
         while n - pos >= 5 and self.held is None and session.ready:
             tag = data[pos]
-            end = frame_end(data, pos, FRONTEND_SESSION_BOUNDS, max_len, "frontend")
+            bound = limits.get(tag)
+            (length,) = unpack_length(data, pos + 1)
+            if bound is None or not bound[0] <= length <= bound[1]:
+                frame_end(data, pos, FRONTEND_SESSION_BOUNDS, max_len, "frontend")  # raises, naming the problem
+            end = pos + 1 + length
             if end > n:
                 break
             replacement: bytes | memoryview | None = None

@@ -14,11 +14,13 @@ continue in the next window.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from appliance.pgwire import BACKEND_BOUNDS, ProtocolError, decode_backend, frame_end
 from appliance.pgwire import messages as m
 from appliance.pgwire.fields import check_row_description, cstring
+from appliance.pgwire.framing import resolved_bounds, unpack_length
 from appliance.proxy import dispatch
 from appliance.proxy.errors import SessionError
 from appliance.proxy.hooks import Result
@@ -44,6 +46,11 @@ _STREAMABLE = frozenset(b"DdV")
 _DECODED = frozenset(b"ENAtGHWV")
 # Valid once logged in: what a session relays (authentication and cancel keys are over).
 _SESSION_BOUNDS = {tag: bounds for tag, bounds in BACKEND_BOUNDS.items() if tag not in b"RKv"}
+
+
+@lru_cache(maxsize=4)
+def _session_limits(max_size: int) -> dict[int, tuple[int, int]]:
+    return {tag: bound for tag, bound in resolved_bounds("backend", max_size).items() if tag in _SESSION_BOUNDS}
 
 
 def error_bytes(severity: str, sqlstate: str, message: str, detail: str | None = None,
@@ -89,10 +96,16 @@ class ResponseRelay:
                 flush_from = pos
             self.in_stream = self.stream_left > 0
         handlers = _HANDLERS
+        max_len = self.session.max_server_message
+        limits = _session_limits(max_len)
         try:
             while n - pos >= 5:
                 tag = data[pos]
-                end = frame_end(data, pos, _SESSION_BOUNDS, self.session.max_server_message, "backend")
+                bound = limits.get(tag)
+                (length,) = unpack_length(data, pos + 1)
+                if bound is None or not bound[0] <= length <= bound[1]:
+                    frame_end(data, pos, _SESSION_BOUNDS, max_len, "backend")  # raises, naming the problem
+                end = pos + 1 + length
                 if end > n:
                     if end - pos - 1 > self.session.stream_threshold and tag in _STREAMABLE:
                         flush_from = self._start_stream(view, pos, end - pos - 1, pieces, flush_from)

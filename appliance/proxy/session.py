@@ -100,29 +100,40 @@ class Session:
     # ---- events from the shell ------------------------------------------------------------
 
     def client_data(self, data: bytes) -> None:
-        if self.ready or self.login is not None:
-            # During the login, what the client pipelined waits in the pipeline's buffer.
-            self.run(self.pipeline.feed, data, blame="client")
-        elif self.phase is Phase.STARTUP or self.phase is Phase.CLIENT_TLS:
-            self.run(self.startup.feed, data, blame="client")
+        try:
+            if self.ready or self.login is not None:
+                # During the login, what the client pipelined waits in the pipeline's buffer.
+                self.pipeline.feed(data)
+            elif self.phase is Phase.STARTUP or self.phase is Phase.CLIENT_TLS:
+                self.startup.feed(data)
+        except Exception as exc:  # noqa: BLE001 - fail closed: _failed ends the session
+            self._failed(exc, "client")
 
     def server_data(self, data: bytes) -> None:
-        if self.ready:
-            self.run(self.responses.feed, data, blame="server")
-        elif self.login is not None and self.phase is not Phase.CLOSED:
-            self.run(self.login.feed, data, blame="server")
+        try:
+            if self.ready:
+                self.responses.feed(data)
+            elif self.login is not None and self.phase is not Phase.CLOSED:
+                self.login.feed(data)
+        except Exception as exc:  # noqa: BLE001 - fail closed: _failed ends the session
+            self._failed(exc, "server")
 
     def run(self, step: Callable[..., None], *args: Any, blame: str = "client") -> None:
         """Run a step of the session; whatever it raises ends the session, fail closed."""
         try:
             step(*args)
-        except ProtocolError as exc:
+        except Exception as exc:  # noqa: BLE001 - fail closed: _failed ends the session
+            self._failed(exc, blame)
+
+    def _failed(self, exc: Exception, blame: str) -> None:
+        """Whatever escaped a layer ends the session with a FATAL: nothing more goes through."""
+        if isinstance(exc, ProtocolError):
             what = "frontend message" if blame == "client" else "message from the database server"
             self._fatal("08P01", f"invalid {what}: {exc}")
-        except SessionError as exc:  # AddonFailed included
+        elif isinstance(exc, SessionError):  # AddonFailed included
             self._fatal(exc.sqlstate, exc.message, exc.detail, exc.hint)
-        except Exception as exc:  # a defect, ours or an addon's: nothing more goes through
-            log.exception("session %s: failing closed", self.info.id)
+        else:  # a defect, ours or an addon's
+            log.error("session %s: failing closed", self.info.id, exc_info=exc)
             self._fatal(dispatch.INTERNAL_ERROR, f"Tollgate failed closed: {type(exc).__name__}: {exc}")
 
     def client_closed(self) -> None:
