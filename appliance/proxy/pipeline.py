@@ -73,6 +73,7 @@ class RequestPipeline:
         self.batch: tuple[list[bytes], Waiting] | None = None  # sent once its forward hooks' waits finish
         self.cancel_hold: Callable[[], None] | None = None
         self.paused = False
+        self.limits = resolved_bounds("frontend-session", session.max_client_message)
 
     @property
     def blocked(self) -> bool:
@@ -128,7 +129,7 @@ class RequestPipeline:
         max_len = session.max_client_message
         forwarding = bool(hooks.forward)
         waiting: Waiting = []  # requests whose forward hooks must finish first
-        limits = resolved_bounds("frontend-session", max_len)
+        limits = self.limits
         while n - pos >= 5 and self.held is None and session.ready:
             tag = data[pos]
             bound = limits.get(tag)
@@ -278,7 +279,8 @@ class RequestPipeline:
     # ---- decisions ------------------------------------------------------------------------------
 
     def _decide(self, statement: Statement) -> Verdict:
-        verdict = dispatch.decide(self.hooks.statement, self.session.info, statement)
+        hooks = self.hooks.statement
+        verdict = dispatch.decide(hooks, self.session.info, statement) if hooks else None
         if verdict is not None:
             statement.verdict = verdict
         statement.epoch = self.hooks.epoch

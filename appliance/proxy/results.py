@@ -74,6 +74,7 @@ class ResponseRelay:
         self.stream_done = 0  # body bytes of the streamed message received so far
         self.stream_carry = b""  # streamed bytes a hook kept back for the next window
         self.in_stream = False  # part of a message is on its way to the client
+        self.limits = _session_limits(session.max_server_message)
 
     def feed(self, data: bytes) -> None:
         if self.buffer:
@@ -97,7 +98,7 @@ class ResponseRelay:
             self.in_stream = self.stream_left > 0
         handlers = _HANDLERS
         max_len = self.session.max_server_message
-        limits = _session_limits(max_len)
+        limits = self.limits
         try:
             while n - pos >= 5:
                 tag = data[pos]
@@ -131,24 +132,23 @@ class ResponseRelay:
                     pieces.append(replacement)
                     flush_from = end
                 pos = end
-        except ProtocolError:
+        except ProtocolError as exc:
             # What the server sent before the bad message is the client's, as it would be
             # from the server directly; then the session ends.
-            self._flush(data, view, pieces, flush_from, pos)
-            raise
-        if pos < n:
-            self.buffer += view[pos:]
-            self.need = max(self.need, 5)
-        self._flush(data, view, pieces, flush_from, pos)
-
-    def _flush(self, data: bytes, view: memoryview, pieces: list[bytes | memoryview], flush_from: int,
-               pos: int) -> None:
-        """Send what was relayed up to ``pos``: the received bytes with replacements spliced in."""
+            failure: ProtocolError | None = exc
+        else:
+            failure = None
+            if pos < n:
+                self.buffer += view[pos:]
+                self.need = max(self.need, 5)
+        # Send what was relayed up to pos: the received bytes with replacements spliced in.
         if pieces:
             pieces.append(view[flush_from:pos])
             self.session.io.send_client(b"".join(pieces))
         elif pos > flush_from:
-            self.session.io.send_client(data if flush_from == 0 and pos == len(data) else view[flush_from:pos])
+            self.session.io.send_client(data if flush_from == 0 and pos == n else view[flush_from:pos])
+        if failure is not None:
+            raise failure
 
     # ---- streaming ------------------------------------------------------------------------------
 
