@@ -93,6 +93,9 @@ class Target:
     tls_server_name: str | None = None
     connect_timeout: float = 10.0
     allow_replication: bool = False
+    # Other TCP ports of the target's addresses agents may reach directly (not through the
+    # proxy); none by default: the gateway's forward filter drops everything else.
+    allow_ports: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +111,9 @@ class InterceptConfig:
     bypass_mark: int = 0x746C
     tproxy_mark: int = 0x746D
     route_table: int = 7468
+    # Networks agents may reach only through the proxy (forward filter); every target
+    # address is always protected too, as a /32 or /128.
+    protected_subnets: tuple[IPNetwork, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,8 +373,12 @@ def _parse_intercept(s: _Section) -> InterceptConfig:
         marks[name] = value
     if marks["bypass_mark"] == marks["tproxy_mark"]:
         raise s.error("tproxy_mark", "must differ from bypass_mark")
+    protected = tuple(
+        s.convert(f"protected_subnets[{i}]", text, lambda t: ipaddress.ip_network(t, strict=True))
+        for i, text in enumerate(_string_list(s, "protected_subnets"))
+    )
     s.finish()
-    return InterceptConfig(method, subnets, interfaces, table, **marks)
+    return InterceptConfig(method, subnets, interfaces, table, **marks, protected_subnets=protected)
 
 
 def _parse_credentials(s: _Section, base: Path) -> dict[str, Credential]:
@@ -413,9 +423,26 @@ def _parse_target(s: _Section, base: Path) -> Target:
     if not 0 < timeout <= 300:
         raise s.error("connect_timeout", "must be between 0 and 300 seconds")
     replication = s.get("allow_replication", bool, False)
+    allow_ports = _allow_ports(s, endpoints)
     credentials = _parse_credentials(s.section("credentials"), base)
     s.finish()
-    return Target(name, endpoints, credentials, tls, ca_path, server_name, float(timeout), replication)
+    return Target(name, endpoints, credentials, tls, ca_path, server_name, float(timeout), replication,
+                  allow_ports)
+
+
+def _allow_ports(s: _Section, endpoints: tuple[Endpoint, ...]) -> tuple[int, ...]:
+    ports: list[int] = []
+    for i, value in enumerate(s.get("allow_ports", list, [])):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise s.error(f"allow_ports[{i}]", f"must be an integer, not {type(value).__name__}")
+        port = s.convert(f"allow_ports[{i}]", value, _port)
+        # A protected port let through would be a way around the proxy for whatever the
+        # divert misses (another interface, an invalid packet's successor).
+        if any(ep.port == port for ep in endpoints):
+            raise s.error(f"allow_ports[{i}]", f"{port} is a port this target protects; it is only reachable "
+                          "through the proxy")
+        ports.append(port)
+    return tuple(sorted(set(ports)))
 
 
 def _parse_oidc(s: _Section, base: Path) -> Any:

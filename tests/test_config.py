@@ -183,3 +183,38 @@ def test_bad_identity_config(text: str, message: str):
     with pytest.raises(ConfigError) as caught:
         parse_config(text, Path("x.toml"))
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_protected_subnets_and_allow_ports_parse():
+    config = parse_config(
+        "[intercept]\nprotected_subnets = ['198.18.2.0/24', 'fd7a:6c67:2::/64']\n"
+        "[[targets]]\nname = 'a'\naddresses = ['1.2.3.4:5432', '[fd7a:6c67:2::10]:6432']\n"
+        "allow_ports = [22, 5433, 22]\n",
+        Path("x.toml"),
+    )
+    assert config.intercept.protected_subnets == (ipaddress.ip_network("198.18.2.0/24"),
+                                                  ipaddress.ip_network("fd7a:6c67:2::/64"))
+    assert config.targets[0].allow_ports == (22, 5433)
+    # Neither is needed: the defaults protect the targets' addresses and allow nothing else.
+    default = parse_config(TARGET_A, Path("x.toml"))
+    assert default.intercept.protected_subnets == () and default.targets[0].allow_ports == ()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[intercept]\nprotected_subnets = ['198.18.2.1/24']",
+     "x.toml: intercept.protected_subnets[0]: 198.18.2.1/24 has host bits set"),
+    ("[intercept]\nprotected_subnets = '198.18.2.0/24'", "x.toml: intercept.protected_subnets: must be an array"),
+    ("[intercept]\nprotected_subnets = [7]", "x.toml: intercept.protected_subnets[0]: must be a string"),
+    ("[intercept]\nprotected_subnet = []", "x.toml: intercept.protected_subnet: unknown key"),
+    (TARGET_A + "\nallow_ports = [0]", "x.toml: targets[0].allow_ports[0]: 0 is not a TCP port"),
+    (TARGET_A + "\nallow_ports = [true]", "x.toml: targets[0].allow_ports[0]: must be an integer, not bool"),
+    (TARGET_A + "\nallow_ports = ['22']", "x.toml: targets[0].allow_ports[0]: must be an integer, not str"),
+    (TARGET_A + "\nallow_ports = 22", "x.toml: targets[0].allow_ports: must be an array"),
+    (TARGET_A + "\nallow_ports = [22, 5432]",
+     "x.toml: targets[0].allow_ports[1]: 5432 is a port this target protects"),
+    (TARGET_A + "\nallow_port = [22]", "x.toml: targets[0].allow_port: unknown key"),
+])
+def test_bad_filter_config_names_file_key_and_problem(text: str, message: str):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, Path("x.toml"))
+    assert str(caught.value).startswith(message), str(caught.value)
