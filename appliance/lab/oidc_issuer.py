@@ -1,7 +1,10 @@
 """A DEV-ONLY OpenID Connect issuer for the lab and the tests. Never use it for anything real.
 
-It trusts everyone: ``/authorize`` logs in a configured test user without asking,
-``/admin/rotate`` needs no credentials, secrets are compared but stored in clear. It exists
+It trusts everyone: ``/authorize`` logs in a configured test user without asking, secrets
+are compared but stored in clear. Only its admin endpoints are guarded: they require a
+bearer secret (``Authorization: Bearer …``, else 401), and with ``admin_bind`` they are
+served on a listener of their own — in the lab, the gateway's loopback, which the agent's
+namespace cannot reach — and not at all on the public one. It exists
 so enrollment can be exercised end to end without a real identity provider, and so tests
 can craft tokens — also malicious ones — with :meth:`DevIssuer.mint`.
 
@@ -14,7 +17,7 @@ rotation's grace period, the previous ones); ``GET /authorize`` (authorization-c
 auto-approved; ``login_hint`` picks the user, else the first configured one);
 ``POST /token`` (``client_credentials``: an access token whose ``sub`` is the client;
 ``authorization_code``: single-use codes, an ID token with ``nonce``, ``email``, groups);
-``POST /admin/rotate[?drop_old=1]``.
+``POST /admin/rotate[?drop_old=1]`` (bearer secret; on the admin listener if there is one).
 """
 
 from __future__ import annotations
@@ -125,9 +128,15 @@ class DevIssuer:
                  audience: str, clients: Mapping[str, DevClient] | None = None,
                  users: Mapping[str, DevUser] | None = None, alg: str = "RS256",
                  groups_claim: str = "groups", token_ttl: int = 300,
-                 rotation_grace_seconds: float = 600, now: Callable[[], float] = time.time):
+                 rotation_grace_seconds: float = 600, now: Callable[[], float] = time.time,
+                 admin_token: str | None = None, admin_bind: tuple[str, int] | None = None):
         check_bind_address(bind[0])
+        if admin_bind is not None:
+            check_bind_address(admin_bind[0])
         self.bind = bind
+        # None: the admin endpoints refuse everyone (there is no secret to present).
+        self.admin_token = admin_token
+        self.admin_bind = admin_bind
         self.tls_cert, self.tls_key = Path(tls_cert), Path(tls_key)
         self.audience = audience
         self.clients = dict(clients or {})
@@ -139,33 +148,42 @@ class DevIssuer:
         self._lock = threading.Lock()
         self._keys: list[_SigningKey] = [_new_key(alg)]  # newest last
         self._codes: dict[str, _Code] = {}
-        self._server: BaseWSGIServer | None = None
-        self._thread: threading.Thread | None = None
+        self._servers: list[tuple[BaseWSGIServer, threading.Thread]] = []
         self.url = ""
-        self.app = self._make_app()
+        self.admin_url = ""  # where /admin/* is served: self.url unless admin_bind is given
+        self.app = self._make_app(admin=admin_bind is None)
+        self.admin_app = self.app if admin_bind is None else self._make_admin_app()
 
     # --- lifecycle -------------------------------------------------------------------
 
     def start(self) -> DevIssuer:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.tls_cert, self.tls_key)
-        self._server = make_server(self.bind[0], self.bind[1], self.app, threaded=True, ssl_context=context)
-        host, port = self._server.socket.getsockname()[:2]
-        self.url = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
-        # A short poll interval: stop() waits for the serving loop to notice the shutdown.
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="dev-oidc-issuer", daemon=True)
-        self._thread.start()
+        try:
+            self.url = self._serve(self.bind, self.app, context, "dev-oidc-issuer")
+            self.admin_url = (self.url if self.admin_bind is None
+                              else self._serve(self.admin_bind, self.admin_app, context, "dev-oidc-issuer-admin"))
+        except BaseException:
+            self.stop()
+            raise
         return self
 
+    def _serve(self, bind: tuple[str, int], app: Flask, context: ssl.SSLContext, name: str) -> str:
+        server = make_server(bind[0], bind[1], app, threaded=True, ssl_context=context)
+        # A short poll interval: stop() waits for the serving loop to notice the shutdown.
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, name=name,
+                                  daemon=True)
+        self._servers.append((server, thread))
+        thread.start()
+        host, port = server.socket.getsockname()[:2]
+        return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        while self._servers:
+            server, thread = self._servers.pop()
+            server.shutdown()
+            server.server_close()
+            thread.join()
 
     def __enter__(self) -> DevIssuer:
         return self.start()
@@ -267,7 +285,8 @@ class DevIssuer:
 
     # --- HTTP ------------------------------------------------------------------------
 
-    def _make_app(self) -> Flask:
+    @staticmethod
+    def _labelled_app() -> Flask:
         app = Flask(__name__)
 
         @app.after_request
@@ -276,8 +295,35 @@ class DevIssuer:
             response.headers["Cache-Control"] = "no-store"
             return response
 
-        def error(status: int, code: str, description: str) -> tuple[Response, int]:
-            return jsonify(error=code, error_description=description, dev_only=DEV_ONLY), status
+        return app
+
+    def _admin_authorized(self) -> bool:
+        """The request presents the admin bearer secret (never true when there is none)."""
+        auth = request.headers.get("Authorization", "")
+        scheme, _, presented = auth.partition(" ")
+        if self.admin_token is None or scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(presented.strip().encode(), self.admin_token.encode())
+
+    def _add_admin_routes(self, app: Flask) -> None:
+        @app.post("/admin/rotate")
+        def rotate() -> Any:
+            if not self._admin_authorized():
+                response, status = _error(401, "unauthorized", "the admin endpoints require the admin bearer secret")
+                response.headers["WWW-Authenticate"] = 'Bearer realm="dev-oidc-admin"'
+                return response, status
+            drop_old = request.args.get("drop_old", "") in ("1", "true", "yes")
+            kid = self.rotate(drop_old=drop_old)
+            return jsonify(kid=kid, kids=[k.kid for k in self._published_keys()], dev_only=DEV_ONLY)
+
+    def _make_admin_app(self) -> Flask:
+        app = self._labelled_app()
+        self._add_admin_routes(app)
+        return app
+
+    def _make_app(self, *, admin: bool) -> Flask:
+        app = self._labelled_app()
+        error = _error
 
         @app.get("/.well-known/openid-configuration")
         def discovery() -> Response:
@@ -376,13 +422,13 @@ class DevIssuer:
                 id_token=self._sign(self._with_groups(id_claims, user.groups)),
                 token_type="Bearer", expires_in=self.token_ttl, dev_only=DEV_ONLY)
 
-        @app.post("/admin/rotate")
-        def rotate() -> Response:
-            drop_old = request.args.get("drop_old", "") in ("1", "true", "yes")
-            kid = self.rotate(drop_old=drop_old)
-            return jsonify(kid=kid, kids=[k.kid for k in self._published_keys()], dev_only=DEV_ONLY)
-
+        if admin:
+            self._add_admin_routes(app)
         return app
+
+
+def _error(status: int, code: str, description: str) -> tuple[Response, int]:
+    return jsonify(error=code, error_description=description, dev_only=DEV_ONLY), status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -400,8 +446,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="a client-credentials client (repeatable)")
     parser.add_argument("--user", action="append", default=[], metavar="EMAIL:GROUP,GROUP",
                         help="a person the code grant logs in (repeatable)")
+    parser.add_argument("--admin-token-file", type=Path,
+                        help="the bearer secret /admin/* requires (without it, they refuse everyone)")
+    parser.add_argument("--admin-bind", help="ADDRESS:PORT to serve /admin/* on instead of --bind (loopback)")
     args = parser.parse_args(argv)
-    host, _, port = args.bind.rpartition(":")
+
+    def address(spec: str) -> tuple[str, int]:
+        host, _, port = spec.rpartition(":")
+        return host.strip("[]"), int(port)
+
     clients = {}
     for spec in args.client:
         client_id, secret_file, groups = [*spec.split(":", 2), ""][:3]
@@ -410,9 +463,12 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.user:
         email, _, groups = spec.partition(":")
         users[email] = DevUser(email, tuple(filter(None, groups.split(","))))
-    issuer = DevIssuer((host.strip("[]"), int(port)), tls_cert=args.tls_cert, tls_key=args.tls_key,
-                       audience=args.audience, clients=clients, users=users).start()
-    print(f"dev-oidc-issuer: ready on {issuer.url} ({DEV_ONLY})", file=sys.stderr, flush=True)
+    admin_token = args.admin_token_file.read_text().strip() if args.admin_token_file else None
+    issuer = DevIssuer(address(args.bind), tls_cert=args.tls_cert, tls_key=args.tls_key, audience=args.audience,
+                       clients=clients, users=users, admin_token=admin_token,
+                       admin_bind=address(args.admin_bind) if args.admin_bind else None).start()
+    print(f"dev-oidc-issuer: ready on {issuer.url}, admin on {issuer.admin_url} ({DEV_ONLY})",
+          file=sys.stderr, flush=True)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -1,9 +1,13 @@
-"""The dev-only OIDC issuer over real HTTPS: discovery, JWKS and rotation, both grants, binding."""
+"""The dev-only OIDC issuer over real HTTPS: discovery, JWKS and rotation, both grants, binding,
+and its admin endpoints: a bearer secret, and a listener of their own."""
 
 from __future__ import annotations
 
 import json
+import ssl
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
@@ -20,6 +24,7 @@ CLIENTS = {
     "cli": DevClient(secret="cli-secret", redirect_uris=(REDIRECT,)),
     "agent-ci": DevClient(secret="ci-secret", groups=("ci",)),
 }
+ADMIN_TOKEN = "admin-secret"
 USERS = {"alice": DevUser(email="alice@example.test", groups=("dba",)),
          "bob": DevUser(email="bob@example.test")}
 
@@ -45,8 +50,22 @@ def clock() -> Clock:
 @pytest.fixture
 def issuer(tls: TlsFiles, clock: Clock) -> Iterator[DevIssuer]:
     with DevIssuer(("127.0.0.1", 0), tls_cert=tls.cert_file, tls_key=tls.key_file, audience=AUDIENCE,
-                   clients=CLIENTS, users=USERS, now=clock, rotation_grace_seconds=600) as issuer:
+                   clients=CLIENTS, users=USERS, now=clock, rotation_grace_seconds=600,
+                   admin_token=ADMIN_TOKEN) as issuer:
         yield issuer
+
+
+def admin_post(url: str, tls: TlsFiles, authorization: str | None = f"Bearer {ADMIN_TOKEN}") -> tuple[int, Any]:
+    """POST to an admin endpoint with (by default) the right bearer secret: ``(status, JSON body)``."""
+    headers = {} if authorization is None else {"Authorization": authorization}
+    request = urllib.request.Request(url, data=b"", headers=headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=str(tls.ca_file)),
+                                    timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as exc:
+        body = exc.read()
+        return exc.code, json.loads(body) if body.startswith(b"{") else body
 
 
 def verify(issuer: DevIssuer, tls: TlsFiles, token: str, audience: str) -> dict[str, Any]:
@@ -79,7 +98,7 @@ def test_discovery_document_over_https_is_labelled_dev_only(issuer: DevIssuer, t
 
 def test_jwks_keeps_the_old_key_through_the_grace_period(issuer: DevIssuer, tls: TlsFiles, clock: Clock) -> None:
     first = issuer.kid
-    status, rotated = https_json(f"{issuer.url}/admin/rotate", tls.ca_file, method="POST", form={})
+    status, rotated = admin_post(f"{issuer.url}/admin/rotate", tls)
     assert status == 200 and rotated["kid"] != first
     _, jwks = https_json(f"{issuer.url}/jwks", tls.ca_file)
     assert [k["kid"] for k in jwks["keys"]] == [first, rotated["kid"]]
@@ -89,10 +108,46 @@ def test_jwks_keeps_the_old_key_through_the_grace_period(issuer: DevIssuer, tls:
 
 
 def test_rotate_with_drop_old_publishes_only_the_new_key(issuer: DevIssuer, tls: TlsFiles) -> None:
-    status, rotated = https_json(f"{issuer.url}/admin/rotate?drop_old=1", tls.ca_file, method="POST", form={})
+    status, rotated = admin_post(f"{issuer.url}/admin/rotate?drop_old=1", tls)
     assert status == 200
     _, jwks = https_json(f"{issuer.url}/jwks", tls.ca_file)
     assert [k["kid"] for k in jwks["keys"]] == [rotated["kid"]]
+
+
+@pytest.mark.parametrize("authorization", [
+    None, "Bearer wrong-secret", "Bearer ", f"Basic {ADMIN_TOKEN}", ADMIN_TOKEN, f"Bearer {ADMIN_TOKEN}x",
+])
+def test_rotate_without_the_admin_secret_is_refused(issuer: DevIssuer, tls: TlsFiles,
+                                                    authorization: str | None) -> None:
+    first = issuer.kid
+    status, body = admin_post(f"{issuer.url}/admin/rotate?drop_old=1", tls, authorization)
+    assert status == 401 and body["error"] == "unauthorized"
+    assert issuer.kid == first
+    _, jwks = https_json(f"{issuer.url}/jwks", tls.ca_file)
+    assert [k["kid"] for k in jwks["keys"]] == [first]
+
+
+def test_without_an_admin_secret_configured_rotate_refuses_everyone(tls: TlsFiles) -> None:
+    with DevIssuer(("127.0.0.1", 0), tls_cert=tls.cert_file, tls_key=tls.key_file, audience=AUDIENCE) as issuer:
+        first = issuer.kid
+        for authorization in (None, "Bearer ", "Bearer None"):
+            status, _ = admin_post(f"{issuer.url}/admin/rotate", tls, authorization)
+            assert status == 401
+        assert issuer.kid == first
+
+
+def test_an_admin_listener_takes_the_admin_endpoints_off_the_public_one(tls: TlsFiles) -> None:
+    with DevIssuer(("127.0.0.1", 0), tls_cert=tls.cert_file, tls_key=tls.key_file, audience=AUDIENCE,
+                   admin_token=ADMIN_TOKEN, admin_bind=("127.0.0.1", 0)) as issuer:
+        assert issuer.admin_url != issuer.url
+        first = issuer.kid
+        status, _ = admin_post(f"{issuer.url}/admin/rotate", tls)
+        assert status == 404 and issuer.kid == first  # not there at all, even with the secret
+        assert admin_post(f"{issuer.admin_url}/admin/rotate", tls, None)[0] == 401
+        status, rotated = admin_post(f"{issuer.admin_url}/admin/rotate", tls)
+        assert status == 200 and rotated["kid"] == issuer.kid != first
+        # The admin listener serves nothing else.
+        assert https_request(f"{issuer.admin_url}/jwks", tls.ca_file)[0] == 404
 
 
 @pytest.mark.parametrize("how", ["basic", "form"])
