@@ -7,8 +7,15 @@ token; either is validated against the configured issuer and mapped to an
 certificate's names come from the identity, and a CSR that names anyone else is refused
 (403) rather than silently corrected, so a confused or malicious client learns why.
 
+A token enrolls one certificate: its ``jti`` (required) is remembered in the registry until
+the token expires, shared by every worker process. A revoked identity (``tollgate certs
+revoke --subject``) can't enroll until an operator reinstates it. Both are checked again,
+with the certificate's recording, in one registry transaction.
+
 Status codes: 400 malformed request or CSR, 401 token refused (with an RFC 6750
-``WWW-Authenticate``), 403 CSR claims another identity, 413 body too large, 503 issuer
+``WWW-Authenticate``; a token without ``jti`` is refused), 403 CSR claims another identity
+(``csr_identity_mismatch``), the identity is revoked (``identity_revoked``) or the token
+already enrolled a certificate (``token_already_used``), 413 body too large, 503 issuer
 unreachable, 500 the appliance could not issue or record. Every error is JSON
 ``{"error", "detail"}``. Tokens are never logged nor echoed; refusal reasons come from
 :class:`~appliance.identity.oidc.TokenError`, which never contains the token.
@@ -21,9 +28,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sqlite3
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from cryptography import x509
@@ -37,7 +45,13 @@ from appliance.config import Config, ConfigError
 from appliance.identity.ca import CertificateAuthority, check_client_key, check_csr_claims
 from appliance.identity.certs import certificate_pem, not_valid_after
 from appliance.identity.oidc import IssuerError, OIDCValidator, TokenError, identity_from_claims
-from appliance.identity.registry import CertificateRegistry, RegistryError, format_serial
+from appliance.identity.registry import (
+    CertificateRegistry,
+    RegistryError,
+    SubjectRevoked,
+    TokenAlreadyUsed,
+    format_serial,
+)
 from appliance.model.identity import Identity, IdentityError
 from appliance.model.oidc import OIDCSettings
 from appliance.state.db import StateError
@@ -103,6 +117,12 @@ def _enrollment() -> Enrollment:
 
 def _token_refused(detail: str, error: str = "invalid_token") -> tuple[Response, int]:
     return bearer_refused(REALM, detail, error)
+
+
+def _refused_enrollment(identity: Identity, exc: SubjectRevoked | TokenAlreadyUsed) -> tuple[Response, int]:
+    code = "identity_revoked" if isinstance(exc, SubjectRevoked) else "token_already_used"
+    log.warning("enrollment refused for %s from %s: %s", identity.uri, request.remote_addr, code)
+    return error_response(403, code, str(exc))
 
 
 def identity_json(identity: Identity) -> dict[str, Any]:
@@ -196,6 +216,15 @@ def enroll() -> Any:
         log.info("enrollment refused from %s: token: %s", request.remote_addr, exc.reason)
         return _token_refused(exc.reason)
 
+    jti = claims.get("jti")
+    if not isinstance(jti, str) or not jti.strip():
+        log.info("enrollment refused for %s from %s: token has no jti", identity.uri, request.remote_addr)
+        return _token_refused("the token has no 'jti' claim: enrollment needs tokens that can be told apart, "
+                              "so that each enrolls one certificate only")
+    token_issuer = str(claims["iss"])
+    # Remembered while the validator would still accept the token: its exp plus the leeway.
+    token_expires = datetime.fromtimestamp(math.ceil(float(claims["exp"]) + enrollment.settings.leeway_seconds), UTC)
+
     try:
         check_csr_claims(csr, identity)
     except IdentityError as exc:
@@ -203,12 +232,29 @@ def enroll() -> Any:
         return error_response(403, "csr_identity_mismatch", str(exc))
 
     try:
+        # A first look, so a refused identity or token costs no signature; the same checks
+        # are made again, atomically, when the certificate is recorded.
+        block = enrollment.registry.revoked_subject(identity.subject)
+        if block is not None:
+            return _refused_enrollment(identity, SubjectRevoked(block))
+        used_at = enrollment.registry.token_used(token_issuer, jti)
+        if used_at is not None:
+            return _refused_enrollment(identity, TokenAlreadyUsed(jti, used_at))
+    except (StateError, sqlite3.Error) as exc:
+        log.error("enrollment for %s: the registry failed: %s", identity.uri, exc)
+        return error_response(500, "registry_failed", f"the appliance could not read its registry: {exc}")
+
+    try:
         cert = enrollment.ca.issue_client(body["csr"], identity, enrollment.lifetime)
     except IdentityError as exc:
         log.error("could not issue a certificate for %s: %s", identity.uri, exc)
         return error_response(500, "issuance_failed", f"the appliance could not issue a certificate: {exc}")
     try:
-        record = enrollment.registry.record_issued(cert, identity)
+        record = enrollment.registry.record_enrollment(cert, identity, issuer=token_issuer, jti=jti,
+                                                       token_expires=token_expires)
+    except (SubjectRevoked, TokenAlreadyUsed) as exc:
+        # Revoked, or the token used, between the first look and now: the certificate is dropped.
+        return _refused_enrollment(identity, exc)
     except (RegistryError, StateError, sqlite3.Error) as exc:
         # Not returned: a certificate the registry doesn't know could not be listed or revoked.
         log.error("issued %s for %s but could not record it: %s", format_serial(cert.serial_number),

@@ -1,4 +1,4 @@
-"""``tollgate ca init``, ``tollgate certs list|revoke|issue-server``, ``tollgate enroll`` and
+"""``tollgate ca init``, ``tollgate certs list|revoke|reinstate|issue-server``, ``tollgate enroll`` and
 ``tollgate enroll-server`` (registered by webui.cli).
 
 Layout under the state directory: ``ca/ca.crt`` (0644), ``ca/ca.key`` (0600) and
@@ -27,7 +27,13 @@ from appliance.identity.ca import (
     write_file_atomically,
 )
 from appliance.identity.certs import certificate_pem, fingerprint, not_valid_after, private_key_pem
-from appliance.identity.registry import REGISTRY_FILE, CertificateRegistry, CertRecord, RegistryError
+from appliance.identity.registry import (
+    REGISTRY_FILE,
+    CertificateRegistry,
+    CertRecord,
+    RegistryError,
+    SubjectEvent,
+)
 from appliance.model.identity import IdentityError
 from appliance.state.db import StateError
 
@@ -56,12 +62,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.set_defaults(handler=cmd_certs_list)
 
     revoke = certs_sub.add_parser("revoke", parents=[state_dir],
-                                  help="revoke one certificate by serial, or all of a subject's")
+                                  help="revoke one certificate by serial, or an identity: all its certificates, "
+                                       "and no enrollment until reinstated")
     revoke.add_argument("serial", nargs="?", help="serial number: hex (colons optional) or decimal")
-    revoke.add_argument("--subject", help="revoke every unrevoked certificate of this identity subject")
+    revoke.add_argument("--subject", help="revoke this identity subject: every unrevoked certificate of it, and it "
+                                          "cannot enroll again until `tollgate certs reinstate`")
     revoke.add_argument("--reason", required=True, help="why (recorded with the revocation)")
     revoke.add_argument("--by", default=None, help="who revokes (default: the invoking user)")
     revoke.set_defaults(handler=cmd_certs_revoke)
+
+    reinstate = certs_sub.add_parser("reinstate", parents=[state_dir],
+                                     help="let a revoked identity enroll again (its revoked certificates stay revoked)")
+    reinstate.add_argument("--subject", required=True, help="the identity subject revoked with revoke --subject")
+    reinstate.add_argument("--reason", required=True, help="why (recorded with the reinstatement)")
+    reinstate.add_argument("--by", default=None, help="who reinstates (default: the invoking user)")
+    reinstate.set_defaults(handler=cmd_certs_reinstate)
 
     server = certs_sub.add_parser("issue-server", parents=[state_dir],
                                   help="issue a server certificate for a protected target's addresses")
@@ -123,6 +138,7 @@ def cmd_certs_list(args: argparse.Namespace) -> int:
     registry = _open_registry(args.state_dir)
     try:
         records = registry.list(include_expired=args.all)
+        blocked = registry.revoked_subjects()
     finally:
         registry.close()
     if args.json:
@@ -130,13 +146,21 @@ def cmd_certs_list(args: argparse.Namespace) -> int:
         return 0
     if not records:
         print("no certificates" + ("" if args.all else " (not counting expired ones; --all shows them)"))
-        return 0
-    print(f"{'SERIAL':<32}  {'STATUS':<7}  {'NOT AFTER (UTC)':<16}  {'KIND':<6}  SUBJECT  [GROUPS]")
-    for r in records:
-        groups = f"  [{', '.join(r.identity.groups)}]" if r.identity.groups else ""
-        print(f"{r.serial_hex:<32}  {r.status():<7}  {_stamp(r.not_after):<16}  {r.identity.kind:<6}  "
-              f"{r.identity.display}{groups}")
+    else:
+        print(f"{'SERIAL':<32}  {'STATUS':<7}  {'NOT AFTER (UTC)':<16}  {'KIND':<6}  SUBJECT  [GROUPS]")
+        for r in records:
+            groups = f"  [{', '.join(r.identity.groups)}]" if r.identity.groups else ""
+            print(f"{r.serial_hex:<32}  {r.status():<7}  {_stamp(r.not_after):<16}  {r.identity.kind:<6}  "
+                  f"{r.identity.display}{groups}")
+    if blocked:
+        print("revoked identities (cannot enroll until `tollgate certs reinstate --subject …`):")
+        for event in blocked:
+            print(f"  {_describe_block(event)}")
     return 0
+
+
+def _describe_block(event: SubjectEvent) -> str:
+    return f"{event.subject}: revoked at {_stamp(event.at)} UTC by {event.by}: {event.reason}"
 
 
 def _describe(record: CertRecord) -> str:
@@ -160,18 +184,41 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
             record = registry.revoke(serial, args.reason, by)
             print(f"revoked {_describe(record)}")
             return 0
+        known = [r for r in registry.list(include_expired=True) if r.subject == args.subject]
+        if not known:
+            # A typo must not quietly block a subject that doesn't exist.
+            raise RegistryError(f"no certificates were issued to subject {args.subject!r}")
+        before = registry.revoked_subject(args.subject)
         revoked = registry.revoke_subject(args.subject, args.reason, by)
         if not revoked:
-            known = [r for r in registry.list(include_expired=True) if r.subject == args.subject]
-            if not known:
-                raise RegistryError(f"no certificates were issued to subject {args.subject!r}")
             print(f"all {len(known)} certificate(s) of {args.subject!r} were already revoked")
-            return 0
         for record in revoked:
             print(f"revoked {_describe(record)}")
+        if before is not None:
+            print(f"{args.subject!r} was already blocked from enrolling since {_stamp(before.at)} UTC "
+                  f"by {before.by}: {before.reason}")
+        else:
+            print(f"{args.subject!r} cannot enroll again until reinstated "
+                  f"(tollgate certs reinstate --subject {args.subject} --reason …)")
         return 0
     finally:
         registry.close()
+
+
+@_reported
+def cmd_certs_reinstate(args: argparse.Namespace) -> int:
+    by = args.by or os.environ.get("SUDO_USER") or getpass.getuser()
+    registry = _open_registry(args.state_dir)
+    try:
+        lifted = registry.reinstate_subject(args.subject, args.reason, by)
+    finally:
+        registry.close()
+    if lifted is None:
+        print(f"{args.subject!r} is not revoked: nothing to reinstate")
+        return 0
+    print(f"reinstated {args.subject!r}: it may enroll again (revoked at {_stamp(lifted.at)} UTC by {lifted.by}: "
+          f"{lifted.reason}); its revoked certificates stay revoked")
+    return 0
 
 
 @_reported

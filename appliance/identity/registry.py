@@ -1,10 +1,19 @@
-"""The registry of issued client certificates and their revocations.
+"""The registry of issued client certificates, their revocations, revoked identities and used tokens.
 
 Every revocation bumps one counter, ``revision``, and stamps the revoked rows with it. The
 proxy calls :meth:`CertificateRegistry.is_revoked` on each new connection — one indexed
 read of the counter plus a set lookup, and a revocation written by another process (the
 CLI) counts from the next call — and polls :meth:`revision` every second or so, fetching
 only what changed (:meth:`revoked_serials`) to close live sessions of revoked certificates.
+
+Revoking an identity (:meth:`CertificateRegistry.revoke_subject`) also blocks the subject:
+enrollment refuses it until an operator reinstates it (:meth:`reinstate_subject`). Both acts
+are kept, in order, in ``subject_events`` (who, when, why); the last one says whether the
+subject is blocked now. Each enrollment token's ``jti`` is remembered in ``used_tokens``
+until the token expires, so one token enrolls one certificate whichever worker process
+sees it: :meth:`record_enrollment` checks the block, claims the ``jti`` and records the
+certificate in one transaction, so neither a revocation nor a second request with the
+same token can slip in between the check and the write.
 """
 
 from __future__ import annotations
@@ -60,11 +69,56 @@ MIGRATIONS = (
         "CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)",
         "INSERT INTO revision VALUES (1, 0)",
     ),
+    (
+        # Revocations and reinstatements of whole identities, in order; the last one per
+        # subject says whether it may enroll.
+        """CREATE TABLE subject_events (
+            id INTEGER PRIMARY KEY,
+            subject TEXT NOT NULL,
+            action TEXT NOT NULL CHECK (action IN ('revoke', 'reinstate')),
+            at INTEGER NOT NULL,            -- Unix seconds
+            reason TEXT NOT NULL,
+            by TEXT NOT NULL
+        )""",
+        "CREATE INDEX subject_events_subject ON subject_events (subject, id)",
+        # Enrollment tokens already used, kept until they expire (then useless anyway).
+        """CREATE TABLE used_tokens (
+            issuer TEXT NOT NULL,
+            jti TEXT NOT NULL,
+            subject TEXT NOT NULL,
+            used_at INTEGER NOT NULL,       -- Unix seconds
+            expires_at INTEGER NOT NULL,    -- the token's exp plus the validator's leeway
+            serial TEXT,                    -- the certificate it enrolled
+            PRIMARY KEY (issuer, jti)
+        )""",
+        "CREATE INDEX used_tokens_expires ON used_tokens (expires_at)",
+    ),
 )
 
 
 class RegistryError(Exception):
     """A registry request that can't be done: an unknown serial, a missing reason, …"""
+
+
+class SubjectRevoked(RegistryError):
+    """Enrollment refused: the identity was revoked and not reinstated since."""
+
+    def __init__(self, event: SubjectEvent):
+        self.event = event
+        super().__init__(
+            f"identity {event.subject!r} was revoked at {event.at:%Y-%m-%d %H:%M:%S} UTC by {event.by}: "
+            f"{event.reason}; it cannot enroll until an operator reinstates it "
+            f"(tollgate certs reinstate --subject {event.subject})")
+
+
+class TokenAlreadyUsed(RegistryError):
+    """Enrollment refused: this token (its ``jti``) already enrolled a certificate."""
+
+    def __init__(self, jti: str, used_at: datetime):
+        self.jti, self.used_at = jti, used_at
+        super().__init__(f"this token (jti {jti!r}) was already used to enroll a certificate, at "
+                         f"{used_at:%Y-%m-%d %H:%M:%S} UTC; a token enrolls one certificate only: "
+                         "get a new token from the identity provider")
 
 
 def format_serial(serial: int) -> str:
@@ -149,6 +203,26 @@ class CertRecord:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class SubjectEvent:
+    """An operator revoking or reinstating a whole identity (by subject)."""
+
+    subject: str
+    action: str  # "revoke" or "reinstate"
+    at: datetime
+    reason: str
+    by: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"subject": self.subject, "action": self.action,
+                "at": self.at.isoformat().replace("+00:00", "Z"), "reason": self.reason, "by": self.by}
+
+
+def _event(row: Any) -> SubjectEvent:
+    return SubjectEvent(row["subject"], row["action"], _from_epoch(row["at"]), row["reason"],  # type: ignore[arg-type]
+                        row["by"])
+
+
 def _record(row: Any) -> CertRecord:
     identity = Identity(row["subject"], row["kind"], tuple(json.loads(row["groups"])), row["email"], row["issuer"])
     return CertRecord(
@@ -159,10 +233,10 @@ def _record(row: Any) -> CertRecord:
     )
 
 
-def _required(what: str, value: str) -> str:
+def _required(what: str, value: str, act: str = "a revocation") -> str:
     value = (value or "").strip()
     if not value:
-        raise RegistryError(f"a revocation needs {what}")
+        raise RegistryError(f"{act} needs {what}")
     return value
 
 
@@ -187,23 +261,26 @@ class CertificateRegistry:
 
     def record_issued(self, cert: x509.Certificate, identity: Identity, *, now: datetime | None = None) -> CertRecord:
         """Remember a client certificate the CA just issued for ``identity``."""
+        issued = _epoch(utcnow() if now is None else now)
+        with self.db.transaction() as conn:
+            self._insert(conn, cert, identity, issued)
+        return self._get(f"{cert.serial_number:x}")  # type: ignore[return-value]
+
+    @staticmethod
+    def _insert(conn: Any, cert: x509.Certificate, identity: Identity, issued: int) -> None:
         carried = identity_from_certificate(cert)
         if carried != identity:
             raise RegistryError(f"certificate {format_serial(cert.serial_number)} carries {carried.uri}, "
                                 f"not {identity.uri}")
-        issued = _epoch(utcnow() if now is None else now)
-        with self.db.transaction() as conn:
-            if conn.execute("SELECT 1 FROM certificates WHERE serial = ?", (f"{cert.serial_number:x}",)).fetchone():
-                serial = format_serial(cert.serial_number)
-                raise RegistryError(f"a certificate with serial {serial} is already recorded")
-            conn.execute(
-                "INSERT INTO certificates (serial, subject, kind, groups, email, issuer, fingerprint, not_before,"
-                " not_after, issued_at, pem) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (f"{cert.serial_number:x}", identity.subject, identity.kind, json.dumps(list(identity.groups)),
-                 identity.email, identity.issuer, fingerprint(cert), _epoch(not_valid_before(cert)),
-                 _epoch(not_valid_after(cert)), issued, certificate_pem(cert).decode()),
-            )
-        return self._get(f"{cert.serial_number:x}")  # type: ignore[return-value]
+        if conn.execute("SELECT 1 FROM certificates WHERE serial = ?", (f"{cert.serial_number:x}",)).fetchone():
+            raise RegistryError(f"a certificate with serial {format_serial(cert.serial_number)} is already recorded")
+        conn.execute(
+            "INSERT INTO certificates (serial, subject, kind, groups, email, issuer, fingerprint, not_before,"
+            " not_after, issued_at, pem) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (f"{cert.serial_number:x}", identity.subject, identity.kind, json.dumps(list(identity.groups)),
+             identity.email, identity.issuer, fingerprint(cert), _epoch(not_valid_before(cert)),
+             _epoch(not_valid_after(cert)), issued, certificate_pem(cert).decode()),
+        )
 
     def revoke(self, serial: int, reason: str, by: str, *, now: datetime | None = None) -> CertRecord:
         """Revoke one certificate. Revoking a revoked one changes nothing and returns it as it was."""
@@ -223,8 +300,16 @@ class CertificateRegistry:
         return self._get(key)  # type: ignore[return-value]
 
     def revoke_subject(self, subject: str, reason: str, by: str, *, now: datetime | None = None) -> list[CertRecord]:
-        """Revoke every not-yet-revoked certificate of ``subject``; returns those revoked now."""
+        """Revoke every not-yet-revoked certificate of ``subject`` and block the subject from
+        enrolling until :meth:`reinstate_subject`; returns the certificates revoked now.
+
+        One transaction: an enrollment either committed before (and its certificate is
+        revoked here) or sees the block (see :meth:`record_enrollment`). A subject already
+        blocked stays blocked as it was (its first revocation is the one on record).
+        """
         reason, by = _required("a reason", reason), _required("who revokes it (by)", by)
+        subject = _required("a subject", subject)
+        at = _epoch(utcnow() if now is None else now)
         with self.db.transaction() as conn:
             keys = [r["serial"] for r in conn.execute(
                 "SELECT serial FROM certificates WHERE subject = ? AND revoked_at IS NULL", (subject,))]
@@ -233,9 +318,64 @@ class CertificateRegistry:
                 conn.execute(
                     "UPDATE certificates SET revoked_at = ?, revoked_reason = ?, revoked_by = ?, revoked_revision = ?"
                     " WHERE subject = ? AND revoked_at IS NULL",
-                    (_epoch(utcnow() if now is None else now), reason, by, revision, subject),
+                    (at, reason, by, revision, subject),
                 )
+            if self._block(conn, subject) is None:
+                conn.execute("INSERT INTO subject_events (subject, action, at, reason, by)"
+                             " VALUES (?, 'revoke', ?, ?, ?)", (subject, at, reason, by))
         return [self._get(k) for k in keys]  # type: ignore[misc]
+
+    def reinstate_subject(self, subject: str, reason: str, by: str, *,
+                          now: datetime | None = None) -> SubjectEvent | None:
+        """Let a revoked subject enroll again; returns the revocation lifted, or None when the
+        subject was not revoked (nothing is recorded then). Its revoked certificates stay
+        revoked: it enrolls anew."""
+        reason = _required("a reason", reason, "a reinstatement")
+        by = _required("who reinstates it (by)", by, "a reinstatement")
+        subject = _required("a subject", subject, "a reinstatement")
+        with self.db.transaction() as conn:
+            block = self._block(conn, subject)
+            if block is not None:
+                conn.execute("INSERT INTO subject_events (subject, action, at, reason, by)"
+                             " VALUES (?, 'reinstate', ?, ?, ?)",
+                             (subject, _epoch(utcnow() if now is None else now), reason, by))
+        return block
+
+    def record_enrollment(self, cert: x509.Certificate, identity: Identity, *, issuer: str, jti: str,
+                          token_expires: datetime, now: datetime | None = None) -> CertRecord:
+        """Record a certificate issued to an enrolling ``identity`` on the strength of the token
+        ``(issuer, jti)``, valid until ``token_expires`` — unless the subject is revoked
+        (:class:`SubjectRevoked`) or the token already enrolled one (:class:`TokenAlreadyUsed`).
+
+        The checks and the writes are one transaction; a refused certificate is not recorded
+        and must not be handed out.
+        """
+        jti = (jti or "").strip()
+        if not jti:
+            raise RegistryError("an enrollment token needs a jti to be remembered by")
+        moment = utcnow() if now is None else utc(now)
+        at = _epoch(moment)
+        with self.db.transaction() as conn:
+            block = self._block(conn, identity.subject)
+            if block is not None:
+                raise SubjectRevoked(block)
+            # Forget tokens that have expired: they can't be presented again anyway.
+            conn.execute("DELETE FROM used_tokens WHERE expires_at <= ?", (at,))
+            used = conn.execute("SELECT used_at FROM used_tokens WHERE issuer = ? AND jti = ?",
+                                (issuer, jti)).fetchone()
+            if used is not None:
+                raise TokenAlreadyUsed(jti, _from_epoch(used["used_at"]))  # type: ignore[arg-type]
+            conn.execute("INSERT INTO used_tokens (issuer, jti, subject, used_at, expires_at, serial)"
+                         " VALUES (?, ?, ?, ?, ?, ?)",
+                         (issuer, jti, identity.subject, at, _epoch(token_expires), f"{cert.serial_number:x}"))
+            self._insert(conn, cert, identity, at)
+        return self._get(f"{cert.serial_number:x}")  # type: ignore[return-value]
+
+    @staticmethod
+    def _block(conn: Any, subject: str) -> SubjectEvent | None:
+        row = conn.execute("SELECT * FROM subject_events WHERE subject = ? ORDER BY id DESC LIMIT 1",
+                           (subject,)).fetchone()
+        return _event(row) if row is not None and row["action"] == "revoke" else None
 
     @staticmethod
     def _bump(conn: Any) -> int:
@@ -267,6 +407,30 @@ class CertificateRegistry:
             sql, params = sql + " WHERE not_after > ?", (_epoch(utcnow() if now is None else now),)
         rows = self.db.connection().execute(sql + " ORDER BY issued_at, serial", params).fetchall()
         return [_record(r) for r in rows]
+
+    def revoked_subject(self, subject: str) -> SubjectEvent | None:
+        """The revocation that blocks ``subject`` from enrolling now, or None."""
+        return self._block(self.db.connection(), subject)
+
+    def revoked_subjects(self) -> list[SubjectEvent]:
+        """Every subject blocked now, by the revocation that blocked it, oldest first."""
+        rows = self.db.connection().execute(
+            "SELECT e.* FROM subject_events e WHERE e.action = 'revoke' AND e.id ="
+            " (SELECT max(id) FROM subject_events WHERE subject = e.subject) ORDER BY e.id").fetchall()
+        return [_event(r) for r in rows]
+
+    def subject_history(self, subject: str) -> list[SubjectEvent]:
+        """Every revocation and reinstatement of ``subject``, in order."""
+        rows = self.db.connection().execute("SELECT * FROM subject_events WHERE subject = ? ORDER BY id",
+                                            (subject,)).fetchall()
+        return [_event(r) for r in rows]
+
+    def token_used(self, issuer: str, jti: str, *, now: datetime | None = None) -> datetime | None:
+        """When the token ``(issuer, jti)`` enrolled a certificate, if it did and has not expired."""
+        row = self.db.connection().execute(
+            "SELECT used_at FROM used_tokens WHERE issuer = ? AND jti = ? AND expires_at > ?",
+            (issuer, jti, _epoch(utcnow() if now is None else now))).fetchone()
+        return None if row is None else _from_epoch(row["used_at"])
 
     def revision(self) -> int:
         """The revocation counter: it changes exactly when something was revoked."""
@@ -301,6 +465,9 @@ __all__ = [
     "CertRecord",
     "CertificateRegistry",
     "RegistryError",
+    "SubjectEvent",
+    "SubjectRevoked",
+    "TokenAlreadyUsed",
     "format_serial",
     "serial_candidates",
 ]

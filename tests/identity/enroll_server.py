@@ -36,10 +36,10 @@ class EnrollServer:
     listens before its worker boots, and closes the socket if the worker fails to.
     """
 
-    def __init__(self, appliance: Appliance) -> None:
+    def __init__(self, appliance: Appliance, *, workers: int = 1) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "appliance.cli", "enroll-server", "-c", str(appliance.config_path),
-             "--listen", "127.0.0.1:0", "--workers", "1"],
+             "--listen", "127.0.0.1:0", "--workers", str(workers)],
             cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str | None] = queue.Queue()
         self.log: list[str] = []

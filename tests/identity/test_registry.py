@@ -13,7 +13,14 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from appliance.identity import CertificateAuthority, Identity, cli
-from appliance.identity.registry import CertificateRegistry, RegistryError, format_serial, serial_candidates
+from appliance.identity.registry import (
+    CertificateRegistry,
+    RegistryError,
+    SubjectRevoked,
+    TokenAlreadyUsed,
+    format_serial,
+    serial_candidates,
+)
 from appliance.state.db import Database, StateError
 from tests.identity import ALICE, BOT, ec_key, make_csr
 
@@ -326,3 +333,129 @@ def test_cli_revoke_by_subject_and_errors(state, capsys):
         run_cli("certs", "revoke", "--subject", "alice", "--state-dir", str(path))
     assert run_cli("certs", "list", "--state-dir", str(path / "nowhere")) == 1
     assert "no certificate registry at" in capsys.readouterr().err
+
+
+# --- revoked identities and used tokens ---------------------------------------------------------
+
+def enroll(ca, csr, registry, identity=ALICE, jti="jti-1", issuer="https://idp.example", now=T0,
+           token_expires=T0 + timedelta(minutes=5)):
+    cert = ca.issue_client(csr, identity, timedelta(hours=8), now=now)
+    return cert, registry.record_enrollment(cert, identity, issuer=issuer, jti=jti, token_expires=token_expires,
+                                            now=now)
+
+
+def test_revoking_a_subject_blocks_its_enrollment_until_reinstated(ca, csr, registry):
+    first, _ = enroll(ca, csr, registry, jti="a")
+    registry.revoke_subject("alice", "secret leaked", "ops", now=T0 + timedelta(minutes=1))
+    block = registry.revoked_subject("alice")
+    assert (block.subject, block.action, block.reason, block.by) == ("alice", "revoke", "secret leaked", "ops")
+    assert block.at == T0 + timedelta(minutes=1)
+    assert registry.revoked_subject(BOT.subject) is None
+
+    with pytest.raises(SubjectRevoked) as refused:
+        enroll(ca, csr, registry, jti="b", now=T0 + timedelta(minutes=2))
+    assert str(refused.value) == ("identity 'alice' was revoked at 2030-01-01 12:01:00 UTC by ops: secret leaked; it "
+                                  "cannot enroll until an operator reinstates it (tollgate certs reinstate --subject "
+                                  "alice)")
+    # Refused means not recorded, and the token not spent: it may enroll once reinstated.
+    assert [r.serial for r in registry.list(include_expired=True)] == [first.serial_number]
+    assert registry.token_used("https://idp.example", "b", now=T0 + timedelta(minutes=2)) is None
+    enroll(ca, csr, registry, identity=BOT, jti="c", now=T0 + timedelta(minutes=2))  # others are unaffected
+
+    lifted = registry.reinstate_subject("alice", "new secret issued", "sec", now=T0 + timedelta(minutes=3))
+    assert lifted == block
+    assert registry.revoked_subject("alice") is None
+    _, again = enroll(ca, csr, registry, jti="b", now=T0 + timedelta(minutes=4))
+    assert again.status(T0 + timedelta(minutes=4)) == "valid"
+    assert registry.is_revoked(first.serial_number) and not registry.is_revoked(again.serial)  # old stays revoked
+    assert [(e.action, e.reason, e.by) for e in registry.subject_history("alice")] == [
+        ("revoke", "secret leaked", "ops"), ("reinstate", "new secret issued", "sec")]
+    assert registry.reinstate_subject("alice", "twice", "sec") is None  # not revoked: nothing recorded
+    assert len(registry.subject_history("alice")) == 2
+
+
+def test_revoking_a_subject_whose_certificates_are_all_revoked_still_blocks_it(ca, csr, registry):
+    cert, _ = issue(ca, csr, registry)
+    registry.revoke(cert.serial_number, "lost", "ops")  # by serial: the identity may enroll again
+    assert registry.revoked_subject("alice") is None
+    assert registry.revoke_subject("alice", "left", "hr") == []
+    assert registry.revoked_subject("alice").reason == "left"
+    registry.revoke_subject("alice", "again", "hr")  # the first revocation stays the one on record
+    assert [e.reason for e in registry.subject_history("alice")] == ["left"]
+    assert [b.subject for b in registry.revoked_subjects()] == ["alice"]
+
+
+def test_reinstatement_needs_a_reason_and_who(registry):
+    registry.revoke_subject("alice", "r", "ops")
+    with pytest.raises(RegistryError, match="a reinstatement needs a reason"):
+        registry.reinstate_subject("alice", " ", "ops")
+    with pytest.raises(RegistryError, match="a reinstatement needs who reinstates it"):
+        registry.reinstate_subject("alice", "ok", "")
+    assert registry.revoked_subject("alice") is not None
+
+
+def test_a_token_enrolls_one_certificate_across_processes(ca, csr, registry, tmp_path):
+    other = CertificateRegistry(tmp_path / "certificates.db")  # another worker's own connection
+    try:
+        enroll(ca, csr, registry, jti="once")
+        with pytest.raises(TokenAlreadyUsed) as refused:
+            enroll(ca, csr, other, jti="once", now=T0 + timedelta(seconds=30))
+        assert "this token (jti 'once') was already used to enroll a certificate, at 2030-01-01 12:00:00 UTC" in str(
+            refused.value)
+        # Another issuer's token may carry the same jti.
+        enroll(ca, csr, other, jti="once", issuer="https://other.example")
+        with pytest.raises(RegistryError, match="needs a jti"):
+            enroll(ca, csr, other, jti=" ")
+    finally:
+        other.close()
+    assert len(registry.list(include_expired=True)) == 2
+
+
+def test_used_tokens_are_forgotten_once_expired(ca, csr, registry):
+    enroll(ca, csr, registry, jti="old", token_expires=T0 + timedelta(minutes=5))
+    assert registry.token_used("https://idp.example", "old", now=T0 + timedelta(minutes=4)) == T0
+    assert registry.token_used("https://idp.example", "old", now=T0 + timedelta(minutes=5)) is None
+    enroll(ca, csr, registry, jti="new", now=T0 + timedelta(minutes=6))  # purges what expired
+    rows = registry.db.connection().execute("SELECT jti FROM used_tokens").fetchall()
+    assert [r["jti"] for r in rows] == ["new"]
+
+
+def test_enrollment_racing_a_revocation_is_never_left_valid(ca, csr, registry):
+    # The enrollment service looked (not revoked) and signed; the operator revokes before it records.
+    cert = ca.issue_client(csr, ALICE, timedelta(hours=8), now=T0)
+    issue(ca, csr, registry)
+    registry.revoke_subject("alice", "incident", "ops")
+    with pytest.raises(SubjectRevoked):
+        registry.record_enrollment(cert, ALICE, issuer="https://idp.example", jti="x",
+                                   token_expires=T0 + timedelta(minutes=5), now=T0)
+    assert registry.get(cert.serial_number) is None
+
+
+def test_cli_revoke_subject_then_reinstate(state, capsys):
+    path, registry, (a1, _, _) = state
+    assert run_cli("certs", "revoke", "--subject", "alice", "--reason", "left", "--by", "hr",
+                   "--state-dir", str(path)) == 0
+    out = capsys.readouterr().out
+    assert "'alice' cannot enroll again until reinstated (tollgate certs reinstate --subject alice" in out
+    assert registry.revoked_subject("alice").by == "hr"
+    assert run_cli("certs", "revoke", "--subject", "alice", "--reason", "x", "--state-dir", str(path)) == 0
+    assert "'alice' was already blocked from enrolling since " in capsys.readouterr().out
+
+    assert run_cli("certs", "list", "--state-dir", str(path)) == 0
+    table = capsys.readouterr().out
+    assert "revoked identities (cannot enroll until `tollgate certs reinstate --subject …`):" in table
+    assert "  alice: revoked at " in table and " by hr: left" in table
+
+    with pytest.raises(SystemExit):  # argparse: --reason is required
+        run_cli("certs", "reinstate", "--subject", "alice", "--state-dir", str(path))
+    assert run_cli("certs", "reinstate", "--subject", "alice", "--reason", "came back", "--by", "hr",
+                   "--state-dir", str(path)) == 0
+    assert "reinstated 'alice': it may enroll again (revoked at " in capsys.readouterr().out
+    assert registry.revoked_subject("alice") is None
+    assert [(e.action, e.reason) for e in registry.subject_history("alice")] == [("revoke", "left"),
+                                                                                 ("reinstate", "came back")]
+    assert registry.is_revoked(a1.serial_number)  # reinstating does not un-revoke certificates
+    assert run_cli("certs", "reinstate", "--subject", "alice", "--reason", "x", "--state-dir", str(path)) == 0
+    assert "'alice' is not revoked: nothing to reinstate" in capsys.readouterr().out
+    assert run_cli("certs", "revoke", "--subject", "nobody", "--reason", "x", "--state-dir", str(path)) == 1
+    assert registry.revoked_subject("nobody") is None  # a typo blocks nobody

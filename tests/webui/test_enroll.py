@@ -228,6 +228,82 @@ def test_unreachable_issuer_is_503(tmp_path: Path, tls: TlsFiles) -> None:
     assert response.headers["Retry-After"] == "30"
 
 
+# --- 403: revoked identities and used tokens stay refused ------------------------------------
+
+def _serials(appliance: Appliance) -> list[str]:
+    registry = appliance.registry()
+    try:
+        return [r.serial_hex for r in registry.list(include_expired=True)]
+    finally:
+        registry.close()
+
+
+def test_a_token_enrolls_one_certificate_only(client: FlaskClient, issuer: DevIssuer, tls: TlsFiles,
+                                              appliance: Appliance) -> None:
+    token = client_credentials_token(issuer, tls)
+    first = post(client, token)
+    assert first.status_code == 200, first.json
+    again = post(client, token)  # a fresh key and CSR: still the same token
+    assert again.status_code == 403
+    assert again.json["error"] == "token_already_used"
+    assert again.json["detail"].startswith("this token (jti '")
+    assert "was already used to enroll a certificate, at " in again.json["detail"]
+    assert again.json["detail"].endswith("get a new token from the identity provider")
+    assert _serials(appliance) == [first.json["serial"]]
+    assert post(client, client_credentials_token(issuer, tls)).status_code == 200  # a new token is fine
+
+
+def test_a_token_is_spent_for_every_worker(appliance: Appliance, issuer: DevIssuer, tls: TlsFiles) -> None:
+    # Two apps on one state directory: two gunicorn workers, each with its own registry connection.
+    apps = [create_app(appliance.config()), create_app(appliance.config())]
+    try:
+        token = id_token(issuer, tls)
+        assert post(apps[0].test_client(), token).status_code == 200
+        response = post(apps[1].test_client(), token)
+        assert (response.status_code, response.json["error"]) == (403, "token_already_used")
+    finally:
+        for app in apps:
+            app.extensions["tollgate.enroll"].close()
+    assert len(_serials(appliance)) == 1
+
+
+def test_a_token_without_jti_is_refused(client: FlaskClient, issuer: DevIssuer, appliance: Appliance) -> None:
+    claims = issuer.base_claims("alice", email="alice@example.test")
+    del claims["jti"]
+    response = post(client, issuer.mint(claims))
+    assert response.status_code == 401
+    assert response.json["error"] == "invalid_token"
+    assert response.json["detail"].startswith("the token has no 'jti' claim")
+    assert _serials(appliance) == []
+
+
+def test_a_revoked_identity_cannot_enroll_until_reinstated(client: FlaskClient, issuer: DevIssuer, tls: TlsFiles,
+                                                          appliance: Appliance) -> None:
+    enrolled = post(client, client_credentials_token(issuer, tls))
+    assert enrolled.status_code == 200
+    registry = appliance.registry()  # the operator's CLI: another connection to the same file
+    try:
+        registry.revoke_subject("agent-ci", "client secret leaked", "ops")
+        token = client_credentials_token(issuer, tls)
+        refused = post(client, token)
+        assert refused.status_code == 403
+        assert refused.json["error"] == "identity_revoked"
+        detail = refused.json["detail"]
+        assert detail.startswith("identity 'agent-ci' was revoked at ")
+        assert detail.endswith(" by ops: client secret leaked; it cannot enroll until an operator reinstates it "
+                               "(tollgate certs reinstate --subject agent-ci)")
+        assert post(client, id_token(issuer, tls)).status_code == 200  # alice is not affected
+        assert len(_serials(appliance)) == 2
+
+        registry.reinstate_subject("agent-ci", "secret rotated", "ops")
+        reinstated = post(client, token)  # the refused token was not spent
+        assert reinstated.status_code == 200, reinstated.json
+        assert registry.is_revoked(int(enrolled.json["serial"], 16))
+        assert not registry.is_revoked(int(reinstated.json["serial"], 16))
+    finally:
+        registry.close()
+
+
 # --- 400 and 413: requests we can't read ----------------------------------------------------
 
 @pytest.mark.parametrize("body, detail", [
