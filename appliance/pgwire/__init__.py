@@ -6,8 +6,6 @@ wire bytes. Bad input raises :class:`ProtocolError` and nothing else. No I/O, no
 """
 
 from .decoder import (
-    BackendDecoder,
-    FrontendDecoder,
     StartupPacket,
     decode_backend,
     decode_frontend,
@@ -93,6 +91,7 @@ from .messages import (
     Sync,
     Terminate,
 )
+from .stream import BackendDecoder, FrontendDecoder
 
 __all__ = [
     "AUTH_TOKEN_LIMIT",
