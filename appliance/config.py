@@ -29,6 +29,7 @@ TLS_MODES: tuple[TlsMode, ...] = ("disable", "prefer", "require", "verify-ca", "
 AGENT_AUTH_MODES = ("trust", "certificate")
 # PostgreSQL's own ceiling for one message is 1 GiB; a little more covers framing.
 PG_MAX_MESSAGE = DEFAULT_MAX_MESSAGE_SIZE  # PostgreSQL's own limit
+DEFAULT_MAX_CLIENT_MESSAGE = 64 << 20  # Tollgate's default: see ProxyConfig
 
 
 class ConfigError(Exception):
@@ -162,11 +163,23 @@ class ProxyConfig:
     listen_addresses: tuple[str, ...] = ("0.0.0.0", "::")
     agent_auth: str = "trust"
     # Client messages are buffered whole (a statement must be seen whole to be judged);
-    # this caps what one message may make us hold.
-    max_client_message: int = PG_MAX_MESSAGE
+    # this caps what one message may make one connection hold. PostgreSQL allows 1 GiB,
+    # but agents' statements are small and COPY data arrives as many CopyData messages:
+    # 64 MiB leaves room for a large literal or bulk INSERT without letting one connection
+    # pin a gigabyte.
+    max_client_message: int = DEFAULT_MAX_CLIENT_MESSAGE
     # Server messages larger than this are streamed through in pieces, never held whole.
     stream_threshold: int = 1 << 20
     control_socket: Path | None = None
+    # Every phase before the session is ready (startup packets, agent TLS, the upstream
+    # connect and login) must be over within this many seconds.
+    startup_timeout: float = 10.0
+    # Bytes of incomplete client messages all sessions together may hold, counted from
+    # each message's header as soon as it arrives.
+    max_buffered_total: int = 256 << 20
+    # Connections open at once: in all, and from one source address.
+    max_connections: int = 2000
+    max_connections_per_source: int = 200
 
 
 @dataclass(frozen=True, slots=True)
@@ -348,8 +361,22 @@ def _parse_proxy(s: _Section) -> ProxyConfig:
     if not 1 << 12 <= threshold <= 1 << 28:
         raise s.error("stream_threshold", "must be between 4096 and 268435456")
     control = s.get("control_socket", str, None)
+    startup_timeout = s.get("startup_timeout", (int, float), d.startup_timeout)
+    if not 0.1 <= startup_timeout <= 600:
+        raise s.error("startup_timeout", "must be between 0.1 and 600 seconds")
+    buffered_total = s.get("max_buffered_total", int, d.max_buffered_total)
+    if not max_msg <= buffered_total <= 1 << 40:
+        raise s.error("max_buffered_total", f"must be at least max_client_message ({max_msg}) and at most 2^40")
+    max_connections = s.get("max_connections", int, d.max_connections)
+    if not 1 <= max_connections <= 1_000_000:
+        raise s.error("max_connections", "must be between 1 and 1000000")
+    per_source = s.get("max_connections_per_source", int, min(d.max_connections_per_source, max_connections))
+    if not 1 <= per_source <= max_connections:
+        raise s.error("max_connections_per_source", f"must be between 1 and max_connections ({max_connections})")
     s.finish()
-    return ProxyConfig(port, addresses, auth, max_msg, threshold, Path(control) if control else None)
+    return ProxyConfig(port, addresses, auth, max_msg, threshold, Path(control) if control else None,
+                       startup_timeout=float(startup_timeout), max_buffered_total=buffered_total,
+                       max_connections=max_connections, max_connections_per_source=per_source)
 
 
 def _parse_intercept(s: _Section) -> InterceptConfig:

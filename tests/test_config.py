@@ -218,3 +218,35 @@ def test_bad_filter_config_names_file_key_and_problem(text: str, message: str):
     with pytest.raises(ConfigError) as caught:
         parse_config(text, Path("x.toml"))
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_resource_limits_have_bounded_defaults_and_parse():
+    proxy = parse_config("", Path("x.toml")).proxy
+    assert proxy.startup_timeout == 10.0
+    assert proxy.max_client_message == 64 << 20  # far below PostgreSQL's 1 GiB
+    assert proxy.max_buffered_total == 256 << 20
+    assert (proxy.max_connections, proxy.max_connections_per_source) == (2000, 200)
+    proxy = parse_config("[proxy]\nstartup_timeout = 0.5\nmax_client_message = 1048576\n"
+                         "max_buffered_total = 4194304\nmax_connections = 10\nmax_connections_per_source = 3\n",
+                         Path("x.toml")).proxy
+    assert (proxy.startup_timeout, proxy.max_client_message, proxy.max_buffered_total) == (0.5, 1 << 20, 4 << 20)
+    assert (proxy.max_connections, proxy.max_connections_per_source) == (10, 3)
+    # A small max_connections lowers the per-source default with it.
+    assert parse_config("[proxy]\nmax_connections = 5", Path("x.toml")).proxy.max_connections_per_source == 5
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[proxy]\nstartup_timeout = 0", "x.toml: proxy.startup_timeout: must be between 0.1 and 600 seconds"),
+    ("[proxy]\nstartup_timeout = '10s'", "x.toml: proxy.startup_timeout: must be an integer or a number, not str"),
+    ("[proxy]\nstartup_timeout = true", "x.toml: proxy.startup_timeout: must be an integer or a number, not a boolean"),
+    ("[proxy]\nmax_client_message = 1024", "x.toml: proxy.max_client_message: must be between 65536 and"),
+    ("[proxy]\nmax_buffered_total = 1048576", "x.toml: proxy.max_buffered_total: must be at least max_client_message"),
+    ("[proxy]\nmax_connections = 0", "x.toml: proxy.max_connections: must be between 1 and 1000000"),
+    ("[proxy]\nmax_connections = 10\nmax_connections_per_source = 11",
+     "x.toml: proxy.max_connections_per_source: must be between 1 and max_connections (10)"),
+    ("[proxy]\nmax_connection = 10", "x.toml: proxy.max_connection: unknown key"),
+])
+def test_bad_limits_name_file_key_and_problem(text: str, message: str):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, Path("x.toml"))
+    assert str(caught.value).startswith(message), str(caught.value)
