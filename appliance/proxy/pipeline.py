@@ -21,11 +21,18 @@ from collections.abc import Callable
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any
 
-from appliance.pgwire import FRONTEND_SESSION_BOUNDS, ProtocolError, decode_frontend, frame_end
+from appliance.pgwire import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    FRONTEND_SESSION_BOUNDS,
+    ProtocolError,
+    decode_frontend,
+    frame_end,
+)
 from appliance.pgwire import messages as m
 from appliance.pgwire.fields import bind_fields, execute_portal, kind_and_name, parse_fields, query_text
 from appliance.pgwire.framing import resolved_bounds, unpack_length
 from appliance.proxy import dispatch
+from appliance.proxy.errors import SessionError
 from appliance.proxy.hooks import Forward, Hold, Reject, Statement, StatementKind, Verdict
 from appliance.proxy.requests import (
     BIND,
@@ -74,6 +81,8 @@ class RequestPipeline:
         self.cancel_hold: Callable[[], None] | None = None
         self.paused = False
         self.limits = resolved_bounds("frontend-session", session.max_client_message)
+        self.budget = session.budget
+        self.reserved = 0  # bytes of the shared budget this session holds for its buffer
 
     @property
     def blocked(self) -> bool:
@@ -100,21 +109,49 @@ class RequestPipeline:
     def _check_buffer(self) -> None:
         limit = self.session.max_client_message
         if len(self.buffer) > limit + 5:
-            raise ProtocolError(f"client sent more than {limit} bytes without a complete message")
+            raise SessionError(
+                "54000", f"the client sent more than {limit} bytes Tollgate must hold before it can relay them",
+                hint="Tollgate's max_client_message limits what one connection may have buffered.")
+        self._reserve(len(self.buffer))
+
+    def _reserve(self, holding: int) -> None:
+        """Hold ``holding`` bytes of the shared budget (the buffer, or the message it is
+        becoming); refused at once, before the bytes arrive, if the budget is spent."""
+        more = holding - self.reserved
+        if more <= 0:
+            return
+        if not self.budget.take(more, holding):
+            raise SessionError(
+                "53200", f"out of memory: Tollgate cannot buffer a client message of {holding} bytes now: "
+                         f"incomplete messages of all sessions already hold {self.budget.used} of "
+                         f"{self.budget.limit} bytes",
+                hint="Retry later, or send smaller statements; max_buffered_total sets the limit.")
+        self.reserved = holding
+
+    def _release(self) -> None:
+        if self.reserved:
+            self.budget.give(self.reserved)
+            self.reserved = 0
 
     def _drain(self) -> None:
         data = bytes(self.buffer)
-        self.buffer.clear()
+        # A new, empty buffer: one grown to a large message's size is not kept around.
+        self.buffer = bytearray()
         self.need = 0
+        self._release()
         rest = self._relay(data)
         if rest < len(data):
             self._keep(memoryview(data)[rest:])
 
     def _keep(self, rest: memoryview) -> None:
-        """Keep an unprocessed tail; note how much the head message needs to be complete."""
+        """Keep an unprocessed tail; note how much the head message needs to be complete,
+        and reserve it in the shared budget now, from its header."""
         self.buffer += rest
-        self._check_buffer()
         self.need = 1 + unpack_length(rest, 1)[0] if len(rest) >= 5 else 5
+        self._check_buffer()
+        # Before the session is ready the header is not judged yet: what is reserved is
+        # bounded by the per-connection cap until it is.
+        self._reserve(min(self.need, self.session.max_client_message + 5))
 
     # ---- framing and the per-message work ------------------------------------------------------
 
@@ -135,7 +172,7 @@ class RequestPipeline:
             bound = limits.get(tag)
             (length,) = unpack_length(data, pos + 1)
             if bound is None or not bound[0] <= length <= bound[1]:
-                frame_end(data, pos, FRONTEND_SESSION_BOUNDS, max_len, "frontend")  # raises, naming the problem
+                refuse_length(data, pos, max_len)  # raises, naming the problem
             end = pos + 1 + length
             if end > n:
                 break
@@ -392,3 +429,18 @@ class RequestPipeline:
         if self.cancel_hold is not None:
             cancel, self.cancel_hold = self.cancel_hold, None
             cancel()
+        # Freed now, not when the session's reference cycles are collected.
+        self.buffer = bytearray()
+        self._release()
+
+
+def refuse_length(data: bytes, pos: int, max_len: int) -> None:
+    """Raise for the header at ``data[pos]`` that failed the relay's bounds check: a
+    protocol violation (08P01) if PostgreSQL would refuse it too, else a message larger
+    than Tollgate's ``max_client_message`` (54000) — refused on its header alone."""
+    frame_end(data, pos, FRONTEND_SESSION_BOUNDS, DEFAULT_MAX_MESSAGE_SIZE, "frontend")  # raises, naming it
+    (length,) = unpack_length(data, pos + 1)
+    raise SessionError(
+        "54000", f"client message of {length} bytes exceeds Tollgate's limit of {max_len} bytes",
+        hint="Send smaller statements; large data goes through COPY, whose rows are separate messages "
+             "(max_client_message sets the limit).")

@@ -20,9 +20,11 @@ from appliance.config import Config, Endpoint, Target, normalize_address
 from appliance.intercept.base import InterceptError, InterceptMethod
 from appliance.pgwire import messages as m
 from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
+from appliance.proxy.budget import BufferBudget
 from appliance.proxy.cancel import CancelRegistry
 from appliance.proxy.control import ControlOps, start_control_server
 from appliance.proxy.hooks import AddonManager, SessionInfo
+from appliance.proxy.results import error_bytes
 from appliance.proxy.session import Session
 
 log = logging.getLogger("tollgate.server")
@@ -62,6 +64,10 @@ class BurstYield:
         self.count = 0
         self.paused = False
         self.resume()
+
+
+def _ignore(data: bytes) -> None:
+    pass
 
 
 def endpoint_of(sockaddr: Any) -> Endpoint:
@@ -120,14 +126,25 @@ class ClientConnection(asyncio.Protocol):
         self._tasks: set[asyncio.Task[Any]] = set()
         self.burst = BurstYield(self._apply_client_reading, self._apply_client_reading)
         self.tls: AgentTLS | None = None
+        self.source: Any = None  # the client's address while it counts against the limits
 
     # -- asyncio.Protocol (client side) --
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
-        sock = transport.get_extra_info("socket")
         client = endpoint_of(transport.get_extra_info("peername"))
+        refusal = self.server.admit(client.address)
+        if refusal is not None:
+            # Refused at accept, before any session exists: the FATAL is all it gets.
+            log.warning("connection from %s refused: %s", client, refusal)
+            transport.write(error_bytes("FATAL", "53300", refusal))  # type: ignore[attr-defined]
+            transport.close()
+            self.transport = None
+            self.data_received = _ignore  # type: ignore[method-assign]  # nothing it says is read
+            return
+        self.source = client.address
+        sock = transport.get_extra_info("socket")
         try:
             destination = self.server.method.original_destination(sock)
         except (InterceptError, OSError):
@@ -140,8 +157,13 @@ class ClientConnection(asyncio.Protocol):
         self.session = Session(self, info, target, self.server.addons, self.server.cancels,
                                max_client_message=proxy.max_client_message,
                                stream_threshold=proxy.stream_threshold,
-                               authenticator=self.server.authenticator)
+                               authenticator=self.server.authenticator, budget=self.server.budget,
+                               startup_timeout=proxy.startup_timeout)
         self.server.sessions[info.id] = self.session
+        # Every phase before the session is ready shares one deadline; the session cancels
+        # it once ready (or closed).
+        self.session.cancel_deadline = asyncio.get_running_loop().call_later(
+            proxy.startup_timeout, self.session.startup_timed_out).cancel
         log.debug("session %d: %s → %s (%s)", info.id, client, destination, target.name if target else "unprotected")
 
     def data_received(self, data: bytes) -> None:
@@ -156,6 +178,11 @@ class ClientConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self.source is not None:
+            self.server.release(self.source)
+            self.source = None
+        if self.session is None:
+            return
         self.session.client_closed()
         self.server.sessions.pop(self.session.info.id, None)
 
@@ -242,6 +269,8 @@ class ClientConnection(asyncio.Protocol):
             self.transport.close()
         if self.upstream.transport is not None:
             self.upstream.transport.close()
+        if self.tls is not None:
+            self.tls.deadline.cancel()
         for task in self._tasks:
             task.cancel()
 
@@ -380,8 +409,36 @@ class ProxyServer:
         self.authenticator = authenticator or TrustAuthenticator()
         self.cancels = CancelRegistry()
         self.sessions: dict[int, Session] = {}
+        proxy = config.proxy
+        # Bytes of incomplete client messages across all sessions (max_buffered_total).
+        self.budget = BufferBudget(proxy.max_buffered_total)
+        # Open client connections, in all and per source address (max_connections…).
+        self.connections = 0
+        self.per_source: dict[Any, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._watcher: asyncio.Future[None] | None = None
+
+    def admit(self, source: Any) -> str | None:
+        """Count a new client connection, or say why it is refused (53300)."""
+        proxy = self.config.proxy
+        if self.connections >= proxy.max_connections:
+            return (f"sorry, too many clients already: Tollgate accepts at most {proxy.max_connections} "
+                    f"connections at once")
+        count = self.per_source.get(source, 0)
+        if count >= proxy.max_connections_per_source:
+            return (f"sorry, too many connections from {source}: Tollgate accepts at most "
+                    f"{proxy.max_connections_per_source} at once from one address")
+        self.per_source[source] = count + 1
+        self.connections += 1
+        return None
+
+    def release(self, source: Any) -> None:
+        self.connections -= 1
+        count = self.per_source[source] - 1
+        if count:
+            self.per_source[source] = count
+        else:
+            del self.per_source[source]
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

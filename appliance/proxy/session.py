@@ -30,6 +30,7 @@ from appliance.pgwire import DEFAULT_MAX_MESSAGE_SIZE, ProtocolError
 from appliance.pgwire import messages as m
 from appliance.proxy import dispatch
 from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
+from appliance.proxy.budget import UNLIMITED, BufferBudget
 from appliance.proxy.cancel import CancelRegistry
 from appliance.proxy.errors import SessionError
 from appliance.proxy.hooks import AddonManager, Reject, SessionInfo
@@ -76,7 +77,8 @@ class Session:
 
     def __init__(self, io: SessionIO, info: SessionInfo, target: Target | None, hooks: AddonManager,
                  cancels: CancelRegistry, *, max_client_message: int, stream_threshold: int,
-                 authenticator: AgentAuthenticator | None = None):
+                 authenticator: AgentAuthenticator | None = None, budget: BufferBudget | None = None,
+                 startup_timeout: float | None = None):
         self.io, self.info, self.hooks, self.cancels = io, info, hooks, cancels
         self.authenticator = authenticator or TrustAuthenticator()
         info.target = target
@@ -87,6 +89,12 @@ class Session:
         self.max_client_message = max_client_message
         self.max_server_message = DEFAULT_MAX_MESSAGE_SIZE
         self.stream_threshold = stream_threshold
+        # Bytes of incomplete client messages, shared by all sessions (max_buffered_total).
+        self.budget = budget if budget is not None else BufferBudget(UNLIMITED)
+        # The shell enforces the startup deadline with a timer and tells us when it passes
+        # (startup_timed_out); whatever cancels that timer is kept here, called once ready.
+        self.startup_timeout = startup_timeout
+        self.cancel_deadline: Callable[[], None] | None = None
         self.startup = AgentStartup(self)
         self.login: UpstreamLogin | None = None
         self.requests = RequestState()
@@ -181,6 +189,29 @@ class Session:
         self.authenticator.tls_failed(self.info, reason)
         self._close(f"TLS handshake with the agent failed: {reason}")
 
+    def startup_timed_out(self) -> None:
+        """The startup deadline passed before the session was ready: it ends here. A
+        connection that never sent a byte is closed without a word (as PostgreSQL does); a
+        TLS handshake still running can't carry a FATAL either."""
+        self.cancel_deadline = None
+        if self.ready or self.phase is Phase.CLOSED:
+            return
+        seconds = f"{self.startup_timeout:g} s" if self.startup_timeout is not None else "the time allowed"
+        phase = self.phase
+        if phase is Phase.CLIENT_TLS:
+            self.client_tls_failed(f"no TLS handshake within {seconds}")
+        elif phase is Phase.STARTUP:
+            if not self.startup.started and self.info.client_tls is None:
+                self._close(f"no startup packet within {seconds}")
+            else:
+                self._fatal("08P01", f"the client did not complete its startup within {seconds}",
+                            hint="Tollgate's startup_timeout bounds how long a connection may take to start.")
+        else:  # connecting or logging in to the database
+            name = self.target.name if self.target else "?"
+            self._fatal("08006", f"Tollgate could not log in to database {name!r} at {self.info.destination} "
+                                 f"within {seconds} (still {phase.value})",
+                        hint="Tollgate's startup_timeout bounds the whole startup, the database's login included.")
+
     def terminate(self, sqlstate: str, message: str, hint: str | None = None) -> None:
         """End the session from outside (shutdown, revocation) with a FATAL to the client."""
         self._fatal(sqlstate, message, hint=hint)
@@ -253,6 +284,7 @@ class Session:
         self.phase = Phase.READY
         self.ready = True
         self._started = True
+        self._stop_deadline()
         # Before the client hears it may go ahead: a session_start hook that fails ends it.
         dispatch.notify(self.hooks.session_start, self.info)
         self.io.send_client(ready.encode())
@@ -282,6 +314,7 @@ class Session:
         self.phase = Phase.CLOSED
         self.ready = False
         self.close_reason = self.close_reason or reason
+        self._stop_deadline()
         self.pipeline.close()
         self.cancels.forget(self._client_key)
         if self._started:
@@ -289,6 +322,11 @@ class Session:
         else:
             dispatch.notify_ending(self.hooks.session_refused, self.info, self.close_reason)
         self.io.close()
+
+    def _stop_deadline(self) -> None:
+        if self.cancel_deadline is not None:
+            cancel, self.cancel_deadline = self.cancel_deadline, None
+            cancel()
 
     def describe(self) -> dict[str, Any]:
         """A snapshot for listings (``tollgate sessions``)."""

@@ -36,10 +36,12 @@ class AgentStartup:
         self.peer_certificate: bytes | None = None
         self.accepted: m.StartupMessage | None = None
         self.credential: Credential | None = None
+        self.started = False  # the client has sent something: it gets a FATAL, not a bare close
 
     def feed(self, data: bytes) -> None:
         """Client bytes in the startup phase. Whatever follows an accepted StartupMessage
         (a pipelining client) is handed to the session once it is ready."""
+        self.started = True
         decoder = self.decoder
         decoder.feed(data)
         while self.accepted is None:

@@ -66,8 +66,8 @@ __all__ = [
     "ANY", "CancelDelivered", "CancelTarget", "CancelUpstream", "Capture", "ClientClosed", "ClientData",
     "ClientGets", "ClientTlsFailed", "ClientTlsReady", "Close", "Contains", "Error", "Fatal", "Lacks", "Like", "Not",
     "OpenUpstream", "Partial", "PauseClient", "Playbook", "ResumeClient", "ServerClosed", "ServerData",
-    "ServerGets", "StartClientTls", "StartUpstreamTls", "TerminateSession", "TraceIO", "UpstreamConnected",
-    "UpstreamFailed", "UpstreamTlsFailed", "UpstreamTlsReady", "Wait", "WaitCancelled", "WaitDone",
+    "ServerGets", "StartClientTls", "StartUpstreamTls", "StartupTimedOut", "TerminateSession", "TraceIO",
+    "UpstreamConnected", "UpstreamFailed", "UpstreamTlsFailed", "UpstreamTlsReady", "Wait", "WaitCancelled", "WaitDone",
     "login", "make_target", "playbook", "ready_playbook", "roundtrip", "startup",
 ]
 
@@ -610,6 +610,12 @@ class CancelDelivered(_Call):
     method = "cancel_delivered"
 
 
+class StartupTimedOut(_Call):
+    """``session.startup_timed_out``: the shell's startup deadline passed."""
+
+    method = "startup_timed_out"
+
+
 class CancelTarget(Input):
     """A CancelRequest with this session's key arrived elsewhere; ``result`` keeps what
     ``cancel_target()`` answered once the step has run."""
@@ -927,7 +933,8 @@ def _diff(expected: list[Any], actual: list[Any], left: list[str], right: list[s
 def playbook(addons: Iterable[Addon] | None = None, *, hooks: AddonManager | None = None,
              target: Target | None = None, cancels: CancelRegistry | None = None,
              stream_threshold: int = 1 << 20, no_target: bool = False, authenticator: Any = None,
-             max_client_message: int = 1 << 24) -> Playbook:
+             max_client_message: int = 1 << 24, budget: Any = None,
+             startup_timeout: float | None = None) -> Playbook:
     """A playbook over a new session (nothing received yet). ``hooks`` shares one
     AddonManager between sessions; else one is made of ``addons``."""
     manager = hooks if hooks is not None else AddonManager(list(addons or []))
@@ -937,7 +944,7 @@ def playbook(addons: Iterable[Addon] | None = None, *, hooks: AddonManager | Non
                        None if no_target else (target or make_target()), manager,
                        cancels if cancels is not None else CancelRegistry(),
                        max_client_message=max_client_message, stream_threshold=stream_threshold,
-                       authenticator=authenticator)
+                       authenticator=authenticator, budget=budget, startup_timeout=startup_timeout)
     return Playbook(make, manager)
 
 

@@ -127,10 +127,14 @@ def free_port() -> int:
 
 
 def make_config(listen_port: int, backend_port: int) -> Config:
+    # The fuzz oracles judge lengths by PostgreSQL's own limit, so these proxies use it;
+    # Tollgate's lower default and its other limits are tested in test_server_limits.py.
     return parse_config(f"""
 [proxy]
 listen_port = {listen_port}
 listen_addresses = ["127.0.0.1"]
+max_client_message = {PG_MAX_MESSAGE}
+max_buffered_total = {4 * PG_MAX_MESSAGE}
 
 [[targets]]
 name = "fake"
