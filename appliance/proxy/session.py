@@ -95,6 +95,7 @@ class Session:
         # (startup_timed_out); whatever cancels that timer is kept here, called once ready.
         self.startup_timeout = startup_timeout
         self.cancel_deadline: Callable[[], None] | None = None
+        self.cancelling = False  # a CancelRequest is on its way to the database
         self.startup = AgentStartup(self)
         self.login: UpstreamLogin | None = None
         self.requests = RequestState()
@@ -194,7 +195,7 @@ class Session:
         connection that never sent a byte is closed without a word (as PostgreSQL does); a
         TLS handshake still running can't carry a FATAL either."""
         self.cancel_deadline = None
-        if self.ready or self.phase is Phase.CLOSED:
+        if self.ready or self.phase is Phase.CLOSED or self.cancelling:
             return
         seconds = f"{self.startup_timeout:g} s" if self.startup_timeout is not None else "the time allowed"
         phase = self.phase
@@ -249,7 +250,10 @@ class Session:
             return
         # This connection stays open until the database has acted: clients (libpq's PQcancel,
         # asyncpg) take our close as "done", and a cancel arriving later would hit the
-        # session's next statement instead.
+        # session's next statement instead. Its delivery has timeouts of its own: the
+        # startup deadline no longer applies.
+        self.cancelling = True
+        self._stop_deadline()
         self.io.cancel_upstream(*target)
 
     def connect_upstream(self, startup: m.StartupMessage, credential: Credential) -> None:

@@ -13,8 +13,12 @@ import struct
 from appliance.pgwire import DEFAULT_MAX_MESSAGE_SIZE
 from appliance.pgwire import messages as m
 from appliance.proxy.budget import ALWAYS_GRANTED, BufferBudget
+from appliance.proxy.session import CancelRegistry
 from tests.proxy.playbook import (
     UPSTREAM_KEY,
+    CancelDelivered,
+    CancelUpstream,
+    Capture,
     ClientClosed,
     ClientData,
     ClientGets,
@@ -114,6 +118,24 @@ def test_deadline_is_cancelled_when_the_session_ends_before_ready():
     assert (pb
             >> ClientData(startup(user="postgres"))
             << ClientGets(Fatal("28000"))
+            << Close())
+    assert cancelled == [True]
+
+
+def test_deadline_leaves_a_cancel_request_on_its_way_alone():
+    """A cancel connection stays open until the database has acted (its delivery has
+    timeouts of its own); the deadline neither closes it nor sends it anything."""
+    cancels = CancelRegistry()
+    issued = Capture(m.BackendKeyData)
+    assert login(playbook(cancels=cancels), issued)
+    canceller = playbook(cancels=cancels, startup_timeout=0.5)
+    cancelled: list[bool] = []
+    canceller.session.cancel_deadline = lambda: cancelled.append(True)
+    assert (canceller
+            >> ClientData(m.CancelRequest(issued.value.process_id, issued.value.secret_key))
+            << CancelUpstream("198.18.2.10:5432", *UPSTREAM_KEY)
+            >> StartupTimedOut()  # a timer that fired anyway: ignored
+            >> CancelDelivered()
             << Close())
     assert cancelled == [True]
 
