@@ -13,16 +13,19 @@ Routes, under ``/api/v1/approvals``:
 
 Every call needs ``Authorization: Bearer <token>``: an ID token or access token from the
 configured OIDC issuer, validated like enrollment tokens and mapped to an Identity whose
-groups decide who may approve. Any authenticated identity may list and show requests —
-kept simple on purpose: the SQL and parameters in them are PAN-scrubbed, and approvers
-need to see requests before anyone knows which group will act. Deciding is where the
-rules apply (:mod:`appliance.holds.service`).
+groups decide who may approve. A caller sees only the requests they may decide (one of
+their groups is among the request's approver groups) and those they made themselves
+(:func:`appliance.holds.service.may_see`): list leaves the others out (before the limit),
+and show, approve and deny answer 404 ``unknown_request`` for them, exactly as for an id
+that doesn't exist — never 403, which would say the request is there. Deciding is where the
+remaining rules apply (:mod:`appliance.holds.service`).
 
 Status codes: 400 malformed body or query, ``reason_required``, ``invalid_reason``,
 ``invalid_grant``, ``grant_too_long``; 401 no token or a refused one (the detail says why;
-RFC 6750 ``WWW-Authenticate``); 403 ``not_an_approver``, ``self_approval``; 404
-``unknown_request``; 409 ``already_decided``, ``expired``, ``duplicate_vote``; 500 the
-approvals database failed; 503 the issuer is unreachable. Errors are JSON
+RFC 6750 ``WWW-Authenticate``); 403 ``self_approval`` (the requester sees their request but
+can't decide it); 404 ``unknown_request`` (no such request, or not one the caller may
+see); 409 ``already_decided``, ``expired``, ``duplicate_vote``; 500 the approvals database
+failed; 503 the issuer is unreachable. Errors are JSON
 ``{"error": code, "detail": message}``; tokens are never logged nor echoed.
 
 Pending requests whose time is up are marked expired before a listing or a show, so a
@@ -172,7 +175,7 @@ def list_requests() -> Any:
     service = _api().service
     try:
         service.expire_overdue()
-        found = service.list(None if status == "all" else status, int(limit_text))
+        found = service.list(None if status == "all" else status, int(limit_text), viewer=g.identity)
     except STORE_ERRORS as exc:
         return _store_failed(exc)
     return jsonify(approvals=[r.to_json() for r in found], count=len(found))
@@ -184,7 +187,7 @@ def show_request(request_id: str) -> Any:
     service = _api().service
     try:
         service.expire_overdue()
-        return jsonify(service.get(request_id).to_json())
+        return jsonify(service.get(request_id, viewer=g.identity).to_json())
     except ApprovalError as exc:
         return _refused(exc)
     except STORE_ERRORS as exc:
@@ -226,6 +229,10 @@ def _decide(request_id: str, *, approve: bool) -> Any:
         decided = _api().service.decide(request_id, identity, approve, reason or "", body.get("grant_minutes"))
     except ApprovalError as exc:
         log.info("approvals API: %s %s refused for %s: %s", verb, request_id, identity.uri, exc.code)
+        if exc.code == "not_an_approver":
+            # Neither an approver nor the requester: for them the request does not exist.
+            key = exc.request.id if exc.request is not None else request_id
+            exc = ApprovalError("unknown_request", f"there is no approval request {key}")
         return _refused(exc)
     except STORE_ERRORS as exc:
         return _store_failed(exc)

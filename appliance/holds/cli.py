@@ -6,6 +6,10 @@ Talks to the approvals API over HTTPS (see :mod:`appliance.holds.client`): ``--u
 or the environment variable ``TOLLGATE_TOKEN`` (an ID token or access token from the
 identity provider; never on the command line, where ``ps`` would show it).
 
+The API shows a caller only the requests they may decide (one of their groups approves
+it) and those they asked for; ``list`` shows those, ``show`` of any other says there is no
+such request.
+
 Output is meant to be read at 2 a.m.: who asks, to do what, where, under which rule, with
 which parameters, who voted so far and how long is left. ``--json`` prints the API's JSON.
 Exit status: 0 done; 1 the API refused or could not be reached (one line saying why);
@@ -54,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     common.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds per request")
     common.add_argument("--json", action="store_true", help="print the API's JSON")
 
-    ls = verbs.add_parser("list", parents=[common], help="approval requests, newest first")
+    ls = verbs.add_parser("list", parents=[common],
+                          help="approval requests you may decide or asked for, newest first")
     ls.add_argument("--status", choices=[*STATUSES, "all"], default="pending",
                     help="which requests (default: %(default)s)")
     ls.add_argument("--limit", type=int, default=50, help="at most this many (default: %(default)s)")
@@ -258,7 +263,8 @@ def cmd_list(args: argparse.Namespace, client: ApprovalsClient) -> int:
     if args.json:
         _print_json(found)
     elif not found:
-        print("no approval requests" + ("" if args.status == "all" else f" {args.status}"))
+        print("no approval requests" + ("" if args.status == "all" else f" {args.status}")
+              + " that you may decide or asked for")
     else:
         print(format_list(found, _now()))
     return EXIT_OK

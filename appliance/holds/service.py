@@ -25,6 +25,11 @@ target for N minutes") is made on approval only if every approving vote asked fo
 grant reaches further than the one execution, so each approver must have agreed to it — and
 lasts the shortest of the asked durations.
 
+Who sees what (:func:`may_see`, applied by :meth:`ApprovalService.list` and ``get`` when given a
+viewer): a request is shown to those who may decide it — in one of its approver groups — and
+to its requester; to anyone else it does not exist (``unknown_request``), so its SQL is not
+shown and even its existence is not revealed.
+
 Approvers may be people or agents: the lab's approvers are client-credentials clients, and
 whether a machine may approve is a matter of who is put in the approver groups.
 
@@ -114,6 +119,12 @@ def _check_reason(reason: Any) -> str:
     if any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") and ch not in "\n\t" for ch in reason):
         raise ApprovalError("invalid_reason", "the reason contains control characters")
     return reason
+
+
+def may_see(viewer: Identity, request: ApprovalRequest) -> bool:
+    """Whether ``viewer`` may see ``request``: they asked for it, or they are in one of its
+    approver groups (and so may decide it, unless they asked for it themselves)."""
+    return viewer.subject == request.requester.subject or bool(set(viewer.groups) & set(request.approver_groups))
 
 
 class ApprovalService:
@@ -334,16 +345,25 @@ class ApprovalService:
 
     # --- reading --------------------------------------------------------------------------
 
-    def get(self, request_id: str) -> ApprovalRequest:
-        return self._get(self._key(request_id))
+    def get(self, request_id: str, viewer: Identity | None = None) -> ApprovalRequest:
+        """The request; with a ``viewer``, only one they may see (:func:`may_see`) — any other
+        is ``unknown_request``, exactly as if it did not exist."""
+        key = self._key(request_id)
+        request = self._get(key)
+        if viewer is not None and not may_see(viewer, request):
+            raise ApprovalError("unknown_request", f"there is no approval request {key}")
+        return request
 
-    def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT) -> list[ApprovalRequest]:
-        """Newest first; ``status`` one of pending, approved, denied, expired, withdrawn (None: all)."""
+    def list(self, status: str | None = None, limit: int = DEFAULT_LIST_LIMIT,
+             viewer: Identity | None = None) -> list[ApprovalRequest]:
+        """Newest first; ``status`` one of pending, approved, denied, expired, withdrawn (None: all);
+        with a ``viewer``, only the requests they may see (:func:`may_see`)."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise ValueError(f"limit must be between 1 and {MAX_LIST_LIMIT}")
-        return self.store.list(status, limit)  # type: ignore[arg-type]
+        visible_to = None if viewer is None else (viewer.subject, tuple(viewer.groups))
+        return self.store.list(status, limit, visible_to=visible_to)  # type: ignore[arg-type]
 
     def active_grant(self, subject: str, target: str, fingerprint: str,
                      now: datetime | None = None) -> Grant | None:
@@ -396,4 +416,5 @@ __all__ = [
     "Notifier",
     "NullNotifier",
     "classification_json",
+    "may_see",
 ]

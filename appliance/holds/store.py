@@ -440,13 +440,28 @@ class ApprovalStore:
                 out.update((r.id, r) for r in _load(conn, rows))
         return out
 
-    def list(self, status: Status | None = None, limit: int = 100) -> list[ApprovalRequest]:
-        """Newest first."""
+    def list(self, status: Status | None = None, limit: int = 100, *,
+             visible_to: tuple[str, Sequence[str]] | None = None) -> list[ApprovalRequest]:
+        """Newest first. ``visible_to=(subject, groups)``: only requests that ``subject`` made,
+        or whose approver groups include one of ``groups`` (filtered before the limit)."""
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown status {status!r} (one of {', '.join(STATUSES)})")
-        sql, params = "SELECT * FROM requests", []
+        where: list[str] = []
+        params: list[Any] = []
         if status is not None:
-            sql, params = sql + " WHERE status = ?", [status]
+            where.append("status = ?")
+            params.append(status)
+        if visible_to is not None:
+            subject, groups = visible_to
+            groups = list(dict.fromkeys(groups))[:500]  # below SQLite's bound-parameter limit
+            seen = "requester_subject = ?"
+            params.append(subject)
+            if groups:
+                seen += (" OR EXISTS (SELECT 1 FROM json_each(requests.approver_groups)"
+                         f" WHERE json_each.value IN ({','.join('?' * len(groups))}))")
+                params.extend(groups)
+            where.append(f"({seen})")
+        sql = "SELECT * FROM requests" + (" WHERE " + " AND ".join(where) if where else "")
         with self.db.transaction(write=False) as conn:
             rows = conn.execute(sql + " ORDER BY created_at DESC, id LIMIT ?", [*params, int(limit)])
             return _load(conn, rows)

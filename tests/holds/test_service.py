@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from appliance.config import load_config
-from appliance.holds.service import ApprovalError, ApprovalService
+from appliance.holds.service import ApprovalError, ApprovalService, may_see
 from appliance.holds.store import ApprovalStore, Requester
 from appliance.model.decision import Action, Decision, HoldSpec
 from tests.holds import (
@@ -385,3 +385,20 @@ def test_decisions_are_visible_to_another_process_view(service: ApprovalService)
 def test_decision_helper_really_comes_from_the_policy() -> None:
     held = decision(CARD_UPDATE)
     assert held.hold is not None and held.hold.approver_groups == (APPROVERS,)
+
+
+def test_viewers_see_what_they_may_decide_and_what_they_asked_for(service: ApprovalService, clock: Clock) -> None:
+    card = open_request(service)                        # AGENT asks; payments-dbas decide
+    clock.advance(1)
+    payment = open_request(service, PAYMENT_DELETE)     # payments-dbas or security decide
+    assert may_see(AGENT, card) and may_see(DBA1, card) and not may_see(SEC, card) and not may_see(OUTSIDER, card)
+    assert [r.id for r in service.list(viewer=AGENT)] == [payment.id, card.id]
+    assert [r.id for r in service.list(viewer=DBA2)] == [payment.id, card.id]
+    assert [r.id for r in service.list(viewer=SEC)] == [payment.id]
+    assert service.list(viewer=OUTSIDER) == []
+    assert [r.id for r in service.list()] == [payment.id, card.id]  # no viewer: the proxy's and operator's view
+
+    assert service.get(card.id, viewer=DBA1).id == card.id
+    error = refused("unknown_request", service.get, card.id, viewer=SEC)
+    assert error.message == f"there is no approval request {card.id}" and error.request is None
+    refused("unknown_request", service.get, card.id, viewer=OUTSIDER)

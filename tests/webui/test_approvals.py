@@ -23,6 +23,7 @@ from appliance.holds.store import ApprovalStore
 from appliance.lab.oidc_issuer import DevIssuer
 from appliance.model.identity import Identity
 from tests.holds import (
+    AGENT,
     APPROVER_CLIENTS,
     CARD_UPDATE,
     PAYMENT_DELETE,
@@ -105,7 +106,7 @@ def test_list_and_show(client: FlaskClient, proxy: ApprovalService, tokens: dict
     clock.advance(1)
     second = open_request(proxy, PAYMENT_DELETE, params=None)
     proxy.decide(first.id, Identity("dba-2", "agent", ("payments-dbas",)), False, "no")
-    response = client.get("/api/v1/approvals", headers=bearer(tokens["agent-ci"]))  # any authenticated identity
+    response = client.get("/api/v1/approvals", headers=bearer(tokens["agent-ci"]))  # the requester sees its own
     assert response.status_code == 200
     assert response.json["count"] == 2
     assert [r["id"] for r in response.json["approvals"]] == [second.id, first.id]
@@ -150,6 +151,69 @@ def test_overdue_requests_show_as_expired(client: FlaskClient, proxy: ApprovalSe
     opened = open_request(proxy, timeout_seconds=60)
     clock.advance(61)
     assert client.get(f"/api/v1/approvals/{opened.id}", headers=bearer(tokens["dba-1"])).json["status"] == "expired"
+
+
+# --- who sees what --------------------------------------------------------------------------
+
+def _ids(client: FlaskClient, token: str, query: str = "") -> list[str]:
+    response = client.get(f"/api/v1/approvals{query}", headers=bearer(token))
+    assert response.status_code == 200, response.json
+    assert response.json["count"] == len(response.json["approvals"])
+    return [r["id"] for r in response.json["approvals"]]
+
+
+def _hold_for(proxy: ApprovalService, approvers: tuple[str, ...], requester: Identity = AGENT) -> Any:
+    from appliance.model.decision import Action, Decision, HoldSpec
+    return proxy.request(requester=requester, target="payments", database="payments",
+                         sql="TRUNCATE public.audit_tmp", params=None, fingerprint="fp-t",
+                         decision=Decision(Action.HOLD, "review", hold=HoldSpec(approvers)))
+
+
+def test_list_shows_only_what_the_caller_may_decide_or_asked_for(client: FlaskClient, proxy: ApprovalService,
+                                                                 tokens: dict[str, str], clock: Clock) -> None:
+    card = open_request(proxy)                            # approvers: payments-dbas
+    clock.advance(1)
+    payment = open_request(proxy, PAYMENT_DELETE)         # approvers: payments-dbas, security
+    clock.advance(1)
+    dba_only = _hold_for(proxy, ("dba",))                 # alice's group
+    clock.advance(1)
+    by_dba1 = _hold_for(proxy, ("payments-dbas",), Identity("dba-1", "agent", ("payments-dbas",)))
+    clock.advance(1)
+    for_ops = _hold_for(proxy, ("ops",), Identity("someone", "person", ()))
+
+    assert _ids(client, tokens["agent-ci"]) == [dba_only.id, payment.id, card.id]  # its own, whoever decides
+    assert _ids(client, tokens["dba-1"]) == [by_dba1.id, payment.id, card.id]      # its groups' and its own
+    assert _ids(client, tokens["dba-2"]) == [by_dba1.id, payment.id, card.id]
+    assert _ids(client, tokens["sec-1"]) == [payment.id]
+    assert _ids(client, tokens["alice"]) == [dba_only.id]
+    assert _ids(client, tokens["ops-bot"]) == [for_ops.id]
+    assert _ids(client, tokens["sec-1"], "?status=approved") == []
+
+
+def test_the_filter_applies_before_the_limit(client: FlaskClient, proxy: ApprovalService, tokens: dict[str, str],
+                                             clock: Clock) -> None:
+    mine = _hold_for(proxy, ("security",))
+    for _ in range(3):  # newer requests sec-1 may not see
+        clock.advance(1)
+        open_request(proxy)
+    assert _ids(client, tokens["sec-1"], "?limit=1") == [mine.id]
+    assert _ids(client, tokens["sec-1"], "?status=pending&limit=2") == [mine.id]
+
+
+def test_a_request_the_caller_may_not_see_is_404_like_one_that_does_not_exist(
+        client: FlaskClient, proxy: ApprovalService, tokens: dict[str, str]) -> None:
+    opened = open_request(proxy)  # agent-ci asks, payments-dbas decide
+    for name in ("ops-bot", "sec-1", "alice"):
+        hidden = client.get(f"/api/v1/approvals/{opened.id}", headers=bearer(tokens[name]))
+        missing = client.get("/api/v1/approvals/apr-000000", headers=bearer(tokens[name]))
+        assert hidden.status_code == missing.status_code == 404, name
+        assert hidden.json == {"error": "unknown_request", "detail": f"there is no approval request {opened.id}"}
+        assert missing.json == {"error": "unknown_request", "detail": "there is no approval request apr-000000"}
+        assert CARD_UPDATE not in hidden.get_data(as_text=True)
+    for name in ("agent-ci", "dba-1", "dba-2"):  # the requester, and those who may decide
+        shown = client.get(f"/api/v1/approvals/{opened.id}", headers=bearer(tokens[name]))
+        assert shown.status_code == 200 and shown.json["sql"] == CARD_UPDATE, name
+    assert proxy.get(opened.id).pending and proxy.get(opened.id).votes == ()
 
 
 # --- authentication ------------------------------------------------------------------------
@@ -269,12 +333,12 @@ def test_refusals_and_their_status_codes(client: FlaskClient, proxy: ApprovalSer
     opened = open_request(proxy)
     response = vote(client, tokens["agent-ci"], opened.id, reason="approving my own statement")
     assert (response.status_code, response.json["error"]) == (403, "self_approval")
+    # Neither an approver nor the requester: for them the request does not exist (404, not 403).
     response = vote(client, tokens["ops-bot"], opened.id, reason="looks harmless")
-    assert (response.status_code, response.json["error"]) == (403, "not_an_approver")
-    assert response.json["detail"] == (f"ops-bot is not in an approver group of {opened.id} (payments-dbas); "
-                                       "your groups: ops")
+    assert (response.status_code, response.json) == (404, {"error": "unknown_request",
+                                                           "detail": f"there is no approval request {opened.id}"})
     response = vote(client, tokens["sec-1"], opened.id, "deny", reason="security says no")
-    assert (response.status_code, response.json["error"]) == (403, "not_an_approver")
+    assert (response.status_code, response.json["error"]) == (404, "unknown_request")
 
     for body, code in (({}, "reason_required"), ({"reason": "  "}, "reason_required"),
                        ({"reason": "ok", "grant_minutes": 61}, "grant_too_long"),
