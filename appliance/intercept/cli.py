@@ -7,8 +7,9 @@ import logging
 import sys
 
 from appliance.config import Config, load_config
-from appliance.intercept import InterceptError, get_method
+from appliance.intercept import InterceptError, get_method, nft
 from appliance.intercept.ruleset import render_ruleset
+from appliance.intercept.verify import filter_problems
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[ty
         ("up", _up, "install or replace the divert (idempotent)"),
         ("down", _down, "remove Tollgate's table, rules and routes (nothing else)"),
         ("show", _show, "print the nftables ruleset 'up' would apply, without applying it"),
-        ("check", _check, "check that this host supports the configured method"),
+        ("check", _check, ("check that this host supports the configured method and that the installed "
+                           "ruleset's filter is in force")),
     ):
         verb = verbs.add_parser(name, help=help_text, description=help_text[0].upper() + help_text[1:] + ".")
         verb.add_argument("-c", "--config", required=True, metavar="CONFIG", help="the Tollgate TOML config")
@@ -83,4 +85,16 @@ def _check(args: argparse.Namespace) -> int:
     method = get_method(config.intercept.method)
     ok, reason = method.is_supported()
     print(f"{method.name}: {'supported' if ok else 'NOT supported'}: {reason}")
+    try:
+        listing = nft.list_table_json(config.intercept.table)
+    except InterceptError as exc:
+        return _fail(exc)
+    problems = filter_problems(listing or {}, config)
+    if problems:
+        print("filter: NOT in force:")
+        for problem in problems:
+            print(f"  - {problem}")
+        return 1
+    print(f"filter: in force: table inet {config.intercept.table} drops invalid agent packets before the divert "
+          "and forwards no agent traffic to protected addresses")
     return 0 if ok else 1

@@ -6,9 +6,11 @@ transaction: either the whole text takes effect or none of it does.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+from typing import Any
 
 from appliance.intercept.base import InterceptError
 from appliance.intercept.ruleset import render_teardown
@@ -74,6 +76,22 @@ def table_exists(name: str) -> bool:
     if result.returncode != 0:
         raise InterceptError(f"nft list tables failed:\n{result.stderr.strip()}")
     return any(line.split() == ["table", "inet", name] for line in result.stdout.splitlines())
+
+
+def list_table_json(name: str) -> dict[str, Any] | None:
+    """``nft -j list table inet name`` parsed, or None if the table doesn't exist."""
+    if not table_exists(name):
+        return None
+    result = _run(["-j", "list", "table", "inet", name])
+    if result.returncode != 0:
+        raise InterceptError(f"nft list table inet {name} failed:\n{result.stderr.strip()}")
+    try:
+        listing = json.loads(result.stdout)
+    except ValueError as exc:
+        raise InterceptError(f"nft -j list table inet {name}: not JSON: {exc}") from None
+    if not isinstance(listing, dict):
+        raise InterceptError(f"nft -j list table inet {name}: unexpected output")
+    return listing
 
 
 def version() -> str:

@@ -37,6 +37,11 @@ TPROXY_MARK = 0x746D
 
 AGENT4, GW_AGENT4, GW_DB4, DB4 = "198.18.1.2", "198.18.1.1", "198.18.2.1", "198.18.2.10"
 AGENT6, GW_AGENT6, GW_DB6, DB6 = "fd7a:6c67:1::2", "fd7a:6c67:1::1", "fd7a:6c67:2::1", "fd7a:6c67:2::10"
+# The database's other address (protected by protected_subnets, not a target) and an
+# unprotected host beside it in the db namespace, where the capture's canary goes.
+DB4_OTHER, DB6_OTHER = "198.18.2.11", "fd7a:6c67:2::11"
+CANARY4, CANARY6 = "198.18.2.20", "fd7a:6c67:2::20"
+PROTECTED = ("198.18.2.10/31", "fd7a:6c67:2::10/127")
 
 # Runs inside a namespace: `python -c HELPER VERB ARGS...`. Servers print "ready" once
 # listening, then answer each connection with one line.
@@ -106,6 +111,92 @@ elif verb == "routing":  # routing TABLE: every rule, and the routes in TABLE, v
     print(json.dumps({"rules": rules, "routes": routes}))
 '''
 
+# Runs in the db namespace: `python -c CAPTURE TOKEN DEADLINE`. Captures every IPv4/IPv6
+# packet arriving on eth0 from the agent until the canary (UDP carrying TOKEN) arrives,
+# then prints them as JSON, canary excluded. The deadline is only a safety net: the
+# capture ends on the canary, and a capture that hits the deadline says so.
+CAPTURE = r'''
+import ipaddress, json, socket, sys, time
+token, deadline = sys.argv[1].encode(), time.monotonic() + float(sys.argv[2])
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003))
+s.bind(("eth0", 0))
+print("ready", flush=True)
+seen, done = [], False
+while not done and time.monotonic() < deadline:
+    s.settimeout(max(0.01, deadline - time.monotonic()))
+    try:
+        frame, addr = s.recvfrom(65535)
+    except TimeoutError:
+        break
+    if addr[2] == socket.PACKET_OUTGOING:
+        continue
+    kind, ip = int.from_bytes(frame[12:14], "big"), frame[14:]
+    if kind == 0x0800:
+        proto, src, dst, l4 = ip[9], ip[12:16], ip[16:20], ip[(ip[0] & 15) * 4:]
+    elif kind == 0x86DD:
+        proto, src, dst, l4 = ip[6], ip[8:24], ip[24:40], ip[40:]
+    else:
+        continue
+    if proto not in (6, 17):
+        continue
+    sport, dport = int.from_bytes(l4[0:2], "big"), int.from_bytes(l4[2:4], "big")
+    if proto == 17 and l4[8:] == token:
+        done = True
+        continue
+    flags = "".join(c for i, c in enumerate("FSRPAU") if proto == 6 and l4[13] & (1 << i))
+    seen.append([str(ipaddress.ip_address(src)), str(ipaddress.ip_address(dst)),
+                 "tcp" if proto == 6 else "udp", dport, sport, flags])
+print(json.dumps({"canary": done, "seen": seen}), flush=True)
+'''
+
+# Runs in the agent namespace: `python -c PROBE JSON`. Crafts each packet with scapy and
+# sends it, then the canary, through one raw socket per family (the kernel routes them and
+# resolves neighbours, so they leave exactly as crafted, in order).
+PROBE = r'''
+import json, socket, sys
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+spec = json.loads(sys.argv[1])
+family = spec["family"]
+ip = (lambda dst: IP(src=spec["src"], dst=dst)) if family == 4 else (lambda dst: IPv6(src=spec["src"], dst=dst))
+s = socket.socket(socket.AF_INET if family == 4 else socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for p in spec["probes"]:
+    if p["proto"] == "tcp":
+        options = [("MD5", b"\x00" * 16)] if p["md5"] else []
+        layer = TCP(sport=p["sport"], dport=p["dport"], flags=p["flags"], seq=p["seq"], ack=p["ack"],
+                    window=64240, options=options)
+    else:
+        layer = UDP(sport=p["sport"], dport=p["dport"]) / b"probe"
+    s.sendto(bytes(ip(p["dst"]) / layer), (p["dst"], 0))
+canary_dst, canary_port, token = spec["canary"]
+s.sendto(bytes(ip(canary_dst) / UDP(sport=9, dport=canary_port) / token.encode()), (canary_dst, 0))
+print("sent", flush=True)
+'''
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One packet the agent crafts: a SYN (optionally with a TCP-MD5 option) or a UDP datagram."""
+
+    dst: str
+    proto: str
+    dport: int
+    sport: int
+    seq: int = 1_000_000
+    md5: bool = False
+    flags: str = "S"
+    ack: int = 0
+
+    def seen_as(self) -> tuple[object, ...]:
+        """How the capture reports this packet, if it arrives (source address aside)."""
+        flags = "".join(c for c in "FSRPAU" if c in self.flags) if self.proto == "tcp" else ""
+        return (self.dst, self.proto, self.dport, self.sport, flags)
+
+
+# Per family: the database's target address, its other address, the agent, the canary.
+DBS = {4: (DB4, DB4_OTHER, AGENT4, CANARY4), 6: (DB6, DB6_OTHER, AGENT6, CANARY6)}
+
+
 def tollgate_argv() -> list[str]:
     return [PY, "-m", "appliance.cli"]
 
@@ -137,9 +228,9 @@ class Lab:
     def connect(self, ns: str, host: str, port: int, config: Path | None = None) -> str:
         return self.helper(ns, "connect", host, str(port), *([str(config)] if config else []))
 
-    def start(self, ns: str, *args: str) -> subprocess.Popen[str]:
+    def start(self, ns: str, *args: str, script: str = HELPER) -> subprocess.Popen[str]:
         """Start a helper server in ``ns`` and wait until it says it is listening."""
-        proc = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c", HELPER, *args], cwd=REPO, text=True,
+        proc = subprocess.Popen(["ip", "netns", "exec", ns, PY, "-c", script, *args], cwd=REPO, text=True,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.procs.append(proc)
         line = proc.stdout.readline()  # type: ignore[union-attr]
@@ -147,6 +238,30 @@ class Lab:
             stop(proc)
             raise AssertionError(f"helper {args} did not start: {line!r} {proc.stderr.read()}")  # type: ignore[union-attr]
         return proc
+
+    def probe(self, family: int, probes: list[Probe]) -> list[tuple[object, ...]]:
+        """Send ``probes`` from the agent, then a canary; what of them reached the db namespace.
+
+        The capture in db is listening before anything is sent and ends when the canary
+        arrives: the canary leaves after every probe, from one CPU through one path, so
+        a probe that got through would have been captured before it.
+        """
+        _db, _other, agent, canary = DBS[family]
+        token = f"canary-{secrets.token_hex(8)}"
+        capture = self.start(self.db, token, "60", script=CAPTURE)
+        try:
+            spec = {"family": family, "src": agent, "canary": [canary, 9, token],
+                    "probes": [{"dst": p.dst, "proto": p.proto, "dport": p.dport, "sport": p.sport, "seq": p.seq,
+                                "md5": p.md5, "flags": p.flags, "ack": p.ack} for p in probes]}
+            pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
+            assert self.exec(self.agent, *pin, PY, "-c", PROBE, json.dumps(spec)).stdout == "sent\n"
+            out, err = capture.communicate(timeout=90)
+        finally:
+            stop(capture)
+            self.procs.remove(capture)
+        result = json.loads(out)
+        assert result["canary"], f"the canary never arrived (safety-net deadline): {result} {err}"
+        return [tuple(seen[1:]) for seen in result["seen"] if seen[0] == agent]
 
     def nft_tables(self) -> str:
         return self.exec(self.gw, NFT, "list", "tables").stdout
@@ -177,7 +292,8 @@ def lab() -> Iterator[Lab]:
             (lab.agent, "eth0", (f"{AGENT4}/24", f"{AGENT6}/64")),
             (lab.gw, "agents", (f"{GW_AGENT4}/24", f"{GW_AGENT6}/64")),
             (lab.gw, "dbs", (f"{GW_DB4}/24", f"{GW_DB6}/64")),
-            (lab.db, "eth0", (f"{DB4}/24", f"{DB6}/64")),
+            (lab.db, "eth0", (f"{DB4}/24", f"{DB6}/64", f"{DB4_OTHER}/24", f"{DB6_OTHER}/64", f"{CANARY4}/24",
+                              f"{CANARY6}/64")),
         ):
             for addr in addrs:
                 # nodad: an IPv6 address is usable at once, not after duplicate detection.
@@ -200,14 +316,17 @@ def lab() -> Iterator[Lab]:
 
 
 def write_config(path: Path, method: str, agent_subnets: tuple[str, ...] = ("198.18.1.0/24", "fd7a:6c67:1::/64"),
-                 targets: tuple[str, ...] = (f"{DB4}:5432", f"[{DB6}]:5432"), interfaces: tuple[str, ...] = ()) -> Path:
+                 targets: tuple[str, ...] = (f"{DB4}:5432", f"[{DB6}]:5432"), interfaces: tuple[str, ...] = (),
+                 protected: tuple[str, ...] = PROTECTED, allow_ports: tuple[int, ...] = (5433,)) -> Path:
     path.write_text(
         f"[proxy]\nlisten_port = {PROXY_PORT}\n"
         f"[intercept]\nmethod = \"{method}\"\n"
         f"agent_subnets = {json.dumps(list(agent_subnets))}\n"
         f"agent_interfaces = {json.dumps(list(interfaces))}\n"
+        f"protected_subnets = {json.dumps(list(protected))}\n"
         f"route_table = {ROUTE_TABLE}\ntproxy_mark = {TPROXY_MARK}\n"
         f"[[targets]]\nname = \"orders\"\naddresses = {json.dumps(list(targets))}\n"
+        f"allow_ports = {json.dumps(list(allow_ports))}\n"
     )
     return path
 
@@ -248,7 +367,8 @@ def test_agent_connection_to_protected_target_is_diverted(lab: Lab, proxy: None,
 
 
 @pytest.mark.parametrize("db, agent", [(DB4, AGENT4), (DB6, AGENT6)], ids=["ipv4", "ipv6"])
-def test_unprotected_port_is_not_diverted(lab: Lab, proxy: None, db: str, agent: str) -> None:
+def test_allowed_port_is_neither_diverted_nor_filtered(lab: Lab, proxy: None, db: str, agent: str) -> None:
+    # 5433 is in the target's allow_ports: the one way past the forward filter.
     reply = lab.connect(lab.agent, db, 5433)
     assert reply.startswith("db ") and reply.endswith(f" {agent}") and ":5433" in reply
 
@@ -261,13 +381,16 @@ def test_gateway_own_connections_are_not_diverted(lab: Lab, proxy: None, interce
     assert reply.startswith("db ") and reply.endswith(f" {gw}")
 
 
-def test_other_interfaces_are_not_diverted(lab: Lab, method: str, tmp_path: Path) -> None:
-    # The agent's subnet and target match, but it arrives on an interface not listed.
+def test_other_interfaces_are_not_diverted_nor_forwarded(lab: Lab, method: str, tmp_path: Path) -> None:
+    # The agent's subnet and target match, but it arrives on an interface not listed: the
+    # divert doesn't take it, and the forward filter (agent subnet OR agent interface)
+    # drops it rather than let it reach the database around the proxy.
     config = str(write_config(tmp_path / "tollgate.toml", method, interfaces=("elsewhere0",)))
     lab.tollgate("intercept", "up", "-c", config)
     try:
-        assert lab.connect(lab.agent, DB4, 5432) == f"db {DB4}:5432 {AGENT4}"
-        assert lab.connect(lab.agent, DB6, 5432) == f"db [{DB6}]:5432 {AGENT6}"
+        for family in (4, 6):
+            probes = [Probe(DBS[family][0], "tcp", 5432, sport=40100 + family)]
+            assert lab.probe(family, probes) == []
     finally:
         lab.tollgate("intercept", "down", "-c", config)
 
@@ -336,11 +459,25 @@ def test_switching_method_leaves_no_tproxy_routing(lab: Lab, tmp_path: Path) -> 
     assert lab.nft_tables() == ""
 
 
-def test_check_reports_support(lab: Lab, method: str, tmp_path: Path) -> None:
+def test_check_reports_support_and_the_filter(lab: Lab, method: str, tmp_path: Path) -> None:
     config = str(write_config(tmp_path / "tollgate.toml", method))
-    result = lab.tollgate("intercept", "check", "-c", config)
+    result = lab.tollgate("intercept", "check", "-c", config, check=False)
     assert result.stdout.startswith(f"{method}: supported: ")
+    # Supported, but nothing installed: agents would reach the database directly.
+    assert result.returncode == 1
+    assert "filter: NOT in force:\n  - table inet tollgate is not installed" in result.stdout
     assert lab.nft_tables() == ""  # a dry run leaves nothing behind
+    lab.tollgate("intercept", "up", "-c", config)
+    try:
+        result = lab.tollgate("intercept", "check", "-c", config)
+        assert "\nfilter: in force: table inet tollgate drops invalid agent packets" in result.stdout
+        # Someone removes the forward chain: check says so, and fails.
+        lab.exec(lab.gw, NFT, "delete", "chain", "inet", "tollgate", "forward")
+        result = lab.tollgate("intercept", "check", "-c", config, check=False)
+        assert result.returncode == 1
+        assert "  - chain forward (filter, hook forward) is missing" in result.stdout
+    finally:
+        lab.tollgate("intercept", "down", "-c", config)
 
 
 def test_nft_failure_reports_nft_stderr(lab: Lab) -> None:
@@ -350,3 +487,61 @@ def test_nft_failure_reports_nft_stderr(lab: Lab) -> None:
     out = lab.exec(lab.gw, PY, "-c", code).stdout
     assert "failed to apply the ruleset" in out and "syntax error" in out
     assert lab.nft_tables() == ""
+
+
+# --- nothing reaches the database except through the proxy ---------------------------------
+
+def divert_only(text: str) -> str:
+    """The ruleset without its guard and forward chains: the divert as it was before them."""
+    for chain in ("guard", "forward"):
+        start = text.index(f"\tchain {chain} {{\n")
+        text = text[:start] + text[text.index("\n\t}\n\n", start) + len("\n\t}\n\n"):]
+    return text
+
+
+def bypass_probes(family: int, sport: int) -> tuple[list[Probe], list[Probe]]:
+    """The probes, and those of them the divert alone lets through with ``redirect``."""
+    db, other, _agent, _canary = DBS[family]
+    seq = 1_000_000
+    # (1) A SYN with a TCP-MD5 option is diverted and dropped silently by the proxy's stack
+    # (it holds no MD5 key), which pins conntrack's entry in SYN_SENT. The same
+    # connection's later segments are then invalid to conntrack — a SYN out of window
+    # (on kernels that call it so; 6.18 re-initialises instead), a SYN/FIN, an ACK, data —
+    # so NAT never sees them and they are routed on to the database.
+    pinned = [Probe(db, "tcp", 5432, sport, seq=seq, md5=True),
+              Probe(db, "tcp", 5432, sport, seq=seq - 100_000)]
+    invalid = [Probe(db, "tcp", 5432, sport, seq=seq + 1, flags="SF"),
+               Probe(db, "tcp", 5432, sport, seq=seq + 1, flags="A", ack=1),
+               Probe(db, "tcp", 5432, sport, seq=seq + 1, flags="PA", ack=1)]
+    # (2) another port of the database's address, (3) its other address, (4) another protocol.
+    others = [Probe(db, "tcp", 5434, sport + 1), Probe(other, "tcp", 5432, sport + 2),
+              Probe(db, "udp", 5432, sport + 3)]
+    return [*pinned, *invalid, *others], invalid
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_nothing_reaches_the_database_except_through_the_proxy(lab: Lab, method: str, proxy: None,
+                                                               intercepted: Path, family: int) -> None:
+    db, _other, agent, _canary = DBS[family]
+    shown = lab.tollgate("intercept", "show", "-c", str(intercepted)).stdout
+    # Control: the divert alone, as before the filter. Other ports, addresses and
+    # protocols get through, and with redirect the pinned connection's invalid segments
+    # too (tproxy diverts them locally): the probes are packets the database would take.
+    lab.exec(lab.gw, NFT, "-f", "-", stdin=divert_only(shown))
+    probes, invalid = bypass_probes(family, 41000 + 10 * family)
+    expected = [p.seen_as() for p in (invalid if method == "redirect" else []) + probes[-3:]]
+    # (The database answers what reaches it, and the agent's kernel resets what it never
+    # opened: those RSTs are the agent's too, but no probe.)
+    assert sorted(seen for seen in lab.probe(family, probes) if seen[-1] != "R") == sorted(expected)
+
+    # The whole ruleset: nothing gets through.
+    lab.tollgate("intercept", "up", "-c", str(intercepted))
+    assert "\nfilter: in force" in lab.tollgate("intercept", "check", "-c", str(intercepted)).stdout
+    probes, _invalid = bypass_probes(family, 42000 + 10 * family)
+    assert lab.probe(family, probes) == []
+    # While a connection through the proxy works as before …
+    expected_destination = f"[{db}]:5432" if family == 6 else f"{db}:5432"
+    assert lab.connect(lab.agent, db, 5432) == f"proxy {expected_destination} {agent}"
+    # … and so does the proxy's own upstream connection, which leaves from the gateway
+    # itself (output, never forward) marked with the bypass mark.
+    assert lab.connect(lab.gw, db, 5432, config=intercepted).startswith("db ")

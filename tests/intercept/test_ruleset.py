@@ -21,15 +21,17 @@ import pytest
 from appliance.config import Config, parse_config
 from appliance.intercept import InterceptError, cli
 from appliance.intercept.ruleset import PROBE_TABLE, probe_config, render_ruleset, render_teardown
+from appliance.intercept.verify import filter_problems
 
 CONFIG_PATH = Path("/etc/tollgate/tollgate.toml")
 
 
-def config(intercept: str = "", targets: tuple[str, ...] = ("198.18.2.10:5432",), port: int = 15432) -> Config:
+def config(intercept: str = "", targets: tuple[str, ...] = ("198.18.2.10:5432",), port: int = 15432,
+           target_extra: str = "") -> Config:
     target_block = ""
     if targets:
         addresses = ", ".join(f'"{t}"' for t in targets)
-        target_block = f'[[targets]]\nname = "orders"\naddresses = [{addresses}]\n'
+        target_block = f'[[targets]]\nname = "orders"\naddresses = [{addresses}]\n{target_extra}'
     text = f"[proxy]\nlisten_port = {port}\n[intercept]\n{intercept}\n{target_block}"
     return parse_config(text, CONFIG_PATH)
 
@@ -41,6 +43,8 @@ REDIRECT_SMALL = """\
 # Applied with `nft -f` as one transaction; `tollgate intercept up` replaces it whole.
 # TCP from @agents to @targets is diverted to the proxy on port 15432;
 # packets marked 0x746c (the proxy's own upstream connections) never are.
+# Agent packets conntrack marks invalid are dropped before the divert; agent traffic
+# to @protected (any port or protocol, bar a target's allow_ports) is never forwarded.
 table inet tollgate {}
 delete table inet tollgate
 table inet tollgate {
@@ -64,6 +68,42 @@ table inet tollgate {
 		type ipv6_addr . inet_service
 	}
 
+	set protected4 {
+		type ipv4_addr
+		flags interval
+		elements = { 198.18.2.10/32 }
+	}
+
+	set protected6 {
+		type ipv6_addr
+		flags interval
+	}
+
+	set allowed4 {
+		type ipv4_addr . inet_service
+	}
+
+	set allowed6 {
+		type ipv6_addr . inet_service
+	}
+
+	chain guard {
+		type filter hook prerouting priority mangle - 10; policy accept;
+		meta mark 0x746c return
+		ip saddr @agents4 ct state invalid counter drop
+		ip6 saddr @agents6 ct state invalid counter drop
+	}
+
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		ip saddr @agents4 ct state invalid counter drop
+		ip6 saddr @agents6 ct state invalid counter drop
+		ip saddr @agents4 ip daddr . tcp dport @allowed4 accept
+		ip6 saddr @agents6 ip6 daddr . tcp dport @allowed6 accept
+		ip saddr @agents4 ip daddr @protected4 counter drop
+		ip6 saddr @agents6 ip6 daddr @protected6 counter drop
+	}
+
 	chain divert {
 		type nat hook prerouting priority dstnat; policy accept;
 		meta mark 0x746c return
@@ -78,6 +118,8 @@ TPROXY_SMALL = """\
 # Applied with `nft -f` as one transaction; `tollgate intercept up` replaces it whole.
 # TCP from @agents to @targets is diverted to the proxy on port 15432;
 # packets marked 0x746c (the proxy's own upstream connections) never are.
+# Agent packets conntrack marks invalid are dropped before the divert; agent traffic
+# to @protected (any port or protocol, bar a target's allow_ports) is never forwarded.
 # Diverted packets are marked 0x746d; policy routing delivers them locally:
 #   ip rule add fwmark 0x746d lookup 7468; ip route add local 0.0.0.0/0 dev lo table 7468 (and ::/0 with -6)
 table inet tollgate {}
@@ -103,6 +145,42 @@ table inet tollgate {
 		type ipv6_addr . inet_service
 	}
 
+	set protected4 {
+		type ipv4_addr
+		flags interval
+		elements = { 198.18.2.10/32 }
+	}
+
+	set protected6 {
+		type ipv6_addr
+		flags interval
+	}
+
+	set allowed4 {
+		type ipv4_addr . inet_service
+	}
+
+	set allowed6 {
+		type ipv6_addr . inet_service
+	}
+
+	chain guard {
+		type filter hook prerouting priority mangle - 10; policy accept;
+		meta mark 0x746c return
+		ip saddr @agents4 ct state invalid counter drop
+		ip6 saddr @agents6 ct state invalid counter drop
+	}
+
+	chain forward {
+		type filter hook forward priority filter; policy accept;
+		ip saddr @agents4 ct state invalid counter drop
+		ip6 saddr @agents6 ct state invalid counter drop
+		ip saddr @agents4 ip daddr . tcp dport @allowed4 accept
+		ip6 saddr @agents6 ip6 daddr . tcp dport @allowed6 accept
+		ip saddr @agents4 ip daddr @protected4 counter drop
+		ip6 saddr @agents6 ip6 daddr @protected6 counter drop
+	}
+
 	chain divert {
 		type filter hook prerouting priority mangle; policy accept;
 		meta mark 0x746c return
@@ -116,6 +194,11 @@ table inet tollgate {
 VARIANTS = {
     "small": (SMALL, ("198.18.2.10:5432",)),
     "empty": ("", ()),
+    "filtered": (
+        ('agent_subnets = ["198.18.1.0/24", "fd7a:6c67:1::/64"]\nagent_interfaces = ["agents"]\n'
+         'protected_subnets = ["198.18.2.0/24", "fd7a:6c67:2::/64", "10.9.0.0/16"]\n'),
+        ("198.18.2.10:5432", "[fd7a:6c67:2::10]:5432", "192.0.2.7:5432"),
+    ),
     "dual-stack": (
         ('agent_subnets = ["198.18.1.0/24", "fd7a:6c67:1::/64", "10.0.0.0/8", "10.1.0.0/16"]\n'
          'agent_interfaces = ["eth1", "veth-agents"]\ntable = "tg_test"\nbypass_mark = 7\ntproxy_mark = 8\n'),
@@ -197,6 +280,79 @@ def test_output_is_sorted_collapsed_and_deterministic() -> None:
     assert text == render_ruleset(b)
     assert "elements = { 10.0.0.0/8, 198.18.1.0/24 }" in text
     assert "elements = { 198.18.2.10 . 5432, 198.18.2.10 . 6432, 198.18.2.11 . 5432 }" in text
+
+
+def chain_lines(text: str, chain: str) -> list[str]:
+    """The lines of ``chain`` in order, its hook line first."""
+    body = text.split(f"\tchain {chain} {{\n", 1)[1].split("\n\t}\n", 1)[0]
+    return [line.strip() for line in body.splitlines()]
+
+
+def set_elements(text: str, name: str) -> str | None:
+    body = text.split(f"\tset {name} {{\n", 1)[1].split("\n\t}\n", 1)[0]
+    for line in body.splitlines():
+        if line.strip().startswith("elements = "):
+            return line.strip()[len("elements = "):]
+    return None
+
+
+@pytest.mark.parametrize("method", ["redirect", "tproxy"])
+def test_protected_defaults_to_every_target_address_in_both_families(method: str) -> None:
+    text = render_ruleset(config(f'method = "{method}"\n' + SMALL,
+                                 targets=("198.18.2.10:5432", "198.18.2.10:6432", "[fd7a:6c67:2::10]:5432")))
+    assert set_elements(text, "protected4") == "{ 198.18.2.10/32 }"
+    assert set_elements(text, "protected6") == "{ fd7a:6c67:2::10/128 }"
+    assert set_elements(text, "allowed4") is None and set_elements(text, "allowed6") is None
+
+
+@pytest.mark.parametrize("method", ["redirect", "tproxy"])
+def test_guard_and_forward_chains_are_the_same_for_both_methods(method: str) -> None:
+    text = render_ruleset(config(f'method = "{method}"\n' + SMALL + 'agent_interfaces = ["agents"]\n'))
+    agents = ["ip saddr @agents4", "ip6 saddr @agents6", 'iifname { "agents" }']
+    # After conntrack, so ct state is known; before either divert (tproxy's mangle, NAT's dstnat).
+    assert chain_lines(text, "guard") == [
+        "type filter hook prerouting priority mangle - 10; policy accept;",
+        "meta mark 0x746c return",
+        *(f"{m} ct state invalid counter drop" for m in agents),
+    ]
+    # Agent traffic is from an agent subnet OR in on an agent interface: a source address
+    # from outside the subnets, on the agents' interface, is still filtered.
+    assert chain_lines(text, "forward") == [
+        "type filter hook forward priority filter; policy accept;",
+        *(f"{m} ct state invalid counter drop" for m in agents),
+        "ip saddr @agents4 ip daddr . tcp dport @allowed4 accept",
+        'iifname { "agents" } ip daddr . tcp dport @allowed4 accept',
+        "ip6 saddr @agents6 ip6 daddr . tcp dport @allowed6 accept",
+        'iifname { "agents" } ip6 daddr . tcp dport @allowed6 accept',
+        "ip saddr @agents4 ip daddr @protected4 counter drop",
+        'iifname { "agents" } ip daddr @protected4 counter drop',
+        "ip6 saddr @agents6 ip6 daddr @protected6 counter drop",
+        'iifname { "agents" } ip6 daddr @protected6 counter drop',
+    ]
+    # The chains are declared in the order they must be read; the divert comes last.
+    assert text.index("\tchain guard {") < text.index("\tchain forward {") < text.index("\tchain divert {")
+
+
+def test_protected_subnets_join_the_target_addresses_collapsed() -> None:
+    text = render_ruleset(config(
+        SMALL + 'protected_subnets = ["198.18.2.0/25", "198.18.2.128/25", "fd7a:6c67:2::/64"]\n',
+        targets=("198.18.2.10:5432", "192.0.2.7:5432", "[fd7a:6c67:2::10]:5432", "[2001:db8::5]:5432"),
+    ))
+    # A target outside every protected subnet is protected anyway; one inside adds nothing.
+    assert set_elements(text, "protected4") == "{ 192.0.2.7/32, 198.18.2.0/24 }"
+    assert set_elements(text, "protected6") == "{ 2001:db8::5/128, fd7a:6c67:2::/64 }"
+
+
+def test_allow_ports_open_each_address_of_their_target_only() -> None:
+    text = render_ruleset(config(
+        SMALL, targets=("198.18.2.10:5432", "[fd7a:6c67:2::10]:5432"), target_extra="allow_ports = [5433, 22]\n",
+    ))
+    assert set_elements(text, "allowed4") == "{ 198.18.2.10 . 22, 198.18.2.10 . 5433 }"
+    assert set_elements(text, "allowed6") == "{ fd7a:6c67:2::10 . 22, fd7a:6c67:2::10 . 5433 }"
+    # The allowances are TCP to one address and port; everything else to @protected drops.
+    forward = chain_lines(text, "forward")
+    assert forward.index("ip saddr @agents4 ip daddr . tcp dport @allowed4 accept") < forward.index(
+        "ip saddr @agents4 ip daddr @protected4 counter drop")
 
 
 def test_table_name_marks_and_port_come_from_config() -> None:
@@ -282,3 +438,61 @@ def test_nft_rejects_empty_elements_line(netns: str) -> None:
     bad = render_ruleset(config("", targets=())).replace(
         "\t\ttype ipv4_addr . inet_service\n", "\t\ttype ipv4_addr . inet_service\n\t\telements = { }\n")
     assert nft_in(netns, "-c", "-f", "-", stdin=bad).returncode != 0
+
+
+# --- what `tollgate intercept check` reads back: the filter in force, or what is missing ---
+
+def installed(ns: str, text: str, *after: str) -> dict[str, object]:
+    """Apply ``text`` (then each of ``after``) in ``ns`` for real; the table as nft -j lists it."""
+    for step in (text, *after):
+        result = nft_in(ns, "-f", "-", stdin=step)
+        assert result.returncode == 0, result.stderr
+    listing = nft_in(ns, "-j", "list", "table", "inet", "tollgate")
+    assert listing.returncode == 0, listing.stderr
+    return json.loads(listing.stdout)
+
+
+FILTERED = 'agent_subnets = ["198.18.1.0/24", "fd7a:6c67:1::/64"]\nprotected_subnets = ["198.18.2.0/24"]\n'
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("method", ["redirect", "tproxy"])
+def test_check_finds_the_installed_filter_in_force(netns: str, method: str) -> None:
+    cfg = config(FILTERED + f'method = "{method}"\n', targets=("198.18.2.10:5432", "[fd7a:6c67:2::10]:5432"))
+    try:
+        assert filter_problems(installed(netns, render_ruleset(cfg)), cfg) == []
+    finally:
+        nft_in(netns, "-f", "-", stdin=render_teardown("tollgate"))
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("change, expected", [
+    ("delete chain inet tollgate forward\n",
+     [("chain forward (filter, hook forward) is missing: agent traffic to protected addresses is forwarded "
+      "around the proxy")]),
+    ("flush chain inet tollgate guard\n",
+     ["chain guard: no rule drops invalid ip packets from @agents4",
+      "chain guard: no rule drops invalid ip6 packets from @agents6"]),
+    ("delete element inet tollgate protected6 { fd7a:6c67:2::10 }\n",
+     ["set protected6 does not hold fd7a:6c67:2::10/128: agents can reach it around the proxy"]),
+    ("delete table inet tollgate\n",
+     ["table inet tollgate is not installed: nothing is diverted or filtered (run `tollgate intercept up`)"]),
+])
+def test_check_names_what_is_missing(netns: str, change: str, expected: list[str]) -> None:
+    cfg = config(FILTERED, targets=("198.18.2.10:5432", "[fd7a:6c67:2::10]:5432"))
+    try:
+        listing = installed(netns, render_ruleset(cfg), change) if "delete table" not in change else {}
+        assert filter_problems(listing, cfg) == expected
+    finally:
+        nft_in(netns, "-f", "-", stdin=render_teardown("tollgate"))
+
+
+@pytest.mark.lab
+def test_check_finds_a_guard_that_runs_after_the_divert(netns: str) -> None:
+    cfg = config(FILTERED + 'method = "tproxy"\n')
+    text = render_ruleset(cfg).replace("priority mangle - 10;", "priority dstnat;")
+    try:
+        assert filter_problems(installed(netns, text), cfg) == [
+            "chain guard runs at priority -100, not before the tproxy divert (-150)"]
+    finally:
+        nft_in(netns, "-f", "-", stdin=render_teardown("tollgate"))
