@@ -219,8 +219,8 @@ def enroll() -> Any:
     jti = claims.get("jti")
     if not isinstance(jti, str) or not jti.strip():
         log.info("enrollment refused for %s from %s: token has no jti", identity.uri, request.remote_addr)
-        return _token_refused("the token has no 'jti' claim: enrollment needs tokens that can be told apart, "
-                              "so that each enrolls one certificate only")
+        return _token_refused("the token has no 'jti' claim (a non-empty string): enrollment needs tokens that "
+                              "can be told apart, so that each enrolls one certificate only")
     token_issuer = str(claims["iss"])
     # Remembered while the validator would still accept the token: its exp plus the leeway.
     token_expires = datetime.fromtimestamp(math.ceil(float(claims["exp"]) + enrollment.settings.leeway_seconds), UTC)

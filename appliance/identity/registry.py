@@ -260,9 +260,13 @@ class CertificateRegistry:
     # --- writing ------------------------------------------------------------------------
 
     def record_issued(self, cert: x509.Certificate, identity: Identity, *, now: datetime | None = None) -> CertRecord:
-        """Remember a client certificate the CA just issued for ``identity``."""
+        """Remember a client certificate the CA just issued for ``identity`` (refused, like an
+        enrollment, while the subject is revoked: :class:`SubjectRevoked`)."""
         issued = _epoch(utcnow() if now is None else now)
         with self.db.transaction() as conn:
+            block = self._block(conn, identity.subject)
+            if block is not None:
+                raise SubjectRevoked(block)
             self._insert(conn, cert, identity, issued)
         return self._get(f"{cert.serial_number:x}")  # type: ignore[return-value]
 

@@ -380,6 +380,9 @@ def test_revoking_a_subject_whose_certificates_are_all_revoked_still_blocks_it(c
     assert registry.revoked_subject("alice") is None
     assert registry.revoke_subject("alice", "left", "hr") == []
     assert registry.revoked_subject("alice").reason == "left"
+    with pytest.raises(SubjectRevoked):  # nothing is recorded for a revoked identity, enrolled or not
+        issue(ca, csr, registry)
+    assert len(registry.list(include_expired=True)) == 1
     registry.revoke_subject("alice", "again", "hr")  # the first revocation stays the one on record
     assert [e.reason for e in registry.subject_history("alice")] == ["left"]
     assert [b.subject for b in registry.revoked_subjects()] == ["alice"]

@@ -267,13 +267,18 @@ def test_a_token_is_spent_for_every_worker(appliance: Appliance, issuer: DevIssu
     assert len(_serials(appliance)) == 1
 
 
-def test_a_token_without_jti_is_refused(client: FlaskClient, issuer: DevIssuer, appliance: Appliance) -> None:
+@pytest.mark.parametrize("jti", [None, "", "  "], ids=["missing", "empty", "blank"])
+def test_a_token_without_jti_is_refused(client: FlaskClient, issuer: DevIssuer, appliance: Appliance,
+                                        jti: Any) -> None:
     claims = issuer.base_claims("alice", email="alice@example.test")
-    del claims["jti"]
+    if jti is None:
+        del claims["jti"]
+    else:
+        claims["jti"] = jti
     response = post(client, issuer.mint(claims))
     assert response.status_code == 401
     assert response.json["error"] == "invalid_token"
-    assert response.json["detail"].startswith("the token has no 'jti' claim")
+    assert response.json["detail"].startswith("the token has no 'jti' claim (a non-empty string)")
     assert _serials(appliance) == []
 
 
