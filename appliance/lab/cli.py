@@ -70,6 +70,11 @@ def _add_commands(sub: Any) -> None:
     token.add_argument("client", help="lab-dba-1, lab-dba-2 or lab-agent")
     token.set_defaults(handler=cmd_token)
 
+    rotate = sub.add_parser("rotate-issuer-key", help="rotate the dev OIDC issuer's signing key (its admin API)")
+    rotate.add_argument("--name", help="the lab (may be omitted when exactly one exists)")
+    rotate.add_argument("--drop-old", action="store_true", help="publish only the new key at once (no grace period)")
+    rotate.set_defaults(handler=cmd_rotate_issuer_key)
+
     collect = sub.add_parser("gc", help="tear down every lab whose owner process has exited")
     collect.set_defaults(handler=cmd_gc)
 
@@ -157,9 +162,26 @@ def cmd_token(args: argparse.Namespace) -> int:
         argv = lab_identity.token_argv(lab.paths, args.client)
     except (LabError, ValueError) as exc:
         return _fail(str(exc))
-    proc = subprocess.run(lab.command("agent", argv), env=lab.env(), capture_output=True, text=True, timeout=60)
+    # An approver's secret is on the appliance side, out of the agent's view: fetched from gw.
+    node = lab_identity.token_node(args.client)
+    proc = subprocess.run(lab.command(node, argv), env=lab.env(), capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         return _fail(f"token: {proc.stderr.strip() or proc.stdout.strip()}")
+    print(proc.stdout.strip())
+    return 0
+
+
+def cmd_rotate_issuer_key(args: argparse.Namespace) -> int:
+    from appliance.lab import identity as lab_identity
+    try:
+        lab = Lab.open(args.name)
+    except LabError as exc:
+        return _fail(str(exc))
+    # The admin endpoint listens on gw's loopback and wants the admin secret: asked from gw.
+    argv = lab_identity.rotate_argv(lab.paths, drop_old=args.drop_old)
+    proc = subprocess.run(lab.command("gw", argv), env=lab.env(), capture_output=True, text=True, timeout=60)
+    if proc.returncode != 0:
+        return _fail(f"rotate-issuer-key: {proc.stderr.strip() or proc.stdout.strip()}")
     print(proc.stdout.strip())
     return 0
 
@@ -229,9 +251,9 @@ def next_steps(s: dict[str, Any]) -> str:
          f"-c \"UPDATE cards SET brand = brand WHERE id = 1\""),
         "      (waits for a payments DBA; in another terminal:)",
         f"    T=$(tollgate lab token --name {name} lab-dba-1)",
-        (f"    tollgate lab exec --name {name} agent -- env TOLLGATE_TOKEN=$T {tollgate} "
+        (f"    tollgate lab exec --name {name} gw -- env TOLLGATE_TOKEN=$T {tollgate} "
          f"approvals list -c {s['proxy']['config']}"),
-        (f"    tollgate lab exec --name {name} agent -- env TOLLGATE_TOKEN=$T {tollgate} "
+        (f"    tollgate lab exec --name {name} gw -- env TOLLGATE_TOKEN=$T {tollgate} "
          f"approvals approve ID --reason \"why\" -c {s['proxy']['config']}"),
         (f"    tollgate policy check -c {s['proxy']['config']} --as payments-agents --target payments "
          f"--sql \"TRUNCATE cards\""),

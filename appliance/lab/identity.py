@@ -18,6 +18,7 @@ import ipaddress
 import os
 import secrets
 import sys
+from pathlib import Path
 from typing import Any
 
 from cryptography import x509
@@ -31,6 +32,9 @@ from appliance.lab import topology
 from appliance.lab.layout import Paths
 
 ISSUER_PORT = 9443
+# The dev issuer's admin endpoints: on the gateway's loopback only, out of the agent's reach.
+ISSUER_ADMIN_ADDRESS = "127.0.0.1"
+ISSUER_ADMIN_PORT = 9444
 ENROLL_PORT = 8443
 AUDIENCE = "tollgate"
 AGENT_CLIENT = "lab-agent"
@@ -48,6 +52,16 @@ def issuer_url() -> str:
 
 def enroll_url() -> str:
     return f"https://{topology.GW_AGENT_V4}:{ENROLL_PORT}"
+
+
+def issuer_admin_url() -> str:
+    """Where the dev issuer serves ``/admin/*`` (reachable from the gw namespace only)."""
+    return f"https://{ISSUER_ADMIN_ADDRESS}:{ISSUER_ADMIN_PORT}"
+
+
+def secret_file(paths: Paths, client: str) -> Path:
+    """Where a lab client's secret is: the agent's in its own home, the approvers' on the appliance."""
+    return paths.agent_secret_file if client == AGENT_CLIENT else paths.client_secret_file(client)
 
 
 def issuer_ready_url() -> str:
@@ -73,20 +87,24 @@ def prepare(paths: Paths) -> dict[str, Any]:
     write_file_atomically(servers / f"{TARGET}.crt", certificate_pem(cert), mode=0o644)
     write_file_atomically(servers / f"{TARGET}.key", private_key_pem(key), mode=0o600)
     _issuer_certificate(paths)
+    home = paths.agent_home  # made by the lab, with the lab CA in it (Lab._prepare_agent_home)
     for client in (AGENT_CLIENT, *APPROVERS):
-        fd = os.open(paths.client_secret_file(client), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(secrets.token_urlsafe(24) + "\n")
-    home = paths.agent_home
-    pgdir = home / ".postgresql"
-    pgdir.mkdir(parents=True, mode=0o700)
-    # Trust the database's own lab CA for direct connections; enrollment adds the appliance CA.
-    write_file_atomically(pgdir / "root.crt", paths.ca_cert.read_bytes(), mode=0o644)
+        _write_secret(secret_file(paths, client))
+    _write_secret(paths.issuer_admin_token)
+    # The agent sees nothing of the appliance (appliance.lab.agent_view): the appliance CA
+    # certificate it trusts for enrollment is copied into its home.
+    write_file_atomically(paths.agent_appliance_ca, paths.appliance_ca_cert.read_bytes(), mode=0o644)
     return {"state_dir": str(state), "ca_cert": str(paths.appliance_ca_cert), "issuer_url": issuer_url(),
             "enroll_url": enroll_url(), "agent_home": str(home), "dev_only_issuer": True,
             "agent": {"subject": AGENT_CLIENT, "groups": sorted(AGENT_GROUPS), "client_id": AGENT_CLIENT},
             "approvers": {c: {"groups": list(APPROVER_GROUPS), "secret_file": str(paths.client_secret_file(c))}
                           for c in APPROVERS}}
+
+
+def _write_secret(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(secrets.token_urlsafe(24) + "\n")
 
 
 def _issuer_certificate(paths: Paths) -> None:
@@ -101,7 +119,8 @@ def _issuer_certificate(paths: Paths) -> None:
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(topology.GW_AGENT_V4))]),
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(topology.GW_AGENT_V4)),
+                                                    x509.IPAddress(ipaddress.ip_address(ISSUER_ADMIN_ADDRESS))]),
                        critical=False)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
@@ -134,12 +153,14 @@ def config_lines(paths: Paths) -> list[str]:
 
 def issuer_argv(paths: Paths) -> list[str]:
     def client(name: str, groups: tuple[str, ...]) -> list[str]:
-        return ["--client", f"{name}:{paths.client_secret_file(name)}:{','.join(groups)}"]
+        return ["--client", f"{name}:{secret_file(paths, name)}:{','.join(groups)}"]
     return [sys.executable, "-m", "appliance.lab.oidc_issuer", "--bind", f"{topology.GW_AGENT_V4}:{ISSUER_PORT}",
             "--tls-cert", str(paths.issuer_cert), "--tls-key", str(paths.issuer_key),
             "--audience", AUDIENCE, *client(AGENT_CLIENT, AGENT_GROUPS),
             *[arg for c in APPROVERS for arg in client(c, APPROVER_GROUPS)],
-            "--user", "dev@lab.tollgate:payments-dbas"]
+            "--user", "dev@lab.tollgate:payments-dbas",
+            "--admin-bind", f"{ISSUER_ADMIN_ADDRESS}:{ISSUER_ADMIN_PORT}",
+            "--admin-token-file", str(paths.issuer_admin_token)]
 
 
 def enroll_server_argv(paths: Paths) -> list[str]:
@@ -147,15 +168,22 @@ def enroll_server_argv(paths: Paths) -> list[str]:
 
 
 def enroll_agent_argv(paths: Paths) -> list[str]:
+    """The agent's enrollment, run in the agent node: only files of its own home."""
     return [sys.executable, "-m", "appliance.cli", "enroll", "--url", enroll_url(),
-            "--client-id", AGENT_CLIENT, "--client-secret-file", str(paths.client_secret_file(AGENT_CLIENT)),
-            "--issuer", issuer_url(), "--issuer-ca-file", str(paths.ca_cert),
-            "--ca-file", str(paths.appliance_ca_cert),
+            "--client-id", AGENT_CLIENT, "--client-secret-file", str(paths.agent_secret_file),
+            "--issuer", issuer_url(), "--issuer-ca-file", str(paths.agent_lab_ca),
+            "--ca-file", str(paths.agent_appliance_ca),
             "--out-dir", str(paths.agent_home / ".postgresql")]
 
 
+def token_node(client: str) -> str:
+    """Where a client's token is fetched: the agent's on the agent node, with the files of its
+    home; an approver's on the appliance side (gw), where its secret is — never the agent's."""
+    return "agent" if client == AGENT_CLIENT else "gw"
+
+
 def token_argv(paths: Paths, client: str) -> list[str]:
-    """A command (to run in the agent node) printing an access token for one of the dev
+    """A command (to run in :func:`token_node`) printing an access token for one of the dev
     issuer's clients — how the lab's approvers authenticate to the approvals API."""
     if client not in (AGENT_CLIENT, *APPROVERS):
         raise ValueError(f"the lab has no client {client!r}; its clients: {', '.join((AGENT_CLIENT, *APPROVERS))}")
@@ -163,5 +191,23 @@ def token_argv(paths: Paths, client: str) -> list[str]:
             "from appliance.identity.enroll_client import client_credentials_token, tls_context; "
             "print(client_credentials_token(sys.argv[1], sys.argv[2], Path(sys.argv[3]).read_text().strip(), "
             "tls_context(Path(sys.argv[4]))))")
-    return [sys.executable, "-c", code, issuer_url(), client, str(paths.client_secret_file(client)),
-            str(paths.ca_cert)]
+    ca = paths.agent_lab_ca if client == AGENT_CLIENT else paths.ca_cert
+    return [sys.executable, "-c", code, issuer_url(), client, str(secret_file(paths, client)), str(ca)]
+
+
+# Rotate the dev issuer's signing key: a POST with the admin bearer secret (run in gw).
+_ROTATE = """\
+import ssl, sys, urllib.request
+url, ca_file, token_file = sys.argv[1:4]
+token = open(token_file).read().strip()
+request = urllib.request.Request(url, method="POST", headers={"Authorization": f"Bearer {token}"})
+with urllib.request.urlopen(request, context=ssl.create_default_context(cafile=ca_file), timeout=30) as answer:
+    print(answer.read().decode())
+"""
+
+
+def rotate_argv(paths: Paths, *, drop_old: bool = False) -> list[str]:
+    """A command (to run in the gw node) rotating the dev issuer's signing key; prints its JSON
+    answer (``kid``, ``kids``)."""
+    url = f"{issuer_admin_url()}/admin/rotate" + ("?drop_old=1" if drop_old else "")
+    return [sys.executable, "-c", _ROTATE, url, str(paths.ca_cert), str(paths.issuer_admin_token)]

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import appliance
-from appliance.lab import database, proxy_config, readiness, topology
+from appliance.lab import agent_view, database, proxy_config, readiness, topology
 from appliance.lab import identity as lab_identity
 from appliance.lab import policy as lab_policy
 from appliance.lab import state as st
@@ -234,6 +234,7 @@ class Lab:
         log.info("lab %s: network up", self.name)
 
         database.make_tls(self.paths)
+        self._prepare_agent_home()
         methods = dict(database.ROLES)
         if self.suite_role:
             methods[database.SUITE_ROLE] = "scram-sha-256"
@@ -266,6 +267,17 @@ class Lab:
         self.state["operator"] = None
         self._save()
 
+    def _prepare_agent_home(self) -> None:
+        """The agent's home: all its view shows of the lab (appliance.lab.agent_view), with a
+        copy of the lab CA certificate it trusts (libpq's ``~/.postgresql/root.crt`` too;
+        enrollment adds the appliance CA there)."""
+        pgdir = self.paths.agent_home / ".postgresql"
+        pgdir.mkdir(parents=True, mode=0o700)
+        self.paths.agent_config_dir.mkdir(mode=0o700)
+        for copy in (self.paths.agent_lab_ca, pgdir / "root.crt"):
+            shutil.copyfile(self.paths.ca_cert, copy)
+            os.chmod(copy, 0o644)
+
     def _write_proxy_config(self, passwords: Mapping[str, str]) -> None:
         self.secrets_dir.mkdir(mode=0o700)
         for role, password in passwords.items():
@@ -288,10 +300,11 @@ class Lab:
     def identity_services(self) -> list[Service]:
         """The dev OIDC issuer and the enrollment service, in start order (tests may override it)."""
         return [
+            # Probed from the agent's namespace and view: with the CA copies in its home.
             Service("oidc-issuer", lab_identity.issuer_argv(self.paths), ISSUER_READY_LINE,
-                    lab_identity.issuer_ready_url(), self.paths.ca_cert),
+                    lab_identity.issuer_ready_url(), self.paths.agent_lab_ca),
             Service("enroll", lab_identity.enroll_server_argv(self.paths), ENROLL_READY_LINE,
-                    lab_identity.enroll_ready_url(), self.paths.appliance_ca_cert),
+                    lab_identity.enroll_ready_url(), self.paths.agent_appliance_ca),
         ]
 
     def _start_identity_services(self) -> None:
@@ -466,11 +479,21 @@ class Lab:
         return self.namespaces[node]
 
     def command(self, node: str, argv: Sequence[str]) -> list[str]:
-        """``argv`` prefixed so that it runs in ``node``'s namespace (the agent in its own home,
-        where enrollment put ``~/.postgresql``)."""
+        """``argv`` prefixed so that it runs in ``node``'s namespace — the agent's also in its
+        own view of the filesystem (:mod:`appliance.lab.agent_view`): its home, where
+        enrollment put ``~/.postgresql``, and nothing of the appliance's files."""
         if node == "agent":
-            return ["ip", "netns", "exec", self.namespace(node), "env", f"HOME={self.paths.agent_home}", *argv]
+            return ["ip", "netns", "exec", self.namespace(node),
+                    *agent_view.command(self.paths.agent_home, self.agent_hidden_dirs(), argv)]
         return ["ip", "netns", "exec", self.namespace(node), *argv]
+
+    def agent_hidden_dirs(self) -> list[Path]:
+        """What the agent's view covers: the whole lab root (this lab's appliance and every
+        other lab), and the audit directory if it is kept elsewhere."""
+        hidden = [self.root]
+        if not self.audit_dir.is_relative_to(self.root) and self.audit_dir.is_dir():
+            hidden.append(self.audit_dir)
+        return hidden
 
     @staticmethod
     def env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -543,7 +566,8 @@ class Lab:
                 "direct_host_ipv6": topology.DB_DIRECT_V6,
                 "port": database.PG_PORT,
                 "dbname": database.DB_NAME,
-                "tls_ca": str(self.paths.ca_cert),
+                # The agent's copy of the lab CA: the one path that works on either side.
+                "tls_ca": str(self.paths.agent_lab_ca),
                 "socket_dir": str(self.paths.socket_dir),
                 "data_dir": str(self.paths.data),
                 "log": str(self.paths.log),

@@ -75,10 +75,32 @@ class Paths:
     @property
     def issuer_key(self) -> Path: return self.identity_dir / "issuer.key"
     @property
-    def agent_home(self) -> Path: return self.root / "agent-home"
+    def issuer_admin_token(self) -> Path:
+        """The bearer secret the dev issuer's admin endpoints require (root only, gw side)."""
+        return self.identity_dir / "issuer-admin.token"
 
     def client_secret_file(self, client: str) -> Path:
+        """An approver's client secret (appliance side; the agent's own is in its home)."""
         return self.identity_dir / f"{client}.secret"
+
+    # --- the agent's side: all it can see of the lab (appliance.lab.agent_view) -----------
+
+    @property
+    def agent_home(self) -> Path: return self.root / "agent-home"
+    @property
+    def agent_config_dir(self) -> Path: return self.agent_home / ".tollgate"
+    @property
+    def agent_secret_file(self) -> Path:
+        """The agent's own OAuth client secret, in its home."""
+        return self.agent_config_dir / "client.secret"
+    @property
+    def agent_lab_ca(self) -> Path:
+        """The agent's copy of the lab CA certificate: the database's TLS and the dev issuer's HTTPS."""
+        return self.agent_config_dir / "issuer-ca.crt"
+    @property
+    def agent_appliance_ca(self) -> Path:
+        """The agent's copy of the appliance CA certificate (behind enrollment's HTTPS)."""
+        return self.agent_config_dir / "appliance-ca.crt"
 
     def recorded(self) -> dict[str, str]:
         """The paths ``state.json`` records (its keys are part of the state format)."""

@@ -69,6 +69,34 @@ def proxy_request(lab: Lab, request: dict) -> dict:
     return control_request(load_config(lab.config_path), request)
 
 
+def live_sessions_during(lab: Lab, sql: str = "SELECT 1", *, conninfo: str | None = None) -> tuple[list[dict], str]:
+    """Run ``sql`` in a psql session from the agent and, while that session is still open,
+    list the proxy's live sessions (``tollgate sessions --live``) from the appliance side —
+    the agent cannot reach the control socket. Returns (sessions, psql's output of ``sql``)."""
+    marker = "tollgate-test: statement done"
+    proc = lab.popen("agent", ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", conninfo or lab.conninfo()],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(f"{sql};\n\\echo {marker}\n".encode())
+        proc.stdin.flush()
+        out = []
+        # psql echoes the marker only once the statement has run: the session is open now.
+        while (line := proc.stdout.readline().decode()).strip() != marker:
+            if not line:
+                raise AssertionError(f"psql ended before the marker: {proc.communicate()[1].decode()}")
+            out.append(line)
+        listing = run(lab, "gw", [sys.executable, "-m", "appliance.cli", "sessions", "--live", "-c",
+                                  str(lab.config_path), "--json"])
+        proc.stdin.close()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return json.loads(listing.stdout), "".join(out)
+
+
 def wait_for(condition, what: str, timeout: float = 60.0, interval: float = 0.05):
     """Wait until ``condition()`` returns something truthy (an observable state of the
     system under test), and return it; fail naming ``what`` after ``timeout``.

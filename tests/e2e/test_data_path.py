@@ -10,8 +10,6 @@ module runs under the lab's allow-all policy (masking stays on).
 from __future__ import annotations
 
 import hashlib
-import json
-import sys
 
 import pytest
 
@@ -19,7 +17,7 @@ from appliance.lab import Lab
 from appliance.lab.pans import make_test_pans
 from appliance.lab.policy import PERMISSIVE_POLICY, POLICIES
 from appliance.lab.schema import CARDS, DEFAULT_SEED
-from tests.e2e.conftest import psql, python, python_json, run, set_policy
+from tests.e2e.conftest import live_sessions_during, psql, python, python_json, run, set_policy
 
 pytestmark = pytest.mark.lab
 
@@ -48,10 +46,8 @@ def test_psql_with_unchanged_conninfo_reaches_the_real_database_through_tollgate
 
 
 def test_tollgate_sees_the_agents_source_address_and_destination(lab: Lab):
-    # psql runs the listing while its own session is open: no timing involved.
-    listing = f"{sys.executable} -m appliance.cli sessions --live -c {lab.config_path} --json"
-    out = psql(lab, "SELECT 1", extra=["-c", f"\\! {listing}"])
-    sessions, _ = json.JSONDecoder().raw_decode(out[out.index("["):])
+    # Listed (from the appliance side) while the agent's session is open: no timing involved.
+    sessions, _ = live_sessions_during(lab, "SELECT 1")
     [mine] = [s for s in sessions if s["phase"] == "ready"]
     assert mine["client"].startswith("198.18.1.10:")
     assert mine["destination"] == "198.18.2.10:5432"

@@ -29,13 +29,15 @@ def tokens(lab: Lab) -> dict[str, str]:
     """Access tokens for the lab's approvers, from the dev issuer (client credentials)."""
     out = {}
     for client in (*lab_identity.APPROVERS, lab_identity.AGENT_CLIENT):
-        proc = run(lab, "agent", lab_identity.token_argv(lab.paths, client))
+        # The approvers' secrets are on the appliance side: their tokens are fetched from gw.
+        proc = run(lab, lab_identity.token_node(client), lab_identity.token_argv(lab.paths, client))
         out[client] = proc.stdout.decode().strip()
     return out
 
 
 def approvals(lab: Lab, token: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-    return run(lab, "agent", [sys.executable, "-m", "appliance.cli", "approvals", *args, "-c", str(lab.config_path)],
+    # People decide from outside the agent's view (which has no config and no CA of the appliance).
+    return run(lab, "gw", [sys.executable, "-m", "appliance.cli", "approvals", *args, "-c", str(lab.config_path)],
                env={"TOLLGATE_TOKEN": token}, check=check)
 
 
@@ -149,13 +151,16 @@ def test_the_agent_cannot_approve_and_an_approver_cannot_vote_twice(lab: Lab, to
 
 def test_a_dba_cannot_approve_their_own_statement_but_another_dba_can(lab: Lab, tokens, card, tmp_path: Path):
     card_id, before = card
-    # lab-dba-1 enrolls an agent certificate of their own, into a home of their own.
-    home = Path(f"/run/tollgate-lab/{lab.name}/dba-home")
+    # lab-dba-1 enrolls an agent certificate of their own, into a home of their own — on the
+    # agent's side (tmp_path: the agent's view hides only the lab's appliance files), with a
+    # copy of their secret handed over as a person would.
+    home = tmp_path / "dba-home"
+    (home / ".postgresql").mkdir(parents=True, exist_ok=True)
+    (home / "client.secret").write_bytes(lab.paths.client_secret_file("lab-dba-1").read_bytes())
     argv = lab_identity.enroll_agent_argv(lab.paths)
     argv[argv.index("--client-id") + 1] = "lab-dba-1"
-    argv[argv.index("--client-secret-file") + 1] = str(lab.paths.client_secret_file("lab-dba-1"))
+    argv[argv.index("--client-secret-file") + 1] = str(home / "client.secret")
     argv[argv.index("--out-dir") + 1] = str(home / ".postgresql")
-    (home / ".postgresql").mkdir(parents=True, exist_ok=True)
     (home / ".postgresql" / "root.crt").write_bytes(lab.paths.ca_cert.read_bytes())
     run(lab, "agent", argv)
     proc = start_psql(lab, f"UPDATE cards SET brand = brand || '!' WHERE id = {card_id}", home=home)

@@ -8,7 +8,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from appliance.identity import CertificateAuthority, Identity, certificate_pem, private_key_pem
 from appliance.identity.registry import CertificateRegistry
 from appliance.lab import Lab
-from tests.e2e.conftest import psql, python, run
+from tests.e2e.conftest import live_sessions_during, run
 
 pytestmark = pytest.mark.lab
 
@@ -63,9 +65,7 @@ def psql_with(lab: Lab, directory: Path, sql: str = "SELECT 1", **env: str):
 
 
 def test_enrolled_agent_connects_with_an_unchanged_conninfo_and_is_identified(lab: Lab):
-    listing = f"{sys.executable} -m appliance.cli sessions --live -c {lab.config_path} --json"
-    out = psql(lab, "SELECT current_user", extra=["-c", f"\\! {listing}"])
-    sessions, _ = json.JSONDecoder().raw_decode(out[out.index("["):])
+    sessions, _ = live_sessions_during(lab, "SELECT current_user")
     [mine] = [s for s in sessions if s["phase"] == "ready"]
     expected = identity_status(lab)["agent"]
     assert mine["identity"] == expected["subject"] and mine["identity_kind"] == "agent"
@@ -140,7 +140,6 @@ def test_revoking_closes_a_live_session(lab: Lab, tmp_path: Path):
             time.sleep(0.05)
         print(json.dumps(outcome), flush=True)
     """
-    import textwrap
     proc = lab.popen("agent", [sys.executable, "-c", textwrap.dedent(script), lab.conninfo(), str(tmp_path / "l")],
                      stdin=-1, stdout=-1, stderr=-1)
     try:
@@ -160,20 +159,30 @@ def test_fifty_concurrent_agents_are_each_attributed_correctly(lab: Lab, tmp_pat
     names = [f"agent-{i:02d}" for i in range(50)]
     for i, name in enumerate(names):
         issue(lab, Identity(name, "agent", ("payments-agents", f"team-{i % 5}")), tmp_path / name)
-    got = json.loads(python(lab, """
-        import json, subprocess, sys, threading, psycopg
-        base, root, listing = sys.argv[1], sys.argv[2], sys.argv[3:]
+    # The agent's side holds 50 sessions open until told; the appliance's side lists them
+    # meanwhile (the agent cannot reach the control socket).
+    script = """
+        import json, sys, psycopg
+        base, root = sys.argv[1], sys.argv[2]
         names = [f"agent-{i:02d}" for i in range(50)]
         conns = [psycopg.connect(base, autocommit=True, application_name=n,
                                  sslcert=f"{root}/{n}/postgresql.crt", sslkey=f"{root}/{n}/postgresql.key")
                  for n in names]
-        barrier_ok = all(c.execute("SELECT 1").fetchone()[0] == 1 for c in conns)
-        sessions = json.loads(subprocess.run(listing, capture_output=True, check=True).stdout)
-        print(json.dumps({"ok": barrier_ok, "sessions": sessions}))
-    """, lab.conninfo(), str(tmp_path), sys.executable, "-m", "appliance.cli", "sessions", "--live", "-c",
-        str(lab.config_path), "--json").stdout.decode().strip().splitlines()[-1])
-    assert got["ok"]
-    by_app = {s["application_name"]: s for s in got["sessions"] if s["application_name"] in names}
+        print(json.dumps({"ok": all(c.execute("SELECT 1").fetchone()[0] == 1 for c in conns)}), flush=True)
+        sys.stdin.readline()
+    """
+    proc = lab.popen("agent", [sys.executable, "-c", textwrap.dedent(script), lab.conninfo(), str(tmp_path)],
+                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.communicate()[1].decode()
+        assert json.loads(line)["ok"]
+        sessions = json.loads(run(lab, "gw", [sys.executable, "-m", "appliance.cli", "sessions", "--live", "-c",
+                                              str(lab.config_path), "--json"]).stdout)
+    finally:
+        proc.kill()
+        proc.wait()
+    by_app = {s["application_name"]: s for s in sessions if s["application_name"] in names}
     assert set(by_app) == set(names)
     for i, name in enumerate(names):
         assert by_app[name]["identity"] == name
@@ -185,13 +194,8 @@ def test_issuer_key_rotation_is_followed_without_a_restart(lab: Lab, tmp_path: P
     from appliance.lab import state as lab_state
 
     enroll_service = lab.state["pids"]["enroll"]
-    rotate = f"""
-        import json, ssl, sys, urllib.request
-        ctx = ssl.create_default_context(cafile=sys.argv[1])
-        req = urllib.request.Request("{lab_identity.issuer_url()}/admin/rotate?drop_old=1", method="POST")
-        print(urllib.request.urlopen(req, context=ctx).read().decode())
-    """
-    python(lab, rotate, str(lab.paths.ca_cert), node="gw")
+    # The issuer's admin API: gw's loopback and the admin secret (the agent reaches neither).
+    run(lab, "gw", lab_identity.rotate_argv(lab.paths, drop_old=True))
     argv = lab_identity.enroll_agent_argv(lab.paths)
     argv[argv.index("--out-dir") + 1] = str(tmp_path / "after-rotation")
     out = run(lab, "agent", argv).stdout.decode()
