@@ -13,6 +13,12 @@
 State lives in ``/run/tollgate-lab/NAME/`` (``state.json`` and every file of the lab); a lab
 with an owner pid is collected by ``tollgate lab gc`` once that process is gone.
 
+Whatever runs on the agent node runs in a view of its own (:mod:`appliance.lab.agent_view`):
+its home ``NAME/agent-home`` (``~/.postgresql``, its client secret, copies of the CA
+certificates it trusts) and nothing else of any lab — no appliance file, no control socket.
+The dev issuer's admin API listens on gw's loopback and wants the secret in
+``NAME/identity/issuer-admin.token`` (``tollgate lab rotate-issuer-key``).
+
 Python use (tests)::
 
     from appliance.lab import Lab
