@@ -96,7 +96,7 @@ class Paths:
     @property
     def agent_lab_ca(self) -> Path:
         """The agent's copy of the lab CA certificate: the database's TLS and the dev issuer's HTTPS."""
-        return self.agent_config_dir / "issuer-ca.crt"
+        return self.agent_config_dir / "lab-ca.crt"
     @property
     def agent_appliance_ca(self) -> Path:
         """The agent's copy of the appliance CA certificate (behind enrollment's HTTPS)."""
