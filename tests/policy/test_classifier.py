@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from appliance.model.decision import Classification
 from appliance.model.decision import StatementClass as C
-from appliance.policy import classifier
 from appliance.policy.classifier import classify, classify_uncached
+from appliance.policy.classify_statements import Walker
 
 
 def one(sql: str) -> Classification:
@@ -462,7 +462,7 @@ def test_nul_is_unparsable() -> None:
 def test_walker_failure_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(*args: object) -> None:
         raise KeyError("surprise")
-    monkeypatch.setattr(classifier._Walker, "statement", boom)
+    monkeypatch.setattr(Walker, "statement", boom)
     c = one("select 1")
     assert c.classes == {C.UNPARSABLE}
     assert "KeyError" in (c.error or "")
