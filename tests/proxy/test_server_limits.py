@@ -174,9 +174,12 @@ def test_flood_of_idle_connections_each_closed_by_the_deadline(harness):
     _, port = harness.proxies["deadline"]
     hold = harness.backend.script(Script("hold"))
     kinds = ["silent", "partial", "ssl"] * 66 + ["login"] * 2
-    clients = [(kind, Client(port)) for kind in kinds]
+    clients: list[tuple[str, Client]] = []
     try:
-        for kind, client in clients:
+        for kind in kinds:
+            # Each sends at once on connecting: its deadline runs from the proxy's accept.
+            client = Client(port)
+            clients.append((kind, client))
             if kind == "partial":
                 client.send(startup_bytes()[:11])
             elif kind == "ssl":
