@@ -10,6 +10,7 @@ module runs under the lab's allow-all policy (masking stays on).
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -82,23 +83,39 @@ def test_unprotected_address_is_not_intercepted(lab: Lab):
     assert psql(lab, "SELECT inet_client_addr()", direct=True).strip() == "198.18.1.10"
 
 
-def test_unprotected_port_is_not_intercepted(lab: Lab):
+def forward_drops(lab: Lab) -> int:
+    """Packets the gateway's forward filter has dropped on their way to a protected IPv4 address."""
+    listing = json.loads(run(lab, "gw", ["nft", "-j", "list", "chain", "inet", "tollgate", "forward"]).stdout)
+    return sum(expr["counter"]["packets"] for item in listing["nftables"] if "rule" in item
+               for expr in item["rule"]["expr"] if "counter" in expr
+               if any(e.get("match", {}).get("right") == "@protected4" for e in item["rule"]["expr"]))
+
+
+def test_other_port_of_a_protected_address_is_filtered(lab: Lab):
+    # Not diverted, and not routed either: agents reach a protected database only through
+    # the proxy (a target's allow_ports would open 5433; the lab's opens nothing).
     listener = lab.popen("db", ["python3", "-c", (
         "import socket,sys\n"
         "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
         "s.bind(('198.18.2.10', 5433)); s.listen(1); print('ready', flush=True)\n"
-        "c, peer = s.accept(); c.sendall(peer[0].encode()); c.close()\n")], stdout=-1)
+        "c, peer = s.accept(); print(peer[0], flush=True)\n")], stdout=-1)
     try:
         assert listener.stdout.readline().strip() == b"ready"
+        before = forward_drops(lab)
         got = python(lab, """
             import socket
-            with socket.create_connection(("198.18.2.10", 5433), timeout=60) as s:
-                print(s.recv(100).decode())
+            try:
+                socket.create_connection(("198.18.2.10", 5433), timeout=3)
+                print("connected")
+            except TimeoutError:
+                print("no answer")
         """).stdout.decode().strip()
-        assert got == "198.18.1.10"  # the listener saw the agent itself: no proxy in between
+        assert got == "no answer"
+        assert forward_drops(lab) > before  # the filter dropped the SYNs
     finally:
         listener.kill()
-        listener.wait()
+        out, _ = listener.communicate()
+    assert out == b""  # the listener never accepted anything
 
 
 def test_connections_from_the_appliance_itself_are_never_looped(lab: Lab):
