@@ -1,9 +1,8 @@
-"""The appliance's configuration: a TOML file parsed into frozen, validated dataclasses.
+"""Reading the TOML file into the configuration's dataclasses, checking every key.
 
-Everything that starts Tollgate reads its config through :func:`load_config`, so a bad file
-is caught before anything is set up: every problem is reported as ``FILE: KEY: PROBLEM``
-and nothing starts half-configured. Unknown keys are errors too — a misspelt
-``agent_subnet`` silently ignored would leave agents unprotected.
+Every problem is reported as ``FILE: KEY: PROBLEM`` and nothing starts half-configured.
+Unknown keys are errors too — a misspelt ``agent_subnet`` silently ignored would leave
+agents unprotected.
 """
 
 from __future__ import annotations
@@ -11,256 +10,31 @@ from __future__ import annotations
 import ipaddress
 import socket
 import tomllib
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from appliance.model.oidc import OIDCSettings
-from appliance.pgwire import DEFAULT_MAX_MESSAGE_SIZE
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-InterceptMethodName = Literal["redirect", "tproxy"]
-TlsMode = Literal["disable", "prefer", "require", "verify-ca", "verify-full"]
-
-INTERCEPT_METHODS: tuple[InterceptMethodName, ...] = ("redirect", "tproxy")
-TLS_MODES: tuple[TlsMode, ...] = ("disable", "prefer", "require", "verify-ca", "verify-full")
-AGENT_AUTH_MODES = ("trust", "certificate")
-# PostgreSQL's own ceiling for one message is 1 GiB; a little more covers framing.
-PG_MAX_MESSAGE = DEFAULT_MAX_MESSAGE_SIZE  # PostgreSQL's own limit
-DEFAULT_MAX_CLIENT_MESSAGE = 64 << 20  # Tollgate's default: see ProxyConfig
-
-
-class ConfigError(Exception):
-    """A configuration problem, already phrased as ``file: key: problem``."""
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """A TCP destination: what an agent dials and what Tollgate protects."""
-
-    address: IPAddress
-    port: int
-
-    @classmethod
-    def parse(cls, text: str) -> Endpoint:
-        """Parse ``1.2.3.4:5432`` or ``[2001:db8::1]:5432``."""
-        host, sep, port_text = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"{text!r} is not ADDRESS:PORT")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        elif ":" in host:
-            raise ValueError(f"{text!r}: write IPv6 addresses in brackets, as [ADDR]:PORT")
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            raise ValueError(f"{host!r} is not an IP address (targets are addresses, not names)") from None
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
-            raise ValueError(f"{port_text!r} is not a TCP port")
-        return cls(normalize_address(address), int(port_text))
-
-    def __str__(self) -> str:
-        if self.address.version == 6:
-            return f"[{self.address}]:{self.port}"
-        return f"{self.address}:{self.port}"
-
-
-def normalize_address(address: IPAddress) -> IPAddress:
-    """Fold IPv4-mapped IPv6 (what a dual-stack socket reports) to plain IPv4."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return address.ipv4_mapped
-    return address
-
-
-@dataclass(frozen=True, slots=True)
-class Credential:
-    """How the appliance logs in upstream for one role an agent asks for."""
-
-    upstream_user: str
-    password: str = field(repr=False)
-
-
-@dataclass(frozen=True, slots=True)
-class Target:
-    """A protected database: its addresses and how the appliance reaches it."""
-
-    name: str
-    endpoints: tuple[Endpoint, ...]
-    credentials: Mapping[str, Credential]
-    tls: TlsMode = "prefer"
-    tls_ca_file: Path | None = None
-    tls_server_name: str | None = None
-    connect_timeout: float = 10.0
-    allow_replication: bool = False
-    # Other TCP ports of the target's addresses agents may reach directly (not through the
-    # proxy); none by default: the gateway's forward filter drops everything else.
-    allow_ports: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class InterceptConfig:
-    """Which traffic the appliance's ruleset diverts into the proxy, and how."""
-
-    method: InterceptMethodName = "redirect"
-    agent_subnets: tuple[IPNetwork, ...] = ()
-    agent_interfaces: tuple[str, ...] = ()
-    table: str = "tollgate"
-    # The proxy marks its own upstream sockets with bypass_mark; the ruleset never diverts
-    # marked packets, so the proxy can't loop into itself whatever the routing.
-    bypass_mark: int = 0x746C
-    tproxy_mark: int = 0x746D
-    route_table: int = 7468
-    # Networks agents may reach only through the proxy (forward filter); every target
-    # address is always protected too, as a /32 or /128.
-    protected_subnets: tuple[IPNetwork, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class LegacySource:
-    """An opt-in mapping from a source network to an identity, for clients without certificates."""
-
-    network: IPNetwork
-    subject: str
-    groups: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class IdentityConfig:
-    """Where the appliance keeps its CA and certificate registry, and whom it trusts for tokens."""
-
-    state_dir: Path = Path("/var/lib/tollgate")
-    client_cert_hours: float = 8.0
-    # Shown to a refused agent so it knows where to enroll.
-    enroll_url: str | None = None
-    enroll_listen: str = "0.0.0.0:8443"
-    oidc: OIDCSettings | None = None
-    legacy_sources: tuple[LegacySource, ...] = ()
-
-    @property
-    def ca_cert(self) -> Path:
-        return self.state_dir / "ca" / "ca.crt"
-
-    @property
-    def ca_key(self) -> Path:
-        return self.state_dir / "ca" / "ca.key"
-
-    @property
-    def registry(self) -> Path:
-        return self.state_dir / "certificates.db"
-
-    def server_cert(self, target: str) -> tuple[Path, Path]:
-        """The certificate and key the proxy presents to agents for ``target``."""
-        return self.state_dir / "servers" / f"{target}.crt", self.state_dir / "servers" / f"{target}.key"
-
-
-@dataclass(frozen=True, slots=True)
-class ProxyConfig:
-    """The proxy server's own settings."""
-
-    listen_port: int = 15432
-    listen_addresses: tuple[str, ...] = ("0.0.0.0", "::")
-    agent_auth: str = "trust"
-    # Client messages are buffered whole (a statement must be seen whole to be judged);
-    # this caps what one message may make one connection hold. PostgreSQL allows 1 GiB,
-    # but agents' statements are small and COPY data arrives as many CopyData messages:
-    # 64 MiB leaves room for a large literal or bulk INSERT without letting one connection
-    # pin a gigabyte.
-    max_client_message: int = DEFAULT_MAX_CLIENT_MESSAGE
-    # Server messages larger than this are streamed through in pieces, never held whole.
-    stream_threshold: int = 1 << 20
-    control_socket: Path | None = None
-    # Every phase before the session is ready (startup packets, agent TLS, the upstream
-    # connect and login) must be over within this many seconds.
-    startup_timeout: float = 10.0
-    # Bytes of incomplete client messages all sessions together may hold, counted from
-    # each message's header as soon as it arrives.
-    max_buffered_total: int = 256 << 20
-    # Connections open at once: in all, and from one source address.
-    max_connections: int = 2000
-    max_connections_per_source: int = 200
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyConfig:
-    """Where the enforcement policy lives and how often to look for changes."""
-
-    file: Path
-    reload_seconds: float = 1.0  # file polled this often; SIGHUP reloads at once
-
-
-@dataclass(frozen=True, slots=True)
-class MaskingConfig:
-    """PAN masking on every path to the agent. On unless turned off explicitly."""
-
-    enabled: bool = True
-    pan_format: str = "pci"  # "pci": first six and last four shown; "last4": last four only
-
-
-@dataclass(frozen=True, slots=True)
-class ApprovalsConfig:
-    """Holds: where decisions are made (the approvals API) and who hears of them."""
-
-    # Base URL of the appliance web service that serves /api/v1/approvals; the CLI's default.
-    api_url: str | None = None
-    api_ca_file: Path | None = None  # CA that signed the web service's certificate
-    webhook_url: str | None = None  # POSTed a JSON event for each new request and decision
-    webhook_secret_file: Path | None = None  # HMAC-SHA256 key for the X-Tollgate-Signature header
-    poll_seconds: float = 0.2  # how often a held session looks for its decision
-    max_grant_minutes: int = 240  # cap on "allow this statement shape for N minutes"
-
-
-@dataclass(frozen=True, slots=True)
-class AuditConfig:
-    """The tamper-evident audit log: where it lives, how durable, how often it is signed."""
-
-    dir: Path
-    # Checkpoint origin line (C2SP tlog-checkpoint): names this log, and its signing keys.
-    origin: str = ""
-    # "fsync": a statement is forwarded only once its record is on disk (fdatasync'd);
-    # "write": once the kernel has it (survives a proxy crash, not a power cut).
-    durability: str = "fsync"
-    checkpoint_records: int = 1000  # sign a checkpoint at least every N records …
-    checkpoint_seconds: float = 1.0  # … or T seconds after the first unsigned record
-    heartbeat_seconds: float = 60.0  # and re-sign the unchanged tree this often when idle
-    segment_bytes: int = 64 << 20  # a segment file is closed once it grows past this
-    result_rows: int = 20  # rows of each result kept (masked) for replay; 0 keeps none
-    result_bytes: int = 8192  # cap on the bytes of kept result values per statement
-    offbox_dir: Path | None = None  # every checkpoint is also copied here (other storage)
-    offbox_syslog: str | None = None  # … and sent to syslog: "unix:/dev/log" or "udp:HOST:PORT"
-    root_key: Path | None = None  # the trust root's private key, if kept on the box
-
-    @property
-    def keys_dir(self) -> Path:
-        return self.dir / "keys"
-
-
-@dataclass(frozen=True, slots=True)
-class Config:
-    """The whole appliance configuration."""
-
-    path: Path
-    proxy: ProxyConfig
-    intercept: InterceptConfig
-    targets: tuple[Target, ...]
-    identity: IdentityConfig | None = None
-    policy: PolicyConfig | None = None
-    masking: MaskingConfig = MaskingConfig()
-    approvals: ApprovalsConfig = ApprovalsConfig()
-    audit: AuditConfig | None = None
-    _by_endpoint: Mapping[Endpoint, Target] = field(repr=False, compare=False, default_factory=dict)
-
-    def target_for(self, endpoint: Endpoint) -> Target | None:
-        """The protected target an original destination belongs to, if any."""
-        return self._by_endpoint.get(Endpoint(normalize_address(endpoint.address), endpoint.port))
-
-    @property
-    def protected_endpoints(self) -> tuple[Endpoint, ...]:
-        return tuple(self._by_endpoint)
-
-
-# --- parsing -----------------------------------------------------------------------------
+from .model import (
+    AGENT_AUTH_MODES,
+    INTERCEPT_METHODS,
+    PG_MAX_MESSAGE,
+    TLS_MODES,
+    ApprovalsConfig,
+    AuditConfig,
+    Config,
+    ConfigError,
+    Credential,
+    Endpoint,
+    IdentityConfig,
+    InterceptConfig,
+    LegacySource,
+    MaskingConfig,
+    PolicyConfig,
+    ProxyConfig,
+    Target,
+)
 
 T = TypeVar("T")
 

@@ -1,0 +1,28 @@
+"""The appliance's configuration: a TOML file parsed into frozen, validated dataclasses.
+
+Everything that starts Tollgate reads its config through :func:`load_config`, so a bad file
+is caught before anything is set up. ``model`` holds the dataclasses, ``parse`` the
+checks; the names below are the package's interface.
+"""
+
+from .model import (
+    PG_MAX_MESSAGE,
+    AuditConfig,
+    Config,
+    ConfigError,
+    Credential,
+    Endpoint,
+    IdentityConfig,
+    InterceptConfig,
+    IPNetwork,
+    ProxyConfig,
+    Target,
+    normalize_address,
+)
+from .parse import load_config, parse_config
+
+__all__ = [
+    "PG_MAX_MESSAGE", "AuditConfig", "Config", "ConfigError", "Credential", "Endpoint", "IPNetwork",
+    "IdentityConfig", "InterceptConfig", "ProxyConfig", "Target", "load_config", "normalize_address",
+    "parse_config",
+]
