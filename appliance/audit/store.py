@@ -23,6 +23,12 @@ Either way the failure is remembered, and the first append that succeeds afterwa
 preceded by an ``audit.failure`` record: the error, since when, how many statements the
 proxy refused meanwhile (:meth:`AuditLog.note_refused`) and which seqs were rolled back.
 Nothing needs to be restarted: appends work again as soon as the disk takes them.
+
+A segment that changes under the writer (cut, grown, replaced or removed — checked each
+sync round and before every checkpoint) is different: the log is *damaged* and refuses
+every record until it is opened again, and signs no checkpoint over what is no longer on
+disk. What was found is recorded as ``audit.failure`` (with ``damage``) in a new segment
+named by the next seq, if that can be written (:meth:`AuditLog._record_damage`).
 """
 
 from __future__ import annotations
@@ -35,12 +41,12 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Self
 
 from appliance.audit import canonical, keys, note
-from appliance.audit.keys import KeyRing, make_dir
+from appliance.audit.keys import KeyRing, fsync_dir, make_dir
 from appliance.audit.store_checkpoints import Checkpointer
 from appliance.audit.store_commit import GroupCommit, Outage
 from appliance.audit.store_errors import AuditError, AuditUnavailable
 from appliance.audit.store_recovery import recover
-from appliance.audit.store_segments import SegmentWriter, segment_name, take_lock
+from appliance.audit.store_segments import Damage, SegmentWriter, segment_name, take_lock
 from appliance.config import AuditConfig
 
 if TYPE_CHECKING:
@@ -93,6 +99,7 @@ class AuditLog:
         self._checkpoints = Checkpointer(config, keyring, fdatasync)
         self._commit = GroupCommit(self._end, self._checkpoints, self._outage,
                                    fsync_mode=config.durability == "fsync", fdatasync=fdatasync)
+        self._commit.on_damage = self._record_damage
 
     # --- opening -----------------------------------------------------------------------------
 
@@ -226,6 +233,29 @@ class AuditLog:
         log.warning("audit: the log is writable again (down since %s; %d statements refused)",
                     failure.since, outage.refused)
         outage.over()
+
+    def _record_damage(self, damage: Damage) -> None:
+        """Under the lock, once the segment changed under the writer: ``audit.failure`` with
+        what was found, alone in a new segment named by the next seq, fsync'd. Never signed
+        (no checkpoint is signed after the damage). Logged if it can't be written."""
+        end = self._end
+        seq = end.size
+        failure = self._outage.failure
+        record: dict[str, Any] = {"type": "audit.failure", **_APPLIANCE, "outcome": "failure",
+                                  "error": damage.message, "damage": damage.found, "refused": self._outage.refused,
+                                  "since": failure.since if failure else self._clock.now(), "seq": seq,
+                                  "time": self._clock.now(), "run": self.run}
+        if failure is not None and failure.lost is not None:
+            record["lost"] = {"from": failure.lost[0], "to": failure.lost[1]}
+        try:
+            end.next_segment()
+            end.append(canonical.dumps(record))
+            os.fsync(end.fd)
+            fsync_dir(end.segdir)
+        except (OSError, AuditError) as exc:
+            log.error("audit: could not record the damage in a new segment (%s): %s", segment_name(seq), exc)
+            return
+        log.error("audit: the damage is recorded as seq %d in %s", seq, end.path)
 
     def note_refused(self, count: int = 1) -> None:
         """The proxy refused ``count`` statements because the log could not take their records."""

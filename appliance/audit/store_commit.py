@@ -17,11 +17,19 @@ An ``fdatasync`` that fails may have lost what the kernel held: the segment and 
 are rolled back to the last durable point, the futures beyond it fail (their statements
 were never forwarded) and the :class:`Outage` remembers which seqs were lost, for the
 ``audit.failure`` record the next append writes first.
+
+Each round, and again just before a checkpoint is signed, the segment being written is
+checked (:meth:`~appliance.audit.store_segments.SegmentWriter.check`: one fstat, one stat).
+If it changed under the writer — cut, grown, replaced, removed — the log is *damaged*: it
+fails closed for good (every append refused, every waiting future failed, no checkpoint
+signed again, no rollback over it), and ``on_damage`` records what was found in a new
+segment if it can. Only an operator, after looking, starts it again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import threading
@@ -38,7 +46,7 @@ from appliance.audit import merkle
 from appliance.audit.keys import fsync_dir
 from appliance.audit.store_checkpoints import Checkpointer
 from appliance.audit.store_errors import AuditUnavailable
-from appliance.audit.store_segments import SegmentWriter, Snapshot
+from appliance.audit.store_segments import Damage, SegmentWriter, Snapshot
 
 if TYPE_CHECKING:
     import asyncio
@@ -99,6 +107,8 @@ class GroupCommit:
         self.durable_size = 0
         self._epoch = 0  # bumped by every rollback: a future of an older epoch was rolled back
         self.broken: str | None = None  # a rollback after a failed sync that is not complete yet
+        self.damaged: str | None = None  # the segment changed under the writer: refused for good
+        self.on_damage: Callable[[Damage], None] | None = None  # under the lock: record it if possible
         self._repair_at = 0.0
         # the thread
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -253,11 +263,56 @@ class GroupCommit:
     def sync_snapshot(self) -> Snapshot:
         """Under ``commit_lock``: make everything written so far durable; the position synced.
         AuditUnavailable if the sync failed (and the log was rolled back)."""
-        snap = self._end.snapshot()
+        snap = self._checked_snapshot()
+        if snap is None:
+            raise AuditUnavailable(self.damaged or "the audit log is damaged", errno.EIO)
         if not self.sync(snap):
             failure = self._outage.failure
             raise AuditUnavailable(failure.error if failure else "the audit log could not be synced")
+        if not self.intact():
+            raise AuditUnavailable(self.damaged or "the audit log is damaged", errno.EIO)
         return snap
+
+    # --- the segment changing under the writer ---------------------------------------------------
+
+    def _checked_snapshot(self) -> Snapshot | None:
+        """The position now, if the segment is intact; None once it is damaged."""
+        with self._lock:
+            if self.damaged is None:
+                damage = self._end.check()
+                if damage is None:
+                    return self._end.snapshot()
+                self._damage(damage)
+        return None
+
+    def intact(self) -> bool:
+        """Check the segment again (before signing a checkpoint); False once damaged."""
+        with self._lock:
+            if self.damaged is None:
+                damage = self._end.check()
+                if damage is None:
+                    return True
+                self._damage(damage)
+        return False
+
+    def _damage(self, damage: Damage) -> None:
+        """Under the lock: fail closed for good, fail the waiting, record it if possible."""
+        message = damage.message
+        end = self._end
+        lost = (self.durable_size, end.size - 1) if end.size > self.durable_size else None
+        self.damaged = self.broken = message
+        self._repair_at = float("inf")
+        self._outage.note(message, lost)
+        epoch = self._epoch
+        self._epoch += 1
+        log.critical("audit: %s — the log refuses every record from now on and signs no checkpoint; "
+                     "look at the segment, then start the proxy again", message)
+        if self.on_damage is not None:
+            try:
+                self.on_damage(damage)
+            except Exception:  # recording it is best effort: the log is refused either way
+                log.exception("audit: could not record the damage")
+        self._tell_loop(self._fail_waiters, epoch, message, errno.EIO)
 
     def _sync_failed(self, snap: Snapshot, exc: OSError) -> None:
         """An fsync failed: the kernel may have dropped what it held. Roll the log back to
@@ -282,6 +337,8 @@ class GroupCommit:
 
     def repair_if_broken(self) -> None:
         """Under ``commit_lock``: finish a rollback still pending; AuditUnavailable if it can't be."""
+        if self.damaged is not None:
+            raise AuditUnavailable(self.damaged, errno.EIO)
         if self.broken is not None and not self._try_repair():
             raise AuditUnavailable(self.broken or "the audit log is being rolled back")
 
@@ -352,16 +409,18 @@ class GroupCommit:
         return checkpoints.due(now, size)
 
     def _deadline(self, now: float) -> float:
+        if self.damaged is not None:
+            return now + 3600.0  # nothing to do any more but stop
         if self.broken is not None:
             return self._repair_at
         return self._checkpoints.deadline()
 
     def _round(self) -> None:
         """Under commit_lock: sync what is written; sign a checkpoint if one is due."""
-        if self.broken is not None and not self._try_repair():
+        if self.damaged is not None or (self.broken is not None and not self._try_repair()):
             return
-        snap = self._end.snapshot()
-        if not self.sync(snap):
+        snap = self._checked_snapshot()
+        if snap is None or not self.sync(snap):
             return
-        if self._checkpoints.due(time.monotonic(), snap.size):
+        if self._checkpoints.due(time.monotonic(), snap.size) and self.intact():
             self._checkpoints.sign(snap)

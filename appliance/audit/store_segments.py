@@ -4,7 +4,10 @@ Records live in ``dir/segments/NNNNNNNNNNNN.jsonl``, each file named by the seq 
 first line. :class:`SegmentWriter` is where the log ends (the current segment's file and
 offset, the record count, the Merkle tree's compact range): it appends lines, starts the
 next segment when one is full, hands out :class:`Snapshot`\\ s for a sync to make durable,
-and rolls back to one after a sync failed. The functions below read segments back:
+and rolls back to one after a sync failed. :meth:`SegmentWriter.check` says whether the
+segment being written is still the file it writes, as long as it wrote (segments are
+opened ``O_APPEND``, so a write after a truncation lands at the cut, not past a hole that
+would hide it). The functions below read segments back:
 rehashing them at recovery and finding their last complete line.
 """
 
@@ -61,6 +64,17 @@ class Snapshot:
     dir_dirty: bool = False
 
 
+@dataclass(slots=True)
+class Damage:
+    """The segment being written changed under the writer: what was found."""
+
+    message: str
+    found: dict[str, object]
+
+
+_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+
+
 class SegmentWriter:
     """The end of the log. Every method but :meth:`snapshot` expects ``lock`` held.
 
@@ -95,7 +109,7 @@ class SegmentWriter:
         """Continue the log in segment ``seg_start`` (created if new) after ``size`` records
         whose tree is ``tree``; the position reached, durable."""
         path = self.segdir / segment_name(seg_start)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, _FLAGS, 0o600)
         os.fsync(fd)  # what a killed writer left in the page cache is durable from here
         fsync_dir(self.segdir)
         self.fd, self.seg_start, self.offset = fd, seg_start, os.fstat(fd).st_size
@@ -132,13 +146,39 @@ class SegmentWriter:
         """Start the segment named by the next seq. OSError if it can't be created;
         AuditError if a file of that name already holds data."""
         path = self.segdir / segment_name(self.size)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, _FLAGS, 0o600)
         if os.fstat(fd).st_size:
             os.close(fd)
             raise AuditError(f"{path}: a new segment already holds data")
         self.retired.append(self.fd)
         self.fd, self.seg_start, self.offset = fd, self.size, 0
         self.dir_dirty = True
+
+    def check(self) -> Damage | None:
+        """Under the lock: is the segment being written still the file at its path (same
+        inode), exactly as long as what was written to it? One fstat and one stat: done per
+        sync round and before a checkpoint is signed, never per record."""
+        fd = self.fd
+        if fd == -1 or self.tail_dirty:  # no file, or a failed write not cut yet: nothing to compare
+            return None
+        path = self.path
+        st = os.fstat(fd)
+        found: dict[str, object] = {"segment": path.name, "first_seq": self.seg_start, "records_written": self.size,
+                                    "bytes_written": self.offset, "bytes_found": st.st_size, "inode": st.st_ino}
+        try:
+            at_path = os.stat(path)
+        except FileNotFoundError:
+            found["path_inode"] = None
+            return Damage(f"{path} was removed while it was being written", found)
+        found["path_inode"] = at_path.st_ino
+        if (at_path.st_ino, at_path.st_dev) != (st.st_ino, st.st_dev):
+            return Damage(f"{path} was replaced while it was being written (the writer's file is inode "
+                          f"{st.st_ino}, the path names inode {at_path.st_ino})", found)
+        if st.st_size != self.offset:
+            how = "cut to" if st.st_size < self.offset else "grown to"
+            return Damage(f"{path} was {how} {st.st_size} bytes while it was being written "
+                          f"({self.offset} bytes written, records {self.seg_start}–{self.size - 1})", found)
+        return None
 
     def snapshot(self) -> Snapshot:
         """The position now, with the segments retired and the directory change since the
@@ -161,7 +201,7 @@ class SegmentWriter:
             if start > to.seg_start:
                 path.unlink()
         path = self.segdir / segment_name(to.seg_start)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, _FLAGS, 0o600)
         self.fd = fd
         os.ftruncate(fd, to.offset)
         os.fsync(fd)
