@@ -88,6 +88,7 @@ class SignedParts:
         self.manifest: Manifest | None = None
         self.origin: str | None = None
         self.log_size = 0
+        self.signed_size = 0  # the largest size a valid signed checkpoint covers
         self.checkpoints: list[CheckedCheckpoint] = []
         self.gaps: list[ProofGap] = []
         self.offbox_wanted: dict[int, list[OffboxCheckpoint]] = {}
@@ -238,6 +239,9 @@ class SignedParts:
         if not self.checkpoints:
             self.fail("checkpoint", CHECKPOINTS, "no checkpoints: nothing ties the records to a signed tree head")
         self.log_size = max(last, 0)
+        # Records at or beyond this size are covered by no validly signed checkpoint: the walk
+        # names each of them (a root mismatch is named by the walk, at the checkpoint).
+        self.signed_size = max((c.size for c in self.checkpoints if c.valid), default=0)
         if self.manifest is not None and self.manifest.log_size != self.log_size:
             self.fail("manifest", MANIFEST,
                       f"log-size {self.manifest.log_size} is not the last checkpoint's size {self.log_size}")

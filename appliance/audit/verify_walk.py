@@ -4,7 +4,9 @@ Each position's leaf hash comes from a record (checked: canonical JSON, 10.2.2 f
 clear PAN, its leaf hash the ``.leaves`` entry there) or from a proof gap's tree nodes, and
 extends one compact range: at every checkpoint size (and off-box checkpoint size) the root
 is compared with the signed one. Whatever is out of place — records inserted, deleted,
-swapped, altered, truncated, files missing — is named by file, line and seq.
+swapped, altered, truncated, files missing — is named by file, line and seq; so is every
+record at or beyond the last validly signed checkpoint's size (``covered``), which nothing
+signed vouches for (a record forged onto the end of a bundle).
 
 Blocks of records that pass every check (worked out ahead by a
 :class:`~appliance.audit.verify_workers.BlockChecker`) and sit where the walk expects them
@@ -61,6 +63,7 @@ class RecordWalk:
         self.block_bytes = block_bytes
         self.block_check = block_check
         self.log_size = signed.log_size
+        self.covered = signed.signed_size
         self.gaps = signed.gaps
         # Events: checkpoint sizes and off-box sizes, checked when the walk's range ends there.
         events: dict[int, list[Event]] = {}
@@ -73,6 +76,8 @@ class RecordWalk:
         self.event_i = 0
         self.cr: CompactRange | None = CompactRange()  # None once a position's hash is unknown
         self.broken_at: int | None = None
+        self.matched = 0  # the largest checkpoint size whose root matched, before any mismatch
+        self.mismatch: tuple[int, int] | None = None  # (last matching size, first mismatching size)
         self.unchecked: list[Event] = []
         self.p = 0  # the position the walk is at
         self.gap_i = 0
@@ -146,9 +151,11 @@ class RecordWalk:
                     if item.root == root:
                         if item.valid:
                             self.report.checkpoints_valid += 1
+                            if self.mismatch is None:
+                                self.matched = size
                     else:
                         self.fail("checkpoint", item.where, "root does not match the records and proofs "
-                                  f"(computed {base64.b64encode(root).decode()})")
+                                  f"(computed {base64.b64encode(root).decode()}){self._window(size)}")
                 else:
                     if item.cp.root == root:
                         self.report.offbox_valid += 1
@@ -158,6 +165,20 @@ class RecordWalk:
         if self.progress is not None and p >= self.progress_next:
             self.progress(p, self.log_size)
             self.progress_next = p + PROGRESS_EVERY
+
+    def _window(self, size: int) -> str:
+        """Where a root mismatch at ``size`` narrows the damage to: after the last checkpoint
+        whose root matched, up to this one. (Records whose leaf hash differs from their
+        ``.leaves`` entry are named one by one; this is what is left when the entries were
+        rewritten to match: only the signed roots show it.)"""
+        if self.mismatch is None:
+            self.mismatch = (self.matched, size)
+            first = (f"; the checkpoint of size {self.matched} matches" if self.matched
+                     else "")
+            return (f": a record among seq {self.matched}–{size - 1} is not what was signed "
+                    f"(altered, inserted or removed, its .leaves entry rewritten to match){first}")
+        a, b = self.mismatch
+        return f": follows from the mismatch among seq {a}–{b - 1}"
 
     def _report_unchecked(self) -> None:
         cps = [i for i in self.unchecked if isinstance(i, CheckedCheckpoint)]
@@ -274,8 +295,11 @@ class RecordWalk:
             if seq is not None:
                 where = f"{where} seq {seq}"
             if p >= end:
-                fail("record", where, f"unexpected record: {jname} should end before seq {end}"
-                     " (inserted, or the proofs claim it was left out)")
+                if seq is not None and seq >= self.covered:
+                    self._beyond(f"{jname} line {lineno}", seq)
+                else:
+                    fail("record", where, f"unexpected record: {jname} should end before seq {end}"
+                         " (inserted, or the proofs claim it was left out)")
                 report.records_total += 1
                 continue
             if seq is None:
@@ -290,6 +314,9 @@ class RecordWalk:
             if seq == p:
                 expected = leaves.next()
                 h = sha(zero + line).digest()
+                if p >= self.covered:
+                    self._beyond(f"{jname} line {lineno}", p)
+                    ok = False
                 if expected is None:
                     fail("record", where, f"no entry for it in {lname}")
                     ok = False
@@ -348,6 +375,9 @@ class RecordWalk:
             if expected is not None and expected != h:
                 fail("record", where, f"record altered: its leaf hash differs from {lname} entry {leaves.count}")
                 ok = False
+            if seq >= self.covered:
+                self._beyond(f"{jname} line {lineno}", seq)
+                ok = False
             report.records_total += 1
             if ok:
                 report.records_valid += 1
@@ -385,7 +415,9 @@ class RecordWalk:
         taken = 0
         while taken < n and seqs[taken] == self.p:
             p = self.p
-            m = min(n - taken, self._next_stop(end) - p)  # up to the next gap or the file's end
+            # up to the next gap, the file's end or the last signed checkpoint (records
+            # beyond it are named one by one)
+            m = min(n - taken, self._next_stop(min(end, self.covered)) - p)
             if m <= 0:
                 break
             if type(seqs) is not range:
@@ -426,6 +458,10 @@ class RecordWalk:
         if self.progress is not None and p >= self.progress_next:
             self.progress(p, self.log_size)
             self.progress_next = p + PROGRESS_EVERY
+
+    def _beyond(self, where: str, seq: int) -> None:
+        self.fail("record", where, f"seq {seq} is beyond the last signed checkpoint (size {self.covered}): "
+                                   "no signed tree head covers it")
 
     def _is_expected(self, seq: int, end: int) -> bool:
         """Is ``seq`` a record position of the current file (not in a gap, before ``end``)?"""

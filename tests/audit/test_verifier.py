@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from appliance.audit import canonical
 from appliance.audit.bundle_layout import ManifestFile, make_manifest, parse_manifest
 from appliance.audit.merkle import leaf_hash
+from appliance.audit.merkle import root_of as merkle_root
 from appliance.audit.note import SigningKey, make_checkpoint, sign_note, split_note
 from appliance.audit.verifier import main, verify_bundle
 from appliance.audit.verify_pan import find_clear_pans, flagged_lines, line_may_hold_pan
@@ -176,9 +177,30 @@ def test_record_edited_and_leaves_rewritten_by_insider(bundle_dir: Path, log: Lo
     (bundle_dir / "records/000000000000.leaves").write_bytes(bytes(leaves))
     resign(bundle_dir, log.new)
     report = verify(bundle_dir, log)
-    assert has(report, r"^checkpoint: checkpoint size 37 \(checkpoints.jsonl line 1\): root does not match the records")
+    assert has(report, r"^checkpoint: checkpoint size 37 \(checkpoints.jsonl line 1\): root does not match the records"
+                       r" and proofs \(computed \S+\): a record among seq 0–36 is not what was signed \(altered, "
+                       r"inserted or removed, its .leaves entry rewritten to match\)$")
+    assert has(report, r"^checkpoint: checkpoint size 74 \(checkpoints.jsonl line 2\): root does not match .*: "
+                       r"follows from the mismatch among seq 0–36$")
     assert report.checkpoints_valid == 0  # every checkpoint covers seq 10
     assert report.records_valid == 300  # each record matches its (rewritten) .leaves entry
+
+
+def test_rewritten_leaves_narrowed_to_the_window_between_checkpoints(bundle_dir: Path, log: Log) -> None:
+    # The same insider edit at seq 100: the checkpoints of sizes 37 and 74 still match, so
+    # the damage is after 74 and before 111, the first that doesn't.
+    path = bundle_dir / "records/000000000100.jsonl"
+    lines = lines_of(path)
+    lines[0] = lines[0].replace(b'"user":"agent-', b'"user":"agent-x')
+    write_lines(path, lines)
+    leaves = bytearray((bundle_dir / "records/000000000100.leaves").read_bytes())
+    leaves[0:32] = leaf_hash(lines[0])
+    (bundle_dir / "records/000000000100.leaves").write_bytes(bytes(leaves))
+    resign(bundle_dir, log.new)
+    report = verify(bundle_dir, log)
+    assert has(report, r"^checkpoint: checkpoint size 111 \(checkpoints.jsonl line 3\): root does not match .*: "
+                       r"a record among seq 74–110 is not what was signed .*; the checkpoint of size 74 matches$")
+    assert report.checkpoints_valid == 2
 
 
 def test_record_inserted(bundle_dir: Path, log: Log) -> None:
@@ -222,6 +244,60 @@ def test_segment_truncated(bundle_dir: Path, log: Log) -> None:
     assert has(report, rf"^record: {SEG2} line 51: partial last line \(25 bytes, no newline\): the file was truncated$")
     assert has(report, rf"^record: {SEG2}: seq 250–299 missing: {SEG2} ends after line 50 \(truncated\?\)")
     assert report.records_valid == 250
+
+
+# --- records beyond the last signed checkpoint (issue 13, item 3) ---------------------------------
+
+
+def _forge_tail(d: Path, log: Log, n: int = 1) -> list[bytes]:
+    """An insider appends ``n`` forged records to the last records file, with their .leaves
+    entries: what the bundle holds past its last checkpoint (size 300)."""
+    lines = lines_of(d / SEG2)
+    forged = []
+    for i in range(n):
+        rec = canonical.loads(lines[-1])
+        rec.update(seq=300 + i, user="nobody", object=f"forged-{i}")
+        forged.append(canonical.dumps(rec))
+    write_lines(d / SEG2, lines + forged)
+    leaves = d / "records/000000000200.leaves"
+    leaves.write_bytes(leaves.read_bytes() + b"".join(leaf_hash(x) for x in forged))
+    return forged
+
+
+def test_forged_record_beyond_the_last_checkpoint(bundle_dir: Path, log: Log) -> None:
+    # The insider re-signs the manifest with the on-box key, claiming the bundle is 301 long.
+    _forge_tail(bundle_dir, log)
+    resign(bundle_dir, log.new, log_size=301)
+    report = verify(bundle_dir, log)
+    assert has(report, rf"^record: {SEG2} line 101: seq 300 is beyond the last signed checkpoint \(size 300\): "
+                       r"no signed tree head covers it$")
+    assert has(report, r"^manifest: manifest.note: log-size 301 is not the last checkpoint's size 300$")
+    assert report.records_valid == 300 and report.records_total == 301
+    assert report.checkpoints_valid == report.checkpoints_total
+
+
+def test_every_uncovered_record_is_named_without_a_resigned_manifest(bundle_dir: Path, log: Log) -> None:
+    _forge_tail(bundle_dir, log, n=3)
+    report = verify(bundle_dir, log)
+    for i in range(3):
+        assert has(report, rf"^record: {SEG2} line {101 + i}: seq {300 + i} is beyond the last signed checkpoint "
+                           r"\(size 300\)")
+    assert report.records_valid == 300
+
+
+def test_a_checkpoint_forged_over_a_forged_record_covers_nothing(bundle_dir: Path, log: Log) -> None:
+    # A checkpoint of size 301 signed with a key the trust file doesn't know: the record is
+    # still beyond the last *signed* checkpoint.
+    forged = _forge_tail(bundle_dir, log)
+    stranger = SigningKey.generate(ORIGIN)
+    text = make_checkpoint(ORIGIN, 301, merkle_root([*log.hashes, leaf_hash(forged[0])]), log.checkpoints[-1]["time"])
+    path = bundle_dir / "checkpoints.jsonl"
+    write_lines(path, [*lines_of(path), canonical.dumps({"note": sign_note(text, stranger), "size": 301,
+                                                         "time": log.checkpoints[-1]["time"]})])
+    resign(bundle_dir, log.new, log_size=301)
+    report = verify(bundle_dir, log)
+    assert has(report, rf"^record: {SEG2} line 101: seq 300 is beyond the last signed checkpoint \(size 300\)")
+    assert has(report, rf"^checkpoint: checkpoint size 301 \(checkpoints.jsonl line \d+\): unknown key {ORIGIN}\+")
 
 
 def _offbox_dir(log: Log, where: Path) -> Path:
@@ -617,6 +693,7 @@ TAMPER = {
     "truncated": _truncate,
     ".leaves damaged": _leaves_damaged,
     "PAN signed": _signed_pan,
+    "appended beyond the last checkpoint": lambda d, log: _forge_tail(d, log, 2),
 }
 
 
