@@ -12,6 +12,11 @@ a verdict the session layer understands:
   parameters it runs with (and approve one execution, not a statement shape forever);
   SQL-level ``PREPARE`` likewise defers to its ``EXECUTE``. A live time-boxed grant for
   this identity, target and statement shape lets the statement through without asking.
+- a session whose server reports a setting Tollgate pins at another value
+  (:mod:`appliance.policy.pins`: ``standard_conforming_strings`` off, a client encoding
+  whose bytes the server would read differently) → every statement and execution is
+  refused (:class:`Reject`, 42501) until the server reports it back, except the plain
+  ``SET``/``RESET`` that puts it back.
 - ``allow`` / ``mask`` → forwarded; the decision stays on the statement, where masking
   reads the columns to mask. If those columns' OIDs aren't known yet for this database,
   the statement waits (a hold of its own) for the catalog lookup.
@@ -22,12 +27,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.model.decision import Action, Decision, StatementClass
 from appliance.pgwire.params import bind_params
 from appliance.policy.holder import PolicyHolder
+from appliance.policy.pins import session_problem
 from appliance.proxy.hooks import Addon, Hold, Reject, SessionInfo, Statement, StatementKind, Verdict
 
 if TYPE_CHECKING:
@@ -36,6 +43,13 @@ if TYPE_CHECKING:
 log = logging.getLogger("tollgate.enforcement")
 
 BLOCKED_SQLSTATE = "42501"  # insufficient_privilege, as the server says for a missing GRANT
+
+# What a session whose pinned settings are off may still send: putting them back. Plain
+# ASCII with no quote inside a literal or backslash, so it lexes alike whatever the settings.
+_PUT_BACK = re.compile(
+    r"\s*(?:set\s+(?:session\s+)?(?:standard_conforming_strings\s*(?:=|to)\s*'?(?:on|true)'?"
+    r"|client_encoding\s*(?:=|to)\s*'?(?:utf8|utf-8|sql_ascii)'?|names\s+'?(?:utf8|utf-8|sql_ascii)'?)"
+    r"|reset\s+(?:standard_conforming_strings|client_encoding))\s*;?\s*", re.IGNORECASE | re.ASCII)
 
 
 class PolicySource(Protocol):
@@ -117,6 +131,9 @@ class EnforcementAddon(Addon):
     # ---- hooks -------------------------------------------------------------------------
 
     def statement(self, session: SessionInfo, statement: Statement) -> Verdict:
+        pinned = _pinned(session, statement)
+        if pinned is not None:
+            return pinned
         policy = self.policy.current
         target = session.target.name if session.target is not None else ""
         groups = _groups(session)
@@ -147,6 +164,9 @@ class EnforcementAddon(Addon):
         return self._catalog_wait(session, decision)
 
     def execute(self, session: SessionInfo, statement: Statement, bind: bytes | None) -> Verdict:
+        pinned = _pinned(session, statement)
+        if pinned is not None:
+            return pinned
         decision = statement.deferred
         if decision is None or decision.action is not Action.HOLD:
             return None
@@ -220,6 +240,19 @@ class EnforcementAddon(Addon):
             await asyncio.shield(lookup)
             return None
         return Hold(looked_up(), "looking up the masked columns")
+
+
+def _pinned(session: SessionInfo, statement: Statement) -> Reject | None:
+    """A refusal while the server reports a pinned setting at another value (see pins)."""
+    parameters = session.parameters
+    if parameters.get("standard_conforming_strings", "on") == "on" and \
+            parameters.get("client_encoding", "UTF8") in ("UTF8", "SQL_ASCII"):
+        return None  # the server's own spelling of the allowed values: the usual case, two lookups
+    problem = session_problem(parameters)
+    if problem is None or (statement.kind is not StatementKind.FUNCTION_CALL and _PUT_BACK.fullmatch(statement.text)):
+        return None
+    return Reject(BLOCKED_SQLSTATE, problem, hint="SET standard_conforming_strings = on (or client_encoding = "
+                  "'UTF8') puts it back.")
 
 
 def _groups(session: SessionInfo) -> frozenset[str]:

@@ -10,7 +10,11 @@ Design points:
 
 - **Fail closed.** Anything the parser rejects, and any surprise in walking its tree,
   yields a single UNPARSABLE classification — never an exception — and the policy blocks
-  UNPARSABLE unless a rule explicitly allows it.
+  UNPARSABLE unless a rule explicitly allows it. Only a syntax error from the parser
+  (command ``UNPARSABLE``) can be allowed that way: text that isn't what the server would
+  parse (a NUL, invalid UTF-8), that is nested too deeply to walk, that surprised the
+  walk, or that would change a setting Tollgate pins (:mod:`appliance.policy.pins`) is
+  REFUSED (command ``REFUSED``), which no rule can allow.
 - **Supersets, never guesses.** Where the SQL alone can't say which table a column
   belongs to, every table it could belong to is named (``t.col`` for each candidate), or
   ``?.col`` when nothing in the SQL tells. A trailing ``*`` part means "every column" (or,
@@ -51,6 +55,7 @@ from appliance.model.decision import StatementClass as C
 from appliance.policy.classify_names import Scope
 from appliance.policy.classify_statements import Walker
 from appliance.policy.classify_tree import unwrap
+from appliance.policy.pins import statement_problem
 
 CACHE_SIZE = 4096
 # Longer statements (bulk INSERTs with literal values) are classified every time: they are
@@ -70,9 +75,25 @@ def _unparsable(sql: str, error: str) -> tuple[Classification, ...]:
     return (Classification(frozenset({C.UNPARSABLE}), command="UNPARSABLE", text=sql, error=error),)
 
 
+REFUSED = "REFUSED"
+
+
+def _refused(sql: str, error: str) -> tuple[Classification, ...]:
+    """Text the policy must never let through, whatever its rules say (see the module doc)."""
+    return (Classification(frozenset({C.UNPARSABLE}), command=REFUSED, text=sql, error=error),)
+
+
+class _Refused(Exception):
+    pass
+
+
 def _parse_and_walk(sql: str) -> tuple[Classification, ...]:
     """Parse ``sql`` and walk each statement; raises on any surprise (the caller fails closed)."""
-    tree = json.loads(parse_sql_json(sql))
+    tree_json = parse_sql_json(sql)
+    tree = json.loads(tree_json)
+    problem = statement_problem(tree_json, tree)
+    if problem is not None:
+        raise _Refused(problem)
     stmts = tree.get("stmts") or []
     if not stmts:
         return (Classification(frozenset({C.EMPTY}), text=sql),)
@@ -101,7 +122,7 @@ def classify_uncached(sql: str) -> tuple[Classification, ...]:
     try:
         if "\x00" in sql:
             # The server reads a Query as a C string; text after a NUL is not what it runs.
-            return _unparsable(sql, "the statement contains a NUL character")
+            return _refused(sql, "the statement contains a NUL character")
         try:
             return _parse_and_walk(sql)
         except RecursionError:
@@ -114,12 +135,14 @@ def classify_uncached(sql: str) -> tuple[Classification, ...]:
                 return _parse_and_walk(sql)
             finally:
                 sys.setrecursionlimit(old)
+    except _Refused as exc:
+        return _refused(sql, str(exc))
     except ParseError as exc:
         return _unparsable(sql, str(exc))
     except RecursionError:
-        return _unparsable(sql, "the statement is nested too deeply to classify")
+        return _refused(sql, "the statement is nested too deeply to classify")
     except Exception as exc:  # noqa: BLE001 -- fail closed: a classifier surprise must not let SQL through
-        return _unparsable(sql, f"could not classify the statement ({type(exc).__name__}: {exc})")
+        return _refused(sql, f"could not classify the statement ({type(exc).__name__}: {exc})")
 
 
 _classify_cached = functools.lru_cache(maxsize=CACHE_SIZE)(classify_uncached)

@@ -16,7 +16,9 @@ Judging one statement — rules in file order, first match wins:
   resolve to (bare names in every schema of the policy's ``search_path``). A statement
   that needs anything the rule doesn't grant falls through to later rules.
 - UNPARSABLE statements are blocked (rule ``unparsable``) unless an allow/mask rule lists
-  class ``unparsable`` explicitly; a block/hold rule may still claim them first.
+  class ``unparsable`` explicitly; a block/hold rule may still claim them first. Those the
+  classifier REFUSED (a pinned setting changed, a NUL, invalid UTF-8, too deep to walk)
+  are blocked by the built-in rule ``refused`` before any rule is consulted.
 - Nothing matched: the policy's default (``deny`` unless the file says ``allow``).
 
 A listed dimension the statement has nothing of is covered vacuously: ``SELECT 1`` or
@@ -50,7 +52,7 @@ from appliance.model.decision import (
     MaskMethod,
     StatementClass,
 )
-from appliance.policy.classifier import CACHE_MAX_CHARS, CACHE_SIZE, classify
+from appliance.policy.classifier import CACHE_MAX_CHARS, CACHE_SIZE, REFUSED, classify
 from appliance.policy.patterns import Kind, Pattern, covers, hits
 from appliance.policy.rules import PolicyError, Rule, RuleSet, load_rules, parse_rules
 from appliance.policy.shape import shape
@@ -188,6 +190,8 @@ class Policy:
         group_set = groups if isinstance(groups, frozenset) else frozenset(groups)
         rules = self._applicable(group_set, target)
         unparsable = StatementClass.UNPARSABLE in classes
+        if unparsable and statement.command == REFUSED:
+            return Verdict(Action.BLOCK, "refused", None, f"Tollgate refuses this statement: {statement.error}")
         for rule in rules:
             if rule.action in (Action.ALLOW, Action.MASK):
                 if unparsable and (rule.classes is None or StatementClass.UNPARSABLE not in rule.classes):

@@ -57,7 +57,7 @@ from appliance.policy.patterns import Pattern, PatternError, compile_pattern, sp
 
 DEFAULT_MESSAGE = "no policy rule allows this statement"
 DEFAULT_SEARCH_PATH = ("public",)
-RESERVED_RULE_NAMES = frozenset({"default", "unparsable", "empty"})
+RESERVED_RULE_NAMES = frozenset({"default", "unparsable", "refused", "empty"})
 MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 24 * 3600.0
 
 TOP_KEYS = ("default", "default_message", "search_path", "rule")

@@ -268,11 +268,16 @@ def test_reset_all_and_discard_all_change_role_too() -> None:
     "select set_config('role', 'admin', false)",
     "select pg_catalog.set_config('ROLE', 'admin', true)",
     "select set_config('session_authorization', 'bob', false)",
-    "select * from t where set_config(t.name, 'x', false) is not null",  # can't tell: fail closed
     "select 1 from t where exists (select set_config('role', 'x', false))",
 ])
 def test_set_config_role_is_a_role_change(sql: str) -> None:
     assert C.ROLE_CHANGE in classes(sql)
+
+
+def test_set_config_of_a_setting_named_by_an_expression_is_refused() -> None:
+    # It could be role, or a setting Tollgate pins (tests/policy/test_pins.py): fail closed.
+    [c] = classify("select * from t where set_config(t.name, 'x', false) is not null")
+    assert c.command == "REFUSED" and C.UNPARSABLE in c.classes
 
 
 def test_set_config_of_an_ordinary_setting_is_not() -> None:

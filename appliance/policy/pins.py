@@ -1,0 +1,176 @@
+"""Settings Tollgate pins, so that the classifier and the server read SQL the same way.
+
+The classifier parses every statement with libpg_query (pglast) under PostgreSQL's
+defaults. Two settings change how the *server* splits a string into tokens:
+
+- ``standard_conforming_strings``: when off, a backslash in an ordinary ``'…'`` literal is
+  an escape, so ``select '\\''; update …; -- '`` is one SELECT to pglast and an UPDATE to
+  the server. With it on, a backslash is an escape only inside ``E'…'`` strings, which
+  pglast lexes exactly as the server does. (``backslash_quote`` only decides whether
+  ``\\'`` inside an escape string is an *error*; it never changes where a token ends, so a
+  difference there makes the server refuse what pglast accepted — nothing runs.)
+- ``client_encoding``: the server converts the client's bytes to its own encoding before
+  lexing. Tollgate reads them as UTF-8. In SJIS, BIG5, GBK, UHC, JOHAB and GB18030 an
+  ASCII byte — a backslash — can be the second byte of a character, so ``E'ぁ\\'…`` ends
+  the literal for the server and not for pglast. UTF8 and SQL_ASCII (no conversion) read
+  the bytes as Tollgate does.
+
+Rather than lex with each session's settings, Tollgate keeps them at the values it lexes
+with: a statement that would change them is refused by the classifier (never allowable by
+a rule), and a session whose server reports another value (ParameterStatus, at login or
+later — a startup option, ``ALTER ROLE … SET``, a DO block) refuses every statement until
+it is back. docs/policy.md, "Keeping the classifier and the server in agreement".
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+# Values the server accepts for "on" (parse_bool: on, true, yes, 1 and unique prefixes).
+_ON = frozenset({"on", "true", "yes", "1", "t", "tr", "tru", "y", "ye"})
+# Encodings whose bytes the server lexes as Tollgate reads them (names cleaned as
+# PostgreSQL's clean_encoding_name does: lower case, alphanumerics only).
+_SAME_BYTES = frozenset({"utf8", "unicode", "sqlascii"})
+
+
+def _clean(value: str) -> str:
+    return value.strip().strip("'\"").strip().lower()
+
+
+def _scs_ok(value: str) -> bool:
+    return _clean(value) in _ON
+
+
+def _encoding_ok(value: str) -> bool:
+    return re.sub(r"[^0-9a-z]", "", _clean(value)) in _SAME_BYTES
+
+
+PINNED = {
+    "standard_conforming_strings": (_scs_ok, "on"),
+    "client_encoding": (_encoding_ok, "UTF8 or SQL_ASCII"),
+}
+
+# Text in libpg_query's JSON parse tree (lower-cased) that may mean a pinned setting is
+# being changed; a tree without any of these is not walked. Names appear decoded in the
+# JSON (U&"…" identifiers and E'…' strings included), and the JSON escapes only quotes,
+# backslashes and control characters.
+_MARKERS = ("conforming", "client_encoding", "set_config", "pg_settings")
+
+
+def value_problem(name: str, value: str) -> str | None:
+    """Why ``name = value`` is not allowed, or None (also None for settings not pinned)."""
+    pinned = PINNED.get(name.strip().lower())
+    if pinned is None:
+        return None
+    ok, wanted = pinned
+    if ok(value):
+        return None
+    return (f"Tollgate keeps {name.strip().lower()} = {wanted} so that it reads SQL exactly as the database "
+            f"does; {value!r} is refused")
+
+
+def session_problem(parameters: Mapping[str, str]) -> str | None:
+    """Why a session whose server reports ``parameters`` must refuse statements, or None."""
+    for name in PINNED:
+        value = parameters.get(name)
+        if value is not None and value_problem(name, value) is not None:
+            return (f"the database reports {name} = {value}, which Tollgate does not allow (it must be "
+                    f"{PINNED[name][1]} for statements to be judged as the database runs them); every statement "
+                    "is refused until it is set back")
+    return None
+
+
+def statement_problem(tree_json: str, tree: Any) -> str | None:
+    """Why a parsed request would change a pinned setting, or None.
+
+    ``tree_json`` is libpg_query's JSON text (a cheap pre-check), ``tree`` the decoded tree.
+    Refused: ``SET [LOCAL|SESSION]`` / ``ALTER ROLE|DATABASE|SYSTEM … SET`` / a function's
+    ``SET`` clause of a pinned setting to another value (RESET and DEFAULT go back to the
+    value checked at login), ``set_config`` of a pinned setting to anything but a literal
+    allowed value or with a setting name that isn't a literal, and any UPDATE of
+    ``pg_settings`` (whose rule calls set_config).
+    """
+    lowered = tree_json.lower()
+    if not any(marker in lowered for marker in _MARKERS):
+        return None
+    for node in _dicts(tree):
+        kind = node.get("kind")
+        if isinstance(kind, str) and kind.startswith("VAR_") and isinstance(node.get("name"), str):
+            problem = _set_problem(node)
+        elif "funcname" in node:
+            problem = _set_config_problem(node)
+        elif isinstance(node.get("UpdateStmt"), dict):
+            problem = _pg_settings_problem(node["UpdateStmt"])
+        else:
+            continue
+        if problem is not None:
+            return problem
+    return None
+
+
+def _dicts(tree: Any) -> Iterator[dict[str, Any]]:
+    stack = [tree]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            yield item
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _constant(node: Any) -> str | None:
+    """The text of a literal A_Const node (as the server would read it as a setting), else None."""
+    if not isinstance(node, dict):
+        return None
+    const = node.get("A_Const")
+    if not isinstance(const, dict):
+        return None
+    if "sval" in const:
+        return str(const["sval"].get("sval", ""))
+    if "ival" in const:
+        return str(const["ival"].get("ival", 0))
+    if "fval" in const:
+        return str(const["fval"].get("fval", ""))
+    if "boolval" in const:
+        return "true" if const["boolval"].get("boolval") else "false"
+    return None
+
+
+def _set_problem(node: dict[str, Any]) -> str | None:
+    name = node["name"]
+    if name.strip().lower() not in PINNED:
+        return None
+    if node["kind"] != "VAR_SET_VALUE":
+        return None  # RESET, DEFAULT, FROM CURRENT: the value the session had, checked at login
+    args = node.get("args") or []
+    value = _constant(args[0]) if len(args) == 1 else None
+    if value is None:
+        return f"Tollgate keeps {name.lower()} at {PINNED[name.strip().lower()][1]}; this SET is refused"
+    return value_problem(name, value)
+
+
+def _set_config_problem(node: dict[str, Any]) -> str | None:
+    names = [part.get("String", {}).get("sval", "") for part in node.get("funcname") or () if isinstance(part, dict)]
+    if not names or names[-1].lower() != "set_config":
+        return None
+    args = node.get("args") or []
+    setting = _constant(args[0]) if args else None
+    if setting is None:
+        return ("set_config with a setting name that isn't a literal could change a setting Tollgate keeps "
+                "fixed; it is refused")
+    if setting.strip().lower() not in PINNED:
+        return None
+    value = _constant(args[1]) if len(args) > 1 else None
+    if value is None:
+        return f"set_config of {setting.strip().lower()} to a value that isn't a literal is refused"
+    return value_problem(setting, value)
+
+
+def _pg_settings_problem(body: dict[str, Any]) -> str | None:
+    relation = body.get("relation")
+    if isinstance(relation, dict) and str(relation.get("relname", "")).lower() == "pg_settings":
+        return "an UPDATE of pg_settings changes settings (its rule calls set_config); it is refused"
+    return None
