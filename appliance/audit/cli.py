@@ -356,8 +356,13 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"({summary.left_out:,} left out, proven by hashes), {summary.checkpoints} checkpoints, "
           f"{summary.bytes:,} bytes, {summary.seconds:.1f} s ({rate:,.0f} records/s)")
     print(f"sha256 {summary.sha256}")
-    print(f"recorded in the audit log as seq {summary.admin_seq} (via {summary.via})")
-    return EXIT_OK
+    if summary.admin_seq is not None:
+        print(f"recorded in the audit log as seq {summary.admin_seq} (via {summary.via})")
+    for warning in summary.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    # A bundle of a damaged log is written (what precedes the damage verifies) but the
+    # export did not cover the log: say so in the exit status too.
+    return EXIT_FAILED if summary.damaged is not None else EXIT_OK
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

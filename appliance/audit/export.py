@@ -12,6 +12,14 @@
    up to the fresh one.
 4. The export is itself recorded (an ``admin`` record, ``audit.export``), through the proxy
    (``audit.append``) or directly; a failed export is recorded as a failure.
+
+A *damaged* log — a segment cut or replaced under the writer, which then refuses every
+record and checkpoint — can't give a fresh checkpoint (nor, stopped, be opened as the
+writer). Export then ends the bundle at the last checkpoint the records on disk still
+match (:func:`last_sound_checkpoint`): ranges before the damage export and verify as
+ever, and the summary's warnings name the damage (the writer's ``audit.failure`` record
+when it could write one) and what the bundle leaves out. The export can't be recorded
+in a log that refuses records; a warning says so.
 """
 
 from __future__ import annotations
@@ -30,8 +38,9 @@ from typing import Any
 from appliance.audit import merkle
 from appliance.audit.bundle_writer import BundleWriter
 from appliance.audit.keys import KeyRing
-from appliance.audit.reader import AuditReader, field_pattern, parse, record_time
+from appliance.audit.reader import AuditReader, ReaderError, field_pattern, parse, record_time
 from appliance.audit.store import AuditLog
+from appliance.audit.store_checkpoints import checkpoint_root
 from appliance.audit.store_errors import AuditError
 from appliance.config import AuditConfig, Config, ConfigError
 
@@ -60,6 +69,7 @@ class ExportSummary:
     via: str  # "proxy" or "direct"
     admin_seq: int | None = None
     warnings: list[str] = field(default_factory=list)
+    damaged: str | None = None  # the log is damaged: the bundle ends before it (see last_sound_checkpoint)
 
 
 def record_stamp(when: datetime) -> str:
@@ -87,7 +97,9 @@ def cli_identity() -> tuple[str, str]:
 class LogAccess:
     """Checkpoints and admin records, through the proxy if it runs, else by opening the log."""
 
-    def __init__(self, config: Config, *, version: str = "cli"):
+    def __init__(self, config: Config, *, version: str = "cli", read_only_if_unusable: bool = False):
+        """``read_only_if_unusable``: if the log can't be opened as the writer (it is
+        damaged), read it without writing (``via`` "read-only": no checkpoint, no record)."""
         self.config = config
         audit = config.audit
         if audit is None:
@@ -95,6 +107,7 @@ class LogAccess:
         self.audit: AuditConfig = audit
         self.log: AuditLog | None = None
         self.via = "proxy"
+        self.unusable: str | None = None  # why the log can't be written (read-only access)
         if not self._proxy_answers():
             self.via = "direct"
             try:
@@ -104,6 +117,9 @@ class LogAccess:
                 if "in use by pid" in str(exc):
                     hint = (" — the proxy holds it, but its control socket can't be reached"
                             + ("" if config.proxy.control_socket else " (set proxy.control_socket)"))
+                elif read_only_if_unusable:
+                    self.via, self.unusable = "read-only", str(exc)
+                    return
                 raise ExportError(f"{exc}{hint}") from None
 
     def _proxy_answers(self) -> bool:
@@ -124,12 +140,19 @@ class LogAccess:
         return reply
 
     def checkpoint(self) -> dict[str, Any]:
+        if self.unusable is not None:
+            raise ExportError(f"the audit log can't be opened to sign a checkpoint: {self.unusable}")
         if self.log is not None:
-            return self.log.checkpoint_now()
+            try:
+                return self.log.checkpoint_now()
+            except AuditError as exc:
+                raise ExportError(f"the audit log refused to sign a checkpoint: {exc}") from None
         return self._ask({"op": "audit.checkpoint"})["checkpoint"]
 
     def append_admin(self, record: dict[str, Any]) -> int:
         record = {"type": "admin", **record}
+        if self.unusable is not None:
+            raise ExportError(f"the audit log can't be written: {self.unusable}")
         if self.log is not None:
             return self.log.append_durable(record)
         return int(self._ask({"op": "audit.append", "record": record})["seq"])
@@ -215,7 +238,7 @@ def export(config: Config, out: Path, frm: datetime | None = None, to: datetime 
     started = time.monotonic()
     select = Selection(frm, to, session)  # before anything is written: bad ranges fail early
     own = access is None
-    access = access or LogAccess(config)
+    access = access or LogAccess(config, read_only_if_unusable=True)
     user, origin = cli_identity()
     details: dict[str, Any] = {"from": select.frm, "to": select.to, "session": session, "out": str(out)}
     details = {k: v for k, v in details.items() if v is not None}
@@ -232,10 +255,16 @@ def export(config: Config, out: Path, frm: datetime | None = None, to: datetime 
             raise
         summary.via = access.via
         summary.seconds = time.monotonic() - started
-        summary.admin_seq = access.append_admin({
-            "action": "audit.export", "user": user, "outcome": "success", "origin": origin,
-            "object": "audit-log", **details, "records": summary.records, "log_size": summary.log_size,
-            "sha256": summary.sha256})
+        admin = {"action": "audit.export", "user": user, "outcome": "success", "origin": origin,
+                 "object": "audit-log", **details, "records": summary.records, "log_size": summary.log_size,
+                 "sha256": summary.sha256}
+        if summary.damaged is None:
+            summary.admin_seq = access.append_admin(admin)
+            return summary
+        try:  # a damaged log refuses records: the bundle stands, unrecorded, and says so
+            summary.admin_seq = access.append_admin(admin)
+        except (ExportError, AuditError) as exc:
+            summary.warnings.append(f"the export could not be recorded in the audit log: {exc}")
         return summary
     finally:
         if own:
@@ -244,9 +273,19 @@ def export(config: Config, out: Path, frm: datetime | None = None, to: datetime 
 
 def _write(audit: AuditConfig, out: Path, select: Selection, access: LogAccess,
            progress: Progress | None) -> ExportSummary:
-    fresh = access.checkpoint()
-    log_size = int(fresh["size"])
     reader = AuditReader(audit.dir)
+    damaged: str | None = None
+    try:
+        fresh = access.checkpoint()
+    except ExportError as exc:
+        sound = last_sound_checkpoint(reader)
+        if sound.checkpoint is None:
+            raise ExportError(f"{exc}; and no checkpoint of the log matches the records on disk") from None
+        fresh = sound.checkpoint
+        damaged = (f"{sound.damage or exc}; the bundle ends at the last checkpoint the records on disk still "
+                   f"match (size {fresh['size']}): records from seq {fresh['size']} on are not in it")
+        log.error("audit: export of a damaged log: %s", damaged)
+    log_size = int(fresh["size"])
     keyring = KeyRing.load(audit)
 
     first = None
@@ -281,8 +320,75 @@ def _write(audit: AuditConfig, out: Path, select: Selection, access: LogAccess,
         if writer.warnings:  # the log doesn't match its own checkpoints: no bundle
             raise ExportError(f"{audit.dir}: the log does not verify: " + "; ".join(writer.warnings[:5]))
         result = writer.close()
+    warnings = list(result.warnings)
+    if damaged is not None:
+        warnings.insert(0, f"the audit log is damaged: {damaged}")
     return ExportSummary(result.path, result.log_size, result.records, result.left_out, result.checkpoints,
-                         result.bytes, result.sha256, 0.0, access.via, warnings=list(result.warnings))
+                         result.bytes, result.sha256, 0.0, access.via, warnings=warnings, damaged=damaged)
+
+
+@dataclass
+class Sound:
+    checkpoint: dict[str, Any] | None  # the last checkpoint the records on disk match
+    damage: str | None  # what is wrong after it, as far as the log says
+
+
+def last_sound_checkpoint(reader: AuditReader) -> Sound:
+    """The last checkpoint whose root the records on disk still give, reading the log from
+    the start until it stops matching or can't be read on; and the damage past it — the
+    writer's ``audit.failure`` record with ``damage`` if it wrote one, else what was found."""
+    checkpoints = reader.checkpoints()
+    by_size: dict[int, dict[str, Any]] = {}
+    for cp in checkpoints:
+        by_size[cp["size"]] = cp  # the last of each size (same root unless forked)
+    sizes = sorted(s for s in by_size if s > 0)
+    tree = merkle.CompactRange()
+    good: dict[str, Any] | None = None
+    found: str | None = None
+    count = 0
+    i = 0
+
+    def at_size() -> bool:
+        nonlocal i, good, found
+        while i < len(sizes) and sizes[i] == count:
+            cp = by_size[count]
+            i += 1
+            if checkpoint_root(cp) != tree.root():
+                found = f"the records before seq {count} don't match the checkpoint of size {count}"
+                return False
+            good = cp
+        return True
+
+    try:
+        for entry in reader.records():
+            if not at_size():
+                break
+            tree.append_leaf(entry.leaf)
+            count += 1
+        else:
+            at_size()
+    except ReaderError as exc:
+        found = str(exc)
+    if found is None and i < len(sizes):
+        found = f"the log holds {count} records on disk, but a checkpoint covers {sizes[-1]}"
+    return Sound(good, _damage_record(reader) or found)
+
+
+def _damage_record(reader: AuditReader) -> str | None:
+    """The writer's own account of a segment that changed under it (its last such record)."""
+    for _start, path in reversed(reader.segments()):
+        try:
+            data = path.read_bytes()
+        except OSError:
+            continue
+        for line in reversed(data.split(b"\n")):
+            if b'"damage":' in line and b'"type":"audit.failure"' in line:
+                try:
+                    record = parse(line)
+                except ValueError:
+                    continue
+                return f"{record.get('error')} (recorded as seq {record.get('seq')}, {record.get('time')})"
+    return None
 
 
 def _checkpoints(reader: AuditReader, fresh: dict[str, Any], first: int | None) -> list[dict[str, Any]]:

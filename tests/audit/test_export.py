@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import tarfile
 import threading
 from datetime import UTC, datetime, timedelta
@@ -17,6 +18,7 @@ from appliance.audit.export import ExportError, export
 from appliance.audit.keys import init_audit_dir
 from appliance.audit.reader import AuditReader
 from appliance.audit.store import AuditLog
+from appliance.audit.store_errors import AuditError
 from appliance.audit.verifier import verify_bundle
 from appliance.config import Config, load_config
 from tests.audit.records import session_records
@@ -187,3 +189,46 @@ def test_through_a_running_proxy(tmp_path: Path) -> None:
         loop.close()
     admin = last_admin(config)
     assert admin["action"] == "audit.export" and admin["session"] == "A"
+
+
+def _damaged_log(config: Config) -> tuple[int, int]:
+    """A log whose live segment was cut under the writer, into what its last checkpoint
+    covers: (records left whole on disk, the last checkpoint's size)."""
+    assert config.audit is not None
+    log = AuditLog.open(config.audit, version="t")
+    try:
+        for n, record in enumerate(session_records("A", 60)):
+            log.append(record)
+            if n % 10 == 9:
+                log.checkpoint_now()
+        signed = log.checkpoint_now()["size"]
+        start, path = AuditReader(config.audit.dir).segments()[-1]
+        lines = path.read_bytes().splitlines(keepends=True)
+        keep = len(lines) // 2
+        path.write_bytes(b"".join(lines[:keep]))  # opened anew, cut: the writer's file, shorter
+        with pytest.raises(AuditError, match="was cut to"):
+            log.checkpoint_now()
+    finally:
+        log.close()
+    return start + keep, signed
+
+
+def test_a_damaged_log_exports_up_to_the_damage_and_names_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    assert config.audit is not None
+    whole, signed = _damaged_log(config)
+    assert AuditReader(config.audit.dir).last_checkpoint()["size"] == signed  # nothing signed after
+    out = tmp_path / "before.tar.gz"
+    summary = export(config, out, session="A")
+    assert summary.via == "read-only" and summary.admin_seq is None
+    sound = max(c["size"] for c in AuditReader(config.audit.dir).checkpoints() if c["size"] <= whole)
+    assert summary.log_size == sound < signed
+    assert summary.damaged is not None
+    assert re.search(r"segments/\d{12}\.jsonl was cut to \d+ bytes while it was being written .*"
+                     rf"\(recorded as seq \d+, .*\); the bundle ends at the last checkpoint the records on disk "
+                     rf"still match \(size {sound}\): records from seq {sound} on are not in it$", summary.damaged)
+    assert summary.warnings[0] == f"the audit log is damaged: {summary.damaged}"
+    assert any("could not be recorded" in w for w in summary.warnings)
+    report = verify_bundle(out, root_key(config))
+    assert report.ok, [str(f) for f in report.failures]
+    assert report.log_size == sound and report.records_total > 0
