@@ -261,6 +261,19 @@ class Addon:
         """A NotificationResponse (LISTEN/NOTIFY) on its way to the client."""
         return None
 
+    def parameter_status(self, session: SessionInfo, message: memoryview) -> bytes | None:
+        """A whole ParameterStatus on its way to the client, during login too. Return
+        replacement bytes; the session's ``parameters`` keep what the client got."""
+        return None
+
+    def column_names(self, session: SessionInfo, message: memoryview) -> bytes | None:
+        """A whole RowDescription on its way to the client (a result's, or one answering
+        Describe), before anything decodes it. Return replacement bytes, which may change
+        field names only; every addon and cache then sees the replacement. The answer must
+        depend on the bytes alone, and bytes the hooks passed or produced must pass again:
+        the session reuses answers when the same bytes come again."""
+        return None
+
     def result_complete(self, session: SessionInfo, result: Result, tag: str | None, error: bool) -> None:
         """A statement's result is over: CommandComplete (tag), PortalSuspended, or error."""
 
@@ -268,7 +281,7 @@ class Addon:
 HOOK_NAMES = (
     "session_start", "session_end", "session_refused", "statement", "execute", "forward", "row_description",
     "data_row", "stream_chunk", "copy_data", "function_result", "notice", "notification",
-    "result_complete",
+    "parameter_status", "column_names", "result_complete",
 )
 
 
@@ -337,6 +350,8 @@ class AddonManager:
     function_result: list[Callable[[SessionInfo, memoryview], bytes | None]]
     notice: list[Callable[[SessionInfo, bool, memoryview], bytes | None]]
     notification: list[Callable[[SessionInfo, memoryview], bytes | None]]
+    parameter_status: list[Callable[[SessionInfo, memoryview], bytes | None]]
+    column_names: list[Callable[[SessionInfo, memoryview], bytes | None]]
     result_complete: list[Callable[[SessionInfo, Result, str | None, bool], None]]
 
 

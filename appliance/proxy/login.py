@@ -13,8 +13,9 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from appliance.config import Credential, Target
-from appliance.pgwire import BackendDecoder, ProtocolError
+from appliance.pgwire import BackendDecoder, ProtocolError, decode_backend
 from appliance.pgwire import messages as m
+from appliance.proxy import dispatch
 from appliance.proxy.errors import SessionError
 from appliance.proxy.upstream_auth import AuthError, ScramSha256, md5_password
 
@@ -128,11 +129,23 @@ class UpstreamLogin:
         if isinstance(msg, m.BackendKeyData):
             session.backend_key(msg)
         elif isinstance(msg, m.ParameterStatus):
+            # Through the same hooks as in the session: the client gets, and the session
+            # keeps, what they made of it (a card number in a startup option, masked).
+            raw = msg.encode()
+            hooks = session.hooks.parameter_status
+            new = dispatch.rewrite(hooks, session.info, memoryview(raw)) if hooks else None
+            if new is not None:
+                raw, msg = new, decode_backend(b"S", memoryview(new)[5:])
             session.info.parameters[msg.name] = msg.value
-            session.io.send_client(msg.encode())
+            session.io.send_client(raw)
         elif isinstance(msg, m.ReadyForQuery):
             session.login_complete(msg)
-        elif isinstance(msg, (m.NoticeResponse, m.NegotiateProtocolVersion)):
+        elif isinstance(msg, m.NoticeResponse):
+            raw = msg.encode()
+            hooks = session.hooks.notice
+            new = dispatch.rewrite(hooks, session.info, memoryview(raw), False) if hooks else None
+            session.io.send_client(raw if new is None else new)
+        elif isinstance(msg, m.NegotiateProtocolVersion):
             session.io.send_client(msg.encode())
         else:
             raise ProtocolError(f"unexpected {type(msg).__name__} before the session was ready")

@@ -68,6 +68,7 @@ class ResponseRelay:
         self.need = 0
         self.result: Result | None = None
         self.descriptions: dict[bytes, m.RowDescription] = {}  # decoded RowDescriptions by their bytes
+        self.renamed: dict[bytes, bytes] = {}  # column_names hooks' replacements by the server's bytes
         self.stream_left = 0  # bytes of a streamed message still to pass through
         self.stream_tag = b""
         self.stream_total = 0
@@ -286,22 +287,40 @@ class ResponseRelay:
             return dispatch.rewrite(self.hooks.notification, self.info, view[pos:end])
         return None
 
-    def _on_row_description(self, view: memoryview, pos: int, end: int) -> None:
+    def _on_row_description(self, view: memoryview, pos: int, end: int) -> bytes | None:
         requests = self.requests
         pending = requests.pending
         head = pending[0] if pending else None
         check_row_description(view.obj, pos + 5, end)  # type: ignore[arg-type]
+        replacement = None
         description = None
-        if self.hooks.row_description or self.hooks.data_row:
+        hooks = self.hooks
+        if hooks.column_names or hooks.row_description or hooks.data_row:
             # A session sees the same few descriptions over and over: decode each once, and
             # hand addons the same object, so what they derive from it can be kept too.
+            # Bytes already decoded are bytes the column_names hooks passed or produced:
+            # they are not shown them again; their replacements are kept too.
             key = view[pos + 5:end].tobytes()
-            description = self.descriptions.get(key)
+            descriptions = self.descriptions
+            description = descriptions.get(key)
             if description is None:
-                description = decode_backend(b"T", key)
-                if len(self.descriptions) >= 64:
-                    self.descriptions.clear()
-                self.descriptions[key] = description  # type: ignore[assignment]
+                if hooks.column_names:
+                    replacement = self.renamed.get(key)
+                    if replacement is None:
+                        replacement = dispatch.rewrite(hooks.column_names, self.info, view[pos:end])
+                        if replacement is not None:
+                            check_row_description(replacement, 5, len(replacement))
+                            if len(self.renamed) >= 64:
+                                self.renamed.clear()
+                            self.renamed[key] = replacement
+                    if replacement is not None:
+                        key = replacement[5:]
+                        description = descriptions.get(key)
+                if description is None:
+                    description = decode_backend(b"T", key)
+                    if len(descriptions) >= 64:
+                        descriptions.clear()
+                    descriptions[key] = description  # type: ignore[assignment]
         if head is not None and head.kind is DESCRIBE_STATEMENT:
             pending.popleft()
             statement = requests.statements.get(head.name)
@@ -316,6 +335,7 @@ class ResponseRelay:
             self.result = Result(head.statement if head else None, description,  # type: ignore[arg-type]
                                  forward=head.forward if head else None)
             dispatch.notify(self.hooks.row_description, self.info, self.result)
+        return replacement
 
     def _on_no_data(self, view: memoryview, pos: int, end: int) -> None:
         self._answered(DESCRIBE_STATEMENT, DESCRIBE_PORTAL)
@@ -349,9 +369,15 @@ class ResponseRelay:
             return dispatch.rewrite(self.hooks.function_result, self.info, view[pos:end])
         return None
 
-    def _on_parameter_status(self, view: memoryview, pos: int, end: int) -> None:
+    def _on_parameter_status(self, view: memoryview, pos: int, end: int) -> bytes | None:
+        replacement = None
+        if self.hooks.parameter_status:
+            replacement = dispatch.rewrite(self.hooks.parameter_status, self.info, view[pos:end])
+            if replacement is not None:
+                view, pos, end = memoryview(replacement), 0, len(replacement)
         status = decode_backend(b"S", view[pos + 5:end])
         self.info.parameters[status.name] = status.value  # type: ignore[attr-defined]
+        return replacement
 
 
 _HANDLERS: dict[int, Callable[[ResponseRelay, memoryview, int, int], bytes | None]] = {

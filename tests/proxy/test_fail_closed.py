@@ -288,6 +288,14 @@ def login_completes(pb: Playbook) -> Playbook:
                           Like(m.BackendKeyData)))
 
 
+def login_reports_a_parameter(pb: Playbook) -> Playbook:
+    """A ParameterStatus during login: what came before it has reached the agent."""
+    return (pb
+            >> ServerData(m.AuthenticationOk(), m.ParameterStatus("application_name", "4111111111111111"),
+                          m.BackendKeyData(4242, b"\x01\x02\x03\x04"), READY)
+            << ClientGets(m.AuthenticationOk()))
+
+
 @dataclass
 class Ending:
     hook: str
@@ -317,6 +325,11 @@ ENDINGS = [
            server_sends(m.ErrorResponse.build("ERROR", "22012", "division by zero"), READY), direction=True),
     Ending("notice", "notice-NoticeResponse", nothing, server_sends(NOTICE), direction=False),
     Ending("notification", "notification", nothing, server_sends(m.NotificationResponse(7, "cards", "changed"))),
+    Ending("parameter_status", "parameter_status", nothing,
+           server_sends(m.ParameterStatus("application_name", "4111111111111111"))),
+    Ending("parameter_status", "parameter_status-login", logging_in, login_reports_a_parameter, logged_in=False),
+    Ending("column_names", "column_names", selecting,
+           server_sends(m.RowDescription((FIELD,)), m.DataRow((b"1",)), m.CommandComplete("SELECT 1"), READY)),
     Ending("result_complete", "result_complete", selecting, server_sends(m.CommandComplete("SELECT 0"), READY)),
     Ending("session_start", "session_start", logging_in, login_completes, logged_in=False),
 ]
