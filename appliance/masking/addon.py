@@ -1,9 +1,13 @@
 """The masking addon: every byte bound for the agent is searched for card numbers.
 
 Paths covered: DataRows (whole, or in windows when too large to hold), COPY OUT data,
-FunctionCallResponse, ErrorResponse / NoticeResponse fields (a unique-violation DETAIL
-quotes the key), NotificationResponse channel and payload. Client → server data is not
-touched.
+FunctionCallResponse, and the side channels — every ErrorResponse / NoticeResponse field
+(a unique-violation DETAIL quotes the key; RAISE sets message, detail, hint …),
+NotificationResponse channel and payload, ParameterStatus name and value (``set_config``,
+startup options; during login too), RowDescription field names (``select 1 as "4111…"``).
+The side channels get the wider search of :mod:`appliance.pan.sidechannel` (other
+separators, Unicode digits, JSON escapes, long runs), each string on its own. Client →
+server data is not touched.
 
 The hot path is the DataRow. For each result a *plan* is made once from the RowDescription
 (type OID and format of every column, policy column masks resolved through the catalog),
@@ -43,6 +47,8 @@ from appliance.pan.detector import (
     is_pan_digits,
 )
 from appliance.pan.scanner import TEXT, MaskLeak, PanFound, mask_text
+from appliance.pan.sidechannel import mask_side
+from appliance.pan.sidechannel import may_hide as _side_may_hide
 from appliance.proxy.hooks import Addon, Result, SessionInfo, StreamEdit
 
 STATE_KEY = "masking"
@@ -402,33 +408,67 @@ class MaskingAddon(Addon):
         return bytes(message[:9]) + out + bytes(message[9 + length:])
 
     def notice(self, session: SessionInfo, is_error: bool, message: memoryview) -> bytes | None:
-        # Fields are a code byte (a letter) and a NUL-terminated string: NULs and letters
-        # are boundaries, so the body can be searched whole.
-        out, count = mask_text(bytes(message[5:]), self.fmt, TEXT)
-        if out is None:
-            return None
-        session.masked_values += count
-        return bytes(message[:5]) + out
+        # Every field (message, detail, hint, where, schema/table/column/constraint names,
+        # internal query …) is searched on its own, with the side channels' wider search.
+        return self._strings(session, message, 5, None)
 
     def notification(self, session: SessionInfo, message: memoryview) -> bytes | None:
         # The process ID's bytes may be digits: channel and payload are searched on their own.
+        return self._strings(session, message, 9, 2)
+
+    def parameter_status(self, session: SessionInfo, message: memoryview) -> bytes | None:
+        # set_config(name, pan, …) or a startup option hands the value back here.
+        return self._strings(session, message, 5, 2)
+
+    def column_names(self, session: SessionInfo, message: memoryview) -> bytes | None:
+        """Field names of a RowDescription (``select 1 as "4111…"``); the 18 bytes of
+        numbers after each name are never searched."""
         body = bytes(message)
-        pos = 9
-        pieces = [body[:pos]]
+        if not _side_may_hide(body):
+            return None
+        (count,) = _I16.unpack_from(body, 5)
+        pos = 7
+        pieces = [b"", body[5:7]]
         total = 0
-        for _ in range(2):
-            end = body.find(b"\0", pos)
-            if end < 0:
-                return None
-            out, count = mask_text(body[pos:end], self.fmt, TEXT)
-            total += count
-            pieces.append(out if out is not None else body[pos:end])
-            pieces.append(b"\0")
-            pos = end + 1
+        for _ in range(count):
+            nul = body.index(b"\0", pos)
+            out, found = mask_side(body[pos:nul], self.fmt)
+            total += found
+            pieces.append(body[pos:nul] if out is None else out.replace(b"\0", b"*"))
+            pieces.append(body[nul:nul + 19])
+            pos = nul + 19
         if not total:
             return None
         session.masked_values += total
-        return b"".join(pieces) + body[pos:]
+        rest = b"".join(pieces[1:])
+        return b"T" + _I32.pack(len(rest) + 4) + rest
+
+    def _strings(self, session: SessionInfo, message: memoryview, start: int, count: int | None) -> bytes | None:
+        """The message with each NUL-terminated string from ``start`` masked on its own
+        (``count`` of them, or up to the final NUL), reframed."""
+        body = bytes(message)
+        if not _side_may_hide(body):
+            return None
+        pos = start
+        pieces = [body[5:start]]
+        total = 0
+        n = 0
+        while count is None or n < count:
+            end = body.find(b"\0", pos)
+            if end < 0 or (count is None and end == len(body) - 1 and end == pos):
+                break
+            out, found = mask_side(body[pos:end], self.fmt)
+            total += found
+            pieces.append(body[pos:end] if out is None else out)
+            pieces.append(b"\0")
+            pos = end + 1
+            n += 1
+        if not total:
+            return None
+        session.masked_values += total
+        pieces.append(body[pos:])
+        rest = b"".join(pieces)
+        return body[:1] + _I32.pack(len(rest) + 4) + rest
 
     def session_end(self, session: SessionInfo, reason: str) -> None:
         session.addon_state.pop(STATE_KEY, None)
