@@ -9,7 +9,10 @@ database. Records of things already done (results, session ends) are best effort
 failure is counted and reported by the log as soon as it can write again.
 
 Everything put in a record is scrubbed of card numbers first: SQL text, parameters,
-sampled result values (already masked on their way to the agent), error messages.
+sampled result values (already masked on their way to the agent), error messages — and
+then every string of the record once more, with the side channels' wider search (column
+names, tags, application_name, db_user, reasons …), so nothing an agent sends can put a
+card number in the log or make it unverifiable.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.audit.control import register_control_ops
+from appliance.pan.sidechannel import may_hide, scrub_side
 from appliance.pgwire import decode_backend
 from appliance.pgwire.params import bind_params
 from appliance.proxy.hooks import Addon, Forward, Reject, Result, SessionInfo
@@ -180,7 +184,7 @@ class AuditAddon(Addon):
         else:
             record["outcome"] = "success"
         try:
-            seq = self.log.append(_clean(record), trusted=True)
+            seq = self.log.append(_scrubbed(_clean(record)), trusted=True)
         except Exception as exc:  # noqa: BLE001 - the log can't take it: the statement must not run
             if reject is not None:
                 return None  # refused anyway; the log counts what it missed
@@ -300,7 +304,7 @@ class AuditAddon(Addon):
 
     def _append(self, record: dict[str, Any]) -> None:
         try:
-            self.log.append(_clean(record), trusted=True)
+            self.log.append(_scrubbed(_clean(record)), trusted=True)
         except Exception as exc:  # noqa: BLE001 - already happened: it can't be undone, only reported
             log.error("audit: could not record %s: %s", record.get("type"), exc)
 
@@ -358,6 +362,31 @@ def _unrecorded(exc: BaseException) -> Reject:
                   f"Tollgate could not record this statement in the audit log, so it was not run: {exc}",
                   hint="Nothing reaches the database unrecorded. The appliance operator must make the audit "
                        "directory writable again; statements run again as soon as it is.")
+
+
+# Fields that are digests the appliance computed, never agent text: left as they are.
+_DIGESTS = frozenset({"text_sha256", "sha256"})
+
+
+def _scrubbed(record: dict[str, Any]) -> dict[str, Any]:
+    """The record with every string in it — column names, tags, messages, application_name,
+    db_user, reasons, sample values, nested ones too — searched once more with the side
+    channels' wider search (:func:`appliance.pan.sidechannel.mask_side`): whatever an agent
+    makes the server or the appliance say, the log never holds a card number, and stays
+    verifiable."""
+    return {k: v if k in _DIGESTS else _scrub_value(v) for k, v in record.items()}
+
+
+def _scrub_value(value: Any) -> Any:
+    if type(value) is str:
+        if not may_hide(value.encode("utf-8", "surrogateescape")):
+            return value
+        return scrub_side(value)
+    if isinstance(value, dict):
+        return {k: _scrub_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_scrub_value(v) for v in value]
+    return value
 
 
 def _clean(record: dict[str, Any]) -> dict[str, Any]:
