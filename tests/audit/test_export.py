@@ -4,10 +4,12 @@ export is recorded; with the proxy running it goes through the control socket.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import tarfile
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -139,13 +141,12 @@ def test_time_range(tmp_path: Path) -> None:
         export(config, tmp_path / "x.tar.gz", to, to - timedelta(seconds=1))
 
 
-def test_through_a_running_proxy(tmp_path: Path) -> None:
-    """The proxy holds the log: export asks it for a checkpoint and records through it."""
+@contextlib.contextmanager
+def running_proxy(config: Config) -> Iterator[AuditLog]:
+    """The proxy's side of the log: its writer on a loop, the audit control ops on its socket."""
     from appliance.audit.control import register_control_ops
     from appliance.proxy.control import ControlOps, start_control_server
 
-    config = write_config(tmp_path, control=True)
-    fill(config)
     assert config.audit is not None and config.proxy.control_socket is not None
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -168,13 +169,7 @@ def test_through_a_running_proxy(tmp_path: Path) -> None:
     assert ready.wait(10)
     log: AuditLog = holder["log"]
     try:
-        size_before = log.size
-        out = tmp_path / "live.tar.gz"
-        summary = export(config, out, session="A")
-        assert summary.via == "proxy"
-        assert summary.log_size >= size_before  # the proxy's fresh checkpoint
-        assert log.size == summary.admin_seq + 1  # appended by the proxy, the writer
-        assert verify_bundle(out, root_key(config)).ok
+        yield log
     finally:
         async def shutdown() -> None:
             holder["control"].close()
@@ -187,6 +182,20 @@ def test_through_a_running_proxy(tmp_path: Path) -> None:
         thread.join(10)
         log.close()
         loop.close()
+
+
+def test_through_a_running_proxy(tmp_path: Path) -> None:
+    """The proxy holds the log: export asks it for a checkpoint and records through it."""
+    config = write_config(tmp_path, control=True)
+    fill(config)
+    with running_proxy(config) as log:
+        size_before = log.size
+        out = tmp_path / "live.tar.gz"
+        summary = export(config, out, session="A")
+        assert summary.via == "proxy"
+        assert summary.log_size >= size_before  # the proxy's fresh checkpoint
+        assert log.size == summary.admin_seq + 1  # appended by the proxy, the writer
+        assert verify_bundle(out, root_key(config)).ok
     admin = last_admin(config)
     assert admin["action"] == "audit.export" and admin["session"] == "A"
 
@@ -232,3 +241,25 @@ def test_a_damaged_log_exports_up_to_the_damage_and_names_it(tmp_path: Path) -> 
     report = verify_bundle(out, root_key(config))
     assert report.ok, [str(f) for f in report.failures]
     assert report.log_size == sound and report.records_total > 0
+
+
+def test_a_running_proxy_with_a_cut_segment_refuses_to_sign_and_export_stops_before(tmp_path: Path) -> None:
+    # The issue's case: the live segment cut under the running proxy. It signs nothing over
+    # the cut; export through its control socket falls back to what the disk still proves.
+    config = write_config(tmp_path, control=True)
+    fill(config)
+    assert config.audit is not None
+    with running_proxy(config) as log:
+        signed = AuditReader(config.audit.dir).last_checkpoint()["size"]
+        _start, path = AuditReader(config.audit.dir).segments()[-1]
+        data = path.read_bytes()
+        path.write_bytes(data[:data.rstrip(b"\n").rfind(b"\n") + 1])  # its last record gone
+        out = tmp_path / "cut.tar.gz"
+        summary = export(config, out)
+        assert summary.via == "proxy" and summary.admin_seq is None
+        assert "the proxy refused audit.append" in summary.warnings[-1]
+        assert log.status()["failure"]["error"] in (summary.damaged or "")
+        assert summary.log_size <= signed - 1
+    assert AuditReader(config.audit.dir).last_checkpoint()["size"] == signed
+    report = verify_bundle(out, root_key(config))
+    assert report.ok, [str(f) for f in report.failures]
