@@ -83,8 +83,8 @@ class SegmentWriter:
     thread does that work, never an append.
     """
 
-    __slots__ = ("dir_dirty", "directory", "fd", "lock", "offset", "retired", "seg_start", "segdir", "segment_bytes",
-                 "size", "tail_dirty", "tree")
+    __slots__ = ("dir_dirty", "directory", "fd", "lock", "offset", "retired", "retired_ends", "seg_start", "segdir",
+                 "segment_bytes", "size", "tail_dirty", "tree")
 
     def __init__(self, directory: Path, segment_bytes: int) -> None:
         self.lock = threading.RLock()  # the write position: appends, snapshots, rollbacks
@@ -97,6 +97,7 @@ class SegmentWriter:
         self.size = 0
         self.tree = merkle.CompactRange()
         self.retired: list[int] = []
+        self.retired_ends: dict[int, tuple[int, int, int]] = {}  # fd -> (first seq, bytes, records end)
         self.dir_dirty = False
         self.tail_dirty = False  # a failed write could not be cut off the segment yet
 
@@ -151,20 +152,28 @@ class SegmentWriter:
             os.close(fd)
             raise AuditError(f"{path}: a new segment already holds data")
         self.retired.append(self.fd)
+        self.retired_ends[self.fd] = (self.seg_start, self.offset, self.size)
         self.fd, self.seg_start, self.offset = fd, self.size, 0
         self.dir_dirty = True
 
     def check(self) -> Damage | None:
         """Under the lock: is the segment being written still the file at its path (same
         inode), exactly as long as what was written to it? One fstat and one stat: done per
-        sync round and before a checkpoint is signed, never per record."""
-        fd = self.fd
-        if fd == -1 or self.tail_dirty:  # no file, or a failed write not cut yet: nothing to compare
+        sync round and before a checkpoint is signed, never per record. Segments that filled
+        up since the last snapshot (retired, not synced yet) are checked the same way."""
+        for fd in self.retired:
+            end = self.retired_ends.get(fd)
+            if end is not None and (damage := self._check_file(fd, *end)) is not None:
+                return damage
+        if self.fd == -1 or self.tail_dirty:  # no file, or a failed write not cut yet: nothing to compare
             return None
-        path = self.path
+        return self._check_file(self.fd, self.seg_start, self.offset, self.size)
+
+    def _check_file(self, fd: int, seg_start: int, offset: int, size: int) -> Damage | None:
+        path = self.segdir / segment_name(seg_start)
         st = os.fstat(fd)
-        found: dict[str, object] = {"segment": path.name, "first_seq": self.seg_start, "records_written": self.size,
-                                    "bytes_written": self.offset, "bytes_found": st.st_size, "inode": st.st_ino}
+        found: dict[str, object] = {"segment": path.name, "first_seq": seg_start, "records_written": size,
+                                    "bytes_written": offset, "bytes_found": st.st_size, "inode": st.st_ino}
         try:
             at_path = os.stat(path)
         except FileNotFoundError:
@@ -174,10 +183,10 @@ class SegmentWriter:
         if (at_path.st_ino, at_path.st_dev) != (st.st_ino, st.st_dev):
             return Damage(f"{path} was replaced while it was being written (the writer's file is inode "
                           f"{st.st_ino}, the path names inode {at_path.st_ino})", found)
-        if st.st_size != self.offset:
-            how = "cut to" if st.st_size < self.offset else "grown to"
+        if st.st_size != offset:
+            how = "cut to" if st.st_size < offset else "grown to"
             return Damage(f"{path} was {how} {st.st_size} bytes while it was being written "
-                          f"({self.offset} bytes written, records {self.seg_start}–{self.size - 1})", found)
+                          f"({offset} bytes written, records {seg_start}–{size - 1})", found)
         return None
 
     def snapshot(self) -> Snapshot:
@@ -187,6 +196,7 @@ class SegmentWriter:
             snap = Snapshot(self.size, self.seg_start, self.offset, self.tree.copy(), self.fd,
                             tuple(self.retired), self.dir_dirty)
             self.retired = []
+            self.retired_ends.clear()
             self.dir_dirty = False
             return snap
 
@@ -197,6 +207,7 @@ class SegmentWriter:
         for fd in fds:
             os.close(fd)
         self.fd, self.retired = -1, []
+        self.retired_ends.clear()
         for start, path in list_segments(self.directory):
             if start > to.seg_start:
                 path.unlink()
@@ -215,6 +226,7 @@ class SegmentWriter:
                 os.close(fd)
         self.fd = -1
         self.retired = []
+        self.retired_ends.clear()
 
 
 # --- the writer's lock ---------------------------------------------------------------------------

@@ -137,3 +137,30 @@ def test_a_segment_grown_by_someone_else_is_caught_before_signing(tmp_path: Path
     finally:
         log.close()
     assert AuditReader(config.dir).last_checkpoint()["size"] == signed
+
+
+def test_a_segment_cut_after_it_filled_but_before_its_sync_is_caught(tmp_path: Path) -> None:
+    # Small segments: the appends of one loop turn fill one and start the next; the full
+    # one (retired, not synced yet) is cut before the round that would sync it.
+    config = make_config(tmp_path, segment_bytes=4096)
+    log = AuditLog.open(config, version="t")
+
+    async def main() -> list[Any]:
+        log.start(asyncio.get_running_loop())
+        first = AuditReader(config.dir).segments()[-1][1]
+        seqs = []
+        while len(AuditReader(config.dir).segments()) == 1:
+            seqs.append(log.append(statement(len(seqs))))
+        data = first.read_bytes()
+        os.truncate(first, data.rstrip(b"\n").rfind(b"\n") + 1)  # the full segment's last record gone
+        return await asyncio.gather(*(log.durable(s) for s in seqs), return_exceptions=True)  # type: ignore[misc]
+
+    try:
+        outcomes = asyncio.run(main())
+        assert all(isinstance(o, AuditUnavailable) and "000000000000.jsonl was cut to" in str(o)
+                   for o in outcomes), outcomes
+        _assert_refused(log, "000000000000.jsonl was cut to")
+    finally:
+        log.close()
+    _name, record = _failure_record(config.dir)
+    assert record["damage"]["segment"] == "000000000000.jsonl"
