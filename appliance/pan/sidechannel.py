@@ -34,6 +34,8 @@ from appliance.pan.scanner import TEXT, mask_text
 # One digit: any Unicode decimal digit, or a JSON escape of an ASCII one.
 _DIGIT = r"(?:\d|\\u003[0-9])"
 _SEP = r"[ ._/\t,\-]{0,2}"
+_DECIMAL = re.compile(r"[0-9]+\.[0-9]+")
+_EXPONENT = re.compile(r"[eE][-+]?[0-9]")
 _GROUPED = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+")  # to_char's group commas
 _RUN = re.compile(rf"{_DIGIT}(?:{_SEP}{_DIGIT})*")
 _TOKEN = re.compile(_DIGIT)
@@ -99,6 +101,8 @@ def _mask_str(text: str, fmt: str) -> tuple[str, int]:
         chunk = run.group()
         if "," in chunk and not _GROUPED.fullmatch(chunk):
             continue  # a list, not a number with group commas
+        if _DECIMAL.fullmatch(chunk) or _EXPONENT.match(text, e):
+            continue  # a decimal or float (4.111111111111111e+15): arithmetic is not for the detector
         plain = chunk.isascii() and "\\u" not in chunk
         digits = "".join(_value(t.group()) for t in tokens)
         separated = any(tokens[i + 1].start() != tokens[i].end() for i in range(len(tokens) - 1))
