@@ -25,7 +25,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.audit.control import register_control_ops
-from appliance.pan.sidechannel import may_hide, scrub_side
+from appliance.pan.sidechannel import clean_text, scrub_side
 from appliance.pgwire import decode_backend
 from appliance.pgwire.params import bind_params
 from appliance.proxy.hooks import Addon, Forward, Reject, Result, SessionInfo
@@ -374,17 +374,30 @@ def _scrubbed(record: dict[str, Any]) -> dict[str, Any]:
     channels' wider search (:func:`appliance.pan.sidechannel.mask_side`): whatever an agent
     makes the server or the appliance say, the log never holds a card number, and stays
     verifiable."""
+    parts: list[str] = []
+    for key, value in record.items():
+        kind = type(value)
+        if kind is str:
+            if key not in _DIGESTS:
+                parts.append(value)
+        elif kind is list and all(type(v) is str for v in value):
+            parts.extend(value)
+        elif not (value is None or kind is int or kind is bool or kind is float):
+            break  # nested: searched value by value
+    else:
+        # Most records: all their strings at once, NUL-separated (a NUL ends every shape).
+        if clean_text("\0".join(parts)):
+            return record
     return {k: v if k in _DIGESTS else _scrub_value(v) for k, v in record.items()}
 
 
 def _scrub_value(value: Any) -> Any:
-    if type(value) is str:
-        if not may_hide(value.encode("utf-8", "surrogateescape")):
-            return value
-        return scrub_side(value)
-    if isinstance(value, dict):
+    kind = type(value)
+    if kind is str:
+        return value if clean_text(value) else scrub_side(value)
+    if kind is dict:
         return {k: _scrub_value(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if kind is list or kind is tuple:
         return [_scrub_value(v) for v in value]
     return value
 

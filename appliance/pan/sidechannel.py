@@ -34,6 +34,12 @@ from appliance.pan.scanner import TEXT, mask_text
 # One digit: any Unicode decimal digit, or a JSON escape of an ASCII one.
 _DIGIT = r"(?:\d|\\u003[0-9])"
 _SEP = r"[ ._/\t,\-]{0,2}"
+# The pre-filter for ASCII text, a superset of what either search finds (as the
+# detector's ZERO_TABLE): digits become "0", separators, escape marks and the "d" of
+# bytea hex's 2d are dropped, anything else ends a run; no 13 zeros, no card number.
+_WIDE_TABLE = bytes(0x30 if 0x30 <= i <= 0x39 else 0x78 for i in range(256))
+_WIDE_DROP = b" ._/\t,-\\udD"
+_THIRTEEN = b"0" * MIN_DIGITS
 _DECIMAL = re.compile(r"[0-9]+\.[0-9]+")
 _EXPONENT = re.compile(r"[eE][-+]?[0-9]")
 _GROUPED = re.compile(r"[0-9]{1,3}(?:,[0-9]{3})+")  # to_char's group commas
@@ -42,6 +48,12 @@ _TOKEN = re.compile(_DIGIT)
 _UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _IBAN_HEAD = re.compile(r"[A-Z]{2}$")
 _DIGIT_BYTES = b"0123456789"
+
+
+def clean_text(text: str) -> bool:
+    """True when ``text`` surely holds no card number in any shape either search finds
+    (one C-level pass); False means: search it."""
+    return text.isascii() and text.encode().translate(_WIDE_TABLE, _WIDE_DROP).find(_THIRTEEN) < 0
 
 
 def may_hide(raw: bytes) -> bool:
@@ -136,11 +148,11 @@ def mask_side(value: bytes | bytearray | memoryview, fmt: str = PCI) -> tuple[by
     """``value`` with every card number masked, the ordinary and the wider shapes: the new
     bytes (None if unchanged; maybe another length) and how many were masked."""
     raw = bytes(value)
-    if not may_hide(raw):
+    if raw.isascii() and raw.translate(_WIDE_TABLE, _WIDE_DROP).find(_THIRTEEN) < 0:
         return None, 0
     first, count = mask_text(raw, fmt, TEXT)
     current = raw if first is None else first
-    if not may_hide(current):
+    if current.isascii() and current.translate(_WIDE_TABLE, _WIDE_DROP).find(_THIRTEEN) < 0:
         return first, count
     text = current.decode("utf-8", "surrogateescape")
     masked, more = _mask_str(text, fmt)
