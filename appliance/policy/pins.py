@@ -159,6 +159,11 @@ def _set_config_problem(node: dict[str, Any]) -> str | None:
     args = node.get("args") or []
     setting = _constant(args[0]) if args else None
     if setting is None:
+        # Any setting, pinned ones included: only a literal value no pinned setting could
+        # take differently (pg_dump sets restrict_nonsystem_relation_kind to a list this way).
+        value = _constant(args[1]) if len(args) > 1 else None
+        if value is not None and all(_harmless(name, value) for name in PINNED):
+            return None
         return ("set_config with a setting name that isn't a literal could change a setting Tollgate keeps "
                 "fixed; it is refused")
     if setting.strip().lower() not in PINNED:
@@ -167,6 +172,23 @@ def _set_config_problem(node: dict[str, Any]) -> str | None:
     if value is None:
         return f"set_config of {setting.strip().lower()} to a value that isn't a literal is refused"
     return value_problem(setting, value)
+
+
+# What PostgreSQL's parse_bool accepts: any of these could set standard_conforming_strings.
+_BOOLEAN = frozenset({"t", "tr", "tru", "true", "f", "fa", "fal", "fals", "false", "y", "ye", "yes", "n", "no",
+                      "on", "of", "off", "1", "0"})
+
+
+def _harmless(name: str, value: str) -> bool:
+    """Whether setting pinned ``name`` to ``value`` keeps it as Tollgate needs, or the server
+    would refuse the value outright for that setting."""
+    ok, _ = PINNED[name]
+    if ok(value):
+        return True
+    if name == "standard_conforming_strings":
+        return _clean(value) not in _BOOLEAN
+    # An encoding name is letters, digits, '_' and '-'; anything else names no encoding.
+    return re.fullmatch(r"[A-Za-z0-9_-]+", value.strip()) is None
 
 
 def _pg_settings_problem(body: dict[str, Any]) -> str | None:

@@ -34,6 +34,9 @@ REFUSED = [
     "select * from set_config('standard_conforming_strings', 'off', false)",
     "select set_config('standard_conforming_strings', 'o' || 'ff', false)",
     "select set_config(name, 'off', false) from pg_settings",
+    "select set_config(name, 'of', false) from pg_settings where name = 'standard_conforming_strings'",
+    "select set_config(name, 'SJIS', false) from pg_settings where name = 'client_encoding'",
+    "select set_config(name, setting, false) from pg_settings",
     "alter role app set standard_conforming_strings = off",
     "alter role all in database payments set standard_conforming_strings = off",
     "alter database payments set standard_conforming_strings to off",
@@ -55,6 +58,9 @@ ALLOWED = [
     "set client_encoding = 'UTF8'",
     "set names 'utf-8'",
     "select set_config('application_name', 'x', false)",
+    # pg_dump's own: a name from pg_settings, a value no pinned setting could take
+    ("SELECT set_config(name, 'view, foreign-table', false) FROM pg_settings "
+     "WHERE name = 'restrict_nonsystem_relation_kind'"),
     "select '\\'' as backslash_then_quote",  # one literal, with the settings Tollgate keeps
     ATTACK,
 ]
