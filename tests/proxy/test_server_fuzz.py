@@ -25,17 +25,13 @@ relayed, and the oracle tolerates exactly that (``UNCHECKED``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import gc
 import hashlib
-import itertools
 import os
 import socket
 import struct
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,14 +41,25 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from appliance.config import PG_MAX_MESSAGE, Config, Endpoint, parse_config
-from appliance.intercept.base import InterceptMethod
 from appliance.pgwire import BackendDecoder, FrontendDecoder, ProtocolError, decode_startup
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import Addon, AddonManager
 from appliance.proxy.server import HIGH_WATER, ProxyServer
 from tests.proxy.fake_server import BACKEND_PID, BACKEND_SECRET, BackendConn, FakeBackend, Script
+from tests.proxy.loop_thread import LoopThread
+from tests.proxy.real_proxy import (
+    READ_TIMEOUT,
+    Client,
+    LoopbackIntercept,
+    decode_clean,
+    decode_lenient,
+    frames,
+    free_port,
+    is_fatal,
+    lone_fatal,
+    startup_bytes,
+)
 
-READ_TIMEOUT = 60.0  # a safety net only: a proxy that neither answers nor closes fails, never a measure
 SCALE = int(os.environ.get("TOLLGATE_FUZZ_SCALE", "1"))
 # The bystander fixture is function-scoped on purpose: one session kept open across examples.
 FUZZ = settings(max_examples=250 * SCALE, deadline=None, database=None,
@@ -66,33 +73,6 @@ u32 = struct.Struct("!I")
 
 
 # ---- the harness: proxy + fake backend on a loop thread --------------------------------------
-
-class LoopbackIntercept(InterceptMethod):
-    """Loopback has no NAT: every accepted connection 'was going to' the fake backend."""
-
-    name = "loopback-test"
-
-    def __init__(self, destination: Endpoint) -> None:
-        self.destination = destination
-
-    def is_supported(self) -> tuple[bool, str]:
-        return True, "test double"
-
-    def setup(self, config: Config) -> None:
-        pass
-
-    def teardown(self, config: Config) -> None:
-        pass
-
-    def prepare_listener(self, sock: socket.socket) -> None:
-        pass
-
-    def prepare_upstream(self, sock: socket.socket, config: Config) -> None:
-        pass  # no SO_MARK: that needs CAP_NET_ADMIN and loopback needs no bypass
-
-    def original_destination(self, sock: socket.socket) -> Endpoint:
-        return self.destination
-
 
 class PassThrough(Addon):
     """Implements every hook and changes nothing: switches on the session's parsing paths."""
@@ -120,12 +100,6 @@ class Proxy:
     validated: bytes  # backend message types whose bodies this proxy decodes whole
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def make_config(listen_port: int, backend_port: int) -> Config:
     # The fuzz oracles judge lengths by PostgreSQL's own limit, so these proxies use it;
     # Tollgate's lower default and its other limits are tested in test_server_limits.py.
@@ -148,17 +122,9 @@ password = "pencil"
 """, Path("test.toml"))
 
 
-class Harness:
+class Harness(LoopThread):
     def __init__(self) -> None:
-        if os.environ.get("TOLLGATE_TEST_LOOP", "uvloop") == "uvloop":
-            import uvloop
-            self.loop = uvloop.new_event_loop()
-        else:
-            self.loop = asyncio.new_event_loop()
-        self.loop_errors: list[dict[str, Any]] = []
-        self.loop.set_exception_handler(lambda loop, context: self.loop_errors.append(context))
-        self.thread = threading.Thread(target=self.loop.run_forever, name="proxy-loop", daemon=True)
-        self.thread.start()
+        super().__init__()
         self.backend = FakeBackend()
         backend_port = self.run(self.backend.start())
         self.destination = Endpoint.parse(f"127.0.0.1:{backend_port}")
@@ -176,37 +142,12 @@ class Harness:
             return Proxy(name, server, port, validated)
         raise RuntimeError("no free port for the proxy")
 
-    def run(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        """Run fn on the loop thread (proxy state is only ever touched there)."""
-        async def wrapper() -> Any:
-            return fn()
-        return self.run(wrapper())
-
-    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = READ_TIMEOUT) -> None:
-        """Poll a predicate on the loop thread until it holds, with a deadline."""
-        async def poll() -> bool:
-            deadline = self.loop.time() + timeout
-            while not predicate():
-                if self.loop.time() > deadline:
-                    return False
-                await asyncio.sleep(0.002)
-            return True
-        assert self.run(poll(), timeout + 10), f"timed out after {timeout}s waiting for {what}"
-
     def close(self) -> None:
-        async def shutdown() -> None:
+        async def closing() -> None:
             for proxy in (self.bare, self.hooked):
                 await asyncio.wait_for(proxy.server.close(), READ_TIMEOUT)
             await self.backend.close()
-            await asyncio.sleep(0.05)
-        try:
-            self.run(shutdown())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+        self.stop(closing)
 
 
 @pytest.fixture(scope="module")
@@ -222,159 +163,6 @@ def proxy(request, harness) -> Proxy:
 
 
 # ---- a blocking client ------------------------------------------------------------------------
-
-class Client:
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.raw = bytearray()  # everything received
-        self.mark = 0  # where the bytes after the login answer (or the last query) start
-        self.eof = False
-
-    def send(self, data: bytes, cuts: tuple[int, ...] = ()) -> bool:
-        """Send data, in separate writes cut at ``cuts`` (how they arrive is up to TCP)."""
-        bounds = [0, *sorted(c for c in cuts if 0 < c < len(data)), len(data)]
-        try:
-            for start, end in itertools.pairwise(bounds):
-                self.sock.sendall(data[start:end])
-            return True
-        except (BrokenPipeError, ConnectionResetError):
-            return False  # the proxy already hung up; what it said is still readable
-
-    def half_close(self) -> None:
-        with contextlib.suppress(OSError):
-            self.sock.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def _recv(self, deadline: float) -> bool:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise AssertionError(self._hang_message(deadline))
-        self.sock.settimeout(remaining)
-        try:
-            data = self.sock.recv(1 << 16)
-        except ConnectionResetError:
-            data = b""  # a reset after the proxy's last words: they were read already
-        except TimeoutError:
-            raise AssertionError(self._hang_message(deadline)) from None
-        if not data:
-            self.eof = True
-            return False
-        self.raw += data
-        return True
-
-    def _hang_message(self, deadline: float) -> str:
-        return (f"the proxy neither answered nor closed in time (deadline {deadline:.1f}); "
-                f"last bytes received: {bytes(self.raw[-120:])!r}")
-
-    def read_until_eof(self, timeout: float = READ_TIMEOUT) -> bytes:
-        deadline = time.monotonic() + timeout
-        while self._recv(deadline):
-            pass
-        return bytes(self.raw)
-
-    def read_until_ready(self, timeout: float = READ_TIMEOUT) -> list[m.Message]:
-        """Read through the next ReadyForQuery after ``mark``; returns the messages, moves mark."""
-        deadline = time.monotonic() + timeout
-        while True:
-            found, _end = frames(self.raw, self.mark)
-            for tag, _, stop in found:
-                if tag == ord("Z"):
-                    got = decode_clean(bytes(self.raw[self.mark:stop]))
-                    self.mark = stop
-                    return got
-            if not self._recv(deadline):
-                raise AssertionError(f"connection closed before ReadyForQuery: {decode_lenient(self.raw[self.mark:])}")
-
-    def login(self, key: str = "", **params: str) -> list[m.Message]:
-        self.send(startup_bytes(key, **params))
-        got = self.read_until_ready()
-        kinds = [type(x) for x in got]
-        assert kinds[0] is m.AuthenticationOk and kinds[-1] is m.ReadyForQuery, got
-        assert m.BackendKeyData in kinds, got
-        key_data = got[kinds.index(m.BackendKeyData)]
-        assert key_data.secret_key != BACKEND_SECRET, "the database's cancel key reached the client"
-        return got
-
-    def query(self, sql: str) -> list[m.Message]:
-        self.send(m.Query(sql).encode())
-        return self.read_until_ready()
-
-    def after_login(self) -> bytes:
-        return bytes(self.raw[self.mark:])
-
-
-def startup_bytes(key: str = "", user: str = "app", **params: str) -> bytes:
-    parameters = {"user": user, "database": "fakedb", **params}
-    if key:
-        parameters["application_name"] = key
-    return m.StartupMessage(m.PROTOCOL_3_0, parameters).encode()
-
-
-# ---- reading what was received ---------------------------------------------------------------
-
-def frames(data: bytes | bytearray, pos: int = 0) -> tuple[list[tuple[int, int, int]], int]:
-    """Complete typed frames from pos: (tag, start, end); and where framing stopped."""
-    found = []
-    while len(data) - pos >= 5:
-        (length,) = u32.unpack_from(data, pos + 1)
-        end = pos + 1 + length
-        if length < 4 or end > len(data):
-            break
-        found.append((data[pos], pos, end))
-        pos = end
-    return found, pos
-
-
-def decode_clean(data: bytes, ssl_answers: int = 0) -> list[m.Message]:
-    """Decode backend bytes; they must be valid and whole (no partial message at the end)."""
-    decoder = BackendDecoder()
-    decoder.feed(data)
-    got: list[m.Message] = []
-    try:
-        for _ in range(ssl_answers):
-            decoder.expect_ssl_response()
-            answer = decoder.next_message()
-            assert answer == m.SSLResponse(False), f"expected the 'N' answer to an encryption request, got {answer!r}"
-        got.extend(decoder)
-    except ProtocolError as exc:
-        raise AssertionError(f"the client received invalid protocol bytes ({exc}) after {got!r}: {data!r}") from None
-    assert decoder.buffered_bytes == 0, (
-        f"the client was left with a partial message: {data[-decoder.buffered_bytes:]!r}")
-    return got
-
-
-def decode_lenient(data: bytes | bytearray) -> list[Any]:
-    decoder = BackendDecoder()
-    decoder.feed(bytes(data))
-    got: list[Any] = []
-    try:
-        got.extend(decoder)
-    except ProtocolError as exc:
-        got.append(exc)
-    return got
-
-
-def is_fatal(message: Any) -> bool:
-    return isinstance(message, m.ErrorResponse) and message.severity == "FATAL"
-
-
-def lone_fatal(data: bytes) -> m.ErrorResponse | None:
-    """The one FATAL ErrorResponse data consists of, if it is exactly that."""
-    decoder = BackendDecoder()
-    decoder.feed(data)
-    try:
-        got = list(decoder)
-    except ProtocolError:
-        return None
-    if decoder.buffered_bytes or len(got) != 1 or not is_fatal(got[0]):
-        return None
-    return got[0]
-
-
-# ---- oracles ------------------------------------------------------------------------------------
 
 class Verdict(enum.Enum):
     """What a byte stream from one side obliges the proxy to do."""

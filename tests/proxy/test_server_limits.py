@@ -22,9 +22,7 @@ import os
 import socket
 import statistics
 import struct
-import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -36,7 +34,8 @@ from appliance.pgwire import messages as m
 from appliance.proxy.hooks import AddonManager
 from appliance.proxy.server import ProxyServer
 from tests.proxy.fake_server import FakeBackend, Script
-from tests.proxy.test_server_fuzz import (
+from tests.proxy.loop_thread import LoopThread
+from tests.proxy.real_proxy import (
     READ_TIMEOUT,
     Client,
     LoopbackIntercept,
@@ -81,14 +80,9 @@ password = "pencil"
 """, Path("test.toml"))
 
 
-class Harness:
+class Harness(LoopThread):
     def __init__(self) -> None:
-        import uvloop
-        self.loop = uvloop.new_event_loop()
-        self.loop_errors: list[dict[str, Any]] = []
-        self.loop.set_exception_handler(lambda loop, context: self.loop_errors.append(context))
-        self.thread = threading.Thread(target=self.loop.run_forever, name="proxy-loop", daemon=True)
-        self.thread.start()
+        super().__init__()
         self.backend = FakeBackend()
         backend_port = self.run(self.backend.start())
         destination = Endpoint.parse(f"127.0.0.1:{backend_port}")
@@ -101,39 +95,18 @@ class Harness:
                 try:
                     self.run(server.start())
                 except OSError:
-                    continue
+                    continue  # someone took the port in between: pick another
                 self.proxies[name] = (server, port)
                 break
-
-    def run(self, coro: Any, timeout: float = 30.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def call(self, fn: Callable[[], Any]) -> Any:
-        async def wrapper() -> Any:
-            return fn()
-        return self.run(wrapper())
-
-    def wait_for(self, predicate: Callable[[], bool], what: str, timeout: float = READ_TIMEOUT) -> None:
-        async def poll() -> bool:
-            deadline = self.loop.time() + timeout
-            while not predicate():
-                if self.loop.time() > deadline:
-                    return False
-                await asyncio.sleep(0.002)
-            return True
-        assert self.run(poll(), timeout + 10), f"timed out after {timeout}s waiting for {what}"
+            else:
+                raise RuntimeError(f"no free port for the {name} proxy")
 
     def close(self) -> None:
-        async def shutdown() -> None:
+        async def closing() -> None:
             for server, _ in self.proxies.values():
                 await asyncio.wait_for(server.close(), READ_TIMEOUT)
             await self.backend.close()
-            await asyncio.sleep(0.05)
-        try:
-            self.run(shutdown())
-        finally:
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self.thread.join(5)
+        self.stop(closing)
 
 
 @pytest.fixture(scope="module")
