@@ -71,6 +71,7 @@ from appliance.holds.store import (
 )
 from appliance.holds.webhook import notifier_from_config
 from appliance.model.identity import Identity
+from appliance.pan.scanner import scrub
 
 log = logging.getLogger("tollgate.approvals")
 
@@ -396,10 +397,6 @@ class ApprovalService:
 
 
 def _scrubber(config: Any) -> Callable[[str], str] | None:
-    try:
-        from appliance.pan.scanner import scrub
-    except ImportError:  # pragma: no cover - masking ships with the appliance
-        return None
     fmt = config.masking.pan_format
     return lambda text: scrub(text, fmt)
 
