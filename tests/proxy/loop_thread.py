@@ -48,12 +48,8 @@ class LoopThread:
 
     def stop(self, closing: Callable[[], Awaitable[None]]) -> None:
         """Run ``closing`` on the loop, then stop the loop and its thread."""
-        async def shutdown() -> None:
-            await closing()
-            # One more turn for the transports' close callbacks before the loop stops.
-            await asyncio.sleep(0)
         try:
-            self.run(shutdown())
+            self.run(closing())
         finally:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self.thread.join(5)

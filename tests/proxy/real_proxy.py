@@ -9,9 +9,10 @@ import itertools
 import socket
 import struct
 import time
+from pathlib import Path
 from typing import Any
 
-from appliance.config import Config, Endpoint
+from appliance.config import Config, Endpoint, parse_config
 from appliance.intercept.base import InterceptMethod
 from appliance.pgwire import BackendDecoder, ProtocolError
 from appliance.pgwire import messages as m
@@ -206,3 +207,23 @@ def lone_fatal(data: bytes) -> m.ErrorResponse | None:
 
 
 # ---- oracles ------------------------------------------------------------------------------------
+
+
+def proxy_config(listen_port: int, backend_port: int, extra: str = "") -> Config:
+    """A proxy on 127.0.0.1:listen_port protecting the fake PostgreSQL; ``extra`` goes in [proxy]."""
+    return parse_config(f"""
+[proxy]
+listen_port = {listen_port}
+listen_addresses = ["127.0.0.1"]
+{extra}
+
+[[targets]]
+name = "fake"
+addresses = ["127.0.0.1:{backend_port}"]
+tls = "disable"
+connect_timeout = 5
+
+[targets.credentials.app]
+upstream_user = "app_rw"
+password = "pencil"
+""", Path("test.toml"))

@@ -33,14 +33,13 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from appliance.config import PG_MAX_MESSAGE, Config, Endpoint, parse_config
+from appliance.config import PG_MAX_MESSAGE, Config, Endpoint
 from appliance.pgwire import BackendDecoder, FrontendDecoder, ProtocolError, decode_startup
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import Addon, AddonManager
@@ -57,6 +56,7 @@ from tests.proxy.real_proxy import (
     free_port,
     is_fatal,
     lone_fatal,
+    proxy_config,
     startup_bytes,
 )
 
@@ -103,23 +103,8 @@ class Proxy:
 def make_config(listen_port: int, backend_port: int) -> Config:
     # The fuzz oracles judge lengths by PostgreSQL's own limit, so these proxies use it;
     # Tollgate's lower default and its other limits are tested in test_server_limits.py.
-    return parse_config(f"""
-[proxy]
-listen_port = {listen_port}
-listen_addresses = ["127.0.0.1"]
-max_client_message = {PG_MAX_MESSAGE}
-max_buffered_total = {4 * PG_MAX_MESSAGE}
-
-[[targets]]
-name = "fake"
-addresses = ["127.0.0.1:{backend_port}"]
-tls = "disable"
-connect_timeout = 5
-
-[targets.credentials.app]
-upstream_user = "app_rw"
-password = "pencil"
-""", Path("test.toml"))
+    return proxy_config(listen_port, backend_port,
+                        f"max_client_message = {PG_MAX_MESSAGE}\nmax_buffered_total = {4 * PG_MAX_MESSAGE}")
 
 
 class Harness(LoopThread):

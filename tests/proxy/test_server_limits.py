@@ -24,12 +24,11 @@ import statistics
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from appliance.config import Config, Endpoint, parse_config
+from appliance.config import Endpoint
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import AddonManager
 from appliance.proxy.server import ProxyServer
@@ -42,6 +41,7 @@ from tests.proxy.real_proxy import (
     decode_clean,
     free_port,
     is_fatal,
+    proxy_config,
     startup_bytes,
 )
 
@@ -61,25 +61,6 @@ max_connections_per_source = 3""",
 }
 
 
-def make_config(listen_port: int, backend_port: int, extra: str) -> Config:
-    return parse_config(f"""
-[proxy]
-listen_port = {listen_port}
-listen_addresses = ["127.0.0.1"]
-{extra}
-
-[[targets]]
-name = "fake"
-addresses = ["127.0.0.1:{backend_port}"]
-tls = "disable"
-connect_timeout = 5
-
-[targets.credentials.app]
-upstream_user = "app_rw"
-password = "pencil"
-""", Path("test.toml"))
-
-
 class Harness(LoopThread):
     def __init__(self) -> None:
         super().__init__()
@@ -90,7 +71,7 @@ class Harness(LoopThread):
         for name, extra in PROXIES.items():
             for _ in range(5):
                 port = free_port()
-                server = ProxyServer(make_config(port, backend_port, extra), LoopbackIntercept(destination),
+                server = ProxyServer(proxy_config(port, backend_port, extra), LoopbackIntercept(destination),
                                      AddonManager())
                 try:
                     self.run(server.start())
