@@ -153,6 +153,9 @@ class HoldBroker:
         self._dirty = True  # a waiter was added since the last read: read even if the revision is unchanged
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        # Store calls running in a thread. Cancelling the task that awaits one does not stop
+        # the thread, and closing the store under it crashes SQLite: close() waits for these.
+        self._in_threads: set[asyncio.Future[Any]] = set()
         self._closing = False
         self._failing: str | None = None  # why the store failed, until it works again
         self._last_sweep = 0.0
@@ -169,7 +172,7 @@ class HoldBroker:
     async def start(self) -> None:
         """Expire what earlier runs left pending, load the grants and start the poller."""
         try:
-            await asyncio.to_thread(self.service.expire_overdue)
+            await self._offload(self.service.expire_overdue)
             await self._refresh(force=True)
         except Exception as exc:  # noqa: BLE001 - a broken store refuses holds and grants; the proxy still runs
             self._store_failed(exc)
@@ -192,6 +195,8 @@ class HoldBroker:
         for request_id in ids:
             self._spawn(self._withdraw(request_id, SHUTDOWN_WHY))
         await self.drain(timeout=10)
+        if self._in_threads:
+            await asyncio.wait(list(self._in_threads))
         if self._owns_service:
             await asyncio.to_thread(self.service.close)
 
@@ -273,7 +278,7 @@ class HoldBroker:
     async def wait_for(self, request_id: str, timeout_seconds: float | None = None) -> Reject | None:
         """Wait for an existing request by id (``None``: approved). Cancelling withdraws it."""
         try:
-            request = await asyncio.to_thread(self.service.get, request_id)
+            request = await self._offload(self.service.get, request_id)
         except ApprovalError:
             raise
         except Exception as exc:  # noqa: BLE001 - whatever broke the store, fail closed
@@ -329,7 +334,7 @@ class HoldBroker:
         request_id = waiter.request.id
         try:
             # Settled atomically in the store: an approval that landed just before wins.
-            request = await asyncio.to_thread(self.service.expire, request_id, waiter.expiry_reason)
+            request = await self._offload(self.service.expire, request_id, waiter.expiry_reason)
         except Exception as exc:  # noqa: BLE001 - whatever broke the store, fail closed
             log.error("approval %s: could not record its expiry: %s", request_id, exc)
             self._resolve(waiter, _unavailable(request_id, exc))
@@ -342,7 +347,7 @@ class HoldBroker:
 
     async def _withdraw(self, request_id: str, why: str) -> None:
         try:
-            request = await asyncio.to_thread(self.service.withdraw, request_id, why)
+            request = await self._offload(self.service.withdraw, request_id, why)
         except Exception as exc:  # noqa: BLE001 - the statement is already refused; log and move on
             log.error("approval %s: could not withdraw it (%s): %s", request_id, why, exc)
             return
@@ -350,6 +355,14 @@ class HoldBroker:
             self._notify("decision", request)
         else:
             log.info("approval %s was already %s when its statement stopped waiting", request_id, request.status)
+
+    async def _offload(self, function: Callable[..., Any], *args: Any) -> Any:
+        """``function(*args)`` in a thread (SQLite blocks), tracked until the thread is done."""
+        future = asyncio.get_running_loop().run_in_executor(None, function, *args)
+        self._in_threads.add(future)
+        future.add_done_callback(self._in_threads.discard)
+        # Shielded: a cancelled caller leaves the future to finish, so close() can wait for it.
+        return await asyncio.shield(future)
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -376,20 +389,20 @@ class HoldBroker:
                 if loop_time - self._last_sweep >= self.sweep_seconds:
                     self._last_sweep = loop_time
                     # Any expiry bumps the revision: our next read picks it up.
-                    await asyncio.to_thread(self.service.expire_overdue)
+                    await self._offload(self.service.expire_overdue)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - any store failure fails closed, and polling goes on
                 self._store_failed(exc)
 
     async def _refresh(self, force: bool = False) -> None:
-        revision = await asyncio.to_thread(self.service.store.revision)
+        revision = await self._offload(self.service.store.revision)
         if not force and not self._dirty and revision == self._grants.revision:
             return
         # Cleared before reading: a waiter added while we read sets it again.
         self._dirty = False
         ids = list(self._waiters)
-        grants, requests = await asyncio.to_thread(self._read, ids)
+        grants, requests = await self._offload(self._read, ids)
         self._grants = _GrantCache(revision, self._expiries(grants))
         for request in requests.values():
             if not request.pending:

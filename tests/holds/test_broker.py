@@ -419,6 +419,40 @@ def test_close_refuses_waiters_and_withdraws_their_requests(path: Path, web: App
     run(main())
 
 
+def test_close_waits_for_a_store_call_still_running_in_a_thread(path: Path) -> None:
+    """Cancelling the poller does not stop the thread it awaits; closing the store under that
+    thread crashed SQLite (a segfault in CI). close() waits for the thread first."""
+    async def main() -> None:
+        broker = make_broker(path)
+        await broker.start()
+        store = broker.service.store
+        entered, release = threading.Event(), threading.Event()
+        revision, close = store.revision, broker.service.close
+        closed_while_in_use: list[bool] = []
+
+        def gated_revision() -> int:
+            entered.set()
+            release.wait(SAFETY)
+            return revision()
+
+        def recording_close() -> None:
+            closed_while_in_use.append(not release.is_set())
+            release.set()  # so a broken close() cannot hang the test
+            close()
+
+        store.revision = gated_revision  # type: ignore[method-assign]
+        broker.service.close = recording_close  # type: ignore[method-assign]
+        await settled(in_thread(lambda: entered.wait(SAFETY)))
+        poller = broker._task
+        assert poller is not None
+        closing = asyncio.get_running_loop().create_task(broker.close())
+        await settled(asyncio.wait([poller]))
+        release.set()
+        await settled(closing)
+        assert closed_while_in_use == [False]
+    run(main())
+
+
 def test_start_expires_requests_left_pending_by_an_earlier_run(path: Path) -> None:
     async def main() -> None:
         clock = Clock()
