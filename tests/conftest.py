@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -18,6 +19,14 @@ if TYPE_CHECKING:  # the fixtures import them when used: a suite that needs none
     from tests.identity.enroll_server import EnrollServer
     from tests.identity.tls_helpers import TlsFiles
     from tests.webui import Appliance
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """A failure's traceback the moment it happens, not only in the final summary: a later
+    crash of the whole run (a segfault in an extension) must not take the evidence with it."""
+    if report.failed:
+        sys.stderr.write(f"\n--- FAILED {report.nodeid} ({report.when})\n{report.longreprtext}\n---\n")
+        sys.stderr.flush()
 
 
 def lab_unavailable() -> str | None:
