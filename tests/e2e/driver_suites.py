@@ -303,15 +303,18 @@ def suite_env(lab: Lab, path: str, workdir: Path, suite: Suite, results: Path, d
     return env
 
 
-def run_suite(lab: Lab, name: str, path: str, base: Path, *, cache: Path = CACHE) -> SuiteRun:
-    """Run one suite on one path ("direct" or "tollgate") from the agent namespace."""
+def run_suite(lab: Lab, name: str, path: str, base: Path, *, cache: Path = CACHE,
+              only: Sequence[str] = ()) -> SuiteRun:
+    """Run one suite on one path ("direct" or "tollgate") from the agent namespace; with
+    ``only``, just those node ids."""
     suite = SUITES[name]
     archive = sdist(suite.dist, installed_version(suite.dist), cache)
     deps = suite_deps(cache)
-    workdir = unpack_tests(archive, suite, base / f"{name}-{path}")
+    workdir = unpack_tests(archive, suite, base / f"{name}-{path}{'-again' if only else ''}")
     results = workdir / "outcomes.json"
     log = workdir / "pytest.log"
-    argv = [sys.executable, "-m", "pytest", suite.test_dir, "-p", "no:cacheprovider", "-p", "tollgate_suite_plugin",
+    argv = [sys.executable, "-m", "pytest", *(only or [suite.test_dir]), "-p", "no:cacheprovider",
+            "-p", "tollgate_suite_plugin",
             "-p", "timeout", f"--timeout={PER_TEST_TIMEOUT}", "-q", "-rfE",
             f"--junitxml={workdir / 'junit.xml'}", *suite.args]
     for prefix in suite.deselect:

@@ -125,6 +125,18 @@ def test_driver_suite_gives_the_same_results_through_tollgate(suite_lab: Lab, su
         print(f"\n{suite}: allow-listed but alike this time (shrink the list if it stays so): {', '.join(stale)}")
     unexpected = [d for d in diffs if not d.allowed]
     if unexpected:
+        # The suites have timing-dependent tests of their own: a difference counts only if
+        # it shows again when just those tests run once more on both paths.
+        only = [d.test for d in unexpected]
+        again = compare(run_suite(suite_lab, suite, "direct", tmp_path, only=only),
+                        run_suite(suite_lab, suite, "tollgate", tmp_path, only=only), allow, SYMPTOMS[suite])
+        repeated = {d.test for d in again if not d.allowed}
+        gone = [d for d in unexpected if d.test not in repeated]
+        if gone:
+            print(f"\n{suite}: differed once, alike when run again (timing in the suite, or a "
+                  f"cascade from an earlier test):\n{table(gone)}")
+        unexpected = [d for d in unexpected if d.test in repeated]
+    if unexpected:
         pytest.fail(
             f"{suite}: {len(unexpected)} test(s) give a different result through Tollgate than directly:\n"
             f"{table(unexpected)}\n\n{summary(direct)}\n{summary(through)}\n"
