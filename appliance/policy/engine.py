@@ -53,7 +53,7 @@ from appliance.model.decision import (
     StatementClass,
 )
 from appliance.policy.classifier import CACHE_MAX_CHARS, CACHE_SIZE, REFUSED, classify
-from appliance.policy.patterns import Kind, Pattern, covers, hits
+from appliance.policy.patterns import Kind, Pattern, covers, hits, split_name, unquote
 from appliance.policy.rules import PolicyError, Rule, RuleSet, load_rules, parse_rules
 from appliance.policy.shape import shape
 
@@ -99,6 +99,9 @@ class Policy:
         self._decide_exact = functools.lru_cache(maxsize=CACHE_SIZE)(self._decide_by_shape)
         self._function_cached = functools.lru_cache(maxsize=1024)(self._decide_function_uncached)
         self._applicable = functools.lru_cache(maxsize=256)(self._applicable_uncached)
+        self._cardholder_columns = tuple(sorted(
+            set(ruleset.cardholder_columns)
+            | {m.column for r in ruleset.rules for m in r.masks if m.method is MaskMethod.PAN}))
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
@@ -116,6 +119,31 @@ class Policy:
     def masked_columns(self) -> tuple[str, ...]:
         """Every column some mask rule masks (what masking must recognise in results)."""
         return tuple(sorted({m.column for r in self.rules for m in r.masks}))
+
+    @property
+    def cardholder_columns(self) -> tuple[str, ...]:
+        """Every cardholder column: those the file declares in ``cardholder_columns`` and
+        every column a mask rule masks with method ``pan``. Sorted ``schema.table.column``
+        names spelled as the policy spells them (a part with a dot, space, quote or glob
+        character is double-quoted); :meth:`cardholder_column_parts` gives the parts as
+        PostgreSQL stores them. Stable API: ``tollgate db discover/provision`` read it."""
+        return self._cardholder_columns
+
+    def cardholder_column_parts(self) -> tuple[tuple[str, str, str], ...]:
+        """:attr:`cardholder_columns` as ``(schema, table, column)``, unquoted: the names
+        as ``pg_attribute``/``information_schema`` hold them, ready for a catalog query."""
+        return tuple(tuple(unquote(p) for p in split_name(c)) for c in self._cardholder_columns)  # type: ignore[misc]
+
+    @property
+    def agent_groups(self) -> frozenset[str]:
+        """The groups the file's ``agent_groups`` names (empty: the lineage and function
+        rules apply to nobody)."""
+        return self.ruleset.agent_groups or frozenset()
+
+    def is_agent(self, groups: Iterable[str]) -> bool:
+        """Whether a requester with ``groups`` is held to the lineage and function rules."""
+        agents = self.ruleset.agent_groups
+        return bool(agents) and not agents.isdisjoint(groups)
 
     def __repr__(self) -> str:
         return f"<Policy {self.path} ({len(self.rules)} rules)>"

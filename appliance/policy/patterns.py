@@ -153,6 +153,15 @@ def qualified(parts: Iterable[str]) -> str:
 
 
 @functools.lru_cache(maxsize=16384)
+def unquote(part: str | None) -> str:
+    """A name part as PostgreSQL stores it: ``"a.b"`` becomes ``a.b``, and a doubled quote inside one."""
+    if part is None:
+        return "*"
+    if len(part) >= 2 and part[0] == part[-1] == '"':
+        return part[1:-1].replace('""', '"')
+    return part
+
+
 def split_name(name: str) -> Parts:
     """``a."b.c".*`` → ("a", '"b.c"', None). Quoted parts keep their quotes; an unquoted
     ``*`` or ``?`` part is unknown."""

@@ -5,6 +5,8 @@ Format (docs/policy.md has the full guide)::
     default = "deny"                    # "deny" (the default) or "allow": when no rule matches
     default_message = "no policy rule allows this statement"
     search_path = ["public"]            # where bare names resolve, for allow/mask coverage
+    cardholder_columns = ["payments.cards.pan"]  # exact schema.table.column names (see lineage)
+    agent_groups = ["payments-agents"]  # groups the lineage and function rules apply to
 
     [[rule]]
     name = "no-ddl-on-cardholder-data"  # required, unique
@@ -57,10 +59,11 @@ from appliance.policy.patterns import Pattern, PatternError, compile_pattern, sp
 
 DEFAULT_MESSAGE = "no policy rule allows this statement"
 DEFAULT_SEARCH_PATH = ("public",)
-RESERVED_RULE_NAMES = frozenset({"default", "unparsable", "refused", "empty"})
+RESERVED_RULE_NAMES = frozenset({"default", "unparsable", "refused", "empty", "lineage", "untrusted-function"})
 MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 24 * 3600.0
 
-TOP_KEYS = ("default", "default_message", "search_path", "rule")
+TOP_KEYS = ("default", "default_message", "search_path", "cardholder_columns", "agent_groups",
+            "trusted_functions", "rule")
 RULE_KEYS = ("name", "description", "groups", "targets", "classes", "relations", "columns", "functions",
              "action", "message", "approvers", "min_approvals", "timeout", "mask")
 HOLD_KEYS = ("approvers", "min_approvals", "timeout")
@@ -100,6 +103,12 @@ class RuleSet:
     default_message: str = DEFAULT_MESSAGE
     default_line: int | None = None
     search_path: tuple[str, ...] = DEFAULT_SEARCH_PATH
+    # Declared with ``cardholder_columns``: exact ``schema.table.column`` names.
+    cardholder_columns: tuple[str, ...] = ()
+    # ``agent_groups``: whom the lineage and function rules apply to (None: nobody).
+    agent_groups: frozenset[str] | None = None
+    # ``trusted_functions``: globs of functions outside pg_catalog agents may call.
+    trusted_functions: tuple[Pattern, ...] = ()
 
 
 # ---- positions --------------------------------------------------------------------------
@@ -308,11 +317,28 @@ def _masks(reader: _Reader, index: int, raw: Any, where: str) -> tuple[ColumnMas
             raise bad("columns must be a non-empty array of \"schema.table.column\" names")
         for column in columns:
             # Masks are applied by catalog lookup of exact names, so no globs here.
-            if not isinstance(column, str) or any(ch in column for ch in "*?[]") \
-                    or len(split_name(column)) != 3 or not all(split_name(column)):
+            if not is_exact_column(column):
                 raise bad(f"{column!r} is not a schema.table.column name (masks take exact names)")
             out.append(ColumnMask(column, _METHODS[method]))
     return tuple(out)
+
+
+def is_exact_column(column: object) -> bool:
+    """Whether ``column`` is an exact ``schema.table.column`` name (no globs, no empty part)."""
+    if not isinstance(column, str) or any(ch in column for ch in "*?[]"):
+        return False
+    parts = split_name(column)
+    return len(parts) == 3 and all(parts)
+
+
+def _cardholder_columns(reader: _Reader, value: Any) -> tuple[str, ...]:
+    columns = _string_list(reader, None, "cardholder_columns", value, "")
+    for column in columns:
+        if not is_exact_column(column):
+            raise reader.error(reader.where.key(None, "cardholder_columns"),
+                               f"cardholder_columns: {column!r} is not a schema.table.column name "
+                               "(write exact names, like mask columns; quote parts that need it)")
+    return tuple(sorted(set(columns)))
 
 
 def _toml_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> PolicyError:
@@ -351,6 +377,17 @@ def parse_rules(text: str, path: str | Path = "<policy>") -> RuleSet:
     search_path = DEFAULT_SEARCH_PATH
     if "search_path" in data:
         search_path = _string_list(reader, None, "search_path", data["search_path"], "")
+    cardholder = _cardholder_columns(reader, data["cardholder_columns"]) if "cardholder_columns" in data else ()
+    agents = None
+    if "agent_groups" in data:
+        agents = frozenset(_string_list(reader, None, "agent_groups", data["agent_groups"], ""))
+    trusted: tuple[Pattern, ...] = ()
+    if "trusted_functions" in data:
+        try:
+            trusted = tuple(compile_pattern(v) for v in _string_list(reader, None, "trusted_functions",
+                                                                     data["trusted_functions"], ""))
+        except PatternError as exc:
+            raise reader.error(reader.where.key(None, "trusted_functions"), f"trusted_functions: {exc}") from None
 
     raw_rules = data.get("rule", [])
     if not isinstance(raw_rules, list):
@@ -359,7 +396,8 @@ def parse_rules(text: str, path: str | Path = "<policy>") -> RuleSet:
     rules = tuple(_rule(reader, i, raw, seen) for i, raw in enumerate(raw_rules))
     return RuleSet(path=path, rules=rules, default=Action.ALLOW if default_text == "allow" else Action.BLOCK,
                    default_message=default_message, default_line=reader.where.key(None, "default"),
-                   search_path=search_path)
+                   search_path=search_path, cardholder_columns=cardholder, agent_groups=agents,
+                   trusted_functions=trusted)
 
 
 def parse_rules_bytes(raw: bytes, path: str | Path) -> RuleSet:
