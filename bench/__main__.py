@@ -53,7 +53,15 @@ class Interrupted(KeyboardInterrupt):
     """SIGTERM/SIGHUP, turned into an exception so every cleanup runs."""
 
 
+_OWNER_PID = os.getpid()
+
+
 def _on_signal(signum: int, _frame: Any) -> None:
+    # A child forked from Python (a library's helper process) inherits this handler: raising
+    # there would unwind the parent's stack in the child and run its clean-ups (which once
+    # removed the bench's work directory mid-run). A child just goes.
+    if os.getpid() != _OWNER_PID:
+        os._exit(128 + signum)
     raise Interrupted(signal.Signals(signum).name)
 
 
@@ -363,7 +371,9 @@ def progress(msg: str) -> None:
 def measure(ctx: Context, args: argparse.Namespace, plan: list[tuple[Case, list[str]]], paths_used: set[str],
             meta: dict[str, Any], results: list[CaseResult]) -> None:
     """Everything inside the lab: database, pgbouncer, probes, warm-up, the cases."""
-    lab, workdir = ctx.lab, ctx.workdir
+    from appliance.lab import LabError
+
+    lab = ctx.lab
     meta["lab"] = {"name": lab.name, "proxy_method": lab.method}
     meta["versions"]["pgbench"] = pgbench.version(lab)
     meta["versions"]["postgresql"] = superuser_sql(lab, "SELECT version()")
@@ -405,17 +415,34 @@ def measure(ctx: Context, args: argparse.Namespace, plan: list[tuple[Case, list[
 
     print(header(meta), flush=True)
     for case, paths in plan:
-        if "tollgate" in paths and lab.audit != case.audit:
-            log.info("bench: restarting the proxy with audit %s", case.audit)
-            lab.set_audit(case.audit)
-        script = None
-        if case.script is not None:
-            script = workdir / f"{case.name}.sql"
-            script.write_text(case.script)
-        progress(f"{case.name}: pgbench {' '.join(case.args)} -T {args.duration} "
-                 f"({', '.join(paths)}{f', ×{args.repeat}' if args.repeat > 1 else ''})")
-        results.append(run_case(ctx, case, paths, duration=args.duration, repeat=args.repeat,
-                                script=script, progress=progress))
+        try:
+            results.append(_run_one(ctx, args, case, paths))
+        except (pgbench.PgbenchError, LabError, OSError) as exc:
+            # One case's failure is reported with the others, not the end of the run.
+            log.error("bench: case %s failed: %s", case.name, exc)
+            results.append(failed_case(case, paths, f"{type(exc).__name__}: {exc}"))
+
+
+def _run_one(ctx: Context, args: argparse.Namespace, case: Case, paths: list[str]) -> CaseResult:
+    if "tollgate" in paths and ctx.lab.audit != case.audit:
+        log.info("bench: restarting the proxy with audit %s", case.audit)
+        ctx.lab.set_audit(case.audit)
+    script = None
+    if case.script is not None:
+        script = ctx.workdir / f"{case.name}.sql"
+        script.write_text(case.script)
+    progress(f"{case.name}: pgbench {' '.join(case.args)} -T {args.duration} "
+             f"({', '.join(paths)}{f', ×{args.repeat}' if args.repeat > 1 else ''})")
+    return run_case(ctx, case, paths, duration=args.duration, repeat=args.repeat, script=script, progress=progress)
+
+
+def failed_case(case: Case, paths: list[str], error: str) -> CaseResult:
+    """A case that could not run at all, as one failed run on each of its paths."""
+    def failed(path: str) -> PathResult:
+        return PathResult(path, runs=[pgbench.PgbenchRun(argv=[], returncode=None, wall_s=0.0, stdout="", stderr="",
+                                                         error=error)],
+                          proxy_cpu_s=[None], proxy_peak_rss_kb=[None])
+    return CaseResult(case, {p: failed(p) for p in paths})
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -464,7 +491,8 @@ def _main(args: argparse.Namespace) -> int:
     except (LabError, pgbench.PgbenchError, pgbouncer.PgBouncerError) as exc:
         raise BenchError(str(exc)) from exc
     finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+        if os.getpid() == _OWNER_PID:
+            shutil.rmtree(workdir, ignore_errors=True)
 
     if audit_log_case:
         from bench import audit_log
