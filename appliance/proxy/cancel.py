@@ -1,12 +1,21 @@
 """Cancel keys: the ones Tollgate hands agents, mapped onto their sessions.
 
-Agents never see the database's BackendKeyData: a key from Tollgate can only cancel the
-query of the session it was issued to, through Tollgate, which sends the real key.
+The agent is given the backend's real process id — so ``pg_backend_pid()``, a
+notification's sender pid, ``pg_stat_activity`` and ``pg_terminate_backend`` agree with
+what its driver reports — and a secret Tollgate draws itself; the database's secret never
+leaves Tollgate. A CancelRequest is looked up by the pair: only a key issued to a live
+session cancels, and only that session's query, through Tollgate, which sends the real key
+to that session's database. Two databases may have a backend with the same pid, and a pid
+is reused once its backend ends; the secret tells them apart: no two live keys are equal
+(a drawn secret that would make one is drawn again), and a session's key is forgotten when
+it ends. A key that matches nothing is ignored without an answer, as PostgreSQL does, and
+counted.
 """
 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -16,18 +25,27 @@ if TYPE_CHECKING:
 class CancelRegistry:
     """Maps the cancel keys issued to clients onto their sessions."""
 
-    def __init__(self) -> None:
+    def __init__(self, draw_secret: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self._sessions: dict[tuple[int, bytes], Session] = {}
+        self._draw_secret = draw_secret
+        self.unmatched = 0  # CancelRequests whose key was no live session's
 
-    def issue(self, session: Session, key_length: int) -> tuple[int, bytes]:
+    def issue(self, session: Session, process_id: int, upstream_secret: bytes) -> tuple[int, bytes]:
+        """The key the agent is given for the backend ``process_id``: its real pid and a
+        fresh secret as long as the database's (4 bytes in protocol 3.0), never equal to
+        the database's secret nor making a key another live session holds."""
         while True:
-            key = (secrets.randbits(31) or 1, secrets.token_bytes(key_length))
-            if key not in self._sessions:
+            secret = self._draw_secret(len(upstream_secret))
+            key = (process_id, secret)
+            if secret != upstream_secret and key not in self._sessions:
                 self._sessions[key] = session
                 return key
 
     def lookup(self, process_id: int, secret_key: bytes) -> Session | None:
-        return self._sessions.get((process_id, secret_key))
+        session = self._sessions.get((process_id, secret_key))
+        if session is None:
+            self.unmatched += 1
+        return session
 
     def forget(self, key: tuple[int, bytes] | None) -> None:
         if key is not None:

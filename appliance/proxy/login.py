@@ -4,7 +4,8 @@ Once the upstream TCP connection is up: SSLRequest (unless the target disables T
 agent's StartupMessage with the role swapped for the upstream one, then the password
 exchange — SCRAM-SHA-256, MD5, or a cleartext password only over TLS. What the server says
 after AuthenticationOk (ParameterStatus, BackendKeyData, notices) reaches the agent, the
-cancel key swapped for one Tollgate issues; ReadyForQuery makes the session ready.
+cancel key's secret swapped for one Tollgate issues (the pid stays the backend's real one,
+see cancel.py); ReadyForQuery makes the session ready.
 """
 
 from __future__ import annotations

@@ -243,8 +243,9 @@ class Session:
     def forward_cancel(self, packet: m.CancelRequest) -> None:
         session = self.cancels.lookup(packet.process_id, packet.secret_key)
         target = session.cancel_target() if session is not None else None
-        if session is None:
-            log.warning("cancel request from %s with an unknown key ignored", self.info.client)
+        if session is None:  # PostgreSQL, too, ignores it without a word to the sender
+            log.debug("cancel request from %s for pid %d with an unknown key ignored", self.info.client,
+                      packet.process_id)
         if target is None:
             self._close("cancel request handled")
             return
@@ -278,7 +279,7 @@ class Session:
             raise ProtocolError("the database sent BackendKeyData twice")
         self._upstream_key = (msg.process_id, msg.secret_key)
         self.info.backend_pid = msg.process_id
-        self._client_key = self.cancels.issue(self, len(msg.secret_key))
+        self._client_key = self.cancels.issue(self, msg.process_id, msg.secret_key)
         self.io.send_client(m.BackendKeyData(*self._client_key).encode())
 
     def login_complete(self, ready: m.ReadyForQuery) -> None:
@@ -342,6 +343,7 @@ class Session:
             "database": info.database, "upstream_user": info.upstream_user,
             "application_name": info.application_name, "phase": self.phase.value,
             "transaction_status": info.transaction_status.decode(), "started_at": info.started_at,
+            "backend_pid": info.backend_pid,
             "held": self.pipeline.held is not None, "upstream_tls": info.upstream_tls,
             "client_tls": info.client_tls,
             "identity": identity.display if identity is not None else None,

@@ -31,14 +31,15 @@ def test_ipv6_through_tproxy(tproxy_lab: Lab):
     assert out.strip() == "fd7a:6c67:2::10"
 
 
-def test_tproxy_session_is_proxied_and_cancel_keys_substituted(tproxy_lab: Lab):
+def test_tproxy_session_is_proxied_and_gets_the_real_backend_pid(tproxy_lab: Lab):
     got = python_json(tproxy_lab, """
         import json, sys, psycopg
         with psycopg.connect(sys.argv[1]) as conn:
-            print(json.dumps([conn.info.backend_pid != conn.execute("SELECT pg_backend_pid()").fetchone()[0],
+            print(json.dumps([conn.info.backend_pid == conn.execute("SELECT pg_backend_pid()").fetchone()[0],
                               conn.execute("SELECT inet_client_addr()::text").fetchone()[0]]))
     """, tproxy_lab.conninfo())
     # tproxy keeps the agent's address on the agent side only; upstream is the appliance.
+    # The pid is the backend's own (Tollgate substitutes only the cancel secret).
     assert got == [True, "198.18.2.1/32"]
 
 

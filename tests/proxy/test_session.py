@@ -99,7 +99,7 @@ def connect(pb, *, upstream_startup=None, **params: str):
 
 # ---- startup and upstream login ------------------------------------------------------------
 
-def test_startup_logs_in_upstream_with_held_credentials_and_hides_the_backend_key():
+def test_startup_logs_in_upstream_with_held_credentials_and_hides_the_backend_secret():
     pb = playbook()
     key = Capture(m.BackendKeyData)
     assert (connect(pb, application_name="agent-7", upstream_startup=m.StartupMessage(196608, {
@@ -110,8 +110,11 @@ def test_startup_logs_in_upstream_with_held_credentials_and_hides_the_backend_ke
             >> ServerData(m.AuthenticationOk(), m.ParameterStatus("client_encoding", "UTF8"),
                           m.BackendKeyData(*UPSTREAM_KEY), READY)
             << ClientGets(m.AuthenticationOk(), m.ParameterStatus("client_encoding", "UTF8"), key, READY))
-    assert (key.value.process_id, key.value.secret_key) != UPSTREAM_KEY
+    # The backend's real pid (pg_backend_pid() agrees with the driver); a secret of Tollgate's.
+    assert key.value.process_id == UPSTREAM_KEY[0]
+    assert key.value.secret_key != UPSTREAM_KEY[1]
     assert len(key.value.secret_key) == 4
+    assert pb.session.describe()["backend_pid"] == UPSTREAM_KEY[0]
     assert pb.session.phase is Phase.READY
     assert pb.session.info.parameters["client_encoding"] == "UTF8"
 
@@ -320,6 +323,53 @@ def test_cancel_with_the_upstream_key_itself_does_nothing():
     ready_playbook(cancels=cancels)
     canceller = playbook(cancels=cancels)
     assert canceller >> ClientData(m.CancelRequest(*UPSTREAM_KEY)) << Close()
+    assert cancels.unmatched == 1
+
+
+def test_cancel_needs_both_the_pid_and_the_secret():
+    cancels = CancelRegistry()
+    issued = Capture(m.BackendKeyData)
+    ready_playbook(cancels=cancels, key=issued)
+    pid, secret = issued.value.process_id, issued.value.secret_key
+    wrong_secret = bytes(b ^ 0xFF for b in secret)
+    for key in ((pid, wrong_secret), (pid + 1, secret)):
+        canceller = playbook(cancels=cancels)
+        # Dropped without a word (PostgreSQL says nothing either): no CancelUpstream.
+        assert canceller >> ClientData(m.CancelRequest(*key)) << Close()
+    assert cancels.unmatched == 2
+    canceller = playbook(cancels=cancels)
+    assert (canceller >> ClientData(m.CancelRequest(pid, secret))
+            << CancelUpstream("198.18.2.10:5432", *UPSTREAM_KEY))
+    assert canceller >> CancelDelivered() << Close()
+
+
+def test_cancel_over_tls_reaches_the_backend():
+    cancels = CancelRegistry()
+    issued = Capture(m.BackendKeyData)
+    ready_playbook(cancels=cancels, key=issued)
+    canceller = playbook(cancels=cancels, authenticator=CertificateOnly())
+    # Inside TLS (a cancel is not authenticated, in PostgreSQL either: the key is the proof).
+    assert (tls_accepted(canceller)
+            >> ClientTlsReady("TLSv1.3", None)
+            >> ClientData(m.CancelRequest(issued.value.process_id, issued.value.secret_key))
+            << CancelUpstream("198.18.2.10:5432", *UPSTREAM_KEY))
+    assert canceller >> CancelDelivered() << Close()
+
+
+def test_two_databases_backends_with_the_same_pid_get_distinct_keys():
+    # Two sessions on different servers whose backends have the same pid: the secret tells
+    # them apart, and a drawn secret that would repeat a live key (or be the database's own)
+    # is drawn again.
+    draws = iter([b"\x01\x02\x03\x04", b"\xaa\xaa\xaa\xaa", b"\xaa\xaa\xaa\xaa", b"\xbb\xbb\xbb\xbb"])
+    cancels = CancelRegistry(draw_secret=lambda n: next(draws))
+    first, second = Capture(m.BackendKeyData), Capture(m.BackendKeyData)
+    one = ready_playbook(cancels=cancels, key=first)
+    two = ready_playbook(cancels=cancels, key=second)
+    assert first.value.process_id == second.value.process_id == UPSTREAM_KEY[0]
+    assert first.value.secret_key == b"\xaa\xaa\xaa\xaa"  # the database's own secret was drawn first: refused
+    assert second.value.secret_key == b"\xbb\xbb\xbb\xbb"  # the first session's was drawn next: refused
+    assert cancels.lookup(*(first.value.process_id, first.value.secret_key)) is one.session
+    assert cancels.lookup(*(second.value.process_id, second.value.secret_key)) is two.session
 
 
 def test_closed_session_key_is_forgotten():
