@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "appliance.policy.cli",
     "appliance.holds.cli",
     "appliance.audit.cli",
+    "appliance.dbadmin.cli",
     "webui.cli",
 )
 

@@ -1,0 +1,164 @@
+"""``tollgate db provision`` against a real PostgreSQL: idempotent, and afterwards the
+database itself refuses the agent role's writes, laundering and clear reads with 42501."""
+
+from __future__ import annotations
+
+import pytest
+from psycopg import errors
+
+from appliance.cli import main
+from appliance.dbadmin import provision as prov
+from appliance.dbadmin.columns import ColumnName
+from tests.dbadmin.conftest import PANS, Database
+
+CARDS_PAN = "public.cards.pan"
+
+
+def provision(database: Database, *extra: str) -> int:
+    return main(["db", "provision", "-c", str(database.config), "--database", database.name,
+                 "--column", CARDS_PAN, "--dsn", database.dsn(), *extra])
+
+
+def pci_masked(pan: str) -> str:
+    return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
+
+
+@pytest.fixture
+def provisioned(database: Database) -> Database:
+    assert provision(database, "--apply") == 0
+    return database
+
+
+def refused(database: Database, sql: str) -> str:
+    """The server's message for ``sql`` run as the agent role, which must be 42501."""
+    with database.connect(database.agent) as conn, pytest.raises(errors.InsufficientPrivilege) as raised:
+        conn.execute(sql)
+    assert raised.value.sqlstate == "42501"
+    return str(raised.value)
+
+
+def test_apply_twice_is_idempotent_and_checked(database: Database, capsys: pytest.CaptureFixture[str]):
+    assert provision(database) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("BEGIN;\n") and printed.endswith("COMMIT;\n")
+    assert provision(database, "--apply") == 0
+    first = capsys.readouterr().out
+    assert "check: no agent role can read a cardholder column in clear" in first
+    assert provision(database, "--apply") == 0
+    assert capsys.readouterr().out == first
+    # The script it prints runs as is, a third time, with psql's own parser.
+    assert provision(database) == 0
+    with database.connect() as conn:
+        conn.execute(capsys.readouterr().out)
+    assert provision(database, "--check") == 0
+
+
+@pytest.mark.parametrize("sql", [
+    "UPDATE public.cards SET brand = 'x' WHERE id = 1",
+    "UPDATE cards SET brand = 'x' WHERE id = 1",  # the masked view first on the search_path
+    "INSERT INTO public.cards VALUES (999, '4111111111111111', '1111', 'visa')",
+    "DELETE FROM public.cards",
+    "TRUNCATE public.cards",
+    "CREATE TABLE public.notes (n text)",
+    "CREATE VIEW public.v AS SELECT 1",
+    "CREATE FUNCTION public.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "CREATE TEMP TABLE t (n int)",
+    "CREATE FUNCTION pg_temp.f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+    "CREATE SCHEMA mine",
+    "SELECT pan FROM public.cards",
+    "SELECT reverse(pan) FROM public.cards",
+    "SELECT * FROM public.cards",
+    "SELECT count(*) FROM public.cards WHERE pan LIKE '4%'",
+    "SELECT set_config('application_name', pan, false) FROM public.cards WHERE id = 1",
+    "SELECT pan FROM legacy.card_backup",  # still readable: not declared (discover finds it)
+    "SELECT lo_from_bytea(0, 'x')",
+    "SELECT query_to_xml('SELECT 1', true, true, '')",
+])
+def test_the_database_refuses_the_agent(provisioned: Database, sql: str):
+    if "legacy" in sql:
+        with provisioned.connect(provisioned.agent) as conn:
+            assert conn.execute(sql).fetchone() is not None
+        return
+    refused(provisioned, sql)
+
+
+def test_functions_the_agent_calls_run_with_its_privileges(provisioned: Database):
+    with provisioned.connect() as conn:
+        conn.execute("""
+            CREATE FUNCTION public.touch_cards() RETURNS void LANGUAGE sql
+                AS 'UPDATE public.cards SET brand = ''x'' WHERE id = 1';
+            CREATE FUNCTION public.dynamic(q text) RETURNS SETOF text LANGUAGE plpgsql
+                AS 'BEGIN RETURN QUERY EXECUTE q; END';
+        """)
+        conn.execute(f"GRANT EXECUTE ON FUNCTION public.touch_cards(), public.dynamic(text) TO {provisioned.agent}")
+    refused(provisioned, "SELECT public.touch_cards()")
+    refused(provisioned, "SELECT public.dynamic('SELECT reverse(pan) FROM public.cards')")
+    with provisioned.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM public.cards WHERE brand = 'x'").fetchone()[0] == 0
+
+
+def test_reads_through_the_search_path_show_the_masked_display(provisioned: Database):
+    with provisioned.connect(provisioned.agent) as conn:
+        rows = conn.execute("SELECT id, pan, pan_last4, reverse(pan) FROM cards ORDER BY id").fetchall()
+        # Columns that are not declared still read from the table itself, qualified or not.
+        assert conn.execute("SELECT max(id) FROM public.cards").fetchone()[0] == len(PANS)
+    assert [r[1] for r in rows] == [pci_masked(p) for p in PANS]
+    assert [r[2] for r in rows] == [p[-4:] for p in PANS]
+    assert [r[3] for r in rows] == [pci_masked(p)[::-1] for p in PANS]
+
+
+def test_an_agent_role_that_owns_a_cardholder_table_is_refused(database: Database,
+                                                               capsys: pytest.CaptureFixture[str]):
+    with database.connect() as conn:
+        conn.execute(f"ALTER TABLE public.cards OWNER TO {database.agent}")
+    assert provision(database) == 2
+    assert f"agent role {database.agent} owns a cardholder table" in capsys.readouterr().err
+
+
+def test_check_names_views_and_definer_functions_that_reach_a_cardholder_column(
+        provisioned: Database, capsys: pytest.CaptureFixture[str]):
+    with provisioned.connect() as conn:
+        conn.execute(f"SET ROLE {provisioned.owner}")
+        conn.execute("CREATE VIEW public.all_cards AS SELECT id, pan FROM public.cards")
+        conn.execute("CREATE FUNCTION public.pan_of(i int) RETURNS text LANGUAGE sql SECURITY DEFINER "
+                     "AS 'SELECT pan FROM public.cards WHERE id = i'")
+        conn.execute(f"GRANT SELECT ON public.all_cards TO {provisioned.agent}")
+    capsys.readouterr()
+    assert provision(provisioned, "--check") == 1
+    out = capsys.readouterr().out
+    assert "SELECT on view all_cards, which reads public.cards.pan" in out
+    assert "EXECUTE on SECURITY DEFINER function pan_of(integer)" in out
+
+
+def test_held_writes_leave_the_other_columns_writable_and_never_the_pan(database: Database):
+    assert provision(database, "--apply", "--writes", "held") == 0
+    with database.connect(database.agent) as conn:
+        assert conn.execute("UPDATE public.cards SET brand = 'y' WHERE id = 2").rowcount == 1
+    refused(database, "UPDATE public.cards SET pan = '4111111111111111' WHERE id = 2")
+    refused(database, "UPDATE public.cards SET brand = 'z' WHERE pan LIKE '4%'")
+
+
+def test_plan_masks_numbers_in_their_own_type_and_honours_last4():
+    snapshot = prov.Snapshot(
+        "db", "owner", (prov.Table("public", "cards", "owner",
+                                   (prov.Column("id", "integer", "int4"), prov.Column("pan", "bigint", "int8")),
+                                   frozenset({"pan"})),),
+        (prov.Role("agent", False, False, ()),), ())
+    sql = "\n".join(prov.plan(snapshot, prov.Options(pan_format="last4")))
+    assert '"tollgate_masked".pan_display_number("pan"::numeric)::bigint AS "pan"' in sql
+    assert "right(d, 4)::numeric" in sql and "left(d, 6)" not in sql
+    assert 'GRANT SELECT ("id") ON TABLE "public"."cards" TO "agent"' in sql
+
+
+def test_the_masked_number_display_keeps_bin_and_last_four(provisioned: Database):
+    with provisioned.connect() as conn:
+        shown = conn.execute("SELECT tollgate_masked.pan_display_number(%s::numeric)", (PANS[0],)).fetchone()[0]
+    assert str(shown) == PANS[0][:6] + "0" * (len(PANS[0]) - 10) + PANS[0][-4:]
+
+
+def test_a_missing_declared_column_is_refused(database: Database):
+    with database.connect() as conn:
+        snapshot = prov.read_snapshot(conn, [ColumnName("public", "cards", "cvv")], [database.agent])
+    with pytest.raises(prov.ProvisionError, match=r"declared column public\.cards\.cvv is not in database"):
+        prov.plan(snapshot)
+
