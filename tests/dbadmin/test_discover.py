@@ -79,3 +79,13 @@ def test_cli_names_a_bad_column(database: Database, capsys: pytest.CaptureFixtur
     assert main(["db", "discover", "-c", str(database.config), "--database", database.name,
                  "--column", "cards.pan"]) == 2
     assert "'cards.pan' is not schema.table.column" in capsys.readouterr().err
+
+
+def test_cli_reads_the_policys_declaration(database: Database, capsys: pytest.CaptureFixture[str]):
+    policy = database.config.parent / "policy.toml"
+    policy.write_text('default = "deny"\ncardholder_columns = ["public.cards.pan", "legacy.card_backup.pan"]\n')
+    database.config.write_text(database.config.read_text() + f'\n[policy]\nfile = "{policy}"\n')
+    assert main(["db", "discover", "-c", str(database.config), "--database", database.name, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert sorted(c["column"] for c in report["declared"]) == [str(BACKUP_PAN), str(CARDS_PAN)]
+    assert report["undeclared_candidates"] == []
