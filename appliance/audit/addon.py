@@ -8,6 +8,15 @@ record that can't be written refuses its statement: nothing unrecorded reaches t
 database. Records of things already done (results, session ends) are best effort: a
 failure is counted and reported by the log as soon as it can write again.
 
+No record is lost to its encoding. Text the client or the server sent that isn't UTF-8 (a
+column name in a LATIN9 session, an application_name in SJIS) arrives with its bytes kept
+as lone surrogates, which a JSON record can't hold: such a record — statement, result,
+session, any — is written with each of those bytes as ``\\xNN`` (and each backslash of
+that string doubled), and the JSON Pointers of the strings so written listed in its
+``escaped`` field (docs/audit-format.md). A best-effort record that still can't be written
+is itself recorded: at once as ``audit.unrecorded`` if the log can take that, else counted
+and written as one ``audit.unrecorded`` with the next record the log takes.
+
 Everything put in a record is scrubbed of card numbers first: SQL text, parameters,
 sampled result values (already masked on their way to the agent), error messages — and
 then every string of the record once more, with the side channels' wider search (column
@@ -20,11 +29,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import re
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.audit.control import register_control_ops
+from appliance.audit.store_errors import AuditUnavailable
 from appliance.pan.sidechannel import clean_text, scrub_side
 from appliance.pgwire import decode_backend
 from appliance.pgwire.params import bind_params
@@ -100,6 +112,10 @@ class AuditAddon(Addon):
         self.result_bytes = result_bytes
         self._by_proxy_id: dict[int, _SessionAudit] = {}  # for approvals, which name sessions by SessionInfo.id
         self._decided: set[tuple[str, str]] = set()
+        # Best-effort records that could not be written, by type, until audit.unrecorded says so.
+        self._unrecorded: dict[str, int] = {}
+        self._unrecorded_error: str | None = None
+        self._unrecorded_since: str | None = None
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -184,7 +200,7 @@ class AuditAddon(Addon):
         else:
             record["outcome"] = "success"
         try:
-            seq = self.log.append(_scrubbed(_clean(record)), trusted=True)
+            seq = self._write(record)
         except Exception as exc:  # noqa: BLE001 - the log can't take it: the statement must not run
             if reject is not None:
                 return None  # refused anyway; the log counts what it missed
@@ -205,9 +221,7 @@ class AuditAddon(Addon):
             fields["text_sha256"] = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
             fields["text_length"] = len(text)
             text = text[:MAX_TEXT] + "…"
-        if not text.isascii():  # bytes that weren't UTF-8 arrive as lone surrogates: show them as U+FFFD
-            text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        fields["text"] = self.scrub(text)
+        fields["text"] = self.scrub(text)  # bytes that weren't UTF-8 are written escaped (_write)
         if statement.name:
             fields["statement_name"] = statement.name
         if request.portal:
@@ -302,11 +316,50 @@ class AuditAddon(Addon):
 
     # ---- writing ----------------------------------------------------------------------------------
 
-    def _append(self, record: dict[str, Any]) -> None:
+    def _write(self, record: dict[str, Any]) -> int:
+        """Append ``record`` scrubbed; a string holding bytes that aren't UTF-8 is written
+        escaped (scrubbed before, on its bytes, and after, as written). Raises what the log
+        raises."""
+        scrubbed = _scrubbed(_clean(record))
         try:
-            self.log.append(_scrubbed(_clean(record)), trusted=True)
+            return self.log.append(scrubbed, trusted=True)
+        except ValueError:  # canonical.dumps: a lone surrogate (or a value outside the model)
+            escaped = _escaped(scrubbed)
+            if escaped is None:
+                raise
+            return self.log.append(_scrubbed(escaped), trusted=True)
+
+    def _append(self, record: dict[str, Any]) -> None:
+        """Append a record of something already done (best effort: it can't be undone)."""
+        if self._unrecorded:
+            self._record_unrecorded()
+        try:
+            self._write(record)
         except Exception as exc:  # noqa: BLE001 - already happened: it can't be undone, only reported
             log.error("audit: could not record %s: %s", record.get("type"), exc)
+            self._note_unrecorded(record, exc)
+
+    def _note_unrecorded(self, record: dict[str, Any], exc: Exception) -> None:
+        """A record was lost: say so in the log now if it takes that, else at its next record."""
+        kind = str(record.get("type"))
+        self._unrecorded[kind] = self._unrecorded.get(kind, 0) + 1
+        if self._unrecorded_error is None:
+            self._unrecorded_error = _escape_text(str(exc))[0]
+            self._unrecorded_since = _now_utc()
+        if not isinstance(exc, AuditUnavailable):  # the log works: this record alone could not be made
+            self._record_unrecorded()
+
+    def _record_unrecorded(self) -> None:
+        record = {"type": "audit.unrecorded", "outcome": "failure", "user": "tollgate", "origin": "local",
+                  "object": "audit-log", "records": dict(sorted(self._unrecorded.items())),
+                  "error": self._unrecorded_error, "since": self._unrecorded_since}
+        try:
+            self.log.append(_scrubbed(record), trusted=True)
+        except Exception as exc:  # noqa: BLE001 - still can't write: kept for the next try
+            log.debug("audit: the unrecorded records' note waits: %s", exc)
+            return
+        self._unrecorded.clear()
+        self._unrecorded_error = self._unrecorded_since = None
 
 
 class SamplingAuditAddon(AuditAddon):
@@ -347,8 +400,9 @@ def _decode_row(message: memoryview, formats: tuple[int, ...], budget: int,
             continue
         length = len(value)
         fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
+        # Text that isn't UTF-8 keeps its bytes (as lone surrogates): written escaped.
         text = "\\x" + value[:64].hex() + ("…" if length > 64 else "") if fmt == 1 else \
-            value.decode("utf-8", "replace")
+            value.decode("utf-8", "surrogateescape")
         used += len(text)
         if used > budget:
             return None
@@ -400,6 +454,60 @@ def _scrub_value(value: Any) -> Any:
     if kind is list or kind is tuple:
         return [_scrub_value(v) for v in value]
     return value
+
+
+def _escape_text(text: str) -> tuple[str, bool]:
+    """``text`` with each byte that wasn't UTF-8 (a lone surrogate U+DC80–U+DCFF, as
+    surrogateescape decodes it) as ``\\xNN`` and each backslash doubled, if it has such a
+    byte; and whether it had one. Any other lone surrogate (none comes off the wire) is
+    written as the bytes of its UTF-8 form, escaped alike."""
+    try:
+        text.encode("utf-8")
+        return text, False
+    except UnicodeEncodeError:
+        return _SURROGATE.sub(_escape_surrogate, text.replace("\\", "\\\\")), True
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _escape_surrogate(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    raw = bytes((code - 0xDC00,)) if 0xDC80 <= code <= 0xDCFF else match.group().encode("utf-8", "surrogatepass")
+    return "".join(f"\\x{b:02x}" for b in raw)
+
+
+def _escaped(record: dict[str, Any]) -> dict[str, Any] | None:
+    """``record`` with every string that isn't valid UTF-8 escaped (:func:`_escape_text`)
+    and their JSON Pointers (RFC 6901) in ``escaped``; None if no string needed it."""
+    pointers: list[str] = []
+
+    def walk(value: Any, pointer: str) -> Any:
+        kind = type(value)
+        if kind is str:
+            text, changed = _escape_text(value)
+            if changed:
+                pointers.append(pointer)
+            return text
+        if kind is dict:
+            return {_escape_text(k)[0]: walk(v, f"{pointer}/{_pointer_token(k)}") for k, v in value.items()}
+        if kind is list or kind is tuple:
+            return [walk(v, f"{pointer}/{i}") for i, v in enumerate(value)]
+        return value
+
+    escaped = walk(record, "")
+    if not pointers:
+        return None
+    escaped["escaped"] = pointers
+    return escaped
+
+
+def _pointer_token(key: str) -> str:
+    return _escape_text(key)[0].replace("~", "~0").replace("/", "~1")
+
+
+def _now_utc() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _clean(record: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,17 @@ import pytest
 from appliance.audit.addon import AuditAddon, SamplingAuditAddon
 from appliance.audit.keys import init_audit_dir
 from appliance.audit.store import AuditLog
+from appliance.audit.store_errors import AuditUnavailable
+from appliance.audit.verify_records import record_problems
 from appliance.config import AuditConfig
 from appliance.masking.addon import MaskingAddon
 from appliance.pan.scanner import scrub
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import Addon, Reject, SessionInfo, Statement
 from appliance.proxy.pipeline import BLOCKED_SQL
-from tests.proxy.trace import backend, frontend, ready_session
+from tests.audit.conftest import fill
+from tests.proxy.playbook import UPSTREAM_KEY
+from tests.proxy.trace import backend, frontend, new_session, ready_session, startup
 
 PAN = "4111111111111111"
 
@@ -139,3 +144,126 @@ def test_in_fsync_mode_the_statement_waits_for_the_record_to_be_durable(tmp_path
     durable, sent = asyncio.run(scenario())
     assert [x.query for x in sent] == ["SELECT 1"]
     assert durable >= 3  # log.start, the statement, and whatever came between
+
+
+# ---- text that isn't UTF-8: written escaped, never dropped ----------------------------------------
+
+def raw_lines(log: AuditLog) -> list[bytes]:
+    lines: list[bytes] = []
+    for segment in sorted((log.config.dir / "segments").glob("*.jsonl")):
+        lines += [line for line in segment.read_bytes().splitlines() if line]
+    return lines
+
+
+def assert_verifiable(log: AuditLog) -> None:
+    """Every line passes the verifier's record checks: canonical JSON, 10.2.2 fields, no clear PAN."""
+    for line in raw_lines(log):
+        _obj, problems = record_problems(line)
+        assert problems == [], (line, problems)
+
+
+def unescape(text: str) -> bytes:
+    """What docs/audit-format.md tells a reader to do with a string listed in ``escaped``."""
+    return re.sub(rb"\\\\|\\x([0-9a-f]{2})",
+                  lambda mo: bytes.fromhex(mo.group(1).decode()) if mo.group(1) else b"\\",
+                  text.encode("utf-8"))
+
+
+def test_a_column_name_and_value_that_arent_utf8_are_recorded_escaped(audit_log: AuditLog):
+    # A LATIN9 session: the column "€\" and the value "café" arrive as bytes 0xA4 and 0xE9.
+    session, _io = ready_session([SamplingAuditAddon(audit_log, _scrub)])
+    session.client_data(frontend(m.Query("SELECT 1")))
+    column = b"\xa4\\".decode("utf-8", "surrogateescape")
+    description = m.RowDescription((m.FieldDescription(column, 0, 0, 25, -1, -1, 0),))
+    session.server_data(backend(description, m.DataRow((b"caf\xe9",)), m.CommandComplete("SELECT 1"),
+                                m.ReadyForQuery(b"I")))
+    [result] = [r for r in read(audit_log) if r["type"] == "result"]
+    assert result["sample"]["columns"] == ["\\xa4\\\\"] and result["sample"]["rows"] == [["caf\\xe9"]]
+    assert result["escaped"] == ["/sample/columns/0", "/sample/rows/0/0"]
+    assert unescape(result["sample"]["columns"][0]) == b"\xa4\\"
+    assert unescape(result["sample"]["rows"][0][0]).decode("iso8859_15") == "café"
+    assert_verifiable(audit_log)
+
+
+def test_a_statement_that_isnt_utf8_runs_and_is_recorded_escaped(audit_log: AuditLog):
+    session, io = ready_session([AuditAddon(audit_log, _scrub)])
+    text = b"SELECT 'caf\xe9' AS \"\\\"".decode("utf-8", "surrogateescape")
+    session.client_data(frontend(m.Parse("stmt\udcff", text, ()), m.Bind("", "stmt\udcff", (), (), ()),
+                                 m.Execute("", 0), m.Sync()))
+    assert io.server_got()  # recorded, so forwarded
+    [statement] = [r for r in read(audit_log) if r["type"] == "statement"]
+    assert statement["outcome"] == "success"
+    assert statement["text"] == "SELECT 'caf\\xe9' AS \"\\\\\""
+    assert statement["statement_name"] == "stmt\\xff"
+    assert sorted(statement["escaped"]) == ["/statement_name", "/text"]
+    assert unescape(statement["text"]) == text.encode("utf-8", "surrogateescape")
+    assert_verifiable(audit_log)
+
+
+def test_a_card_number_next_to_bytes_that_arent_utf8_is_scrubbed_before_escaping(audit_log: AuditLog):
+    # Escaped, byte 0x99 is "\x99": its digits run into the card number after it, and the
+    # 18-digit run of the written text is no card number: the search of the bytes finds it.
+    session, _io = ready_session([SamplingAuditAddon(audit_log, _scrub)])
+    session.client_data(frontend(m.Query("SELECT 1")))
+    column = b"\x99".decode("utf-8", "surrogateescape") + PAN
+    description = m.RowDescription((m.FieldDescription(column, 0, 0, 23, 4, -1, 0),))
+    session.server_data(backend(description, m.DataRow((b"1",)), m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
+    [result] = [r for r in read(audit_log) if r["type"] == "result"]
+    assert result["sample"]["columns"] == ["\\x99411111******1111"]
+    assert PAN not in json.dumps(read(audit_log))
+    assert_verifiable(audit_log)
+
+
+def test_an_application_name_that_isnt_utf8_keeps_its_session_records(audit_log: AuditLog):
+    session, _io = new_session([AuditAddon(audit_log, _scrub)])
+    session.client_data(startup(application_name="agent-\udce9"))
+    session.upstream_connected()
+    session.server_data(m.AuthenticationOk().encode() + m.BackendKeyData(*UPSTREAM_KEY).encode()
+                        + m.ReadyForQuery(b"I").encode())
+    session.client_closed()
+    records = read(audit_log)
+    [start] = [r for r in records if r["type"] == "session.start"]
+    assert start["application_name"] == "agent-\\xe9" and start["escaped"] == ["/application_name"]
+    assert [r["type"] for r in records][-2:] == ["session.start", "session.end"]
+    assert_verifiable(audit_log)
+
+
+def test_a_record_that_cant_be_made_is_recorded_as_unrecorded(audit_log: AuditLog):
+    addon = AuditAddon(audit_log, _scrub)
+    # A value outside the record model (bytes where text belongs): the record can't be made.
+    addon.policy_reloaded("/etc/tollgate/policy.toml", b"\xab" * 32, 2, None)  # type: ignore[arg-type]
+    [note] = [r for r in read(audit_log) if r["type"] == "audit.unrecorded"]
+    assert note["records"] == {"policy.reload": 1} and note["outcome"] == "failure"
+    assert "bytes is not JSON serializable" in note["error"]
+    assert not [r for r in read(audit_log) if r["type"] == "policy.reload"]
+    assert_verifiable(audit_log)
+
+
+def _pad_until_refused(log: AuditLog) -> None:
+    for _ in range(10_000):
+        log.append({"type": "admin", "user": "tollgate", "origin": "local", "object": "test", "outcome": "success",
+                    "action": "padding"})
+
+
+def test_records_lost_while_the_disk_is_full_are_recorded_once_it_has_room(tiny_fs: Path):
+    config = AuditConfig(tiny_fs / "audit", origin="tollgate.test/addon", durability="write")
+    init_audit_dir(config)
+    log = AuditLog.open(config, version="test")
+    try:
+        addon = AuditAddon(log, _scrub)
+        session, _io = ready_session([addon])
+        fill(tiny_fs / "filler")
+        with pytest.raises(AuditUnavailable):  # until the segment's last page is full too
+            _pad_until_refused(log)
+        session.client_closed()  # its session.end can't be written
+        assert not [r for r in read(log) if r["type"] == "session.end"]
+        (tiny_fs / "filler").unlink()
+        ready_session([addon])  # the next session's records: the note comes first
+        types = [r["type"] for r in read(log)]
+        start = types.index("audit.failure")
+        assert types[start:] == ["audit.failure", "audit.unrecorded", "auth.success", "session.start"]
+        [note] = [r for r in read(log) if r["type"] == "audit.unrecorded"]
+        assert note["records"] == {"session.end": 1} and "No space left" in note["error"]
+        assert_verifiable(log)
+    finally:
+        log.close("test over")
