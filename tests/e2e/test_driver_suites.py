@@ -45,8 +45,6 @@ _NO_CREDENTIALS = ("a role Tollgate holds no credentials for: the test creates r
                    "no credentials for 'boltzmann'). The dbapi test then never drops the role, so the "
                    "legacy and native variants, which create it again, fail with 42710 (they would "
                    "meet the same 28000 otherwise)")
-_PID = ("substitute cancel key: Tollgate hands the agent its own BackendKeyData, so "
-        "Connection.get_server_pid() is not the backend's pid")
 
 # Test (pytest node id) → why its outcome may differ between the direct and the Tollgate
 # path. Every entry was investigated; "TOLLGATE BUG:" marks a defect of the proxy, listed
@@ -68,14 +66,6 @@ ALLOW: dict[str, dict[str, str]] = {
     "asyncpg": {
         "tests/test_connect.py::TestConnectionGC::test_no_explicit_close_no_debug": _TLS_TRANSPORT,
         "tests/test_connect.py::TestConnectionGC::test_no_explicit_close_with_debug": _TLS_TRANSPORT,
-        # The NotificationResponse carries the backend's real pid; the test expects it to be
-        # con.get_server_pid().
-        "tests/test_listeners.py::TestListeners::test_listen_01": _PID,
-        "tests/test_listeners.py::TestListeners::test_listen_02": _PID,
-        "tests/test_listeners.py::TestListeners::test_listen_notletters": _PID,
-        # pg_terminate_backend(old_con.get_server_pid()) names no backend (a warning, false),
-        # so the pooled connection is never terminated and the wait for it times out.
-        "tests/test_pool.py::TestPool::test_pool_min_size_restored_after_idle_connection_loss": _PID,
         # Flaky in asyncpg itself, on both paths (a pool with max_queries=1 reconnecting 100
         # times; "Future exception was never retrieved: unexpected connection_lost() call"):
         # fails in roughly a third of the runs on either path (in isolation: 3 of 8 directly).
