@@ -48,8 +48,9 @@ def test_psql_with_unchanged_conninfo_reaches_the_real_database_through_tollgate
 
 def test_tollgate_sees_the_agents_source_address_and_destination(lab: Lab):
     # Listed (from the appliance side) while the agent's session is open: no timing involved.
-    sessions, _ = live_sessions_during(lab, "SELECT 1")
+    sessions, out = live_sessions_during(lab, "SELECT pg_backend_pid()")
     [mine] = [s for s in sessions if s["phase"] == "ready"]
+    assert mine["backend_pid"] == int(out.strip())  # the pid the agent and pg_stat_activity know
     assert mine["client"].startswith("198.18.1.10:")
     assert mine["destination"] == "198.18.2.10:5432"
     assert (mine["target"], mine["user"], mine["database"]) == ("payments", "app", "payments")
