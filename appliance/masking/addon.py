@@ -44,6 +44,7 @@ from appliance.pan.detector import (
     ZERO_TABLE,
     check_format,
     int_is_pan,
+    int_mask,
     is_pan_digits,
 )
 from appliance.pan.scanner import TEXT, MaskLeak, PanFound, mask_text
@@ -58,7 +59,8 @@ _ROW_TABLE, _ROW_DROP, _THIRTEEN = ZERO_TABLE, ZERO_DROP, THIRTEEN_ZEROS
 _I16 = struct.Struct("!h")
 _I32 = struct.Struct("!i")
 _i32 = _I32.unpack_from
-_i64 = struct.Struct("!q").unpack_from
+_q = struct.Struct("!q")
+_i64 = _q.unpack_from
 _INT8_SMALL = 10 ** 12  # an int8 of fewer than 13 digits is no card number
 _PLAN_CACHE = 64
 _STRICTNESS = {"pan": 0, "last4": 1, "full": 2, "null": 3}
@@ -280,7 +282,9 @@ class MaskingAddon(Addon):
                 (n,) = _i64(message, start)
                 if -_INT8_SMALL < n < _INT8_SMALL or not int_is_pan(n):
                     continue
-                raise rule.column.fail()
+                edits.append((start, 8, _q.pack(int_mask(n, self.fmt))))
+                count += 1
+                continue
             if kind == v.NUMERIC and (length > 18 or message[start + 2:start + 4] not in (b"\x00\x03", b"\x00\x04")):
                 continue  # only weights 3 and 4 make 13–20 digit integers
             if kind == v.TEXT and length <= 19:
@@ -499,7 +503,7 @@ def untyped_plan(result: Result, ncols: int) -> Plan:
     rules = []
     for i in range(ncols):
         fmt = (formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0) if formats else 0
-        rules.append(ColumnRule(v.TEXT if fmt == 0 else v.UNKNOWN, None, v.Column(f"column {i + 1}", 0, fmt)))
+        rules.append(ColumnRule(v.OPAQUE if fmt == 0 else v.UNKNOWN, None, v.Column(f"column {i + 1}", 0, fmt)))
     return Plan(rules)
 
 

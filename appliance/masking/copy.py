@@ -2,15 +2,17 @@
 
 COPY says nothing of column types, so:
 
-- text and CSV are one long text: card numbers are starred in place (``*`` needs no
-  escaping or quoting in either format), and bytea hex in it (``\\\\x3431…``) is decoded
-  and searched. Rows end with a newline, which no card number, UUID or decimal crosses,
+- text and CSV are one long text: a card number written as a bare number (an int8,
+  numeric or money column, or a number in JSON) is masked as a number of the same length
+  (``4111110000001111``), so the data still loads back into its columns; others are
+  starred in place (``*`` needs no escaping or quoting in either format); bytea hex in it
+  (``\\\\x3431…``) is decoded and searched. Rows end with a newline, which no card number, UUID or decimal crosses,
   so a row is decided within its own CopyData message.
 - binary is ``PGCOPY\\n\\377\\r\\n\\0``, flags, a header extension, then tuples (int16
   field count, each field int32 length + bytes) and a trailer (count −1). Each field is
   scanned as bytes in place, and an 8-byte field that reads as an int8 card number, or a
-  field shaped like a binary numeric holding one, fails closed (it can't be masked as its
-  type, and its type is unknown).
+  field shaped like a binary numeric holding one, is masked as that number (a numeric
+  whose masked encoding has another length fails closed: the field lengths are sent).
 
 The data is a stream: PostgreSQL sends one row per CopyData, but a field or a card number
 may span messages, so the parse state lives on between them (and across the windows of a
@@ -34,7 +36,7 @@ _I32 = struct.Struct("!i")
 
 def copy_text_parser(walker: Walker, fmt: str) -> Parser:
     """Text or CSV COPY data: one unbounded text."""
-    yield (LEAF, -1, TextScanner(fmt, TEXT))
+    yield (LEAF, -1, TextScanner(fmt, TEXT, numbers=True))
 
 
 def copy_binary_parser(walker: Walker, fmt: str) -> Parser:

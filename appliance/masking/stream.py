@@ -265,8 +265,10 @@ def value_parser(walker: Walker, size: int, rule: ColumnRule, fmt: str) -> Parse
                          "can't be masked while streamed", hint="select it cast to text, e.g. col::text")
     if kind == v.SKIP:
         yield (SKIP, size)
-    elif kind == v.TEXT or kind == v.STRUCT:
+    elif kind == v.TEXT:
         yield (LEAF, size, TextScanner(fmt, TEXT))
+    elif kind in (v.STRUCT, v.OPAQUE, v.NUMTEXT):
+        yield (LEAF, size, TextScanner(fmt, TEXT, numbers=True))
     elif kind == v.JSON:
         yield (LEAF, size, TextScanner(fmt, JSON))
     elif kind == v.JSONB:
@@ -290,14 +292,15 @@ def value_parser(walker: Walker, size: int, rule: ColumnRule, fmt: str) -> Parse
         elif shape == v.ARRAY:
             yield from _array_parser(walker, size, fmt, column)
         else:
-            yield (LEAF, size, TextScanner(fmt, TEXT))
+            yield (LEAF, size, TextScanner(fmt, TEXT, numbers=True))
     elif kind == v.NUMERIC and size > 18:
         yield (SKIP, size)  # more than five base-10000 digits: not a 13–19 digit integer
-    elif kind in (v.NUMTEXT, v.JSONARRAY) and size > v.SMALL_VALUE:
+    elif kind == v.JSONARRAY and size > v.SMALL_VALUE:
         try:
             yield (LEAF, size, TextScanner(fmt, TEXT, detect_only=True))
         except PanFound:
-            raise column.fail() from None
+            raise MaskingError("42501", f"{column.name} ({v.type_name(column.oid)}) holds a card number that "
+                             "can't be masked while streamed", hint="select it cast to text, e.g. col::text") from None
     elif size > v.SMALL_VALUE:
         raise MaskingError("42501", f"{column.name} ({v.type_name(column.oid)}) is too large to check for card "
                          "numbers while streamed", hint="select it cast to text, e.g. col::text")
@@ -307,8 +310,10 @@ def value_parser(walker: Walker, size: int, rule: ColumnRule, fmt: str) -> Parse
         walker.masked += count
         if masked is not None:
             if len(masked) != size:
-                raise MaskingError("42501", f"{column.name} could not be masked in place while streamed",
-                                 hint="select it cast to text, e.g. col::text")
+                # a re-encoded numeric whose length changed (last four digits 0000) inside
+                # a value streamed or in COPY binary, where lengths are already sent
+                raise MaskingError("42501", f"{column.name} ({v.type_name(column.oid)}) holds a card number that "
+                                 "could not be masked in place", hint="select it cast to text, e.g. col::text")
             walker.write(at, masked)
 
 

@@ -4,17 +4,22 @@ The rule is: never hand the client a value its decoder can't parse. So each type
 into a *kind* by how it carries text:
 
 - text-like values (text, varchar, xml, bytea in binary, …) get ``*`` in place;
-- structured text (arrays, records, ranges in text format) too — ``*`` needs no quoting
-  there — but can't be starred whole (FULL) without breaking the syntax;
-- JSON stars digits inside strings, and turns a number that is a card number into a
-  string of the same length;
+- structured text (arrays, records, ranges in text format) and text of types we don't
+  know get ``*`` too, except that a card number written as a bare number is masked as a
+  number (below): a record or a domain may hold a bigint. They can't be starred whole
+  (FULL) without breaking the syntax;
+- JSON stars digits inside strings, and masks a number that is a card number as a number;
 - bytea in text format is hex (``\\x3431…``: decoded, searched, re-encoded as ``2a``) or
   escape format;
-- int8, numeric, money (and their arrays, ranges) can't hold ``*``: a card number there
-  raises :class:`MaskingError` telling the agent to select it cast to text;
+- int8, numeric, money (text and binary, and inside arrays, ranges, multiranges, records)
+  can't hold ``*``: a card number there is *masked as a number of the same type*
+  (:func:`appliance.pan.detector.number_mask`: ``4111111111111111`` → ``4111110000001111``,
+  BIN and last four kept, never itself a card number). In text the digit count is the
+  same, so the value keeps its length; in binary an int8 keeps its 8 bytes, a numeric is
+  re-encoded (its length changes only when the last four digits are ``0000``);
 - binary arrays, records and ranges are parsed and each element handled by its own type;
 - a binary value of a type we don't know (extension types, enums, domains in binary) is
-  scanned as bytes, and checked as an int8 or numeric if it has exactly that shape;
+  scanned as bytes, and masked as an int8 or numeric if it has exactly that shape;
 - types whose values can't spell a card number (int2, int4, oid, dates, UUIDs…) are
   skipped. float4/float8 are out of scope: their text output uses exponent notation for
   16-digit magnitudes (not a card number), but a binary float8 can hold a 16-digit
@@ -32,9 +37,8 @@ import re
 import struct
 from typing import TYPE_CHECKING
 
-from appliance.masking.errors import MaskingError
-from appliance.pan.detector import PCI, STAR, int_is_pan, is_pan_digits, masked_positions
-from appliance.pan.scanner import ESCAPE, HEX, has_pan, mask_text, neutralise_escapes
+from appliance.pan.detector import PCI, STAR, int_is_pan, int_mask, is_pan_digits, masked_positions
+from appliance.pan.scanner import ESCAPE, HEX, mask_text, neutralise_escapes
 from appliance.pan.scanner import JSON as JSON_MODE
 from appliance.pan.scanner import TEXT as TEXT_MODE
 
@@ -62,16 +66,17 @@ UNKNOWN = 15  # binary value of a type we don't know
 JSONARRAY = 16  # json[] / jsonb[] text
 NUMRANGE = 17  # binary numrange
 NUMMULTIRANGE = 18  # binary nummultirange
+OPAQUE = 19  # text format of a type we don't know, and text arrays/records: may hold numbers
 
 KIND_NAMES = ("skip", "text", "struct", "json", "jsonb", "bytea", "numtext", "money", "int8", "moneybin",
               "numeric", "array", "record", "range", "multirange", "unknown", "jsonarray", "numrange",
-              "nummultirange")
+              "nummultirange", "opaque")
 # Kinds that may hide a card number where no 13-digit run shows in the raw bytes, so the
 # row pre-filter can't rule them out: checked on every row.
 ALWAYS = frozenset({MONEY, INT8, MONEYBIN, NUMERIC, ARRAY, RECORD, RANGE, MULTIRANGE, NUMRANGE, NUMMULTIRANGE,
                     UNKNOWN})
 # Kinds that can show '*' for a whole-value column mask (FULL / LAST4).
-STARRABLE = frozenset({TEXT, JSON, JSONB, BYTEA})
+STARRABLE = frozenset({TEXT, OPAQUE, JSON, JSONB, BYTEA})
 
 # ---- the type table -----------------------------------------------------------------
 
@@ -148,7 +153,9 @@ def kind_of(oid: int, fmt: int) -> int:
             return BYTEA
         if element is not None or oid == 2249:
             return STRUCT
-        return TEXT  # text-like builtins and every type we don't know (see module docstring)
+        if oid in _TEXT_TYPES:
+            return TEXT
+        return OPAQUE  # every type we don't know (see module docstring)
     if oid in (20, 5069):
         return INT8
     if oid == 790:
@@ -168,14 +175,7 @@ def kind_of(oid: int, fmt: int) -> int:
     return _BINARY_RANGES.get(oid, UNKNOWN)
 
 
-# ---- failing closed --------------------------------------------------------------------
-
-
-def cannot_mask(column: str, oid: int, fmt: int) -> MaskingError:
-    name = type_name(oid)
-    shown = name if fmt == 0 else f"binary {name}"
-    return MaskingError("42501", f"{column} ({shown}) holds a card number that Tollgate cannot mask as {name}",
-                      hint="select it cast to text, e.g. col::text, to receive it masked")
+# ---- columns ---------------------------------------------------------------------------
 
 
 class Column:
@@ -185,9 +185,6 @@ class Column:
 
     def __init__(self, name: str, oid: int, fmt: int):
         self.name, self.oid, self.fmt = name, oid, fmt
-
-    def fail(self) -> MaskingError:
-        return cannot_mask(self.name, self.oid, self.fmt)
 
 
 # ---- numbers ---------------------------------------------------------------------------
@@ -214,6 +211,44 @@ def money_is_pan(value: bytes | memoryview) -> bool:
     return _int_is_pan(cents) or _int_is_pan(abs(cents) // 100)
 
 
+_INT8_MIN, _INT8_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def money_cents_mask(cents: int, fmt: str) -> int:
+    """Money as int8 cents with every card number in it masked: the amount (cents kept) and
+    the cents as one number, until neither is one (each step only hides digits)."""
+    sign = -1 if cents < 0 else 1
+    c = abs(cents)
+    for _ in range(4):
+        if _int_is_pan(c // 100):
+            c = int_mask(c // 100, fmt) * 100 + c % 100
+        elif _int_is_pan(c):
+            c = int_mask(c, fmt)
+        else:
+            return sign * c
+    raise ValueError("money value still holds a card number after masking")
+
+
+def int8_mask(value: bytes | memoryview, fmt: str) -> bytes | None:
+    """A binary int8 holding a card number, masked as an int8 (None if it holds none)."""
+    if len(value) != 8:
+        raise ValueError(f"an int8 value has 8 bytes, not {len(value)}")
+    n = int.from_bytes(value, "big", signed=True)
+    if not _int_is_pan(n):
+        return None
+    return int_mask(n, fmt).to_bytes(8, "big", signed=True)
+
+
+def money_mask(value: bytes | memoryview, fmt: str) -> bytes | None:
+    """Binary money (int8 cents) with the card numbers in it masked, or None."""
+    if not money_is_pan(value):
+        return None
+    cents = money_cents_mask(int.from_bytes(value, "big", signed=True), fmt)
+    if not _INT8_MIN <= cents <= _INT8_MAX:
+        raise ValueError("masked money does not fit its type")
+    return cents.to_bytes(8, "big", signed=True)
+
+
 def numeric_integer(value: bytes | memoryview) -> int | None:
     """The value of a binary numeric if it is an integer that could be 13–19 digits long,
     else None (fractions, NaN, infinities, small or huge numbers). ValueError if malformed."""
@@ -237,6 +272,33 @@ def numeric_is_pan(value: bytes | memoryview) -> bool:
     return n is not None and _int_is_pan(n)
 
 
+def numeric_encode(n: int) -> bytes:
+    """The binary numeric of an integer, as PostgreSQL sends it (no trailing zero groups)."""
+    sign = 0x4000 if n < 0 else 0
+    n = abs(n)
+    groups: list[int] = []
+    while n:
+        n, d = divmod(n, 10000)
+        groups.append(d)
+    weight = len(groups) - 1
+    while groups and groups[0] == 0:  # least significant first: drop trailing zero groups
+        groups.pop(0)
+    groups.reverse()
+    return _NUMERIC_HEAD.pack(len(groups), max(weight, 0), sign, 0) + struct.pack(f"!{len(groups)}H", *groups)
+
+
+def numeric_mask(value: bytes | memoryview, fmt: str) -> bytes | None:
+    """A binary numeric holding a card number, masked and re-encoded (None if it holds none).
+    Its length changes when the trailing zero groups differ (only if the last four digits
+    are 0000): callers that must keep the length fail closed then."""
+    n = numeric_integer(value)
+    if n is None or not _int_is_pan(n):
+        return None
+    if _NUMERIC_HEAD.unpack_from(value)[2] == 0x4000:
+        n = -n
+    return numeric_encode(int_mask(n, fmt))
+
+
 def numeric_shaped(value: bytes | memoryview) -> bool:
     """Could these bytes be a binary numeric holding a 13–19 digit integer?"""
     size = len(value)
@@ -258,6 +320,27 @@ def money_text_is_pan(value: bytes | memoryview) -> bool:
     return False
 
 
+def money_text_mask(value: bytes, fmt: str) -> tuple[bytes | None, int]:
+    """Text money with its card numbers masked: the digits are rewritten in place (their
+    count doesn't change), so currency sign, group separators and cents stay as they were."""
+    out: bytearray | None = None
+    count = 0
+    for m in _MONEY_NUMBER.finditer(value):
+        places = [m.start() + i for i, b in enumerate(m.group()) if 0x30 <= b <= 0x39]
+        digits = bytes(value[p] for p in places)
+        if len(digits) < 13 or not (is_pan_digits(digits) or is_pan_digits(digits[:-2])):
+            continue
+        masked = str(money_cents_mask(int(digits), fmt)).encode().rjust(len(digits), b"0")
+        if len(masked) != len(digits):
+            raise ValueError("masked money changed its digit count")
+        if out is None:
+            out = bytearray(value)
+        for p, d in zip(places, masked, strict=True):
+            out[p] = d
+        count += 1
+    return (None if out is None else bytes(out)), count
+
+
 # ---- masking one value ---------------------------------------------------------------
 
 
@@ -265,22 +348,18 @@ def mask_value(value: bytes, kind: int, fmt: str, column: Column) -> tuple[bytes
     """The value with card numbers masked (None if unchanged), and how many were masked.
     Raises MaskingError for a card number in a type that can't hold a masked one, ValueError
     for a binary value that doesn't parse as its type."""
-    if kind in (TEXT, STRUCT):
+    if kind == TEXT:
         return mask_text(value, fmt, TEXT_MODE)
+    if kind in (STRUCT, OPAQUE, NUMTEXT):
+        return mask_text(value, fmt, TEXT_MODE, numbers=True)
     if kind == JSON:
         return mask_text(value, fmt, JSON_MODE)
     if kind == INT8:
-        if int8_is_pan(value):
-            raise column.fail()
-        return None, 0
+        masked = int8_mask(value, fmt)
+        return (None, 0) if masked is None else (masked, 1)
     if kind == NUMERIC:
-        if numeric_is_pan(value):
-            raise column.fail()
-        return None, 0
-    if kind == NUMTEXT:
-        if has_pan(value):
-            raise column.fail()
-        return None, 0
+        masked = numeric_mask(value, fmt)
+        return (None, 0) if masked is None else (masked, 1)
     if kind == JSONB:
         if not value or value[0] != 1:
             raise ValueError("jsonb binary values start with version 1")
@@ -289,20 +368,16 @@ def mask_value(value: bytes, kind: int, fmt: str, column: Column) -> tuple[bytes
     if kind == BYTEA:
         return mask_text(value, fmt, HEX if value[:2] == b"\\x" else ESCAPE)
     if kind == MONEY:
-        if money_text_is_pan(value):
-            raise column.fail()
-        return None, 0
+        return money_text_mask(value, fmt)
     if kind == MONEYBIN:
-        if money_is_pan(value):
-            raise column.fail()
-        return None, 0
+        masked = money_mask(value, fmt)
+        return (None, 0) if masked is None else (masked, 1)
     if kind == ARRAY:
         return _mask_array(value, fmt, column)
     if kind == RECORD:
         return _mask_record(value, fmt, column)
     if kind in (RANGE, NUMRANGE, MULTIRANGE, NUMMULTIRANGE):
-        _check_range(value, kind, column)
-        return None, 0
+        return _mask_range(value, kind, fmt, column)
     if kind == UNKNOWN:
         return mask_unknown(value, fmt, column)
     if kind == JSONARRAY:
@@ -316,17 +391,21 @@ def mask_unknown(value: bytes, fmt: str, column: Column) -> tuple[bytes | None, 
     shape is taken apart (a composite may hold a bigint); otherwise the bytes are scanned
     like text."""
     size = len(value)
-    if size == 8 and not printable(value) and int8_is_pan(value):
-        raise column.fail()
-    if numeric_shaped(value) and numeric_is_pan(value):
-        raise column.fail()
+    if size == 8 and not printable(value):
+        masked = int8_mask(value, fmt)
+        if masked is not None:
+            return masked, 1
+    if numeric_shaped(value):
+        masked = numeric_mask(value, fmt)
+        if masked is not None:
+            return masked, 1
     shape = unknown_shape(value)
     if shape:
         try:
             return _mask_record(value, fmt, column) if shape == RECORD else _mask_array(value, fmt, column)
         except ValueError:
             pass  # only looked like one: bytes after all
-    return mask_text(value, fmt, TEXT_MODE)
+    return mask_text(value, fmt, TEXT_MODE, numbers=True)  # json in binary is text: its numbers stay numbers
 
 
 def unknown_shape(head: bytes | memoryview) -> int:
@@ -392,7 +471,10 @@ def array_header(value: bytes) -> tuple[int, int, int]:
 
 
 def _mask_parts(value: bytes, parts: list[tuple[int, int, int]], fmt: str, column: Column) -> tuple[bytes | None, int]:
-    out: bytearray | None = None
+    """``value`` with its length-prefixed parts (start, length, kind) masked; a part whose
+    length changes (a re-encoded numeric) gets its int32 length prefix rewritten."""
+    pieces: list[bytes] = []
+    last = 0
     total = 0
     for start, length, kind in parts:
         if length <= 0 or kind == SKIP:
@@ -400,12 +482,15 @@ def _mask_parts(value: bytes, parts: list[tuple[int, int, int]], fmt: str, colum
         masked, count = mask_value(value[start:start + length], kind, fmt, column)
         total += count
         if masked is not None:
-            if len(masked) != length:  # every element masker keeps the length
-                raise ValueError("an element changed length")
-            if out is None:
-                out = bytearray(value)
-            out[start:start + length] = masked
-    return (None if out is None else bytes(out)), total
+            if len(masked) == length:
+                pieces += (value[last:start], masked)
+            else:
+                pieces += (value[last:start - 4], _I32.pack(len(masked)), masked)
+            last = start + length
+    if not pieces:
+        return None, total
+    pieces.append(value[last:])
+    return b"".join(pieces), total
 
 
 def _mask_array(value: bytes, fmt: str, column: Column) -> tuple[bytes | None, int]:
@@ -446,8 +531,8 @@ def _mask_record(value: bytes, fmt: str, column: Column) -> tuple[bytes | None, 
     return _mask_parts(value, parts, fmt, column)
 
 
-def range_bounds(value: bytes) -> list[bytes]:
-    """The bound values of a binary range."""
+def _range_parts(value: bytes) -> list[tuple[int, int]]:
+    """(start, length) of the bound values of a binary range."""
     if not value:
         raise ValueError("empty range value")
     flags = value[0]
@@ -456,24 +541,23 @@ def range_bounds(value: bytes) -> list[bytes]:
             raise ValueError("trailing bytes after an empty range")
         return []
     wanted = (0 if flags & 0x08 else 1) + (0 if flags & 0x10 else 1)
-    return [value[s:s + n] for s, n in _fields(value, 1, wanted) if n >= 0]
+    return [(s, n) for s, n in _fields(value, 1, wanted) if n >= 0]
 
 
-def _check_range(value: bytes, kind: int, column: Column) -> None:
+def _mask_range(value: bytes, kind: int, fmt: str, column: Column) -> tuple[bytes | None, int]:
+    """A binary range or multirange of int8 or numeric with card numbers in its bounds
+    masked. Masking keeps each bound's BIN and last four, so two bounds may come out in
+    the other order: the client decodes that, the server would refuse it back."""
+    bound = INT8 if kind in (RANGE, MULTIRANGE) else NUMERIC
     if kind in (MULTIRANGE, NUMMULTIRANGE):
         if len(value) < 4:
             raise ValueError("binary multirange shorter than its count")
         (count,) = _I32.unpack_from(value, 0)
         if count < 0:
             raise ValueError("negative multirange count")
-        ranges = [value[s:s + n] for s, n in _fields(value, 4, count) if n >= 0]
-    else:
-        ranges = [value]
-    is_pan = int8_is_pan if kind in (RANGE, MULTIRANGE) else numeric_is_pan
-    for one in ranges:
-        for bound in range_bounds(one):
-            if is_pan(bound):
-                raise column.fail()
+        one = RANGE if bound == INT8 else NUMRANGE
+        return _mask_parts(value, [(s, n, one) for s, n in _fields(value, 4, count)], fmt, column)
+    return _mask_parts(value, [(s, n, bound) for s, n in _range_parts(value)], fmt, column)
 
 
 _ARRAY_ITEM = re.compile(rb'"((?:[^"\\]|\\.)*)"|([^,{}"\s][^,{}"]*)')
@@ -569,7 +653,7 @@ def column_mask(value: bytes, kind: int, method: MaskMethod) -> bytes | None:
     if how == "null":
         return NULL
     size = len(value)
-    if kind == TEXT:
+    if kind in (TEXT, OPAQUE):
         if how == "full":
             return b"*" * size
         if how == "last4":

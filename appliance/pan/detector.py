@@ -18,6 +18,8 @@ alone (``make verifier``). What builds on it — masking whole texts, bytea hex 
 
 Masking keeps the length and the separators and replaces digits by ``*``: ``pci`` shows at
 most the first six and last four digits (PCI DSS v4 3.4.1), ``last4`` only the last four.
+Where ``*`` can't go (a number), :func:`number_mask` writes digits that show the same and
+form no card number.
 """
 
 from __future__ import annotations
@@ -332,6 +334,37 @@ def mask_span(out: bytearray, data: bytes | bytearray | memoryview, s: int, e: i
     """Star the hidden digits of span [s, e) of ``data`` into ``out`` (at ``p - shift``)."""
     for p in masked_positions(data, s, e, fmt):
         out[p - shift] = STAR
+
+
+NUMBER_FILLER = ord("0")
+NUMBER_FIX = ord("1")
+NUMBER_LAST4_HEAD = ord("9")  # no issuer's prefix starts with 9
+
+
+def number_mask(digits: bytes | bytearray | memoryview, fmt: str = PCI) -> bytes:
+    """A card number written as contiguous digits, masked as a number of the same length
+    (for int8, numeric, money and JSON numbers, where ``*`` can't go): ``pci`` keeps the
+    first six and last four digits and writes ``0`` between them; ``last4`` writes ``9``
+    then ``0`` up to the last four. The result depends on nothing but the shown digits and
+    the length, and is never itself a card number: a ``pci`` mask that would pass Luhn has
+    its last hidden digit set to ``1`` (one digit changed by one always breaks Luhn); a
+    ``last4`` mask starts with no issuer's prefix."""
+    raw = bytes(digits)
+    n = len(raw)
+    if n < MIN_DIGITS:
+        raise ValueError(f"a card number has at least {MIN_DIGITS} digits, not {n}")
+    if fmt == PCI:
+        out = bytearray(raw[:6] + b"0" * (n - 10) + raw[-4:])
+        if is_pan_digits(out):
+            out[n - 5] = NUMBER_FIX
+        return bytes(out)
+    return bytes((NUMBER_LAST4_HEAD,)) + b"0" * (n - 5) + raw[-4:]
+
+
+def int_mask(n: int, fmt: str = PCI) -> int:
+    """:func:`number_mask` of an integer, sign kept."""
+    masked = int(number_mask(str(abs(n)).encode(), fmt))
+    return -masked if n < 0 else masked
 
 
 def check_format(fmt: str) -> str:

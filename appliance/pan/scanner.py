@@ -13,13 +13,18 @@ decimal or exponent can cross (a "hard" byte). The scanner:
 - remembers the last bytes released, original and as sent, as read-only left context.
 
 Modes: ``TEXT`` (any text: raw digits, plus bytea hex runs ``\\x3431…`` embedded in it, as
-in COPY text or records), ``JSON`` (a card number that is a JSON *number* becomes a JSON
-string of the same length, since ``*`` can't go in a number), ``HEX`` (a bytea value in hex
+in COPY text or records), ``JSON`` (a card number that is a JSON *number* stays a number
+of the same length, masked by :func:`~appliance.pan.detector.number_mask`), ``HEX`` (a bytea value in hex
 output: only the decoded bytes are searched) and ``ESCAPE`` (bytea escape output: octal
 escapes can't glue onto digits).
 
 :func:`scrub` masks a whole ``str`` (SQL, parameters, log lines, approval requests) in
 ``TEXT`` mode, so card numbers in bytea hex are masked too.
+
+With ``numbers=True`` (text whose parts may be typed numbers: COPY data, arrays, records,
+values of types we don't know, int8/numeric text) a card number written as contiguous
+digits that overlaps no other candidate is masked as a number (``4111110000001111``), so
+the value still parses as its type; other card numbers get ``*`` as usual.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from appliance.pan.detector import (
     find_pans,
     masked_positions,
     may_hold_pan,
+    number_mask,
 )
 
 TEXT, JSON, HEX, ESCAPE = 0, 1, 2, 3
@@ -101,8 +107,45 @@ def _last_soft_start(data: bytes, n: int) -> int:
     return n - m.start()
 
 
+# Next to a card number, these make it part of text: PostgreSQL quotes no number in an
+# array's, a record's or COPY's text, so a quote means a string.
+_WORDISH = frozenset(b'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_"')
+_AFTER_PUNCT = frozenset(b":,[")
+
+
+def _bare(data: bytes, s: int, e: int) -> bool:
+    """Does span [s, e) stand as a number of its own — not a word's or a sentence's part?
+    Which mask a card number gets is only a matter of looks (both show the BIN and last
+    four at most): ``card 4111…`` reads better starred, ``(x,4111…)`` must stay a number."""
+    before = s - 1
+    if before >= 0 and data[before] == 0x2D:  # a minus sign
+        before -= 1
+    if before >= 0:
+        b = data[before]
+        if b in _WORDISH or (b == 0x20 and (before == 0 or data[before - 1] not in _AFTER_PUNCT)):
+            return False
+    return e >= len(data) or (data[e] not in _WORDISH and data[e] != 0x20)
+
+
+def _lone_numbers(spans: list[tuple[int, int]], data: bytes) -> list[bool]:
+    """For each span: is it a bare number (contiguous digits, :func:`_bare`) overlapping no
+    other span? Only those are masked as a number; where spans overlap, the union of their
+    ``*`` positions hides what each must hide, which a number mask of one would show."""
+    out = []
+    for i, (s, e) in enumerate(spans):
+        lone = data[s:e].isdigit() and _bare(data, s, e)
+        if lone:
+            for j, (s2, e2) in enumerate(spans):
+                if j != i and s2 < e and e2 > s:
+                    lone = False
+                    break
+        out.append(lone)
+    return out
+
+
 def _json_number(seen: bytes, s: int, e: int, fmt: str) -> tuple[int, bytes]:
-    """A JSON number holding a card number, as a JSON string of the same length."""
+    """A JSON number holding a card number in groups (not valid JSON, but seen), as a JSON
+    string of the same length."""
     if s > 0 and seen[s - 1] == _MINUS:
         s -= 1
     masked = bytearray(seen[s:e])
@@ -127,12 +170,14 @@ class TextScanner:
         "lo",
         "lr",
         "mode",
+        "numbers",
         "pos",
         "undecided",
     )
 
-    def __init__(self, fmt: str, mode: int = TEXT, detect_only: bool = False):
+    def __init__(self, fmt: str, mode: int = TEXT, detect_only: bool = False, numbers: bool = False):
         self.fmt, self.mode, self.detect_only = fmt, mode, detect_only
+        self.numbers = numbers or mode == JSON
         self.lo = b""  # the last released bytes, as they were
         self.lr = b""  # the same bytes, as sent
         self.pos = 0  # absolute offset of the next byte to feed
@@ -208,7 +253,9 @@ class TextScanner:
     def _raw(self, seen: bytes, det: bytes, und: int, nat: int, edits: list[tuple[int, bytes]]) -> None:
         in_str, esc, at = self.js_in, self.js_esc, max(und, 0)
         fmt = self.fmt
-        for s, e in find_pans(det):
+        spans = find_pans(det)
+        lone = _lone_numbers(spans, det) if self.numbers else None
+        for i, (s, e) in enumerate(spans):
             if s < und or s >= nat:
                 continue
             self._found()
@@ -216,8 +263,12 @@ class TextScanner:
                 in_str, esc = json_advance(seen, at, s, in_str, esc)
                 at = s
                 if not in_str and not esc:
-                    edits.append(_json_number(seen, s, e, fmt))
+                    edits.append((s, number_mask(det[s:e], fmt)) if lone[i] else _json_number(seen, s, e, fmt))  # type: ignore[index]
                     continue
+                lone[i] = False  # type: ignore[index]  # inside a JSON string: text, so stars
+            if lone is not None and lone[i]:
+                edits.append((s, number_mask(det[s:e], fmt)))
+                continue
             edits.extend((p, b"*") for p in masked_positions(det, s, e, fmt))
 
     def _hex_runs(self, seen: bytes, n: int, final: bool) -> list[tuple[int, int, int, bool]]:
@@ -295,8 +346,10 @@ def apply_edits(data: bytes | bytearray | memoryview, edits: list[tuple[int, byt
     return bytes(out)
 
 
-def mask_text(value: bytes | bytearray | memoryview, fmt: str, mode: int = TEXT) -> tuple[bytes | None, int]:
-    """One whole value: its masked bytes (None if unchanged) and the number of card numbers."""
+def mask_text(value: bytes | bytearray | memoryview, fmt: str, mode: int = TEXT,
+              numbers: bool = False) -> tuple[bytes | None, int]:
+    """One whole value: its masked bytes (None if unchanged) and the number of card numbers.
+    ``numbers``: contiguous card numbers are masked as numbers (see the module docstring)."""
     raw = bytes(value)
     if mode == HEX:
         if HEX_PREFILTER.search(raw) is None:
@@ -305,10 +358,10 @@ def mask_text(value: bytes | bytearray | memoryview, fmt: str, mode: int = TEXT)
         if PREFILTER.search(raw) is None:
             return None, 0
         if mode != ESCAPE:
-            return _mask_whole(raw, fmt, mode == JSON)
+            return _mask_whole(raw, fmt, mode == JSON, numbers or mode == JSON)
     elif PREFILTER.search(raw) is None and HEX_PREFILTER.search(raw) is None:
         return None, 0
-    scanner = TextScanner(fmt, mode)
+    scanner = TextScanner(fmt, mode, numbers=numbers)
     edits, _ = scanner.feed(raw, True, False)
     if not edits:
         return None, scanner.found
@@ -324,7 +377,7 @@ def scrub(text: str, fmt: str = PCI) -> str:
     return text if masked is None else masked.decode("utf-8", "surrogateescape")
 
 
-def _mask_whole(raw: bytes, fmt: str, json: bool) -> tuple[bytes | None, int]:
+def _mask_whole(raw: bytes, fmt: str, json: bool, numbers: bool) -> tuple[bytes | None, int]:
     """What TextScanner does with one whole value that has no hex run, without its
     windowing: every span is decided at once."""
     spans = find_pans(raw)
@@ -332,14 +385,19 @@ def _mask_whole(raw: bytes, fmt: str, json: bool) -> tuple[bytes | None, int]:
         return None, 0
     out = bytearray(raw)
     in_str, esc, at = False, False, 0
-    for s, e in spans:
+    lone = _lone_numbers(spans, raw) if numbers else [False] * len(spans)
+    for i, (s, e) in enumerate(spans):
         if json:
             in_str, esc = json_advance(raw, at, s, in_str, esc)
             at = s
             if not in_str and not esc:
-                start, rep = _json_number(raw, s, e, fmt)
+                start, rep = (s, number_mask(raw[s:e], fmt)) if lone[i] else _json_number(raw, s, e, fmt)
                 out[start:start + len(rep)] = rep
                 continue
+            lone[i] = False
+        if lone[i]:
+            out[s:e] = number_mask(raw[s:e], fmt)
+            continue
         for p in masked_positions(raw, s, e, fmt):
             out[p] = STAR
     return bytes(out), len(spans)

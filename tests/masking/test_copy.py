@@ -12,11 +12,12 @@ from hypothesis import strategies as st
 
 from appliance.masking.copy import SIGNATURE, CopyMasker, mask_copy
 from appliance.masking.errors import MaskingError
-from appliance.pan.detector import find_pans
+from appliance.pan.detector import find_pans, is_pan_digits
 from tests.masking.wire import binary_copy
 
 PAN = b"4111111111111111"
 MASKED = b"411111******1111"
+NUM = b"4111110000001111"  # a bare number: masked as a number (COPY says nothing of types)
 AMEX = b"378282246310005"
 
 
@@ -50,7 +51,7 @@ def feed_windows(data: bytes, cuts: list[int], binary: bool) -> bytes:
 def test_text_copy_fields_are_masked_in_place():
     data = b"1\t" + PAN + b"\t\\N\tcard " + AMEX + b"\\tx\t0.4111111111111111\n"
     out, count = mask_copy(data, binary=False)
-    assert out == b"1\t" + MASKED + b"\t\\N\tcard 378282*****0005\\tx\t0.4111111111111111\n"
+    assert out == b"1\t" + NUM + b"\t\\N\tcard 378282*****0005\\tx\t0.4111111111111111\n"
     assert count == 2
 
 
@@ -65,13 +66,13 @@ def test_csv_quoted_fields():
     data = b'1,"' + PAN + b', ""quoted""",' + AMEX + b'\n2,"multi\nline ' + PAN + b'",x\n'
     out, count = mask_copy(data, binary=False)
     assert count == 3 and find_pans(out) == []
-    assert out.count(b"411111******1111") == 2
+    assert out.count(b"411111******1111") == 2 and out.count(b"378282000000005") == 1
 
 
 def test_text_copy_rows_split_across_messages_need_no_lookahead_at_a_newline():
     rows = [b"1\t" + PAN + b"\n", b"2\tnothing\n", b"3\t" + AMEX + b"\n"]
     out = feed_messages(rows, binary=False)
-    assert out == b"1\t" + MASKED + b"\n2\tnothing\n3\t378282*****0005\n"
+    assert out == b"1\t" + NUM + b"\n2\tnothing\n3\t378282000000005\n"
 
 
 def test_a_card_number_split_across_copydata_messages_is_masked_or_fails_closed():
@@ -97,17 +98,26 @@ def test_binary_copy_text_fields_are_masked_and_structure_kept():
                        extension=b"ext!")
     out, count = mask_copy(data, binary=True)
     assert count == 2 and len(out) == len(data)
-    assert out == binary_copy([[b"\x00\x00\x00\x01", MASKED, None, b"Approved"],
-                               [b"\x00\x00\x00\x02", b"x", b"", b"378282*****0005"]], extension=b"ext!")
+    # A field's type is unknown: a bare number is masked as a number, text around it: stars.
+    assert out == binary_copy([[b"\x00\x00\x00\x01", NUM, None, b"Approved"],
+                               [b"\x00\x00\x00\x02", b"x", b"", b"378282000000005"]], extension=b"ext!")
+    data = binary_copy([[b"card " + PAN]])
+    assert mask_copy(data, binary=True)[0] == binary_copy([[b"card " + MASKED]])
 
 
-def test_binary_copy_int8_and_numeric_card_numbers_fail_closed():
-    with pytest.raises(MaskingError) as info:
-        mask_copy(binary_copy([[b"a", struct.pack("!q", int(PAN))]]), binary=True)
-    assert "COPY column 2" in info.value.message and "::text" in info.value.hint
+def test_binary_copy_int8_and_numeric_card_numbers_are_masked_as_numbers():
+    out, count = mask_copy(binary_copy([[b"a", struct.pack("!q", int(PAN))]]), binary=True)
+    assert count == 1 and out == binary_copy([[b"a", struct.pack("!q", int(NUM))]])
     numeric = struct.pack("!hhHH4H", 4, 3, 0, 0, 4111, 1111, 1111, 1111)
-    with pytest.raises(MaskingError):
-        mask_copy(binary_copy([[numeric]]), binary=True)
+    out, count = mask_copy(binary_copy([[numeric]]), binary=True)
+    assert count == 1 and out == binary_copy([[struct.pack("!hhHH4H", 4, 3, 0, 0, 4111, 1100, 0, 1111)]])
+    # A numeric whose mask needs another length (last four 0000, hidden digits not all
+    # zero) can't be rewritten in place: the field lengths are already in the data.
+    pan = next(f"411111{m:02d}12340000" for m in range(100) if is_pan_digits(f"411111{m:02d}12340000"))
+    groups = [int(pan[i:i + 4]) for i in range(0, 12, 4)]
+    with pytest.raises(MaskingError) as info:
+        mask_copy(binary_copy([[struct.pack("!hhHH3H", 3, 3, 0, 0, *groups)]]), binary=True)
+    assert "COPY column 1" in info.value.message and "::text" in info.value.hint
     small = struct.pack("!q", 123456)
     assert mask_copy(binary_copy([[small]]), binary=True)[1] == 0
 
@@ -226,37 +236,35 @@ def test_real_server_copy_out_is_masked_and_loads_back(conn, fmt):
     with conn.cursor().copy(f"COPY cards_back FROM STDIN (FORMAT {fmt})") as cp:
         cp.write(data)
     rows = conn.execute("SELECT pan, convert_from(raw, 'UTF8'), doc->>'pan', note FROM cards_back LIMIT 1").fetchone()
-    assert rows == ("411111******1111", "5500-00**-****-0004", "378282*****0005", "card 4111 11** **** 1111")
+    # The text column's bare number comes back as a number mask: COPY doesn't say it is text.
+    pan = "4111110000001111"
+    assert rows == (pan, "5500-00**-****-0004", "378282*****0005", "card 4111 11** **** 1111")
 
 
 @pytest.mark.parametrize("fmt", ["text", "csv"])
-def test_real_server_json_number_in_text_copy_is_starred_and_cannot_be_loaded(conn, fmt):
-    # COPY carries no types, so a card number that is a JSON *number* is starred like text:
-    # nothing leaks, and a consumer loading it gets an error (the known gap, failing safe).
+def test_real_server_json_number_in_text_copy_is_masked_as_a_number_and_loads_back(conn, fmt):
     blocks = copy_out(conn, f"COPY (SELECT '{{\"pan\": 4111111111111111}}'::jsonb) TO STDOUT (FORMAT {fmt})")
     out, count = CopyMasker(False, "pci").message(blocks[0])
-    assert count == 1 and b"411111******1111" in out
+    assert count == 1 and b"4111110000001111" in out
     conn.execute("CREATE TEMP TABLE IF NOT EXISTS docs (doc jsonb)")
-    import psycopg
-
-    with (pytest.raises(psycopg.errors.InvalidTextRepresentation),
-          conn.cursor().copy(f"COPY docs FROM STDIN (FORMAT {fmt})") as cp):
+    conn.execute("TRUNCATE docs")
+    with conn.cursor().copy(f"COPY docs FROM STDIN (FORMAT {fmt})") as cp:
         cp.write(out)
+    assert conn.execute("SELECT doc->>'pan' FROM docs").fetchone() == ("4111110000001111",)
 
 
-def test_real_server_binary_copy_of_a_bigint_card_number_fails_closed(conn):
-    blocks = copy_out(conn, "COPY cards_n TO STDOUT (FORMAT binary)")
-    masker = CopyMasker(True, "pci")
-
-    def mask_every_block() -> None:
-        for block in blocks:
-            masker.message(block)
-
-    with pytest.raises(MaskingError):
-        mask_every_block()
-    text_blocks = copy_out(conn, "COPY cards_n TO STDOUT")
-    out, count = CopyMasker(False, "pci").message(text_blocks[0])
-    assert count == 1 and out == b"1\t411111******1111\n"
+@pytest.mark.parametrize("fmt", ["text", "csv", "binary"])
+def test_real_server_copy_of_a_bigint_card_number_is_masked_and_loads_back(conn, fmt):
+    masker = CopyMasker(fmt == "binary", "pci")
+    data = b""
+    for block in copy_out(conn, f"COPY cards_n TO STDOUT (FORMAT {fmt})"):
+        out, _count = masker.message(block)
+        data += out if out is not None else block
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS cards_n_back (LIKE cards_n)")
+    conn.execute("TRUNCATE cards_n_back")
+    with conn.cursor().copy(f"COPY cards_n_back FROM STDIN (FORMAT {fmt})") as cp:
+        cp.write(data)
+    assert conn.execute("SELECT id, pan FROM cards_n_back").fetchall() == [(1, 4111110000001111)]
 
 
 _TEXT_PIECES = [PAN, AMEX, b"4111 1111 1111 1111", b"\t", b"\n", b"\\N", b"abc", b"12", b" ", b"-", b"\\\\x",

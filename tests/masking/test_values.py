@@ -17,12 +17,13 @@ from hypothesis import strategies as st
 from appliance.masking import values as v
 from appliance.masking.errors import MaskingError
 from appliance.model.decision import MaskMethod
-from appliance.pan.detector import find_pans
+from appliance.pan.detector import find_pans, number_mask
 from tests.masking.wire import array_bin, int8_bin, numeric_bin, range_bin, record_bin
 
 PAN = "4111111111111111"
 BPAN = PAN.encode()
 MASKED = b"411111******1111"
+NUM = b"4111110000001111"  # the card number masked as a number: BIN, zeros, last four
 
 
 def col(oid: int, fmt: int, name: str = "c") -> v.Column:
@@ -31,12 +32,6 @@ def col(oid: int, fmt: int, name: str = "c") -> v.Column:
 
 def mask(value: bytes, oid: int, fmt: int, pan_fmt: str = "pci") -> bytes | None:
     return v.mask_value(value, v.kind_of(oid, fmt), pan_fmt, col(oid, fmt))[0]
-
-
-def fails(value: bytes, oid: int, fmt: int) -> MaskingError:
-    with pytest.raises(MaskingError) as info:
-        mask(value, oid, fmt)
-    return info.value
 
 
 # ---- kinds -------------------------------------------------------------------------------------
@@ -50,7 +45,7 @@ def fails(value: bytes, oid: int, fmt: int) -> MaskingError:
     (3926, 1, v.RANGE), (3906, 1, v.NUMRANGE), (3926, 0, v.NUMTEXT), (4536, 1, v.MULTIRANGE),
     (21, 0, v.SKIP), (23, 1, v.SKIP), (26, 0, v.SKIP), (701, 1, v.SKIP), (700, 0, v.SKIP), (2950, 0, v.SKIP),
     (1114, 1, v.SKIP), (1007, 1, v.SKIP), (1022, 0, v.SKIP), (16, 0, v.SKIP),
-    (16400, 0, v.TEXT), (16400, 1, v.UNKNOWN), (3614, 0, v.TEXT), (3614, 1, v.TEXT),
+    (16400, 0, v.OPAQUE), (16400, 1, v.UNKNOWN), (3614, 0, v.TEXT), (3614, 1, v.TEXT),
 ])
 def test_kind_of(oid, fmt, kind):
     assert v.kind_of(oid, fmt) == kind
@@ -66,6 +61,22 @@ def test_text_like_values_are_starred_in_place(oid, fmt):
     assert mask(b"no card here 1234", oid, fmt) is None
 
 
+def test_a_bare_number_in_text_of_a_type_we_dont_know_is_masked_as_a_number():
+    # A domain over bigint, or an extension's number type: its text must still parse.
+    assert mask(BPAN, 16400, 0) == NUM
+    assert mask(b"-" + BPAN, 16400, 0) == b"-" + NUM
+    assert mask(BPAN, 25, 0) == MASKED  # a text column shows stars
+    assert mask(b"(x," + BPAN + b")", 16400, 0) == b"(x," + NUM + b")"
+    assert mask(b"card " + BPAN, 16400, 0) == b"card " + MASKED  # words around it: stars
+    # Two candidates overlapping (a 13-digit group that is a card number on its own and
+    # with the next group): a number mask of one would show digits the other hides, so
+    # both get stars.
+    value = next(b"(4222222222222 " + f"{n:03d}".encode() + b")" for n in range(1000)
+                 if len(find_pans(b"4222222222222 " + f"{n:03d}".encode())) == 2)
+    out = mask(value, 16400, 0)
+    assert out[1:7] == b"422222" and out[7:13] == b"******" and out.count(b"0") == value.count(b"0")
+
+
 def test_last4_format():
     assert mask(BPAN, 25, 0, "last4") == b"************1111"
 
@@ -76,13 +87,13 @@ def test_xml_keeps_its_markup():
 
 # ---- JSON -----------------------------------------------------------------------------------
 
-def test_json_strings_get_stars_and_numbers_become_strings_of_the_same_length():
+def test_json_strings_get_stars_and_numbers_stay_numbers():
     value = b'{"pan": ' + BPAN + b', "note": "card ' + BPAN + b'", "neg": -' + BPAN + b', "x": 0.5}'
     out = mask(value, 114, 0)
-    assert out == b'{"pan": "411111****1111", "note": "card 411111******1111", "neg": "-411111****1111", "x": 0.5}'
+    assert out == b'{"pan": ' + NUM + b', "note": "card 411111******1111", "neg": -' + NUM + b', "x": 0.5}'
     assert len(out) == len(value)
     import json
-    assert json.loads(out)["pan"] == "411111****1111"
+    assert json.loads(out)["pan"] == int(NUM)
 
 
 def test_json_escapes_and_quotes_inside_strings_are_followed():
@@ -90,12 +101,12 @@ def test_json_escapes_and_quotes_inside_strings_are_followed():
     out = mask(value, 3802, 0)
     import json
     parsed = json.loads(out)
-    assert parsed["a"] == '" 411111******1111 \\' and parsed["b"] == "411111****1111"
+    assert parsed["a"] == '" 411111******1111 \\' and parsed["b"] == int(NUM)
 
 
 def test_jsonb_binary_keeps_its_version_byte():
     value = b'\x01{"pan": ' + BPAN + b"}"
-    assert mask(value, 3802, 1) == b'\x01{"pan": "411111****1111"}'
+    assert mask(value, 3802, 1) == b'\x01{"pan": ' + NUM + b"}"
     with pytest.raises(ValueError, match="jsonb binary values start with version 1"):
         mask(b'\x02{"pan": 1}', 3802, 1)
 
@@ -122,12 +133,13 @@ def test_bytea_binary_is_raw_bytes():
 
 # ---- types that can't hold a star -------------------------------------------------------------
 
-def test_int8_binary_pan_fails_closed_with_a_hint():
-    err = fails(int8_bin(int(PAN)), 20, 1)
-    assert err.sqlstate == "42501"
-    assert err.message == "c (binary bigint) holds a card number that Tollgate cannot mask as bigint"
-    assert "::text" in err.hint
-    fails(int8_bin(-int(PAN)), 20, 1)
+def test_int8_binary_pan_is_masked_as_an_int8():
+    assert mask(int8_bin(int(PAN)), 20, 1) == int8_bin(int(NUM))
+    assert mask(int8_bin(-int(PAN)), 20, 1) == int8_bin(-int(NUM))
+    assert mask(int8_bin(int(PAN)), 20, 1, "last4") == int8_bin(9000000000001111)
+    # An id that is Luhn-valid on an issuer prefix is a card number as far as anyone can
+    # tell: masked, and its mask (BIN, zeros, last four) is kept off Luhn.
+    assert mask(int8_bin(4000000000000002), 20, 1) == int8_bin(4000000000010002)
     assert mask(int8_bin(42), 20, 1) is None
     assert mask(int8_bin(int(PAN) + 1), 20, 1) is None  # Luhn fails
     assert mask(int8_bin(1712345678901), 20, 1) is None  # an epoch in ms
@@ -135,9 +147,9 @@ def test_int8_binary_pan_fails_closed_with_a_hint():
         mask(b"\x00" * 7, 20, 1)
 
 
-def test_int8_and_numeric_text_fail_closed():
-    assert "(bigint)" in fails(BPAN, 20, 0).message
-    fails(b"-" + BPAN, 1700, 0)
+def test_int8_and_numeric_text_are_masked_as_numbers():
+    assert mask(BPAN, 20, 0) == NUM
+    assert mask(b"-" + BPAN, 1700, 0) == b"-" + NUM
     assert mask(BPAN + b".00", 1700, 0) is None  # a decimal is no card number
     assert mask(b"123", 20, 0) is None
 
@@ -151,9 +163,22 @@ def test_int8_and_numeric_text_fail_closed():
 def test_numeric_binary(text, is_pan):
     value = numeric_bin(text)
     if is_pan:
-        assert "binary numeric" in fails(value, 1700, 1).message
+        sign = "-" if text.startswith("-") else ""
+        assert mask(value, 1700, 1) == numeric_bin(sign + number_mask(text.lstrip("-").encode()).decode())
     else:
         assert mask(value, 1700, 1) is None
+
+
+def test_numeric_binary_whose_mask_has_other_trailing_zero_groups_is_reencoded():
+    # ...0000 as the last four: the original drops trailing zero groups by its hidden
+    # digits, the mask by its own; the encoding follows the mask, not the original.
+    pan = "4111111111110000"  # Luhn-valid? find one that is, with the last group zero
+    for middle in range(10**6):
+        pan = f"411111{middle:06d}0000"
+        if v.int_is_pan(int(pan)) and middle % 10000 == 0:
+            break
+    masked = number_mask(pan.encode()).decode()
+    assert mask(numeric_bin(pan), 1700, 1) == numeric_bin(masked)
 
 
 def test_numeric_binary_malformed_is_a_value_error():
@@ -164,22 +189,23 @@ def test_numeric_binary_malformed_is_a_value_error():
 
 
 def test_money_text_and_binary():
-    fails(b"$4,111,111,111,111,111.00", 790, 0)
-    fails(b"-$4,111,111,111,111,111.00", 790, 0)
+    assert mask(b"$4,111,111,111,111,111.00", 790, 0) == b"$4,111,110,000,001,111.00"
+    assert mask(b"-$4,111,111,111,111,111.25", 790, 0) == b"-$4,111,110,000,001,111.25"
     assert mask(b"$12.50", 790, 0) is None
-    fails(int8_bin(int(PAN) * 100), 790, 1)  # cents
-    fails(int8_bin(int(PAN)), 790, 1)
+    assert mask(int8_bin(int(PAN) * 100 + 25), 790, 1) == int8_bin(int(NUM) * 100 + 25)  # the amount
+    assert mask(int8_bin(int(PAN)), 790, 1) == int8_bin(int(NUM))  # the cents as one number
     assert mask(int8_bin(1250), 790, 1) is None
-    fails(b'{"$1.00","$4,111,111,111,111,111.00"}', 791, 0)
+    assert mask(b'{"$1.00","$4,111,111,111,111,111.00"}', 791, 0) == b'{"$1.00","$4,111,110,000,001,111.00"}'
 
 
 # ---- arrays ---------------------------------------------------------------------------------
 
 def test_text_arrays_in_text_format():
     value = b'{' + BPAN + b',"a ' + BPAN + b'",NULL}'
-    assert mask(value, 1009, 0) == b'{' + MASKED + b',"a ' + MASKED + b'",NULL}'
-    fails(b"{1," + BPAN + b"}", 1016, 0)
-    fails(b"{{1," + BPAN + b"},{2,3}}", 1231, 0)
+    # a bare number in an array's text may be a number: masked as one
+    assert mask(value, 1009, 0) == b'{' + NUM + b',"a ' + MASKED + b'",NULL}'
+    assert mask(b"{1," + BPAN + b"}", 1016, 0) == b"{1," + NUM + b"}"
+    assert mask(b"{{1," + BPAN + b"},{2,3}}", 1231, 0) == b"{{1," + NUM + b"},{2,3}}"
     assert mask(b"{1,2,3}", 1016, 0) is None
 
 
@@ -187,9 +213,10 @@ def test_binary_arrays_mask_each_element_by_its_type():
     value = array_bin(25, [b"x", None, BPAN, b"y " + BPAN])
     out = mask(value, 1009, 1)
     assert out == array_bin(25, [b"x", None, MASKED, b"y " + MASKED])
-    fails(array_bin(20, [int8_bin(1), int8_bin(int(PAN))]), 1016, 1)
+    assert mask(array_bin(20, [int8_bin(1), int8_bin(int(PAN))]), 1016, 1) == array_bin(
+        20, [int8_bin(1), int8_bin(int(NUM))])
     assert mask(array_bin(20, [int8_bin(1), None]), 1016, 1) is None
-    fails(array_bin(1700, [numeric_bin(PAN)]), 1231, 1)
+    assert mask(array_bin(1700, [numeric_bin(PAN)]), 1231, 1) == array_bin(1700, [numeric_bin(NUM.decode())])
     two_d = array_bin(1043, [b"a", BPAN, b"c", b"d"], dims=(2, 2))
     assert mask(two_d, 1015, 1) == array_bin(1043, [b"a", MASKED, b"c", b"d"], dims=(2, 2))
     assert mask(array_bin(25, []), 1009, 1) is None
@@ -197,13 +224,13 @@ def test_binary_arrays_mask_each_element_by_its_type():
 
 def test_binary_json_array_elements_are_json():
     value = array_bin(3802, [b'\x01{"p": ' + BPAN + b"}"])
-    assert mask(value, 3807, 1) == array_bin(3802, [b'\x01{"p": "411111****1111"}'])
+    assert mask(value, 3807, 1) == array_bin(3802, [b'\x01{"p": ' + NUM + b"}"])
 
 
 def test_text_json_array_is_reescaped():
     value = b'{"{\\"p\\": ' + BPAN + b'}",7}'
     out = mask(value, 199, 0)
-    assert out == b'{"{\\"p\\": \\"411111****1111\\"}",7}'
+    assert out == b'{"{\\"p\\": ' + NUM + b'}",7}'
 
 
 def test_malformed_binary_arrays_are_value_errors():
@@ -222,35 +249,43 @@ def test_binary_records_mask_fields_by_their_types():
     value = record_bin([(25, BPAN), (23, struct.pack("!i", 7)), (1009, array_bin(25, [BPAN])), (25, None)])
     assert mask(value, 2249, 1) == record_bin([(25, MASKED), (23, struct.pack("!i", 7)),
                                                (1009, array_bin(25, [MASKED])), (25, None)])
-    fails(record_bin([(25, b"x"), (20, int8_bin(int(PAN)))]), 2249, 1)
+    assert mask(record_bin([(25, b"x"), (20, int8_bin(int(PAN)))]), 2249, 1) == record_bin(
+        [(25, b"x"), (20, int8_bin(int(NUM)))])
 
 
-def test_text_records_are_starred_in_place():
-    assert mask(b'(' + BPAN + b',"a b",)', 2249, 0) == b'(' + MASKED + b',"a b",)'
+def test_text_records_mask_bare_numbers_as_numbers_and_the_rest_with_stars():
+    assert mask(b'(' + BPAN + b',"a ' + BPAN + b'",)', 2249, 0) == b'(' + NUM + b',"a ' + MASKED + b'",)'
+
+
+def multirange(*ranges: bytes) -> bytes:
+    return struct.pack("!i", len(ranges)) + b"".join(struct.pack("!i", len(r)) + r for r in ranges)
 
 
 def test_ranges():
-    fails(range_bin(int8_bin(int(PAN)), int8_bin(int(PAN) + 1)), 3926, 1)
+    assert mask(range_bin(int8_bin(int(PAN)), int8_bin(int(PAN) + 1)), 3926, 1) == range_bin(
+        int8_bin(int(NUM)), int8_bin(int(PAN) + 1))  # the upper bound fails Luhn: no card number
     assert mask(range_bin(int8_bin(1), None), 3926, 1) is None
     assert mask(b"\x01", 3926, 1) is None  # empty
-    fails(range_bin(None, numeric_bin(PAN)), 3906, 1)
-    multi = struct.pack("!i", 2) + b"".join(struct.pack("!i", len(r)) + r for r in (
-        range_bin(int8_bin(1), int8_bin(2)), range_bin(int8_bin(int(PAN)), None)))
-    fails(multi, 4536, 1)
-    fails(b"[" + BPAN + b",)", 3926, 0)
+    assert mask(range_bin(None, numeric_bin(PAN)), 3906, 1) == range_bin(None, numeric_bin(NUM.decode()))
+    multi = multirange(range_bin(int8_bin(1), int8_bin(2)), range_bin(int8_bin(int(PAN)), None))
+    assert mask(multi, 4536, 1) == multirange(range_bin(int8_bin(1), int8_bin(2)),
+                                              range_bin(int8_bin(int(NUM)), None))
+    assert mask(b"[" + BPAN + b",)", 3926, 0) == b"[" + NUM + b",)"
 
 
 # ---- unknown types --------------------------------------------------------------------------
 
 def test_unknown_binary_values():
-    fails(int8_bin(int(PAN)), 16400, 1)  # a domain or extension type holding an int8
+    assert mask(int8_bin(int(PAN)), 16400, 1) == int8_bin(int(NUM))  # a domain or extension type over int8
     assert mask(b"Approved", 16400, 1) is None  # eight printable bytes are text
-    fails(numeric_bin(PAN), 16400, 1)
-    assert mask(b"\x00\x00\x00\x01" + BPAN, 16400, 1) == b"\x00\x00\x00\x01" + MASKED
+    assert mask(numeric_bin(PAN), 16400, 1) == numeric_bin(NUM.decode())
+    assert mask(b"\x00\x00\x00\x01" + BPAN, 16400, 1) == b"\x00\x00\x00\x01" + NUM  # bare: may be a number
+    assert mask(b"\x00\x00\x00\x01 pan " + BPAN, 16400, 1) == b"\x00\x00\x00\x01 pan " + MASKED
     # A user composite holding a bigint, and an array of them.
     composite = record_bin([(25, b"x"), (20, int8_bin(int(PAN)))])
-    fails(composite, 16390, 1)
-    fails(array_bin(16390, [composite]), 16389, 1)
+    masked = record_bin([(25, b"x"), (20, int8_bin(int(NUM)))])
+    assert mask(composite, 16390, 1) == masked
+    assert mask(array_bin(16390, [composite]), 16389, 1) == array_bin(16390, [masked])
     assert mask(record_bin([(25, BPAN)]), 16390, 1) == record_bin([(25, MASKED)])
 
 
@@ -293,8 +328,8 @@ def test_any_bytes_of_any_kind_mask_cleanly_or_raise_cleanly(kind, data, fmt):
         return
     if out is not None:
         assert count > 0
-        if kind != v.JSONARRAY:
-            assert len(out) == len(data)
+        if kind not in (v.JSONARRAY, v.NUMERIC, v.UNKNOWN, v.ARRAY, v.RECORD, v.NUMRANGE, v.NUMMULTIRANGE):
+            assert len(out) == len(data)  # a re-encoded numeric may change length
     for method in MaskMethod:
         try:
             masked = v.column_mask(data, kind, method)
@@ -308,13 +343,7 @@ def test_any_bytes_of_any_kind_mask_cleanly_or_raise_cleanly(kind, data, fmt):
        st.sampled_from([25, 1043, 17, 16400]))
 def test_random_binary_text_arrays_round_trip_their_structure(items, elem):
     value = array_bin(elem, items)
-    try:
-        out = mask(value, 1009, 1)
-    except MaskingError:
-        # An element of unknown type with exactly 8 non-printable bytes is read as an int8;
-        # random bytes are a 19-digit card number now and then.
-        assert elem == 16400 and any(i is not None and len(i) == 8 for i in items)
-        return
+    out = mask(value, 1009, 1)
     result = out if out is not None else value
     assert len(result) == len(value)
     assert v.array_header(result)[:2] == (elem, len(items))
@@ -357,8 +386,7 @@ def pg(postgres):
 
 P = PAN
 # (SQL expression, type name to read the masked value back as, expected in text and in
-# binary: "masked" (and the server accepts it), "starred" (masked; a typed parse would
-# fail), "fail" (MaskingError), "same" (untouched))
+# binary: "masked" (and the server accepts it) or "same" (untouched))
 SERVER_CASES = [
     (f"'{P}'::text", "text", "masked", "masked"),
     (f"'card {P} ok'::varchar(40)", "varchar", "masked", "masked"),
@@ -379,21 +407,24 @@ SERVER_CASES = [
     (f"'{P}'::citext", "citext", "masked", "masked"),
     (f"'pan=>{P}'::hstore", "hstore", "masked", "masked"),
     (f"'{P}'::pan_d", "pan_d", "masked", "masked"),
-    (f"{P}::int8", "int8", "fail", "fail"),
-    (f"{P}::numeric", "numeric", "fail", "fail"),
-    (f"-{P}::numeric", "numeric", "fail", "fail"),
+    (f"{P}::int8", "int8", "masked", "masked"),
+    (f"{P}::numeric", "numeric", "masked", "masked"),
+    (f"-{P}::numeric", "numeric", "masked", "masked"),
     (f"{P}.00::numeric(20,2)", "numeric", "same", "same"),
-    (f"{P}::money", "money", "fail", "fail"),
-    (f"ARRAY[1, {P}]::int8[]", "int8[]", "fail", "fail"),
-    (f"ARRAY[1, {P}]::numeric[]", "numeric[]", "fail", "fail"),
-    (f"int8range({P}, {P} + 5)", "int8range", "fail", "fail"),
-    (f"numrange({P}, NULL)", "numrange", "fail", "fail"),
-    (f"int8multirange(int8range(1, {P}))", "int8multirange", "fail", "fail"),
-    # A composite with a bigint field, in text: types unknown, so starred like text; a
-    # client that decodes the composite by its types fails on it (the known gap, failing
-    # safe). In binary its fields carry their types: the bigint fails closed.
-    (f"ROW('x', {P})::card_t", "card_t", "starred", "fail"),
-    (f"ARRAY[ROW('x', {P})::card_t]", "card_t[]", "starred", "fail"),
+    (f"{P}::money", "money", "masked", "masked"),
+    (f"ARRAY[1, {P}]::int8[]", "int8[]", "masked", "masked"),
+    (f"ARRAY[1, {P}]::numeric[]", "numeric[]", "masked", "masked"),
+    (f"int8range({P}, {P} + 5)", "int8range", "masked", "masked"),
+    (f"numrange({P}, NULL)", "numrange", "masked", "masked"),
+    (f"int8multirange(int8range(1, {P}))", "int8multirange", "masked", "masked"),
+    (f"nummultirange(numrange(1, {P}))", "nummultirange", "masked", "masked"),
+    ("4000000000000002::int8", "int8", "masked", "masked"),  # an id on Visa's prefix, Luhn-valid
+    # A composite with a bigint field: in text its field types are unknown, and the bare
+    # number is masked as a number, so a client decoding it by its types still can; in
+    # binary its fields carry their types.
+    (f"ROW('x', {P})::card_t", "card_t", "masked", "masked"),
+    (f"ARRAY[ROW('x', {P})::card_t]", "card_t[]", "masked", "masked"),
+    (f"ROW('x', {P}::text)::card_t", "card_t", "masked", "masked"),
     (f"ROW('{P}', 1)", "record", "masked", "masked"),
     (f"{P}::float8", "float8", "same", "same"),
     ("1712345678901::int8", "int8", "same", "same"),
@@ -409,11 +440,6 @@ def test_real_server_values(pg, sql, typname, text_expect, binary_expect, fmt):
     expect = text_expect if fmt == 0 else binary_expect
     column = col(oid, fmt, "pan")
     kind = v.kind_of(oid, fmt)
-    if expect == "fail":
-        with pytest.raises(MaskingError) as info:
-            v.mask_value(value, kind, "pci", column)
-        assert info.value.message.startswith("pan (")
-        return
     out, count = v.mask_value(value, kind, "pci", column)
     if expect == "same":
         assert out is None and count == 0
@@ -421,7 +447,7 @@ def test_real_server_values(pg, sql, typname, text_expect, binary_expect, fmt):
     assert out is not None and count >= 1
     if kind != v.JSONARRAY:
         assert len(out) == len(value)
-    if typname != "record" and expect != "starred":
+    if typname != "record":
         shown = server_accepts(pg, oid, fmt, out, typname)
         assert find_pans(shown) == [] and PAN.encode() not in shown
 
