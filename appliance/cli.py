@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "appliance.holds.cli",
     "appliance.audit.cli",
     "appliance.dbadmin.cli",
+    "appliance.witness.cli",
     "webui.cli",
 )
 

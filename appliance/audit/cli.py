@@ -271,6 +271,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = f"error: {sink['error']}" if sink.get("error") else "ok"
         print(f"off-box     {sink['sink']}: {sink.get('delivered', 0)} sent, "
               f"{sink.get('pending', 0)} waiting ({state})")
+    for w in status.get("witnesses", []):
+        cosigned = f"cosigned size {w['cosigned_size']:,}" if w.get("cosigned_size") is not None else "nothing cosigned"
+        state = (f"FAILING since {w['failing_since']}: {w['error']}" if w.get("error")
+                 else f"ok, {cosigned} at {w.get('cosigned_time')}")
+        waiting = f", size {w['pending']:,} waiting" if w.get("pending") is not None else ""
+        print(f"witness     {w['witness']} ({w['url']}): {state}{waiting}")
     if status.get("root_key_on_box"):
         print(f"warning     the root private key is on this box ({status['root_key_on_box']}): move it offline")
     return EXIT_OK

@@ -9,7 +9,8 @@
    ``time`` (both ends inclusive) and a session — its records, and the decisions on
    approvals its statements asked for (which may be recorded after the session ended).
 3. The bundle holds the checkpoints from the first one covering the first selected record
-   up to the fresh one.
+   up to the fresh one, each with the witnesses' cosignatures the writer stored for it
+   (an export waits a few seconds for those of the fresh one, and warns without them).
 4. The export is itself recorded (an ``admin`` record, ``audit.export``), through the proxy
    (``audit.append``) or directly; a failed export is recorded as a failure.
 
@@ -42,12 +43,15 @@ from appliance.audit.reader import AuditReader, ReaderError, field_pattern, pars
 from appliance.audit.store import AuditLog
 from appliance.audit.store_checkpoints import checkpoint_root
 from appliance.audit.store_errors import AuditError
+from appliance.audit.witnessing import load_cosignatures, text_sha256, with_cosignatures
 from appliance.config import AuditConfig, Config, ConfigError
 
 log = logging.getLogger("tollgate.audit")
 
 Progress = Callable[[int, int], None]
 PROGRESS_EVERY = 20_000
+EXPORT_WITNESS_WAIT = 10.0  # seconds an export waits for the witnesses to cosign its fresh checkpoint
+WITNESS_POLL = 0.05
 _DECISION = b'"type":"approval.decision"'
 _APPROVAL = b'"approval":"'
 
@@ -296,6 +300,9 @@ def _write(audit: AuditConfig, out: Path, select: Selection, access: LogAccess,
                 first = entry.seq
                 break
     checkpoints = _checkpoints(reader, fresh, first)
+    witness_warning = None
+    if audit.witnesses:
+        checkpoints, witness_warning = _add_cosignatures(audit, checkpoints, fresh, damaged is None)
 
     writer = BundleWriter(
         out, origin=audit.origin, signing_key=keyring.signing_key, trust_note=keyring.trust_note,
@@ -321,6 +328,8 @@ def _write(audit: AuditConfig, out: Path, select: Selection, access: LogAccess,
             raise ExportError(f"{audit.dir}: the log does not verify: " + "; ".join(writer.warnings[:5]))
         result = writer.close()
     warnings = list(result.warnings)
+    if witness_warning is not None:
+        warnings.append(witness_warning)
     if damaged is not None:
         warnings.insert(0, f"the audit log is damaged: {damaged}")
     return ExportSummary(result.path, result.log_size, result.records, result.left_out, result.checkpoints,
@@ -389,6 +398,27 @@ def _damage_record(reader: AuditReader) -> str | None:
                     continue
                 return f"{record.get('error')} (recorded as seq {record.get('seq')}, {record.get('time')})"
     return None
+
+
+def _add_cosignatures(audit: AuditConfig, checkpoints: list[dict[str, Any]], fresh: dict[str, Any],
+                      wait: bool) -> tuple[list[dict[str, Any]], str | None]:
+    """The checkpoints with the witnesses' cosignatures in their notes; a warning if the
+    last one has fewer than the quorum (after waiting up to EXPORT_WITNESS_WAIT seconds for
+    the writer to get them: it submits each checkpoint as soon as it is signed)."""
+    deadline = time.monotonic() + (EXPORT_WITNESS_WAIT if wait else 0.0)
+    digest = text_sha256(fresh["note"])
+    while True:
+        stored = load_cosignatures(audit.dir)
+        have = len({line.split(" ", 2)[1] for line in stored.get(digest, [])})
+        if have >= audit.witness_quorum or time.monotonic() >= deadline:
+            break
+        time.sleep(WITNESS_POLL)  # the writer's thread appends to cosignatures.jsonl; no event crosses processes
+    out = [{**c, "note": with_cosignatures(c["note"], stored)} for c in checkpoints]
+    if have >= audit.witness_quorum:
+        return out, None
+    return out, (f"the bundle's last checkpoint (size {fresh['size']}) has {have} of the {audit.witness_quorum} "
+                 f"witness cosignatures required (see `tollgate audit status`): a verifier given the witness keys "
+                 f"will not rely on it")
 
 
 def _checkpoints(reader: AuditReader, fresh: dict[str, Any], first: int | None) -> list[dict[str, Any]]:

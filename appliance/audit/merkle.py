@@ -343,3 +343,38 @@ def verify_consistency(first: int, second: int, first_root: bytes, second_root: 
         fn >>= 1
         sn >>= 1
     return sn == 0 and fr == first_root and sr == second_root
+
+
+def consistency_proof_from_range(old: CompactRange, new_leaves: Sequence[bytes]) -> list[bytes]:
+    """PROOF(m, D[0:n]) from what a writer holds: the compact range of the tree at m (its
+    nodes are every subtree left of m the proof can need) and the leaf hashes m … n − 1.
+
+    The same proof :func:`consistency_proof` gives over all n leaves, in O(n − m) hashing.
+    """
+    if old.begin != 0:
+        raise ValueError("the old tree's compact range must start at 0")
+    m = old.end
+    n = m + len(new_leaves)
+    if m == 0 or m == n:
+        return []
+    left = {(start, start + (1 << level)): h for start, level, h in old.nodes}
+
+    def mth(a: int, b: int) -> bytes:
+        if b <= m:
+            try:
+                return left[(a, b)]
+            except KeyError:
+                raise ValueError(f"subtree [{a}, {b}) is not in the old tree's compact range") from None
+        if a < m:
+            raise ValueError(f"subtree [{a}, {b}) straddles the old size {m}")
+        return root_of(new_leaves[a - m:b - m])
+
+    def sub(mm: int, start: int, size: int, complete: bool) -> list[bytes]:
+        if mm == size:
+            return [] if complete else [mth(start, start + size)]
+        k = _split(size)
+        if mm <= k:
+            return [*sub(mm, start, k, complete), mth(start + k, start + size)]
+        return [*sub(mm - k, start + k, size - k, False), mth(start, start + k)]
+
+    return sub(m, 0, n, True)

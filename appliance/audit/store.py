@@ -56,6 +56,7 @@ log = logging.getLogger("tollgate.audit")
 
 # What the log's own records (log.start, log.stop, key events, failures) say of themselves.
 _APPLIANCE = {"user": "tollgate", "outcome": "success", "origin": "local", "object": "audit-log"}
+WITNESS_WAIT_ON_CLOSE = 3.0  # seconds close() waits for the witnesses to cosign the last checkpoint
 
 
 class _Clock:
@@ -125,6 +126,9 @@ class AuditLog:
             if sinks:
                 from appliance.audit.offbox import Shipper
                 self._checkpoints.shipper = Shipper(sinks)
+            if config.witnesses:
+                from appliance.audit.witnessing import Witnessing
+                self._checkpoints.witnessing = Witnessing(config)
             try:
                 self._recover()
             except BaseException:
@@ -274,15 +278,26 @@ class AuditLog:
         self._checkpoints.request()
         self._commit.wake()
 
-    def checkpoint_now(self) -> dict[str, Any]:
+    def checkpoint_now(self, witness_timeout: float = 0.0) -> dict[str, Any]:
         """Make everything written durable and sign a checkpoint over it, now, in this
-        thread; the checkpoints.jsonl entry ``{"note", "size", "time"}``."""
+        thread; the checkpoints.jsonl entry ``{"note", "size", "time"}``. With witnesses,
+        wait up to ``witness_timeout`` seconds for a quorum of them to cosign it (``close``
+        does; the entry's ``witnessed`` says whether they did). Never on the event loop's
+        thread with a timeout: the control socket's ops run there."""
         with self._commit.commit_lock:
             self._commit.repair_if_broken()
             entry = self._checkpoints.sign(self._commit.sync_snapshot())
         if entry is None:
             raise AuditUnavailable(f"could not write a checkpoint to {self._dir / 'checkpoints.jsonl'}")
+        witnessing = self._checkpoints.witnessing
+        if witnessing is not None and witness_timeout > 0:
+            entry = {**entry, "witnessed": witnessing.wait_for_quorum(entry["note"], witness_timeout)}
         return entry
+
+    def flush_witnesses(self, timeout: float | None = None) -> bool:
+        """Wait until each witness was tried with the latest checkpoint (True without witnesses)."""
+        witnessing = self._checkpoints.witnessing
+        return witnessing.flush(timeout) if witnessing is not None else True
 
     def append_durable(self, record: dict[str, Any]) -> int:
         """Append and make durable before returning (for commands, not the hot path)."""
@@ -336,6 +351,8 @@ class AuditLog:
                          "lost": list(failure.lost) if failure.lost else None} if failure else None),
             "failures_total": outage.total,
             "offbox": shipper.status() if shipper is not None else [],
+            "witnesses": self._checkpoints.witnessing.status() if self._checkpoints.witnessing is not None else [],
+            "witness_quorum": self.config.witness_quorum,
         }
 
     @property
@@ -358,11 +375,14 @@ class AuditLog:
             self._closed = True
         self._commit.stop()
         try:
-            self.checkpoint_now()
+            # The last checkpoint is the one a witness should hold: give them a moment.
+            self.checkpoint_now(witness_timeout=WITNESS_WAIT_ON_CLOSE)
         except AuditUnavailable as exc:
             log.error("audit: no final checkpoint: %s", exc)
         if self._checkpoints.shipper is not None:
             self._checkpoints.shipper.close()
+        if self._checkpoints.witnessing is not None:
+            self._checkpoints.witnessing.close()
         self._close_fds()
         self._release_lock()
 
@@ -376,6 +396,8 @@ class AuditLog:
         self._commit.stop()
         if self._checkpoints.shipper is not None:
             self._checkpoints.shipper.close()
+        if self._checkpoints.witnessing is not None:
+            self._checkpoints.witnessing.close()
         self._close_fds()
         self._release_lock()
 

@@ -4,7 +4,7 @@ A checkpoint is signed every ``checkpoint_records`` records, ``checkpoint_second
 the first unsigned record, when one is requested (a session ended), and every
 ``heartbeat_seconds`` when idle. :class:`Checkpointer` keeps that cadence, appends each
 checkpoint to ``checkpoints.jsonl`` (fdatasync'd: a checkpoint is what an auditor holds
-the log to), rewrites ``state.json`` and hands the note to the off-box sinks.
+the log to), rewrites ``state.json`` and hands the note to the off-box sinks and the witnesses.
 
 ``state.json`` is the tree's compact range at the last checkpoint: it spares a restart
 rehashing the whole log, so it is believed only where a recent checkpoint vouches for it
@@ -31,6 +31,7 @@ from appliance.config import AuditConfig
 
 if TYPE_CHECKING:
     from appliance.audit.offbox import Shipper
+    from appliance.audit.witnessing import Witnessing
 
 log = logging.getLogger("tollgate.audit")
 
@@ -60,6 +61,7 @@ class Checkpointer:
         self._fdatasync = fdatasync
         self._path = config.dir / "checkpoints.jsonl"
         self.shipper: Shipper | None = None
+        self.witnessing: Witnessing | None = None
         self._fd = -1
         self._offset = 0
         self.last: dict[str, Any] | None = None  # the last entry of checkpoints.jsonl
@@ -183,6 +185,8 @@ class Checkpointer:
         save_state(self._config.dir, snap)
         if self.shipper is not None:
             self.shipper.submit(text, snap.size, unix)
+        if self.witnessing is not None:
+            self.witnessing.submit(text, snap.size, snap.seg_start, snap.offset, snap.tree)
         return entry
 
     def close_file(self) -> None:

@@ -20,7 +20,17 @@ This module is the front door: :func:`verify_bundle` runs the steps in order and
 Usage::
 
     tollgate-verify BUNDLE --root-key KEY|@FILE [--offbox DIR_OR_FILE]... [--as-of TIME] [--json FILE]
+                    [--witness KEY|@FILE]... [--witness-quorum N] [--witness-url URL]...
+                    [--witness-checkpoint FILE]... [--witness-ca FILE]
                     [--quiet] [--progress] [--workers N]
+
+With ``--witness`` keys the checkpoint the records are held to must carry cosignatures by
+``--witness-quorum`` of them (default: all); records beyond the last such checkpoint are
+failures. ``--witness-checkpoint FILE`` is a witness's latest cosigned checkpoint of the
+log, fetched by the auditor when asking for the export (``GET URL/checkpoint?origin=``):
+the bundle must reach its size with the same root, which catches a tail cut or a
+back-dated bundle without ``--offbox`` or ``--as-of``. ``--witness-url`` asks a witness
+now: its root must match where the bundle reaches its size (a later size is only noted).
 
 Exit status: 0 when everything holds, 1 when anything fails, 2 on a usage error (no root
 key pinned, unreadable arguments).
@@ -36,6 +46,7 @@ from pathlib import Path
 
 from appliance.audit.bundle_layout import ROOT_PUB
 from appliance.audit.bundle_reader import BundleError, open_bundle
+from appliance.audit.cosignature import WitnessKey, parse_witness_key
 from appliance.audit.note import NoteError, VerifierKey, parse_time, parse_verifier_key
 from appliance.audit.verify_members import BLOCK_BYTES
 from appliance.audit.verify_records import check_block
@@ -43,12 +54,15 @@ from appliance.audit.verify_report import Report
 from appliance.audit.verify_signed import SignedParts
 from appliance.audit.verify_walk import RecordWalk
 from appliance.audit.verify_workers import BlockCheck
+from appliance.audit.witness_protocol import fetch_latest
 
 
 def verify_bundle(path: str | Path, root_key: str, offbox: Sequence[str | Path] = (),
                   progress: Callable[[int, int], None] | None = None, as_of: str | None = None,
                   workers: int | None = None, *, block_bytes: int = BLOCK_BYTES,
-                  block_check: BlockCheck = check_block) -> Report:
+                  block_check: BlockCheck = check_block, witnesses: Sequence[str] = (),
+                  witness_quorum: int | None = None, witness_urls: Sequence[str] = (),
+                  witness_checkpoints: Sequence[str | Path] = (), witness_ca: str | Path | None = None) -> Report:
     """Verify the bundle at ``path`` (.tar.gz or directory) against the pinned root verifier key.
 
     NoteError if ``root_key`` is not a verifier key; everything about the bundle itself is
@@ -56,15 +70,59 @@ def verify_bundle(path: str | Path, root_key: str, offbox: Sequence[str | Path] 
     checking records (default: one per CPU for bundles with enough records, 1 = none).
     ``block_bytes`` and ``block_check`` tune the fast path (see
     :class:`~appliance.audit.verify_walk.RecordWalk`); the report does not depend on them.
+    ``witnesses`` (witness verifier keys), ``witness_quorum`` (default: all of them),
+    ``witness_urls`` and ``witness_checkpoints``: see the module docstring. NoteError or
+    ValueError for a bad key or quorum.
     """
     root = parse_verifier_key(root_key)
     if as_of is not None:
         parse_time(as_of)
-    return _verify(Path(path), root, [Path(p) for p in offbox], progress, as_of, workers, block_bytes, block_check)
+    keys = [parse_witness_key(k) for k in witnesses]
+    quorum = len(keys) if witness_quorum is None else witness_quorum
+    if keys and not 1 <= quorum <= len(keys):
+        raise ValueError(f"the witness quorum must be between 1 and {len(keys)}")
+    if (witness_urls or witness_checkpoints) and not keys:
+        raise ValueError("a witness's checkpoint is checked against witness keys: give them")
+    witnessing = Witnessing(keys, quorum if keys else 0, list(witness_urls),
+                            [Path(p) for p in witness_checkpoints], witness_ca)
+    return _verify(Path(path), root, [Path(p) for p in offbox], progress, as_of, workers, block_bytes, block_check,
+                   witnessing)
+
+
+class Witnessing:
+    """What the auditor gave about witnesses: keys, quorum, where to get their views."""
+
+    def __init__(self, keys: list[WitnessKey], quorum: int, urls: list[str], files: list[Path],
+                 ca_file: str | Path | None) -> None:
+        self.keys, self.quorum, self.urls, self.files, self.ca_file = keys, quorum, urls, files, ca_file
+
+    def views(self, report: Report, origin: str | None) -> list[tuple[str, str, bool]]:
+        """(where, cosigned checkpoint, live) of each witness view given."""
+        out = []
+        for f in self.files:
+            try:
+                out.append((f"witness checkpoint {f}", f.read_text("utf-8"), False))
+            except (OSError, UnicodeDecodeError) as exc:
+                report.fail("witness", str(f), f"unreadable: {exc}")
+        for url in self.urls:
+            if origin is None:
+                report.fail("witness", url, "not asked: the log's origin is unknown (no valid trust file)")
+                continue
+            try:
+                view = fetch_latest(url, origin, ca_file=self.ca_file)
+            except (OSError, UnicodeDecodeError) as exc:
+                report.fail("witness", url, f"cannot ask the witness for its latest checkpoint: {exc}")
+                continue
+            if view is None:
+                report.fail("witness", url, f"the witness has cosigned no checkpoint of {origin!r}")
+                continue
+            out.append((f"witness {url}", view, True))
+        return out
 
 
 def _verify(path: Path, root: VerifierKey, offbox: list[Path], progress: Callable[[int, int], None] | None,
-            as_of: str | None, workers: int | None, block_bytes: int, block_check: BlockCheck) -> Report:
+            as_of: str | None, workers: int | None, block_bytes: int, block_check: BlockCheck,
+            witnessing: Witnessing | None = None) -> Report:
     started = time.monotonic()
     report = Report(str(path))
     try:
@@ -76,7 +134,9 @@ def _verify(path: Path, root: VerifierKey, offbox: list[Path], progress: Callabl
         for problem in bundle.problems:
             report.fail("bundle", "archive", problem)
         hashed: dict[str, tuple[str, int]] = {}  # member -> (sha256, size), as each is read
-        signed = SignedParts(bundle, report, root, hashed)
+        witnessing = witnessing or Witnessing([], 0, [], [], None)
+        report.witness_quorum = witnessing.quorum
+        signed = SignedParts(bundle, report, root, hashed, witnessing.keys, witnessing.quorum)
         try:
             signed.read_trust()
             signed.read_manifest()
@@ -84,6 +144,8 @@ def _verify(path: Path, root: VerifierKey, offbox: list[Path], progress: Callabl
             signed.read_checkpoints()
             signed.read_proofs()
             signed.read_offbox(offbox, as_of)
+            if witnessing.keys:
+                signed.read_witness_views(witnessing.views(report, signed.origin))
             RecordWalk(bundle, report, signed, hashed, progress, workers, block_bytes, block_check).run()
             signed.check_files()
             signed.check_filter()
@@ -117,6 +179,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--as-of", metavar="TIME",
                         help="when the export was requested (YYYY-MM-DDTHH:MM:SSZ): off-box checkpoints "
                              "beyond the bundle made before it show a cut tail")
+    parser.add_argument("--witness", action="append", default=[], metavar="KEY|@FILE",
+                        help="a witness's verifier key (name+hash+key, cosignature/v1), received out of band "
+                             "(repeatable): the checkpoint relied on must carry a quorum of their cosignatures")
+    parser.add_argument("--witness-quorum", type=int, metavar="N",
+                        help="cosignatures required (default: one per --witness)")
+    parser.add_argument("--witness-checkpoint", action="append", default=[], metavar="FILE",
+                        help="a witness's latest cosigned checkpoint of the log, fetched when the export was "
+                             "asked for (GET URL/checkpoint?origin=ORIGIN): the bundle must reach it (repeatable)")
+    parser.add_argument("--witness-url", action="append", default=[], metavar="URL",
+                        help="ask this witness now for its latest cosigned checkpoint: the bundle must agree "
+                             "with it where it reaches its size (repeatable)")
+    parser.add_argument("--witness-ca", metavar="FILE", help="CA certificate for https witness URLs")
     parser.add_argument("--json", metavar="FILE", help="also write a JSON report to FILE ('-' for stdout)")
     parser.add_argument("--quiet", action="store_true", help="print only failures")
     parser.add_argument("--progress", action="store_true", help="report progress on stderr")
@@ -170,8 +244,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         def progress(done: int, total: int) -> None:
             print(f"tollgate-verify: {done}/{total} positions", file=sys.stderr, flush=True)
 
-    report = verify_bundle(args.bundle, key_text, args.offbox, progress=progress, as_of=args.as_of,
-                           workers=args.workers)
+    witness_keys = []
+    for item in args.witness:
+        try:
+            text = Path(item[1:]).read_text("utf-8").strip() if item.startswith("@") else item
+            parse_witness_key(text)
+        except (OSError, UnicodeDecodeError, NoteError) as exc:
+            print(f"tollgate-verify: --witness {item}: {exc}", file=sys.stderr)
+            return 2
+        witness_keys.append(text)
+    try:
+        report = verify_bundle(args.bundle, key_text, args.offbox, progress=progress, as_of=args.as_of,
+                               workers=args.workers, witnesses=witness_keys, witness_quorum=args.witness_quorum,
+                               witness_urls=args.witness_url, witness_checkpoints=args.witness_checkpoint,
+                               witness_ca=args.witness_ca)
+    except ValueError as exc:
+        print(f"tollgate-verify: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         if args.json == "-":
             sys.stdout.write(report.to_json())

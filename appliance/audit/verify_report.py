@@ -17,7 +17,8 @@ MAX_FAILURES_PER_KIND = 500
 class Failure:
     """One thing that does not hold, and where."""
 
-    kind: str  # bundle, trust, manifest, file, checkpoint, proof, record, fields, pan, offbox, tail-cut
+    kind: str  # bundle, trust, manifest, file, checkpoint, proof, record, fields, pan, offbox, tail-cut,
+    # witness
     where: str
     message: str
 
@@ -46,6 +47,9 @@ class Report:
     offbox_valid: int = 0
     offbox_not_checkable: int = 0
     offbox_ignored: int = 0
+    witness_quorum: int = 0  # cosignatures required on the checkpoint relied on (0: none)
+    witnessed_size: int | None = None  # the largest checkpoint size with that quorum
+    witness_views: int = 0  # witnesses' latest checkpoints compared with the bundle
     failures: list[Failure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     suppressed: dict[str, int] = field(default_factory=dict)
@@ -83,6 +87,8 @@ class Report:
             "proofs": {"valid": self.proofs_valid, "total": self.proofs_total},
             "offbox": {"valid": self.offbox_valid, "total": self.offbox_total,
                        "not_checkable": self.offbox_not_checkable, "ignored": self.offbox_ignored},
+            "witnesses": {"quorum": self.witness_quorum, "witnessed_size": self.witnessed_size,
+                          "views": self.witness_views},
             "failures": [{"kind": f.kind, "where": f.where, "message": f.message} for f in self.failures],
             "failures_not_listed": dict(self.suppressed),
             "notes": list(self.notes),
@@ -107,6 +113,9 @@ class Report:
                 extra.append(f"{self.offbox_ignored} of other origins ignored")
             lines.append(f" {self.offbox_valid}/{self.offbox_total} off-box checkpoints consistent"
                          + (f" ({', '.join(extra)})" if extra else ""))
+        if self.witness_quorum:
+            lines.append(f" witnessed up to size {self.witnessed_size} (quorum {self.witness_quorum}); "
+                         f"{self.witness_views} witness view(s) compared")
         if self.log_size is not None:
             lines.append(f" log size {self.log_size}, origin {self.origin}, "
                          f"manifest signed by {self.manifest_key or '-'}")

@@ -22,6 +22,7 @@ from pathlib import Path
 from appliance.audit import canonical
 from appliance.audit.bundle_layout import CHECKPOINTS, MANIFEST, PROOFS, ROOT_PUB, TRUST, Manifest, parse_manifest
 from appliance.audit.bundle_reader import Bundle, BundleError
+from appliance.audit.cosignature import QuorumResult, WitnessKey, check_quorum, cosignatures
 from appliance.audit.merkle import HASH_SIZE, decomposition
 from appliance.audit.note import (
     Checkpoint,
@@ -51,6 +52,7 @@ class CheckedCheckpoint:
     time: str | None
     where: str
     valid: bool
+    witnessed: bool = True  # a quorum of witnesses cosigned it (True when no witnesses are required)
 
 
 @dataclass
@@ -78,8 +80,11 @@ def seq_span(a: int, b: int) -> str:
 class SignedParts:
     """The parts of one bundle other than the records; see the module docstring."""
 
-    def __init__(self, bundle: Bundle, report: Report, root: VerifierKey, hashed: dict[str, tuple[str, int]]) -> None:
+    def __init__(self, bundle: Bundle, report: Report, root: VerifierKey, hashed: dict[str, tuple[str, int]],
+                 witnesses: Sequence[WitnessKey] = (), quorum: int = 0) -> None:
         self.bundle = bundle
+        self.witnesses = list(witnesses)
+        self.quorum = quorum
         self.report = report
         self.fail = report.fail
         self.root = root
@@ -92,6 +97,7 @@ class SignedParts:
         self.checkpoints: list[CheckedCheckpoint] = []
         self.gaps: list[ProofGap] = []
         self.offbox_wanted: dict[int, list[OffboxCheckpoint]] = {}
+        self._last_quorum: tuple[CheckedCheckpoint, QuorumResult] | None = None
 
     def _read_small(self, name: str) -> bytes | None:
         """A small member's bytes (hashed for the manifest check), or None if it is missing."""
@@ -227,6 +233,12 @@ class SignedParts:
                 valid = False
             last = max(last, cp.size)
             entry = CheckedCheckpoint(cp.size, cp.root, cp.time, where, valid)
+            if self.witnesses:
+                quorum = check_quorum(obj["note"], self.witnesses, self.quorum)
+                for problem in quorum.problems:
+                    self.fail("witness", where, problem)
+                entry.witnessed = quorum.ok
+                self._last_quorum = (entry, quorum)
             other = roots.setdefault(cp.size, entry)
             if other.root != cp.root:
                 self.fail("checkpoint", where, f"root differs from the other checkpoint of size {cp.size} "
@@ -241,7 +253,14 @@ class SignedParts:
         self.log_size = max(last, 0)
         # Records at or beyond this size are covered by no validly signed checkpoint: the walk
         # names each of them (a root mismatch is named by the walk, at the checkpoint).
-        self.signed_size = max((c.size for c in self.checkpoints if c.valid), default=0)
+        self.signed_size = max((c.size for c in self.checkpoints if c.valid and c.witnessed), default=0)
+        if self.witnesses and self._last_quorum is not None:
+            entry, quorum = self._last_quorum
+            self.report.witnessed_size = self.signed_size
+            if self.signed_size < entry.size:
+                self.fail("witness", entry.where,
+                          f"{quorum.describe(self.quorum)}: no witness vouches that this is the log they saw "
+                          f"(records beyond the last witnessed checkpoint, size {self.signed_size}, are not trusted)")
         if self.manifest is not None and self.manifest.log_size != self.log_size:
             self.fail("manifest", MANIFEST,
                       f"log-size {self.manifest.log_size} is not the last checkpoint's size {self.log_size}")
@@ -380,6 +399,52 @@ class SignedParts:
                 else:
                     self.fail("offbox", where, f"root differs from the bundle's checkpoint of that size "
                                                f"({cp_roots[cp.size].where}): the log was rewritten")
+            else:
+                self.offbox_wanted.setdefault(cp.size, []).append(OffboxCheckpoint(where, cp))
+
+    def read_witness_views(self, views: Sequence[tuple[str, str, bool]]) -> None:
+        """Witnesses' cosigned checkpoints of this log, ``(where, note, live)``.
+
+        A saved view (``live`` False: fetched by the auditor when the export was asked for)
+        is a size the log had reached before the bundle was made: the bundle must reach it,
+        with the same root. A witness never cosigns a shrink or a fork, so a bundle of a log
+        cut back or rewritten with the on-box key fails, whatever times it claims. A live
+        view (asked now) is held to the same root where the bundle reaches it; beyond the
+        bundle it is only noted, as an honest log goes on growing after an export."""
+        keys = self.trust.verifier_keys() if self.trust is not None else []
+        cp_roots = {c.size: c for c in self.checkpoints}
+        for where, view, live in views:
+            self.report.witness_views += 1
+            try:
+                text, _sigs = split_note(view)
+                cp = parse_checkpoint(text)
+                cosigned, problems = cosignatures(view, self.witnesses)
+            except NoteError as exc:
+                self.fail("witness", where, f"not a cosigned checkpoint: {exc}")
+                continue
+            if self.origin is not None and cp.origin != self.origin:
+                self.fail("witness", where, f"a checkpoint of {cp.origin!r}, not of this log ({self.origin!r})")
+                continue
+            if problems or not cosigned:
+                self.fail("witness", where, "; ".join(problems) or "no cosignature by a witness key given")
+                continue
+            names = ", ".join(c.witness.label for c in cosigned)
+            where = f"{where} (size {cp.size}, cosigned by {names})"
+            if self.trust is None or not self._check_signature("witness", where, view, keys, cp.size):
+                continue
+            if cp.size > self.log_size:
+                if live:
+                    self.report.notes.append(f"{where}: the log has grown since this bundle "
+                                             f"(size {cp.size} > {self.log_size})")
+                else:
+                    self.fail("tail-cut", where,
+                              f"the witness had cosigned the log at size {cp.size} before this bundle was asked "
+                              f"for, but the bundle ends at {self.log_size}: seq {self.log_size}–{cp.size - 1} "
+                              f"are missing (the log's tail was cut)")
+            elif cp.size in cp_roots:
+                if cp_roots[cp.size].root != cp.root:
+                    self.fail("witness", where, f"root differs from the bundle's checkpoint of that size "
+                                                f"({cp_roots[cp.size].where}): the log was rewritten")
             else:
                 self.offbox_wanted.setdefault(cp.size, []).append(OffboxCheckpoint(where, cp))
 

@@ -64,6 +64,7 @@ class RecordWalk:
         self.block_check = block_check
         self.log_size = signed.log_size
         self.covered = signed.signed_size
+        self.covered_by = "witnessed" if signed.witnesses else "signed"
         self.gaps = signed.gaps
         # Events: checkpoint sizes and off-box sizes, checked when the walk's range ends there.
         events: dict[int, list[Event]] = {}
@@ -460,8 +461,8 @@ class RecordWalk:
             self.progress_next = p + PROGRESS_EVERY
 
     def _beyond(self, where: str, seq: int) -> None:
-        self.fail("record", where, f"seq {seq} is beyond the last signed checkpoint (size {self.covered}): "
-                                   "no signed tree head covers it")
+        self.fail("record", where, f"seq {seq} is beyond the last {self.covered_by} checkpoint (size {self.covered}): "
+                                   f"no {self.covered_by} tree head covers it")
 
     def _is_expected(self, seq: int, end: int) -> bool:
         """Is ``seq`` a record position of the current file (not in a gap, before ``end``)?"""

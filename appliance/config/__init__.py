@@ -17,12 +17,13 @@ from .model import (
     IPNetwork,
     ProxyConfig,
     Target,
+    WitnessConfig,
     normalize_address,
 )
 from .parse import load_config, parse_config
 
 __all__ = [
     "PG_MAX_MESSAGE", "AuditConfig", "Config", "ConfigError", "Credential", "Endpoint", "IPNetwork",
-    "IdentityConfig", "InterceptConfig", "ProxyConfig", "Target", "load_config", "normalize_address",
+    "IdentityConfig", "InterceptConfig", "ProxyConfig", "Target", "WitnessConfig", "load_config", "normalize_address",
     "parse_config",
 ]

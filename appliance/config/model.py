@@ -205,6 +205,16 @@ class ApprovalsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WitnessConfig:
+    """A witness the audit writer submits each checkpoint to (C2SP tlog-witness)."""
+
+    name: str  # the witness's key name, as its cosignature lines carry it
+    url: str  # base URL: the writer POSTs to URL/add-checkpoint
+    key: str  # its cosignature/v1 verifier key, name+HHHHHHHH+base64(0x04 ‖ public key)
+    ca_file: Path | None = None  # CA that signed an https witness's certificate
+
+
+@dataclass(frozen=True, slots=True)
 class AuditConfig:
     """The tamper-evident audit log: where it lives, how durable, how often it is signed."""
 
@@ -223,6 +233,8 @@ class AuditConfig:
     offbox_dir: Path | None = None  # every checkpoint is also copied here (other storage)
     offbox_syslog: str | None = None  # … and sent to syslog: "unix:/dev/log" or "udp:HOST:PORT"
     root_key: Path | None = None  # the trust root's private key, if kept on the box
+    witnesses: tuple[WitnessConfig, ...] = ()  # every checkpoint is submitted to each
+    witness_quorum: int = 0  # cosignatures a checkpoint needs to count as witnessed
 
     @property
     def keys_dir(self) -> Path:

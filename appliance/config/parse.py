@@ -8,6 +8,7 @@ agents unprotected.
 from __future__ import annotations
 
 import ipaddress
+import re
 import socket
 import tomllib
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from .model import (
     PolicyConfig,
     ProxyConfig,
     Target,
+    WitnessConfig,
 )
 
 T = TypeVar("T")
@@ -368,10 +370,41 @@ def _parse_audit(s: _Section, base: Path, identity: IdentityConfig | None) -> Au
     syslog = s.get("offbox_syslog", str, None)
     if syslog is not None and not syslog.startswith(("unix:/", "udp:")):
         raise s.error("offbox_syslog", "must be 'unix:/PATH' or 'udp:HOST:PORT'")
+    witnesses = _parse_witnesses(s, base)
+    quorum = s.get("witness_quorum", int, len(witnesses))
+    if not 0 <= quorum <= len(witnesses) or (witnesses and quorum == 0):
+        raise s.error("witness_quorum", f"must be between 1 and the number of witnesses ({len(witnesses)})"
+                      if witnesses else "needs [[audit.witnesses]] to count")
     config = AuditConfig(directory, origin, durability, records, seconds, heartbeat, segment, rows, size,
-                         path_or_none("offbox_dir"), syslog, path_or_none("root_key"))
+                         path_or_none("offbox_dir"), syslog, path_or_none("root_key"), witnesses, quorum)
     s.finish()
     return config
+
+
+_WITNESS_KEY = re.compile(r"([^+\s]+)\+[0-9a-f]{8}\+[A-Za-z0-9+/]+={0,2}")
+
+
+def _parse_witnesses(s: _Section, base: Path) -> tuple[WitnessConfig, ...]:
+    """``[[audit.witnesses]]``: name, url, key (cosignature/v1 verifier key), ca_file."""
+    raw = s.get("witnesses", list, [])
+    out: list[WitnessConfig] = []
+    for i, item in enumerate(raw):
+        w = _Section(s.path, f"{s.key('witnesses')}[{i}]", item)
+        name = w.get("name", str)
+        url = w.get("url", str)
+        key = w.get("key", str)
+        if not url.startswith(("http://", "https://")):
+            raise w.error("url", "must be an http:// or https:// URL")
+        m = _WITNESS_KEY.fullmatch(key)
+        if m is None:
+            raise w.error("key", "must be a witness verifier key, name+HHHHHHHH+base64")
+        if m.group(1) != name:
+            raise w.error("name", f"{name!r} is not the key's name {m.group(1)!r}")
+        if any(o.name == name for o in out):
+            raise w.error("name", f"{name!r} is listed twice")
+        out.append(WitnessConfig(name, url.rstrip("/"), key, w.optional_path("ca_file", base)))
+        w.finish()
+    return tuple(out)
 
 
 def parse_config(text: str, path: Path) -> Config:

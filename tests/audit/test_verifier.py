@@ -527,7 +527,8 @@ def test_zipapp_runs_standalone(env: dict, log: Log, tmp_path: Path) -> None:
                            cwd=tmp_path, capture_output=True, text=True, check=True)
     assert probe.stdout.split() == [], f"the verifier imported non-stdlib modules: {probe.stdout}"
     ours = {m for m in modules[start:] if m.startswith("appliance")}
-    shipped = ("canonical", "merkle", "note", "trust", "bundle_layout", "bundle_reader", "verifier", "verify_members",
+    shipped = ("canonical", "merkle", "note", "trust", "cosignature", "witness_protocol", "bundle_layout",
+               "bundle_reader", "verifier", "verify_members",
                "verify_pan", "verify_records", "verify_report", "verify_signed", "verify_walk", "verify_workers")
     assert ours <= {"appliance", "appliance.audit", "appliance.pan", "appliance.pan.detector",
                     *(f"appliance.audit.{m}" for m in shipped)}

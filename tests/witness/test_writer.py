@@ -1,0 +1,111 @@
+"""The audit writer and its witnesses: cosignatures kept, a witness down never stops the log.
+
+A real witness process on loopback; a witness that is down is a port nothing listens on.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from appliance.audit.cosignature import check_quorum
+from appliance.audit.keys import KeyRing
+from appliance.audit.reader import AuditReader
+from appliance.audit.store import AuditLog
+from appliance.audit.witnessing import STATE_DIR, load_cosignatures, with_cosignatures
+from appliance.config import ConfigError, WitnessConfig, load_config
+from tests.audit.records import make_config, statement
+from tests.witness.conftest import WitnessProcess, init_witness_dir, start_witness
+
+ORIGIN = "tollgate.test/audit"  # tests.audit.records.make_config's
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on return: connections are refused
+
+
+def test_checkpoints_are_cosigned_and_kept(tmp_path: Path, witness_factory: list[WitnessProcess]) -> None:
+    config = make_config(tmp_path, checkpoint_records=10)
+    log_key = KeyRing.load(config).signing_key
+    key = init_witness_dir(tmp_path / "w", "w1", [(ORIGIN, log_key.verifier_key())])
+    witness = start_witness(tmp_path / "w")
+    witness_factory.append(witness)
+    config = replace(config, witnesses=(WitnessConfig("w1", witness.url, str(key)),), witness_quorum=1)
+    log = AuditLog.open(config, version="t")
+    for i in range(35):
+        log.append(statement(i))
+        if i % 10 == 9:
+            entry = log.checkpoint_now(witness_timeout=60)
+            assert entry["witnessed"], log.status()["witnesses"]
+    status = log.status()["witnesses"][0]
+    assert status["error"] is None and status["cosigned_size"] == entry["size"]
+    log.close()
+    last = AuditReader(config.dir).last_checkpoint()
+    assert last is not None
+    assert check_quorum(with_cosignatures(last["note"], load_cosignatures(config.dir)), [key], 1).ok
+
+    # Restarted without its witness state (a fresh disk for witnesses/): the witness says its
+    # size (409), the writer proves consistency from there by rehashing the log, and goes on.
+    for f in (config.dir / STATE_DIR).iterdir():
+        f.unlink()
+    log = AuditLog.open(config, version="t")
+    log.append(statement(99))
+    entry = log.checkpoint_now(witness_timeout=60)
+    assert entry["witnessed"], log.status()["witnesses"]
+    log.close()
+
+
+def test_a_witness_down_does_not_stop_the_log(tmp_path: Path, witness_factory: list[WitnessProcess]) -> None:
+    config = make_config(tmp_path)
+    log_key = KeyRing.load(config).signing_key
+    key = init_witness_dir(tmp_path / "w", "w1", [(ORIGIN, log_key.verifier_key())])
+    down = WitnessConfig("w1", f"http://127.0.0.1:{closed_port()}", str(key))
+    config = replace(config, witnesses=(down,), witness_quorum=1)
+    log = AuditLog.open(config, version="t")
+    for i in range(20):
+        log.append(statement(i))  # durable (fsync) and answered: the witness is not on this path
+    entry = log.checkpoint_now()
+    assert log.flush_witnesses(timeout=60)
+    status = log.status()
+    assert status["durable_size"] == status["size"] == entry["size"]
+    w = status["witnesses"][0]
+    assert w["cosigned_size"] is None and w["pending"] == entry["size"]
+    assert "Connection refused" in w["error"] and w["failing_since"]
+    log.close()
+    assert load_cosignatures(config.dir) == {}
+
+    # The witness comes up: the next checkpoint is cosigned (with the proof from size 0 on).
+    witness = start_witness(tmp_path / "w")
+    witness_factory.append(witness)
+    config = replace(config, witnesses=(replace(down, url=witness.url),))
+    log = AuditLog.open(config, version="t")
+    log.append(statement(20))
+    entry = log.checkpoint_now(witness_timeout=60)
+    assert entry["witnessed"]
+    assert log.status()["witnesses"][0]["error"] is None
+    log.close()
+
+
+def test_config_lists_witnesses(tmp_path: Path) -> None:
+    key = "w1+0123abcd+BBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBBB"
+    path = tmp_path / "t.toml"
+    path.write_text(f'[audit]\ndir = "a"\nwitness_quorum = 1\n'
+                    f'[[audit.witnesses]]\nname = "w1"\nurl = "https://w.example:7380/"\nkey = "{key}"\n'
+                    f'ca_file = "ca.pem"\n')
+    audit = load_config(path).audit
+    assert audit is not None and audit.witness_quorum == 1
+    assert audit.witnesses == (WitnessConfig("w1", "https://w.example:7380", key, tmp_path / "ca.pem"),)
+    witness = f'[[audit.witnesses]]\nname = "w1"\nurl = "https://x"\nkey = "{key}"\n'
+    cases = ((witness.replace('name = "w1"', 'name = "w2"'), "not the key's name"),
+             ("witness_quorum = 2\n" + witness, "between 1 and the number of witnesses"),
+             (witness.replace("https://x", "ftp://x"), "http:// or https://"))
+    for body, problem in cases:
+        path.write_text('[audit]\ndir = "a"\n' + body)
+        with pytest.raises(ConfigError, match=re.escape(problem)):
+            load_config(path)
