@@ -5,6 +5,16 @@
 schema; they may not drop, truncate or alter cardholder tables, change role, run DO blocks
 or file-reading functions. Changes to cards and payments, whoever makes them, wait for a
 ``payments-dbas`` approval — never their own. Anything else is denied.
+
+``cards.pan`` is declared a cardholder column and ``payments-agents`` are agents, so the
+lineage rules hold: the card number can be selected as it is (and is masked), never
+transformed, compared, sorted, grouped or copied into a write; and agents call only
+built-in functions. Agents create no stored code at all — functions, procedures,
+triggers, rules, aggregates, operators, casts — in any schema, scratch included: a body
+runs where the policy can't follow it (``create function scratch.f() … update
+public.cards …; select scratch.f()`` would launder a write past the hold), and an agent
+has no need for one that a query can't meet. Views in scratch are allowed unless they
+touch a cardholder table (DDL naming one is blocked) or read a cardholder column (lineage).
 ``permissive``: allow everything (masking still applies), for third-party driver suites.
 """
 
@@ -22,6 +32,18 @@ LAB_POLICY = f"""\
 default = "deny"
 default_message = "no policy rule allows this statement for your groups"
 search_path = ["public"]
+cardholder_columns = ["public.cards.pan"]
+agent_groups = ["{AGENT_GROUP}"]
+
+[[rule]]
+name = "no-stored-code-for-agents"
+groups = ["{AGENT_GROUP}"]
+commands = ["CREATE FUNCTION", "CREATE PROCEDURE", "ALTER FUNCTION", "ALTER PROCEDURE", "ALTER ROUTINE",
+            "CREATE TRIGGER", "ALTER TRIGGER", "CREATE RULE", "CREATE AGGREGATE", "CREATE OPERATOR",
+            "CREATE CAST", "CREATE EVENT TRIGGER", "CREATE LANGUAGE", "CREATE TRANSFORM",
+            "CREATE OPERATOR CLASS", "CREATE OPERATOR FAMILY", "CREATE TYPE", "CREATE POLICY"]
+action = "block"
+message = "agents may not create or change functions, procedures, triggers, rules or other stored code"
 
 [[rule]]
 name = "no-destructive-ddl-on-cardholder-data"
@@ -71,6 +93,9 @@ action = "allow"
 name = "agents-write-scratch-tables"
 groups = ["{AGENT_GROUP}"]
 classes = ["read", "write", "ddl", "truncate", "function_call"]
+commands = ["SELECT", "INSERT", "UPDATE", "DELETE", "MERGE", "CREATE TABLE", "CREATE TABLE AS", "SELECT INTO",
+            "ALTER TABLE", "DROP TABLE", "TRUNCATE TABLE", "CREATE INDEX", "DROP INDEX", "CREATE SEQUENCE",
+            "ALTER SEQUENCE", "DROP SEQUENCE", "CREATE VIEW", "DROP VIEW", "CREATE SCHEMA", "COMMENT"]
 relations = ["scratch.*"]
 action = "allow"
 """

@@ -19,6 +19,10 @@ Judging one statement — rules in file order, first match wins:
   class ``unparsable`` explicitly; a block/hold rule may still claim them first. Those the
   classifier REFUSED (a pinned setting changed, a NUL, invalid UTF-8, too deep to walk)
   are blocked by the built-in rule ``refused`` before any rule is consulted.
+- For the groups the file names in ``agent_groups``, two more built-in rules come before
+  any rule: ``untrusted-function`` refuses calls of functions whose bodies the policy
+  can't see (:mod:`appliance.policy.functions`), and ``lineage`` refuses any use of a
+  cardholder column other than a plain, masked projection (:mod:`appliance.policy.lineage`).
 - Nothing matched: the policy's default (``deny`` unless the file says ``allow``).
 
 A listed dimension the statement has nothing of is covered vacuously: ``SELECT 1`` or
@@ -52,7 +56,9 @@ from appliance.model.decision import (
     MaskMethod,
     StatementClass,
 )
+from appliance.policy import lineage
 from appliance.policy.classifier import CACHE_MAX_CHARS, CACHE_SIZE, REFUSED, classify
+from appliance.policy.functions import untrusted_function
 from appliance.policy.patterns import Kind, Pattern, covers, hits, split_name, unquote
 from appliance.policy.rules import PolicyError, Rule, RuleSet, load_rules, parse_rules
 from appliance.policy.shape import shape
@@ -99,9 +105,11 @@ class Policy:
         self._decide_exact = functools.lru_cache(maxsize=CACHE_SIZE)(self._decide_by_shape)
         self._function_cached = functools.lru_cache(maxsize=1024)(self._decide_function_uncached)
         self._applicable = functools.lru_cache(maxsize=256)(self._applicable_uncached)
+        self._agent_cached = functools.lru_cache(maxsize=CACHE_SIZE)(self._agent_problem_uncached)
         self._cardholder_columns = tuple(sorted(
             set(ruleset.cardholder_columns)
             | {m.column for r in ruleset.rules for m in r.masks if m.method is MaskMethod.PAN}))
+        self._cardholders = lineage.Cardholders(self.cardholder_column_parts())
 
     @classmethod
     def load(cls, path: str | Path) -> Policy:
@@ -220,6 +228,10 @@ class Policy:
         unparsable = StatementClass.UNPARSABLE in classes
         if unparsable and statement.command == REFUSED:
             return Verdict(Action.BLOCK, "refused", None, f"Tollgate refuses this statement: {statement.error}")
+        if not unparsable and self.is_agent(group_set):
+            problem = self._agent_cached(statement)
+            if problem is not None:
+                return Verdict(Action.BLOCK, problem[0], None, problem[1])
         for rule in rules:
             if rule.action in (Action.ALLOW, Action.MASK):
                 if unparsable and (rule.classes is None or StatementClass.UNPARSABLE not in rule.classes):
@@ -237,6 +249,23 @@ class Policy:
             return Verdict(Action.BLOCK, "default", self.ruleset.default_line, self.ruleset.default_message)
         masks = self._obligations(statement, rules)
         return Verdict(Action.MASK if masks else Action.ALLOW, "default", self.ruleset.default_line, "", None, masks)
+
+    def _agent_problem_uncached(self, statement: Classification) -> tuple[str, str] | None:
+        """Why an agent may not run ``statement`` whatever the rules say: (rule, message)."""
+        if StatementClass.FUNCTION_CALL in statement.classes:
+            problem = untrusted_function(statement.functions, self.ruleset.trusted_functions)
+            if problem is not None:
+                return "untrusted-function", f"Tollgate refuses this for agents: {problem}"
+        if not self._cardholders or not statement.text or StatementClass.EMPTY in statement.classes:
+            return None
+        try:
+            lineage.check(statement.text, self._cardholders)
+        except lineage.LineageRefusal as exc:
+            return "lineage", f"Tollgate refuses this for agents: {exc}"
+        except Exception as exc:  # noqa: BLE001 -- fail closed: an unchecked statement must not run
+            return "lineage", (f"Tollgate refuses this for agents: the use of cardholder columns could not be "
+                               f"checked ({type(exc).__name__}: {exc})")
+        return None
 
     def _verdict_for(self, rule: Rule, statement: Classification, rules: tuple[Rule, ...]) -> Verdict:
         where = f"{self.path.name}:{rule.line}"
@@ -261,6 +290,8 @@ class Policy:
     def _hits(self, rule: Rule, statement: Classification, use_classes: bool) -> bool:
         if use_classes and rule.classes is not None and not (rule.classes & statement.classes):
             return False
+        if use_classes and rule.commands is not None and statement.command not in rule.commands:
+            return False
         for attr, kind in _DIMENSIONS:
             patterns: tuple[Pattern, ...] | None = getattr(rule, attr)
             if patterns is None:
@@ -272,6 +303,8 @@ class Policy:
 
     def _covers(self, rule: Rule, statement: Classification) -> bool:
         if rule.classes is not None and not statement.classes <= rule.classes:
+            return False
+        if rule.commands is not None and statement.command not in rule.commands:
             return False
         for attr, kind in _DIMENSIONS:
             patterns: tuple[Pattern, ...] | None = getattr(rule, attr)

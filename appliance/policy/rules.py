@@ -14,6 +14,7 @@ Format (docs/policy.md has the full guide)::
     groups = ["payments-agents"]        # identity groups, any of; omitted = everyone
     targets = ["payments"]              # target names; omitted = every target
     classes = ["ddl", "truncate"]       # StatementClass values; omitted = any
+    commands = ["CREATE FUNCTION"]      # command tags (as `policy check` shows them); omitted = any
     relations = ["payments.*"]          # globs over schema.name; omitted = any
     columns = ["payments.cards.pan"]    # globs over schema.table.column; omitted = any
     functions = ["pg_read_file", "lo_*"]  # globs over [schema.]name; omitted = any
@@ -64,8 +65,8 @@ MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 24 * 3600.0
 
 TOP_KEYS = ("default", "default_message", "search_path", "cardholder_columns", "agent_groups",
             "trusted_functions", "rule")
-RULE_KEYS = ("name", "description", "groups", "targets", "classes", "relations", "columns", "functions",
-             "action", "message", "approvers", "min_approvals", "timeout", "mask")
+RULE_KEYS = ("name", "description", "groups", "targets", "classes", "commands", "relations", "columns",
+             "functions", "action", "message", "approvers", "min_approvals", "timeout", "mask")
 HOLD_KEYS = ("approvers", "min_approvals", "timeout")
 MASK_KEYS = ("columns", "method")
 
@@ -84,6 +85,7 @@ class Rule:
     groups: frozenset[str] | None = None
     targets: frozenset[str] | None = None
     classes: frozenset[StatementClass] | None = None
+    commands: frozenset[str] | None = None  # command tags, upper case, single-spaced
     relations: tuple[Pattern, ...] | None = None
     columns: tuple[Pattern, ...] | None = None
     functions: tuple[Pattern, ...] | None = None
@@ -251,6 +253,11 @@ def _rule(reader: _Reader, index: int, raw: Any, seen: dict[str, int]) -> Rule:
                                 f"{where}action must be one of {', '.join(_ACTIONS)}, not {action_text!r}")
     action = _ACTIONS[action_text]
 
+    commands = None
+    command_names = strings("commands")
+    if command_names is not None:
+        commands = frozenset(command_tag(c) for c in command_names)
+
     classes = None
     class_names = strings("classes")
     if class_names is not None:
@@ -291,7 +298,7 @@ def _rule(reader: _Reader, index: int, raw: Any, seen: dict[str, int]) -> Rule:
         name=name, line=header or 0, action=action,
         groups=frozenset(g) if (g := strings("groups")) is not None else None,
         targets=frozenset(t) if (t := strings("targets")) is not None else None,
-        classes=classes, relations=patterns("relations"), columns=patterns("columns"),
+        classes=classes, commands=commands, relations=patterns("relations"), columns=patterns("columns"),
         functions=patterns("functions"), message=text("message"), hold=hold, masks=masks,
         description=text("description"))
 
@@ -321,6 +328,11 @@ def _masks(reader: _Reader, index: int, raw: Any, where: str) -> tuple[ColumnMas
                 raise bad(f"{column!r} is not a schema.table.column name (masks take exact names)")
             out.append(ColumnMask(column, _METHODS[method]))
     return tuple(out)
+
+
+def command_tag(text: str) -> str:
+    """A command tag as statements carry it: ``create  function`` -> ``CREATE FUNCTION``."""
+    return " ".join(text.upper().split())
 
 
 def is_exact_column(column: object) -> bool:

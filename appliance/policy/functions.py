@@ -1,0 +1,62 @@
+"""Function rules for agents: which calls run code the policy can see the effects of.
+
+A call to a user-defined function or procedure runs a body the policy never reads: it can
+update a cardholder table (``select scratch.f()`` where ``f`` runs ``update public.cards``),
+read one into a result, or run SQL given as text. For the groups a policy marks as agents,
+a call is therefore allowed only to
+
+- a built-in function: qualified with ``pg_catalog``, or a bare name that is one of the
+  functions PostgreSQL ships (:data:`~appliance.policy.builtin_functions.PG_CATALOG_FUNCTIONS`)
+  — except the built-ins that run SQL given as text (``query_to_xml``, ``table_to_xml``,
+  ``ts_stat``, …), which are as opaque as a user function;
+- a function the policy's ``trusted_functions`` globs cover (a bare name is covered only by
+  a pattern that matches it in any schema, as the session's ``search_path`` decides).
+
+Anything else — a user-defined function, a FunctionCall protocol message (which names its
+function only by OID) — is refused by the built-in rule ``untrusted-function``. Refusing
+rather than holding keeps an approver from being asked to judge code they are not shown.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from appliance.policy.builtin_functions import PG_CATALOG_FUNCTIONS
+from appliance.policy.patterns import Pattern, covers, split_name, unquote
+
+# Built-ins that run SQL passed to them as text (or read whole tables by name): their
+# effects are as invisible to the policy as a user function's body.
+RUNS_SQL = frozenset({
+    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema",
+    "cursor_to_xml", "cursor_to_xmlschema",
+    "table_to_xml", "table_to_xmlschema", "table_to_xml_and_xmlschema",
+    "schema_to_xml", "schema_to_xmlschema", "schema_to_xml_and_xmlschema",
+    "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
+    "ts_stat", "ts_rewrite",
+})
+
+
+def untrusted_function(names: Iterable[str], trusted: tuple[Pattern, ...]) -> str | None:
+    """The first function in ``names`` (as a classification writes them) an agent may not
+    call, with the reason, or None."""
+    for name in sorted(names):
+        if name.startswith("oid:"):
+            if any(covers(p, name, "function") for p in trusted):
+                continue
+            return (f"a FunctionCall message names its function only by OID ({name}), so Tollgate can't tell "
+                    "what it runs; it is refused for agents")
+        parts = split_name(name)
+        written = name if len(parts) > 1 else f"*.{name}"
+        if any(covers(p, written, "function") for p in trusted):
+            continue
+        function = unquote(parts[-1])
+        schema = unquote(parts[-2]) if len(parts) > 1 else None
+        if function in RUNS_SQL and schema in (None, "pg_catalog"):
+            return (f"{name} runs SQL given as text, which Tollgate can't check; it is refused for agents "
+                    "(list it in trusted_functions to allow it)")
+        if schema == "pg_catalog" or (schema is None and function in PG_CATALOG_FUNCTIONS):
+            continue
+        return (f"{name} is not a built-in function: its body is not visible to the policy (it could read or "
+                "change cardholder data), so calls are refused for agents unless the policy lists it in "
+                "trusted_functions")
+    return None
