@@ -19,6 +19,8 @@ from appliance.dbadmin import discover as disc
 from appliance.dbadmin import provision as prov
 from appliance.dbadmin.columns import ColumnName, ColumnNameError, parse_all
 from appliance.dbadmin.connect import TargetError, agent_roles, held_params
+from appliance.policy.engine import Policy
+from appliance.policy.patterns import split_name, unquote
 from appliance.policy.rules import PolicyError
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -87,15 +89,30 @@ def _target(config: Config, name: str | None) -> Target:
     raise TargetError(f"{config.path}: no target named {name!r}")
 
 
-def declared_columns(config: Config, extra: list[str]) -> tuple[ColumnName, ...]:
+def _policy(config: Config) -> Policy | None:
+    return None if config.policy is None else Policy.load(config.policy.file)
+
+
+def declared_columns(policy: Policy | None, extra: list[str]) -> tuple[ColumnName, ...]:
     """The policy's cardholder columns (its ``cardholder_columns`` and every column a
     ``pan`` mask masks), plus those given on the command line."""
     columns = set(parse_all(extra))
-    if config.policy is not None:
-        from appliance.policy.engine import Policy
-
-        columns.update(ColumnName(*parts) for parts in Policy.load(config.policy.file).cardholder_column_parts())
+    if policy is not None:
+        columns.update(ColumnName(*parts) for parts in policy.cardholder_column_parts())
     return tuple(sorted(columns))
+
+
+def column_masks(policy: Policy | None) -> dict[ColumnName, str]:
+    """Every exactly named column a policy mask rule masks, with the strictest method."""
+    out: dict[ColumnName, str] = {}
+    for rule in policy.rules if policy is not None else ():
+        for mask in rule.masks:
+            parts = split_name(mask.column)
+            if len(parts) != 3 or None in parts:
+                continue  # a pattern, not one column: nothing to provision by name
+            column = ColumnName(*(unquote(p) for p in parts))
+            out[column] = prov.strictest(out.get(column, mask.method.value), mask.method.value)
+    return out
 
 
 def _connect(params: dict[str, Any] | None, dsn: str | None) -> Any:
@@ -112,7 +129,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         target = _target(config, args.target)
-        declared = declared_columns(config, args.columns)
+        declared = declared_columns(_policy(config), args.columns)
         params = None if args.dsn else held_params(target, args.database, args.role)
         with _connect(params, args.dsn) as conn:
             report = disc.discover(conn, declared, sample_rows=args.sample_rows, min_ratio=args.min_ratio)
@@ -131,20 +148,22 @@ def cmd_provision(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
         target = _target(config, args.target)
-        declared = declared_columns(config, args.columns)
+        policy = _policy(config)
+        declared = declared_columns(policy, args.columns)
+        masks = column_masks(policy)
         if not declared:
             return _error("no cardholder columns declared: add cardholder_columns to the policy, or --column")
         options = prov.Options(pan_format=config.masking.pan_format, writes=args.writes, allow_temp=args.allow_temp)
         roles = args.agent_roles or list(agent_roles(target))
         params = None if args.dsn else held_params(target, args.database)
         with _connect(params, args.dsn) as conn:
-            snapshot = prov.read_snapshot(conn, declared, roles)
+            snapshot = prov.read_snapshot(conn, declared, roles, masks)
             statements: list[str] = []
             if not args.check:
                 statements = prov.plan(snapshot, options)
                 if args.apply:
                     prov.apply(conn, statements)
-                    snapshot = prov.read_snapshot(conn, declared, roles)
+                    snapshot = prov.read_snapshot(conn, declared, roles, masks)
             result = prov.verify(conn, snapshot, options) if (args.apply or args.check) else None
     except prov.ProvisionError as exc:
         return _error("cannot provision:\n  " + "\n  ".join(exc.problems))

@@ -23,7 +23,10 @@ What an agent role gets (docs/dbadmin.md has the reasons):
   first on the role's search_path in that database: ``select pan from cards`` shows the
   masked display (BIN and last four at most, or last four), and ``public.cards.pan``
   itself is refused with 42501 — so functions, views, dynamic SQL and set_config the agent
-  writes can only ever see the masked value;
+  writes can only ever see the masked value. A column of a cardholder table that a policy
+  ``mask`` rule masks otherwise (``full``, ``last4``, ``null``) is protected the same way
+  and shown by that method: the proxy's column masks match a result column by its table's
+  OID, and the view's columns carry the view's;
 * no CREATE in the schemas holding cardholder tables nor on the database, no TEMPORARY;
 * no EXECUTE on large-object writers, the XML functions that run SQL text, dblink, or
   pg_terminate/cancel_backend (revoked from PUBLIC in this database and granted back to
@@ -37,7 +40,7 @@ cardholder tables, for approved statements; no agent role is made a member of it
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -88,13 +91,26 @@ class Column:
     type_name: str  # pg_type.typname
 
 
+# How a protected column is shown through the masked view, strictest last: a column masked
+# by several rules gets the strictest method.
+METHODS = ("pan", "last4", "full", "null")
+
+
+def strictest(a: str, b: str) -> str:
+    return max(a, b, key=METHODS.index)
+
+
 @dataclass(frozen=True, slots=True)
 class Table:
     schema: str
     name: str
     owner: str
     columns: tuple[Column, ...]
-    declared: frozenset[str]
+    declared: frozenset[str]  # every protected column: declared cardholder and policy-masked
+    methods: tuple[tuple[str, str], ...] = ()  # (column, method) for those not shown as "pan"
+
+    def method(self, column: str) -> str:
+        return dict(self.methods).get(column, "pan")
 
     @property
     def qualified(self) -> str:
@@ -181,9 +197,17 @@ SELECT p.oid::regprocedure::text
 """
 
 
-def read_snapshot(conn: Any, declared: Iterable[ColumnName], agents: Iterable[str]) -> Snapshot:
-    """What :func:`plan` needs, read over ``conn`` (psycopg) in one read-only transaction."""
+def read_snapshot(conn: Any, declared: Iterable[ColumnName], agents: Iterable[str],
+                  masks: Mapping[ColumnName, str] | None = None) -> Snapshot:
+    """What :func:`plan` needs, read over ``conn`` (psycopg) in one read-only transaction.
+
+    ``masks`` are the policy's column masks (column → method); those on a cardholder
+    table's columns are protected too, and shown by their method."""
     declared = tuple(sorted(set(declared)))
+    masks = dict(masks or {})
+    for method in masks.values():
+        if method not in METHODS:
+            raise ValueError(f"unknown mask method {method!r}")
     agents = tuple(sorted(set(agents)))
     tables_wanted = by_table(declared)
     with conn.transaction(force_rollback=True):
@@ -210,8 +234,12 @@ def read_snapshot(conn: Any, declared: Iterable[ColumnName], agents: Iterable[st
             columns = tuple(Column(r[4], r[5], r[6]) for r in found)
             names = {c.name for c in columns}
             missing.extend(c for c in wanted if c.column not in names)
-            tables.append(Table(schema, table, owner, columns,
-                                frozenset(c.column for c in wanted if c.column in names)))
+            shown = {c.column: "pan" for c in wanted if c.column in names}
+            for column, method in masks.items():
+                if column.table_name == name and column.column in names:
+                    shown[column.column] = strictest(shown.get(column.column, method), method)
+            tables.append(Table(schema, table, owner, columns, frozenset(shown),
+                                tuple(sorted((c, m) for c, m in shown.items() if m != "pan"))))
         owners = sorted({t.owner for t in tables} | {database_owner} | set(DANGEROUS_ROLES))
         roles = tuple(Role(r[0], bool(r[1]), bool(r[2]), tuple(r[3]))
                       for r in conn.execute(_ROLES_QUERY, (owners, list(agents))).fetchall())
@@ -281,9 +309,17 @@ def _display_functions(fmt: str) -> list[str]:
     ]
 
 
-def _display_expression(column: Column) -> str:
+def _display_expression(column: Column, method: str = "pan") -> str:
     name, schema = q(column.name), q(MASKED_SCHEMA)
-    if column.type_name in TEXT_TYPES:
+    text = column.type_name in TEXT_TYPES
+    if method == "full" and text:
+        return f"repeat('*', length({name}::text))::{column.type_sql} AS {name}"
+    if method == "last4" and text:
+        return (f"(repeat('*', greatest(length({name}::text) - 4, 0)) || right({name}::text, 4))"
+                f"::{column.type_sql} AS {name}")
+    if method != "pan":  # null, or a method with no display in this type: nothing shown
+        return f"NULL::{column.type_sql} AS {name}"
+    if text:
         return f"{schema}.pan_display({name}::text)::{column.type_sql} AS {name}"
     if column.type_name in NUMBER_TYPES:
         return f"{schema}.pan_display_number({name}::numeric)::{column.type_sql} AS {name}"
@@ -346,8 +382,8 @@ def plan(snapshot: Snapshot, options: Options = Options()) -> list[str]:
     out.append(f"GRANT USAGE ON SCHEMA {masked} TO {_roles(agents)}")
     out.extend(_display_functions(options.pan_format))
     for table, view in _masked_views(snapshot.tables).items():
-        select = ",\n       ".join(_display_expression(c) if c.name in table.declared else q(c.name)
-                                   for c in table.columns)
+        select = ",\n       ".join(_display_expression(c, table.method(c.name)) if c.name in table.declared
+                                   else q(c.name) for c in table.columns)
         name = f"{masked}.{q(view)}"
         out.append(f"CREATE OR REPLACE VIEW {name} WITH (security_barrier = true) AS\n"
                    f"SELECT {select}\n  FROM {table.qualified}")

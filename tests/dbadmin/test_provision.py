@@ -162,3 +162,29 @@ def test_a_missing_declared_column_is_refused(database: Database):
     with pytest.raises(prov.ProvisionError, match=r"declared column public\.cards\.cvv is not in database"):
         prov.plan(snapshot)
 
+
+
+def test_other_masked_columns_of_a_cardholder_table_are_protected_and_shown_by_their_method(
+        database: Database, capsys: pytest.CaptureFixture[str]):
+    policy = database.config.parent / "policy.toml"
+    policy.write_text("""\
+default = "deny"
+cardholder_columns = ["public.cards.pan"]
+
+[[rule]]
+name = "cards-masked"
+relations = ["public.cards"]
+classes = ["read"]
+action = "mask"
+mask = [{ columns = ["public.cards.brand"], method = "full" },
+        { columns = ["public.cards.pan_last4"], method = "null" }]
+""")
+    database.config.write_text(database.config.read_text() + f'\n[policy]\nfile = "{policy}"\n')
+    assert main(["db", "provision", "-c", str(database.config), "--database", database.name,
+                 "--dsn", database.dsn(), "--apply"]) == 0
+    capsys.readouterr()
+    with database.connect(database.agent) as conn:
+        rows = conn.execute("SELECT brand, pan_last4 FROM cards ORDER BY id").fetchall()
+    assert set(rows) == {("****", None)}
+    refused(database, "SELECT brand FROM public.cards")
+    refused(database, "SELECT reverse(pan_last4) FROM public.cards")
