@@ -6,6 +6,13 @@ addresses only. Authentication is varied on purpose, so the appliance's upstream
 exercised with every method it must speak: ``app`` uses SCRAM-SHA-256, ``legacy_md5`` MD5,
 ``clear_tls`` cleartext password (TLS connections only).
 
+``app`` owns the payments tables, as an application's own role does: the protocol tests
+(pg_dump through the proxy byte for byte, pgbench -i, the approved UPDATEs of the holds
+tests) log in as it. ``agent`` (SCRAM) is the least-privilege agent role, provisioned by
+:mod:`appliance.dbadmin.provision` exactly as ``tollgate db provision --apply`` does: it
+can't read ``public.cards.pan`` in clear (its search_path shows the masked view), write the
+cards, create objects or temporary ones, or run the denied functions.
+
 Administration goes over the Unix socket as the ``postgres`` superuser (trusted locally;
 the socket directory is 0700, so only root and postgres can use it). Every process this
 module starts runs inside the db namespace, so a teardown that empties the namespace also
@@ -27,6 +34,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from appliance.dbadmin import provision as dbprovision
+from appliance.dbadmin.columns import parse_all
 from appliance.lab import schema, topology
 from appliance.lab.layout import Paths
 from appliance.lab.readiness import tail
@@ -36,7 +45,11 @@ PG_PORT = 5432
 DB_NAME = "payments"
 PG_USER = "postgres"
 # role → the pg_hba method it must authenticate with
-ROLES: dict[str, str] = {"app": "scram-sha-256", "legacy_md5": "md5", "clear_tls": "password"}
+ROLES: dict[str, str] = {"app": "scram-sha-256", "legacy_md5": "md5", "clear_tls": "password",
+                         "agent": "scram-sha-256"}
+# The provisioned agent role and the cardholder columns it is provisioned for.
+AGENT_ROLE = "agent"
+CARDHOLDER_COLUMNS = ("public.cards.pan",)
 LOOPBACKS = ("127.0.0.1/32", "::1/128")
 # Opt-in (``Lab(suite_role=True)``): a superuser and its own database for third-party test
 # suites (the drivers' own tests, run from the agent through Tollgate and directly). SCRAM,
@@ -300,3 +313,23 @@ def provision(paths: Paths, netns: str, passwords: dict[str, str], seed: int = s
         psql(paths, netns, "CREATE EXTENSION hstore;\n", dbname=SUITE_DB)
     psql(paths, netns, schema.database_sql(seed), dbname=DB_NAME, role="app")
     psql(paths, netns, GRANTS_SQL, dbname=DB_NAME, role="app")
+    provision_agent(paths)
+
+
+def provision_agent(paths: Paths) -> None:
+    """The agent role's least privilege, by the code ``tollgate db provision --apply`` runs,
+    over the superuser's Unix socket (not namespaced: root reaches it from anywhere); the
+    check that follows must find nothing."""
+    import psycopg
+
+    declared = parse_all(CARDHOLDER_COLUMNS)
+    try:
+        with psycopg.connect(host=str(paths.socket_dir), port=PG_PORT, user=PG_USER, dbname=DB_NAME,
+                             autocommit=True) as conn:
+            snapshot = dbprovision.read_snapshot(conn, declared, [AGENT_ROLE])
+            dbprovision.apply(conn, dbprovision.plan(snapshot))
+            result = dbprovision.verify(conn, dbprovision.read_snapshot(conn, declared, [AGENT_ROLE]))
+    except (psycopg.Error, dbprovision.ProvisionError) as exc:
+        raise DatabaseError(f"provisioning the agent role: {exc}") from None
+    if not result.ok:
+        raise DatabaseError("the agent role can still: " + "; ".join(map(str, result.findings)))

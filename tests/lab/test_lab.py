@@ -151,7 +151,7 @@ def test_status_json_has_the_documented_keys(lab: Lab) -> None:
     db = status["database"]
     assert (db["host"], db["port"], db["dbname"]) == ("198.18.2.10", 5432, "payments")
     assert Path(db["tls_ca"]).is_file() and db["running"]
-    assert set(status["roles"]) == {"app", "legacy_md5", "clear_tls"}
+    assert set(status["roles"]) == {"app", "legacy_md5", "clear_tls", "agent"}
     for info in status["roles"].values():
         assert info["lab_only"] is True and info["password"]
         assert Path(info["password_file"]).read_text().strip() == info["password"]
@@ -171,7 +171,7 @@ def test_generated_proxy_config_is_valid(lab: Lab) -> None:
     assert target.name == "payments" and target.tls == "prefer"
     assert [str(e) for e in target.endpoints] == ["198.18.2.10:5432", "[fd7a:6c67:2::10]:5432"]
     assert {r: c.password for r, c in target.credentials.items()} == {
-        r: lab.password(r) for r in ("app", "legacy_md5", "clear_tls")}
+        r: lab.password(r) for r in ("app", "legacy_md5", "clear_tls", "agent")}
     assert config.intercept.method == "redirect"
     assert [str(n) for n in config.intercept.agent_subnets] == ["198.18.1.0/24", "fd7a:6c67:1::/64"]
     assert config.proxy.listen_port == 15432 and config.proxy.agent_auth == "certificate"
