@@ -185,7 +185,7 @@ class _Walk:
         for row in body.get("valuesLists") or ():
             _, items = unwrap(row)
             for i, value in enumerate(items.get("items") or () if isinstance(items, dict) else ()):
-                outputs.columns[f"column{i + 1}"] = self.value(value, level, "a VALUES list")
+                outputs.add(f"column{i + 1}", self.value(value, level, "a VALUES list"))
         for target in body.get("targetList") or ():
             self.target(target, level, outputs)
         self.use(body.get("whereClause"), level, "a condition (WHERE)")
@@ -220,7 +220,8 @@ class _Walk:
                 for item in items:
                     if item is None:
                         continue
-                    outputs.columns.update(item.columns)
+                    for column, taint in item.columns.items():
+                        outputs.add(column, taint)
                     outputs.open = outputs.open or item.open
                 return
         taint = self.value(value, level, "the select list")
@@ -228,7 +229,7 @@ class _Walk:
         if not name and vkind == "ColumnRef":
             parts = strings((ref.get("fields") or [])[-1:])
             name = parts[0] if parts else None
-        outputs.columns[name or f"?column{len(outputs.columns)}?"] = taint
+        outputs.add(name or f"?column{len(outputs.columns)}?", taint)
 
     def ordering(self, items: Any, level: Level, outputs: Item, clause: str, prefer_outputs: bool) -> None:
         """GROUP BY / ORDER BY / DISTINCT ON: positions and output names mean output columns."""
@@ -291,7 +292,7 @@ class _Walk:
                 merged = Item(alias, {}, False)
                 for item in level.items[start:]:
                     for name, taint in item.columns.items():
-                        merged.columns[name] = merged.columns.get(name) or taint
+                        merged.add(name, taint)
                     merged.open = merged.open or item.open
                 level.items.append(merged.renamed(alias, column_aliases))
         elif kind == "RangeTableSample":

@@ -75,6 +75,16 @@ class Item:
     name: str
     columns: dict[str, str | None] = field(default_factory=dict)
     open: bool = True
+    # Two columns of one name were merged: positions no longer match ``columns``.
+    merged: bool = False
+
+    def add(self, name: str, taint: str | None) -> None:
+        """Add an output column. Two of one name: the server refuses a reference to it as
+        ambiguous, but a set operation, DISTINCT or a write takes both, so the cardholder
+        one is kept."""
+        if name in self.columns:
+            self.merged = True
+        self.columns[name] = self.columns.get(name) or taint
 
     @property
     def carried(self) -> list[str]:
@@ -85,7 +95,7 @@ class Item:
         """The item under ``AS alias (a, b, …)``: the listed columns renamed in order."""
         columns = dict(self.columns)
         if column_aliases:
-            if self.open:
+            if self.open or self.merged:
                 # The column order is unknown: any listed name may now be any column, and
                 # a column past the list keeps its own name.
                 carried = " or ".join(sorted({c for c in self.columns.values() if c is not None}))
@@ -96,7 +106,7 @@ class Item:
                 columns = {}
                 for i, (name, taint) in enumerate(old):
                     columns[column_aliases[i] if i < len(column_aliases) else name] = taint
-        return Item(alias or self.name, columns, self.open)
+        return Item(alias or self.name, columns, self.open, self.merged)
 
 
 class Level:

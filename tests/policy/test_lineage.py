@@ -442,3 +442,13 @@ def test_commands_narrow_a_rule_to_command_tags() -> None:
     assert p.decide([], "db", "create function f() returns int language sql as 'select 1'").rule == "no-functions"
     assert p.decide([], "db", "create table t (a int)").rule == "tables-only"
     assert p.decide([], "db", "create view v as select 1").rule == "default"  # not covered: falls through
+
+
+@pytest.mark.parametrize("sql", [
+    # Found by the non-interference fuzz: a second output column of the same name hid the first.
+    "select distinct *, c.id as pan from cards c",
+    "select s.b from (select id as pan, pan from cards) s(a, b) where s.b like '4%'",
+    "select * from (select pan, id as pan from cards) s union all select * from (select pan, id from cards) t",
+])
+def test_a_column_of_the_same_name_does_not_hide_a_cardholder_column(sql: str) -> None:
+    assert _policy().decide(["agents"], "db", sql).rule == "lineage"
