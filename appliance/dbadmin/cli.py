@@ -17,10 +17,10 @@ from typing import Any
 from appliance.config import Config, Target, load_config
 from appliance.dbadmin import discover as disc
 from appliance.dbadmin import provision as prov
-from appliance.dbadmin.columns import ColumnName, ColumnNameError, parse_all
+from appliance.dbadmin.columns import ColumnNameError
 from appliance.dbadmin.connect import TargetError, agent_roles, held_params
+from appliance.dbadmin.declaration import column_masks, declared_columns
 from appliance.policy.engine import Policy
-from appliance.policy.patterns import split_name, unquote
 from appliance.policy.rules import PolicyError
 
 EXIT_OK, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -91,28 +91,6 @@ def _target(config: Config, name: str | None) -> Target:
 
 def _policy(config: Config) -> Policy | None:
     return None if config.policy is None else Policy.load(config.policy.file)
-
-
-def declared_columns(policy: Policy | None, extra: list[str]) -> tuple[ColumnName, ...]:
-    """The policy's cardholder columns (its ``cardholder_columns`` and every column a
-    ``pan`` mask masks), plus those given on the command line."""
-    columns = set(parse_all(extra))
-    if policy is not None:
-        columns.update(ColumnName(*parts) for parts in policy.cardholder_column_parts())
-    return tuple(sorted(columns))
-
-
-def column_masks(policy: Policy | None) -> dict[ColumnName, str]:
-    """Every exactly named column a policy mask rule masks, with the strictest method."""
-    out: dict[ColumnName, str] = {}
-    for rule in policy.rules if policy is not None else ():
-        for mask in rule.masks:
-            parts = split_name(mask.column)
-            if len(parts) != 3 or None in parts:
-                continue  # a pattern, not one column: nothing to provision by name
-            column = ColumnName(*(unquote(p) for p in parts))
-            out[column] = prov.strictest(out.get(column, mask.method.value), mask.method.value)
-    return out
 
 
 def _connect(params: dict[str, Any] | None, dsn: str | None) -> Any:

@@ -412,7 +412,6 @@ def apply(conn: Any, statements: Sequence[str]) -> None:
 
 # --- checking the result ----------------------------------------------------------------------
 
-_TABLE_PRIVILEGES = ("INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES", "TRIGGER")
 _COLUMN_PRIVILEGES = ("SELECT", "INSERT", "UPDATE", "REFERENCES")
 
 _VIEWS_QUERY = """
@@ -437,44 +436,53 @@ SELECT p.oid::regprocedure::text
 """
 
 
+def _table_checks(options: Options) -> list[tuple[str, str]]:
+    """(has_*_privilege function, privilege) that must be false on a cardholder table. A
+    table-level check ignores column grants; an any-column check counts them."""
+    checks = [("has_table_privilege", "TRUNCATE"), ("has_table_privilege", "TRIGGER"),
+              ("has_any_column_privilege", "REFERENCES")]
+    if options.writes == "held":
+        # Column-level INSERT and UPDATE of the other columns, and DELETE, are granted; the
+        # protected columns are checked one by one.
+        checks += [("has_table_privilege", "INSERT"), ("has_table_privilege", "UPDATE")]
+    else:
+        checks += [("has_any_column_privilege", "INSERT"), ("has_any_column_privilege", "UPDATE"),
+                   ("has_table_privilege", "DELETE")]
+    return checks
+
+
 def verify(conn: Any, snapshot: Snapshot, options: Options = Options()) -> Verification:
     """What each agent role can still do that it should not, asked of the server."""
-    result = Verification()
-    result.findings.extend(Finding("-", p) for p in problems(snapshot))
-    one = lambda sql, *args: bool(conn.execute(sql, args).fetchone()[0])  # noqa: E731
+    findings = [Finding("-", p) for p in problems(snapshot)]
+
+    def true(sql: str, *args: object) -> bool:
+        return bool(conn.execute(sql, args).fetchone()[0])
+
     with conn.transaction(force_rollback=True):
         for role in (r.name for r in snapshot.roles):
-            add = lambda what, role=role: result.findings.append(Finding(role, what))  # noqa: E731
             for table in snapshot.tables:
-                rel = f"{table.qualified}"
-                for privilege in _TABLE_PRIVILEGES:
-                    if options.writes == "held" and privilege == "DELETE":
-                        continue
-                    check = "has_table_privilege" if options.writes == "held" else "has_any_column_privilege"
-                    if privilege in ("TRUNCATE", "TRIGGER", "DELETE"):
-                        check = "has_table_privilege"
-                    if one(f"SELECT {check}(%s, %s, %s)", role, rel, privilege):
-                        add(f"{privilege} on {table.schema}.{table.name}")
+                rel, name = table.qualified, f"{table.schema}.{table.name}"
+                findings += [Finding(role, f"{privilege} on {name}") for check, privilege in _table_checks(options)
+                             if true(f"SELECT {check}(%s, %s, %s)", role, rel, privilege)]
                 for column in sorted(table.declared):
-                    for privilege in _COLUMN_PRIVILEGES:
-                        if one("SELECT has_column_privilege(%s, %s, %s, %s)", role, rel, column, privilege):
-                            add(f"{privilege} on cardholder column {table.schema}.{table.name}.{column}")
-                    for view in conn.execute(_VIEWS_QUERY, (rel, rel, column, rel, MASKED_SCHEMA, role)).fetchall():
-                        add(f"SELECT on view {view[0]}, which reads {table.schema}.{table.name}.{column} "
-                            f"with its owner's privileges")
-                    for fn in conn.execute(_DEFINER_QUERY, (role, rel, rel, column)).fetchall():
-                        add(f"EXECUTE on SECURITY DEFINER function {fn[0]}, whose owner can read or write "
-                            f"{table.schema}.{table.name}")
-            for schema in sorted({t.schema for t in snapshot.tables}):
-                if one("SELECT has_schema_privilege(%s, %s, 'CREATE')", role, schema):
-                    add(f"CREATE on schema {schema}")
-            if one("SELECT has_database_privilege(%s, current_database(), 'CREATE')", role):
-                add(f"CREATE on database {snapshot.database}")
-            if not options.allow_temp and one("SELECT has_database_privilege(%s, current_database(), 'TEMP')", role):
-                add(f"TEMPORARY on database {snapshot.database}")
-            for fn in snapshot.functions:
-                if one("SELECT has_function_privilege(%s, %s, 'EXECUTE')", role, fn):
-                    add(f"EXECUTE on {fn}")
-    # A view or function reported twice (several declared columns) is one finding.
-    result.findings = list(dict.fromkeys(result.findings))
-    return result
+                    findings += [Finding(role, f"{privilege} on cardholder column {name}.{column}")
+                                 for privilege in _COLUMN_PRIVILEGES
+                                 if true("SELECT has_column_privilege(%s, %s, %s, %s)", role, rel, column, privilege)]
+                    findings += [Finding(role, f"SELECT on view {view}, which reads {name}.{column} "
+                                               f"with its owner's privileges")
+                                 for (view,) in conn.execute(_VIEWS_QUERY, (rel, rel, column, rel, MASKED_SCHEMA,
+                                                                           role)).fetchall()]
+                    findings += [Finding(role, f"EXECUTE on SECURITY DEFINER function {fn}, whose owner can read "
+                                               f"or write {name}")
+                                 for (fn,) in conn.execute(_DEFINER_QUERY, (role, rel, rel, column)).fetchall()]
+            findings += [Finding(role, f"CREATE on schema {schema}")
+                         for schema in sorted({t.schema for t in snapshot.tables})
+                         if true("SELECT has_schema_privilege(%s, %s, 'CREATE')", role, schema)]
+            if true("SELECT has_database_privilege(%s, current_database(), 'CREATE')", role):
+                findings.append(Finding(role, f"CREATE on database {snapshot.database}"))
+            if not options.allow_temp and true("SELECT has_database_privilege(%s, current_database(), 'TEMP')", role):
+                findings.append(Finding(role, f"TEMPORARY on database {snapshot.database}"))
+            findings += [Finding(role, f"EXECUTE on {fn}") for fn in snapshot.functions
+                         if true("SELECT has_function_privilege(%s, %s, 'EXECUTE')", role, fn)]
+    # A view or function found through several protected columns is one finding.
+    return Verification(list(dict.fromkeys(findings)))

@@ -9,9 +9,10 @@ exercised with every method it must speak: ``app`` uses SCRAM-SHA-256, ``legacy_
 ``app`` owns the payments tables, as an application's own role does: the protocol tests
 (pg_dump through the proxy byte for byte, pgbench -i, the approved UPDATEs of the holds
 tests) log in as it. ``agent`` (SCRAM) is the least-privilege agent role, provisioned by
-:mod:`appliance.dbadmin.provision` exactly as ``tollgate db provision --apply`` does: it
-can't read ``public.cards.pan`` in clear (its search_path shows the masked view), write the
-cards, create objects or temporary ones, or run the denied functions.
+:mod:`appliance.dbadmin.provision` exactly as ``tollgate db provision --apply`` does, for
+the lab policy's cardholder columns (``public.cards.pan``): it can't read them in clear
+(its search_path shows the masked view), write the cards, create objects or temporary
+ones, or run the denied functions.
 
 Administration goes over the Unix socket as the ``postgres`` superuser (trusted locally;
 the socket directory is 0700, so only root and postgres can use it). Every process this
@@ -35,10 +36,12 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from appliance.dbadmin import provision as dbprovision
-from appliance.dbadmin.columns import parse_all
+from appliance.dbadmin.declaration import column_masks, declared_columns
 from appliance.lab import schema, topology
 from appliance.lab.layout import Paths
+from appliance.lab.policy import LAB_POLICY
 from appliance.lab.readiness import tail
+from appliance.policy.engine import Policy
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_PORT = 5432
@@ -47,9 +50,8 @@ PG_USER = "postgres"
 # role → the pg_hba method it must authenticate with
 ROLES: dict[str, str] = {"app": "scram-sha-256", "legacy_md5": "md5", "clear_tls": "password",
                          "agent": "scram-sha-256"}
-# The provisioned agent role and the cardholder columns it is provisioned for.
+# The provisioned agent role (for the lab policy's cardholder columns and column masks).
 AGENT_ROLE = "agent"
-CARDHOLDER_COLUMNS = ("public.cards.pan",)
 LOOPBACKS = ("127.0.0.1/32", "::1/128")
 # Opt-in (``Lab(suite_role=True)``): a superuser and its own database for third-party test
 # suites (the drivers' own tests, run from the agent through Tollgate and directly). SCRAM,
@@ -322,13 +324,14 @@ def provision_agent(paths: Paths) -> None:
     check that follows must find nothing."""
     import psycopg
 
-    declared = parse_all(CARDHOLDER_COLUMNS)
+    policy = Policy.parse(LAB_POLICY, "lab policy")
+    declared, masks = declared_columns(policy), column_masks(policy)
     try:
         with psycopg.connect(host=str(paths.socket_dir), port=PG_PORT, user=PG_USER, dbname=DB_NAME,
                              autocommit=True) as conn:
-            snapshot = dbprovision.read_snapshot(conn, declared, [AGENT_ROLE])
+            snapshot = dbprovision.read_snapshot(conn, declared, [AGENT_ROLE], masks)
             dbprovision.apply(conn, dbprovision.plan(snapshot))
-            result = dbprovision.verify(conn, dbprovision.read_snapshot(conn, declared, [AGENT_ROLE]))
+            result = dbprovision.verify(conn, dbprovision.read_snapshot(conn, declared, [AGENT_ROLE], masks))
     except (psycopg.Error, dbprovision.ProvisionError) as exc:
         raise DatabaseError(f"provisioning the agent role: {exc}") from None
     if not result.ok:

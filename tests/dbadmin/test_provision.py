@@ -82,6 +82,17 @@ def test_the_database_refuses_the_agent(provisioned: Database, sql: str):
     refused(provisioned, sql)
 
 
+def test_planner_statistics_of_a_cardholder_column_are_hidden_from_the_agent(provisioned: Database):
+    # pg_stats shows most-common values and histogram bounds: the column's values. It lists
+    # only the columns the reader may SELECT.
+    stats = "SELECT count(*) FROM pg_stats WHERE schemaname = 'public' AND tablename = 'cards' AND attname = %s"
+    with provisioned.connect() as conn:
+        assert conn.execute(stats, ("pan",)).fetchone()[0] == 1
+    with provisioned.connect(provisioned.agent) as conn:
+        assert conn.execute(stats, ("pan",)).fetchone()[0] == 0
+        assert conn.execute(stats, ("brand",)).fetchone()[0] == 1
+
+
 def test_functions_the_agent_calls_run_with_its_privileges(provisioned: Database):
     with provisioned.connect() as conn:
         conn.execute("""
@@ -188,3 +199,19 @@ mask = [{ columns = ["public.cards.brand"], method = "full" },
     assert set(rows) == {("****", None)}
     refused(database, "SELECT brand FROM public.cards")
     refused(database, "SELECT reverse(pan_last4) FROM public.cards")
+
+
+def test_check_finds_a_privilege_given_back_directly_or_through_public(provisioned: Database,
+                                                                       capsys: pytest.CaptureFixture[str]):
+    with provisioned.connect() as conn:
+        conn.execute(f"GRANT UPDATE ON public.cards TO {provisioned.agent}")
+        conn.execute("GRANT SELECT (pan) ON public.cards TO PUBLIC")
+        conn.execute(f"GRANT TEMPORARY ON DATABASE {provisioned.name} TO PUBLIC")
+        conn.execute("GRANT EXECUTE ON FUNCTION lo_from_bytea(oid, bytea) TO PUBLIC")
+    capsys.readouterr()
+    assert provision(provisioned, "--check") == 1
+    out = capsys.readouterr().out
+    for finding in ("UPDATE on public.cards", "SELECT on cardholder column public.cards.pan",
+                    f"TEMPORARY on database {provisioned.name}", "EXECUTE on lo_from_bytea(oid,bytea)"):
+        assert f"{provisioned.agent}: {finding}" in out
+    assert provision(provisioned, "--apply") == 0  # and provisioning again takes them back
