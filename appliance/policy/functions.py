@@ -34,6 +34,8 @@ RUNS_SQL = frozenset({
     "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema",
     "ts_stat", "ts_rewrite",
 })
+# Built-ins that return other sessions' statement texts, which can carry card numbers.
+READS_QUERIES = frozenset({"pg_stat_get_activity", "pg_stat_statements"})
 
 
 def untrusted_function(names: Iterable[str], trusted: tuple[Pattern, ...]) -> str | None:
@@ -54,6 +56,9 @@ def untrusted_function(names: Iterable[str], trusted: tuple[Pattern, ...]) -> st
         if function in RUNS_SQL and schema in (None, "pg_catalog"):
             return (f"{name} runs SQL given as text, which Tollgate can't check; it is refused for agents "
                     "(list it in trusted_functions to allow it)")
+        if function in READS_QUERIES and schema in (None, "pg_catalog", "public"):
+            return (f"{name} returns other sessions' statement texts, which can carry card numbers; it is refused "
+                    "for agents")
         if schema == "pg_catalog" or (schema is None and function in PG_CATALOG_FUNCTIONS):
             continue
         return (f"{name} is not a built-in function: its body is not visible to the policy (it could read or "

@@ -20,7 +20,9 @@ before any rule, SQLSTATE 42501 — with a message saying which column and where
   CREATE TABLE/MATERIALIZED VIEW AS, COPY (query) TO and COPY of the table, writable
   CTEs, and stored bodies (views, rules, SQL-standard function bodies) that read one;
 - **refused, asking to qualify**: an unqualified name that could be a cardholder column
-  or a column of a nearer table the policy knows nothing about.
+  or a column of a nearer table the policy knows nothing about;
+- **refused** outright: reading the relations that hold other columns' values whatever
+  the query asks (the planner's statistics, ``pg_stat_activity``'s statement texts).
 
 The check needs no catalog: every cardholder column is declared by name, so a table's
 unnamed columns are never cardholder columns, and a ``*`` over a cardholder table carries
@@ -42,6 +44,20 @@ from appliance.policy.lineage_scope import Cardholders, Item, Level, LineageRefu
 
 __all__ = ["Cardholders", "LineageRefusal", "Unclear", "check", "may_touch"]
 
+# Relations that hold other columns' values, card numbers included, whatever the query asks
+# of them: the planner's statistics sample every column (most common values, histogram
+# bounds), and other sessions' statement texts carry their literals. Agents may not read
+# them at all (a plain read of a statistics row is no plain read of the column).
+SAMPLED_VALUES = {
+    "pg_stats": "the planner's statistics hold sampled column values, card numbers included",
+    "pg_stats_ext": "the planner's statistics hold sampled column values, card numbers included",
+    "pg_stats_ext_exprs": "the planner's statistics hold sampled column values, card numbers included",
+    "pg_statistic": "the planner's statistics hold sampled column values, card numbers included",
+    "pg_statistic_ext_data": "the planner's statistics hold sampled column values, card numbers included",
+    "pg_stat_activity": "other sessions' statement texts can carry card numbers",
+    "pg_stat_statements": "other sessions' statement texts can carry card numbers",
+}
+
 # Nodes whose value is a constant or a type: never a column's.
 _LEAVES = frozenset({"A_Const", "ParamRef", "TypeName", "String", "Integer", "Float", "Boolean", "A_Star",
                      "SQLValueFunction", "SetToDefault"})
@@ -54,7 +70,7 @@ def may_touch(tree_json: str, cardholders: Cardholders) -> bool:
     only quotes, backslashes and control characters, so a name without those appears
     verbatim as a JSON string; a declared name with one of them disables the shortcut.
     """
-    for name in cardholders.names:
+    for name in (*cardholders.names, *SAMPLED_VALUES):
         if any(ch in name for ch in '"\\') or any(ord(ch) < 0x20 for ch in name):
             return True
         if f'"{name}"' in tree_json:
@@ -307,6 +323,9 @@ class _Walk:
     def relation(self, rangevar: Json, level: Level) -> Item:
         name = rangevar.get("relname", "")
         schema = rangevar.get("schemaname")
+        if name in SAMPLED_VALUES and (schema in (None, "pg_catalog") or name == "pg_stat_statements") \
+                and (schema is not None or level.cte(name) is None):
+            raise LineageRefusal(f"{name} is not readable by agents: {SAMPLED_VALUES[name]}")
         if not schema:
             cte = level.cte(name)
             if cte is not None:

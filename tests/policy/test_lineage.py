@@ -165,6 +165,11 @@ ATTACKS = [
     ("create view scratch.v as select pan from cards", "lineage"),
     ("create view scratch.v as select id from cards where pan like '4%'", "lineage"),
     ("create rule r as on insert to scratch.t do also insert into scratch.t select id, pan from cards", "lineage"),
+    # Relations that hold sampled values of every column, and other sessions' SQL.
+    ("select most_common_vals from pg_stats where tablename = 'cards'", "lineage"),
+    ("select reverse(histogram_bounds::text) from pg_catalog.pg_stats", "lineage"),
+    ("select query from pg_stat_activity", "lineage"),
+    ("select query from pg_stat_get_activity(null)", "function"),
     # Names the classifier can't settle without the catalog: refused, asking to qualify.
     ("select (select pan from other limit 1) from cards", "qualify"),
     ("select id from cards where exists (select 1 from other where pan = '1')", "qualify"),
@@ -217,6 +222,7 @@ CONTROLS = [
     "select id from cards where exists (select 1 from other o where o.pan = '1')",
     "with cards as (select 1 as pan) select pan from cards where pan = 1 order by pan",
     "select upper(pan) from (select 'x' as pan) s",
+    "with pg_stats as (select 1 as x) select x from pg_stats",
     "select * from other natural join scratch.t",
     # Writes that read no cardholder value.
     "insert into scratch.t select id, brand from cards",
