@@ -252,6 +252,9 @@ class Policy:
 
     def _agent_problem_uncached(self, statement: Classification) -> tuple[str, str] | None:
         """Why an agent may not run ``statement`` whatever the rules say: (rule, message)."""
+        if StatementClass.DO_BLOCK in statement.classes:
+            return "untrusted-function", ("Tollgate refuses this for agents: a DO block runs code the policy can't "
+                                          "see into")
         if StatementClass.FUNCTION_CALL in statement.classes:
             problem = untrusted_function(statement.functions, self.ruleset.trusted_functions)
             if problem is not None:

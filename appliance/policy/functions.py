@@ -13,7 +13,8 @@ a call is therefore allowed only to
   a pattern that matches it in any schema, as the session's ``search_path`` decides).
 
 Anything else — a user-defined function, a FunctionCall protocol message (which names its
-function only by OID) — is refused by the built-in rule ``untrusted-function``. Refusing
+function only by OID) — is refused by the built-in rule ``untrusted-function``, as is a DO
+block (the engine checks that one by class). Refusing
 rather than holding keeps an approver from being asked to judge code they are not shown.
 """
 

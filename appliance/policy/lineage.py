@@ -171,15 +171,27 @@ class _Walk:
         if not wc:
             return
         ctes = [c for k, c in (unwrap(n) for n in wc.get("ctes") or ()) if k == "CommonTableExpr"]
-        if wc.get("recursive"):
-            # A recursive CTE's own name inside it: its columns are unknown until walked.
+        if not wc.get("recursive"):
+            # Each CTE sees only those before it: a later CTE's name means the real table.
             for cte in ctes:
-                level.ctes[cte.get("ctename", "")] = Item(cte.get("ctename", ""), {}, True)
+                level.ctes[cte.get("ctename", "")] = self.cte(cte, level)
+            return
+        # WITH RECURSIVE: every CTE sees every other (and itself). Start from "no
+        # columns known" and walk them all until what each carries stops changing, so a
+        # CTE that filters one defined after it sees that one's cardholder columns.
         for cte in ctes:
-            kind, query = unwrap(cte.get("ctequery"))
-            outputs = self.query_outputs(kind, query, level)
-            names = strings(cte.get("aliascolnames"))
-            level.ctes[cte.get("ctename", "")] = outputs.renamed(cte.get("ctename", ""), names)
+            level.ctes[cte.get("ctename", "")] = Item(cte.get("ctename", ""), {}, True)
+        for _ in range(len(ctes) + 1):
+            walked = {cte.get("ctename", ""): self.cte(cte, level) for cte in ctes}
+            if walked == level.ctes:
+                return
+            level.ctes.update(walked)
+        raise LineageRefusal("the CTEs of this WITH RECURSIVE could not be followed; split the query")
+
+    def cte(self, cte: Json, level: Level) -> Item:
+        kind, query = unwrap(cte.get("ctequery"))
+        outputs = self.query_outputs(kind, query, level)
+        return outputs.renamed(cte.get("ctename", ""), strings(cte.get("aliascolnames")))
 
     def select(self, body: Json, outer: Level) -> Item:
         """A SELECT (or VALUES, or set operation) nested in ``outer``: its output columns."""

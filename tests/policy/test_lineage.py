@@ -103,6 +103,11 @@ ATTACKS = [
     ("select * from cards c, lateral unnest(array[c.pan]) u", "lineage"),
     ("select * from cards c cross join lateral generate_series(1, length(c.pan)) g", "lineage"),
     ("select x from cards c(x, y, z) where z = '1'", "lineage"),
+    # WITH RECURSIVE lets a CTE read one defined after it.
+    ("with recursive a as (select x from b where x like '4%'), b as (select pan as x from cards) select * from a",
+     "lineage"),
+    (("with recursive a as (select x from b), b as (select y as x from c where y > '4'), "
+     "c as (select pan as y from cards) select * from a"), "lineage"),
     # Predicates, joins, ordering, grouping: digit oracles.
     ("select id from cards where pan like '4111%'", "lineage"),
     ("select id from cards where substr(pan, 7, 1) = '3'", "lineage"),
@@ -176,6 +181,7 @@ ATTACKS = [
     ("select * from cards c where c.id in (select id from other where pan is null)", "qualify"),
     # Functions the policy can't see into.
     ("select scratch.f()", "function"),
+    ("do $$ begin perform 1; end $$", "function"),
     ("select * from scratch.f()", "function"),
     ("select id, scratch.f() from payments", "function"),
     ("select query_to_xml('select pan from cards', true, false, '')", "function"),
