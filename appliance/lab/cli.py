@@ -210,6 +210,9 @@ def format_status(s: dict[str, Any]) -> str:
         f"  gw     {ns['gw']:<16} {', '.join(addr['gw']['agent_side'] + addr['gw']['db_side'])}",
         (f"  db     {ns['db']:<16} protected {', '.join(addr['db']['protected'])}; "
          f"direct {', '.join(addr['db']['direct'])}"),
+        *([(f"  witness {ns['witness']:<15} {s['witness']['url']} "
+           f"({'running' if s['witness']['running'] else 'NOT running'}), key {s['witness']['key']}")]
+          if s.get("witness") and "witness" in ns else []),
         (f"  database  {db['dbname']} on port {db['port']}, "
          f"{'running' if db['running'] else 'NOT running'} (pid {db['pid']}), TLS CA {db['tls_ca']}"),
         f"  roles ({s['roles_note']}):",

@@ -257,7 +257,9 @@ class Lab:
         if self.agent_auth == "certificate":
             self.state["identity"] = lab_identity.prepare(self.paths)
             self._save()
+        self._init_witness()
         self._write_proxy_config(passwords)
+        self._start_witness()
         if self.agent_auth == "certificate":
             self._start_identity_services()
         if self.proxy_enabled:
@@ -297,6 +299,48 @@ class Lab:
             init_audit_dir(config.audit)
             self.offbox_dir.mkdir(mode=0o700, exist_ok=True)  # "other storage": there before the proxy
 
+    # --- the witness ---------------------------------------------------------------------
+
+    def _init_witness(self) -> None:
+        """The witness's key and state, in a directory of its own (:mod:`appliance.witness`)."""
+        from appliance.witness.state import init_witness
+        name = f"witness.lab/{self.name}"
+        cosigner = init_witness(self.paths.witness_dir, name)
+        self.state["witness"] = {"name": name, "key": str(cosigner.key), "url": proxy_config.witness_url(),
+                                 "dir": str(self.paths.witness_dir)}
+        self._save()
+
+    def _follow_audit_log(self) -> None:
+        """Tell the witness the audit log's origin and signing key (it checks them)."""
+        from appliance.audit.keys import KeyRing
+        from appliance.config import load_config
+        from appliance.witness.state import WitnessState
+        audit = load_config(self.config_path).audit
+        if audit is None or not self.state.get("witness"):
+            return
+        state = WitnessState(self.paths.witness_dir)
+        try:
+            state.add_log(audit.origin, KeyRing.load(audit).signing_key.verifier_key())
+        finally:
+            state.close()
+
+    def witness_argv(self) -> list[str]:
+        return [sys.executable, "-m", "appliance.cli", "witness", "serve", str(self.paths.witness_dir),
+                "--listen", f"{topology.WITNESS_V4}:{topology.WITNESS_PORT}"]
+
+    def _start_witness(self) -> None:
+        """The witness in its own namespace, waited for until it says it listens."""
+        from appliance.witness.server import READY_LINE
+        self._follow_audit_log()
+        proc = self._spawn_in("witness", self.witness_argv(), self.paths.witness_log)
+        self.state["pids"]["witness"] = st.process_identity(proc.pid)
+        self._save()
+        try:
+            readiness.wait_for_line(proc, self.paths.witness_log, READY_LINE, "the witness")
+        except readiness.NotReady as exc:
+            raise LabError(str(exc)) from None
+        log.info("lab %s: witness up at %s", self.name, proxy_config.witness_url())
+
     def identity_services(self) -> list[Service]:
         """The dev OIDC issuer and the enrollment service, in start order (tests may override it)."""
         return [
@@ -331,6 +375,9 @@ class Lab:
         log.info("lab %s: agent enrolled", self.name)
 
     def _spawn_in_gw(self, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
+        return self._spawn_in("gw", argv, log_path)
+
+    def _spawn_in(self, node: str, argv: list[str], log_path: Path) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
         # Lab services import this very checkout, whether or not it is pip-installed.
         repo = str(Path(appliance.__file__).resolve().parent.parent)
@@ -338,7 +385,7 @@ class Lab:
         env["PYTHONUNBUFFERED"] = "1"  # their logs are files: let every line reach them at once
         with open(log_path, "ab") as logf:
             # Their own session: they outlive `lab up` and ignore the terminal's ^C.
-            return subprocess.Popen(self.command("gw", argv), stdin=subprocess.DEVNULL, stdout=logf,
+            return subprocess.Popen(self.command(node, argv), stdin=subprocess.DEVNULL, stdout=logf,
                                     stderr=subprocess.STDOUT, env=env, cwd=self.dir, start_new_session=True)
 
     def proxy_argv(self) -> list[str]:
@@ -368,6 +415,7 @@ class Lab:
             from appliance.audit.keys import init_audit_dir
             from appliance.config import load_config
             init_audit_dir(load_config(self.config_path).audit)
+            self._follow_audit_log()
         self.restart_proxy()
 
     def stop_proxy(self, timeout: float = 30.0) -> None:
@@ -577,6 +625,9 @@ class Lab:
             "roles": s.get("roles", {}),
             "roles_note": LAB_ONLY_NOTE,
             "identity": s.get("identity"),
+            "witness": ({**s["witness"], "pid": pids["witness"]["pid"] if pids.get("witness") else None,
+                         "running": st.process_alive(pids.get("witness")), "log": str(self.paths.witness_log)}
+                        if s.get("witness") else None),
             "proxy": {
                 "enabled": bool(proxy_cfg.get("enabled")),
                 "method": proxy_cfg.get("method"),
@@ -602,8 +653,10 @@ class Lab:
 
 def render_proxy_config(lab: Lab) -> str:
     """The Tollgate config for the lab's appliance, from its settings (see proxy_config.render)."""
+    witness = lab.state.get("witness")
     return proxy_config.render(lab.name, lab.paths, method=lab.method, agent_auth=lab.agent_auth,
-                               suite_role=lab.suite_role, audit=lab.audit, audit_dir=lab.audit_dir)
+                               suite_role=lab.suite_role, audit=lab.audit, audit_dir=lab.audit_dir,
+                               witness=(witness["name"], witness["key"]) if witness else None)
 
 
 def gc(root: Path = st.LAB_ROOT) -> list[tuple[str, str]]:

@@ -57,6 +57,13 @@ class Paths:
     @property
     def offbox_dir(self) -> Path: return self.root / "offbox-checkpoints"
 
+    @property
+    def witness_dir(self) -> Path:
+        """The witness's key and state: its own directory, which no appliance process writes."""
+        return self.root / "witness"
+    @property
+    def witness_log(self) -> Path: return self.root / "witness.log"
+
     def password_file(self, role: str) -> Path:
         return self.secrets_dir / f"{role}.password"
 

@@ -17,8 +17,12 @@ PROXY_PORT = 15432
 TARGET_NAME = "payments"
 
 
+def witness_url() -> str:
+    return f"http://{topology.WITNESS_V4}:{topology.WITNESS_PORT}"
+
+
 def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role: bool, audit: str,
-           audit_dir: Path) -> str:
+           audit_dir: Path, witness: tuple[str, str] | None = None) -> str:
     """The config (TOML; strings quoted as JSON, which TOML's basic strings are a superset of)."""
     q = json.dumps
     lines = [
@@ -46,9 +50,12 @@ def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role:
     if audit != "off":
         lines += ["", "[audit]", f"dir = {q(str(audit_dir))}", f"origin = {q('tollgate.lab/' + name)}",
                   f"durability = {q(audit)}", f"offbox_dir = {q(str(paths.offbox_dir))}"]
+        if witness is not None:  # (name, verifier key) of the lab's witness
+            lines += ["witness_quorum = 1", "", "[[audit.witnesses]]", f"name = {q(witness[0])}",
+                      f"url = {q(witness_url())}", f"key = {q(witness[1])}"]
     if agent_auth == "certificate":
         lines += lab_identity.config_lines(paths)
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["PROXY_PORT", "TARGET_NAME", "render"]
+__all__ = ["PROXY_PORT", "TARGET_NAME", "render", "witness_url"]

@@ -1,4 +1,4 @@
-"""The lab's network: three namespaces (agent, gw, db) joined by two veth pairs.
+"""The lab's network: four namespaces (agent, gw, db, witness) joined by three veth pairs.
 
 ::
 
@@ -6,6 +6,13 @@
     eth0 198.18.1.10/24 ──── eth0 198.18.1.1/24   eth1 198.18.2.1/24 ──── eth0 198.18.2.10/24 (protected)
          fd7a:6c67:1::10/64       fd7a:6c67:1::1/64    fd7a:6c67:2::1/64          198.18.2.11/24 (direct)
                                                                               fd7a:6c67:2::10/64, ::11/64
+                                  eth2 198.18.4.1/24 ──── witness ns eth0 198.18.4.10/24
+                                       fd7a:6c67:4::1/64               fd7a:6c67:4::10/64
+
+The witness (:mod:`appliance.witness`) has a namespace of its own, as it would have a host
+of its own: it is no part of the appliance. It has no default route, so it answers the
+gateway's side of its link and nothing else (the agent's packets could be forwarded to it,
+its answers could not come back).
 
 Every veth end is created directly inside its namespace (never in the root namespace), so
 nothing of a lab ever appears among the host's links, and deleting the namespaces removes
@@ -28,7 +35,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 NETNS_DIR = Path("/run/netns")
-NODES = ("agent", "gw", "db")
+NODES = ("agent", "gw", "db", "witness")
 IFA_F_NODAD = 0x02  # linux/if_addr.h: usable at once, no duplicate address detection wait
 
 AGENT_SUBNET_V4 = "198.18.1.0/24"
@@ -46,6 +53,12 @@ DB_PROTECTED_V4 = "198.18.2.10"
 DB_PROTECTED_V6 = "fd7a:6c67:2::10"
 DB_DIRECT_V4 = "198.18.2.11"
 DB_DIRECT_V6 = "fd7a:6c67:2::11"
+
+GW_WITNESS_V4 = "198.18.4.1"
+GW_WITNESS_V6 = "fd7a:6c67:4::1"
+WITNESS_V4 = "198.18.4.10"
+WITNESS_V6 = "fd7a:6c67:4::10"
+WITNESS_PORT = 7380
 
 DB_ADDRESSES = (DB_PROTECTED_V4, DB_DIRECT_V4, DB_PROTECTED_V6, DB_DIRECT_V6)
 LAB_SUBNETS = (AGENT_SUBNET_V4, DB_SUBNET_V4, AGENT_SUBNET_V6, DB_SUBNET_V6)
@@ -65,13 +78,15 @@ class Iface:
 
 
 # (node, ifname) ↔ (node, ifname): the two veth pairs.
-LINKS = ((("agent", "eth0"), ("gw", "eth0")), (("gw", "eth1"), ("db", "eth0")))
+LINKS = ((("agent", "eth0"), ("gw", "eth0")), (("gw", "eth1"), ("db", "eth0")), (("gw", "eth2"), ("witness", "eth0")))
 
 IFACES = (
     Iface("agent", "eth0", ((AGENT_V4, 24), (AGENT_V6, 64))),
     Iface("gw", "eth0", ((GW_AGENT_V4, 24), (GW_AGENT_V6, 64))),
     Iface("gw", "eth1", ((GW_DB_V4, 24), (GW_DB_V6, 64))),
     Iface("db", "eth0", ((DB_PROTECTED_V4, 24), (DB_DIRECT_V4, 24), (DB_PROTECTED_V6, 64), (DB_DIRECT_V6, 64))),
+    Iface("gw", "eth2", ((GW_WITNESS_V4, 24), (GW_WITNESS_V6, 64))),
+    Iface("witness", "eth0", ((WITNESS_V4, 24), (WITNESS_V6, 64))),
 )
 
 # node → default gateways (v4, v6)
@@ -84,6 +99,7 @@ def addresses() -> dict[str, dict[str, Any]]:
         "agent": {"ipv4": AGENT_V4, "ipv6": AGENT_V6, "subnets": [AGENT_SUBNET_V4, AGENT_SUBNET_V6]},
         "gw": {"agent_side": [GW_AGENT_V4, GW_AGENT_V6], "db_side": [GW_DB_V4, GW_DB_V6]},
         "db": {"protected": [DB_PROTECTED_V4, DB_PROTECTED_V6], "direct": [DB_DIRECT_V4, DB_DIRECT_V6]},
+        "witness": {"ipv4": WITNESS_V4, "ipv6": WITNESS_V6, "port": WITNESS_PORT},
     }
 
 

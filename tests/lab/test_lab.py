@@ -145,7 +145,7 @@ def test_status_json_has_the_documented_keys(lab: Lab) -> None:
             "roles", "roles_note", "proxy", "agent_conninfo", "conninfo"} <= set(status)
     assert status["phase"] == "up" and status["healthy"] is True
     assert status["owner_pid"] == os.getpid()
-    assert status["namespaces"] == {n: f"tg{lab.name}-{n}" for n in ("agent", "gw", "db")}
+    assert status["namespaces"] == {n: f"tg{lab.name}-{n}" for n in ("agent", "gw", "db", "witness")}
     assert status["addresses"]["db"] == {"protected": ["198.18.2.10", "fd7a:6c67:2::10"],
                                          "direct": ["198.18.2.11", "fd7a:6c67:2::11"]}
     db = status["database"]
@@ -157,6 +157,9 @@ def test_status_json_has_the_documented_keys(lab: Lab) -> None:
         assert Path(info["password_file"]).read_text().strip() == info["password"]
         assert Path(info["password_file"]).stat().st_mode & 0o777 == 0o600
     assert "lab-only" in status["roles_note"]
+    witness = status["witness"]
+    assert witness["running"] and witness["pid"] in topology.namespace_pids(lab.namespaces["witness"])
+    assert witness["url"] == "http://198.18.4.10:7380" and witness["key"].startswith(f"witness.lab/{lab.name}+")
     proxy = status["proxy"]
     assert proxy["enabled"] is False and proxy["port"] == 15432 and proxy["pid"] is None
     assert status["agent_conninfo"] == "host=198.18.2.10 port=5432 dbname=payments user=app"
