@@ -103,6 +103,7 @@ ATTACKS = [
     ("select * from cards c, lateral unnest(array[c.pan]) u", "lineage"),
     ("select * from cards c cross join lateral generate_series(1, length(c.pan)) g", "lineage"),
     ("select x from cards c(x, y, z) where z = '1'", "lineage"),
+    ("select reverse(U&\"\\0070an\") from U&\"\\0063ards\"", "lineage"),  # names spelled in escapes
     # WITH RECURSIVE lets a CTE read one defined after it.
     ("with recursive a as (select x from b where x like '4%'), b as (select pan as x from cards) select * from a",
      "lineage"),
