@@ -70,6 +70,8 @@ def may_touch(tree_json: str, cardholders: Cardholders) -> bool:
     only quotes, backslashes and control characters, so a name without those appears
     verbatim as a JSON string; a declared name with one of them disables the shortcut.
     """
+    if '"ExecuteStmt"' in tree_json:
+        return True  # CREATE TABLE … AS EXECUTE: see _Walk.statement
     for name in (*cardholders.names, *SAMPLED_VALUES):
         if any(ch in name for ch in '"\\') or any(ord(ch) < 0x20 for ch in name):
             return True
@@ -82,9 +84,10 @@ def may_name(sql: str, cardholders: Cardholders) -> bool:
     """Whether ``sql``'s text could name a cardholder table or column (or a relation of
     sampled values) at all, before parsing it. An identifier is its text, case-folded, or a
     ``U&"…"`` escape; so a text without any of the names (compared in lower case, which
-    only finds more) and without ``U&`` names none of them."""
+    only finds more) and without ``U&`` names none of them. (``EXECUTE`` is checked too:
+    what a prepared statement returns can't be seen from here.)"""
     text = sql.lower()
-    if "u&" in text:
+    if "u&" in text or "execute" in text:  # U&"…" names; CREATE TABLE … AS EXECUTE (see statement())
         return True
     return any(name.lower() in text for name in (*cardholders.names, *SAMPLED_VALUES))
 
@@ -126,6 +129,9 @@ class _Walk:
             self.dml(kind, body, level)
         elif kind == "CreateTableAsStmt":
             inner_kind, inner = unwrap(body.get("query"))
+            if inner_kind == "ExecuteStmt":
+                raise LineageRefusal("CREATE TABLE … AS EXECUTE writes what a prepared statement returns, which "
+                                     "this check can't see from here; write the query itself")
             self.written(self.query_outputs(inner_kind, inner, level),
                          "into a new table or materialized view (CREATE … AS)")
         elif kind == "CopyStmt":

@@ -146,6 +146,8 @@ ATTACKS = [
     ("create table scratch.copy as select * from cards", "lineage"),
     ("create materialized view scratch.mv as select pan from cards", "lineage"),
     ("select pan into scratch.copy from cards", "lineage"),
+    (("prepare lineage_q as select pan from cards; create table scratch.copy as execute lineage_q; "
+     "deallocate lineage_q"), "lineage"),
     ("insert into scratch.t select id, pan from cards", "lineage"),
     ("insert into scratch.t (id, note) values (1, (select pan from cards limit 1))", "lineage"),
     ("update scratch.t set note = c.pan from cards c where c.id = t.id", "lineage"),
