@@ -162,7 +162,21 @@ class _Walk:
                 outputs = self.query_outputs(kind, inner, level)
                 self.written(outputs, "into a stored definition (a view, rule or function body)")
                 continue
+            if kind == "Constraint" and inner.get("contype") == "CONSTR_FOREIGN" and inner.get("pktable"):
+                self.foreign_key(inner)
             stack.extend(v for v in node.values() if isinstance(v, (dict, list)))
+
+    def foreign_key(self, constraint: Json) -> None:
+        """A foreign key to a cardholder column is an existence oracle: each insert of a
+        guessed card number succeeds or fails by whether a card has it."""
+        table = constraint["pktable"]
+        carried = self.cardholders.of_relation(table.get("schemaname"), table.get("relname", ""))
+        referenced = strings(constraint.get("pk_attrs"))
+        # Without a column list the key references the primary key, which may be one.
+        hit = [carried[c] for c in referenced if c in carried] if referenced else list(carried.values())
+        if hit:
+            raise LineageRefusal(f"a foreign key to {_described(hit)} would tell which card numbers exist; "
+                                 "reference another column")
 
     def query_outputs(self, kind: str | None, body: Any, level: Level) -> Item:
         """The output columns of a query of any kind (a write's: its RETURNING)."""

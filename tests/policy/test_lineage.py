@@ -172,6 +172,8 @@ ATTACKS = [
     ("delete from cards where id = 99 returning *", "lineage"),
     ("create view scratch.v as select pan from cards", "lineage"),
     ("create view scratch.v as select id from cards where pan like '4%'", "lineage"),
+    ("create table scratch.fk (p text references public.cards (pan))", "lineage"),
+    ("alter table scratch.t add constraint fk foreign key (note) references cards (pan)", "lineage"),
     ("create rule r as on insert to scratch.t do also insert into scratch.t select id, pan from cards", "lineage"),
     # Relations that hold sampled values of every column, and other sessions' SQL.
     ("select most_common_vals from pg_stats where tablename = 'cards'", "lineage"),
@@ -246,6 +248,7 @@ CONTROLS = [
     "merge into scratch.t t using cards c on t.id = c.id when not matched then insert values (c.id, c.brand)",
     "update cards set expiry = '01/30' where id = 1 returning id, expiry",
     "create view scratch.v as select id, brand from cards",
+    "create table scratch.fk (card int references public.cards (id))",
     "explain select pan from cards where id = 1",
     "declare cur cursor for select pan from cards",
     # Trusted and built-in functions.
