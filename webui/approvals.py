@@ -5,10 +5,11 @@ Routes, under ``/api/v1/approvals``:
 - ``GET /api/v1/approvals[?status=pending|approved|denied|expired|withdrawn|all][&limit=N]``
   → ``{"approvals": [...], "count": n}``, newest first (default: all statuses, 100);
 - ``GET /api/v1/approvals/<id>`` → the request;
-- ``POST /api/v1/approvals/<id>/approve`` with ``{"reason": "...", "grant_minutes": N}``
-  (``grant_minutes`` optional: also allow this statement shape for this identity on this
-  target for N minutes) → the request as it now stands (still ``pending`` when more
-  approvals are needed);
+- ``POST /api/v1/approvals/<id>/approve`` with ``{"reason": "...", "grant_minutes": N,
+  "grant_scope": "exact"|"shape"}`` (``grant_minutes`` optional: also allow this statement
+  for this identity on this target for N minutes — by default exactly it, its constants and
+  parameter values; with ``"grant_scope": "shape"`` any constants, the request's ``free``
+  parts) → the request as it now stands (still ``pending`` when more approvals are needed);
 - ``POST /api/v1/approvals/<id>/deny`` with ``{"reason": "..."}``.
 
 Every call needs ``Authorization: Bearer <token>``: an ID token or access token from the
@@ -66,7 +67,7 @@ EXTENSION = "tollgate.approvals"
 REALM = "tollgate-approvals"
 RETRY_AFTER_SECONDS = 30
 DEFAULT_LIMIT = 100
-DECISION_FIELDS = {"approve": {"reason", "grant_minutes"}, "deny": {"reason"}}
+DECISION_FIELDS = {"approve": {"reason", "grant_minutes", "grant_scope"}, "deny": {"reason"}}
 HTTP_STATUS = {
     "unknown_request": 404,
     "reason_required": 400,
@@ -226,7 +227,8 @@ def _decide(request_id: str, *, approve: bool) -> Any:
         return error_response(400, "bad_request", f"'reason' must be a string, not {type(reason).__name__}")
     identity: Identity = g.identity
     try:
-        decided = _api().service.decide(request_id, identity, approve, reason or "", body.get("grant_minutes"))
+        decided = _api().service.decide(request_id, identity, approve, reason or "", body.get("grant_minutes"),
+                                        body.get("grant_scope"))
     except ApprovalError as exc:
         log.info("approvals API: %s %s refused for %s: %s", verb, request_id, identity.uri, exc.code)
         if exc.code == "not_an_approver":

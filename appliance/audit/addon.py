@@ -224,6 +224,10 @@ class AuditAddon(Addon):
         fields["text"] = self.scrub(text)  # bytes that weren't UTF-8 are written escaped (_write)
         if statement.name:
             fields["statement_name"] = statement.name
+        if statement.executes:
+            # SQL EXECUTE: the text says only a name; what ran is the prepared statement's.
+            fields["executes"] = [{"name": runs.name, "text": self.scrub(_shown(runs.text))}
+                                  for runs in statement.executes]
         if request.portal:
             fields["portal"] = request.portal
         if request.bind is not None:
@@ -382,6 +386,15 @@ class SamplingAuditAddon(AuditAddon):
         else:
             sample.append(row)
         return None
+
+
+def _shown(text: str) -> str:
+    """A statement's text as records keep it: cut past MAX_TEXT, undecodable bytes as U+FFFD."""
+    if len(text) > MAX_TEXT:
+        text = text[:MAX_TEXT] + "…"
+    if not text.isascii():
+        text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return text
 
 
 def _row_size(row: list[str | None]) -> int:

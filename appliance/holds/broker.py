@@ -3,7 +3,8 @@
 The enforcement addon calls, in the event loop, from a statement hook::
 
     request = broker.open(requester=..., target=..., database=..., sql=scrubbed, params=scrubbed,
-                          decision=decision, fingerprint=shape, session_id=session.id)
+                          decision=decision, fingerprint=exact_key, shape=shape_key, free=free_parts,
+                          session_id=session.id)
     return Hold(broker.decision(request), ...)
 
 or, the same in one call with the addon's request dict, ``Hold(broker.hold(request, decision))``.
@@ -226,7 +227,8 @@ class HoldBroker:
 
     def open(self, *, requester: Requester | Any, target: str, database: str, sql: str,
              params: Sequence[str] | None, decision: Any, fingerprint: str, session_id: str | int | None = None,
-             client: str = "", role: str = "", timeout_seconds: float | None = None) -> ApprovalRequest:
+             client: str = "", role: str = "", timeout_seconds: float | None = None, shape: str = "",
+             free: Sequence[str] | None = None) -> ApprovalRequest:
         """Record a request (synchronous, one SQLite insert). Raises when it can't be recorded:
         ApprovalError (e.g. a hold with no approvers), StoreError/sqlite3.Error, or RuntimeError
         when shutting down."""
@@ -235,7 +237,7 @@ class HoldBroker:
         request = self.service.request(requester=requester, target=target, database=database, sql=sql,
                                        params=params, decision=decision, fingerprint=fingerprint,
                                        session_id=session_id, client=client, role=role,
-                                       timeout_seconds=timeout_seconds)
+                                       timeout_seconds=timeout_seconds, shape=shape, free=free)
         self._notify("request", request)
         return request
 
@@ -263,7 +265,7 @@ class HoldBroker:
     def hold(self, request: Mapping[str, Any], decision: Any) -> asyncio.Future[Reject | None]:
         """:meth:`open` + :meth:`decision` for the enforcement addon's request dict
         (``requester_subject``/``_display``/``_kind``/``_groups``, ``session_id``, ``client``,
-        ``target``, ``database``, ``role``, ``sql``, ``params``, ``fingerprint``)."""
+        ``target``, ``database``, ``role``, ``sql``, ``params``, ``fingerprint``, ``shape``, ``free``)."""
         requester = Requester(str(request["requester_subject"]),
                               str(request.get("requester_display") or request["requester_subject"]),
                               str(request.get("requester_kind") or "unidentified"),
@@ -272,7 +274,8 @@ class HoldBroker:
                            database=str(request.get("database") or ""), sql=str(request["sql"]),
                            params=request.get("params"), decision=decision, fingerprint=str(request["fingerprint"]),
                            session_id=request.get("session_id"), client=str(request.get("client") or ""),
-                           role=str(request.get("role") or ""))
+                           role=str(request.get("role") or ""), shape=str(request.get("shape") or ""),
+                           free=request.get("free"))
         return self.decision(opened)
 
     async def wait_for(self, request_id: str, timeout_seconds: float | None = None) -> Reject | None:
@@ -288,8 +291,9 @@ class HoldBroker:
         return await self.decision(request, timeout_seconds)
 
     def grant_allows(self, subject: str, target: str, fingerprint: str) -> bool:
-        """Whether a live grant lets ``subject`` run this statement shape on ``target``; from the
-        cache, never blocking (a grant made a moment ago shows from the next poll)."""
+        """Whether a live grant for the key ``fingerprint`` (an exact statement's, or a shape's)
+        lets ``subject`` run it on ``target``; from the cache, never blocking (a grant made a
+        moment ago shows from the next poll)."""
         expiry = self._grants.expiry.get((subject, target, fingerprint))
         return expiry is not None and expiry > self.service.now().timestamp()
 

@@ -73,7 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     approve.add_argument("id")
     approve.add_argument("--reason", required=True, help="why (recorded with your vote)")
     approve.add_argument("--for-minutes", type=int, metavar="N",
-                         help="also allow this statement shape for this identity on this target for N minutes")
+                         help="also allow exactly this statement (same constants and parameters) for this "
+                              "identity on this target for N minutes")
+    approve.add_argument("--any-constants", action="store_true",
+                         help="with --for-minutes: allow the statement's shape instead, with any constants and "
+                              "parameters (the request's 'may vary' parts); list lengths stay as approved")
     approve.set_defaults(handler=cmd_approve)
 
     deny = verbs.add_parser("deny", parents=[common], help="deny a held statement")
@@ -229,10 +233,13 @@ def format_request(r: dict[str, Any], now: datetime) -> str:
     if r.get("params") is not None:
         lines.append("  params" + ("" if r["params"] else "     (none)"))
         lines += [f"    ${i} = {value}" for i, value in enumerate(r["params"], 1)]
+    if r.get("free"):
+        lines.append("  may vary   only with a shape grant (--any-constants): " + ", ".join(r["free"]))
     if r["votes"]:
         lines.append("  votes")
         for v in r["votes"]:
-            grant = f" (grant {v['grant_minutes']} min)" if v.get("grant_minutes") else ""
+            grant = (f" (grant {v['grant_minutes']} min, {v.get('grant_scope') or 'shape'})"
+                     if v.get("grant_minutes") else "")
             lines.append(f"    {v['verdict']:<7} {v['approver']['display']} at {_stamp(_parse_time(v['at']))}{grant}")
             for paragraph in v["reason"].splitlines():  # the approver's own line breaks are kept
                 lines += textwrap.wrap(paragraph, 96, initial_indent=" " * 12, subsequent_indent=" " * 12) or [""]
@@ -240,7 +247,7 @@ def format_request(r: dict[str, Any], now: datetime) -> str:
         lines.append("  votes      none yet")
     if r.get("grant"):
         grant = r["grant"]
-        lines.append(f"  grant      this statement shape for {grant['subject']} on {grant['target']} until "
+        lines.append(f"  grant      {_covers(grant)} for {grant['subject']} on {grant['target']} until "
                      f"{_stamp(_parse_time(grant['expires_at']))}")
     return "\n".join(lines)
 
@@ -286,14 +293,22 @@ def _outcome(verb: str, r: dict[str, Any]) -> str:
                 "still pending")
     line = f"{r['id']} is {r['status']}"
     if r.get("grant"):
-        line += (f"; {r['grant']['subject']} may run this statement shape on {r['grant']['target']} until "
+        line += (f"; {r['grant']['subject']} may run {_covers(r['grant'])} on {r['grant']['target']} until "
                  f"{_stamp(_parse_time(r['grant']['expires_at']))}")
     return line
 
 
+def _covers(grant: dict[str, Any]) -> str:
+    if grant.get("scope") == "exact":
+        return "exactly this statement (same constants and parameters)"
+    return "this statement shape (any constants)"
+
+
 @_run
 def cmd_approve(args: argparse.Namespace, client: ApprovalsClient) -> int:
-    decided = client.approve(args.id, args.reason, args.for_minutes)
+    if args.any_constants and args.for_minutes is None:
+        raise UsageError("--any-constants widens a grant: give --for-minutes too")
+    decided = client.approve(args.id, args.reason, args.for_minutes, "shape" if args.any_constants else None)
     if args.json:
         _print_json(decided)
     else:

@@ -58,10 +58,13 @@ class ApprovalsClient:
     def get(self, request_id: str) -> dict[str, Any]:
         return self._call("GET", "/" + quote(request_id, safe=""))
 
-    def approve(self, request_id: str, reason: str, grant_minutes: int | None = None) -> dict[str, Any]:
+    def approve(self, request_id: str, reason: str, grant_minutes: int | None = None,
+                grant_scope: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {"reason": reason}
         if grant_minutes is not None:
             body["grant_minutes"] = grant_minutes
+        if grant_scope is not None:
+            body["grant_scope"] = grant_scope
         return self._call("POST", f"/{quote(request_id, safe='')}/approve", body)
 
     def deny(self, request_id: str, reason: str) -> dict[str, Any]:

@@ -9,7 +9,8 @@ stable (the API and CLI turn it into a status and a message):
 ``unknown_request``   no such request (or text that can't be a request id)
 ``reason_required``   a vote (or withdrawal) without a reason — PCI DSS 6.5 wants the why
 ``invalid_reason``    a reason with control characters, or longer than 2000 characters
-``invalid_grant``     grant minutes that aren't a positive whole number, or given with a denial
+``invalid_grant``     grant minutes that aren't a positive whole number, or given with a denial;
+                      a grant scope other than ``exact``/``shape``, or without grant minutes
 ``grant_too_long``    more grant minutes than ``[approvals] max_grant_minutes`` allows
 ``self_approval``     the requester approving or denying their own request
 ``not_an_approver``   the approver is in none of the request's approver groups
@@ -20,10 +21,13 @@ stable (the API and CLI turn it into a status and a message):
 ====================  ======================================================================
 
 How a request is settled: any deny denies it at once; it is approved when ``min_approvals``
-different approvers approved. A grant ("allow this statement shape for this identity on this
+different approvers approved. A grant ("allow this statement for this identity on this
 target for N minutes") is made on approval only if every approving vote asked for one — a
 grant reaches further than the one execution, so each approver must have agreed to it — and
-lasts the shortest of the asked durations.
+lasts the shortest of the asked durations. By default it covers exactly the approved
+statement: its text (whitespace, comments and case aside), its constants and its bound
+parameter values. It covers the statement's shape — any constants and parameters, the
+request's ``free`` parts — only if every approving vote chose ``grant_scope = "shape"``.
 
 Who sees what (:func:`may_see`, applied by :meth:`ApprovalService.list` and ``get`` when given a
 viewer): a request is shown to those who may decide it — in one of its approver groups — and
@@ -57,6 +61,7 @@ from appliance.holds.notifier import (
 )
 from appliance.holds.store import (
     APPROVALS_FILE,
+    GRANT_SCOPES,
     STATUSES,
     ApprovalRequest,
     ApprovalStore,
@@ -166,10 +171,13 @@ class ApprovalService:
 
     def request(self, *, requester: Requester | Identity, target: str, database: str, sql: str,
                 params: Sequence[str] | None, decision: Any, fingerprint: str, session_id: str | int | None = None,
-                client: str = "", role: str = "", timeout_seconds: float | None = None) -> ApprovalRequest:
+                client: str = "", role: str = "", timeout_seconds: float | None = None, shape: str = "",
+                free: Sequence[str] | None = None) -> ApprovalRequest:
         """Record a new pending request for a statement policy ``decision`` holds.
 
-        ``sql`` and ``params`` must already be PAN-scrubbed. The request expires after
+        ``fingerprint`` is the key an exact grant binds, ``shape`` the key a shape grant
+        binds ("": none may be made) and ``free`` the parts a shape grant lets vary.
+        ``sql``, ``params`` and ``free`` must already be PAN-scrubbed. The request expires after
         ``timeout_seconds``, by default the hold's own timeout.
         """
         hold = getattr(decision, "hold", None)
@@ -192,7 +200,8 @@ class ApprovalService:
             approver_groups=tuple(hold.approver_groups), min_approvals=hold.min_approvals,
             expires_at=now + timedelta(seconds=timeout), fingerprint=fingerprint,
             session_id=None if session_id is None else str(session_id), client=client, role=role,
-            message=decision.message or "",
+            message=decision.message or "", shape=shape,
+            free=None if free is None else tuple(str(part) for part in free),
         )
         with self.store.write() as tx:
             request = tx.insert_request(request)
@@ -205,11 +214,13 @@ class ApprovalService:
     # --- deciding -------------------------------------------------------------------------
 
     def decide(self, request_id: str, approver: Identity, approve: bool, reason: str,
-               grant_minutes: int | None = None) -> ApprovalRequest:
-        """Record ``approver``'s vote; returns the request as it now stands (maybe still pending)."""
+               grant_minutes: int | None = None, grant_scope: str | None = None) -> ApprovalRequest:
+        """Record ``approver``'s vote; returns the request as it now stands (maybe still pending).
+        A grant covers exactly the statement unless ``grant_scope`` is ``"shape"``."""
         key = self._key(request_id)
         reason = self.scrub(_check_reason(reason))
         self._check_grant(approve, grant_minutes)
+        scope = self._check_scope(grant_minutes, grant_scope)
         verb = "approve" if approve else "deny"
         expired_now = False
         with self.store.write() as tx:
@@ -230,13 +241,16 @@ class ApprovalService:
                 expired_now = True
             elif not request.pending:
                 raise self._settled_error(request)
+            elif scope == "shape" and not request.shape:
+                raise ApprovalError("invalid_grant", f"{key} was opened before shape grants existed: only an "
+                                                     "exact grant can be made for it", request)
             elif any(v.approver_subject == approver.subject for v in request.votes):
                 mine = next(v for v in request.votes if v.approver_subject == approver.subject)
                 raise ApprovalError("duplicate_vote", f"{approver.display} already voted to {mine.verdict} "
                                                       f"{key} at {iso(mine.at)}", request)
             else:
                 vote = Vote(approver.subject, approver.display, approver.kind, tuple(approver.groups),
-                            "approve" if approve else "deny", reason, now, grant_minutes)
+                            "approve" if approve else "deny", reason, now, grant_minutes, scope)
                 tx.add_vote(key, vote)
                 votes = (*request.votes, vote)
                 if not approve:
@@ -252,7 +266,7 @@ class ApprovalService:
             raise ApprovalError("expired", f"{key} expired at {iso(settled.expires_at)} without a decision; "
                                            "it can no longer be decided", settled)
         log.info("approval %s: %s %s voted to %s (%s): %s -> %s", key, approver.kind, approver.display, verb,
-                 reason, "grant " + str(grant_minutes) + " min" if grant_minutes else "no grant", settled.status)
+                 reason, f"{scope} grant {grant_minutes} min" if grant_minutes else "no grant", settled.status)
         self._notify(EVENT_VOTED if settled.pending else EVENT_DECIDED, settled)
         return settled
 
@@ -272,13 +286,29 @@ class ApprovalService:
                                                   f"([approvals] max_grant_minutes), not {grant_minutes}")
 
     @staticmethod
+    def _check_scope(grant_minutes: int | None, grant_scope: Any) -> str | None:
+        if grant_scope is None:
+            return None if grant_minutes is None else "exact"
+        if grant_minutes is None:
+            raise ApprovalError("invalid_grant", "a grant scope needs grant minutes: without them nothing is granted")
+        if grant_scope not in GRANT_SCOPES:
+            raise ApprovalError("invalid_grant", f"a grant covers 'exact' (this statement, its constants and "
+                                                 f"parameters) or 'shape' (any constants), not {grant_scope!r}")
+        return str(grant_scope)
+
+    @staticmethod
     def _grant_for(request: ApprovalRequest, votes: Sequence[Vote], now: datetime) -> Grant | None:
-        asked = [v.grant_minutes for v in votes if v.verdict == "approve"]
+        approving = [v for v in votes if v.verdict == "approve"]
+        asked = [v.grant_minutes for v in approving]
         if not asked or any(m is None for m in asked):
             return None
         minutes = min(m for m in asked if m is not None)
+        # The narrowest any approver agreed to: a shape only if every one of them chose it.
+        if all(v.grant_scope == "shape" for v in approving) and request.shape:
+            return Grant(request.requester.subject, request.target, request.shape, now,
+                         now + timedelta(minutes=minutes), request.id, "shape")
         return Grant(request.requester.subject, request.target, request.fingerprint, now,
-                     now + timedelta(minutes=minutes), request.id)
+                     now + timedelta(minutes=minutes), request.id, "exact")
 
     @staticmethod
     def _timeout_reason(request: ApprovalRequest) -> str:

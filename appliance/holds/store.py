@@ -100,7 +100,20 @@ MIGRATIONS = (
         "CREATE TABLE revision (id INTEGER PRIMARY KEY CHECK (id = 1), value INTEGER NOT NULL)",
         "INSERT INTO revision VALUES (1, 0)",
     ),
+    # 2: grants bind what was approved. ``requests.fingerprint`` now holds the exact
+    # statement's key ("exact:…") and ``shape`` the key a shape grant would bind, with
+    # ``free`` the parts it lets vary. A vote says which it grants; a grant records which
+    # it is. Rows from before were shape grants (pglast fingerprints, no prefix): they keep
+    # that scope and match no new key, so they lapse with the upgrade.
+    (
+        "ALTER TABLE requests ADD COLUMN shape TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE requests ADD COLUMN free TEXT",  # JSON array, or NULL: not known
+        "ALTER TABLE decisions ADD COLUMN grant_scope TEXT CHECK (grant_scope IN ('exact', 'shape'))",
+        "ALTER TABLE grants ADD COLUMN scope TEXT NOT NULL DEFAULT 'shape' CHECK (scope IN ('exact', 'shape'))",
+    ),
 )
+GrantScope = Literal["exact", "shape"]
+GRANT_SCOPES: tuple[GrantScope, ...] = ("exact", "shape")
 
 
 class StoreError(Exception):
@@ -178,17 +191,20 @@ class Vote:
     reason: str
     at: datetime
     grant_minutes: int | None = None
+    grant_scope: GrantScope | None = None  # set with grant_minutes: what the grant covers
 
     def to_json(self) -> dict[str, Any]:
         return {"approver": {"subject": self.approver_subject, "display": self.approver_display,
                              "kind": self.approver_kind, "groups": list(self.approver_groups)},
                 "verdict": self.verdict, "reason": self.reason, "grant_minutes": self.grant_minutes,
-                "at": iso(self.at)}
+                "grant_scope": self.grant_scope, "at": iso(self.at)}
 
 
 @dataclass(frozen=True, slots=True)
 class Grant:
-    """"Allow this statement shape for this identity on this target until ``expires_at``"."""
+    """"Allow this statement (``exact``: as approved, constants and parameters included) or
+    this statement shape (``shape``: any constants) for this identity on this target until
+    ``expires_at``". ``fingerprint`` is the key it binds."""
 
     subject: str
     target: str
@@ -196,10 +212,11 @@ class Grant:
     created_at: datetime
     expires_at: datetime
     request_id: str
+    scope: GrantScope = "exact"
 
     def to_json(self) -> dict[str, Any]:
         return {"subject": self.subject, "target": self.target, "fingerprint": self.fingerprint,
-                "created_at": iso(self.created_at), "expires_at": iso(self.expires_at),
+                "scope": self.scope, "created_at": iso(self.created_at), "expires_at": iso(self.expires_at),
                 "request_id": self.request_id}
 
 
@@ -220,7 +237,7 @@ class ApprovalRequest:
     approver_groups: tuple[str, ...]
     min_approvals: int
     expires_at: datetime
-    fingerprint: str
+    fingerprint: str  # the exact statement's grant key
     session_id: str | None = None
     client: str = ""
     role: str = ""
@@ -230,6 +247,8 @@ class ApprovalRequest:
     decided_at: datetime | None = None
     votes: tuple[Vote, ...] = field(default=())
     grant: Grant | None = None
+    shape: str = ""  # the key a shape grant binds ("" for requests from before shape keys)
+    free: tuple[str, ...] | None = None  # what a shape grant lets vary, as written (None: not known)
 
     @property
     def pending(self) -> bool:
@@ -266,7 +285,9 @@ class ApprovalRequest:
             "rule": {"name": self.rule, "line": self.rule_line, "message": self.message},
             "approver_groups": list(self.approver_groups), "min_approvals": self.min_approvals,
             "approvals": self.approvals, "votes": [v.to_json() for v in self.votes],
-            "fingerprint": self.fingerprint, "grant": None if self.grant is None else self.grant.to_json(),
+            "fingerprint": self.fingerprint, "shape": self.shape or None,
+            "free": None if self.free is None else list(self.free),
+            "grant": None if self.grant is None else self.grant.to_json(),
         }
 
 
@@ -277,12 +298,12 @@ def _groups(text: str) -> tuple[str, ...]:
 def _vote(row: sqlite3.Row) -> Vote:
     return Vote(row["approver_subject"], row["approver_display"], row["approver_kind"],
                 _groups(row["approver_groups"]), row["verdict"], row["reason"], from_ms(row["at"]),  # type: ignore[arg-type]
-                row["grant_minutes"])
+                row["grant_minutes"], row["grant_scope"] or ("shape" if row["grant_minutes"] else None))
 
 
 def _grant(row: sqlite3.Row) -> Grant:
     return Grant(row["subject"], row["target"], row["fingerprint"], from_ms(row["created_at"]),  # type: ignore[arg-type]
-                 from_ms(row["expires_at"]), row["request_id"])  # type: ignore[arg-type]
+                 from_ms(row["expires_at"]), row["request_id"], row["scope"])  # type: ignore[arg-type]
 
 
 def _request(row: sqlite3.Row, votes: Sequence[Vote], grant: Grant | None) -> ApprovalRequest:
@@ -298,7 +319,8 @@ def _request(row: sqlite3.Row, votes: Sequence[Vote], grant: Grant | None) -> Ap
         expires_at=from_ms(row["expires_at"]), fingerprint=row["fingerprint"],  # type: ignore[arg-type]
         session_id=row["session_id"], client=row["client"], role=row["role"], message=row["message"],
         status=row["status"], status_reason=row["status_reason"], decided_at=from_ms(row["decided_at"]),
-        votes=tuple(votes), grant=grant,
+        votes=tuple(votes), grant=grant, shape=row["shape"],
+        free=None if row["free"] is None else tuple(json.loads(row["free"])),
     )
 
 
@@ -349,13 +371,13 @@ class StoreTransaction:
         self.conn.execute(
             "INSERT INTO requests (id, created_at, session_id, requester_subject, requester_display,"
             " requester_kind, requester_groups, client, role, target, database, sql, params, classification,"
-            " rule, rule_line, message, approver_groups, min_approvals, expires_at, status, fingerprint)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?)",
+            " rule, rule_line, message, approver_groups, min_approvals, expires_at, status, fingerprint, shape, free)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, ?, ?)",
             (r.id, to_ms(r.created_at), r.session_id, r.requester.subject, r.requester.display, r.requester.kind,
              json.dumps(list(r.requester.groups)), r.client, r.role, r.target, r.database, r.sql,
              None if r.params is None else json.dumps(list(r.params)), json.dumps(list(r.classification)),
              r.rule, r.rule_line, r.message, json.dumps(list(r.approver_groups)), r.min_approvals,
-             to_ms(r.expires_at), r.fingerprint),
+             to_ms(r.expires_at), r.fingerprint, r.shape, None if r.free is None else json.dumps(list(r.free))),
         )
         return request
 
@@ -363,9 +385,10 @@ class StoreTransaction:
         self._bump()
         self.conn.execute(
             "INSERT INTO decisions (request_id, approver_subject, approver_display, approver_kind, approver_groups,"
-            " verdict, reason, grant_minutes, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " verdict, reason, grant_minutes, grant_scope, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (request_id, vote.approver_subject, vote.approver_display, vote.approver_kind,
-             json.dumps(list(vote.approver_groups)), vote.verdict, vote.reason, vote.grant_minutes, to_ms(vote.at)),
+             json.dumps(list(vote.approver_groups)), vote.verdict, vote.reason, vote.grant_minutes,
+             vote.grant_scope, to_ms(vote.at)),
         )
 
     def settle(self, request_id: str, status: Status, at: datetime, reason: str | None = None) -> None:
@@ -383,10 +406,10 @@ class StoreTransaction:
     def add_grant(self, grant: Grant) -> None:
         self._bump()
         self.conn.execute(
-            "INSERT INTO grants (subject, target, fingerprint, created_at, expires_at, request_id)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO grants (subject, target, fingerprint, created_at, expires_at, request_id, scope)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (grant.subject, grant.target, grant.fingerprint, to_ms(grant.created_at), to_ms(grant.expires_at),
-             grant.request_id),
+             grant.request_id, grant.scope),
         )
 
     def overdue(self, now: datetime) -> list[str]:

@@ -10,8 +10,13 @@ a verdict the session layer understands:
 - ``hold`` → :class:`Hold`: an approval request is opened and only this session waits for
   it. A Parse is prepared at once and held at each Execute instead, so approvers see the
   parameters it runs with (and approve one execution, not a statement shape forever);
-  SQL-level ``PREPARE`` likewise defers to its ``EXECUTE``. A live time-boxed grant for
-  this identity, target and statement shape lets the statement through without asking.
+  SQL-level ``PREPARE`` likewise defers to its ``EXECUTE``. A statement that runs prepared
+  statements (SQL ``EXECUTE name``, resolved by the session in its one namespace, see
+  ``Statement.executes``) is decided as the stricter of itself and what it runs. A live
+  time-boxed grant for this identity and target lets a held statement through without
+  asking if it covers exactly this statement (text, constants and parameter values) or,
+  where the approver chose so, its shape (constants and parameters free): see
+  :func:`appliance.policy.shape.grant_keys`.
 - a session whose server reports a setting Tollgate pins at another value
   (:mod:`appliance.policy.pins`: ``standard_conforming_strings`` off, a client encoding
   whose bytes the server would read differently) → every statement and execution is
@@ -31,10 +36,12 @@ import re
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
-from appliance.model.decision import Action, Decision, StatementClass
+from appliance.model.decision import Action, Decision
+from appliance.pgwire import ProtocolError, decode_frontend
 from appliance.pgwire.params import bind_params
 from appliance.policy.holder import PolicyHolder
 from appliance.policy.pins import session_problem
+from appliance.policy.shape import grant_keys
 from appliance.proxy.hooks import Addon, Hold, Reject, SessionInfo, Statement, StatementKind, Verdict
 
 if TYPE_CHECKING:
@@ -85,17 +92,6 @@ def requester(session: SessionInfo) -> dict[str, Any]:
             "kind": identity.kind, "groups": list(identity.groups)}
 
 
-def fingerprint(sql: str) -> str:
-    """The statement's shape (constants and parameters stripped), for time-boxed grants."""
-    from pglast.parser import ParseError
-    from pglast.parser import fingerprint as pg_fingerprint
-    try:
-        return pg_fingerprint(sql)
-    except (ParseError, UnicodeEncodeError):  # unparsable SQL has no shape: only the exact text matches
-        import hashlib
-        return "text:" + hashlib.sha256(sql.encode("utf-8", "surrogateescape")).hexdigest()[:16]
-
-
 class EnforcementAddon(Addon):
     name = "enforcement"
 
@@ -141,26 +137,21 @@ class EnforcementAddon(Addon):
             decision = policy.decide_function_call(groups, target, statement.function_oid or 0)
         else:
             decision = policy.decide(groups, target, statement.text)
-        decision = self._follow_prepared(session, decision)
+        for runs in statement.executes:
+            decision = _stricter(decision, policy.decide(groups, target, runs.text))
         statement.decision = decision
         action = decision.action
         if action is Action.BLOCK:
             return _reject(decision)
         if action is Action.HOLD:
-            if self._granted(session, target, statement.text):
-                return None
+            if _only_prepares(decision):
+                return None  # preparing runs nothing: what it prepared is decided when it runs
             if statement.kind is StatementKind.PARSE:
                 statement.deferred = decision  # asked for at each Execute, with its parameters
                 return None
-            prepared = _sole_prepare(decision)
-            if prepared is not None:
-                _prepared(session)[prepared] = decision  # asked for at its EXECUTE
+            if self._granted(session, target, statement, None):
                 return None
-            return self._hold(session, statement.text, None, decision)
-        if statement.kind is not StatementKind.PARSE:
-            prepared = _sole_prepare(decision)
-            if prepared is not None:
-                _prepared(session)[prepared] = decision
+            return self._hold(session, statement, None, decision)
         return self._catalog_wait(session, decision)
 
     def execute(self, session: SessionInfo, statement: Statement, bind: bytes | None) -> Verdict:
@@ -171,45 +162,29 @@ class EnforcementAddon(Addon):
         if decision is None or decision.action is not Action.HOLD:
             return None
         target = session.target.name if session.target is not None else ""
-        if self._granted(session, target, statement.text):
+        if self._granted(session, target, statement, bind):
             return None
-        return self._hold(session, statement.text, bind_params(bind, statement.param_types, self.scrub), decision)
+        return self._hold(session, statement, bind, decision)
 
     def session_end(self, session: SessionInfo, reason: str) -> None:
         session.addon_state.pop(self.name, None)
 
     # ---- helpers -----------------------------------------------------------------------
 
-    def _follow_prepared(self, session: SessionInfo, decision: Decision) -> Decision:
-        """``EXECUTE name`` runs what ``PREPARE name`` was decided to be: a deferred hold
-        is asked for now, and the prepared statement's masks apply to its results."""
-        if len(decision.statements) != 1 or decision.action is Action.BLOCK:
-            return decision
-        only = decision.statements[0]
-        if StatementClass.PREPARED not in only.classes or only.prepared_name is None:
-            return decision
-        if only.command.upper().startswith("PREPARE"):
-            return decision
-        prepared = session.addon_state.get(self.name, {}).get(only.prepared_name)
-        if prepared is None:
-            return decision
-        if only.command.upper().startswith("DEALLOCATE"):
-            _prepared(session).pop(only.prepared_name, None)
-            return decision
-        # EXECUTE: the stricter of the two, with the prepared statement's masks.
-        action = prepared.action if prepared.action in (Action.HOLD, Action.BLOCK) else decision.action
-        return Decision(action, prepared.rule if action is prepared.action else decision.rule,
-                        prepared.message if action is prepared.action else decision.message,
-                        prepared.rule_line if action is prepared.action else decision.rule_line,
-                        decision.statements + prepared.statements, prepared.hold or decision.hold,
-                        tuple(dict.fromkeys(decision.masks + prepared.masks)))
-
-    def _granted(self, session: SessionInfo, target: str, sql: str) -> bool:
+    def _granted(self, session: SessionInfo, target: str, statement: Statement, bind: bytes | None) -> bool:
+        """A live grant covers this statement: exactly it, or its shape where the approver
+        chose that."""
         if self.approvals is None:
             return False
-        return self.approvals.grant_allows(requester(session)["subject"], target, fingerprint(sql))
+        keys = grant_keys(shown_sql(statement), _param_values(bind))
+        subject = requester(session)["subject"]
+        return self.approvals.grant_allows(subject, target, keys.exact) or \
+            self.approvals.grant_allows(subject, target, keys.shape)
 
-    def _hold(self, session: SessionInfo, sql: str, params: list[str] | None, decision: Decision) -> Verdict:
+    def _hold(self, session: SessionInfo, statement: Statement, bind: bytes | None, decision: Decision) -> Verdict:
+        sql = shown_sql(statement)
+        keys = grant_keys(sql, _param_values(bind))
+        params = bind_params(bind, statement.param_types, self.scrub)
         if self.approvals is None:
             return Reject(BLOCKED_SQLSTATE, f"{decision.message or 'this statement needs approval'}; "
                           "approvals are not configured on this appliance, so it cannot run",
@@ -219,7 +194,8 @@ class EnforcementAddon(Addon):
             "session_id": session.id, "client": str(session.client),
             "target": session.target.name if session.target is not None else "",
             "database": session.database or "", "role": session.user or "",
-            "sql": self.scrub(sql), "params": params, "fingerprint": fingerprint(sql),
+            "sql": self.scrub(sql), "params": params, "fingerprint": keys.exact, "shape": keys.shape,
+            "free": [self.scrub(part) for part in keys.free],
         }
         try:
             waiting = self.approvals.hold(request, decision)
@@ -270,15 +246,39 @@ def _reject(decision: Decision) -> Reject:
                   detail=f"policy rule {where}")
 
 
-def _sole_prepare(decision: Decision) -> str | None:
-    """The name, when the request is one SQL ``PREPARE`` and nothing else."""
-    if len(decision.statements) != 1:
+def _only_prepares(decision: Decision) -> bool:
+    """The request only PREPAREs statements (SQL, or a Parse of a SQL PREPARE)."""
+    return all(s.command.upper().startswith("PREPARE") and s.prepared_name is not None
+               for s in decision.statements)
+
+
+def _stricter(decision: Decision, runs: Decision) -> Decision:
+    """A request that runs a prepared statement: the stricter of the two decisions, with the
+    classes and masks of both (what it runs is what it reads and writes)."""
+    first = decision
+    if runs.action is Action.BLOCK or (runs.action is Action.HOLD and decision.action is not Action.BLOCK):
+        first = runs
+    return Decision(first.action, first.rule, first.message, first.rule_line,
+                    decision.statements + runs.statements, first.hold or decision.hold or runs.hold,
+                    tuple(dict.fromkeys(decision.masks + runs.masks)))
+
+
+def shown_sql(statement: Statement) -> str:
+    """The statement as approvers see it and grants bind it: its text, then the text of
+    each prepared statement it runs (``EXECUTE s1(5)`` alone says nothing of what runs)."""
+    if not statement.executes:
+        return statement.text
+    return "\n".join([statement.text, *(f"-- {runs.name} is: {runs.text}" for runs in statement.executes)])
+
+
+def _param_values(bind: bytes | None) -> list[tuple[int, bytes | None]] | None:
+    """Each Bind parameter's format and value, whole (what an exact grant binds)."""
+    if bind is None:
         return None
-    only = decision.statements[0]
-    if only.prepared_name is not None and only.command.upper().startswith("PREPARE"):
-        return only.prepared_name
-    return None
-
-
-def _prepared(session: SessionInfo) -> dict[str, Decision]:
-    return session.addon_state.setdefault(EnforcementAddon.name, {})
+    try:
+        message = decode_frontend(b"B", bind)
+    except ProtocolError:
+        return [(-1, bind)]  # undecodable: the whole body, so only the same bytes match
+    formats = message.param_formats
+    return [(formats[0] if len(formats) == 1 else formats[i] if i < len(formats) else 0, value)
+            for i, value in enumerate(message.params)]

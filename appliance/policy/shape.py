@@ -1,4 +1,5 @@
-"""A statement's shape: its text with numeric literals replaced, for caching decisions.
+"""A statement's shape: its text with numeric literals replaced, for caching decisions; and
+what a time-boxed grant binds (:func:`grant_keys`).
 
 Agents using the simple protocol send the same statement with different numbers
 (``… WHERE aid = 4711``); classifying each text afresh costs tens of microseconds. No
@@ -13,7 +14,10 @@ kept as they are — a string can matter (``set_config('role', …)``), and ``"t
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 # One alternation, tried left to right at each position: whatever opens a quoted or
 # commented span consumes it whole, so a digit inside one is never seen as a number.
@@ -64,3 +68,69 @@ def shape(sql: str) -> str | None:
         return None
     parts.append(tail)
     return "".join(parts)
+
+
+# ---- what a grant binds ------------------------------------------------------------------------
+
+# Shown to approvers: how many of a statement's free parts are listed before "… n more".
+MAX_FREE_SHOWN = 50
+
+
+@dataclass(frozen=True, slots=True)
+class GrantKeys:
+    """What an approval's grant may bind, for one statement.
+
+    ``exact``: the statement as approved — its text lexed as PostgreSQL lexes it (comments
+    and whitespace dropped, keywords and unquoted names in lower case), every constant as
+    written, and the bound parameter values. ``shape``: the same with every constant and
+    parameter free; the number of items of every list still counts (``IN (1)`` and
+    ``IN (1, 2)`` are two shapes: pg_stat_statements folds them, a grant must not let one
+    approved id become 1,200). ``free``: the parts a shape grant lets vary, as written.
+    """
+
+    exact: str
+    shape: str
+    free: tuple[str, ...]
+
+
+def grant_keys(sql: str, params: Sequence[tuple[int, bytes | None]] | None = None) -> GrantKeys:
+    """The grant keys of ``sql`` run with ``params`` (each Bind parameter's format code and
+    value, None for NULL; None when it has no Bind)."""
+    from pglast.parser import ParseError, scan
+    exact = hashlib.sha256()
+    bound = b"" if params is None else b"".join(
+        b"%d:%s;" % (fmt, b"N" if value is None else b"%d:%s" % (len(value), value)) for fmt, value in params)
+    try:
+        tokens = scan(sql)
+    except (ParseError, UnicodeError):
+        # Not lexable: no shape to speak of; only this exact text (and parameters) matches.
+        exact.update(sql.encode("utf-8", "surrogateescape") + b"\0" + bound)
+        key = exact.hexdigest()
+        return GrantKeys("exact:" + key, "text:" + key, ())
+    exact_parts: list[str] = []
+    shape_parts: list[str] = []
+    free: list[str] = []
+    for token in tokens:
+        name = token.name
+        if name in ("C_COMMENT", "SQL_COMMENT"):
+            continue
+        text = sql[token.start:token.end + 1]
+        if name.endswith("CONST"):
+            exact_parts.append(text)
+            shape_parts.append("?")
+            free.append(text)
+            continue
+        if name == "PARAM":
+            free.append(text)
+        elif token.kind != "NO_KEYWORD" or (name == "IDENT" and not text.startswith('"')):
+            text = text.lower()
+        exact_parts.append(text)
+        shape_parts.append(text)
+    while exact_parts and exact_parts[-1] == ";":  # a trailing semicolon ends, it doesn't change
+        exact_parts.pop()
+        shape_parts.pop()
+    exact.update(" ".join(exact_parts).encode("utf-8", "surrogateescape") + b"\0" + bound)
+    shape_key = hashlib.sha256(" ".join(shape_parts).encode("utf-8", "surrogateescape")).hexdigest()
+    if len(free) > MAX_FREE_SHOWN:
+        free = [*free[:MAX_FREE_SHOWN], f"… {len(free) - MAX_FREE_SHOWN} more"]
+    return GrantKeys("exact:" + exact.hexdigest(), "shape:" + shape_key, tuple(free))

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from appliance.config import Endpoint, Target
     from appliance.pgwire.messages import RowDescription
     from appliance.proxy.control import ControlOps
+    from appliance.proxy.prepared import NamespaceOp
 
 log = logging.getLogger("tollgate.addons")
 
@@ -106,6 +107,13 @@ class Statement:
     # Set by policy when it wants a say at every Execute of this statement (a hold is
     # asked for when it runs, with its parameters, not when it is prepared).
     deferred: Decision | None = None
+    # The prepared statements this one runs by SQL ``EXECUTE name``, resolved by the session
+    # in its one prepared-statement namespace (protocol Parse and SQL PREPARE alike): a
+    # statement is decided, held and recorded as what it really runs.
+    executes: tuple[Statement, ...] = ()
+    # What it does to that namespace when it runs (PREPARE, EXECUTE, DEALLOCATE, DISCARD
+    # ALL), read by the session core (appliance.proxy.prepared).
+    effects: tuple[NamespaceOp, ...] = ()
 
 
 @dataclass(eq=False, slots=True)

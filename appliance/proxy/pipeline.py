@@ -5,7 +5,11 @@ the bytes received; only requests that make the server act are looked at closely
 
 1. **decide** — a Query, Parse or FunctionCall is put to the ``statement`` hooks, an
    Execute of a prepared statement to the ``execute`` hooks when an addon asked to see it
-   run (or policy changed since it was prepared). A Reject swaps the request for a
+   run (or policy changed since it was prepared, or it works on other prepared
+   statements). A statement is decided as what it runs: SQL ``EXECUTE name`` is resolved in
+   the session's one prepared-statement namespace (protocol and SQL alike, see
+   ``appliance.proxy.prepared``) and a name Tollgate can't tell the text of is refused,
+   and so is a Bind of one. A Reject swaps the request for a
    stand-in the server is sure to fail, so transaction and pipeline state match a real
    error. A Hold parks the request — its bytes kept in its :class:`Pending` entry — and
    pauses this client only; the request resumes from that entry once decided.
@@ -34,6 +38,7 @@ from appliance.pgwire.framing import resolved_bounds, unpack_length
 from appliance.proxy import dispatch
 from appliance.proxy.errors import SessionError
 from appliance.proxy.hooks import Forward, Hold, Reject, Statement, StatementKind, Verdict
+from appliance.proxy.prepared import UnreadableSql, sql_effects
 from appliance.proxy.requests import (
     BIND,
     CLOSE,
@@ -47,6 +52,7 @@ from appliance.proxy.requests import (
     Pending,
     Portal,
     RequestState,
+    UnknownStatement,
 )
 
 if TYPE_CHECKING:
@@ -61,6 +67,10 @@ BLOCKED_FUNCTION_CALL = m.FunctionCall(0, (), (), 0).encode()  # no function has
 # the server fails the stand-in Execute, with the transaction effects of a real error.
 BLOCKED_PORTAL = "\x01tollgate blocked portal"
 BLOCKED_EXECUTE = m.Execute(BLOCKED_PORTAL, 0).encode()
+# Likewise no prepared statement has this name: a Bind of one Tollgate doesn't know is sent
+# as a Bind of it, and fails as PostgreSQL fails a Bind of a name that doesn't exist.
+BLOCKED_STATEMENT = "\x01tollgate unknown statement"
+RESERVED_NAMES = (BLOCKED_PORTAL, BLOCKED_STATEMENT)
 
 Waiting = list[tuple[int, Pending, bytes, Any]]  # (piece index, request, stand-in, awaitable)
 
@@ -179,7 +189,10 @@ class RequestPipeline:
             replacement: bytes | memoryview | None = None
             if tag == 0x51:  # Q
                 statement = Statement(StatementKind.QUERY, query_text(data, pos + 5, end))
-                verdict = self._decide(statement)
+                # A simple Query drops the unnamed prepared statement (PostgreSQL's
+                # exec_simple_query does, whatever the query).
+                requests.statements.pop("", None)
+                verdict = self._namespace(statement, True) or self._decide(statement)
                 if type(verdict) is Hold:
                     self._hold(Pending(QUERY, statement), view[pos:end], verdict)
                     pos = end
@@ -187,8 +200,11 @@ class RequestPipeline:
                 replacement = self._admit(Pending(QUERY, statement), verdict, view[pos:end], len(pieces), waiting)
             elif tag == 0x50:  # P
                 name, query, param_types = parse_fields(data, pos + 5, end)
+                if name in RESERVED_NAMES:
+                    raise ProtocolError("that statement name is reserved")
                 statement = Statement(StatementKind.PARSE, query, name, param_types)
-                verdict = self._decide(statement)
+                # What it does to the namespace happens when it runs: resolved at each Execute.
+                verdict = self._namespace(statement, False) or self._decide(statement)
                 if type(verdict) is Hold:
                     self._hold(Pending(PARSE, statement, None, name), view[pos:end], verdict)
                     pos = end
@@ -197,21 +213,30 @@ class RequestPipeline:
                                           len(pieces), waiting)
             elif tag == 0x42:  # B
                 portal_name, stmt_name, formats = bind_fields(data, pos + 5, end)
-                if portal_name == BLOCKED_PORTAL:
+                if portal_name in RESERVED_NAMES:
                     raise ProtocolError("that portal name is reserved")
                 bound = requests.statements.get(stmt_name)
-                portal = Portal(portal_name, bound, formats, requests.ends_sent)
-                if bound is not None and (forwarding or bound.deferred is not None or bound.epoch != hooks.epoch):
-                    portal.bind = bytes(view[pos + 5:end])
-                pending.append(Pending(BIND, None, portal))
-                requests.portals[portal_name] = portal
+                if bound is None:
+                    # Not in the namespace: never run unchecked. The server fails the stand-in
+                    # as it fails a Bind of a missing name, skipping on to Sync.
+                    requests.portals.pop(portal_name, None)
+                    pending.append(Pending(BIND, None, None, stmt_name, UnknownStatement(stmt_name).reject()))
+                    replacement = renamed_bind(data, pos + 5, end)
+                else:
+                    portal = Portal(portal_name, bound, formats, requests.ends_sent)
+                    if forwarding or bound.deferred is not None or bound.epoch != hooks.epoch or bound.effects:
+                        portal.bind = bytes(view[pos + 5:end])
+                    pending.append(Pending(BIND, None, portal))
+                    requests.portals[portal_name] = portal
             elif tag == 0x45:  # E
                 portal_name = execute_portal(data, pos + 5, end)
                 portal = requests.portals.get(portal_name)
                 bound = portal.statement if portal is not None else None
                 verdict = None
+                # (No statement: a SQL cursor, decided when declared, or a portal the server
+                # doesn't have — every Bind Tollgate let through named a statement it knows.)
                 if bound is not None and (bound.deferred is not None or bound.epoch != hooks.epoch
-                                          or bound.verdict is not None):
+                                          or bound.verdict is not None or bound.effects):
                     verdict = self._decide_execute(portal, bound)  # type: ignore[arg-type]
                     if type(verdict) is Hold:
                         self._hold(Pending(EXECUTE, None, portal, portal_name), view[pos:end], verdict)
@@ -271,17 +296,26 @@ class RequestPipeline:
         request.reject = verdict  # type: ignore[assignment]  # a Hold never gets here
         if kind is PARSE:
             requests.pending.append(request)
+            name = request.name
+            # A refused Parse is kept too, with its Reject: a Bind of it goes on to fail at
+            # the server like any Bind of a statement that failed to parse. A name already
+            # prepared is not replaced: the server refuses to prepare it twice and keeps it.
+            if not name or name not in requests.statements:
+                requests.statements[name] = request.statement  # type: ignore[assignment]
             if verdict is None:
-                requests.statements[request.name] = request.statement  # type: ignore[assignment]
                 return None
             if self.hooks.forward:  # only to be recorded: a refused Parse has nothing to wait for
                 self._forward("parse", request)
             return m.Parse(request.name, BLOCKED_SQL.decode(), ()).encode()
         if kind is EXECUTE:
             blocked = BLOCKED_EXECUTE
+            runs = request.portal.statement if request.portal is not None else None
         else:
             requests.ends_sent += 1
             blocked = BLOCKED_QUERY if kind is QUERY else BLOCKED_FUNCTION_CALL
+            runs = request.statement
+        if verdict is None and runs is not None and runs.effects:
+            requests.apply(runs.effects, request)
         requests.pending.append(request)
         replacement = None if verdict is None else blocked
         if self.hooks.forward:
@@ -315,6 +349,24 @@ class RequestPipeline:
 
     # ---- decisions ------------------------------------------------------------------------------
 
+    def _namespace(self, statement: Statement, now: bool) -> Reject | None:
+        """Read what ``statement`` does to the prepared-statement namespace; with ``now``
+        (a Query: it runs as it is sent), resolve the statements its EXECUTEs run. A
+        refusal when that can't be told."""
+        try:
+            effects = sql_effects(statement.text)
+        except UnreadableSql as exc:
+            return Reject("42601", "Tollgate cannot tell which prepared statements this request prepares, runs "
+                          f"or drops, so it did not run: {exc}")
+        if effects:
+            statement.effects = effects
+            if now:
+                try:
+                    statement.executes = self.requests.resolve(effects)
+                except UnknownStatement as exc:
+                    return exc.reject()
+        return None
+
     def _decide(self, statement: Statement) -> Verdict:
         hooks = self.hooks.statement
         verdict = dispatch.decide(hooks, self.session.info, statement) if hooks else None
@@ -325,7 +377,16 @@ class RequestPipeline:
 
     def _decide_execute(self, portal: Portal, statement: Statement) -> Verdict:
         """A prepared statement about to run: decided again if policy changed since it was
-        prepared, and put to the ``execute`` hooks if an addon deferred it to run time."""
+        prepared, and put to the ``execute`` hooks if an addon deferred it to run time. One
+        that works on other prepared statements is resolved and decided again each time:
+        what its EXECUTE runs is what the namespace holds now."""
+        if statement.effects:
+            try:
+                statement.executes = self.requests.resolve(statement.effects)
+            except UnknownStatement as exc:
+                return exc.reject()
+            statement.epoch = -1
+            statement.deferred = None
         if statement.epoch != self.hooks.epoch:
             statement.verdict = None
             self._decide(statement)
@@ -432,6 +493,15 @@ class RequestPipeline:
         # Freed now, not when the session's reference cycles are collected.
         self.buffer = bytearray()
         self._release()
+
+
+def renamed_bind(data: bytes, start: int, end: int) -> bytes:
+    """The Bind body ``data[start:end]`` as a Bind of :data:`BLOCKED_STATEMENT`, the rest of
+    it unchanged (one the server would find malformed stays malformed)."""
+    portal_end = data.index(b"\0", start, end)
+    statement_end = data.index(b"\0", portal_end + 1, end)
+    body = data[start:portal_end + 1] + BLOCKED_STATEMENT.encode() + data[statement_end:end]
+    return b"B" + (len(body) + 4).to_bytes(4, "big") + body
 
 
 def refuse_length(data: bytes, pos: int, max_len: int) -> None:

@@ -7,6 +7,12 @@ to Sync, PortalSuspended and COPY included. Statements and portals are registere
 their Parse and Bind are sent, not when the server confirms them: the server acts on
 messages in order, so a later Bind in the same pipeline already refers to them; requests
 the server skips after an error are rolled back.
+
+``statements`` is the session's one prepared-statement namespace, as PostgreSQL keeps it:
+protocol Parse and Close, and SQL PREPARE, DEALLOCATE [ALL] and DISCARD ALL
+(:mod:`appliance.proxy.prepared`) all change it. Effects are applied when a request is sent
+and undone for the statements the server reports it did not run. Only creations are undone:
+a name that may or may not exist is dropped, so its next use is refused, never guessed.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ import enum
 from collections import deque
 
 from appliance.pgwire import messages as m
-from appliance.proxy.hooks import Forward, Reject, Result, Statement
+from appliance.proxy.hooks import Forward, Reject, Result, Statement, StatementKind
+from appliance.proxy.prepared import NamespaceOp
 
 
 class Req(enum.IntEnum):
@@ -60,13 +67,30 @@ class Pending:
     """One request in flight. ``reject`` marks a substituted (blocked) request; ``message``
     holds the client's bytes of a request waiting on a hold, which resumes from here."""
 
-    __slots__ = ("forward", "kind", "message", "name", "portal", "reject", "statement")
+    __slots__ = ("completed", "created", "forward", "kind", "message", "name", "portal", "reject", "statement")
 
     def __init__(self, kind: Req, statement: Statement | None = None, portal: Portal | None = None,
                  name: str = "", reject: Reject | None = None):
         self.kind, self.statement, self.portal, self.name, self.reject = kind, statement, portal, name, reject
         self.forward: Forward | None = None  # what the forward hooks saw (Query, Execute, FunctionCall)
         self.message: bytes | None = None
+        # Prepared statements its SQL PREPAREs made, with each one's statement index, and
+        # how many of its statements the server completed: those after are undone.
+        self.created: list[tuple[int, str, Statement]] | None = None
+        self.completed = 0
+
+
+class UnknownStatement(Exception):
+    """A request runs a prepared statement the namespace doesn't hold."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+    def reject(self) -> Reject:
+        return Reject("26000", f"prepared statement \"{self.name}\" does not exist",
+                      hint="Tollgate runs only prepared statements whose text it knows; if the name was "
+                           "prepared in a statement that failed, prepare it again.")
 
 
 class RequestState:
@@ -101,6 +125,64 @@ class RequestState:
         elif request.kind is BIND and request.portal is not None \
                 and self.portals.get(request.portal.name) is request.portal:
             del self.portals[request.portal.name]
+        elif request.created:
+            self.undo_created(request, 0)
+
+    # ---- the prepared-statement namespace, SQL side ---------------------------------------------
+
+    def resolve(self, ops: tuple[NamespaceOp, ...]) -> tuple[Statement, ...]:
+        """The prepared statements the EXECUTEs among ``ops`` run, each as the namespace
+        will be when it runs (a PREPARE earlier in the same request counts). Raises
+        :class:`UnknownStatement` for a name Tollgate can't tell the text of."""
+        overlay: dict[str, Statement | None] = {}
+        cleared = False
+        runs: list[Statement] = []
+        for op in ops:
+            kind = op.kind
+            if kind == "prepare":
+                overlay[op.name] = Statement(StatementKind.PARSE, op.text, op.name, epoch=-1)
+            elif kind == "deallocate":
+                overlay[op.name] = None
+            elif kind == "deallocate_all":
+                overlay.clear()
+                cleared = True
+            else:  # execute
+                known = self.statements.get(op.name) if not cleared else None
+                target = overlay.get(op.name, known)  # a DEALLOCATE here left None
+                if target is None:
+                    raise UnknownStatement(op.name)
+                runs.append(target)
+        return tuple(runs)
+
+    def apply(self, ops: tuple[NamespaceOp, ...], request: Pending) -> None:
+        """Apply a request's effects as it is sent (a later request in the same pipeline
+        already sees them); the PREPAREs are noted on ``request`` to undo if it fails."""
+        statements = self.statements
+        for op in ops:
+            kind = op.kind
+            if kind == "prepare":
+                if op.name in statements:
+                    continue  # the server refuses to prepare a name twice: the one known stays
+                # Never decided yet (epoch -1): decided as itself when first run.
+                statement = Statement(StatementKind.PARSE, op.text, op.name, epoch=-1)
+                statements[op.name] = statement
+                if request.created is None:
+                    request.created = []
+                request.created.append((op.index, op.name, statement))
+            elif kind == "deallocate":
+                statements.pop(op.name, None)
+            elif kind == "deallocate_all":
+                unnamed = statements.get("")  # SQL can't reach the unnamed statement
+                statements.clear()
+                if unnamed is not None:
+                    statements[""] = unnamed
+
+    def undo_created(self, request: Pending, completed: int) -> None:
+        """The server stopped ``request`` after ``completed`` statements: the PREPAREs of
+        the statements after never happened."""
+        for index, name, statement in request.created or ():
+            if index >= completed and self.statements.get(name) is statement:
+                del self.statements[name]
 
     @staticmethod
     def result_for(request: Pending | None) -> Result:

@@ -236,8 +236,11 @@ class ResponseRelay:
             tag, _ = cstring(view.obj, pos + 5, end)  # type: ignore[arg-type]
             self._complete(tag, False)
         self.result = None
-        if head is not None and head.kind is EXECUTE:
-            pending.popleft()
+        if head is not None:
+            if head.kind is EXECUTE:
+                pending.popleft()
+            elif head.created:
+                head.completed += 1  # one more statement of this Query ran: its PREPARE stands
 
     def _on_portal_suspended(self, view: memoryview, pos: int, end: int) -> None:
         if self.hooks.result_complete:
@@ -251,8 +254,10 @@ class ResponseRelay:
         pending = self.requests.pending
         head = pending[0] if pending else None
         replacement: bytes | None = None
-        if head is not None and head.reject is not None:
+        fatal = view[pos + 5:end].tobytes().find(b"SFATAL\0") >= 0
+        if head is not None and head.reject is not None and not fatal:
             # The server rejected our stand-in for a blocked request: tell the client why.
+            # (Not a FATAL: that one is about the connection, and is the client's last word.)
             r = head.reject
             replacement = error_bytes("ERROR", r.sqlstate, r.message, r.detail, r.hint)
         elif self.hooks.notice:
@@ -261,6 +266,9 @@ class ResponseRelay:
             code = head.reject.sqlstate if head.reject is not None else _error_code(view, pos, end)
             self._complete(None, True, code)
         self.result = None
+        if head is not None and head.created:
+            # The statement that failed, and any after it, prepared nothing.
+            self.requests.undo_created(head, head.completed)
         if head is not None and head.kind not in (QUERY, FUNCTION_CALL, SYNC):
             # Extended protocol: the server now skips everything up to the next Sync, so
             # statements and portals those requests would have made never exist.
@@ -272,7 +280,7 @@ class ResponseRelay:
                 if skipped.forward is not None and self.hooks.result_complete:
                     result = Result(skipped.forward.statement, forward=skipped.forward, skipped=True)
                     dispatch.notify(self.hooks.result_complete, self.info, result, None, True)
-        if view[pos + 5:end].tobytes().find(b"SFATAL\0") >= 0:
+        if fatal:
             # Whatever the request: the server's FATAL is the client's last word, not ours.
             self.session.close_reason = "the database ended the session (FATAL)"
         return replacement

@@ -535,6 +535,7 @@ def test_the_enforcement_addon_holds_through_the_broker(path: Path, web: Approva
     addon_module = pytest.importorskip("appliance.policy.addon")
     from appliance.config import Endpoint, Target
     from appliance.policy.holder import PolicyHolder
+    from appliance.policy.shape import grant_keys
     from appliance.proxy.hooks import Hold, SessionInfo, Statement, StatementKind
     from tests.holds import POLICY_TEXT
 
@@ -553,15 +554,27 @@ def test_the_enforcement_addon_holds_through_the_broker(path: Path, web: Approva
         verdict = addon.statement(session, Statement(StatementKind.QUERY, sql))
         assert isinstance(verdict, Hold)
         (opened,) = web.list("pending")
+        keys = grant_keys(sql)
         assert (opened.requester.subject, opened.requester.kind, opened.target, opened.role, opened.sql,
-                opened.session_id, opened.fingerprint) == (
-            "agent-ci", "agent", "payments", "app", sql, str(session.id), addon_module.fingerprint(sql))
+                opened.session_id, opened.fingerprint, opened.shape, opened.free) == (
+            "agent-ci", "agent", "payments", "app", sql, str(session.id), keys.exact, keys.shape, ("'blocked'", "42"))
         await in_thread(lambda: web.decide(opened.id, DBA1, True, "nightly fix", grant_minutes=10))
         assert await settled(verdict.decision) is None
-        # The grant covers the statement's shape: other constants pass without a new request.
-        assert broker.grant_allows("agent-ci", "payments", addon_module.fingerprint(sql))
+        # The grant covers exactly the statement: the same one again passes without asking…
+        assert broker.grant_allows("agent-ci", "payments", keys.exact)
+        assert addon.statement(session, Statement(StatementKind.QUERY, sql.lower())) is None
+        # … other constants are a new request, which a shape grant then covers.
         again = "UPDATE public.cards SET status = 'active' WHERE id = 7"
-        assert addon.statement(session, Statement(StatementKind.QUERY, again)) is None
-        assert len(web.list()) == 1
+        held = addon.statement(session, Statement(StatementKind.QUERY, again))
+        assert isinstance(held, Hold)
+        second = next(r for r in web.list("pending") if r.sql == again)
+        await in_thread(lambda: web.decide(second.id, DBA1, True, "any card", grant_minutes=10, grant_scope="shape"))
+        assert await settled(held.decision) is None
+        third = "UPDATE public.cards SET status = 'lost' WHERE id = 8"
+        assert addon.statement(session, Statement(StatementKind.QUERY, third)) is None
+        # … but not a list of another length.
+        wider = "UPDATE public.cards SET status = 'lost' WHERE id IN (8, 9)"
+        assert isinstance(addon.statement(session, Statement(StatementKind.QUERY, wider)), Hold)
+        assert len(web.list()) == 3
         await broker.close()
     run(main())

@@ -117,11 +117,27 @@ def test_approve_with_a_grant(server: EnrollServer, appliance: Appliance, proxy:
     done = approvals(server, appliance, token_files["dba-1"], "approve", opened.id, "--reason", "CHG-42 nightly fix",
                      "--for-minutes", "30")
     assert done.returncode == 0, done.stderr
-    assert re.fullmatch(rf"{opened.id} is approved; agent-ci may run this statement shape on payments until "
-                        r"[\d-]+ [\d:]+ UTC\n", done.stdout)
+    assert re.fullmatch(rf"{opened.id} is approved; agent-ci may run exactly this statement \(same constants and "
+                        r"parameters\) on payments until [\d-]+ [\d:]+ UTC\n", done.stdout)
     stored = proxy.get(opened.id)
     assert stored.status == "approved" and stored.votes[0].reason == "CHG-42 nightly fix"
     assert stored.grant.expires_at - stored.decided_at == timedelta(minutes=30)
+    assert stored.grant.scope == "exact"
+
+
+def test_approve_with_a_shape_grant_shows_what_may_vary(server: EnrollServer, appliance: Appliance,
+                                                        proxy: ApprovalService, token_files: dict[str, Path]) -> None:
+    opened = open_request(proxy, fingerprint="exact:1", shape="shape:1", free=("'blocked'", "42"))
+    shown = approvals(server, appliance, token_files["dba-1"], "show", opened.id)
+    assert "  may vary   only with a shape grant (--any-constants): 'blocked', 42\n" in shown.stdout
+    alone = approvals(server, appliance, token_files["dba-1"], "approve", opened.id, "--reason", "r",
+                      "--any-constants")
+    assert alone.returncode != 0 and "give --for-minutes too" in alone.stderr
+    done = approvals(server, appliance, token_files["dba-1"], "approve", opened.id, "--reason", "any card today",
+                     "--for-minutes", "30", "--any-constants")
+    assert done.returncode == 0, done.stderr
+    assert "agent-ci may run this statement shape (any constants) on payments until" in done.stdout
+    assert proxy.get(opened.id).grant.fingerprint == "shape:1"
 
 
 def test_vote_that_does_not_settle_says_so(server: EnrollServer, appliance: Appliance, proxy: ApprovalService,

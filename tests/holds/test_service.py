@@ -321,6 +321,44 @@ def test_multi_approver_grant_needs_every_approver_and_takes_the_shortest(servic
     assert service.active_grant("agent-ci", "payments", "fp-b") is None
 
 
+def test_a_grant_covers_the_exact_statement_unless_the_approver_chooses_its_shape(service: ApprovalService) -> None:
+    exact = open_request(service, fingerprint="exact:1", shape="shape:1", free=("'blocked'", "42"))
+    grant = service.decide(exact.id, DBA1, True, "this one", grant_minutes=10).grant
+    assert (grant.scope, grant.fingerprint) == ("exact", "exact:1")
+    assert service.active_grant("agent-ci", "payments", "shape:1") is None
+    shaped = open_request(service, fingerprint="exact:2", shape="shape:2", free=("'blocked'", "42"))
+    decided = service.decide(shaped.id, DBA1, True, "any card", grant_minutes=10, grant_scope="shape")
+    assert (decided.grant.scope, decided.grant.fingerprint) == ("shape", "shape:2")
+    assert decided.votes[0].grant_scope == "shape" and decided.free == ("'blocked'", "42")
+    assert service.active_grant("agent-ci", "payments", "exact:2") is None
+
+
+def test_a_shape_grant_needs_every_approver_to_choose_it(service: ApprovalService) -> None:
+    both = open_request(service, PAYMENT_DELETE, fingerprint="exact:d", shape="shape:d")
+    service.decide(both.id, DBA1, True, "ok", grant_minutes=45, grant_scope="shape")
+    decided = service.decide(both.id, SEC, True, "just this", grant_minutes=15)
+    assert (decided.grant.scope, decided.grant.fingerprint) == ("exact", "exact:d")
+
+
+@pytest.mark.parametrize("minutes, scope, says", [
+    (None, "shape", "needs grant minutes"), (10, "table", "not 'table'"), (10, "", "not ''")])
+def test_a_grant_scope_is_exact_or_shape_and_comes_with_minutes(service: ApprovalService, minutes: Any, scope: Any,
+                                                                 says: str) -> None:
+    opened = open_request(service, fingerprint="exact:1", shape="shape:1")
+    error = refused("invalid_grant", service.decide, opened.id, DBA1, True, "ok", grant_minutes=minutes,
+                    grant_scope=scope)
+    assert says in error.message
+    assert service.get(opened.id).pending
+
+
+def test_a_request_without_a_shape_key_gets_only_exact_grants(service: ApprovalService) -> None:
+    opened = open_request(service)  # as opened before shape keys existed: shape ""
+    error = refused("invalid_grant", service.decide, opened.id, DBA1, True, "ok", grant_minutes=5,
+                    grant_scope="shape")
+    assert "only an exact grant" in error.message
+    assert service.decide(opened.id, DBA1, True, "ok", grant_minutes=5).grant.scope == "exact"
+
+
 # --- ending without a decision ---------------------------------------------------------------------
 
 def test_expire_and_withdraw_settle_pending_requests(service: ApprovalService, clock: Clock) -> None:

@@ -37,7 +37,7 @@ def service(store: ApprovalStore) -> ApprovalService:
 
 def test_new_database_is_private_and_migrated(store: ApprovalStore) -> None:
     assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
-    assert store.db.schema_version == 1
+    assert store.db.schema_version == 2
     assert store.revision() == 0
     tables = {r[0] for r in store.db.connection().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"requests", "decisions", "grants", "revision"} <= tables
@@ -53,6 +53,32 @@ def test_reopening_keeps_data_and_a_missing_file_is_an_error_without_create(tmp_
         again.close()
     with pytest.raises(StoreError, match="does not exist"):
         ApprovalStore(tmp_path / "nope.db", create=False)
+
+
+def test_a_version_1_database_is_migrated_and_its_grants_keep_their_shape_scope(tmp_path: Path) -> None:
+    from appliance.holds.store import MIGRATIONS
+    from appliance.state.db import Database
+    path = tmp_path / "approvals.db"
+    old = Database(path, MIGRATIONS[:1])
+    old.connection().executescript(
+        "INSERT INTO requests (id, created_at, requester_subject, requester_display, requester_kind,"
+        " requester_groups, target, database, sql, classification, rule, approver_groups, min_approvals,"
+        " expires_at, fingerprint) VALUES ('apr-000001', 0, 'agent-ci', 'agent-ci', 'agent', '[]', 'payments',"
+        " 'payments', 'UPDATE t SET a = 1', '[]', 'r', '[\"dba\"]', 1, 1, 'e966626db63ce24a');"
+        "INSERT INTO decisions (request_id, approver_subject, approver_display, approver_kind, approver_groups,"
+        " verdict, reason, grant_minutes, at) VALUES ('apr-000001', 'dba-1', 'dba-1', 'person', '[]', 'approve',"
+        " 'ok', 5, 0);"
+        "INSERT INTO grants (subject, target, fingerprint, created_at, expires_at, request_id)"
+        " VALUES ('agent-ci', 'payments', 'e966626db63ce24a', 0, 1, 'apr-000001');")
+    old.close()
+    store = ApprovalStore(path)
+    try:
+        assert store.db.schema_version == 2
+        migrated = store.get("apr-000001")
+        assert (migrated.shape, migrated.free, migrated.grant.scope) == ("", None, "shape")
+        assert migrated.votes[0].grant_scope == "shape"
+    finally:
+        store.close()
 
 
 def test_ids_are_short_unambiguous_and_normalised() -> None:

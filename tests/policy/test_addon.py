@@ -16,8 +16,9 @@ import pytest
 from appliance.model.decision import Action
 from appliance.model.identity import Identity
 from appliance.pgwire import messages as m
-from appliance.policy.addon import EnforcementAddon, fingerprint
+from appliance.policy.addon import EnforcementAddon
 from appliance.policy.holder import PolicyHolder
+from appliance.policy.shape import grant_keys
 from appliance.proxy.pipeline import BLOCKED_PORTAL, BLOCKED_SQL
 from tests.proxy.trace import backend, frontend, ready_session
 
@@ -136,9 +137,25 @@ def test_sql_prepare_defers_the_hold_to_execute(setup):
     close_waits(io)
 
 
-def test_a_live_grant_lets_the_same_shape_through(setup):
+def test_an_exact_grant_lets_only_the_approved_statement_through(setup):
     _, approvals, session, io, _ = setup
-    approvals.granted.add(("agent-1", "payments", fingerprint("UPDATE cards SET brand = 'x' WHERE id = 1")))
+    approvals.granted.add(("agent-1", "payments", grant_keys("UPDATE cards SET brand = 'x' WHERE id = 1").exact))
+    session.client_data(frontend(m.Query("update cards  set brand = 'x' /* again */ where id = 1")))
+    assert io.server_got()[0].query == "update cards  set brand = 'x' /* again */ where id = 1"
+    session.server_data(backend(m.CommandComplete("UPDATE 1"), m.ReadyForQuery(b"I")))
+    io.client_got()
+    assert approvals.requests == []
+    session.client_data(frontend(m.Query("UPDATE cards SET brand = 'x' WHERE id = 2")))  # another constant
+    assert io.server_got() == []
+    [request] = approvals.requests
+    assert request["free"] == ["'x'", "2"] and request["shape"] == grant_keys("UPDATE cards SET brand = 'y' "
+                                                                               "WHERE id = 1").shape
+    close_waits(io)
+
+
+def test_a_shape_grant_lets_other_constants_through(setup):
+    _, approvals, session, io, _ = setup
+    approvals.granted.add(("agent-1", "payments", grant_keys("UPDATE cards SET brand = 'x' WHERE id = 1").shape))
     session.client_data(frontend(m.Query("UPDATE cards SET brand = 'y' WHERE id = 2")))
     assert io.server_got()[0].query == "UPDATE cards SET brand = 'y' WHERE id = 2"
     assert approvals.requests == []

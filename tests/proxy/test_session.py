@@ -28,7 +28,7 @@ from appliance.proxy.hooks import (
     StatementKind,
     StreamEdit,
 )
-from appliance.proxy.pipeline import BLOCKED_PORTAL, BLOCKED_SQL
+from appliance.proxy.pipeline import BLOCKED_PORTAL, BLOCKED_SQL, BLOCKED_STATEMENT
 from appliance.proxy.session import CancelRegistry, Phase
 from appliance.proxy.upstream_auth import md5_password
 from tests.proxy.playbook import (
@@ -418,12 +418,18 @@ def test_pipeline_error_skips_to_sync_and_state_follows_the_server():
     # Nothing is left pending: the next result is the next request's.
     assert roundtrip(pb, [m.Query("SELECT 4")], [m.CommandComplete("SELECT 1"), READY])
     assert outcomes.results[2:] == [("SELECT 4", "SELECT 1", False, False)]
-    # s1 and s3 exist; s2, which the server skipped, is unknown.
+    # s1 and s3 exist; s2, which the server skipped, is unknown: a Bind of it is refused
+    # (sent as a Bind of a name that can't exist, which the server fails the same way).
     for name in ("s1", "s3"):
         assert roundtrip(pb, [m.Bind("", name, (), (), ()), m.Execute("", 0), m.Sync()],
                          [m.BindComplete(), m.CommandComplete("SELECT 1"), READY])
-    missing = m.ErrorResponse.build("ERROR", "26000", 'prepared statement "s2" does not exist')
-    assert roundtrip(pb, [m.Bind("", "s2", (), (), ()), m.Execute("", 0), m.Sync()], [missing, READY])
+    missing = m.ErrorResponse.build("ERROR", "26000", 'prepared statement "\x01tollgate unknown statement" '
+                                    'does not exist')
+    assert (pb >> ClientData(m.Bind("", "s2", (), (), ()), m.Execute("", 0), m.Sync())
+            << ServerGets(m.Bind("", BLOCKED_STATEMENT, (), (), ()), m.Execute("", 0), m.Sync())
+            >> ServerData(missing, READY)
+            << ClientGets(Like(m.ErrorResponse, sqlstate="26000", message='prepared statement "s2" does not exist'),
+                          READY))
     assert outcomes.results[3:] == [("SELECT 1", "SELECT 1", False, False), ("SELECT 3", "SELECT 1", False, False),
                                     (None, None, True, True)]
 
@@ -454,16 +460,21 @@ def test_blocked_parse_in_a_pipeline_fails_like_a_server_error():
     assert (pb
             >> ClientData(m.Parse("ok", "SELECT 1", ()), m.Parse("bad", "DROP TABLE cards", ()),
                           m.Bind("", "bad", (), (), ()), m.Execute("", 0), m.Sync())
+            # The Bind of the refused statement goes on (the server fails it, or skips it as
+            # here); its Execute is refused too.
             << ServerGets(m.Parse("ok", "SELECT 1", ()), m.Parse("bad", BLOCKED, ()),
-                          m.Bind("", "bad", (), (), ()), m.Execute("", 0), m.Sync())
+                          m.Bind("", "bad", (), (), ()), m.Execute(BLOCKED_PORTAL, 0), m.Sync())
             >> ServerData(m.ParseComplete(), m.ErrorResponse.build("ERROR", "42601", "syntax error"), READY)
             << ClientGets(m.ParseComplete(), Error("42501"), READY))
-    # "ok" exists; "bad" was never created: its Execute is not the blocked one's stand-in,
-    # the server is left to say it does not exist.
+    # "ok" exists; "bad" was never created: a Bind of it is refused as not existing.
     assert roundtrip(pb, [m.Bind("", "ok", (), (), ()), m.Execute("", 0), m.Sync()],
                      [m.BindComplete(), m.CommandComplete("SELECT 1"), READY])
-    missing = m.ErrorResponse.build("ERROR", "26000", 'prepared statement "bad" does not exist')
-    assert roundtrip(pb, [m.Bind("", "bad", (), (), ()), m.Execute("", 0), m.Sync()], [missing, READY])
+    missing = m.ErrorResponse.build("ERROR", "26000", "prepared statement does not exist")
+    assert (pb >> ClientData(m.Bind("", "bad", (), (), ()), m.Execute("", 0), m.Sync())
+            << ServerGets(m.Bind("", BLOCKED_STATEMENT, (), (), ()), m.Execute("", 0), m.Sync())
+            >> ServerData(missing, READY)
+            << ClientGets(Like(m.ErrorResponse, sqlstate="26000", message='prepared statement "bad" does not exist'),
+                          READY))
     assert outcomes.results[-2:] == [("SELECT 1", "SELECT 1", False, False), (None, None, True, True)]
 
 

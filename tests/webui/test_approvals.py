@@ -301,9 +301,23 @@ def test_approve_with_a_grant(client: FlaskClient, proxy: ApprovalService, token
     response = vote(client, tokens["dba-1"], opened.id, reason="nightly fix", grant_minutes=30)
     assert response.status_code == 200
     assert response.json["grant"] == {"subject": "agent-ci", "target": "payments", "fingerprint": "fp-card-update",
-                                      "created_at": "2025-03-01T02:00:00.000Z",
+                                      "scope": "exact", "created_at": "2025-03-01T02:00:00.000Z",
                                       "expires_at": "2025-03-01T02:30:00.000Z", "request_id": opened.id}
     assert proxy.active_grant("agent-ci", "payments", "fp-card-update") is not None
+
+
+def test_a_shape_grant_is_chosen_explicitly_and_the_request_shows_what_varies(
+        client: FlaskClient, proxy: ApprovalService, tokens: dict[str, str]) -> None:
+    opened = open_request(proxy, fingerprint="exact:1", shape="shape:1", free=("'blocked'", "42"))
+    shown = client.get(f"/api/v1/approvals/{opened.id}", headers={"Authorization": f"Bearer {tokens['dba-1']}"})
+    assert (shown.json["fingerprint"], shown.json["shape"], shown.json["free"]) == ("exact:1", "shape:1",
+                                                                                    ["'blocked'", "42"])
+    response = vote(client, tokens["dba-1"], opened.id, reason="r", grant_minutes=30, grant_scope="rows")
+    assert (response.status_code, response.json["error"]) == (400, "invalid_grant")
+    response = vote(client, tokens["dba-1"], opened.id, reason="any card", grant_minutes=30, grant_scope="shape")
+    assert response.status_code == 200
+    assert (response.json["grant"]["scope"], response.json["grant"]["fingerprint"]) == ("shape", "shape:1")
+    assert response.json["votes"][0]["grant_scope"] == "shape"
 
 
 def test_deny(client: FlaskClient, proxy: ApprovalService, tokens: dict[str, str]) -> None:
