@@ -1,11 +1,12 @@
 """``tollgate db discover``: which columns of a database hold card numbers, by sampling.
 
 Columns of the types a card number is stored in (text, varchar, char, int8, numeric, json,
-jsonb) are sampled — at most ``sample_rows`` non-null values each, by ``TABLESAMPLE
-SYSTEM`` on a large table, a plain ``LIMIT`` on a small one or when the sample came back
-short — and every value is run through the PAN detector (issuer prefix and length, Luhn,
-digit boundaries). A column is a candidate when at least ``min_ratio`` of its sampled
-values hold a card number: a column of random 16-digit ids passes Luhn about one time in ten, a PAN column every time.
+jsonb; domains over them and arrays of them) are sampled — at most ``sample_rows``
+non-null values each, by ``TABLESAMPLE SYSTEM`` on a large table, a plain ``LIMIT`` on a
+small one or when the sample came back short — and every value is run through the PAN
+detector (issuer prefix and length, Luhn, digit boundaries). A column is a candidate when
+at least ``min_ratio`` of its sampled values hold a card number: a column of random
+16-digit ids passes Luhn about one time in ten, a PAN column every time.
 
 The report compares the candidates with the policy's declaration: declared and found,
 undeclared candidates, declared but not found. It carries counts and brands, never a
@@ -31,17 +32,21 @@ DEFAULT_MIN_RATIO = 0.5
 MAX_VALUE_BYTES = 64 * 1024
 
 _COLUMNS_QUERY = """
-SELECT n.nspname, c.relname, a.attname, t.typname, c.reltuples::float8,
+SELECT n.nspname, c.relname, a.attname, format_type(a.atttypid, a.atttypmod), c.reltuples::float8,
        has_column_privilege(c.oid, a.attnum, 'SELECT') AS readable
   FROM pg_catalog.pg_attribute a
   JOIN pg_catalog.pg_class c ON c.oid = a.attrelid
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
   JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+  -- a domain's base type, then an array's element type
+  LEFT JOIN pg_catalog.pg_type b ON b.oid = t.typbasetype
+  LEFT JOIN pg_catalog.pg_type e ON e.oid = COALESCE(b.typelem, t.typelem) AND e.oid <> 0
  WHERE a.attnum > 0 AND NOT a.attisdropped
    AND c.relkind IN ('r', 'p', 'm')
    AND n.nspname NOT IN ('pg_catalog', 'information_schema', 'pg_toast')
    AND n.nspname NOT LIKE 'pg_temp_%%' AND n.nspname NOT LIKE 'pg_toast_temp_%%'
-   AND t.typname = ANY(%s)
+   AND (t.typname = ANY(%s) OR b.typname = ANY(%s)
+        OR (COALESCE(b.typcategory, t.typcategory) = 'A' AND e.typname = ANY(%s)))
  ORDER BY n.nspname, c.relname, a.attnum
 """
 _DECLARED_QUERY = """
@@ -173,7 +178,7 @@ def discover(conn: Any, declared: Iterable[ColumnName], *, sample_rows: int = DE
         conn.execute("SET TRANSACTION READ ONLY")
         present = {row[0] for row in conn.execute(_DECLARED_QUERY, ([str(c) for c in declared],))}
         for schema, table, name, typname, reltuples, readable in conn.execute(
-                _COLUMNS_QUERY, (list(SAMPLED_TYPES),)).fetchall():
+                _COLUMNS_QUERY, (list(SAMPLED_TYPES),) * 3).fetchall():
             column = ColumnName(schema, table, name)
             if not readable:
                 samples.append(ColumnSample(column, typname, readable=False))

@@ -323,7 +323,8 @@ def _display_expression(column: Column, method: str = "pan") -> str:
         return f"{schema}.pan_display({name}::text)::{column.type_sql} AS {name}"
     if column.type_name in NUMBER_TYPES:
         return f"{schema}.pan_display_number({name}::numeric)::{column.type_sql} AS {name}"
-    return f"{schema}.pan_display({name}::text) AS {name}"
+    # json, arrays and other types: no display keeps both the type and the promise.
+    return f"NULL::{column.type_sql} AS {name}"
 
 
 def plan(snapshot: Snapshot, options: Options = Options()) -> list[str]:
@@ -360,6 +361,8 @@ def plan(snapshot: Snapshot, options: Options = Options()) -> list[str]:
         if options.writes == "held":
             out.append(f"GRANT DELETE ON TABLE {table.qualified} TO {_roles(agents)}")
         out.append(f"GRANT SELECT, INSERT, UPDATE, DELETE ON TABLE {table.qualified} TO {q(WRITER_ROLE)}")
+    out.extend(f"GRANT USAGE ON SCHEMA {q(schema)} TO {q(WRITER_ROLE)}"
+               for schema in sorted({t.schema for t in snapshot.tables}))
 
     out.append("-- no new objects where cardholder tables live, nor anywhere in the database")
     out.extend(f"REVOKE CREATE ON SCHEMA {q(schema)} FROM {everyone}"
@@ -389,8 +392,17 @@ def plan(snapshot: Snapshot, options: Options = Options()) -> list[str]:
                    f"SELECT {select}\n  FROM {table.qualified}")
         # The view reads the table with its owner's privileges: the table's owner.
         out.append(f"ALTER VIEW {name} OWNER TO {q(table.owner)}")
-        out.append(f"REVOKE ALL ON TABLE {name} FROM PUBLIC")
+        out.append(f"REVOKE ALL ON TABLE {name} FROM {everyone}")
         out.append(f"GRANT SELECT ON TABLE {name} TO {_roles(agents)}")
+        others = [c.name for c in table.columns if c.name not in table.declared]
+        if options.writes == "held":
+            # A bare `UPDATE cards …` resolves to the view: it writes the table's other
+            # columns through it (an automatically updatable view, with its owner's
+            # privileges), and a masked column is not updatable through it.
+            if others:
+                cols = ", ".join(q(c) for c in others)
+                out.append(f"GRANT INSERT ({cols}), UPDATE ({cols}) ON TABLE {name} TO {_roles(agents)}")
+            out.append(f"GRANT DELETE ON TABLE {name} TO {_roles(agents)}")
     out.extend(f"ALTER ROLE {q(agent)} IN DATABASE {database} SET search_path = {masked}, {SEARCH_PATH_TAIL}"
                for agent in agents)
     return out

@@ -3,8 +3,9 @@
 Each test gets a database of its own (and roles named after it), built by the superuser:
 ``cards`` with Luhn-valid test PANs owned by a NOLOGIN owner role, ``accounts`` with two
 int8 id columns that are not card numbers (random 16-digit ids, about one in ten of which
-passes Luhn with an issuer prefix; Luhn-valid ids with no issuer prefix), an undeclared
-copy of the PANs in ``legacy.card_backup``, and an agent login role.
+passes Luhn with an issuer prefix; Luhn-valid ids with no issuer prefix), undeclared
+copies of the PANs in ``legacy.card_backup`` (a domain over varchar) and
+``legacy.wallets`` (an int8 array), and an agent login role.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def database(postgres: Postgres, tmp_path: Path) -> Iterator[Database]:  # noqa:
     rows = ",".join(f"({i}, '{pan}', '{pan[-4:]}', 'visa')" for i, pan in enumerate(PANS, start=1))
     ids = ",".join(f"({a}, {b})" for a, b in zip(_random_ids(rng, 200), _non_issuer_luhn_ids(rng, 200), strict=True))
     backup = ",".join(f"('{pan}')" for pan in PANS[:30])
+    wallets = ",".join(f"({i}, '{{{PANS[i]},{PANS[i + 1]}}}')" for i in range(10))
     with postgres.connect() as conn:
         conn.execute(f"CREATE ROLE {db.owner} NOLOGIN")
         conn.execute(f"CREATE ROLE {db.agent} LOGIN PASSWORD 'lab-only'")
@@ -70,8 +72,11 @@ def database(postgres: Postgres, tmp_path: Path) -> Iterator[Database]:  # noqa:
             CREATE TABLE accounts (id int8 PRIMARY KEY, ref int8 NOT NULL);
             INSERT INTO accounts VALUES {ids};
             CREATE SCHEMA legacy;
-            CREATE TABLE legacy.card_backup (pan varchar(19));
+            CREATE DOMAIN legacy.card_number AS varchar(19);
+            CREATE TABLE legacy.card_backup (pan legacy.card_number);
             INSERT INTO legacy.card_backup VALUES {backup};
+            CREATE TABLE legacy.wallets (id int, pans int8[]);
+            INSERT INTO legacy.wallets VALUES {wallets};
             GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public, legacy TO {db.agent};
             GRANT USAGE ON SCHEMA legacy TO {db.agent};
             ANALYZE;

@@ -13,7 +13,8 @@ from appliance.dbadmin.discover import discover, pan_count
 from tests.dbadmin.conftest import PANS, Database
 
 CARDS_PAN = ColumnName("public", "cards", "pan")
-BACKUP_PAN = ColumnName("legacy", "card_backup", "pan")
+BACKUP_PAN = ColumnName("legacy", "card_backup", "pan")  # a domain over varchar
+WALLET_PANS = ColumnName("legacy", "wallets", "pans")  # int8[]
 
 
 def test_sampling_finds_the_pan_columns_and_not_luhn_valid_ids(database: Database):
@@ -22,7 +23,7 @@ def test_sampling_finds_the_pan_columns_and_not_luhn_valid_ids(database: Databas
     found = {s.column: s for s in report.samples}
     assert found[CARDS_PAN].with_pan == found[CARDS_PAN].sampled == len(PANS)
     assert [s.column for s in report.declared_found()] == [CARDS_PAN]
-    assert [s.column for s in report.undeclared()] == [BACKUP_PAN]
+    assert [s.column for s in report.undeclared()] == [BACKUP_PAN, WALLET_PANS]
     # Random 16-digit ids starting with 4: some pass Luhn by chance, far below the threshold.
     ids = found[ColumnName("public", "accounts", "id")]
     assert ids.sampled == 200 and 0 < ids.with_pan < 60
@@ -47,7 +48,7 @@ def test_declared_but_absent_and_unreadable_columns_are_named(database: Database
     assert report.role == database.agent
     assert ghost in report.missing and ghost in report.declared_not_found()
     assert BACKUP_PAN in [s.column for s in report.unreadable()]
-    assert report.undeclared() == ()
+    assert [s.column for s in report.undeclared()] == [WALLET_PANS]
 
 
 def test_pan_count_ignores_nulls_and_counts_brands():
@@ -67,11 +68,11 @@ def test_cli_exit_status_says_whether_undeclared_candidates_exist_and_prints_no_
     assert not any(pan in out for pan in PANS)
     if as_json:
         report = json.loads(out)
-        assert [c["column"] for c in report["undeclared_candidates"]] == [str(BACKUP_PAN)]
+        assert [c["column"] for c in report["undeclared_candidates"]] == [str(BACKUP_PAN), str(WALLET_PANS)]
         assert report["declared"][0]["with_pan"] == len(PANS)
     else:
         assert "UNDECLARED candidates" in out and str(BACKUP_PAN) in out
-    assert main([*base, "--column", str(BACKUP_PAN), *flags]) == 0
+    assert main([*base, "--column", str(BACKUP_PAN), "--column", str(WALLET_PANS), *flags]) == 0
     assert not any(pan in capsys.readouterr().out for pan in PANS)
 
 
@@ -83,9 +84,10 @@ def test_cli_names_a_bad_column(database: Database, capsys: pytest.CaptureFixtur
 
 def test_cli_reads_the_policys_declaration(database: Database, capsys: pytest.CaptureFixture[str]):
     policy = database.config.parent / "policy.toml"
-    policy.write_text('default = "deny"\ncardholder_columns = ["public.cards.pan", "legacy.card_backup.pan"]\n')
+    policy.write_text('default = "deny"\n'
+                      'cardholder_columns = ["public.cards.pan", "legacy.card_backup.pan", "legacy.wallets.pans"]\n')
     database.config.write_text(database.config.read_text() + f'\n[policy]\nfile = "{policy}"\n')
     assert main(["db", "discover", "-c", str(database.config), "--database", database.name, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert sorted(c["column"] for c in report["declared"]) == [str(BACKUP_PAN), str(CARDS_PAN)]
+    assert sorted(c["column"] for c in report["declared"]) == [str(BACKUP_PAN), str(WALLET_PANS), str(CARDS_PAN)]
     assert report["undeclared_candidates"] == []

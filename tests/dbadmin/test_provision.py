@@ -145,20 +145,34 @@ def test_held_writes_leave_the_other_columns_writable_and_never_the_pan(database
     assert provision(database, "--apply", "--writes", "held") == 0
     with database.connect(database.agent) as conn:
         assert conn.execute("UPDATE public.cards SET brand = 'y' WHERE id = 2").rowcount == 1
+        # A bare name resolves to the masked view, which passes the write on; its WHERE
+        # sees only the masked display.
+        assert conn.execute("UPDATE cards SET brand = 'w' WHERE id = 3 RETURNING pan").fetchone()[0] \
+            == pci_masked(PANS[2])
+        assert conn.execute("UPDATE cards SET brand = 'v' WHERE pan = %s", (PANS[3],)).rowcount == 0
+        with pytest.raises(errors.FeatureNotSupported, match='cannot update column "pan" of view "cards"'):
+            conn.execute("UPDATE cards SET pan = '4111111111111111' WHERE id = 2")
     refused(database, "UPDATE public.cards SET pan = '4111111111111111' WHERE id = 2")
     refused(database, "UPDATE public.cards SET brand = 'z' WHERE pan LIKE '4%'")
+    refused(database, "UPDATE public.cards SET brand = 'z' WHERE id = 2 RETURNING pan")
+    # Back to refused: the writes granted for held are taken back, on the view too.
+    assert provision(database, "--apply") == 0
+    refused(database, "UPDATE cards SET brand = 'u' WHERE id = 3")
+    refused(database, "DELETE FROM public.cards WHERE id = 3")
 
 
 def test_plan_masks_numbers_in_their_own_type_and_honours_last4():
     snapshot = prov.Snapshot(
         "db", "owner", (prov.Table("public", "cards", "owner",
-                                   (prov.Column("id", "integer", "int4"), prov.Column("pan", "bigint", "int8")),
-                                   frozenset({"pan"})),),
+                                   (prov.Column("id", "integer", "int4"), prov.Column("pan", "bigint", "int8"),
+                                    prov.Column("doc", "jsonb", "jsonb")),
+                                   frozenset({"pan", "doc"})),),
         (prov.Role("agent", False, False, ()),), ())
     sql = "\n".join(prov.plan(snapshot, prov.Options(pan_format="last4")))
     assert '"tollgate_masked".pan_display_number("pan"::numeric)::bigint AS "pan"' in sql
     assert "right(d, 4)::numeric" in sql and "left(d, 6)" not in sql
     assert 'GRANT SELECT ("id") ON TABLE "public"."cards" TO "agent"' in sql
+    assert 'NULL::jsonb AS "doc"' in sql  # no display for this type: nothing shown, type kept
 
 
 def test_the_masked_number_display_keeps_bin_and_last_four(provisioned: Database):
