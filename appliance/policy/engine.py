@@ -231,7 +231,19 @@ class Policy:
         if not unparsable and self.is_agent(group_set):
             problem = self._agent_cached(statement)
             if problem is not None:
-                return Verdict(Action.BLOCK, problem[0], None, problem[1])
+                rule_name, message, hold = problem
+                if hold is None:
+                    return Verdict(Action.BLOCK, rule_name, None, message)
+                # What the rules say still counts: a block blocks, a hold of theirs holds;
+                # what they would allow waits for the cardholder_writes approvers.
+                ruled = self._judge_rules(statement, rules, unparsable)
+                if ruled.action in (Action.BLOCK, Action.HOLD):
+                    return ruled
+                return Verdict(Action.HOLD, rule_name, None, message, hold, ruled.masks)
+        return self._judge_rules(statement, rules, unparsable)
+
+    def _judge_rules(self, statement: Classification, rules: tuple[Rule, ...], unparsable: bool) -> Verdict:
+        """The verdict of the file's rules (and its default) for one statement."""
         for rule in rules:
             if rule.action in (Action.ALLOW, Action.MASK):
                 if unparsable and (rule.classes is None or StatementClass.UNPARSABLE not in rule.classes):
@@ -250,24 +262,33 @@ class Policy:
         masks = self._obligations(statement, rules)
         return Verdict(Action.MASK if masks else Action.ALLOW, "default", self.ruleset.default_line, "", None, masks)
 
-    def _agent_problem_uncached(self, statement: Classification) -> tuple[str, str] | None:
-        """Why an agent may not run ``statement`` whatever the rules say: (rule, message)."""
+    def _agent_problem_uncached(self, statement: Classification) -> tuple[str, str, HoldSpec | None] | None:
+        """Why an agent may not run ``statement`` whatever the rules say: (rule, message,
+        and the hold that lets it run instead, if any)."""
         if StatementClass.DO_BLOCK in statement.classes:
             return "untrusted-function", ("Tollgate refuses this for agents: a DO block runs code the policy can't "
-                                          "see into")
+                                          "see into"), None
         if StatementClass.FUNCTION_CALL in statement.classes:
             problem = untrusted_function(statement.functions, self.ruleset.trusted_functions)
             if problem is not None:
-                return "untrusted-function", f"Tollgate refuses this for agents: {problem}"
+                return "untrusted-function", f"Tollgate refuses this for agents: {problem}", None
         if not self._cardholders or not statement.text or StatementClass.EMPTY in statement.classes:
             return None
+        hold = self.ruleset.cardholder_writes
         try:
-            lineage.check(statement.text, self._cardholders)
+            try:
+                lineage.check(statement.text, self._cardholders)
+            except lineage.LineageWrite as exc:
+                if hold is None:
+                    raise
+                # Held only if copying into a table is all that is wrong with it.
+                lineage.check(statement.text, self._cardholders, writes_allowed=True)
+                return "lineage", f"this statement needs approval (cardholder_writes): {exc}", hold
         except lineage.LineageRefusal as exc:
-            return "lineage", f"Tollgate refuses this for agents: {exc}"
+            return "lineage", f"Tollgate refuses this for agents: {exc}", None
         except Exception as exc:  # noqa: BLE001 -- fail closed: an unchecked statement must not run
             return "lineage", (f"Tollgate refuses this for agents: the use of cardholder columns could not be "
-                               f"checked ({type(exc).__name__}: {exc})")
+                               f"checked ({type(exc).__name__}: {exc})"), None
         return None
 
     def _verdict_for(self, rule: Rule, statement: Classification, rules: tuple[Rule, ...]) -> Verdict:

@@ -42,7 +42,13 @@ from appliance.policy.classify_kinds import QUERY_KINDS
 from appliance.policy.classify_tree import Json, strings, unwrap
 from appliance.policy.lineage_scope import Cardholders, Item, Level, LineageRefusal, Unclear
 
-__all__ = ["Cardholders", "LineageRefusal", "Unclear", "check", "may_touch"]
+__all__ = ["Cardholders", "LineageRefusal", "LineageWrite", "Unclear", "check", "may_touch"]
+
+
+class LineageWrite(LineageRefusal):
+    """A cardholder column copied, unchanged, into a table (INSERT, UPDATE, MERGE, CREATE
+    TABLE AS, SELECT INTO): refused, or held where the policy's ``cardholder_writes`` says
+    so (:func:`check` with ``writes_allowed`` tells whether that is the only problem)."""
 
 # Relations that hold other columns' values, card numbers included, whatever the query asks
 # of them: the planner's statistics sample every column (most common values, histogram
@@ -92,9 +98,10 @@ def may_name(sql: str, cardholders: Cardholders) -> bool:
     return any(name.lower() in text for name in (*cardholders.names, *SAMPLED_VALUES))
 
 
-def check(sql: str, cardholders: Cardholders) -> None:
+def check(sql: str, cardholders: Cardholders, writes_allowed: bool = False) -> None:
     """Raise :class:`LineageRefusal` if ``sql`` (one or more statements) uses a cardholder
-    column other than as a plain projection."""
+    column other than as a plain projection (:class:`LineageWrite` if the first problem is
+    a plain copy into a table; with ``writes_allowed`` those are let through)."""
     if not cardholders or not may_name(sql, cardholders):
         return
     tree_json = parse_sql_json(sql)
@@ -104,7 +111,7 @@ def check(sql: str, cardholders: Cardholders) -> None:
     for raw in tree.get("stmts") or ():
         kind, body = unwrap(raw.get("stmt"))
         if kind is not None:
-            _Walk(cardholders).statement(kind, body, Level(None))
+            _Walk(cardholders, writes_allowed).statement(kind, body, Level(None))
 
 
 def _described(columns: Iterable[str]) -> str:
@@ -114,8 +121,10 @@ def _described(columns: Iterable[str]) -> str:
 class _Walk:
     """One statement's lineage walk."""
 
-    def __init__(self, cardholders: Cardholders):
+    def __init__(self, cardholders: Cardholders, writes_allowed: bool = False):
         self.cardholders = cardholders
+        self.writes_allowed = writes_allowed
+        self.copied = False  # a plain copy into a table was let through (writes_allowed)
 
     # ---- statements ---------------------------------------------------------------------
 
@@ -124,7 +133,7 @@ class _Walk:
             into = body.get("intoClause")
             outputs = self.select(body, level)
             if into:
-                self.written(outputs, "into a new table (SELECT INTO)")
+                self.written(outputs, "into a new table (SELECT INTO)", table=True)
         elif kind in ("InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt"):
             self.dml(kind, body, level)
         elif kind == "CreateTableAsStmt":
@@ -133,7 +142,7 @@ class _Walk:
                 raise LineageRefusal("CREATE TABLE … AS EXECUTE writes what a prepared statement returns, which "
                                      "this check can't see from here; write the query itself")
             self.written(self.query_outputs(inner_kind, inner, level),
-                         "into a new table or materialized view (CREATE … AS)")
+                         "into a new table or materialized view (CREATE … AS)", table=True)
         elif kind == "CopyStmt":
             self.copy(body, level)
         elif kind in ("ExplainStmt", "PrepareStmt", "DeclareCursorStmt"):
@@ -188,12 +197,18 @@ class _Walk:
             self.statement(kind, body, level)
         return Item("", {}, True)
 
-    @staticmethod
-    def written(outputs: Item, where: str) -> None:
+    def written(self, outputs: Item, where: str, table: bool = False) -> None:
+        """``outputs`` go somewhere other than the agent's result: ``table`` for a table."""
         carried = outputs.carried
         if carried:
-            raise LineageRefusal(f"{_described(carried)} would be written {where}; a cardholder column may only "
-                                 "be selected as it is, to be masked")
+            self.refuse_write(f"{_described(carried)} would be written {where}", table)
+
+    def refuse_write(self, problem: str, table: bool) -> None:
+        if not table:
+            raise LineageRefusal(f"{problem}; a cardholder column may only be selected as it is, to be masked")
+        if not self.writes_allowed:
+            raise LineageWrite(f"{problem}; a cardholder column may only be selected as it is, to be masked")
+        self.copied = True
 
     # ---- SELECT -------------------------------------------------------------------------
 
@@ -399,7 +414,7 @@ class _Walk:
         if kind == "InsertStmt":
             if body.get("selectStmt"):
                 skind, sub = unwrap(body["selectStmt"])
-                self.written(self.query_outputs(skind, sub, level), f"into {table} (INSERT)")
+                self.written(self.query_outputs(skind, sub, level), f"into {table} (INSERT)", table=True)
             level.items.extend((target, Item("excluded", {}, True)))
             conflict = body.get("onConflictClause") or {}
             self.assignments(conflict.get("targetList"), level, f"into {table} (ON CONFLICT DO UPDATE)")
@@ -426,9 +441,13 @@ class _Walk:
                 self.use(when.get("condition"), level, "a condition (MERGE … WHEN … AND)")
                 self.assignments(when.get("targetList"), level, f"into {table} (MERGE)")
                 for value in when.get("values") or ():
-                    if self.value(value, level, f"a value written into {table} (MERGE … INSERT)"):
-                        raise LineageRefusal(f"a cardholder column would be written into {table} (MERGE); a "
-                                             "cardholder column may only be selected as it is")
+                    taint = self.value(value, level, f"a value written into {table} (MERGE … INSERT)")
+                    if taint is not None:
+                        self.refuse_write(f"{taint} would be written into {table} (MERGE)", table=True)
+        if self.copied and body.get("returningList"):
+            # The rows it returns hold the copied card numbers under the table's own names.
+            raise LineageRefusal("a statement that copies a cardholder column into a table may not return rows "
+                                 "(RETURNING)")
         returned = Item("", {}, False)
         for node in body.get("returningList") or ():
             self.target(node, level, returned)
@@ -445,8 +464,7 @@ class _Walk:
             self.use(res.get("indirection"), level, where)
             taint = self.value(res.get("val"), level, where)
             if taint is not None:
-                raise LineageRefusal(f"{taint} would be written {where}; a cardholder column may only be selected "
-                                     "as it is, to be masked")
+                self.refuse_write(f"{taint} would be written {where}", table=True)
 
     def copy(self, body: Json, level: Level) -> None:
         if body.get("query"):

@@ -7,6 +7,8 @@ Format (docs/policy.md has the full guide)::
     search_path = ["public"]            # where bare names resolve, for allow/mask coverage
     cardholder_columns = ["payments.cards.pan"]  # exact schema.table.column names (see lineage)
     agent_groups = ["payments-agents"]  # groups the lineage and function rules apply to
+    trusted_functions = ["reporting.*"]  # functions outside pg_catalog agents may call
+    cardholder_writes = "refuse"        # or { action = "hold", approvers = [...], … }
 
     [[rule]]
     name = "no-ddl-on-cardholder-data"  # required, unique
@@ -64,7 +66,7 @@ RESERVED_RULE_NAMES = frozenset({"default", "unparsable", "refused", "empty", "l
 MIN_TIMEOUT, MAX_TIMEOUT = 1.0, 24 * 3600.0
 
 TOP_KEYS = ("default", "default_message", "search_path", "cardholder_columns", "agent_groups",
-            "trusted_functions", "rule")
+            "trusted_functions", "cardholder_writes", "rule")
 RULE_KEYS = ("name", "description", "groups", "targets", "classes", "commands", "relations", "columns",
              "functions", "action", "message", "approvers", "min_approvals", "timeout", "mask")
 HOLD_KEYS = ("approvers", "min_approvals", "timeout")
@@ -111,6 +113,9 @@ class RuleSet:
     agent_groups: frozenset[str] | None = None
     # ``trusted_functions``: globs of functions outside pg_catalog agents may call.
     trusted_functions: tuple[Pattern, ...] = ()
+    # ``cardholder_writes``: None refuses an agent's plain copy of a cardholder column into
+    # a table; a HoldSpec holds it for approval instead.
+    cardholder_writes: HoldSpec | None = None
 
 
 # ---- positions --------------------------------------------------------------------------
@@ -343,6 +348,29 @@ def is_exact_column(column: object) -> bool:
     return len(parts) == 3 and all(parts)
 
 
+def _cardholder_writes(reader: _Reader, value: Any) -> HoldSpec | None:
+    """``"refuse"`` (the default), or ``{ action = "hold", approvers = [...], … }``."""
+    line = reader.where.key(None, "cardholder_writes")
+    if value == "refuse":
+        return None
+    if not isinstance(value, dict) or value.get("action") != "hold":
+        raise reader.error(line, 'cardholder_writes must be "refuse" or { action = "hold", approvers = [...] }')
+    for key in value:
+        if key not in ("action", *HOLD_KEYS):
+            raise reader.error(line, f"cardholder_writes: unknown key {key!r} (known: action, {', '.join(HOLD_KEYS)})")
+    approvers = value.get("approvers")
+    if not isinstance(approvers, list) or not approvers or not all(isinstance(a, str) and a for a in approvers):
+        raise reader.error(line, "cardholder_writes: a hold needs approvers = [\"group\", …]")
+    min_approvals = value.get("min_approvals", 1)
+    if isinstance(min_approvals, bool) or not isinstance(min_approvals, int) or not 1 <= min_approvals <= 100:
+        raise reader.error(line, "cardholder_writes: min_approvals must be an integer from 1 to 100")
+    try:
+        timeout = parse_duration(value.get("timeout", "15m"))
+    except (ValueError, TypeError) as exc:
+        raise reader.error(line, f"cardholder_writes: timeout {exc}") from None
+    return HoldSpec(tuple(approvers), min_approvals, timeout)
+
+
 def _cardholder_columns(reader: _Reader, value: Any) -> tuple[str, ...]:
     columns = _string_list(reader, None, "cardholder_columns", value, "")
     for column in columns:
@@ -393,6 +421,7 @@ def parse_rules(text: str, path: str | Path = "<policy>") -> RuleSet:
     agents = None
     if "agent_groups" in data:
         agents = frozenset(_string_list(reader, None, "agent_groups", data["agent_groups"], ""))
+    writes = _cardholder_writes(reader, data["cardholder_writes"]) if "cardholder_writes" in data else None
     trusted: tuple[Pattern, ...] = ()
     if "trusted_functions" in data:
         try:
@@ -409,7 +438,7 @@ def parse_rules(text: str, path: str | Path = "<policy>") -> RuleSet:
     return RuleSet(path=path, rules=rules, default=Action.ALLOW if default_text == "allow" else Action.BLOCK,
                    default_message=default_message, default_line=reader.where.key(None, "default"),
                    search_path=search_path, cardholder_columns=cardholder, agent_groups=agents,
-                   trusted_functions=trusted)
+                   trusted_functions=trusted, cardholder_writes=writes)
 
 
 def parse_rules_bytes(raw: bytes, path: str | Path) -> RuleSet:

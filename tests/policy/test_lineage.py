@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 
-from appliance.model.decision import Action
+from appliance.model.decision import Action, HoldSpec
 from appliance.policy.engine import Policy
 
 POLICY = textwrap.dedent("""\
@@ -470,3 +470,68 @@ def test_commands_narrow_a_rule_to_command_tags() -> None:
 ])
 def test_a_column_of_the_same_name_does_not_hide_a_cardholder_column(sql: str) -> None:
     assert _policy().decide(["agents"], "db", sql).rule == "lineage"
+
+
+def _holding_policy(extra: str = "") -> Policy:
+    return Policy.parse(textwrap.dedent("""\
+        default = "allow"
+        cardholder_columns = ["public.cards.pan"]
+        agent_groups = ["agents"]
+        cardholder_writes = { action = "hold", approvers = ["dbas"], timeout = "5m" }
+        """) + extra)
+
+
+@pytest.mark.parametrize("sql", [
+    "insert into scratch.t select id, pan from cards",
+    "create table scratch.copy as select * from cards",
+    "update scratch.t set note = c.pan from cards c where c.id = t.id",
+    "merge into scratch.t t using cards c on t.id = c.id when not matched then insert values (c.id, c.pan)",
+])
+def test_cardholder_writes_can_be_held_instead_of_refused(sql: str) -> None:
+    decision = _holding_policy().decide(["agents"], "db", sql)
+    assert (decision.action, decision.rule) == (Action.HOLD, "lineage"), decision.message
+    assert decision.hold == HoldSpec(("dbas",), 1, 300.0)
+    assert decision.message.startswith("this statement needs approval (cardholder_writes): public.cards.pan")
+
+
+@pytest.mark.parametrize("sql", [
+    "insert into scratch.t select id, reverse(pan) from cards",  # a transform is no copy
+    "insert into scratch.t select id, pan from cards where pan like '4%'",  # nor is an oracle
+    "with w as (insert into scratch.t select id, pan from cards returning note) select * from w",  # RETURNING
+    "copy (select pan from cards) to stdout",  # out to the agent, unmasked: no table
+    "create view scratch.v as select pan from cards",
+])
+def test_only_a_plain_copy_into_a_table_is_held(sql: str) -> None:
+    decision = _holding_policy().decide(["agents"], "db", sql)
+    assert (decision.action, decision.rule) == (Action.BLOCK, "lineage"), decision.message
+
+
+def test_the_rules_still_block_or_hold_a_held_copy_first() -> None:
+    p = _holding_policy(textwrap.dedent("""\
+        [[rule]]
+        name = "no-scratch"
+        relations = ["scratch.blocked"]
+        action = "block"
+        [[rule]]
+        name = "sre-holds"
+        relations = ["scratch.held"]
+        action = "hold"
+        approvers = ["sre"]
+        """))
+    assert p.decide(["agents"], "db", "insert into scratch.blocked select id, pan from cards").rule == "no-scratch"
+    decision = p.decide(["agents"], "db", "insert into scratch.held select id, pan from cards")
+    assert (decision.action, decision.rule, decision.hold.approver_groups) == (Action.HOLD, "sre-holds", ("sre",))
+
+
+@pytest.mark.parametrize("text, expected", [
+    ('cardholder_writes = "hold"\n', 'cardholder_writes must be "refuse" or { action = "hold"'),
+    ('cardholder_writes = { action = "hold" }\n', "cardholder_writes: a hold needs approvers"),
+    ('cardholder_writes = { action = "hold", approvers = ["x"], timeout = "9d" }\n', "cardholder_writes: timeout"),
+    ('cardholder_writes = { action = "hold", approvers = ["x"], who = 1 }\n', "unknown key 'who'"),
+])
+def test_cardholder_writes_errors(text: str, expected: str) -> None:
+    from appliance.policy.rules import PolicyError
+
+    with pytest.raises(PolicyError, match=r"policy\.toml:1: ") as info:
+        Policy.parse(text, "policy.toml")
+    assert expected in str(info.value)
