@@ -22,7 +22,9 @@ Judging one statement — rules in file order, first match wins:
 - For the groups the file names in ``agent_groups``, two more built-in rules come before
   any rule: ``untrusted-function`` refuses calls of functions whose bodies the policy
   can't see (:mod:`appliance.policy.functions`), and ``lineage`` refuses any use of a
-  cardholder column other than a plain, masked projection (:mod:`appliance.policy.lineage`).
+  cardholder column other than a plain, masked projection (:mod:`appliance.policy.lineage`)
+  — or holds a plain copy into a table, if ``cardholder_writes`` says so and the rules
+  would allow it.
 - Nothing matched: the policy's default (``deny`` unless the file says ``allow``).
 
 A listed dimension the statement has nothing of is covered vacuously: ``SELECT 1`` or

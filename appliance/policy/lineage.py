@@ -17,8 +17,10 @@ before any rule, SQLSTATE 42501 — with a message saying which column and where
   that could join on it, ORDER BY (names, aliases or positions), GROUP BY, DISTINCT and
   DISTINCT ON, window PARTITION/ORDER, LIMIT/OFFSET, function arguments in FROM;
 - **refused** into a write: INSERT … SELECT/VALUES, UPDATE … SET, MERGE, SELECT INTO,
-  CREATE TABLE/MATERIALIZED VIEW AS, COPY (query) TO and COPY of the table, writable
-  CTEs, and stored bodies (views, rules, SQL-standard function bodies) that read one;
+  CREATE TABLE/MATERIALIZED VIEW AS (and AS EXECUTE), writable CTEs — or held, for a plain
+  copy into a table, where the policy's ``cardholder_writes`` says so (:class:`LineageWrite`)
+  — and out: COPY (query) TO and COPY of the table, stored bodies (views, rules,
+  SQL-standard function bodies) that read one, a foreign key referencing one;
 - **refused, asking to qualify**: an unqualified name that could be a cardholder column
   or a column of a nearer table the policy knows nothing about;
 - **refused** outright: reading the relations that hold other columns' values whatever
