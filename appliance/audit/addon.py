@@ -447,15 +447,29 @@ def _scrubbed(record: dict[str, Any]) -> dict[str, Any]:
         if kind is str:
             if key not in _DIGESTS:
                 parts.append(value)
-        elif kind is list and all(type(v) is str for v in value):
-            parts.extend(value)
-        elif not (value is None or kind is int or kind is bool or kind is float):
-            break  # nested: searched value by value
-    else:
-        # Most records: all their strings at once, NUL-separated (a NUL ends every shape).
-        if clean_text("\0".join(parts)):
-            return record
+        elif not (value is None or kind is int or kind is bool):
+            _strings(value, parts)
+    # Almost every record: all its strings at once, NUL-separated (a NUL ends every shape,
+    # so the whole is clean only if each string is).
+    if clean_text("\0".join(parts)):
+        return record
     return {k: v if k in _DIGESTS else _scrub_value(v) for k, v in record.items()}
+
+
+def _strings(value: Any, out: list[str]) -> None:
+    """Every string in ``value`` (nested ones too; not dict keys, which the proxy names)."""
+    kind = type(value)
+    if kind is str:
+        out.append(value)
+    elif kind is list or kind is tuple:
+        for item in value:
+            if type(item) is str:
+                out.append(item)
+            elif item is not None:
+                _strings(item, out)
+    elif kind is dict:
+        for item in value.values():
+            _strings(item, out)
 
 
 def _scrub_value(value: Any) -> Any:

@@ -19,6 +19,7 @@ does the same for a block of lines at once (a verifier's fast path).
 from __future__ import annotations
 
 import json
+import json.encoder
 import re
 from typing import Any
 
@@ -42,6 +43,26 @@ _str_encode = json.JSONEncoder(ensure_ascii=False).encode
 _encode_parsed = json.JSONEncoder(
     ensure_ascii=False, separators=(",", ":"), sort_keys=True, allow_nan=False, check_circular=False
 ).encode
+
+
+def _make_one_shot() -> Any:
+    """``_encode_parsed`` without its per-call set-up (``JSONEncoder.encode`` builds a new C
+    encoder and a closure on every call, about half its cost for a record): the same C
+    encoder with the same settings, made once — so the same bytes. None without the C
+    accelerator (then ``_encode_parsed`` does it)."""
+    make = json.encoder.c_make_encoder
+    if make is None:
+        return None
+    try:
+        encoder = make(None, json.JSONEncoder().default, json.encoder.encode_basestring, None, ":", ",",
+                       True, False, False)
+        encoder({"a": [1, "b", None, True]}, 0)
+    except TypeError:  # another interpreter's signature: use the public path
+        return None
+    return encoder
+
+
+_one_shot = _make_one_shot()
 
 
 def _utf16_key(key: str) -> bytes:
@@ -131,6 +152,8 @@ def dumps(obj: Any, *, trusted: bool = False) -> bytes:
         parts: list[str] = []
         _write(obj, parts)
         text = "".join(parts)
+    elif _one_shot is not None:  # no circular check needed: _check bounds the depth, trusted is ours
+        text = "".join(_one_shot(obj, 0))
     else:
         text = _encode(obj)
     try:
