@@ -5,9 +5,15 @@
 * The *sync thread* snapshots the write position under the log's lock, ``fdatasync``\\ s
   outside it, publishes the durable point and resolves every future it covers with one
   ``loop.call_soon_threadsafe``. With ``durability = "fsync"`` and a loop, the first
-  append of each loop iteration schedules one ``call_soon`` that wakes the thread once the
-  iteration is over: every task the iteration ran has appended by then, so one
-  ``fdatasync`` covers them all (group commit without a timer, no wake per record).
+  :meth:`~GroupCommit.durable` of each loop iteration schedules one ``call_soon`` that
+  wakes the thread once the iteration is over: every task the iteration ran has appended
+  by then, so one ``fdatasync`` covers them all (group commit without a timer, no wake per
+  record). A round's snapshot is taken when it starts, so it covers everything appended
+  while the previous ``fdatasync`` ran.
+* Records nobody waits for (a result, a session's end: things already done) ask for no
+  sync of their own: the next statement's sync covers them, or, if none comes, a sync at
+  most ``LAZY_SYNC_SECONDS`` after the first of them. One statement at a time then costs
+  one ``fdatasync``, not two (its own and its result's, which it would queue behind).
 * The same thread signs checkpoints when the :class:`~appliance.audit.store_checkpoints.Checkpointer`
   says one is due.
 * A sync round and anything else that signs are serialised by ``commit_lock``, so a
@@ -54,6 +60,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("tollgate.audit")
 
 REPAIR_RETRY_SECONDS = 0.5
+# How long a record nobody waits for may stay written but not synced (the kernel has it:
+# it survives the proxy being killed, not the machine losing power) when no statement's
+# sync comes to cover it first.
+LAZY_SYNC_SECONDS = 0.01
 
 
 @dataclass(slots=True)
@@ -117,6 +127,8 @@ class GroupCommit:
         self._waiting = False
         self._wake_at = 1
         self._kicked = False  # a _kick is scheduled on the loop
+        self._lazy_since: float | None = None  # loop time of the first record no sync is asked for yet
+        self._lazy_timer: asyncio.TimerHandle | None = None
         self._kick_loop: asyncio.AbstractEventLoop | None = None  # fsync mode: appends on it ask for syncs
         self._sync_target = 0  # records up to here have someone waiting: sync them
         self._stopping = False
@@ -150,11 +162,13 @@ class GroupCommit:
         """Under the lock, after an append made the log ``size`` records long."""
         if self._waiting and size >= self._wake_at:
             self._wake.set()
-        if not self._kicked and self._kick_loop is not None and _running_loop() is self._kick_loop:
-            # fsync mode, on the loop: one sync for everything this loop iteration appends
-            # (as durable() asks; records nobody waits for are synced as promptly)
-            self._kicked = True
-            self._kick_loop.call_soon(self._kick)
+        loop = self._kick_loop
+        if self._lazy_since is None and loop is not None and _running_loop() is loop:
+            # fsync mode, on the loop: a record nobody may wait for. The next durable()'s
+            # sync covers it; if none comes, the timer asks for one.
+            self._lazy_since = now = loop.time()
+            if self._lazy_timer is None:
+                self._lazy_timer = loop.call_at(now + LAZY_SYNC_SECONDS, self._lazy_kick)
 
     def wake(self) -> None:
         """Have the thread look at the cadence again (a checkpoint was requested)."""
@@ -193,11 +207,27 @@ class GroupCommit:
         return fut
 
     def _kick(self) -> None:
-        """On the loop, after the tasks of an iteration ran: sync what they are waiting for."""
+        """On the loop, after the tasks of an iteration ran: sync what they are waiting for
+        (and every record appended before them)."""
         self._kicked = False
+        self._lazy_since = None
         self._sync_target = self._end.size
         if self._waiting:
             self._wake.set()
+
+    def _lazy_kick(self) -> None:
+        """On the loop: records nobody waited for have been unsynced for LAZY_SYNC_SECONDS
+        (no statement's sync came to cover them): sync them; or look again later."""
+        self._lazy_timer = None
+        since = self._lazy_since
+        if since is None:
+            return
+        loop = self._kick_loop
+        due = since + LAZY_SYNC_SECONDS
+        if loop is not None and loop.time() < due:
+            self._lazy_timer = loop.call_at(due, self._lazy_kick)
+        else:
+            self._kick()
 
     def _resolve_waiters(self, size: int, epoch: int) -> None:
         """On the loop: resolve the futures of records below ``size`` (of ``epoch``)."""

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from appliance.audit import merkle, note
+from appliance.audit import merkle, note, store_commit
 from appliance.audit.keys import AuditKeyError, KeyRing, load_root_key
 from appliance.audit.reader import AuditReader
 from appliance.audit.store import AuditLog
@@ -281,6 +281,70 @@ def test_durable_futures_resolve_after_a_sync(tmp_path: Path) -> None:
         log.close()
     assert seqs == list(range(2, 402))
     check_tree(config)
+
+
+def _result(i: int) -> dict[str, Any]:
+    return {"type": "result", "user": "agent@example.com", "outcome": "success", "origin": "10.0.0.7:40000",
+            "object": "payments/cards", "session": "s-1", "stmt": i, "rows": 1, "masked": 0}
+
+
+def test_a_record_nobody_waits_for_is_synced_by_the_next_statements_sync(tmp_path: Path, monkeypatch) -> None:
+    """One statement at a time costs one fdatasync: the previous result's record rides on it."""
+    monkeypatch.setattr(store_commit, "LAZY_SYNC_SECONDS", 3600.0)  # only a statement asks for a sync
+    config = make_config(tmp_path)
+    syncs: list[int] = []
+
+    def fdatasync(fd: int) -> None:
+        syncs.append(fd)
+        os.fdatasync(fd)
+
+    log = AuditLog.open(config, version="t", fdatasync=fdatasync)
+
+    async def main() -> tuple[int, int]:
+        log.start(asyncio.get_running_loop())
+        syncs.clear()  # what open() synced and signed
+        result = log.append(_result(1))
+        await asyncio.sleep(0)  # another turn of the loop: nothing asked for a sync of it
+        assert syncs == []
+        stmt = log.append(statement(2))
+        waiting = log.durable(stmt)
+        assert waiting is not None
+        await waiting
+        return result, stmt
+
+    try:
+        result, stmt = asyncio.run(main())
+        assert len(syncs) == 1 and log.durable_size > stmt > result
+    finally:
+        log.close()
+
+
+def test_a_record_nobody_waits_for_is_synced_soon_without_a_statement(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(store_commit, "LAZY_SYNC_SECONDS", 0.0)
+    config = make_config(tmp_path)
+    synced = threading.Event()
+
+    def fdatasync(fd: int) -> None:
+        os.fdatasync(fd)
+        synced.set()
+
+    log = AuditLog.open(config, version="t", fdatasync=fdatasync)
+
+    async def main() -> int:
+        log.start(asyncio.get_running_loop())
+        synced.clear()
+        seq = log.append(_result(1))
+        assert await asyncio.to_thread(synced.wait, 60)  # the timer asked for it: nobody else did
+        waiting = log.durable(seq)  # a future only if the sync is not published yet
+        if waiting is not None:
+            await waiting
+        return seq
+
+    try:
+        seq = asyncio.run(main())
+        assert log.durable_size > seq
+    finally:
+        log.close()
 
 
 def test_write_durability_needs_no_waiting(tmp_path: Path) -> None:
