@@ -123,13 +123,20 @@ register(Case("c8-simple-20-holds", ("-S", "-c", "8", "-j", "2", "-M", "simple")
 
 # The audit log's cost on the select-only path. Every case above runs with it on, as
 # shipped: each statement is forwarded only once its record is fsync'd (group commit).
-# These two show what that costs: records only written (not fsync'd) before forwarding,
-# and no audit log at all; both against c8-simple through Tollgate.
+# These show what that costs: records only written (not fsync'd) before forwarding, and no
+# audit log at all; each against its case through Tollgate (and that case's direct path:
+# the report's audit table). Grouped by setting, so the proxy restarts twice.
 register(Case("c8-simple-audit-write", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
               "select-only, 8 clients, audit records written but not fsync'd before forwarding",
               paths=("tollgate",), compare_to="c8-simple", audit="write"))
+register(Case("c1-simple-audit-write", ("-S", "-c", "1", "-j", "1", "-M", "simple"),
+              "select-only, 1 client, audit records written but not fsync'd before forwarding",
+              paths=("tollgate",), per_statement=True, compare_to="c1-simple", audit="write"))
 register(Case("c8-simple-audit-off", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
               "select-only, 8 clients, no audit log", paths=("tollgate",), compare_to="c8-simple", audit="off"))
+register(Case("c1-simple-audit-off", ("-S", "-c", "1", "-j", "1", "-M", "simple"),
+              "select-only, 1 client, no audit log", paths=("tollgate",), per_statement=True,
+              compare_to="c1-simple", audit="off"))
 
 # Masking on a large result: every row carries a Luhn-valid PAN that Tollgate masks on the
 # way. Rows per second vs direct, and the proxy's peak RSS, which must not grow with the

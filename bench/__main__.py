@@ -413,6 +413,9 @@ def measure(ctx: Context, args: argparse.Namespace, plan: list[tuple[Case, list[
         if not warm.ok:
             log.warning("bench: the warm-up failed: %s", warm.error)
 
+    from bench.audit_log import fdatasync_median
+    disk = lab.audit_dir.parent if lab.audit_dir.parent.is_dir() else Path("/var/tmp")
+    meta["audit_disk"] = {"before": fdatasync_median(disk)}
     print(header(meta), flush=True)
     for case, paths in plan:
         try:
@@ -421,6 +424,7 @@ def measure(ctx: Context, args: argparse.Namespace, plan: list[tuple[Case, list[
             # One case's failure is reported with the others, not the end of the run.
             log.error("bench: case %s failed: %s", case.name, exc)
             results.append(failed_case(case, paths, f"{type(exc).__name__}: {exc}"))
+    meta["audit_disk"]["after"] = fdatasync_median(disk)
 
 
 def _run_one(ctx: Context, args: argparse.Namespace, case: Case, paths: list[str]) -> CaseResult:
@@ -504,8 +508,17 @@ def _main(args: argparse.Namespace) -> int:
     print()
     print(report.render_table(results))
     print()
+    audit_rows = report.audit_rows(results)
+    if audit_rows:
+        print()
+        print(report.render_audit_table(audit_rows))
+    print()
     print(report.summary_line(results))
     for line in report.derived_lines(results):
+        print(line)
+    if meta.get("audit_disk", {}).get("after"):
+        print(f"audit disk after the cases: {_fdatasync_text(meta['audit_disk']['after'])}")
+    for line in report.target_lines(report.targets(results, report.fdatasync_median_us(meta))):
         print(line)
     if "audit_log" in meta:
         print(_audit_log_line(meta["audit_log"]))
@@ -532,6 +545,11 @@ def _audit_log_only() -> int:
     return 0 if result["verified_ok"] else 1
 
 
+def _fdatasync_text(figures: dict[str, Any]) -> str:
+    return (f"fdatasync median {figures['median_us']:,.0f} µs (p90 {figures['p90_us']:,.0f} µs; "
+            f"{figures['count']} record-sized appends in {figures['dir']})")
+
+
 def header(meta: dict[str, Any]) -> str:
     s, h, v = meta["settings"], meta["host"], meta["versions"]
     tls = "; ".join(f"{p}: db leg {info.get('db_leg_tls') or 'plain'}, agent leg "
@@ -552,6 +570,7 @@ def header(meta: dict[str, Any]) -> str:
             f"{(v['postgresql'] or '').split(' on ')[0]}; uvloop {v['uvloop'] or 'absent'}"
         ),
         f"TLS: {tls}" if tls else "TLS: (no path answered)",
+        *([f"audit disk: {_fdatasync_text(meta['audit_disk']['before'])}"] if meta.get("audit_disk") else []),
         f"ratios vs {BASELINE}; summary: tollgate vs {REFERENCE}",
     ]
     return "\n".join(lines)

@@ -1,5 +1,10 @@
 """The audit log's own rates: durable records per second, and verified records per second.
 
+:func:`fdatasync_median` is the disk's part alone: the median time of one ``fdatasync``
+after appending a record-sized line, which bounds what a statement waits for its record
+with ``durability = "fsync"`` (the bench's header shows it, measured in the lab's audit
+directory before and after the cases).
+
 Not a pgbench case: the log is driven directly, in this process, the way the proxy drives
 it. Appenders are asyncio tasks that each append a statement-sized record and wait until
 it is durable before appending the next, as a session waits before forwarding its
@@ -12,7 +17,9 @@ The log lives on the disk the appliance would use (/var/tmp, not a tmpfs).
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import statistics
 import tempfile
 import time
 from collections.abc import Callable
@@ -40,6 +47,29 @@ async def _append_durably(audit_log: Any, appenders: int, records: int) -> float
     started = time.perf_counter()
     await asyncio.gather(*(appender(n) for n in range(appenders)))
     return per_task * appenders / (time.perf_counter() - started)
+
+
+FDATASYNC_RECORD = b"x" * 400 + b"\n"  # about a statement record's size
+
+
+def fdatasync_median(directory: Path, count: int = 200) -> dict[str, Any]:
+    """The disk's own cost of what the group commit does each round: append a record-sized
+    line to a file in ``directory`` and ``fdatasync`` it, ``count`` times; the median and
+    the 90th percentile in µs. The file is removed afterwards."""
+    fd, name = tempfile.mkstemp(prefix="tollgate-bench-fdatasync-", dir=directory)
+    times: list[float] = []
+    try:
+        for _ in range(count):
+            os.write(fd, FDATASYNC_RECORD)
+            started = time.perf_counter_ns()
+            os.fdatasync(fd)
+            times.append((time.perf_counter_ns() - started) / 1000)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+    times.sort()
+    return {"dir": str(directory), "count": count, "median_us": round(statistics.median(times), 1),
+            "p90_us": round(times[int(len(times) * 0.9) - 1], 1)}
 
 
 def measure(records: int = 200_000, appenders: tuple[int, ...] = (8, 50),

@@ -9,6 +9,7 @@ process (pgbouncer or Tollgate) used during the run, per transaction.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import statistics
@@ -198,7 +199,118 @@ def derived_lines(results: Sequence[CaseResult]) -> list[str]:
     return out
 
 
-def summary(results: Sequence[CaseResult]) -> dict[str, Any]:
+# --- the audit log's settings side by side, and the issue's targets ------------------------
+
+AUDIT_ORDER = ("fsync", "write", "off")
+
+
+@dataclass
+class AuditRow:
+    """One case through Tollgate under one audit setting, against the case's direct path."""
+
+    case: str
+    audit: str
+    tps: float | None
+    ratio_to_direct: float | None
+    added_us: float | None  # per statement vs direct; one-client cases only
+    proxy_cpu_us_per_tx: float | None
+
+
+def audit_rows(results: Sequence[CaseResult]) -> list[AuditRow]:
+    """Each case that has audit variants (cases naming it in ``compare_to`` with another
+    ``audit``), with them: shipped (fsync), write, off — every figure against the base
+    case's direct path, measured in the same run."""
+    variants: dict[str, list[CaseResult]] = {}
+    for cr in results:
+        if cr.case.compare_to and cr.case.audit != "fsync":
+            variants.setdefault(cr.case.compare_to, []).append(cr)
+    rows = []
+    for base in results:
+        if base.case.name not in variants or base.case.audit != "fsync":
+            continue
+        direct = base.paths.get(BASELINE)
+        group = sorted([base, *variants[base.case.name]], key=lambda cr: AUDIT_ORDER.index(cr.case.audit)
+                       if cr.case.audit in AUDIT_ORDER else len(AUDIT_ORDER))
+        for cr in group:
+            pr = cr.paths.get(SUBJECT)
+            if pr is None or not pr.ok:
+                rows.append(AuditRow(base.case.name, cr.case.audit, None, None, None, None))
+                continue
+            ratio = pr.tps / direct.tps if direct is not None and direct.tps and pr.tps is not None else None
+            added = None
+            if base.case.per_statement and direct is not None and direct.latency_from_tps_ms is not None \
+                    and pr.latency_from_tps_ms is not None:
+                added = (pr.latency_from_tps_ms - direct.latency_from_tps_ms) * 1000.0
+            rows.append(AuditRow(base.case.name, cr.case.audit, pr.tps, ratio, added, pr.proxy_cpu_us_per_tx))
+    return rows
+
+
+def render_audit_table(rows: Sequence[AuditRow]) -> str:
+    headers = ("case", "audit", "TPS", "× direct", "+µs/stmt", "proxy CPU µs/tx")
+    cells = [(r.case, r.audit, _fmt(r.tps, ",.0f") if r.tps is not None else "FAILED", _fmt(r.ratio_to_direct, ".2f"),
+              _fmt(r.added_us, ".1f", signed=True) if r.added_us is not None else "",
+              _fmt(r.proxy_cpu_us_per_tx, ".1f")) for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def line(row: Sequence[str], numeric: bool = True) -> str:
+        return "  ".join(c.rjust(w) if numeric and i >= 2 else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(row, widths, strict=True))).rstrip()
+
+    out = [line(headers, numeric=False), line(tuple("-" * w for w in widths), numeric=False)]
+    previous = None
+    for c in cells:
+        out.append(line((c[0] if c[0] != previous else "", *c[1:])))
+        previous = c[0]
+    return "\n".join(out)
+
+
+def targets(results: Sequence[CaseResult], fdatasync_median_us: float | None) -> list[dict[str, Any]]:
+    """The issue's targets, each with the figure measured, its bound (from the same run)
+    and whether it is met. Only those whose figures this run has."""
+    by_name = {cr.case.name: cr for cr in results}
+    rows = {(r.case, r.audit): r for r in audit_rows(results)}
+    out: list[dict[str, Any]] = []
+
+    def add(target: str, value: float | None, bound: float | None, unit: str) -> None:
+        if value is not None and bound is not None:
+            out.append({"target": target, "value": round(value, 3), "bound": round(bound, 3), "unit": unit,
+                        "met": value >= bound if unit == "×direct" else value <= bound})
+
+    for name in ("c8-simple", "c8-extended"):
+        cr = by_name.get(name)
+        if cr is not None:
+            add(f"{name}: Tollgate's TPS ratio to direct ≥ pgbouncer's", cr.ratio(SUBJECT), cr.ratio(REFERENCE),
+                "×direct")
+    c1 = by_name.get("c1-simple")
+    off = rows.get(("c1-simple", "off"))
+    if c1 is not None:
+        pgb = c1.added_us(REFERENCE)
+        if off is not None:
+            add("c1-simple, audit off: added µs/stmt ≤ pgbouncer's + 10", off.added_us,
+                pgb + 10.0 if pgb is not None else None, "µs")
+            add("c1-simple, audit fsync: added µs/stmt ≤ fdatasync median + the audit-off figure",
+                c1.added_us(SUBJECT),
+                fdatasync_median_us + off.added_us if fdatasync_median_us is not None and off.added_us is not None
+                else None, "µs")
+    c8 = by_name.get("c8-simple")
+    c8_off = rows.get(("c8-simple", "off"))
+    if c8 is not None and c8_off is not None and REFERENCE in c8.paths:
+        add("c8-simple: proxy CPU µs/tx, audit off, ≤ pgbouncer's", c8_off.proxy_cpu_us_per_tx,
+            c8.paths[REFERENCE].proxy_cpu_us_per_tx, "µs")
+    return out
+
+
+def target_lines(found: Sequence[dict[str, Any]]) -> list[str]:
+    return [f"target: {t['target']}: {t['value']:,.2f} vs {t['bound']:,.2f} {t['unit']} — "
+            f"{'met' if t['met'] else 'NOT met'}" for t in found]
+
+
+def fdatasync_median_us(meta: dict[str, Any]) -> float | None:
+    """The audit disk's fdatasync median measured before the cases (the header's figure)."""
+    return ((meta.get("audit_disk") or {}).get("before") or {}).get("median_us")
+
+
+def summary(results: Sequence[CaseResult], fdatasync_us: float | None = None) -> dict[str, Any]:
     ratios = [r for r in (cr.ratio(SUBJECT, REFERENCE) for cr in results) if r is not None]
     return {
         "line": summary_line(results),
@@ -209,6 +321,8 @@ def summary(results: Sequence[CaseResult]) -> dict[str, Any]:
             {cr.case.name: cr.added_us(SUBJECT, REFERENCE) for cr in results if cr.case.per_statement},
         f"{SUBJECT}_vs_{BASELINE}_added_us":
             {cr.case.name: cr.added_us(SUBJECT, BASELINE) for cr in results if cr.case.per_statement},
+        "audit": [dataclasses.asdict(r) for r in audit_rows(results)],
+        "targets": targets(results, fdatasync_us),
     }
 
 
@@ -236,7 +350,7 @@ def document(meta: dict[str, Any], results: Sequence[CaseResult], *, raw: bool =
             }
             for cr in results
         ],
-        "summary": summary(results),
+        "summary": summary(results, fdatasync_median_us(meta)),
     }
 
 
