@@ -240,26 +240,76 @@ def test_an_extended_protocol_statement_in_a_pipeline_and_transaction_is_held_wi
     assert brand(lab, card_id) == "piped"
 
 
-def test_a_time_boxed_approval_lets_the_same_statement_shape_through_without_asking(lab: Lab, tokens, card):
+def test_a_time_boxed_grant_covers_the_approved_statement_and_a_shape_only_when_chosen(lab: Lab, tokens, card):
     card_id, _before = card
-    proc = start_psql(lab, f"UPDATE cards SET expiry = expiry WHERE id = {card_id}")
-    try:
-        request = held_request(lab, tokens["lab-dba-1"], f"SET expiry = expiry WHERE id = {card_id}")
-        approvals(lab, tokens["lab-dba-1"], "approve", request["id"], "--reason", "expiry fix-ups today",
-                  "--for-minutes", "5")
-        assert finish(proc)[0] == 0
-    finally:
-        proc.kill()
-    # The same shape with another constant: granted, so no new request and no wait.
+
+    def held_then(sql: str, *approve: str) -> dict[str, Any]:
+        proc = start_psql(lab, sql)
+        try:
+            request = held_request(lab, tokens["lab-dba-1"], sql)
+            approvals(lab, tokens["lab-dba-1"], *approve[:1], request["id"], "--reason", "expiry fix-ups today",
+                      *approve[1:])
+            finish(proc)
+        finally:
+            proc.kill()
+        return request
+
+    exact = f"UPDATE cards SET expiry = expiry WHERE id = {card_id}"
+    request = held_then(exact, "approve", "--for-minutes", "5")
     granted = wait_for(lambda: [r for r in listing(lab, tokens["lab-dba-1"], "approved")
                                 if r["id"] == request["id"] and r["grant"]], "the grant to be recorded")
-    assert granted[0]["grant"]["subject"] == "lab-agent"
-    assert psql(lab, f"UPDATE cards SET expiry = expiry WHERE id = {card_id + 1}").strip() == "UPDATE 1"
-    # Another shape still waits (and is then denied, so nothing is left behind).
-    proc = start_psql(lab, f"UPDATE cards SET brand = brand WHERE id = {card_id}")
+    assert (granted[0]["grant"]["subject"], granted[0]["grant"]["scope"]) == ("lab-agent", "exact")
+    # Exactly that statement runs again without asking (spelt differently: same statement) …
+    assert psql(lab, exact.lower() + " -- again").strip() == "UPDATE 1"
+    # … another constant is a new request: an exact grant does not cover it. Its approver
+    # is shown what a shape grant would let vary, and chooses that.
+    other = f"UPDATE cards SET expiry = expiry WHERE id = {card_id + 1}"
+    second = held_then(other, "approve", "--for-minutes", "5", "--any-constants")
+    assert second["free"] == [str(card_id + 1)]
+    wait_for(lambda: [r for r in listing(lab, tokens["lab-dba-1"], "approved")
+                      if r["id"] == second["id"] and r["grant"]], "the shape grant to be recorded")
+    assert psql(lab, f"UPDATE cards SET expiry = expiry WHERE id = {card_id + 2}").strip() == "UPDATE 1"
+    # A list of ids is another shape (one approved id must not become many): it waits, denied.
+    listed = f"UPDATE cards SET expiry = expiry WHERE id IN ({card_id}, {card_id + 1})"
+    proc = start_psql(lab, listed)
     try:
-        other = held_request(lab, tokens["lab-dba-1"], f"SET brand = brand WHERE id = {card_id}")
-        approvals(lab, tokens["lab-dba-1"], "deny", other["id"], "--reason", "not covered")
+        denied = held_request(lab, tokens["lab-dba-1"], listed)
+        approvals(lab, tokens["lab-dba-1"], "deny", denied["id"], "--reason", "not covered")
         assert finish(proc)[0] != 0
     finally:
         proc.kill()
+
+
+PARSE_THEN_EXECUTE = """
+import json, sys, psycopg
+with psycopg.connect(sys.argv[1], autocommit=True) as conn:
+    prepared = conn.pgconn.prepare(b"s1", b"UPDATE cards SET brand = $1 WHERE id = $2")  # a protocol Parse
+    assert prepared.status == psycopg.pq.ExecStatus.COMMAND_OK, prepared.error_message
+    ran = conn.pgconn.exec_(b"EXECUTE s1('via-execute', %d)" % int(sys.argv[2]))  # SQL, simple protocol
+    print(json.dumps([ran.status == psycopg.pq.ExecStatus.COMMAND_OK, ran.command_status.decode(),
+                      ran.error_message.decode()]))
+"""
+
+
+def test_sql_execute_of_a_protocol_parsed_update_to_cards_is_held_as_that_update(lab: Lab, tokens, card):
+    card_id, before = card
+    proc = lab.popen("agent", [sys.executable, "-c", textwrap.dedent(PARSE_THEN_EXECUTE), lab.conninfo(),
+                               str(card_id)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        request = held_request(lab, tokens["lab-dba-1"], "EXECUTE s1(")
+        assert request["sql"] == (f"EXECUTE s1('via-execute', {card_id})\n"
+                                  "-- s1 is: UPDATE cards SET brand = $1 WHERE id = $2")
+        assert request["rule"]["name"] == "card-changes-need-a-dba" and "write" in request["classes"]
+        assert brand(lab, card_id) == before  # nothing ran yet
+        approvals(lab, tokens["lab-dba-1"], "approve", request["id"], "--reason", "rename the brand")
+        code, out, err = finish(proc)
+    finally:
+        proc.kill()
+    assert code == 0, err
+    assert json.loads(out.strip().splitlines()[-1]) == [True, "UPDATE 1", ""]
+    assert brand(lab, card_id) == "via-execute"
+    from tests.e2e.test_audit import records
+    [statement] = wait_for(lambda: [r for r in records(lab) if r.get("approval") == request["id"]
+                                    and r["type"] == "statement"] or None, "the statement's record")
+    assert statement["executes"] == [{"name": "s1", "text": "UPDATE cards SET brand = $1 WHERE id = $2"}]
+    assert statement["decision"] == "hold" and "write" in statement["classes"]
