@@ -59,6 +59,8 @@ def test_transforms_and_oracles_are_refused_and_a_plain_select_is_masked(lab: La
             else "public.cards.pan" in message, (sql, message)
     # application_name never took the card number: the set_config never ran.
     assert clear not in psql(lab, "SELECT current_setting('application_name')")
+    # Tools' catalog queries name the table and column too, and still work.
+    assert "pan" in psql(lab, "\\d cards")
 
 
 @pytest.fixture
