@@ -366,6 +366,8 @@ class AgentTLS:
             if not chunk:
                 break  # end of the TLS stream (a suppressed ragged EOF reads as b"")
             chunks.append(chunk)
+            if not self.incoming.pending and not self.sslobj.pending():
+                break  # all read: asking again would only raise SSLWantReadError
         if chunks:
             session.client_data(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
