@@ -3,6 +3,8 @@ database itself refuses the agent role's writes, laundering and clear reads with
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from psycopg import errors
 
@@ -229,3 +231,22 @@ def test_check_finds_a_privilege_given_back_directly_or_through_public(provision
                     f"TEMPORARY on database {provisioned.name}", "EXECUTE on lo_from_bytea(oid,bytea)"):
         assert f"{provisioned.agent}: {finding}" in out
     assert provision(provisioned, "--apply") == 0  # and provisioning again takes them back
+
+
+def test_printing_reads_the_catalog_with_the_held_credential_and_names_the_agent_roles(
+        database: Database, capsys: pytest.CaptureFixture[str]):
+    assert main(["db", "provision", "-c", str(database.config), "--database", database.name,
+                 "--column", CARDS_PAN, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["agent_roles"] == [database.agent] and out["applied"] is False and "findings" not in out
+    assert f'REVOKE ALL ON TABLE "public"."cards" FROM PUBLIC, "{database.agent}"' in out["sql"]
+    assert not any(s.startswith("--") for s in out["sql"])
+    # Nothing was changed: the agent still reads the column in clear.
+    with database.connect(database.agent) as conn:
+        assert conn.execute("SELECT pan FROM public.cards WHERE id = 1").fetchone()[0] == PANS[0]
+
+
+def test_apply_without_an_admin_conninfo_is_refused(database: Database, capsys: pytest.CaptureFixture[str]):
+    assert main(["db", "provision", "-c", str(database.config), "--database", database.name,
+                 "--column", CARDS_PAN, "--apply"]) == 2
+    assert "--apply and --check need --dsn" in capsys.readouterr().err
