@@ -39,8 +39,8 @@ _LEAVES = frozenset({"A_Const", "ParamRef", "TypeName", "String", "Integer", "Fl
 
 
 def described(columns: Iterable[str]) -> str:
+    """Cardholder columns named in a message: each once, in order."""
     return ", ".join(sorted(set(columns)))
-
 
 
 class QueryLineage:
