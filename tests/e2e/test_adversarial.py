@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,18 @@ ORACLES = {c["name"]: c for c in CORPUS["oracle"]}
 CONTROLS = {c["name"]: c for c in CORPUS["control"]}
 CARD, CARD2 = 7, 123  # the cards the cases read (ids in the lab's cards table)
 CASE_DEADLINE = 30  # seconds for one case's statements, through or direct
+# The corpus runs under the lab's policy as it is, and with a `mask` rule on the card
+# number added (the acceptance asks for both).
+MASK_RULE = """
+[[rule]]
+name = "card-numbers-masked-for-agents"
+groups = ["payments-agents"]
+classes = ["read"]
+relations = ["public.cards"]
+action = "mask"
+mask = [{ columns = ["public.cards.pan"], method = "pan" }]
+"""
+POLICY_VARIANTS = {"lab policy": LAB_POLICY, "with a mask rule": LAB_POLICY + MASK_RULE}
 
 RUNNER = r"""
 import json, os, sys, threading, psycopg
@@ -157,10 +170,10 @@ def run_corpus(lab: Lab, cases: dict[str, dict], *, direct: bool) -> dict:
                        timeout=deadline + 120)  # type: ignore[return-value]
 
 
-@pytest.fixture(scope="module")
-def adversary(lab: Lab) -> dict:
+@pytest.fixture(scope="module", params=list(POLICY_VARIANTS))
+def adversary(lab: Lab, request: pytest.FixtureRequest) -> Iterator[dict]:
     """Everything the client received, through Tollgate and directly, for every case."""
-    set_policy(lab, LAB_POLICY)
+    set_policy(lab, POLICY_VARIANTS[request.param])
     superuser_sql(lab, "CREATE SCHEMA IF NOT EXISTS scratch AUTHORIZATION app")
     pans = lab_pans(lab)
     assert len(pans) >= 300
@@ -174,12 +187,13 @@ def adversary(lab: Lab) -> dict:
     try:
         through = run_corpus(lab, cases, direct=False)
         direct = run_corpus(lab, cases, direct=True)
+        yield {"through": through, "direct": direct, "pans": pans}
     finally:
+        set_policy(lab, LAB_POLICY)
         superuser_sql(lab, "DO $$ DECLARE r record; BEGIN FOR r IN SELECT oid::regclass AS t, relkind FROM pg_class "
                            "WHERE relnamespace = 'scratch'::regnamespace AND relname LIKE 'adv_%' LOOP "
                            "EXECUTE format(CASE WHEN r.relkind = 'v' THEN 'DROP VIEW IF EXISTS %s CASCADE' "
                            "ELSE 'DROP TABLE IF EXISTS %s CASCADE' END, r.t); END LOOP; END $$")
-    return {"through": through, "direct": direct, "pans": pans}
 
 
 def _case_params() -> list:
