@@ -10,7 +10,8 @@ saving it and an assessor can see why a statement was blocked. Exit status:
 2     error: unreadable or invalid policy or config, bad arguments
 ====  ====================================================================
 
-``validate`` prints ``ok: N rules`` (exit 0) or the ``FILE:LINE: reason`` (exit 1).
+``validate`` prints ``ok: N rules`` (exit 0) or the ``FILE:LINE: reason`` (exit 1); then
+the cardholder columns and agent groups, if the file declares them.
 """
 
 from __future__ import annotations
@@ -65,6 +66,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
         return 1
     count = len(policy.rules)
     print(f"ok: {count} rule{'s' if count != 1 else ''}")
+    if policy.cardholder_columns:
+        print(f"cardholder columns: {', '.join(policy.cardholder_columns)}")
+    if policy.agent_groups:
+        print(f"agents (lineage and function rules): {', '.join(sorted(policy.agent_groups))}")
+    elif policy.cardholder_columns:
+        print("note: no agent_groups, so the lineage and function rules apply to nobody")
     return 0
 
 

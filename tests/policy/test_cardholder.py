@@ -57,3 +57,17 @@ def test_declaration_errors_carry_their_line(text: str, expected: str) -> None:
     with pytest.raises(PolicyError) as info:
         policy(text)
     assert expected in str(info.value)
+
+
+def test_validate_shows_the_declaration(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    from appliance.policy.cli import cmd_validate
+
+    path = tmp_path / "policy.toml"
+    path.write_text('cardholder_columns = ["public.cards.pan"]\nagent_groups = ["agents"]\n')
+    assert cmd_validate(type("Args", (), {"file": path})()) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "ok: 0 rules", "cardholder columns: public.cards.pan", "agents (lineage and function rules): agents"]
+    path.write_text('cardholder_columns = ["public.cards.pan"]\n')
+    assert cmd_validate(type("Args", (), {"file": path})()) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == \
+        "note: no agent_groups, so the lineage and function rules apply to nobody"
