@@ -176,14 +176,14 @@ class EnforcementAddon(Addon):
         chose that."""
         if self.approvals is None:
             return False
-        keys = grant_keys(shown_sql(statement), _param_values(bind))
+        keys = grant_keys(statement.text, _param_values(bind), [runs.text for runs in statement.executes])
         subject = requester(session)["subject"]
         return self.approvals.grant_allows(subject, target, keys.exact) or \
             self.approvals.grant_allows(subject, target, keys.shape)
 
     def _hold(self, session: SessionInfo, statement: Statement, bind: bytes | None, decision: Decision) -> Verdict:
         sql = shown_sql(statement)
-        keys = grant_keys(sql, _param_values(bind))
+        keys = grant_keys(statement.text, _param_values(bind), [runs.text for runs in statement.executes])
         params = bind_params(bind, statement.param_types, self.scrub)
         if self.approvals is None:
             return Reject(BLOCKED_SQLSTATE, f"{decision.message or 'this statement needs approval'}; "

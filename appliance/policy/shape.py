@@ -93,20 +93,48 @@ class GrantKeys:
     free: tuple[str, ...]
 
 
-def grant_keys(sql: str, params: Sequence[tuple[int, bytes | None]] | None = None) -> GrantKeys:
+def grant_keys(sql: str, params: Sequence[tuple[int, bytes | None]] | None = None,
+               runs: Sequence[str] = ()) -> GrantKeys:
     """The grant keys of ``sql`` run with ``params`` (each Bind parameter's format code and
-    value, None for NULL; None when it has no Bind)."""
-    from pglast.parser import ParseError, scan
-    exact = hashlib.sha256()
+    value, None for NULL; None when it has no Bind). ``runs``: the text of each prepared
+    statement it runs by SQL ``EXECUTE``, bound like its own text (``EXECUTE s1(5)`` is
+    another statement when ``s1`` is)."""
     bound = b"" if params is None else b"".join(
         b"%d:%s;" % (fmt, b"N" if value is None else b"%d:%s" % (len(value), value)) for fmt, value in params)
+    exact, shape_key = hashlib.sha256(), hashlib.sha256()
+    free: list[str] = []
+    lexable = True
+    for index, text in enumerate((sql, *runs)):
+        # A prepared statement's own $n are filled by the EXECUTE's arguments, listed already.
+        lexed = _lexed(text, params_free=index == 0)
+        if lexed is None:
+            # Not lexable: no shape to speak of; only this exact text (and parameters) matches.
+            lexable = False
+            raw = text.encode("utf-8", "surrogateescape")
+            exact.update(b"%d:%s" % (len(raw), raw))
+            continue
+        exact_parts, shape_parts, own_free = lexed
+        exact.update(exact_parts)
+        shape_key.update(shape_parts)
+        free.extend(own_free)
+    exact.update(b"\0" + bound)
+    if not lexable:
+        key = exact.hexdigest()
+        return GrantKeys("exact:" + key, "text:" + key, ())
+    if len(free) > MAX_FREE_SHOWN:
+        free = [*free[:MAX_FREE_SHOWN], f"… {len(free) - MAX_FREE_SHOWN} more"]
+    return GrantKeys("exact:" + exact.hexdigest(), "shape:" + shape_key.hexdigest(), tuple(free))
+
+
+def _lexed(sql: str, params_free: bool = True) -> tuple[bytes, bytes, list[str]] | None:
+    """``sql`` as PostgreSQL's lexer reads it (pglast), each token length-prefixed: with its
+    constants, with them as ``?``, and the constants (and parameters, with ``params_free``)
+    as written. None when it can't be lexed."""
+    from pglast.parser import ParseError, scan
     try:
         tokens = scan(sql)
     except (ParseError, UnicodeError):
-        # Not lexable: no shape to speak of; only this exact text (and parameters) matches.
-        exact.update(sql.encode("utf-8", "surrogateescape") + b"\0" + bound)
-        key = exact.hexdigest()
-        return GrantKeys("exact:" + key, "text:" + key, ())
+        return None
     exact_parts: list[str] = []
     shape_parts: list[str] = []
     free: list[str] = []
@@ -121,7 +149,8 @@ def grant_keys(sql: str, params: Sequence[tuple[int, bytes | None]] | None = Non
             free.append(text)
             continue
         if name == "PARAM":
-            free.append(text)
+            if params_free:
+                free.append(text)
         elif token.kind != "NO_KEYWORD" or (name == "IDENT" and not text.startswith('"')):
             text = text.lower()
         exact_parts.append(text)
@@ -129,8 +158,13 @@ def grant_keys(sql: str, params: Sequence[tuple[int, bytes | None]] | None = Non
     while exact_parts and exact_parts[-1] == ";":  # a trailing semicolon ends, it doesn't change
         exact_parts.pop()
         shape_parts.pop()
-    exact.update(" ".join(exact_parts).encode("utf-8", "surrogateescape") + b"\0" + bound)
-    shape_key = hashlib.sha256(" ".join(shape_parts).encode("utf-8", "surrogateescape")).hexdigest()
-    if len(free) > MAX_FREE_SHOWN:
-        free = [*free[:MAX_FREE_SHOWN], f"… {len(free) - MAX_FREE_SHOWN} more"]
-    return GrantKeys("exact:" + exact.hexdigest(), "shape:" + shape_key, tuple(free))
+    return _prefixed(exact_parts), _prefixed(shape_parts), free
+
+
+def _prefixed(parts: list[str]) -> bytes:
+    """Tokens as one unambiguous byte string: each one's length, then itself; then a NUL."""
+    out = bytearray()
+    for part in parts:
+        raw = part.encode("utf-8", "surrogateescape")
+        out += b"%d:%s" % (len(raw), raw)
+    return bytes(out) + b"\0"

@@ -55,3 +55,13 @@ def test_text_that_cannot_be_lexed_matches_only_itself():
     keys = grant_keys("select 'unterminated")
     assert keys.free == () and keys.shape != grant_keys("select 'other").shape
     assert keys.exact.startswith("exact:") and keys.shape.startswith("text:")
+
+
+def test_an_execute_is_keyed_with_the_statement_it_runs():
+    update = "UPDATE cards SET brand = 'x' WHERE id = 1"
+    one = grant_keys("EXECUTE s1", runs=[update])
+    assert one.exact == grant_keys("execute s1", runs=[update]).exact
+    assert one.exact != grant_keys("EXECUTE s1", runs=["UPDATE cards SET brand = 'x' WHERE id = 2"]).exact
+    assert one.shape != grant_keys("EXECUTE s1", runs=["DELETE FROM cards"]).shape
+    assert one.exact != grant_keys("EXECUTE s1").exact
+    assert one.free == ("'x'", "1")

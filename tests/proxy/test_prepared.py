@@ -60,9 +60,10 @@ class Approvals:
 
     def __init__(self) -> None:
         self.requests: list[dict[str, Any]] = []
+        self.granted: set[str] = set()
 
     def grant_allows(self, subject: str, target: str, key: str) -> bool:
-        return False
+        return key in self.granted
 
     def hold(self, request: dict[str, Any], decision: Any) -> Any:
         self.requests.append(request)
@@ -99,10 +100,10 @@ def query(pb: Playbook, sql: str, *reply: m.Message) -> Playbook:
     return roundtrip(pb, [m.Query(sql)], [*reply, READY])
 
 
-def held(pb: Playbook, sent: list[m.Message]) -> Playbook:
+def held(pb: Playbook, sent: list[m.Message], wait: str = "approval") -> Playbook:
     """``sent`` is held for approval, then approved and sent as it was."""
-    return (pb >> ClientData(*sent) << PauseClient() << Wait("approval")
-            >> WaitDone("approval") << ServerGets(*sent) << ResumeClient())
+    return (pb >> ClientData(*sent) << PauseClient() << Wait(wait)
+            >> WaitDone(wait) << ServerGets(*sent) << ResumeClient())
 
 
 def refused_query(pb: Playbook, sql: str, sqlstate: str, message: str) -> Playbook:
@@ -280,3 +281,17 @@ def test_after_a_reload_both_protocols_run_a_prepared_statement_as_the_new_polic
             << ClientGets(m.BindComplete(), Like(m.ErrorResponse, sqlstate="42501"), READY))
     assert refused_query(pb, "EXECUTE s1", "42501", "blocked by policy rule 'writes-need-approval' (policy.toml:4)")
     assert records.seen[-1] == ("query", "EXECUTE s1", ("DELETE FROM cards",), "block")
+
+
+def test_an_exact_grant_for_an_execute_binds_the_statement_it_ran(world):
+    pb, approvals, _ = world
+    assert query(pb, "PREPARE s1 AS UPDATE cards SET brand = $1 WHERE id = $2", m.CommandComplete("PREPARE"))
+    assert held(pb, [m.Query("EXECUTE s1('visa', 7)")])
+    [request] = approvals.requests
+    approvals.granted.add(request["fingerprint"])  # approved with an exact grant
+    assert query(pb, "EXECUTE s1('visa', 7)", m.CommandComplete("UPDATE 1"))  # granted: no new request
+    # Same EXECUTE text, another statement behind the name: not what was approved.
+    assert query(pb, "DEALLOCATE s1", m.CommandComplete("DEALLOCATE"))
+    assert query(pb, "PREPARE s1 AS DELETE FROM cards WHERE brand = $1 OR id = $2", m.CommandComplete("PREPARE"))
+    assert held(pb, [m.Query("EXECUTE s1('visa', 7)")], "second approval")
+    assert len(approvals.requests) == 2
