@@ -68,9 +68,10 @@ DENIED_FUNCTIONS = (
     "pg_terminate_backend", "pg_cancel_backend",
 )
 DENIED_FUNCTION_PREFIXES = ("dblink",)
-# Membership in these predefined roles would bypass everything below.
+# Membership in these predefined roles would bypass everything below, or (the statistics
+# roles) show other roles' statement texts, literals and all, in pg_stat_activity.
 DANGEROUS_ROLES = ("pg_read_all_data", "pg_write_all_data", "pg_read_server_files", "pg_write_server_files",
-                   "pg_execute_server_program", "pg_signal_backend")
+                   "pg_execute_server_program", "pg_signal_backend", "pg_read_all_stats", "pg_monitor")
 
 TEXT_TYPES = frozenset({"text", "varchar", "bpchar"})
 NUMBER_TYPES = frozenset({"int8", "int4", "numeric"})
@@ -267,7 +268,8 @@ def problems(snapshot: Snapshot) -> list[str]:
                        f"(ALTER TABLE … OWNER TO, ALTER DATABASE … OWNER TO)")
         for other in role.member_of:
             out.append(f"agent role {role.name} is a member of {other}, which "
-                       + ("is a predefined role that bypasses table privileges" if other in DANGEROUS_ROLES
+                       + ("is a predefined role that bypasses table privileges or shows other roles' statements"
+                          if other in DANGEROUS_ROLES
                           else "owns a cardholder table or the database") + f": REVOKE {other} FROM {role.name}")
     return out
 

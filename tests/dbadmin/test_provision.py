@@ -128,6 +128,20 @@ def test_an_agent_role_that_owns_a_cardholder_table_is_refused(database: Databas
     assert f"agent role {database.agent} owns a cardholder table" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("role", ["owner", "pg_read_all_data", "pg_monitor"])
+def test_an_agent_role_that_can_act_as_an_owner_or_read_everything_is_refused(
+        database: Database, capsys: pytest.CaptureFixture[str], role: str):
+    granted = database.owner if role == "owner" else role
+    with database.connect() as conn:
+        conn.execute(f"GRANT {granted} TO {database.agent}")
+    try:
+        assert provision(database) == 2
+        assert f"agent role {database.agent} is a member of {granted}" in capsys.readouterr().err
+    finally:
+        with database.connect() as conn:
+            conn.execute(f"REVOKE {granted} FROM {database.agent}")
+
+
 def test_check_names_views_and_definer_functions_that_reach_a_cardholder_column(
         provisioned: Database, capsys: pytest.CaptureFixture[str]):
     with provisioned.connect() as conn:
