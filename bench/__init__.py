@@ -20,18 +20,20 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A way from the agent to the database. ``password``: the client must send app's
-    password (the Tollgate path sends none: the appliance holds it)."""
+    """A way from a client to the database. ``password``: the client must send app's
+    password (the Tollgate path sends none: the appliance holds it). ``node``: the lab
+    namespace the client runs in (the direct address is not the agent's to reach)."""
 
     name: str
     host: str
     port: int
     password: bool
     description: str
+    node: str = "agent"
 
 
 DIRECT = Route("direct", "198.18.2.11", 5432, True,
-               "agent → db's unprotected address (same route through gw, not intercepted)")
+               "direct namespace → db's unprotected address (routed through gw, not intercepted)", node="direct")
 PGBOUNCER = Route("pgbouncer", "198.18.1.1", 6432, True,
                   "agent → pgbouncer on gw (session pooling) → db's direct address")
 TOLLGATE = Route("tollgate", "198.18.2.10", 5432, False,

@@ -248,7 +248,7 @@ def probe_path(ctx: Context, route: Route) -> dict[str, Any]:
     ``db_leg_tls``: what PostgreSQL sees on the connection serving us (pg_stat_ssl);
     ``client_leg_tls``: what libpq negotiated with whatever answered the agent.
     """
-    proc = ctx.lab.exec("agent", ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", ctx.conninfo(route),
+    proc = ctx.lab.exec(route.node, ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", ctx.conninfo(route),
                                   "-c", PROBE_SQL, "-c", "\\conninfo"],
                         env=ctx.env(route), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:
@@ -273,7 +273,7 @@ def run_case(ctx: Context, case: Case, paths: list[str], *, duration: int, repea
             with during:
                 reset_peak_rss(pid)
                 cpu0 = process_cpu_s(pid)
-                run = pgbench.run(ctx.lab, "agent", argv, env=ctx.env(route), timeout=timeout)
+                run = pgbench.run(ctx.lab, route.node, argv, env=ctx.env(route), timeout=timeout)
                 cpu1 = process_cpu_s(pid)
                 rss = peak_rss_kb(pid)
             pr = result.paths[path]
@@ -381,7 +381,7 @@ def measure(ctx: Context, args: argparse.Namespace, plan: list[tuple[Case, list[
     log.info("bench: creating database %s (owner %s), pgbench -i -s %d", DB_NAME, ROLE, args.scale)
     superuser_sql(lab, f"CREATE DATABASE {DB_NAME} OWNER {ROLE}")
     t0 = time.monotonic()
-    pgbench.initialize(lab, "agent", ctx.conninfo(ROUTES[BASELINE]), scale=args.scale,
+    pgbench.initialize(lab, ROUTES[BASELINE].node, ctx.conninfo(ROUTES[BASELINE]), scale=args.scale,
                        env=ctx.env(ROUTES[BASELINE]))
     meta["init_s"] = round(time.monotonic() - t0, 1)
 
@@ -407,7 +407,7 @@ def measure(ctx: Context, args: argparse.Namespace, plan: list[tuple[Case, list[
 
     if args.warmup:
         log.info("bench: warming up (%d s, direct path)", args.warmup)
-        warm = pgbench.run(lab, "agent", pgbench.build_argv(("-S", "-c", "8", "-j", "2"),
+        warm = pgbench.run(lab, ROUTES[BASELINE].node, pgbench.build_argv(("-S", "-c", "8", "-j", "2"),
                                                             ctx.conninfo(ROUTES[BASELINE]), duration=args.warmup),
                            env=ctx.env(ROUTES[BASELINE]), timeout=args.warmup + 120)
         if not warm.ok:

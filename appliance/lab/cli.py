@@ -210,6 +210,8 @@ def format_status(s: dict[str, Any]) -> str:
         f"  gw     {ns['gw']:<16} {', '.join(addr['gw']['agent_side'] + addr['gw']['db_side'])}",
         (f"  db     {ns['db']:<16} protected {', '.join(addr['db']['protected'])}; "
          f"direct {', '.join(addr['db']['direct'])}"),
+        *([(f"  direct {ns['direct']:<16} {addr['direct']['ipv4']}, {addr['direct']['ipv6']} "
+            "(clients of the direct address)")] if "direct" in ns and "direct" in addr else []),
         *([(f"  witness {ns['witness']:<15} {s['witness']['url']} "
            f"({'running' if s['witness']['running'] else 'NOT running'}), key {s['witness']['key']}")]
           if s.get("witness") and "witness" in ns else []),
@@ -244,9 +246,10 @@ def next_steps(s: dict[str, Any]) -> str:
         f"    tollgate lab exec --name {name} agent -- psql \"{agent}\"",
         f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" {query}",
         "",
-        "  Compare with the direct path: same route through the gateway, but an unprotected",
-        "  address, so only the database's own authentication applies (lab-only password):",
-        f"    tollgate lab exec --name {name} agent -- psql \"{direct}\" {query}",
+        "  Compare with the direct path, from the direct namespace (the agent can't reach it: the",
+        "  gateway drops agent traffic to the database subnet); only the database's own",
+        "  authentication applies (lab-only password):",
+        f"    tollgate lab exec --name {name} direct -- psql \"{direct}\" {query}",
         "",
         "  Policy at work (the lab's policy file is beside its config; edit it, it reloads):",
         f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" -c \"DROP TABLE cards\"      # blocked",

@@ -42,6 +42,7 @@ PROXY_READY_LINE = "tollgate: ready"
 ISSUER_READY_LINE = "dev-oidc-issuer: ready"
 ENROLL_READY_LINE = "tollgate-enroll: ready"
 METHODS = ("redirect", "tproxy")
+DIRECT_NODE = "direct"  # where clients of the database's direct address run
 TARGET_NAME = proxy_config.TARGET_NAME
 LAB_ONLY_NOTE = "lab-only credentials, generated for this lab; never use them anywhere else"
 
@@ -73,7 +74,7 @@ class Lab:
     def __init__(self, name: str | None = None, *, owner_pid: int | None = None, proxy: bool = True,
                  method: str = "redirect", root: Path = st.LAB_ROOT, suite_role: bool = False,
                  agent_auth: str = "certificate", policy: str = "lab", audit: str = "fsync",
-                 audit_dir: Path | None = None):
+                 audit_dir: Path | None = None, agent_direct: bool = False):
         try:
             self.name = st.validate_name(name) if name else st.generate_name()
         except st.StateError as exc:
@@ -100,6 +101,10 @@ class Lab:
         if audit not in ("fsync", "write", "off"):
             raise LabError(f"audit must be 'fsync', 'write' or 'off', not {audit!r}")
         self.audit = audit
+        # The agent's namespace may reach the database's direct address (its subnet is left
+        # out of protected_subnets): only for tests that compare both paths from one process.
+        # Other direct clients run in the "direct" namespace (DIRECT_NODE).
+        self.agent_direct = agent_direct
         self._audit_dir = Path(audit_dir) if audit_dir is not None else None  # e.g. a small tmpfs (tests)
         self.root = root
         self.dir = st.lab_dir(self.name, root)
@@ -130,7 +135,8 @@ class Lab:
                   suite_role=database.SUITE_ROLE in recorded.get("roles", {}),
                   agent_auth=proxy.get("agent_auth", "trust"), policy=proxy.get("policy", "lab"),
                   audit=proxy.get("audit", "off"),
-                  audit_dir=Path(proxy["audit_dir"]) if proxy.get("audit_dir") else None)
+                  audit_dir=Path(proxy["audit_dir"]) if proxy.get("audit_dir") else None,
+                  agent_direct=bool(proxy.get("agent_direct")))
         lab.state = recorded
         owner = recorded.get("owner")
         lab.owner_pid = owner["pid"] if owner else None
@@ -212,7 +218,7 @@ class Lab:
             "roles": {},
             "proxy": {"enabled": self.proxy_enabled, "method": self.method, "port": PROXY_PORT,
                       "agent_auth": self.agent_auth, "policy": self.policy, "audit": self.audit,
-                      "audit_dir": str(self.audit_dir)},
+                      "audit_dir": str(self.audit_dir), "agent_direct": self.agent_direct},
         }
         self._save()
         try:
@@ -640,6 +646,7 @@ class Lab:
                 "target": TARGET_NAME,
                 "audit": self.audit,
                 "audit_dir": str(self.audit_dir),
+                "agent_direct": self.agent_direct,
             },
             "agent_conninfo": self.conninfo(),
             "conninfo": {
@@ -656,7 +663,8 @@ def render_proxy_config(lab: Lab) -> str:
     witness = lab.state.get("witness")
     return proxy_config.render(lab.name, lab.paths, method=lab.method, agent_auth=lab.agent_auth,
                                suite_role=lab.suite_role, audit=lab.audit, audit_dir=lab.audit_dir,
-                               witness=(witness["name"], witness["key"]) if witness else None)
+                               witness=(witness["name"], witness["key"]) if witness else None,
+                               agent_direct=lab.agent_direct)
 
 
 def gc(root: Path = st.LAB_ROOT) -> list[tuple[str, str]]:

@@ -22,7 +22,7 @@ def witness_url() -> str:
 
 
 def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role: bool, audit: str,
-           audit_dir: Path, witness: tuple[str, str] | None = None) -> str:
+           audit_dir: Path, witness: tuple[str, str] | None = None, agent_direct: bool = False) -> str:
     """The config (TOML; strings quoted as JSON, which TOML's basic strings are a superset of)."""
     q = json.dumps
     lines = [
@@ -35,6 +35,11 @@ def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role:
         "[intercept]",
         f"method = {q(method)}",
         f"agent_subnets = [{q(topology.AGENT_SUBNET_V4)}, {q(topology.AGENT_SUBNET_V6)}]",
+        # The whole database subnet, its direct address and other ports included: nothing of
+        # it is for the agent except what is diverted. (agent_direct: tests that compare both
+        # paths from the agent's namespace.)
+        *([] if agent_direct else
+          [f"protected_subnets = [{q(topology.DB_SUBNET_V4)}, {q(topology.DB_SUBNET_V6)}]"]),
         "",
         "[[targets]]",
         f"name = {q(TARGET_NAME)}",

@@ -1,4 +1,4 @@
-"""The lab's network: four namespaces (agent, gw, db, witness) joined by three veth pairs.
+"""The lab's network: five namespaces (agent, gw, db, witness, direct) joined by four veth pairs.
 
 ::
 
@@ -8,6 +8,16 @@
                                                                               fd7a:6c67:2::10/64, ::11/64
                                   eth2 198.18.4.1/24 ──── witness ns eth0 198.18.4.10/24
                                        fd7a:6c67:4::1/64               fd7a:6c67:4::10/64
+    direct ns
+    eth0 198.18.3.10/24 ──────── eth3 198.18.3.1/24
+         fd7a:6c67:3::10/64           fd7a:6c67:3::1/64
+
+The database's direct address (198.18.2.11) is for clients that compare with Tollgate —
+the benchmark, the driver suites' direct run — and they run in the *direct* namespace:
+routed to the database through the gateway, never on the agent's side. The whole database
+subnet is in the proxy's ``protected_subnets``, so the gateway's forward filter drops
+every agent packet towards it that isn't diverted (only a lab made with ``agent_direct``
+leaves it out, for tests comparing both paths from one process).
 
 The witness (:mod:`appliance.witness`) has a namespace of its own, as it would have a host
 of its own: it is no part of the appliance. It has no default route, so it answers the
@@ -35,7 +45,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 NETNS_DIR = Path("/run/netns")
-NODES = ("agent", "gw", "db", "witness")
+NODES = ("agent", "gw", "db", "witness", "direct")
 IFA_F_NODAD = 0x02  # linux/if_addr.h: usable at once, no duplicate address detection wait
 
 AGENT_SUBNET_V4 = "198.18.1.0/24"
@@ -54,6 +64,13 @@ DB_PROTECTED_V6 = "fd7a:6c67:2::10"
 DB_DIRECT_V4 = "198.18.2.11"
 DB_DIRECT_V6 = "fd7a:6c67:2::11"
 
+DIRECT_SUBNET_V4 = "198.18.3.0/24"
+DIRECT_SUBNET_V6 = "fd7a:6c67:3::/64"
+GW_DIRECT_V4 = "198.18.3.1"
+GW_DIRECT_V6 = "fd7a:6c67:3::1"
+DIRECT_CLIENT_V4 = "198.18.3.10"
+DIRECT_CLIENT_V6 = "fd7a:6c67:3::10"
+
 GW_WITNESS_V4 = "198.18.4.1"
 GW_WITNESS_V6 = "fd7a:6c67:4::1"
 WITNESS_V4 = "198.18.4.10"
@@ -61,7 +78,7 @@ WITNESS_V6 = "fd7a:6c67:4::10"
 WITNESS_PORT = 7380
 
 DB_ADDRESSES = (DB_PROTECTED_V4, DB_DIRECT_V4, DB_PROTECTED_V6, DB_DIRECT_V6)
-LAB_SUBNETS = (AGENT_SUBNET_V4, DB_SUBNET_V4, AGENT_SUBNET_V6, DB_SUBNET_V6)
+LAB_SUBNETS = (AGENT_SUBNET_V4, DB_SUBNET_V4, AGENT_SUBNET_V6, DB_SUBNET_V6, DIRECT_SUBNET_V4, DIRECT_SUBNET_V6)
 
 
 class TopologyError(Exception):
@@ -78,7 +95,8 @@ class Iface:
 
 
 # (node, ifname) ↔ (node, ifname): the two veth pairs.
-LINKS = ((("agent", "eth0"), ("gw", "eth0")), (("gw", "eth1"), ("db", "eth0")), (("gw", "eth2"), ("witness", "eth0")))
+LINKS = ((("agent", "eth0"), ("gw", "eth0")), (("gw", "eth1"), ("db", "eth0")), (("gw", "eth2"), ("witness", "eth0")),
+         (("gw", "eth3"), ("direct", "eth0")))
 
 IFACES = (
     Iface("agent", "eth0", ((AGENT_V4, 24), (AGENT_V6, 64))),
@@ -87,10 +105,13 @@ IFACES = (
     Iface("db", "eth0", ((DB_PROTECTED_V4, 24), (DB_DIRECT_V4, 24), (DB_PROTECTED_V6, 64), (DB_DIRECT_V6, 64))),
     Iface("gw", "eth2", ((GW_WITNESS_V4, 24), (GW_WITNESS_V6, 64))),
     Iface("witness", "eth0", ((WITNESS_V4, 24), (WITNESS_V6, 64))),
+    Iface("gw", "eth3", ((GW_DIRECT_V4, 24), (GW_DIRECT_V6, 64))),
+    Iface("direct", "eth0", ((DIRECT_CLIENT_V4, 24), (DIRECT_CLIENT_V6, 64))),
 )
 
 # node → default gateways (v4, v6)
-DEFAULT_ROUTES = {"agent": (GW_AGENT_V4, GW_AGENT_V6), "db": (GW_DB_V4, GW_DB_V6)}
+DEFAULT_ROUTES = {"agent": (GW_AGENT_V4, GW_AGENT_V6), "db": (GW_DB_V4, GW_DB_V6),
+                  "direct": (GW_DIRECT_V4, GW_DIRECT_V6)}
 
 
 def addresses() -> dict[str, dict[str, Any]]:
@@ -100,6 +121,7 @@ def addresses() -> dict[str, dict[str, Any]]:
         "gw": {"agent_side": [GW_AGENT_V4, GW_AGENT_V6], "db_side": [GW_DB_V4, GW_DB_V6]},
         "db": {"protected": [DB_PROTECTED_V4, DB_PROTECTED_V6], "direct": [DB_DIRECT_V4, DB_DIRECT_V6]},
         "witness": {"ipv4": WITNESS_V4, "ipv6": WITNESS_V6, "port": WITNESS_PORT},
+        "direct": {"ipv4": DIRECT_CLIENT_V4, "ipv6": DIRECT_CLIENT_V6},
     }
 
 

@@ -20,7 +20,9 @@ from appliance.lab import Lab
 
 @pytest.fixture(scope="session")
 def lab(lab_host: None) -> Iterator[Lab]:
-    with Lab.create(owner_pid=os.getpid(), proxy=True) as lab:
+    # agent_direct: these tests compare the direct path with Tollgate's from one process in
+    # the agent's namespace, so the database subnet stays reachable from it (not protected).
+    with Lab.create(owner_pid=os.getpid(), proxy=True, agent_direct=True) as lab:
         yield lab
 
 

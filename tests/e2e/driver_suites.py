@@ -3,9 +3,10 @@
 The suites are those shipped in the sdists of the driver versions installed in the venv,
 fetched with ``pip download`` into a cache. Only the test directory is unpacked, so the
 suites exercise the *installed* driver (asyncpg's ``_testbase`` ships in the installed
-package). Each suite runs from the agent namespace as a separate pytest process, once
-against the database's direct address and once against its protected address (diverted
-into Tollgate); a small plugin records every test's outcome, and the two maps are compared.
+package). Each suite runs as a separate pytest process, once from the lab's direct
+namespace against the database's direct address and once from the agent namespace against
+its protected address (diverted into Tollgate); a small plugin records every test's outcome,
+and the two maps are compared.
 
 Run by hand against a lab that has the suite role (``Lab(suite_role=True)``)::
 
@@ -27,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.lab import DB_DIRECT_V4, DB_PROTECTED_V4, Lab
+from appliance.lab import DB_DIRECT_V4, DB_PROTECTED_V4, DIRECT_NODE, Lab
 from appliance.lab.database import PG_BIN, PG_PORT, SUITE_DB, SUITE_ROLE
 
 CACHE = Path(os.environ.get("TOLLGATE_TEST_CACHE", "/var/cache/tollgate-test"))
@@ -305,8 +306,8 @@ def suite_env(lab: Lab, path: str, workdir: Path, suite: Suite, results: Path, d
 
 def run_suite(lab: Lab, name: str, path: str, base: Path, *, cache: Path = CACHE,
               only: Sequence[str] = ()) -> SuiteRun:
-    """Run one suite on one path ("direct" or "tollgate") from the agent namespace; with
-    ``only``, just those node ids."""
+    """Run one suite on one path: "direct" from the direct namespace, "tollgate" from the
+    agent's; with ``only``, just those node ids."""
     suite = SUITES[name]
     archive = sdist(suite.dist, installed_version(suite.dist), cache)
     deps = suite_deps(cache)
@@ -325,7 +326,9 @@ def run_suite(lab: Lab, name: str, path: str, base: Path, *, cache: Path = CACHE
     argv = ["env", f"HOME={env['HOME']}", *argv]
     started = time.monotonic()
     with open(log, "wb") as fh:
-        proc = subprocess.run(lab.command("agent", argv), cwd=workdir, env=env, stdin=subprocess.DEVNULL,
+        # Directly from the direct namespace: the agent's can't reach the direct address.
+        node = DIRECT_NODE if path == "direct" else "agent"
+        proc = subprocess.run(lab.command(node, argv), cwd=workdir, env=env, stdin=subprocess.DEVNULL,
                               stdout=fh, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT)
     seconds = time.monotonic() - started
     if not results.is_file():

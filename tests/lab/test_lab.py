@@ -84,9 +84,9 @@ def test_database_answers_app(lab: Lab, host: str, node: str) -> None:
     assert count > 0
 
 
-def test_agent_reaches_the_direct_address_over_tls(lab: Lab) -> None:
+def test_the_direct_namespace_reaches_the_direct_address_over_tls(lab: Lab) -> None:
     conninfo = lab.conninfo(direct=True, sslmode="verify-full", sslrootcert=lab.status()["database"]["tls_ca"])
-    out = psql(lab, "agent", conninfo, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").stdout
+    out = psql(lab, "direct", conninfo, "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").stdout
     assert out.strip() == "t"
 
 
@@ -145,7 +145,7 @@ def test_status_json_has_the_documented_keys(lab: Lab) -> None:
             "roles", "roles_note", "proxy", "agent_conninfo", "conninfo"} <= set(status)
     assert status["phase"] == "up" and status["healthy"] is True
     assert status["owner_pid"] == os.getpid()
-    assert status["namespaces"] == {n: f"tg{lab.name}-{n}" for n in ("agent", "gw", "db", "witness")}
+    assert status["namespaces"] == {n: f"tg{lab.name}-{n}" for n in ("agent", "gw", "db", "witness", "direct")}
     assert status["addresses"]["db"] == {"protected": ["198.18.2.10", "fd7a:6c67:2::10"],
                                          "direct": ["198.18.2.11", "fd7a:6c67:2::11"]}
     db = status["database"]
@@ -163,6 +163,7 @@ def test_status_json_has_the_documented_keys(lab: Lab) -> None:
     proxy = status["proxy"]
     assert proxy["enabled"] is False and proxy["port"] == 15432 and proxy["pid"] is None
     assert status["agent_conninfo"] == "host=198.18.2.10 port=5432 dbname=payments user=app"
+    assert status["addresses"]["direct"] == {"ipv4": "198.18.3.10", "ipv6": "fd7a:6c67:3::10"}
     human = lab_cli("status", "--name", lab.name, "--next-steps").stdout
     assert f'tollgate lab exec --name {lab.name} agent -- psql "host=198.18.2.10 dbname=payments user=app"' in human
     assert f"tollgate lab down --name {lab.name}" in human
@@ -176,6 +177,8 @@ def test_generated_proxy_config_is_valid(lab: Lab) -> None:
     assert {r: c.password for r, c in target.credentials.items()} == {
         r: lab.password(r) for r in ("app", "legacy_md5", "clear_tls", "agent")}
     assert config.intercept.method == "redirect"
+    # The whole database subnet is protected: its direct address is not the agent's to reach.
+    assert [str(n) for n in config.intercept.protected_subnets] == ["198.18.2.0/24", "fd7a:6c67:2::/64"]
     assert [str(n) for n in config.intercept.agent_subnets] == ["198.18.1.0/24", "fd7a:6c67:1::/64"]
     assert config.proxy.listen_port == 15432 and config.proxy.agent_auth == "certificate"
     assert config.identity.oidc.issuer == "https://198.18.1.1:9443"
@@ -205,7 +208,7 @@ def test_two_labs_coexist_and_teardown_leaves_nothing(lab: Lab, lab_host: None) 
     second = Lab.create(owner_pid=os.getpid(), proxy=False)
     try:
         for each in (lab, second):
-            out = psql(each, "agent", each.conninfo(direct=True), "SELECT count(*) FROM cards").stdout
+            out = psql(each, "direct", each.conninfo(direct=True), "SELECT count(*) FROM cards").stdout
             assert int(out) > 0
         pids = [pid for ns in second.namespaces.values() for pid in topology.namespace_pids(ns)]
         assert pids, "postgres should be running in the second lab"
