@@ -40,6 +40,7 @@ from appliance.audit import canonical, merkle, note
 from appliance.audit.cosignature import WitnessKey, cosignatures, merge_signature_lines, parse_witness_key
 from appliance.audit.keys import make_dir, write_atomic
 from appliance.audit.reader import AuditReader
+from appliance.audit.store_errors import AuditError
 from appliance.audit.store_segments import NL, list_segments
 from appliance.audit.witness_protocol import (
     ADD_CHECKPOINT,
@@ -203,7 +204,10 @@ class Witnessing:
         self._dir = config.dir
         self.quorum = config.witness_quorum
         make_dir(self._dir / STATE_DIR)
-        self._witnesses = [_Witness(w, self._dir) for w in config.witnesses]
+        try:
+            self._witnesses = [_Witness(w, self._dir) for w in config.witnesses]
+        except (note.NoteError, ValueError) as exc:  # fail closed: the log does not open
+            raise AuditError(f"[[audit.witnesses]]: {exc}") from None
         self._cond = threading.Condition()
         self._cosigned: dict[str, set[str]] = {}  # checkpoint text sha256 -> witnesses that cosigned it
         self._closing = False

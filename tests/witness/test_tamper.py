@@ -20,6 +20,7 @@ import pytest
 
 from appliance.audit import canonical, merkle
 from appliance.audit.bundle_writer import BundleWriter
+from appliance.audit.cosignature import Cosigner
 from appliance.audit.export import export
 from appliance.audit.keys import KeyRing, init_audit_dir
 from appliance.audit.note import make_checkpoint, sign_note
@@ -130,6 +131,13 @@ def test_the_honest_export_verifies_with_the_witness(scene: Scene) -> None:
     assert report.witnessed_size == report.log_size and report.witness_views == 2
     # The export recorded itself after its checkpoint: the live witness has seen that too.
     assert any("the log has grown since this bundle" in n for n in report.notes), report.notes
+    # A quorum of two witnesses, one of which never saw this log: named as missing.
+    other = Cosigner.generate("witness-2").key
+    two = verify_bundle(summary.path, scene.root, witnesses=[str(scene.witness_key), str(other)])
+    assert has(two, rf"^witness: checkpoint size {two.log_size} .*1 of the 2 witness cosignatures required "
+                    rf"\(missing: witness-2\+{other.key_hash.hex()}\)")
+    assert verify_bundle(summary.path, scene.root, witnesses=[str(scene.witness_key), str(other)],
+                         witness_quorum=1).ok
     # The command line, as an auditor runs it.
     assert main([str(summary.path), "--root-key", scene.root, "--witness", str(scene.witness_key),
                  "--witness-checkpoint", str(scene.view), "--witness-url", scene.witness.url, "--quiet"]) == 0

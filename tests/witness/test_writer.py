@@ -12,10 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from appliance.audit.cosignature import check_quorum
+from appliance.audit.cosignature import Cosigner, check_quorum
 from appliance.audit.keys import KeyRing
 from appliance.audit.reader import AuditReader
 from appliance.audit.store import AuditLog
+from appliance.audit.store_errors import AuditError
 from appliance.audit.witnessing import STATE_DIR, load_cosignatures, with_cosignatures
 from appliance.config import ConfigError, WitnessConfig, load_config
 from tests.audit.records import make_config, statement
@@ -109,3 +110,62 @@ def test_config_lists_witnesses(tmp_path: Path) -> None:
         path.write_text('[audit]\ndir = "a"\n' + body)
         with pytest.raises(ConfigError, match=re.escape(problem)):
             load_config(path)
+
+
+def test_a_bad_witness_key_stops_the_log_from_opening(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    key = str(Cosigner.generate("w1").key)
+    forged = key[:-4] + ("AAAA" if not key.endswith("AAAA") else "BBBB")  # another key under the same hash
+    config = replace(config, witnesses=(WitnessConfig("w1", "http://127.0.0.1:1", forged),), witness_quorum=1)
+    with pytest.raises(AuditError, match=r"\[\[audit.witnesses\]\]: .*witness key"):
+        AuditLog.open(config, version="t")
+
+
+def test_an_https_witness(tmp_path: Path, witness_factory: list[WitnessProcess]) -> None:
+    """The writer reaches a witness over TLS, trusting the CA it is given."""
+    config = make_config(tmp_path)
+    log_key = KeyRing.load(config).signing_key
+    key = init_witness_dir(tmp_path / "w", "w1", [(ORIGIN, log_key.verifier_key())])
+    cert, private = self_signed(tmp_path)
+    witness = start_witness(tmp_path / "w", tls=(cert, private))
+    witness_factory.append(witness)
+    assert witness.url.startswith("https://")
+    config = replace(config, witnesses=(WitnessConfig("w1", witness.url, str(key), cert),), witness_quorum=1)
+    log = AuditLog.open(config, version="t")
+    log.append(statement(1))
+    entry = log.checkpoint_now(witness_timeout=60)
+    assert entry["witnessed"], log.status()["witnesses"]
+    log.close()
+    # Without the CA, the certificate is not trusted: no cosignature, said so.
+    config = replace(config, witnesses=(WitnessConfig("w1", witness.url, str(key)),))
+    log = AuditLog.open(config, version="t")
+    log.checkpoint_now()
+    assert log.flush_witnesses(timeout=60)
+    assert "CERTIFICATE_VERIFY_FAILED" in log.status()["witnesses"][0]["error"]
+    log.abandon()
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1, its own CA, and its key (PEM files)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(private_key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+            .sign(private_key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "witness.crt", tmp_path / "witness.key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                   serialization.NoEncryption()))
+    return cert_path, key_path
