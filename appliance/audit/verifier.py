@@ -146,6 +146,9 @@ def _verify(path: Path, root: VerifierKey, offbox: list[Path], progress: Callabl
             signed.read_offbox(offbox, as_of)
             if witnessing.keys:
                 signed.read_witness_views(witnessing.views(report, signed.origin))
+                if not witnessing.files:
+                    report.notes.append("no saved witness view (--witness-checkpoint): a bundle cut back to a "
+                                        "size the witnesses once cosigned can't be told from an older export")
             RecordWalk(bundle, report, signed, hashed, progress, workers, block_bytes, block_check).run()
             signed.check_files()
             signed.check_filter()
