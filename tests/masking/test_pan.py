@@ -10,7 +10,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from appliance.lab.pans import is_luhn_valid, make_test_pans
-from appliance.pan.detector import ISSUERS, brand, find_pans, is_pan_digits, luhn_complete, luhn_ok, mask_pans
+from appliance.pan.detector import (
+    ISSUERS,
+    brand,
+    find_pans,
+    int_is_pan,
+    int_mask,
+    is_pan_digits,
+    luhn_complete,
+    luhn_ok,
+    mask_pans,
+    number_mask,
+)
 from appliance.pan.scanner import scrub
 from tests.masking.corpus import every_brand_and_length
 
@@ -255,3 +266,32 @@ def test_a_masked_pan_shows_no_more_than_bin_and_last_four():
             text = rng.choice(["{}", "x {} y", "{}\n"]).format(pan)
             out = masked(text, fmt)
             assert sum(c.isdigit() for c in out) == sum(c.isdigit() for c in text) - (len(pan) - shown)
+
+
+# ---- number masks -------------------------------------------------------------------------
+
+
+@settings(max_examples=500)
+@given(st.sampled_from(every_brand_and_length()), st.randoms(use_true_random=False), st.sampled_from(["pci", "last4"]))
+def test_a_number_mask_shows_no_more_and_is_no_card_number(sample, rnd, fmt):
+    """number_mask of any card number: same length, BIN (pci) and last four kept, never a
+    card number itself, and a function of the shown digits only (two numbers that show the
+    same digits get the same mask)."""
+    _brand, pan = sample
+    # Another number with the same BIN, length and last four (a card number one time in ten).
+    other = pan[:6] + "".join(rnd.choice("0123456789") for _ in range(len(pan) - 10)) + pan[-4:]
+    masked = number_mask(pan.encode(), fmt).decode()
+    assert len(masked) == len(pan) and masked[-4:] == pan[-4:] and masked.isdigit()
+    assert not is_pan_digits(masked)
+    if fmt == "pci":
+        assert masked[:6] == pan[:6] and set(masked[6:-4]) <= {"0", "1"}
+    else:
+        assert masked[0] == "9" and set(masked[1:-4]) == {"0"}
+    if is_pan_digits(other):
+        assert number_mask(other.encode(), fmt).decode() == masked
+    assert int_mask(-int(pan), fmt) == -int(masked)
+
+
+def test_an_id_on_an_issuer_prefix_is_masked_and_one_off_it_is_not():
+    assert int_is_pan(4000000000000002) and int_mask(4000000000000002) == 4000000000010002
+    assert not int_is_pan(9000000000000002) and not int_is_pan(1234567812345670)
