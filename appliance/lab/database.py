@@ -8,7 +8,8 @@ exercised with every method it must speak: ``app`` uses SCRAM-SHA-256, ``legacy_
 
 ``app`` owns the payments tables, as an application's own role does: the protocol tests
 (pg_dump through the proxy byte for byte, pgbench -i, the approved UPDATEs of the holds
-tests) log in as it. ``agent`` (SCRAM) is the least-privilege agent role, provisioned by
+tests) log in as it. ``agent`` (SCRAM) is the least-privilege agent role, provisioned —
+like ``legacy_md5`` and ``clear_tls``, which only the authentication tests use — by
 :mod:`appliance.dbadmin.provision` exactly as ``tollgate db provision --apply`` does, for
 the lab policy's cardholder columns (``public.cards.pan``): it can't read them in clear
 (its search_path shows the masked view), write the cards, create objects or temporary
@@ -50,8 +51,9 @@ PG_USER = "postgres"
 # role → the pg_hba method it must authenticate with
 ROLES: dict[str, str] = {"app": "scram-sha-256", "legacy_md5": "md5", "clear_tls": "password",
                          "agent": "scram-sha-256"}
-# The provisioned agent role (for the lab policy's cardholder columns and column masks).
-AGENT_ROLE = "agent"
+# The login roles provisioned as agent roles (for the lab policy's cardholder columns and
+# column masks): every one the appliance holds a credential for except ``app``, the owner.
+AGENT_ROLES = ("agent", "legacy_md5", "clear_tls")
 LOOPBACKS = ("127.0.0.1/32", "::1/128")
 # Opt-in (``Lab(suite_role=True)``): a superuser and its own database for third-party test
 # suites (the drivers' own tests, run from the agent through Tollgate and directly). SCRAM,
@@ -315,11 +317,11 @@ def provision(paths: Paths, netns: str, passwords: dict[str, str], seed: int = s
         psql(paths, netns, "CREATE EXTENSION hstore;\n", dbname=SUITE_DB)
     psql(paths, netns, schema.database_sql(seed), dbname=DB_NAME, role="app")
     psql(paths, netns, GRANTS_SQL, dbname=DB_NAME, role="app")
-    provision_agent(paths)
+    provision_agents(paths)
 
 
-def provision_agent(paths: Paths) -> None:
-    """The agent role's least privilege, by the code ``tollgate db provision --apply`` runs,
+def provision_agents(paths: Paths) -> None:
+    """The agent roles' least privilege, by the code ``tollgate db provision --apply`` runs,
     over the superuser's Unix socket (not namespaced: root reaches it from anywhere); the
     check that follows must find nothing."""
     import psycopg
@@ -329,9 +331,9 @@ def provision_agent(paths: Paths) -> None:
     try:
         with psycopg.connect(host=str(paths.socket_dir), port=PG_PORT, user=PG_USER, dbname=DB_NAME,
                              autocommit=True) as conn:
-            snapshot = dbprovision.read_snapshot(conn, declared, [AGENT_ROLE], masks)
+            snapshot = dbprovision.read_snapshot(conn, declared, list(AGENT_ROLES), masks)
             dbprovision.apply(conn, dbprovision.plan(snapshot))
-            result = dbprovision.verify(conn, dbprovision.read_snapshot(conn, declared, [AGENT_ROLE], masks))
+            result = dbprovision.verify(conn, dbprovision.read_snapshot(conn, declared, list(AGENT_ROLES), masks))
     except (psycopg.Error, dbprovision.ProvisionError) as exc:
         raise DatabaseError(f"provisioning the agent role: {exc}") from None
     if not result.ok:

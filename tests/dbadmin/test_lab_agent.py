@@ -53,6 +53,15 @@ def test_agent_role_reads_masked_and_the_database_refuses_the_rest(lab: Lab):  #
     assert brand[0] == "ok"
 
 
+@pytest.mark.parametrize("role", ["legacy_md5", "clear_tls"])
+def test_the_other_agent_facing_logins_are_provisioned_too(lab: Lab, role: str):  # noqa: F811 -- fixture
+    pan = str(make_test_pans(DEFAULT_SEED, CARDS)[0])
+    got = python_json(lab, RUN, lab.conninfo(role), "SELECT pan FROM cards WHERE id = 1",
+                      "SELECT pan FROM public.cards WHERE id = 1")
+    assert got == [["ok", [[pan[:6] + "*" * (len(pan) - 10) + pan[-4:]]]],
+                   ["42501", "permission denied for table cards"]]
+
+
 # The transforms, encodings, oracles and launderings, each written against a table
 # name that {t} fills: the masked view the agent's search path finds, and the table itself.
 ATTACKS = (
