@@ -152,7 +152,6 @@ def qualified(parts: Iterable[str]) -> str:
     return ".".join(quote_part(p) for p in parts)
 
 
-@functools.lru_cache(maxsize=16384)
 def unquote(part: str | None) -> str:
     """A name part as PostgreSQL stores it: ``"a.b"`` becomes ``a.b``, and a doubled quote inside one."""
     if part is None:
@@ -162,6 +161,7 @@ def unquote(part: str | None) -> str:
     return part
 
 
+@functools.lru_cache(maxsize=16384)
 def split_name(name: str) -> Parts:
     """``a."b.c".*`` → ("a", '"b.c"', None). Quoted parts keep their quotes; an unquoted
     ``*`` or ``?`` part is unknown."""
