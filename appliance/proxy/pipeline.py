@@ -299,8 +299,12 @@ class RequestPipeline:
             name = request.name
             # A refused Parse is kept too, with its Reject: a Bind of it goes on to fail at
             # the server like any Bind of a statement that failed to parse. A name already
-            # prepared is not replaced: the server refuses to prepare it twice and keeps it.
-            if not name or name not in requests.statements:
+            # prepared is forgotten: the server refuses to prepare it twice and keeps the
+            # old one — unless it was dropped where Tollgate can't see (a function's
+            # DEALLOCATE), so which one it holds is not guessed.
+            if name and name in requests.statements:
+                del requests.statements[name]
+            else:
                 requests.statements[name] = request.statement  # type: ignore[assignment]
             if verdict is None:
                 return None

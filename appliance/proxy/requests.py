@@ -162,7 +162,10 @@ class RequestState:
             kind = op.kind
             if kind == "prepare":
                 if op.name in statements:
-                    continue  # the server refuses to prepare a name twice: the one known stays
+                    # The server refuses to prepare a name twice — unless the name was dropped
+                    # where Tollgate can't see (a function's DEALLOCATE): forgotten, not guessed.
+                    del statements[op.name]
+                    continue
                 # Never decided yet (epoch -1): decided as itself when first run.
                 statement = Statement(StatementKind.PARSE, op.text, op.name, epoch=-1)
                 statements[op.name] = statement
