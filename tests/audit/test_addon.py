@@ -89,6 +89,24 @@ def test_parameters_are_recorded_scrubbed_with_nulls(audit_log: AuditLog):
     assert statement["params"] == ["411111******1111", None]
 
 
+def test_sql_execute_and_a_bind_of_a_sql_prepared_statement_are_recorded_with_the_text_that_runs(
+        audit_log: AuditLog):
+    session, _io = ready_session([AuditAddon(audit_log, _scrub)])
+    session.client_data(frontend(m.Parse("s1", f"UPDATE cards SET pan = '{PAN}' WHERE id = $1", ()), m.Sync()))
+    session.server_data(backend(m.ParseComplete(), m.ReadyForQuery(b"I")))
+    session.client_data(frontend(m.Query("EXECUTE s1(7)")))
+    session.server_data(backend(m.CommandComplete("UPDATE 1"), m.ReadyForQuery(b"I")))
+    session.client_data(frontend(m.Query("PREPARE s2 AS SELECT brand FROM cards WHERE id = $1")))
+    session.server_data(backend(m.CommandComplete("PREPARE"), m.ReadyForQuery(b"I")))
+    session.client_data(frontend(m.Bind("", "s2", (), (b"7",), ()), m.Execute("", 0), m.Sync()))
+    executed, _prepare, bound = [r for r in read(audit_log) if r["type"] == "statement"]
+    assert executed["text"] == "EXECUTE s1(7)"
+    assert executed["executes"] == [{"name": "s1", "text": "UPDATE cards SET pan = '411111******1111' WHERE id = $1"}]
+    assert (bound["kind"], bound["statement_name"], bound["text"], bound["params"]) == (
+        "execute", "s2", "SELECT brand FROM cards WHERE id = $1", ["7"])
+    assert_verifiable(audit_log)
+
+
 def test_a_blocked_statement_is_recorded_as_a_failure_and_has_no_result(audit_log: AuditLog):
     session, io = ready_session([Blocker(), AuditAddon(audit_log, _scrub)])
     session.client_data(frontend(m.Query("TRUNCATE cards")))
