@@ -129,6 +129,7 @@ class AuditLog:
             if config.witnesses:
                 from appliance.audit.witnessing import Witnessing
                 self._checkpoints.witnessing = Witnessing(config)
+                self._checkpoints.witnessing.on_change = self.append
             try:
                 self._recover()
             except BaseException:

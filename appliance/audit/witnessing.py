@@ -9,8 +9,9 @@ behind the writer gives a proof the witness refuses (422), which is logged and s
 
 The data path never waits for a witness: a witness that is down or refuses is logged as
 an error (again every minute while it lasts), shown in ``tollgate audit status`` under
-``witnesses`` (its error, since when, and the last size it cosigned), and retried with a
-growing delay and whenever a new checkpoint is signed. Only the newest checkpoint is
+``witnesses`` (its error, since when, and the last size it cosigned), recorded in the log
+itself (``audit.witness``, outcome failure, when it starts failing; success when it
+cosigns again), and retried with a growing delay and whenever a new checkpoint is signed. Only the newest checkpoint is
 submitted: a witness needs no intermediate one to stay consistent.
 
 Cosignatures go to ``cosignatures.jsonl`` (one line per witness and checkpoint: size,
@@ -32,6 +33,7 @@ import os
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,9 @@ class Witnessing:
         self._cond = threading.Condition()
         self._cosigned: dict[str, set[str]] = {}  # checkpoint text sha256 -> witnesses that cosigned it
         self._closing = False
+        # Told (on the witness's thread, no lock held) when a witness starts failing and when
+        # it cosigns again: the log records both (``audit.witness``).
+        self.on_change: Callable[[dict[str, Any]], None] | None = None
         self._submitted = 0
         self._file_lock = threading.Lock()
         self._threads = [threading.Thread(target=self._run, args=(w,), name=f"audit-witness-{w.config.name}",
@@ -311,6 +316,18 @@ class Witnessing:
                 w.last_logged = now
                 log.error("audit: witness %s did not cosign checkpoint %d: %s (will retry; statements go on)",
                           w.config.name, position.size, w.error)
+            error = w.error
+        if first:
+            self._tell(w, "failure", {"error": error, "size": position.size})
+
+    def _tell(self, w: _Witness, outcome: str, details: dict[str, Any]) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change({"type": "audit.witness", "user": "tollgate", "outcome": outcome, "origin": "local",
+                            "object": "audit-log", "witness": w.config.name, "url": w.config.url, **details})
+        except Exception as exc:  # noqa: BLE001 - the status and the log still say it
+            log.error("audit: could not record witness %s's state: %s", w.config.name, exc)
 
     def _store(self, w: _Witness, checkpoint_note: str, position: Position, answer: str) -> None:
         merged = merge_signature_lines(checkpoint_note, [line + "\n" for line in answer.splitlines() if line])
@@ -341,14 +358,18 @@ class Witnessing:
             w.cosigned_size, w.cosigned_time = position.size, stamp
             if w.pending is not None and w.pending[1] is position:
                 w.pending = None
-            if w.failing_since is not None:
+            recovered = w.failing_since is not None
+            if recovered:
                 log.warning("audit: witness %s cosigns again (size %d)", w.config.name, position.size)
             w.error, w.failing_since, w.failures = None, None, 0
+        w.save()
+        if recovered:  # recorded before anyone waiting for this cosignature hears of it
+            self._tell(w, "success", {"size": position.size})
+        with self._cond:
             self._cosigned.setdefault(digest, set()).add(w.config.name)
             if len(self._cosigned) > 256:
                 self._cosigned.pop(next(iter(self._cosigned)))
             self._cond.notify_all()
-        w.save()
 
 
 def load_cosignatures(directory: Path) -> dict[str, list[str]]:

@@ -38,11 +38,11 @@ def init_witness_dir(directory: Path, name: str, logs: list[tuple[str, str]]) ->
     return parse_witness_key(out.stdout.strip())
 
 
-def start_witness(directory: Path, tls: tuple[Path, Path] | None = None) -> WitnessProcess:
-    """Start ``tollgate witness serve`` on 127.0.0.1, port 0; return once its ready line says the port."""
+def start_witness(directory: Path, tls: tuple[Path, Path] | None = None, port: int = 0) -> WitnessProcess:
+    """Start ``tollgate witness serve`` on 127.0.0.1 (port 0: any); return once its ready line says the port."""
     tls_args = ["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else []
     proc = subprocess.Popen([sys.executable, "-m", "appliance.cli", "witness", "serve", str(directory),
-                             "--listen", "127.0.0.1:0", *tls_args], stdout=subprocess.PIPE,
+                             "--listen", f"127.0.0.1:{port}", *tls_args], stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, env=_env())
     assert proc.stdout is not None
     line = proc.stdout.readline()  # blocks until the server listens (or exits: empty line)
