@@ -94,7 +94,7 @@ def _clean_tuples(body: bytes) -> bool:
             pos += length
             if v.unknown_shape(field):
                 return False
-            if length == 8 and v.int8_is_pan(field) and not v.printable(field):
+            if length == 8 and (v.int8_is_pan(field) or v.money_is_pan(field)) and not v.printable(field):
                 return False
             if v.numeric_shaped(field) and v.numeric_is_pan(field):
                 return False

@@ -37,7 +37,15 @@ import re
 import struct
 from typing import TYPE_CHECKING
 
-from appliance.pan.detector import PCI, STAR, int_is_pan, int_mask, is_pan_digits, masked_positions
+from appliance.pan.detector import (
+    PCI,
+    STAR,
+    int_is_pan,
+    int_mask,
+    is_pan_digits,
+    masked_positions,
+    money_cents_mask,
+)
 from appliance.pan.scanner import ESCAPE, HEX, mask_text, neutralise_escapes
 from appliance.pan.scanner import JSON as JSON_MODE
 from appliance.pan.scanner import TEXT as TEXT_MODE
@@ -214,21 +222,6 @@ def money_is_pan(value: bytes | memoryview) -> bool:
 _INT8_MIN, _INT8_MAX = -(1 << 63), (1 << 63) - 1
 
 
-def money_cents_mask(cents: int, fmt: str) -> int:
-    """Money as int8 cents with every card number in it masked: the amount (cents kept) and
-    the cents as one number, until neither is one (each step only hides digits)."""
-    sign = -1 if cents < 0 else 1
-    c = abs(cents)
-    for _ in range(4):
-        if _int_is_pan(c // 100):
-            c = int_mask(c // 100, fmt) * 100 + c % 100
-        elif _int_is_pan(c):
-            c = int_mask(c, fmt)
-        else:
-            return sign * c
-    raise ValueError("money value still holds a card number after masking")
-
-
 def int8_mask(value: bytes | memoryview, fmt: str) -> bytes | None:
     """A binary int8 holding a card number, masked as an int8 (None if it holds none)."""
     if len(value) != 8:
@@ -393,6 +386,8 @@ def mask_unknown(value: bytes, fmt: str, column: Column) -> tuple[bytes | None, 
     size = len(value)
     if size == 8 and not printable(value):
         masked = int8_mask(value, fmt)
+        if masked is None:
+            masked = money_mask(value, fmt)  # money in binary COPY: int8 cents
         if masked is not None:
             return masked, 1
     if numeric_shaped(value):

@@ -367,6 +367,21 @@ def int_mask(n: int, fmt: str = PCI) -> int:
     return -masked if n < 0 else masked
 
 
+def money_cents_mask(cents: int, fmt: str = PCI) -> int:
+    """Money as an integer of cents with every card number in it masked: the amount (cents
+    kept) and the cents as one number, until neither is one (each step only hides digits)."""
+    sign = -1 if cents < 0 else 1
+    c = abs(cents)
+    for _ in range(4):
+        if int_is_pan(c // 100):
+            c = int_mask(c // 100, fmt) * 100 + c % 100
+        elif int_is_pan(c):
+            c = int_mask(c, fmt)
+        else:
+            return sign * c
+    raise ValueError("money value still holds a card number after masking")
+
+
 def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"PAN mask format must be one of {', '.join(FORMATS)}, not {fmt!r}")

@@ -38,8 +38,10 @@ from appliance.pan.detector import (
     STAR,
     check_format,
     find_pans,
+    is_pan_digits,
     masked_positions,
     may_hold_pan,
+    money_cents_mask,
     number_mask,
 )
 
@@ -54,6 +56,11 @@ KEEP_LEFT = 256
 # separators, '.', exponent signs, UUID hex): anything else ends every such shape.
 _SOFT = b"0123456789abcdefABCDEF .+-"
 _HARD = re.compile(rb"[^0-9a-fA-F .+\-]")
+_HARD_NUMBERS = re.compile(rb"[^0-9a-fA-F .+\-,]")  # money's group commas don't end a candidate
+# Money as PostgreSQL writes it in COPY (lc_monetary C and its kin): 11–19 digits of amount
+# in groups of three, and cents. An amount or all its digits may be a card number.
+_MONEY = re.compile(rb"[0-9]{1,3}(?:,[0-9]{3}){3,6}\.[0-9]{2}")
+_MONEY_EDGE = frozenset(b"0123456789,.")
 _HEX_MARK = re.compile(rb"\\x(?=[0-9a-fA-F])")
 _HEX_RUN = re.compile(rb"[0-9a-fA-F]*")
 # A card number in hex: 13 encoded digits, optionally 0x20 / 0x2d between them.
@@ -97,11 +104,11 @@ def json_advance(data: bytes, pos: int, stop: int, in_str: bool, esc: bool) -> t
     return in_str, False
 
 
-def _last_soft_start(data: bytes, n: int) -> int:
+def _last_soft_start(data: bytes, n: int, numbers: bool = False) -> int:
     """Position just after the last hard byte among the final CONTEXT bytes, else n - CONTEXT."""
     lo = max(0, n - CONTEXT)
     tail = data[lo:n]
-    m = _HARD.search(tail[::-1])
+    m = (_HARD_NUMBERS if numbers else _HARD).search(tail[::-1])
     if m is None:
         return lo
     return n - m.start()
@@ -196,7 +203,8 @@ class TextScanner:
         base = self.pos - ll
         und = self.undecided - base
         mode = self.mode
-        nat = n if final else _last_soft_start(seen, n)
+        money = self.numbers and mode == TEXT
+        nat = n if final else _last_soft_start(seen, n, money)
         if nat < n and nat > 0 and seen[nat - 1] == _MINUS and seen[nat] in _DIGITS:
             nat -= 1  # keep a minus sign with its digits (a JSON number may need it)
         edits: list[tuple[int, bytes]] = []
@@ -212,6 +220,8 @@ class TextScanner:
                 self._raw(seen, det, und, nat, edits)
         for a, r, _ds, _open in runs:
             self._hex(seen, a, r, und, nat, edits)
+        if money and b"," in seen:
+            self._money(seen, und, nat, edits)
         if mode == JSON:
             self.js_in, self.js_esc = json_advance(seen, max(und, 0), max(nat, und), self.js_in, self.js_esc)
         cut = (max(nat, ll) if may_keep else n) - ll
@@ -240,7 +250,7 @@ class TextScanner:
         far decided, no hex run open, ``o`` holding no candidate and ending with a byte no
         card number can continue across (a COPY row's newline). False if not."""
         if (self.undecided != self.pos or self.hex_from >= 0 or self.mode != TEXT or not o
-                or o[-1] in _SOFT or may_hold_pan(o)):
+                or o[-1] in _SOFT or may_hold_pan(o) or (self.numbers and _MONEY.search(o) is not None)):
             return False
         self.lo = (self.lo + o)[-KEEP_LEFT:]
         self.lr = (self.lr + o)[-KEEP_LEFT:]
@@ -270,6 +280,27 @@ class TextScanner:
                 edits.append((s, number_mask(det[s:e], fmt)))
                 continue
             edits.extend((p, b"*") for p in masked_positions(det, s, e, fmt))
+
+    def _money(self, seen: bytes, und: int, nat: int, edits: list[tuple[int, bytes]]) -> None:
+        """Money written with group commas whose amount, or all of whose digits, is a card
+        number: its digits rewritten in place as a masked number (separators and cents
+        kept), so the value still loads back as money."""
+        for m in _MONEY.finditer(seen, max(und, 0)):
+            s, e = m.span()
+            if s >= nat:
+                break
+            if (s > 0 and seen[s - 1] in _MONEY_EDGE) or (e < len(seen) and seen[e] in _DIGITS):
+                continue
+            places = [p for p in range(s, e) if seen[p] in _DIGITS]
+            digits = bytes(seen[p] for p in places)
+            if not (is_pan_digits(digits[:-2]) or is_pan_digits(digits)):
+                continue
+            self._found()
+            masked = str(money_cents_mask(int(digits), self.fmt)).encode().rjust(len(digits), b"0")
+            out = bytearray(seen[s:e])
+            for p, d in zip(places, masked, strict=True):
+                out[p - s] = d
+            edits.append((s, bytes(out)))
 
     def _hex_runs(self, seen: bytes, n: int, final: bool) -> list[tuple[int, int, int, bool]]:
         """Hex runs in view: (first aligned digit, end, digits start (may be < 0), open at end)."""

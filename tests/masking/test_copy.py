@@ -91,6 +91,20 @@ def test_a_card_number_split_across_copydata_messages_is_masked_or_fails_closed(
         assert any(a != b for a, b in zip(data[:cut], whole[:cut], strict=True))
 
 
+def test_money_in_copy_text_is_masked_as_money():
+    # the amount is a card number; then all the digits, cents included, are one
+    data = b"1\t$4,111,111,111,111,111.00\t$12.50\n2,-$41,111,111,111,111.11\n"
+    out, count = mask_copy(data, binary=False)
+    assert out == b"1\t$4,111,110,000,001,111.00\t$12.50\n2,-$41,111,100,000,011.11\n" and count == 2
+    assert mask_copy(b"7\t$1,234,567,890,123.45\n", binary=False) == (b"7\t$1,234,567,890,123.45\n", 0)
+
+
+def test_money_in_copy_binary_is_masked_as_money():
+    cents = struct.pack("!q", int(PAN) * 100 + 25)
+    out, count = mask_copy(binary_copy([[cents]]), binary=True)
+    assert count == 1 and out == binary_copy([[struct.pack("!q", int(NUM) * 100 + 25)]])
+
+
 # ---- binary ---------------------------------------------------------------------------------------
 
 def test_binary_copy_text_fields_are_masked_and_structure_kept():
@@ -204,11 +218,12 @@ def conn(postgres):
     c.execute("DROP TABLE IF EXISTS cards, cards_back, cards_n")
     c.execute("CREATE TABLE cards (id int, pan text, raw bytea, doc jsonb, note varchar(40))")
     c.execute("CREATE TABLE cards_back (LIKE cards)")
-    c.execute("CREATE TABLE cards_n (id int, pan int8)")
+    c.execute("CREATE TABLE cards_n (id int, pan int8, amount money)")
     c.execute("INSERT INTO cards SELECT i, '4111111111111111', convert_to('5500-0000-0000-0004', 'UTF8'), "
               "jsonb_build_object('pan', '378282246310005', 'i', i), 'card ' || '4111 1111 1111 1111' "
               "FROM generate_series(1, 20) i")
-    c.execute("INSERT INTO cards_n VALUES (1, 4111111111111111)")
+    c.execute("SET lc_monetary = 'C'")
+    c.execute("INSERT INTO cards_n VALUES (1, 4111111111111111, 4111111111111111)")
     yield c
     c.close()
 
@@ -264,11 +279,12 @@ def test_real_server_copy_of_a_bigint_card_number_is_masked_and_loads_back(conn,
     conn.execute("TRUNCATE cards_n_back")
     with conn.cursor().copy(f"COPY cards_n_back FROM STDIN (FORMAT {fmt})") as cp:
         cp.write(data)
-    assert conn.execute("SELECT id, pan FROM cards_n_back").fetchall() == [(1, 4111110000001111)]
+    assert conn.execute("SELECT id, pan, amount::numeric FROM cards_n_back").fetchall() == [
+        (1, 4111110000001111, 4111110000001111)]
 
 
 _TEXT_PIECES = [PAN, AMEX, b"4111 1111 1111 1111", b"\t", b"\n", b"\\N", b"abc", b"12", b" ", b"-", b"\\\\x",
-                PAN.hex().encode(), b"2024-01-15", b"."]
+                PAN.hex().encode(), b"2024-01-15", b".", b"$4,111,111,111,111,111.00", b",", b"$1,234.50"]
 
 
 @settings(max_examples=300, deadline=None)
