@@ -264,3 +264,15 @@ def test_apply_without_an_admin_conninfo_is_refused(database: Database, capsys: 
     assert main(["db", "provision", "-c", str(database.config), "--database", database.name,
                  "--column", CARDS_PAN, "--apply"]) == 2
     assert "--apply and --check need --dsn" in capsys.readouterr().err
+
+
+def test_a_column_added_after_provisioning_stays_closed_until_provisioned_again(provisioned: Database):
+    with provisioned.connect() as conn:
+        conn.execute(f"SET ROLE {provisioned.owner}")
+        conn.execute("ALTER TABLE public.cards ADD COLUMN note text DEFAULT 'n'")
+    refused(provisioned, "SELECT note FROM public.cards")
+    with provisioned.connect(provisioned.agent) as conn:
+        assert conn.execute("SELECT count(*) FROM cards").fetchone()[0] == len(PANS)  # the view as it was
+    assert provision(provisioned, "--apply") == 0
+    with provisioned.connect(provisioned.agent) as conn:
+        assert conn.execute("SELECT DISTINCT note FROM cards").fetchall() == [("n",)]
