@@ -200,15 +200,15 @@ class AuditAddon(Addon):
         else:
             record["outcome"] = "success"
         try:
-            seq = self._write(record)
+            if reject is not None:
+                self._write(record)
+                return None
+            return self._write(record, wait=True)
         except Exception as exc:  # noqa: BLE001 - the log can't take it: the statement must not run
             if reject is not None:
                 return None  # refused anyway; the log counts what it missed
             self.log.note_refused()
             return _unrecorded(exc)
-        if reject is not None:
-            return None
-        return self.log.durable(seq)
 
     def _statement_fields(self, request: Forward) -> dict[str, Any]:
         statement = request.statement
@@ -320,18 +320,20 @@ class AuditAddon(Addon):
 
     # ---- writing ----------------------------------------------------------------------------------
 
-    def _write(self, record: dict[str, Any]) -> int:
+    def _write(self, record: dict[str, Any], *, wait: bool = False) -> Any:
         """Append ``record`` scrubbed; a string holding bytes that aren't UTF-8 is written
-        escaped (scrubbed before, on its bytes, and after, as written). Raises what the log
-        raises."""
+        escaped (scrubbed before, on its bytes, and after, as written). Returns its seq, or
+        with ``wait`` what to wait for before its statement runs (``AuditLog.append_waiting``).
+        Raises what the log raises."""
+        append = self.log.append_waiting if wait else self.log.append
         scrubbed = _scrubbed(_clean(record))
         try:
-            return self.log.append(scrubbed, trusted=True)
+            return append(scrubbed, trusted=True)
         except ValueError:  # canonical.dumps: a lone surrogate (or a value outside the model)
             escaped = _escaped(scrubbed)
             if escaped is None:
                 raise
-            return self.log.append(_scrubbed(escaped), trusted=True)
+            return append(_scrubbed(escaped), trusted=True)
 
     def _append(self, record: dict[str, Any]) -> None:
         """Append a record of something already done (best effort: it can't be undone)."""

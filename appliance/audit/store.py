@@ -6,7 +6,10 @@ the proxy while it runs, else a CLI command. The formats are in docs/audit-forma
 :meth:`AuditLog.append` is synchronous and cheap (encode, one ``pwritev``, one leaf hash, a
 compact-range update). The proxy calls it on its event-loop thread; it is thread-safe (one
 lock), so a CLI may call it from anywhere. :meth:`AuditLog.durable` says when a record is on
-disk. The log is built from parts, each in its own module:
+disk. With ``durability = "fsync"``, what the event loop appends is held and written once
+per loop iteration, all of it with one ``pwrite``, before the sync it asks for (see
+store_commit); anywhere else, and with ``"write"``, a record is written before ``append``
+returns. The log is built from parts, each in its own module:
 
 * :mod:`~appliance.audit.store_segments` — the segment files and the end of the log;
 * :mod:`~appliance.audit.store_recovery` — finding that end again after a stop or a crash;
@@ -17,8 +20,10 @@ Failure
 -------
 
 A write that fails (ENOSPC, EIO, a short write) is cut back off the segment, the record's
-seq and tree leaf are not taken, and ``append`` raises :class:`AuditUnavailable`. An
-``fdatasync`` that fails rolls the log back to the last durable point (see store_commit).
+seq and tree leaf are not taken, and ``append`` raises :class:`AuditUnavailable`. A write
+of held records that fails, and an ``fdatasync`` that fails, roll the log back to the last
+durable point (see store_commit): every record of the batch is refused, none of its
+statements forwarded.
 Either way the failure is remembered, and the first append that succeeds afterwards is
 preceded by an ``audit.failure`` record: the error, since when, how many statements the
 proxy refused meanwhile (:meth:`AuditLog.note_refused`) and which seqs were rolled back.
@@ -172,7 +177,8 @@ class AuditLog:
     def append(self, record: dict[str, Any], *, trusted: bool = False) -> int:
         """Write ``record`` (filling ``seq``, ``time`` if absent, ``run``); return its seq.
 
-        The line is in the segment (the kernel has it) when this returns; :meth:`durable`
+        The line is in the segment (the kernel has it) when this returns — or, on the event
+        loop with ``durability = "fsync"``, once this loop iteration is over; :meth:`durable`
         says when it is on disk. Raises :class:`AuditUnavailable` if it can't be written —
         then nothing of it remains and no seq was taken. ``record`` is modified in place.
         """
@@ -181,11 +187,27 @@ class AuditLog:
                 self._recover_from_failure()
             return self._append_locked(record, trusted)
 
+    def append_waiting(self, record: dict[str, Any], *, trusted: bool = False) -> asyncio.Future[None] | None:
+        """:meth:`append`, and :meth:`durable` for it, under one hold of the lock: a sync
+        that fails and rolls the log back can't come between them, so the future is always
+        failed with the record it waits for (a seq taken again after a rollback never
+        resolves it). For a statement that must not run before its record is durable; on
+        the event loop's thread."""
+        with self._lock:
+            if self._outage.failure is not None:
+                self._recover_from_failure()
+            return self._commit.durable(self._append_locked(record, trusted))
+
     def _append_locked(self, record: dict[str, Any], trusted: bool = False) -> int:
         if self._closed:
             raise AuditUnavailable("the audit log is closed")
         end = self._end
-        if end.offset >= self._segment_bytes:
+        commit = self._commit
+        hold = commit.holds_appends()
+        if not hold and end.held:
+            self._flush_locked()  # in order: what the loop holds goes first
+        if end.offset + end.held_bytes >= self._segment_bytes:
+            self._flush_locked()
             self._next_segment()
         seq = end.size
         record["seq"] = seq
@@ -193,12 +215,23 @@ class AuditLog:
             record["time"] = self._clock.now()
         record["run"] = self.run
         data = canonical.dumps(record, trusted=trusted)
-        try:
-            end.append(data)
-        except OSError as exc:
-            self._write_failed(exc)
-        self._commit.appended(seq + 1)
+        if hold:
+            end.hold(data)
+        else:
+            try:
+                end.append(data)
+            except OSError as exc:
+                self._write_failed(exc)
+        commit.appended(seq + 1)
         return seq
+
+    def _flush_locked(self) -> None:
+        """Under the lock: write what is held; AuditUnavailable (the log rolls back to its
+        durable point, refusing every record of the batch) if it can't be."""
+        if self._end.held:
+            message = self._commit.flush()
+            if message is not None:
+                raise AuditUnavailable(message)
 
     def _write_failed(self, exc: OSError) -> None:
         """Cut what a failed write left, remember the failure, raise AuditUnavailable."""
@@ -222,6 +255,8 @@ class AuditLog:
         """Before the first record after a failure: record the failure itself (or raise)."""
         if self._commit.broken is not None:  # the sync thread is still rolling back
             raise AuditUnavailable(self._commit.broken)
+        if self._commit.unsettled:  # the statements that waited are being refused (and counted)
+            raise AuditUnavailable("the audit log is refusing the statements that waited for it")
         end = self._end
         if end.tail_dirty:
             exc = end.cut_failed_write()
@@ -235,6 +270,9 @@ class AuditLog:
         if failure.lost is not None:
             record["lost"] = {"from": failure.lost[0], "to": failure.lost[1]}
         self._append_locked(record)
+        # In the file before the outage is over: an account lost in a failed write of held
+        # records would take its counts with it.
+        self._flush_locked()
         log.warning("audit: the log is writable again (down since %s; %d statements refused)",
                     failure.since, outage.refused)
         outage.over()
@@ -244,6 +282,7 @@ class AuditLog:
         what was found, alone in a new segment named by the next seq, fsync'd. Never signed
         (no checkpoint is signed after the damage). Logged if it can't be written."""
         end = self._end
+        end.discard_held()  # never written: the log is refused from here on
         seq = end.size
         failure = self._outage.failure
         record: dict[str, Any] = {"type": "audit.failure", **_APPLIANCE, "outcome": "failure",
@@ -271,7 +310,9 @@ class AuditLog:
     def durable(self, seq: int) -> asyncio.Future[None] | None:
         """None if record ``seq`` needs no waiting (``durability = "write"``, or already
         synced); else a future resolved once an fdatasync covers it, or failed with
-        :class:`AuditUnavailable`. Call on the event loop's thread."""
+        :class:`AuditUnavailable`. Call on the event loop's thread. What must not proceed
+        before its record is durable uses :meth:`append_waiting` instead: between an
+        append and this call a failed sync may roll the seq back."""
         return self._commit.durable(seq)
 
     def request_checkpoint(self) -> None:

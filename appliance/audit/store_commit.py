@@ -10,6 +10,12 @@
   by then, so one ``fdatasync`` covers them all (group commit without a timer, no wake per
   record). A round's snapshot is taken when it starts, so it covers everything appended
   while the previous ``fdatasync`` ran.
+* What the loop appends in fsync mode is *held* (:meth:`~SegmentWriter.hold`) and written
+  by that same end-of-iteration callback, every record of the iteration in one ``pwrite``
+  (or earlier, by whoever needs the file to be complete: an append off the loop, a
+  snapshot). A failed write of held records is handled as a failed sync: the log rolls
+  back to its durable point and every future beyond it fails, so no statement of the
+  batch is forwarded.
 * Records nobody waits for (a result, a session's end: things already done) ask for no
   sync of their own: the next statement's sync covers them, or, if none comes, a sync at
   most ``LAZY_SYNC_SECONDS`` after the first of them. One statement at a time then costs
@@ -118,6 +124,7 @@ class GroupCommit:
         self._epoch = 0  # bumped by every rollback: a future of an older epoch was rolled back
         self.broken: str | None = None  # a rollback after a failed sync that is not complete yet
         self.damaged: str | None = None  # the segment changed under the writer: refused for good
+        self.unsettled = 0  # rollbacks whose waiting futures the loop has not failed (and counted) yet
         self.on_damage: Callable[[Damage], None] | None = None  # under the lock: record it if possible
         self._repair_at = 0.0
         # the thread
@@ -126,7 +133,9 @@ class GroupCommit:
         self._wake = threading.Event()
         self._waiting = False
         self._wake_at = 1
-        self._kicked = False  # a _kick is scheduled on the loop
+        self._turn_scheduled = False  # _end_of_turn is scheduled on the loop
+        self._sync_wanted = False  # durable() was asked this loop iteration
+        self._rollback: tuple[str, int | None] | None = None  # a held write failed: roll back (sync thread)
         self._lazy_since: float | None = None  # loop time of the first record no sync is asked for yet
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._kick_loop: asyncio.AbstractEventLoop | None = None  # fsync mode: appends on it ask for syncs
@@ -158,17 +167,47 @@ class GroupCommit:
 
     # --- on the appending side -----------------------------------------------------------------
 
+    def holds_appends(self) -> bool:
+        """Under the lock: should an append now be held (fsync mode, on the loop) rather
+        than written at once?"""
+        loop = self._kick_loop
+        return loop is not None and self.broken is None and _running_loop() is loop
+
     def appended(self, size: int) -> None:
         """Under the lock, after an append made the log ``size`` records long."""
         if self._waiting and size >= self._wake_at:
             self._wake.set()
         loop = self._kick_loop
-        if self._lazy_since is None and loop is not None and _running_loop() is loop:
-            # fsync mode, on the loop: a record nobody may wait for. The next durable()'s
-            # sync covers it; if none comes, the timer asks for one.
-            self._lazy_since = now = loop.time()
-            if self._lazy_timer is None:
-                self._lazy_timer = loop.call_at(now + LAZY_SYNC_SECONDS, self._lazy_kick)
+        if loop is not None and _running_loop() is loop:
+            if not self._turn_scheduled:  # write what this iteration holds once it is over
+                self._turn_scheduled = True
+                loop.call_soon(self._end_of_turn)
+            if self._lazy_since is None:
+                # A record nobody may wait for: the next durable()'s sync covers it; if
+                # none comes, the timer asks for one.
+                self._lazy_since = now = loop.time()
+                if self._lazy_timer is None:
+                    self._lazy_timer = loop.call_at(now + LAZY_SYNC_SECONDS, self._lazy_kick)
+
+    def flush(self) -> str | None:
+        """Under the lock: write the held records. If that fails, None is not returned but
+        the error: the log is broken until the sync thread has rolled it back to its
+        durable point and failed every future beyond it (as after a failed sync)."""
+        end = self._end
+        try:
+            end.flush()
+        except OSError as exc:
+            cut = end.cut_failed_write()
+            if cut is not None:
+                log.error("audit: could not cut a failed write back off %s: %s", end.path, cut.strerror)
+            message = f"cannot write the audit log ({end.path}): {exc.strerror or exc}"
+            self.broken = message
+            self._rollback = (message, exc.errno)
+            self._repair_at = 0.0
+            self._outage.note(message)
+            self._wake.set()
+            return message
+        return None
 
     def wake(self) -> None:
         """Have the thread look at the cadence again (a checkpoint was requested)."""
@@ -199,17 +238,30 @@ class GroupCommit:
             waiters.append(entry)
         if seq < self.durable_size:  # a sync published between the check above and now
             self._resolve_waiters(self.durable_size, self._epoch)
-        elif not self._kicked:
+        else:
             # Ask for the sync once this loop iteration is over: every task that runs in it
             # appends first, so one fdatasync covers them all (group commit without a timer).
-            self._kicked = True
-            loop.call_soon(self._kick)
+            self._sync_wanted = True
+            if not self._turn_scheduled:
+                self._turn_scheduled = True
+                loop.call_soon(self._end_of_turn)
         return fut
 
+    def _end_of_turn(self) -> None:
+        """On the loop, after the tasks of an iteration ran: write what they appended (one
+        pwrite), and ask for the sync they wait for."""
+        self._turn_scheduled = False
+        if self._end.held:
+            with self._lock:
+                if self.flush() is not None:
+                    return  # the rollback fails the waiting; nothing to sync
+        if self._sync_wanted:
+            self._sync_wanted = False
+            self._kick()
+
     def _kick(self) -> None:
-        """On the loop, after the tasks of an iteration ran: sync what they are waiting for
-        (and every record appended before them)."""
-        self._kicked = False
+        """On the loop: sync everything appended so far (what an iteration waits for, and
+        every record before it)."""
         self._lazy_since = None
         self._sync_target = self._end.size
         if self._waiting:
@@ -249,13 +301,41 @@ class GroupCommit:
     def _fail_waiters(self, epoch: int, message: str, code: int | None) -> None:
         """On the loop: fail every future from ``epoch`` (or before) still waiting."""
         keep: deque[tuple[int, int, asyncio.Future[None]]] = deque()
+        message = f"Tollgate could not record this statement in the audit log: {message}"
+        refused = 0
         for entry in self._waiters:
             if entry[1] <= epoch:
                 if not entry[2].done():
                     entry[2].set_exception(AuditUnavailable(message, code))
+                    refused += 1
             else:
                 keep.append(entry)
         self._waiters = keep
+        with self._lock:
+            self._outage.refused += refused
+            self.unsettled -= 1
+
+    def _bump_epoch(self) -> tuple[int, bool]:
+        """Under the lock, at a rollback or the damage: the epoch whose futures fail, and
+        whether some are waiting — then no record is taken (``unsettled``) until the loop
+        has failed and counted them (:meth:`_refuse_waiting`), so the ``audit.failure`` the
+        next append writes says how many statements were refused."""
+        epoch = self._epoch
+        self._epoch += 1
+        counted = self._loop is not None and bool(self._waiters)
+        if counted:
+            self.unsettled += 1
+        return epoch, counted
+
+    def _refuse_waiting(self, epoch: int, message: str, code: int | None, counted: bool) -> None:
+        """After :meth:`_bump_epoch` (any thread): fail the futures of ``epoch`` on the loop."""
+        if not counted:
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._fail_waiters, epoch, message, code)  # type: ignore[union-attr]
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            with self._lock:
+                self.unsettled -= 1
 
     def _tell_loop(self, callback: Callable[..., None], *args: object) -> None:
         loop = self._loop
@@ -295,7 +375,7 @@ class GroupCommit:
         AuditUnavailable if the sync failed (and the log was rolled back)."""
         snap = self._checked_snapshot()
         if snap is None:
-            raise AuditUnavailable(self.damaged or "the audit log is damaged", errno.EIO)
+            raise AuditUnavailable(self.damaged or self.broken or "the audit log is damaged", errno.EIO)
         if not self.sync(snap):
             failure = self._outage.failure
             raise AuditUnavailable(failure.error if failure else "the audit log could not be synced")
@@ -306,8 +386,12 @@ class GroupCommit:
     # --- the segment changing under the writer ---------------------------------------------------
 
     def _checked_snapshot(self) -> Snapshot | None:
-        """The position now, if the segment is intact; None once it is damaged."""
+        """The position now (what is held written first), if the segment is intact; None
+        once it is damaged, or if the held records could not be written (rolled back)."""
         with self._lock:
+            if self._end.held and self.damaged is None and self.flush() is not None:
+                self._roll_back_after_write_failure()
+                return None
             if self.damaged is None:
                 damage = self._end.check()
                 if damage is None:
@@ -333,8 +417,7 @@ class GroupCommit:
         self.damaged = self.broken = message
         self._repair_at = float("inf")
         self._outage.note(message, lost)
-        epoch = self._epoch
-        self._epoch += 1
+        epoch, counted = self._bump_epoch()
         log.critical("audit: %s — the log refuses every record from now on and signs no checkpoint; "
                      "look at the segment, then start the proxy again", message)
         if self.on_damage is not None:
@@ -342,7 +425,7 @@ class GroupCommit:
                 self.on_damage(damage)
             except Exception:  # recording it is best effort: the log is refused either way
                 log.exception("audit: could not record the damage")
-        self._tell_loop(self._fail_waiters, epoch, message, errno.EIO)
+        self._refuse_waiting(epoch, message, errno.EIO, counted)
 
     def _sync_failed(self, snap: Snapshot, exc: OSError) -> None:
         """An fsync failed: the kernel may have dropped what it held. Roll the log back to
@@ -352,8 +435,7 @@ class GroupCommit:
         with self._lock:
             durable = self._durable
             lost = (durable.size, end.size - 1) if end.size > durable.size else None
-            epoch = self._epoch
-            self._epoch += 1
+            epoch, counted = self._bump_epoch()
             end.retired.extend(fd for fd in snap.retired if fd not in end.retired)
             self._outage.note(message, lost)
             self.broken = message
@@ -363,10 +445,34 @@ class GroupCommit:
                 self._repair_at = time.monotonic() + REPAIR_RETRY_SECONDS  # stays broken: the sync thread retries
         log.error("audit: %s; rolled back to seq %d%s", message, durable.size,
                   f" (records {lost[0]}–{lost[1]} lost, their statements refused)" if lost else "")
-        self._tell_loop(self._fail_waiters, epoch, message, exc.errno)
+        self._refuse_waiting(epoch, message, exc.errno, counted)
+
+    def _roll_back_after_write_failure(self) -> None:
+        """Under ``commit_lock`` (the sync thread, or a caller that signs): held records
+        could not be written; roll back to the durable point and fail every future beyond
+        it, as after a failed sync."""
+        end = self._end
+        with self._lock:
+            if self._rollback is None:
+                return
+            message, code = self._rollback
+            self._rollback = None
+            durable = self._durable
+            lost = (durable.size, end.size - 1) if end.size > durable.size else None
+            epoch, counted = self._bump_epoch()
+            self._outage.note(message, lost)
+            self.broken = message
+            try:
+                self._repair()
+            except AuditUnavailable:
+                self._repair_at = time.monotonic() + REPAIR_RETRY_SECONDS
+        log.error("audit: %s; rolled back to seq %d%s", message, durable.size,
+                  f" (records {lost[0]}–{lost[1]} lost, their statements refused)" if lost else "")
+        self._refuse_waiting(epoch, message, code, counted)
 
     def repair_if_broken(self) -> None:
         """Under ``commit_lock``: finish a rollback still pending; AuditUnavailable if it can't be."""
+        self._roll_back_after_write_failure()
         if self.damaged is not None:
             raise AuditUnavailable(self.damaged, errno.EIO)
         if self.broken is not None and not self._try_repair():
@@ -417,9 +523,8 @@ class GroupCommit:
                 self.broken = message
                 self._repair_at = float("inf")
                 self._outage.note(message)
-                epoch = self._epoch
-                self._epoch += 1
-            self._tell_loop(self._fail_waiters, epoch, message, None)
+                epoch, counted = self._bump_epoch()
+            self._refuse_waiting(epoch, message, None, counted)
             raise
 
     def _due(self, now: float) -> bool:
@@ -447,6 +552,9 @@ class GroupCommit:
 
     def _round(self) -> None:
         """Under commit_lock: sync what is written; sign a checkpoint if one is due."""
+        if self._rollback is not None:
+            self._roll_back_after_write_failure()
+            return
         if self.damaged is not None or (self.broken is not None and not self._try_repair()):
             return
         snap = self._checked_snapshot()

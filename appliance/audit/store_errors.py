@@ -11,9 +11,22 @@ class AuditError(Exception):
     """The audit log can't be opened or used (locked, corrupt, misconfigured)."""
 
 
+DISK_FULL_ERRNOS = frozenset({28, 122})  # ENOSPC, EDQUOT
+
+
 class AuditUnavailable(AuditError):
-    """A record could not be written or made durable: what depends on it must not proceed."""
+    """A record could not be written or made durable: what depends on it must not proceed.
+
+    ``sqlstate`` and ``hint`` are what a statement refused for it gets (the session reads
+    them off the error a durability future fails with): 53100 when the disk is full."""
+
+    hint = ("Nothing reaches the database unrecorded. The appliance operator must make the audit directory "
+            "writable again; statements run again as soon as it is.")
 
     def __init__(self, message: str, errno_: int | None = None) -> None:
         super().__init__(message)
         self.errno = errno_
+
+    @property
+    def sqlstate(self) -> str:
+        return "53100" if self.errno in DISK_FULL_ERRNOS else "58030"

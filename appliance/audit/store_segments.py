@@ -2,13 +2,14 @@
 
 Records live in ``dir/segments/NNNNNNNNNNNN.jsonl``, each file named by the seq of its
 first line. :class:`SegmentWriter` is where the log ends (the current segment's file and
-offset, the record count, the Merkle tree's compact range): it appends lines, starts the
-next segment when one is full, hands out :class:`Snapshot`\\ s for a sync to make durable,
-and rolls back to one after a sync failed. :meth:`SegmentWriter.check` says whether the
-segment being written is still the file it writes, as long as it wrote (segments are
-opened ``O_APPEND``, so a write after a truncation lands at the cut, not past a hole that
-would hide it). The functions below read segments back:
-rehashing them at recovery and finding their last complete line.
+offset, the record count, the Merkle tree's compact range): it appends lines — written at
+once, or held (:meth:`~SegmentWriter.hold`) until :meth:`~SegmentWriter.flush` writes all
+held lines with one ``pwrite`` — starts the next segment when one is full, hands out
+:class:`Snapshot`\\ s for a sync to make durable, and rolls back to one after a sync failed.
+:meth:`SegmentWriter.check` says whether the segment being written is still the file it
+writes, as long as it wrote (segments are opened ``O_APPEND``, so a write after a
+truncation lands at the cut, not past a hole that would hide it). The functions below
+read segments back: rehashing them at recovery and finding their last complete line.
 """
 
 from __future__ import annotations
@@ -83,8 +84,8 @@ class SegmentWriter:
     thread does that work, never an append.
     """
 
-    __slots__ = ("dir_dirty", "directory", "fd", "lock", "offset", "retired", "retired_ends", "seg_start", "segdir",
-                 "segment_bytes", "size", "tail_dirty", "tree")
+    __slots__ = ("dir_dirty", "directory", "fd", "held", "held_bytes", "lock", "offset", "retired", "retired_ends",
+                 "seg_start", "segdir", "segment_bytes", "size", "tail_dirty", "tree")
 
     def __init__(self, directory: Path, segment_bytes: int) -> None:
         self.lock = threading.RLock()  # the write position: appends, snapshots, rollbacks
@@ -100,6 +101,10 @@ class SegmentWriter:
         self.retired_ends: dict[int, tuple[int, int, int]] = {}  # fd -> (first seq, bytes, records end)
         self.dir_dirty = False
         self.tail_dirty = False  # a failed write could not be cut off the segment yet
+        # Lines counted in size and tree but not written yet (hold/flush); offset is the
+        # file's: written bytes only.
+        self.held: list[bytes] = []
+        self.held_bytes = 0
 
     @property
     def path(self) -> Path:
@@ -117,12 +122,38 @@ class SegmentWriter:
         self.size, self.tree = size, tree
         return Snapshot(size, seg_start, self.offset, tree.copy())
 
+    def hold(self, data: bytes) -> None:
+        """Take ``data`` as the next record (its seq, its leaf in the tree) and keep its line
+        to be written by the next :meth:`flush`, with every other line held meanwhile."""
+        line = data + NL
+        self.held.append(line)
+        self.held_bytes += len(line)
+        self.size += 1
+        self.tree.append_leaf(merkle.leaf_hash(data))
+
+    def flush(self) -> None:
+        """Write the held lines, in one ``pwrite``. OSError if they could not be written
+        whole: they are dropped (not in the file beyond what :meth:`cut_failed_write` must
+        cut), but size and tree still count them — the caller must roll back."""
+        if not self.held:
+            return
+        data = b"".join(self.held) if len(self.held) > 1 else self.held[0]
+        self.held.clear()
+        self.held_bytes = 0
+        written = os.pwrite(self.fd, data, self.offset)
+        if written != len(data):
+            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write: "
+                                        f"{written} of {len(data)} bytes)")
+        self.offset += written
+
     def append(self, data: bytes) -> None:
         """Write ``data`` and a newline as the next record and add its leaf to the tree.
+        Nothing may be held (:meth:`flush` first).
 
         OSError if the line could not be written whole: then the position has not moved and
         :meth:`cut_failed_write` must take off whatever part of it reached the file.
         """
+        assert not self.held, "held lines must be flushed before a line is written at once"
         offset = self.offset
         written = os.pwritev(self.fd, (data, NL), offset)
         if written != len(data) + 1:
@@ -143,9 +174,17 @@ class SegmentWriter:
         self.tail_dirty = False
         return None
 
+    def discard_held(self) -> None:
+        """Forget the held lines (the log is damaged and signs nothing again: the tree is
+        left as it is, the count goes back to what the files hold)."""
+        self.size -= len(self.held)
+        self.held.clear()
+        self.held_bytes = 0
+
     def next_segment(self) -> None:
         """Start the segment named by the next seq. OSError if it can't be created;
-        AuditError if a file of that name already holds data."""
+        AuditError if a file of that name already holds data. Nothing may be held."""
+        assert not self.held, "held lines belong to the segment being written"
         path = self.segdir / segment_name(self.size)
         fd = os.open(path, _FLAGS, 0o600)
         if os.fstat(fd).st_size:
@@ -191,8 +230,9 @@ class SegmentWriter:
 
     def snapshot(self) -> Snapshot:
         """The position now, with the segments retired and the directory change since the
-        last snapshot: the next sync is theirs."""
+        last snapshot: the next sync is theirs. Nothing may be held (:meth:`flush` first)."""
         with self.lock:
+            assert not self.held, "a snapshot of held lines would count records not in the file"
             snap = Snapshot(self.size, self.seg_start, self.offset, self.tree.copy(), self.fd,
                             tuple(self.retired), self.dir_dirty)
             self.retired = []
@@ -208,6 +248,8 @@ class SegmentWriter:
             os.close(fd)
         self.fd, self.retired = -1, []
         self.retired_ends.clear()
+        self.held.clear()
+        self.held_bytes = 0
         for start, path in list_segments(self.directory):
             if start > to.seg_start:
                 path.unlink()

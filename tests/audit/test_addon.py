@@ -285,3 +285,68 @@ def test_records_lost_while_the_disk_is_full_are_recorded_once_it_has_room(tiny_
         assert_verifiable(log)
     finally:
         log.close("test over")
+
+
+# ---- fsync mode: one write per loop iteration, and a batch that can't be written -------------------
+
+def test_a_full_disk_mid_batch_refuses_every_statement_of_the_batch_and_forwards_none(tiny_fs: Path):
+    """Eight sessions' statements appended in one loop iteration are written together; when
+    that write fails (the disk is full) every one of them is refused, none reaches the
+    database, their records are not in the log, and the log says what it lost."""
+    config = AuditConfig(tiny_fs / "audit", origin="tollgate.test/addon", durability="fsync")
+    init_audit_dir(config)
+
+    async def scenario() -> tuple[list[Any], int, int]:
+        log = AuditLog.open(config, version="test")
+        log.start(asyncio.get_running_loop())
+        try:
+            addon = AuditAddon(log, _scrub)
+            sessions = [ready_session([addon]) for _ in range(8)]
+            await asyncio.sleep(0)  # their session records: written and (lazily) synced
+            await asyncio.to_thread(log.append_durable, {"type": "admin", "user": "t", "outcome": "success",
+                                                          "origin": "local", "object": "test"})
+            durable = log.durable_size
+            fill(tiny_fs / "filler")
+            padding = "x" * 1500  # more than a page's worth in all: the write can't fit in the last page
+            for session, _io in sessions:
+                session.client_data(frontend(m.Query(f"SELECT '{padding}'")))
+            outcomes = []
+            for _session, io in sessions:
+                assert io.server_got() == [] and len(io.waits) == 1  # waiting for the record
+                awaitable, done = io.waits[0]
+                try:
+                    await awaitable
+                    done(None, None)
+                    outcomes.append(None)
+                except BaseException as exc:  # noqa: BLE001 - handed to the session as the shell does
+                    done(None, exc)
+                    outcomes.append(exc)
+            got = []
+            for session, io in sessions:
+                sent = io.server_got()  # only the placeholder that keeps the server in step
+                session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", "syntax"), m.ReadyForQuery(b"I")))
+                got.append((sent, io.client_got()))
+            (tiny_fs / "filler").unlink()
+            await asyncio.to_thread(log.append_durable, {"type": "admin", "user": "t", "outcome": "success",
+                                                          "origin": "local", "object": "test"})
+            return [outcomes, got], durable, log.size
+        finally:
+            await asyncio.to_thread(log.close, "test over")
+
+    (outcomes, got), durable, _size = asyncio.run(scenario())
+    assert all(isinstance(o, AuditUnavailable) for o in outcomes)
+    for server_got, client_got in got:
+        assert [q.query.encode() for q in server_got] == [BLOCKED_SQL]  # the statement itself never went
+        errors = [x for x in client_got if isinstance(x, m.ErrorResponse)]
+        assert errors and dict(errors[0].fields)["C"] == "53100"
+    records = read_config(config)
+    assert not [r for r in records if r["type"] == "statement"]  # the batch's records were rolled back
+    failure = next(r for r in records if r["type"] == "audit.failure")
+    assert failure["seq"] == durable and failure["lost"]["from"] == durable
+    assert failure["refused"] == 8  # the eight statements of the batch, counted as they were refused
+    assert "No space left" in failure["error"]
+
+
+def read_config(config: AuditConfig) -> list[dict[str, Any]]:
+    from appliance.audit.reader import AuditReader
+    return [json.loads(e.line) for e in AuditReader(config.dir).records()]

@@ -319,6 +319,41 @@ def test_a_record_nobody_waits_for_is_synced_by_the_next_statements_sync(tmp_pat
         log.close()
 
 
+def test_what_one_loop_iteration_appends_is_written_with_one_write(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(store_commit, "LAZY_SYNC_SECONDS", 3600.0)
+    config = make_config(tmp_path)
+    log = AuditLog.open(config, version="t")
+    segment = config.dir / "segments" / "000000000000.jsonl"
+    writes: list[int] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd: int, data: bytes, offset: int) -> int:
+        writes.append(len(data))
+        return real_pwrite(fd, data, offset)
+
+    async def main() -> tuple[int, int, int]:
+        log.start(asyncio.get_running_loop())
+        before = segment.stat().st_size
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        seqs = [log.append(statement(i, session=f"s-{i}")) for i in range(8)]
+        held = segment.stat().st_size  # not written yet: the iteration is not over
+        await asyncio.sleep(0)  # the loop turns once: the end-of-iteration write ran
+        written = segment.stat().st_size
+        for seq in seqs:
+            assert log.durable(seq) is not None  # written, not synced: nobody asked yet
+        return before, held, written
+
+    try:
+        before, held, written = asyncio.run(main())
+        assert held == before and written > before
+        assert len(writes) == 1 and writes[0] == written - before
+    finally:
+        monkeypatch.undo()
+        log.close()
+    assert [r["stmt"] for r in lines(config) if r["type"] == "statement"] == list(range(8))
+    check_tree(config)
+
+
 def test_a_record_nobody_waits_for_is_synced_soon_without_a_statement(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(store_commit, "LAZY_SYNC_SECONDS", 0.0)
     config = make_config(tmp_path)
@@ -572,7 +607,6 @@ def test_failed_fsync_rolls_back_and_fails_the_waiting(tmp_path: Path) -> None:
         durable, outcomes = asyncio.run(main())
         assert all(isinstance(o, AuditUnavailable) and "Input/output error" in str(o) for o in outcomes)
         assert log.size == durable  # rolled back: the file and the tree
-        log.note_refused(5)
         seq = log.append(statement(42))
         assert seq == durable + 1
     finally:
