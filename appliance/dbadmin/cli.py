@@ -1,7 +1,8 @@
 """``tollgate db discover`` and ``tollgate db provision``.
 
-Exit status of ``discover``: 0 when every candidate cardholder column is declared, 1 when
-some are not, 2 on errors. Of ``provision``: 0 when the SQL was printed (or applied) and,
+Exit status of ``discover``: 0 when every candidate cardholder column is declared and every
+readable column was sampled, 1 when some candidates are not declared or a column could not
+be sampled in time, 2 on errors. Of ``provision``: 0 when the SQL was printed (or applied) and,
 with ``--apply`` or ``--check``, the server confirms no agent role can do what it should
 not; 1 when the check finds something; 2 on errors (including what provisioning cannot
 fix, such as an agent role that owns a cardholder table).
@@ -40,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     discover = db_sub.add_parser(
         "discover", help="sample columns for card numbers and compare with the declared cardholder columns",
-        description="Exit status: 0 no undeclared candidates, 1 undeclared candidates, 2 error.")
+        description="Exit status: 0 no undeclared candidates, 1 undeclared candidates (or a column not "
+                    "sampled in time), 2 error.")
     common(discover)
     discover.add_argument("--as", dest="role", metavar="ROLE",
                           help="the held credential to connect with (default: the target's first)")
@@ -50,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     discover.add_argument("--min-ratio", type=float, default=disc.DEFAULT_MIN_RATIO,
                           help="share of a column's sampled values that must hold a card number "
                                f"for it to be a candidate (default {disc.DEFAULT_MIN_RATIO})")
+    discover.add_argument("--timeout", type=float, default=disc.DEFAULT_TIMEOUT_SECONDS,
+                          help="seconds each column's sample may take, waiting on locks included "
+                               f"(default {disc.DEFAULT_TIMEOUT_SECONDS:g}); a column that runs out is reported, "
+                               "and the exit status is 1")
     discover.set_defaults(handler=cmd_discover)
 
     provision = db_sub.add_parser(
@@ -110,11 +116,12 @@ def cmd_discover(args: argparse.Namespace) -> int:
         declared = declared_columns(_policy(config), args.columns)
         params = None if args.dsn else held_params(target, args.database, args.role)
         with _connect(params, args.dsn) as conn:
-            report = disc.discover(conn, declared, sample_rows=args.sample_rows, min_ratio=args.min_ratio)
+            report = disc.discover(conn, declared, sample_rows=args.sample_rows, min_ratio=args.min_ratio,
+                                   timeout=args.timeout)
     except (TargetError, ColumnNameError, PolicyError, ValueError, psycopg.Error) as exc:
         return _error(str(exc).strip())
     print(json.dumps(report.as_json(), indent=2) if args.json else disc.render(report), end="\n" if args.json else "")
-    return EXIT_FOUND if report.undeclared() else EXIT_OK
+    return EXIT_OK if report.clean else EXIT_FOUND
 
 
 def cmd_provision(args: argparse.Namespace) -> int:

@@ -28,6 +28,9 @@ from appliance.pan.detector import brand, find_pans
 SAMPLED_TYPES = ("text", "varchar", "bpchar", "int8", "numeric", "json", "jsonb")
 DEFAULT_SAMPLE_ROWS = 1000
 DEFAULT_MIN_RATIO = 0.5
+# Per sample query: a busy production table must not make discovery wait on a lock or scan
+# for ever. A column that runs out of time is named as not sampled, never as clean.
+DEFAULT_TIMEOUT_SECONDS = 30.0
 # Values longer than this are cut before the detector sees them: a sample, not a scan.
 MAX_VALUE_BYTES = 64 * 1024
 
@@ -73,15 +76,19 @@ class ColumnSample:
     sampled: int = 0
     with_pan: int = 0
     brands: tuple[tuple[str, int], ...] = ()
+    not_sampled: str | None = None  # why a readable column could not be sampled (a timeout)
 
     @property
     def ratio(self) -> float:
         return self.with_pan / self.sampled if self.sampled else 0.0
 
     def as_json(self) -> dict[str, Any]:
-        return {"column": str(self.column), "type": self.type_name, "readable": self.readable,
-                "sampled": self.sampled, "with_pan": self.with_pan, "ratio": round(self.ratio, 4),
-                "brands": dict(self.brands)}
+        out = {"column": str(self.column), "type": self.type_name, "readable": self.readable,
+               "sampled": self.sampled, "with_pan": self.with_pan, "ratio": round(self.ratio, 4),
+               "brands": dict(self.brands)}
+        if self.not_sampled:
+            out["not_sampled"] = self.not_sampled
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +122,15 @@ class Report:
     def unreadable(self) -> tuple[ColumnSample, ...]:
         return tuple(s for s in self.samples if not s.readable)
 
+    def not_sampled(self) -> tuple[ColumnSample, ...]:
+        """Readable columns the sample could not read in time: unknown, so not clean."""
+        return tuple(s for s in self.samples if s.not_sampled)
+
+    @property
+    def clean(self) -> bool:
+        """No undeclared candidate, and every readable column sampled."""
+        return not self.undeclared() and not self.not_sampled()
+
     def below_threshold(self) -> tuple[ColumnSample, ...]:
         return tuple(s for s in self.samples if s.with_pan and s.ratio < self.min_ratio)
 
@@ -128,6 +144,7 @@ class Report:
             "declared_not_found": [str(c) for c in self.declared_not_found()],
             "not_in_catalog": [str(c) for c in self.missing],
             "unreadable": [str(s.column) for s in self.unreadable()],
+            "not_sampled": [s.as_json() for s in self.not_sampled()],
             "below_threshold": [s.as_json() for s in self.below_threshold()],
             "columns_sampled": sum(1 for s in self.samples if s.readable),
         }
@@ -164,18 +181,34 @@ def sample_sql(column: ColumnName, reltuples: float, sample_rows: int, *, tables
     return f"SELECT {col}::text FROM {source} WHERE {col} IS NOT NULL LIMIT {int(sample_rows)}"
 
 
+def _sample(conn: Any, column: ColumnName, reltuples: float, sample_rows: int) -> list[str | None]:
+    values = [row[0] for row in conn.execute(sample_sql(column, reltuples, sample_rows))]
+    if len(values) < sample_rows:
+        # SYSTEM sampling picks whole pages and may miss a small or sparse table.
+        values = [row[0] for row in conn.execute(sample_sql(column, reltuples, sample_rows, tablesample=False))]
+    return values
+
+
 def discover(conn: Any, declared: Iterable[ColumnName], *, sample_rows: int = DEFAULT_SAMPLE_ROWS,
-             min_ratio: float = DEFAULT_MIN_RATIO) -> Report:
+             min_ratio: float = DEFAULT_MIN_RATIO, timeout: float = DEFAULT_TIMEOUT_SECONDS) -> Report:
     """Sample every readable column of the sampled types over ``conn`` (a psycopg
-    connection), in one read-only transaction that is rolled back."""
+    connection), in one read-only transaction that is rolled back; each column's queries
+    get ``timeout`` seconds (statement and lock timeouts), in a savepoint of their own."""
+    from psycopg import errors
+
     if sample_rows < 1:
         raise ValueError("sample_rows must be at least 1")
     if not 0.0 < min_ratio <= 1.0:
         raise ValueError("min_ratio must be in (0, 1]")
+    if timeout <= 0:
+        raise ValueError("timeout must be positive")
     declared = tuple(sorted(set(declared)))
     samples: list[ColumnSample] = []
     with conn.transaction(force_rollback=True):
         conn.execute("SET TRANSACTION READ ONLY")
+        milliseconds = max(1, int(timeout * 1000))
+        conn.execute(f"SET LOCAL statement_timeout = {milliseconds}")
+        conn.execute(f"SET LOCAL lock_timeout = {milliseconds}")
         present = {row[0] for row in conn.execute(_DECLARED_QUERY, ([str(c) for c in declared],))}
         for schema, table, name, typname, reltuples, readable in conn.execute(
                 _COLUMNS_QUERY, (list(SAMPLED_TYPES),) * 3).fetchall():
@@ -183,11 +216,12 @@ def discover(conn: Any, declared: Iterable[ColumnName], *, sample_rows: int = DE
             if not readable:
                 samples.append(ColumnSample(column, typname, readable=False))
                 continue
-            values = [row[0] for row in conn.execute(sample_sql(column, float(reltuples), sample_rows))]
-            if len(values) < sample_rows:
-                # SYSTEM sampling picks whole pages and may miss a small or sparse table.
-                values = [row[0] for row in conn.execute(
-                    sample_sql(column, float(reltuples), sample_rows, tablesample=False))]
+            try:
+                with conn.transaction():
+                    values = _sample(conn, column, float(reltuples), sample_rows)
+            except (errors.QueryCanceled, errors.LockNotAvailable) as exc:
+                samples.append(ColumnSample(column, typname, True, not_sampled=exc.diag.message_primary or "timeout"))
+                continue
             sampled, with_pan, brands = pan_count(values)
             samples.append(ColumnSample(column, typname, True, sampled, with_pan, tuple(sorted(brands.items()))))
         info = conn.execute("SELECT current_database(), current_user").fetchone()
@@ -215,6 +249,8 @@ def render(report: Report) -> str:
           for c in report.declared_not_found()]),
         ("below the threshold (likely ids or chance Luhn matches)", [line(s) for s in report.below_threshold()]),
         ("not readable by this role", [f"  {s.column}" for s in report.unreadable()]),
+        ("NOT SAMPLED in time (unknown: run again, or with a longer --timeout)",
+         [f"  {s.column}: {s.not_sampled}" for s in report.not_sampled()]),
     )
     for title, lines in sections:
         out.append(f"{title}: {'none' if not lines else len(lines)}")

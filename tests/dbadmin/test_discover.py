@@ -91,3 +91,20 @@ def test_cli_reads_the_policys_declaration(database: Database, capsys: pytest.Ca
     report = json.loads(capsys.readouterr().out)
     assert sorted(c["column"] for c in report["declared"]) == [str(BACKUP_PAN), str(WALLET_PANS), str(CARDS_PAN)]
     assert report["undeclared_candidates"] == []
+
+
+def test_a_column_that_cannot_be_sampled_in_time_is_named_and_never_counted_clean(
+        database: Database, capsys: pytest.CaptureFixture[str]):
+    declared = ["--column", str(CARDS_PAN), "--column", str(BACKUP_PAN), "--column", str(WALLET_PANS)]
+    with database.connect() as holder, holder.transaction():
+        holder.execute("LOCK TABLE legacy.card_backup IN ACCESS EXCLUSIVE MODE")
+        with database.connect() as conn:
+            report = discover(conn, [CARDS_PAN, BACKUP_PAN, WALLET_PANS], timeout=0.2)
+        code = main(["db", "discover", "-c", str(database.config), "--database", database.name, *declared,
+                     "--timeout", "0.2"])
+    [skipped] = report.not_sampled()
+    assert skipped.column == BACKUP_PAN and "timeout" in skipped.not_sampled
+    assert report.undeclared() == () and not report.clean
+    assert {s.column for s in report.declared_found()} == {CARDS_PAN, WALLET_PANS}
+    assert code == 1 and "NOT SAMPLED in time" in capsys.readouterr().out
+    assert main(["db", "discover", "-c", str(database.config), "--database", database.name, *declared]) == 0
