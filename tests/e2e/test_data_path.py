@@ -37,6 +37,21 @@ def pci_masked(pan: str) -> str:
     return pan[:6] + "*" * (len(pan) - 10) + pan[-4:]
 
 
+def number_masked(pan: str) -> str:
+    """The PCI display of a card number written as a bare number where the column's type
+    is unknown (COPY text): zeros in between, so the field still loads into a number column,
+    and the last of them a 1 where zeros would make a Luhn-valid number (a card number again)."""
+    masked = pan[:6] + "0" * (len(pan) - 10) + pan[-4:]
+    return masked[:-5] + "1" + masked[-4:] if luhn_valid(masked) else masked
+
+
+def luhn_valid(digits: str) -> bool:
+    total = 0
+    for i, d in enumerate(int(c) for c in reversed(digits)):
+        total += d if i % 2 == 0 else (d * 2 - 9 if d > 4 else d * 2)
+    return total % 10 == 0
+
+
 def test_psql_with_unchanged_conninfo_reaches_the_real_database_through_tollgate(lab: Lab):
     out = psql(lab, "SELECT inet_server_addr(), inet_client_addr(), current_user, count(*) FROM cards")
     server, client, user, cards = out.strip().split("|")
@@ -147,7 +162,7 @@ def test_plain_pg_dump_through_tollgate_is_identical_but_for_masked_card_numbers
     expected = direct
     for pan in make_test_pans(DEFAULT_SEED, CARDS):
         assert pan.encode() in direct and pan.encode() not in through
-        expected = expected.replace(pan.encode(), pci_masked(pan).encode())
+        expected = expected.replace(pan.encode(), number_masked(pan).encode())  # pg_dump's data is COPY text
     assert hashlib.sha256(through).hexdigest() == hashlib.sha256(expected).hexdigest()
 
 
