@@ -170,10 +170,17 @@ def run_corpus(lab: Lab, cases: dict[str, dict], *, direct: bool) -> dict:
                        timeout=deadline + 120)  # type: ignore[return-value]
 
 
-@pytest.fixture(scope="module", params=list(POLICY_VARIANTS))
-def adversary(lab: Lab, request: pytest.FixtureRequest) -> Iterator[dict]:
-    """Everything the client received, through Tollgate and directly, for every case."""
-    set_policy(lab, POLICY_VARIANTS[request.param])
+def _drop_scratch(lab: Lab) -> None:
+    superuser_sql(lab, "DO $$ DECLARE r record; BEGIN FOR r IN SELECT oid::regclass AS t, relkind FROM pg_class "
+                       "WHERE relnamespace = 'scratch'::regnamespace AND relname LIKE 'adv_%' LOOP "
+                       "EXECUTE format(CASE WHEN r.relkind = 'v' THEN 'DROP VIEW IF EXISTS %s CASCADE' "
+                       "ELSE 'DROP TABLE IF EXISTS %s CASCADE' END, r.t); END LOOP; END $$")
+
+
+@pytest.fixture(scope="module")
+def direct_run(lab: Lab) -> dict:
+    """The corpus with its placeholders filled, and what the client receives directly
+    (once: the policy doesn't touch the direct path)."""
     superuser_sql(lab, "CREATE SCHEMA IF NOT EXISTS scratch AUTHORIZATION app")
     pans = lab_pans(lab)
     assert len(pans) >= 300
@@ -185,15 +192,22 @@ def adversary(lab: Lab, request: pytest.FixtureRequest) -> Iterator[dict]:
     for name, c in CONTROLS.items():
         cases[f"control {name}"] = expand(c, pans, "c")
     try:
-        through = run_corpus(lab, cases, direct=False)
-        direct = run_corpus(lab, cases, direct=True)
-        yield {"through": through, "direct": direct, "pans": pans}
+        return {"cases": cases, "pans": pans, "direct": run_corpus(lab, cases, direct=True)}
+    finally:
+        _drop_scratch(lab)
+
+
+@pytest.fixture(scope="module", params=list(POLICY_VARIANTS))
+def adversary(lab: Lab, direct_run: dict, request: pytest.FixtureRequest) -> Iterator[dict]:
+    """Everything the client received, through Tollgate (under each policy variant) and
+    directly, for every case."""
+    set_policy(lab, POLICY_VARIANTS[request.param])
+    try:
+        through = run_corpus(lab, direct_run["cases"], direct=False)
+        yield {"through": through, "direct": direct_run["direct"], "pans": direct_run["pans"]}
     finally:
         set_policy(lab, LAB_POLICY)
-        superuser_sql(lab, "DO $$ DECLARE r record; BEGIN FOR r IN SELECT oid::regclass AS t, relkind FROM pg_class "
-                           "WHERE relnamespace = 'scratch'::regnamespace AND relname LIKE 'adv_%' LOOP "
-                           "EXECUTE format(CASE WHEN r.relkind = 'v' THEN 'DROP VIEW IF EXISTS %s CASCADE' "
-                           "ELSE 'DROP TABLE IF EXISTS %s CASCADE' END, r.t); END LOOP; END $$")
+        _drop_scratch(lab)
 
 
 def _case_params() -> list:
