@@ -40,7 +40,7 @@ from appliance.model.decision import Action, Decision
 from appliance.pgwire import ProtocolError, decode_frontend
 from appliance.pgwire.params import bind_params
 from appliance.policy.holder import PolicyHolder
-from appliance.policy.pins import session_problem
+from appliance.policy.pins import encoding_change_problem, session_problem
 from appliance.policy.shape import grant_keys
 from appliance.proxy.hooks import Addon, Hold, Reject, SessionInfo, Statement, StatementKind, Verdict
 
@@ -136,9 +136,15 @@ class EnforcementAddon(Addon):
         if statement.kind is StatementKind.FUNCTION_CALL:
             decision = policy.decide_function_call(groups, target, statement.function_oid or 0)
         else:
-            decision = policy.decide(groups, target, statement.text)
+            text = session_text(session, statement.text)
+            if isinstance(text, Reject):
+                return text
+            decision = policy.decide(groups, target, text)
         for runs in statement.executes:
-            decision = _stricter(decision, policy.decide(groups, target, runs.text))
+            text = session_text(session, runs.text)
+            if isinstance(text, Reject):
+                return text
+            decision = _stricter(decision, policy.decide(groups, target, text))
         statement.decision = decision
         action = decision.action
         if action is Action.BLOCK:
@@ -221,14 +227,33 @@ class EnforcementAddon(Addon):
 def _pinned(session: SessionInfo, statement: Statement) -> Reject | None:
     """A refusal while the server reports a pinned setting at another value (see pins)."""
     parameters = session.parameters
-    if parameters.get("standard_conforming_strings", "on") == "on" and \
-            parameters.get("client_encoding", "UTF8") in ("UTF8", "SQL_ASCII"):
+    login = session.client_encoding
+    if parameters.get("standard_conforming_strings", "on") == "on" and login is not None and \
+            parameters.get("client_encoding", "UTF8") in (("UTF8", "SQL_ASCII") if login.is_utf8 else (login.name,)):
         return None  # the server's own spelling of the allowed values: the usual case, two lookups
-    problem = session_problem(parameters)
+    problem = session_problem(parameters, login)
     if problem is None or (statement.kind is not StatementKind.FUNCTION_CALL and _PUT_BACK.fullmatch(statement.text)):
         return None
-    return Reject(BLOCKED_SQLSTATE, problem, hint="SET standard_conforming_strings = on (or client_encoding = "
-                  "'UTF8') puts it back.")
+    return Reject(BLOCKED_SQLSTATE, problem, hint="SET standard_conforming_strings = on (or RESET client_encoding) "
+                  "puts it back.")
+
+
+def session_text(session: SessionInfo, text: str) -> str | Reject:
+    """Statement text as the server reads it: converted from the session's client encoding
+    (the wire text is UTF-8 with its other bytes kept as surrogates), or a refusal where the
+    bytes don't convert (the server would raise 22021) or would change the encoding."""
+    encoding = session.client_encoding
+    if encoding is None or encoding.is_utf8:
+        return text  # read as UTF-8; the classifier refuses bytes that aren't
+    try:
+        decoded = encoding.decode(text.encode("utf-8", "surrogateescape"))
+    except UnicodeError as exc:
+        return Reject(BLOCKED_SQLSTATE, f"the statement is not valid {encoding.name} text, which the session's "
+                      f"client_encoding says it is ({exc.reason} at byte {getattr(exc, 'start', '?')}); it is refused")
+    problem = encoding_change_problem(decoded)
+    if problem is not None:
+        return Reject(BLOCKED_SQLSTATE, problem)
+    return decoded
 
 
 def _groups(session: SessionInfo) -> frozenset[str]:

@@ -10,10 +10,14 @@ defaults. Two settings change how the *server* splits a string into tokens:
   ``\\'`` inside an escape string is an *error*; it never changes where a token ends, so a
   difference there makes the server refuse what pglast accepted — nothing runs.)
 - ``client_encoding``: the server converts the client's bytes to its own encoding before
-  lexing. Tollgate reads them as UTF-8. In SJIS, BIG5, GBK, UHC, JOHAB and GB18030 an
-  ASCII byte — a backslash — can be the second byte of a character, so ``E'ぁ\\'…`` ends
-  the literal for the server and not for pglast. UTF8 and SQL_ASCII (no conversion) read
-  the bytes as Tollgate does.
+  lexing, and Tollgate reads statement text in the session's encoding the same way
+  (:mod:`appliance.pgwire.encodings`, only encodings verified against the server). So the
+  encoding is pinned at *the value the server reported at login*: were it changed later,
+  the next statement would be read in one encoding by Tollgate and another by the server —
+  in SJIS, BIG5, GBK, UHC, JOHAB and GB18030 an ASCII byte, a backslash, can be the second
+  byte of a character, so ``E'ソ\\'…`` ends the literal for one and not the other.
+  Statements can only set it to UTF8 or SQL_ASCII (read alike as UTF-8), and in a session
+  logged in with another encoding not at all (:func:`changes_client_encoding`).
 
 Rather than lex with each session's settings, Tollgate keeps them at the values it lexes
 with: a statement that would change them is refused by the classifier (never allowable by
@@ -24,9 +28,14 @@ it is back. docs/policy.md, "Keeping the classifier and the server in agreement"
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator, Mapping
 from typing import Any
+
+from pglast.parser import ParseError, parse_sql_json
+
+from appliance.pgwire.encodings import ClientEncoding, canonical_name
 
 # Values the server accepts for "on" (parse_bool: on, true, yes, 1 and unique prefixes).
 _ON = frozenset({"on", "true", "yes", "1", "t", "tr", "tru", "y", "ye"})
@@ -71,15 +80,59 @@ def value_problem(name: str, value: str) -> str | None:
             f"does; {value!r} is refused")
 
 
-def session_problem(parameters: Mapping[str, str]) -> str | None:
-    """Why a session whose server reports ``parameters`` must refuse statements, or None."""
-    for name in PINNED:
-        value = parameters.get(name)
-        if value is not None and value_problem(name, value) is not None:
-            return (f"the database reports {name} = {value}, which Tollgate does not allow (it must be "
-                    f"{PINNED[name][1]} for statements to be judged as the database runs them); every statement "
-                    "is refused until it is set back")
-    return None
+def session_problem(parameters: Mapping[str, str], login: ClientEncoding | None) -> str | None:
+    """Why a session whose server reports ``parameters``, and reported the client encoding
+    ``login`` at login (None: one Tollgate can't read), must refuse statements, or None."""
+    value = parameters.get("standard_conforming_strings")
+    if value is not None and not _scs_ok(value):
+        return (f"the database reports standard_conforming_strings = {value}, which Tollgate does not allow (it "
+                "must be on for statements to be judged as the database runs them); every statement is refused "
+                "until it is set back")
+    value = parameters.get("client_encoding", "UTF8")
+    if login is None:
+        return (f"the session's client_encoding {value} is not one Tollgate reads exactly as the database does; "
+                "every statement is refused (connect with a supported encoding, such as UTF8)")
+    now = canonical_name(value)
+    if now == login.name or (login.is_utf8 and now in ("UTF8", "SQL_ASCII")):
+        return None
+    return (f"the database reports client_encoding = {value}, but the session logged in with {login.name}, the "
+            "encoding Tollgate reads its statements in; every statement is refused until it is set back")
+
+
+def encoding_change_problem(sql: str) -> str | None:
+    """Why ``sql``, in a session that logged in with an encoding other than UTF-8, is
+    refused for changing it (see :func:`changes_client_encoding`), or None."""
+    try:
+        tree_json = parse_sql_json(sql)
+    except ParseError:
+        return None  # the classifier says what it makes of text it can't parse
+    if "client_encoding" not in tree_json.lower() or not changes_client_encoding(tree_json, json.loads(tree_json)):
+        return None
+    return ("this session's statements are read in the client_encoding it logged in with; changing it is "
+            "refused (RESET client_encoding is not)")
+
+
+def changes_client_encoding(tree_json: str, tree: Any) -> bool:
+    """Whether a parsed request sets client_encoding to any value (``SET``, ``SET NAMES``,
+    ``set_config``; RESET and DEFAULT go back to the login value). Refused in sessions that
+    logged in with an encoding other than UTF-8: every change is one there."""
+    lowered = tree_json.lower()
+    if "client_encoding" not in lowered:
+        return False
+    for node in _dicts(tree):
+        kind = node.get("kind")
+        if isinstance(kind, str) and kind.startswith("VAR_") and str(node.get("name", "")).strip().lower() == \
+                "client_encoding":
+            if kind == "VAR_SET_VALUE":
+                return True
+        elif "funcname" in node:
+            args = node.get("args") or []
+            setting = _constant(args[0]) if args else None
+            names = [part.get("String", {}).get("sval", "") for part in node.get("funcname") or ()
+                     if isinstance(part, dict)]
+            if names and names[-1].lower() == "set_config" and (setting or "").strip().lower() == "client_encoding":
+                return True
+    return False
 
 
 def statement_problem(tree_json: str, tree: Any) -> str | None:

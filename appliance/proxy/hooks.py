@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from appliance.model.decision import Decision
 from appliance.model.identity import Identity
+from appliance.pgwire.encodings import UTF8, ClientEncoding
 
 if TYPE_CHECKING:
     from appliance.config import Endpoint, Target
@@ -71,6 +72,9 @@ class SessionInfo:
     database: str | None = None
     application_name: str | None = None
     parameters: dict[str, str] = field(default_factory=dict)
+    # The client_encoding the server reported at login, which statement text is read in
+    # (appliance.pgwire.encodings); None: one Tollgate can't read, every statement refused.
+    client_encoding: ClientEncoding | None = UTF8
     upstream_user: str | None = None
     upstream_tls: str | None = None  # negotiated TLS version upstream, None if clear
     client_tls: str | None = None  # TLS version towards the agent, None if clear

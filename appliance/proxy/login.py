@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from appliance.config import Credential, Target
 from appliance.pgwire import BackendDecoder, ProtocolError, decode_backend
 from appliance.pgwire import messages as m
+from appliance.pgwire.encodings import client_encoding
 from appliance.proxy import dispatch
 from appliance.proxy.errors import SessionError
 from appliance.proxy.upstream_auth import AuthError, ScramSha256, md5_password
@@ -140,6 +141,9 @@ class UpstreamLogin:
             session.info.parameters[msg.name] = msg.value
             session.io.send_client(raw)
         elif isinstance(msg, m.ReadyForQuery):
+            # The encoding the session's text is read in, for its whole life: a later
+            # change is refused (appliance.policy.pins).
+            session.info.client_encoding = client_encoding(session.info.parameters.get("client_encoding", "UTF8"))
             session.login_complete(msg)
         elif isinstance(msg, m.NoticeResponse):
             raw = msg.encode()

@@ -10,11 +10,12 @@ import pytest
 
 from appliance.model.identity import Identity
 from appliance.pgwire import messages as m
+from appliance.pgwire.encodings import UTF8, client_encoding
 from appliance.policy.addon import EnforcementAddon
 from appliance.policy.classifier import classify
 from appliance.policy.engine import Policy
 from appliance.policy.holder import PolicyHolder
-from appliance.policy.pins import session_problem
+from appliance.policy.pins import encoding_change_problem, session_problem
 from appliance.proxy.pipeline import BLOCKED_SQL
 from tests.proxy.trace import backend, frontend, ready_session
 
@@ -113,7 +114,33 @@ def test_a_syntax_error_is_still_allowable_explicitly_but_a_refusal_is_not() -> 
     ({}, False),
 ])
 def test_session_problem(parameters: dict[str, str], refused: bool) -> None:
-    assert (session_problem(parameters) is not None) is refused
+    assert (session_problem(parameters, UTF8) is not None) is refused
+
+
+@pytest.mark.parametrize("login, now, refused", [
+    ("SJIS", "SJIS", False), ("SJIS", "UTF8", True), ("SJIS", "SQL_ASCII", True), ("LATIN9", "LATIN9", False),
+    ("LATIN9", "LATIN1", True), ("UTF8", "SJIS", True), ("BIG5", "BIG5", False),
+])
+def test_the_client_encoding_is_pinned_at_its_login_value(login: str, now: str, refused: bool) -> None:
+    parameters = {"standard_conforming_strings": "on", "client_encoding": now}
+    assert (session_problem(parameters, client_encoding(login)) is not None) is refused
+
+
+def test_a_session_in_an_encoding_tollgate_cannot_read_is_refused() -> None:
+    problem = session_problem({"client_encoding": "MULE_INTERNAL"}, client_encoding("MULE_INTERNAL"))
+    assert problem is not None and "MULE_INTERNAL" in problem
+
+
+@pytest.mark.parametrize("sql, refused", [
+    ("set client_encoding = 'UTF8'", True), ("set names 'sjis'", True), ("set local client_encoding to sjis", True),
+    ("select set_config('client_encoding', 'UTF8', false)", True),
+    ("select set_config(E'client\\x5fencoding', 'UTF8', false)", True),
+    ('set U&"client\\005fencoding" = \'UTF8\'', True),
+    ("reset client_encoding", False), ("set client_encoding to default", False), ("show client_encoding", False),
+    ("select 'client_encoding'", False), ("select 1", False),
+])
+def test_no_change_of_a_non_utf8_login_encoding(sql: str, refused: bool) -> None:
+    assert (encoding_change_problem(sql) is not None) is refused
 
 
 POLICY = """
