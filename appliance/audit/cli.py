@@ -1,4 +1,5 @@
-"""``tollgate audit …`` (init, status, export, verify, rotate-key, sessions) and ``tollgate replay``.
+"""``tollgate audit …`` (init, status, export, verify, rotate-key, trust-witnesses, sessions) and
+``tollgate replay``.
 
 Commands that must write to the log (an export is itself recorded, a key rotation is a
 key event) or need a fresh checkpoint go through the running proxy's control socket; when
@@ -83,6 +84,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                                           "--root-key FILE.")
     rotate.add_argument("--root-key", type=Path, metavar="FILE", help="the root private key (PEM)")
     rotate.set_defaults(handler=_run(cmd_rotate))
+
+    trust_w = verbs.add_parser("trust-witnesses", parents=[common],
+                               help="the trust file re-signed to require the config's witnesses",
+                               description="Writes [[audit.witnesses]] and witness_quorum into the trust file "
+                                           "(none: removes the requirement), so a verifier pinning only the root key "
+                                           "requires their cosignatures. Needs the root private key.")
+    trust_w.add_argument("--root-key", type=Path, metavar="FILE", help="the root private key (PEM)")
+    trust_w.set_defaults(handler=_run(cmd_trust_witnesses))
 
     sessions = verbs.add_parser("sessions", parents=[common], help="sessions recorded in the log")
     _session_arguments(sessions)
@@ -234,6 +243,27 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     finally:
         access.close("key rotated")
     print(f"signing key rotated: now {key} (via {access.via}); {audit.dir / 'trust.note'} re-signed by the root key")
+    return EXIT_OK
+
+
+def cmd_trust_witnesses(args: argparse.Namespace) -> int:
+    from appliance.audit.export import LogAccess, cli_identity
+    from appliance.audit.keys import KeyRing, load_root_key, trust_witnesses
+    config, audit = _config(args)
+    if args.root_key is not None and not args.root_key.exists():
+        raise UsageError(f"{args.root_key}: no such file")
+    root = load_root_key(audit, args.root_key)
+    trust_witnesses(KeyRing.load(audit), root)
+    user, origin = cli_identity()
+    access = LogAccess(config)
+    try:
+        access.append_admin({"action": "audit.trust-witnesses", "user": user, "origin": origin,
+                             "object": "audit-log", "outcome": "success",
+                             "witnesses": [w.name for w in audit.witnesses], "quorum": audit.witness_quorum})
+    finally:
+        access.close("trust file re-signed")
+    names = ", ".join(w.name for w in audit.witnesses) or "none"
+    print(f"{audit.dir / 'trust.note'} re-signed by the root key: witnesses {names}, quorum {audit.witness_quorum}")
     return EXIT_OK
 
 

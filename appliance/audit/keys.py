@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.audit.cosignature import parse_witness_key
 from appliance.audit.note import NoteError, SigningKey, VerifierKey, parse_verifier_key
 from appliance.audit.trust import Trust, TrustEntry, build_trust, parse_trust
 from appliance.config import AuditConfig
@@ -235,7 +236,8 @@ def init_audit_dir(config: AuditConfig, *, force: bool = False) -> KeyRing:
 
     signing = SigningKey.generate(origin)
     _write_signing_key(keys, signing)
-    trust_note = build_trust(origin, [TrustEntry(_verifier(signing), 0, None)], root)
+    trust_note = build_trust(origin, [TrustEntry(_verifier(signing), 0, None)], root,
+                             [parse_witness_key(w.key) for w in config.witnesses], config.witness_quorum)
     write_atomic(directory / "trust.note", trust_note.encode(), PUB_MODE)
     write_atomic(keys / "current", f"{signing.key_id}\n".encode(), PUB_MODE)
     fsync_dir(directory.parent)
@@ -264,6 +266,21 @@ def load_root_key(config: AuditConfig, path: Path | None = None) -> SigningKey:
     raise AuditKeyError(f"the root private key is not on this box (looked for {looked}): give --root-key FILE")
 
 
+def trust_witnesses(keyring: KeyRing, root_key: SigningKey) -> str:
+    """Re-sign the trust file with the config's ``[[audit.witnesses]]`` and ``witness_quorum``
+    (none: the requirement is removed); the new trust note. Needs the root key."""
+    if root_key.verifier_key() != keyring.root_verifier_text:
+        raise AuditKeyError(f"the root key given is not the one {keyring.keys_dir / 'root.pub'} names")
+    config = keyring.config
+    trust = parse_trust(_read(config.dir / "trust.note", "the trust file"), keyring.root_verifier)
+    witnesses = [parse_witness_key(w.key) for w in config.witnesses]
+    trust_note = build_trust(keyring.origin, trust.entries, root_key, witnesses, config.witness_quorum)
+    write_atomic(config.dir / "trust.note", trust_note.encode(), PUB_MODE)
+    keyring.trust_note = trust_note
+    keyring.trust = parse_trust(trust_note, keyring.root_verifier)
+    return trust_note
+
+
 def new_signing_key(keyring: KeyRing) -> SigningKey:
     """A fresh signing key, already on disk (0600), not yet trusted nor current."""
     key = SigningKey.generate(keyring.origin)
@@ -283,15 +300,17 @@ def rotate(keyring: KeyRing, at_size: int, root_key: SigningKey, new_key: Signin
         raise AuditKeyError(f"the root key given is not the one {keyring.keys_dir / 'root.pub'} names")
     old = keyring.signing_key
     key = new_key or new_signing_key(keyring)
+    # The file, not this process's copy: witnesses may have been set since it was loaded.
+    trust = parse_trust(_read(keyring.config.dir / "trust.note", "the trust file"), keyring.root_verifier)
     entries: list[TrustEntry] = []
-    for e in keyring.trust.entries:
+    for e in trust.entries:
         if _key_id(e.key) == old.key_id and e.valid_until is None:
             if at_size < e.valid_from:
                 raise AuditKeyError(f"cannot close key {old.key_id} at size {at_size}: it is valid from {e.valid_from}")
             e = TrustEntry(e.key, e.valid_from, at_size)
         entries.append(e)
     entries.append(TrustEntry(_verifier(key), at_size, None))
-    trust_note = build_trust(keyring.origin, entries, root_key)
+    trust_note = build_trust(keyring.origin, entries, root_key, trust.witnesses, trust.witness_quorum)
     config = keyring.config
     write_atomic(config.dir / "trust.note", trust_note.encode(), PUB_MODE)
     write_atomic(config.keys_dir / "current", f"{key.key_id}\n".encode(), PUB_MODE)

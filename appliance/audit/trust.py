@@ -6,9 +6,14 @@
     origin <origin>
     key <verifier key> <valid from size> <valid until size or ->
     …
+    witness <witness key>                  (optional, repeatable)
+    witness-quorum <n>                     (with witnesses: how many must cosign)
 
 A key may sign checkpoints (and bundle manifests) whose tree size lies in [from, until],
 both inclusive, ``-`` meaning no end yet. Signing keys are named after the origin.
+Witnesses (c2sp.org/tlog-cosignature keys, ``name+hash+base64(0x04 ‖ key)``): the
+checkpoint a verifier relies on must carry cosignatures by ``witness-quorum`` of them —
+set with the root key, so whoever holds only the signing key can't drop the requirement.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from appliance.audit.cosignature import WitnessKey, parse_witness_key
 from appliance.audit.note import (
     NoteError,
     SigningKey,
@@ -83,11 +89,20 @@ def _check_entries(origin: str, entries: Sequence[TrustEntry]) -> None:
 class Trust:
     """A parsed, verified trust file."""
 
-    def __init__(self, origin: str, entries: Sequence[TrustEntry], root: VerifierKey | None = None) -> None:
+    def __init__(self, origin: str, entries: Sequence[TrustEntry], root: VerifierKey | None = None,
+                 witnesses: Sequence[WitnessKey] = (), witness_quorum: int = 0) -> None:
         _check_entries(origin, entries)
+        if len(set(witnesses)) != len(witnesses):
+            raise NoteError("trust file: a witness is listed twice")
+        if witnesses and not 1 <= witness_quorum <= len(witnesses):
+            raise NoteError(f"trust file: witness-quorum {witness_quorum} is not between 1 and {len(witnesses)}")
+        if not witnesses and witness_quorum:
+            raise NoteError("trust file: witness-quorum without witnesses")
         self.origin = origin
         self.entries = list(entries)
         self.root = root
+        self.witnesses = list(witnesses)
+        self.witness_quorum = witness_quorum
         self._by_slot = {(e.key.name, e.key.key_hash): e for e in self.entries}
 
     def verifier_keys(self) -> list[VerifierKey]:
@@ -106,16 +121,20 @@ class Trust:
         return e
 
     def text(self) -> str:
-        return f"{HEADER}\norigin {self.origin}\n" + "".join(e.line() + "\n" for e in self.entries)
+        witnesses = "".join(f"witness {w}\n" for w in self.witnesses)
+        if self.witnesses:
+            witnesses += f"witness-quorum {self.witness_quorum}\n"
+        return f"{HEADER}\norigin {self.origin}\n" + "".join(e.line() + "\n" for e in self.entries) + witnesses
 
 
-def build_trust(origin: str, entries: Sequence[TrustEntry], root: SigningKey) -> str:
+def build_trust(origin: str, entries: Sequence[TrustEntry], root: SigningKey,
+                witnesses: Sequence[WitnessKey] = (), witness_quorum: int = 0) -> str:
     """The trust file, signed by ``root`` (whose name must be ``<origin>/root``)."""
     if root.name != root_name(origin):
         raise NoteError(f"the root key must be named {root_name(origin)!r}, not {root.name!r}")
     if not origin or any(c.isspace() for c in origin):
         raise NoteError("the origin must be non-empty and hold no white space")
-    return sign_note(Trust(origin, entries).text(), root)
+    return sign_note(Trust(origin, entries, None, witnesses, witness_quorum).text(), root)
 
 
 def parse_trust(note: str | bytes, root: VerifierKey) -> Trust:
@@ -140,12 +159,20 @@ def parse_trust(note: str | bytes, root: VerifierKey) -> Trust:
         raise NoteError(f"trust file for origin {origin!r} must be signed by a key named {root_name(origin)!r}, "
                         f"not {root.name!r}")
     entries = []
+    witnesses: list[WitnessKey] = []
+    quorum = 0
     for n, line in enumerate(lines[2:], 3):
         parts = line.split(" ")
+        if len(parts) == 2 and parts[0] == "witness":
+            witnesses.append(parse_witness_key(parts[1]))
+            continue
+        if len(parts) == 2 and parts[0] == "witness-quorum":
+            quorum = _size(parts[1], "witness-quorum")
+            continue
         if len(parts) != 4 or parts[0] != "key":
             raise NoteError(f"malformed trust file: line {n} is not 'key <verifier key> <from> <until or ->'")
         key = parse_verifier_key(parts[1])
         valid_from = _size(parts[2], "valid-from")
         valid_until = None if parts[3] == "-" else _size(parts[3], "valid-until")
         entries.append(TrustEntry(key, valid_from, valid_until))
-    return Trust(origin, entries, root)
+    return Trust(origin, entries, root, witnesses, quorum)

@@ -81,8 +81,6 @@ def verify_bundle(path: str | Path, root_key: str, offbox: Sequence[str | Path] 
     quorum = len(keys) if witness_quorum is None else witness_quorum
     if keys and not 1 <= quorum <= len(keys):
         raise ValueError(f"the witness quorum must be between 1 and {len(keys)}")
-    if (witness_urls or witness_checkpoints) and not keys:
-        raise ValueError("a witness's checkpoint is checked against witness keys: give them")
     witnessing = Witnessing(keys, quorum if keys else 0, list(witness_urls),
                             [Path(p) for p in witness_checkpoints], witness_ca)
     return _verify(Path(path), root, [Path(p) for p in offbox], progress, as_of, workers, block_bytes, block_check,
@@ -144,7 +142,10 @@ def _verify(path: Path, root: VerifierKey, offbox: list[Path], progress: Callabl
             signed.read_checkpoints()
             signed.read_proofs()
             signed.read_offbox(offbox, as_of)
-            if witnessing.keys:
+            if (witnessing.urls or witnessing.files) and not signed.requirements:
+                report.fail("witness", "arguments", "a witness view was given, but no witness key to check it with "
+                                                    "(--witness, or witnesses in the trust file)")
+            if signed.requirements:
                 signed.read_witness_views(witnessing.views(report, signed.origin))
                 if not witnessing.files:
                     report.notes.append("no saved witness view (--witness-checkpoint): a bundle cut back to a "

@@ -83,8 +83,10 @@ class SignedParts:
     def __init__(self, bundle: Bundle, report: Report, root: VerifierKey, hashed: dict[str, tuple[str, int]],
                  witnesses: Sequence[WitnessKey] = (), quorum: int = 0) -> None:
         self.bundle = bundle
-        self.witnesses = list(witnesses)
-        self.quorum = quorum
+        # Witness requirements: (where it comes from, keys, quorum), each must hold. The
+        # auditor's --witness keys, and the trust file's witnesses (read_trust adds those).
+        self.requirements: list[tuple[str, list[WitnessKey], int]] = (
+            [("--witness", list(witnesses), quorum)] if witnesses else [])
         self.report = report
         self.fail = report.fail
         self.root = root
@@ -97,7 +99,7 @@ class SignedParts:
         self.checkpoints: list[CheckedCheckpoint] = []
         self.gaps: list[ProofGap] = []
         self.offbox_wanted: dict[int, list[OffboxCheckpoint]] = {}
-        self._last_quorum: tuple[CheckedCheckpoint, QuorumResult] | None = None
+        self._last_quorum: tuple[CheckedCheckpoint, list[tuple[str, int, QuorumResult]]] | None = None
 
     def _read_small(self, name: str) -> bytes | None:
         """A small member's bytes (hashed for the manifest check), or None if it is missing."""
@@ -123,6 +125,14 @@ class SignedParts:
             self.fail("trust", TRUST, str(exc))
             return
         self.origin = self.report.origin = self.trust.origin
+        if self.trust.witnesses:
+            self.requirements.append(("the trust file", self.trust.witnesses, self.trust.witness_quorum))
+            self.report.witness_quorum = max(self.report.witness_quorum, self.trust.witness_quorum)
+
+    @property
+    def witness_keys(self) -> list[WitnessKey]:
+        """Every witness key given or trusted (each once)."""
+        return list(dict.fromkeys(k for _label, keys, _n in self.requirements for k in keys))
 
     def read_manifest(self) -> None:
         """The manifest: well formed, of the trust file's origin, signed by a trusted key
@@ -233,12 +243,12 @@ class SignedParts:
                 valid = False
             last = max(last, cp.size)
             entry = CheckedCheckpoint(cp.size, cp.root, cp.time, where, valid)
-            if self.witnesses:
-                quorum = check_quorum(obj["note"], self.witnesses, self.quorum)
-                for problem in quorum.problems:
+            if self.requirements:
+                results = [(label, n, check_quorum(obj["note"], keys_, n)) for label, keys_, n in self.requirements]
+                for problem in dict.fromkeys(p for _label, _n, r in results for p in r.problems):
                     self.fail("witness", where, problem)
-                entry.witnessed = quorum.ok
-                self._last_quorum = (entry, quorum)
+                entry.witnessed = all(r.ok for _label, _n, r in results)
+                self._last_quorum = (entry, results)
             other = roots.setdefault(cp.size, entry)
             if other.root != cp.root:
                 self.fail("checkpoint", where, f"root differs from the other checkpoint of size {cp.size} "
@@ -254,12 +264,14 @@ class SignedParts:
         # Records at or beyond this size are covered by no validly signed checkpoint: the walk
         # names each of them (a root mismatch is named by the walk, at the checkpoint).
         self.signed_size = max((c.size for c in self.checkpoints if c.valid and c.witnessed), default=0)
-        if self.witnesses and self._last_quorum is not None:
-            entry, quorum = self._last_quorum
+        if self.requirements and self._last_quorum is not None:
+            entry, results = self._last_quorum
             self.report.witnessed_size = self.signed_size
             if self.signed_size < entry.size:
+                short = "; ".join(f"{r.describe(n)}{'' if label == '--witness' else ' (' + label + ')'}"
+                                  for label, n, r in results if not r.ok)
                 self.fail("witness", entry.where,
-                          f"{quorum.describe(self.quorum)}: no witness vouches that this is the log they saw "
+                          f"{short}: no witness vouches that this is the log they saw "
                           f"(records beyond the last witnessed checkpoint, size {self.signed_size}, are not trusted)")
         if self.manifest is not None and self.manifest.log_size != self.log_size:
             self.fail("manifest", MANIFEST,
@@ -418,7 +430,7 @@ class SignedParts:
             try:
                 text, _sigs = split_note(view)
                 cp = parse_checkpoint(text)
-                cosigned, problems = cosignatures(view, self.witnesses)
+                cosigned, problems = cosignatures(view, self.witness_keys)
             except NoteError as exc:
                 self.fail("witness", where, f"not a cosigned checkpoint: {exc}")
                 continue

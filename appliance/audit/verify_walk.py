@@ -64,7 +64,7 @@ class RecordWalk:
         self.block_check = block_check
         self.log_size = signed.log_size
         self.covered = signed.signed_size
-        self.covered_by = "witnessed" if signed.witnesses else "signed"
+        self.covered_by = "witnessed" if signed.requirements else "signed"
         self.gaps = signed.gaps
         # Events: checkpoint sizes and off-box sizes, checked when the walk's range ends there.
         events: dict[int, list[Event]] = {}

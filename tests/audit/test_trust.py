@@ -104,3 +104,20 @@ def test_fuzz_parse_trust(lines: list[str]) -> None:
 def test_fuzz_raw(note: str) -> None:
     with contextlib.suppress(NoteError):
         parse_trust(note, ROOT.verifier)
+
+
+def test_witnesses_in_the_trust_file() -> None:
+    from appliance.audit.cosignature import Cosigner
+    w1, w2 = Cosigner.generate("w1").key, Cosigner.generate("w2").key
+    note = build_trust(ORIGIN, ENTRIES, ROOT, [w1, w2], 2)
+    assert note.split("\n\n")[0].endswith(f"witness {w1}\nwitness {w2}\nwitness-quorum 2")
+    trust = parse_trust(note, ROOT.verifier)
+    assert (trust.witnesses, trust.witness_quorum) == ([w1, w2], 2)
+    assert parse_trust(build_trust(ORIGIN, ENTRIES, ROOT), ROOT.verifier).witnesses == []
+    # Dropping the requirement needs the root key: an edit breaks the signature.
+    with pytest.raises(NoteError, match="bad signature"):
+        parse_trust(note.replace("witness-quorum 2", "witness-quorum 1"), ROOT.verifier)
+    for witnesses, quorum, problem in (([w1], 2, "not between 1 and 1"), ([], 1, "without witnesses"),
+                                       ([w1, w1], 1, "listed twice")):
+        with pytest.raises(NoteError, match=problem):
+            build_trust(ORIGIN, ENTRIES, ROOT, witnesses, quorum)

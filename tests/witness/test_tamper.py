@@ -208,3 +208,27 @@ def test_appended_record(scene: Scene) -> None:
     report = scene.verify(bundle, view=False)
     assert has(report, rf"^witness: checkpoint size {len(lines) + 1} .*0 of the 1 witness cosignatures required")
     assert has(report, rf"^record: .*seq {len(lines)} is beyond the last witnessed checkpoint \(size {len(lines)}\)")
+
+
+def test_witnesses_in_the_trust_file_need_no_flags(scene: Scene) -> None:
+    """Once the root key has put the witness in the trust file, an auditor who pins only the
+    root key gets the witness requirement; the insider's signing key can't take it out."""
+    from appliance.cli import main as tollgate
+    path = scene.tmp / "with-witness.toml"
+    path.write_text((scene.tmp / "tollgate.toml").read_text()
+                    + f'witness_quorum = 1\n[[audit.witnesses]]\nname = "witness-1"\nurl = "{scene.witness.url}"\n'
+                      f'key = "{scene.witness_key}"\n')
+    assert tollgate(["audit", "trust-witnesses", "-c", str(path)]) == 0
+    lines = scene.lines()
+    edited = next(i for i, line in enumerate(lines) if b"WHERE id = 30" in line)
+    lines[edited] = lines[edited].replace(b"WHERE id = 30", b"WHERE id = 31")
+    forged = scene.resigned(lines, [(c["size"], c["time"]) for c in scene.checkpoints()])
+    bundle = scene.insider_bundle(scene.tmp / "rewrite.tar.gz", lines, forged)
+    report = verify_bundle(bundle, scene.root)  # the root key alone
+    assert has(report, r"^witness: checkpoint size \d+ .*0 of the 1 witness cosignatures required "
+                       r"\(missing: witness-1\+[0-9a-f]{8}\) \(the trust file\)"), messages(report)
+    # An honest export from then on verifies with the root key alone.
+    summary = export(load_config(path), scene.tmp / "honest.tar.gz")
+    report = verify_bundle(summary.path, scene.root, witness_checkpoints=[scene.view])
+    assert report.ok, messages(report)
+    assert report.witness_quorum == 1 and report.witnessed_size == report.log_size
