@@ -152,7 +152,8 @@ class AuditAddon(Addon):
         self._append({"type": "session.start", "outcome": "success", "session": state.id, **state.base, **identity,
                       "target": _target(session), "database": session.database, "db_user": session.user,
                       "application_name": session.application_name, "client_tls": session.client_tls,
-                      "upstream_tls": session.upstream_tls, "backend_pid": session.backend_pid})
+                      "upstream_tls": session.upstream_tls, "backend_pid": session.backend_pid,
+                      "client_encoding": _encoding_name(session)})
 
     def session_end(self, session: SessionInfo, reason: str) -> None:
         state = self._state(session)
@@ -189,7 +190,7 @@ class AuditAddon(Addon):
         state.statements += 1
         request.number = state.statements
         record = {"type": "statement", "session": state.id, "stmt": state.statements, "kind": request.kind,
-                  **state.base, **self._statement_fields(request)}
+                  **state.base, **self._statement_fields(session, request)}
         if state.approval is not None:
             record["approval"], state.approval = state.approval, None
         reject = request.reject
@@ -210,13 +211,13 @@ class AuditAddon(Addon):
             self.log.note_refused()
             return _unrecorded(exc)
 
-    def _statement_fields(self, request: Forward) -> dict[str, Any]:
+    def _statement_fields(self, session: SessionInfo, request: Forward) -> dict[str, Any]:
         statement = request.statement
         fields: dict[str, Any] = {}
         if statement is None:
             fields["text"] = f"<unknown prepared statement for portal {request.portal!r}>"
             return fields
-        text = statement.text
+        text = _in_session_encoding(session, statement.text)
         if len(text) > MAX_TEXT:
             fields["text_sha256"] = hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()
             fields["text_length"] = len(text)
@@ -226,12 +227,14 @@ class AuditAddon(Addon):
             fields["statement_name"] = statement.name
         if statement.executes:
             # SQL EXECUTE: the text says only a name; what ran is the prepared statement's.
-            fields["executes"] = [{"name": runs.name, "text": self.scrub(_shown(runs.text))}
-                                  for runs in statement.executes]
+            fields["executes"] = [
+                {"name": runs.name, "text": self.scrub(_shown(_in_session_encoding(session, runs.text)))}
+                for runs in statement.executes]
         if request.portal:
             fields["portal"] = request.portal
         if request.bind is not None:
-            fields["params"] = bind_params(request.bind, statement.param_types, self.scrub, null=None)
+            fields["params"] = bind_params(request.bind, statement.param_types, self.scrub, null=None,
+                                           encoding=session.client_encoding)
         decision = statement.decision
         if decision is not None:
             fields["decision"] = decision.action.value
@@ -542,6 +545,24 @@ def _now_utc() -> str:
 def _clean(record: dict[str, Any]) -> dict[str, Any]:
     """Absent values are left out, never null (the spec), except inside ``params``."""
     return {k: v for k, v in record.items() if v is not None}
+
+
+def _encoding_name(session: SessionInfo) -> str:
+    """The client encoding the session's text is in (the server's name for it)."""
+    encoding = session.client_encoding
+    return encoding.name if encoding is not None else session.parameters.get("client_encoding", "?")
+
+
+def _in_session_encoding(session: SessionInfo, text: str) -> str:
+    """Wire text (UTF-8, other bytes kept as surrogates) converted from the session's client
+    encoding; as it was where it doesn't convert (its bytes are then written escaped)."""
+    encoding = session.client_encoding
+    if encoding is None or encoding.is_utf8:
+        return text
+    try:
+        return encoding.decode(text.encode("utf-8", "surrogateescape"))
+    except UnicodeError:
+        return text
 
 
 def _user(session: SessionInfo) -> str:

@@ -223,6 +223,8 @@ def replay_lines(records: Iterable[dict[str, Any]], *, results: bool = True) -> 
                                                    if r.get("application_name") else ""))
             yield (f"{SQL_INDENT}TLS       agent: {_tls(r.get('client_tls'))}; database: {_tls(r.get('upstream_tls'))}"
                    + (f"; backend pid {r['backend_pid']}" if r.get("backend_pid") is not None else ""))
+            if r.get("client_encoding") not in (None, "UTF8"):
+                yield f"{SQL_INDENT}encoding  {r['client_encoding']} (statement text below converted from it)"
         elif kind == "statement":
             decision = str(r.get("decision", "?")).upper()
             extra = []

@@ -12,6 +12,7 @@ import uuid
 from collections.abc import Callable
 
 from .decoder import decode_frontend
+from .encodings import ClientEncoding
 from .errors import ProtocolError
 
 MAX_PARAM_SHOWN = 512  # characters of one parameter shown
@@ -41,9 +42,13 @@ def _show_binary(oid: int, value: bytes) -> str:
 
 
 def bind_params(bind: bytes | None, param_types: tuple[int, ...], scrub: Callable[[str], str],
-                null: str | None = "NULL") -> list[str | None] | None:
+                null: str | None = "NULL", encoding: ClientEncoding | None = None) -> list[str | None] | None:
     """The parameters of a Bind, as an approver is shown them and records keep them (PANs
-    scrubbed, long ones cut); SQL NULL as ``null``."""
+    scrubbed, long ones cut); SQL NULL as ``null``.
+
+    With the session's ``encoding`` (audit records), text values are converted from it, and
+    bytes that don't convert are kept as lone surrogates (records write them escaped);
+    without it, they are read as UTF-8 with U+FFFD for what isn't."""
     if bind is None:
         return None
     try:
@@ -59,9 +64,18 @@ def bind_params(bind: bytes | None, param_types: tuple[int, ...], scrub: Callabl
             continue
         if fmt == 1:
             text = _show_binary(param_types[i] if i < len(param_types) else 0, value)
-        else:
+        elif encoding is None:
             text = value.decode("utf-8", "replace")
+        else:
+            text = _text_in(encoding, value)
         if len(text) > MAX_PARAM_SHOWN:
             text = text[:MAX_PARAM_SHOWN] + f"… ({len(text)} characters)"
         shown.append(scrub(text))
     return shown
+
+
+def _text_in(encoding: ClientEncoding, value: bytes) -> str:
+    try:
+        return encoding.decode(value)
+    except UnicodeError:
+        return value.decode("utf-8", "surrogateescape")

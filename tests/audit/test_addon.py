@@ -350,3 +350,26 @@ def test_a_full_disk_mid_batch_refuses_every_statement_of_the_batch_and_forwards
 def read_config(config: AuditConfig) -> list[dict[str, Any]]:
     from appliance.audit.reader import AuditReader
     return [json.loads(e.line) for e in AuditReader(config.dir).records()]
+
+
+def test_a_latin9_session_is_recorded_in_unicode_with_its_encoding(audit_log: AuditLog):
+    # The login's client_encoding is the one the session's text is read in (issue 14):
+    # statement text and text parameters are recorded converted from it, card numbers
+    # scrubbed in the converted text, and session.start says which encoding it was.
+    session, _io = new_session([AuditAddon(audit_log, _scrub)])
+    session.client_data(startup(client_encoding="LATIN9"))
+    session.upstream_connected()
+    session.server_data(m.AuthenticationOk().encode() + m.ParameterStatus("client_encoding", "LATIN9").encode()
+                        + m.BackendKeyData(*UPSTREAM_KEY).encode() + m.ReadyForQuery(b"I").encode())
+    wire = lambda text: text.encode("iso8859_15").decode("utf-8", "surrogateescape")  # noqa: E731
+    session.client_data(frontend(m.Parse("", wire(f"SELECT '€ café {PAN}', $1::text"), ()),
+                                 m.Bind("", "", (0,), ("œ ".encode("iso8859_15") + b"\xa4" + PAN.encode(),), ()),
+                                 m.Execute("", 0), m.Sync()))
+    records = read(audit_log)
+    [start] = [r for r in records if r["type"] == "session.start"]
+    assert start["client_encoding"] == "LATIN9"
+    [statement] = [r for r in records if r["type"] == "statement"]
+    assert statement["text"] == "SELECT '€ café 411111******1111', $1::text"
+    assert statement["params"] == ["œ €411111******1111"]
+    assert "escaped" not in statement
+    assert_verifiable(audit_log)

@@ -102,3 +102,14 @@ def test_sessions_table() -> None:
                                 "2026-05-01", "12:00:00", "12:00:08", "/", "8.0s", "3", "1", "2"]
     assert "refused 13:00:00" in table[2] and "(open)" in table[3]
     assert len({len(line) for line in table[:2]}) == 1  # aligned
+
+
+def test_replay_says_which_client_encoding_the_text_was_converted_from() -> None:
+    records = session()
+    records[1] = {**records[1], "client_encoding": "SJIS"}
+    records[2] = {**records[2], "text": "SELECT 'ソ' FROM cards"}
+    text = "\n".join(replay_lines(records))
+    assert "      encoding  SJIS (statement text below converted from it)" in text
+    assert "      SELECT 'ソ' FROM cards" in text
+    records[1] = {**records[1], "client_encoding": "UTF8"}
+    assert "encoding  " not in "\n".join(replay_lines(records))
