@@ -282,7 +282,7 @@ def _write(audit: AuditConfig, out: Path, select: Selection, access: LogAccess,
     try:
         fresh = access.checkpoint()
     except ExportError as exc:
-        sound = last_sound_checkpoint(reader)
+        sound = last_sound_checkpoint(reader, _witnessed(audit) if audit.witnesses else None)
         if sound.checkpoint is None:
             raise ExportError(f"{exc}; and no checkpoint of the log matches the records on disk") from None
         fresh = sound.checkpoint
@@ -342,14 +342,16 @@ class Sound:
     damage: str | None  # what is wrong after it, as far as the log says
 
 
-def last_sound_checkpoint(reader: AuditReader) -> Sound:
+def last_sound_checkpoint(reader: AuditReader, witnessed: Callable[[dict[str, Any]], bool] | None = None) -> Sound:
     """The last checkpoint whose root the records on disk still give, reading the log from
     the start until it stops matching or can't be read on; and the damage past it — the
-    writer's ``audit.failure`` record with ``damage`` if it wrote one, else what was found."""
+    writer's ``audit.failure`` record with ``damage`` if it wrote one, else what was found.
+    With ``witnessed``, only a checkpoint it accepts (the witnesses cosigned it) is chosen."""
     checkpoints = reader.checkpoints()
     by_size: dict[int, dict[str, Any]] = {}
     for cp in checkpoints:
-        by_size[cp["size"]] = cp  # the last of each size (same root unless forked)
+        if witnessed is None or witnessed(cp) or cp["size"] not in by_size:
+            by_size[cp["size"]] = cp  # the last of each size (same root unless forked), witnessed if one is
     sizes = sorted(s for s in by_size if s > 0)
     tree = merkle.CompactRange()
     good: dict[str, Any] | None = None
@@ -365,7 +367,8 @@ def last_sound_checkpoint(reader: AuditReader) -> Sound:
             if checkpoint_root(cp) != tree.root():
                 found = f"the records before seq {count} don't match the checkpoint of size {count}"
                 return False
-            good = cp
+            if witnessed is None or witnessed(cp):
+                good = cp
         return True
 
     try:
@@ -398,6 +401,16 @@ def _damage_record(reader: AuditReader) -> str | None:
                     continue
                 return f"{record.get('error')} (recorded as seq {record.get('seq')}, {record.get('time')})"
     return None
+
+
+def _witnessed(audit: AuditConfig) -> Callable[[dict[str, Any]], bool]:
+    """Does a checkpoints.jsonl entry carry the quorum of stored cosignatures?"""
+    stored = load_cosignatures(audit.dir)
+
+    def witnessed(cp: dict[str, Any]) -> bool:
+        lines = stored.get(text_sha256(cp["note"]), [])
+        return len({line.split(" ", 2)[1] for line in lines}) >= audit.witness_quorum
+    return witnessed
 
 
 def _add_cosignatures(audit: AuditConfig, checkpoints: list[dict[str, Any]], fresh: dict[str, Any],

@@ -36,6 +36,7 @@ from appliance.witness.state import Latest, WitnessState
 
 log = logging.getLogger("tollgate.witness")
 READY_LINE = "tollgate-witness: ready"
+REQUEST_TIMEOUT = 30.0
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ def make_server(state: WitnessState, cosigner: Cosigner, host: str, port: int,
                 tls: tuple[Path, Path] | None = None) -> ThreadingHTTPServer:
     class Handler(BaseHTTPRequestHandler):
         server_version = "tollgate-witness"
+        timeout = REQUEST_TIMEOUT  # a client that stalls mid-request is dropped, not waited for
 
         def _send(self, answer: Answer) -> None:
             data = answer.body.encode("utf-8")

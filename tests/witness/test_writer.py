@@ -176,3 +176,44 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     key_path.write_bytes(private_key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                    serialization.NoEncryption()))
     return cert_path, key_path
+
+
+def test_a_damaged_log_exports_up_to_its_last_witnessed_checkpoint(
+        tmp_path: Path, witness_factory: list[WitnessProcess]) -> None:
+    """A log cut on disk exports what precedes the damage; with witnesses, up to the last
+    checkpoint they cosigned, so the bundle verifies with their keys."""
+    from appliance.audit.export import export
+    from appliance.audit.verifier import verify_bundle
+    from appliance.config import Config, InterceptConfig, ProxyConfig
+
+    config = make_config(tmp_path)
+    log_key = KeyRing.load(config).signing_key
+    key = init_witness_dir(tmp_path / "w", "w1", [(ORIGIN, log_key.verifier_key())])
+    witness = start_witness(tmp_path / "w")
+    witness_factory.append(witness)
+    config = replace(config, witnesses=(WitnessConfig("w1", witness.url, str(key)),), witness_quorum=1)
+    log = AuditLog.open(config, version="t")
+    for i in range(10):
+        log.append(statement(i))
+    witnessed = log.checkpoint_now(witness_timeout=60)
+    assert witnessed["witnessed"]
+    witness.stop()  # from here on nothing is cosigned
+    for i in range(10, 20):
+        log.append(statement(i))
+    unwitnessed = log.checkpoint_now()  # sound, but no witness vouches for it
+    for i in range(20, 30):
+        log.append(statement(i))
+    later = log.checkpoint_now()
+    log.abandon()
+    # The tail is cut on disk, past the unwitnessed checkpoint but before the later one.
+    segment = sorted((config.dir / "segments").iterdir())[-1]
+    lines = segment.read_bytes().split(b"\n")
+    keep = unwitnessed["size"] + 3
+    segment.write_bytes(b"\n".join(lines[:keep]) + b"\n")
+    assert witnessed["size"] < unwitnessed["size"] < keep < later["size"]
+
+    whole = Config(tmp_path / "t.toml", ProxyConfig(), InterceptConfig(), (), audit=config)
+    summary = export(whole, tmp_path / "damaged.tar.gz")
+    assert summary.damaged and summary.log_size == witnessed["size"]
+    report = verify_bundle(summary.path, (config.keys_dir / "root.pub").read_text().strip(), witnesses=[str(key)])
+    assert report.ok, [str(f) for f in report.failures]
