@@ -76,6 +76,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     verify.add_argument("--root-key", metavar="FILE|KEY", help="the pinned root verifier key (file or key text)")
     verify.add_argument("--offbox", action="append", default=[], metavar="DIR|FILE",
                         help="checkpoints kept off the box, to show a cut tail (repeatable)")
+    verify.add_argument("--witness", action="append", default=[], metavar="KEY|@FILE",
+                        help="a witness's key: the bundle's head must carry its cosignature (repeatable; "
+                             "default with -c: the config's witnesses)")
+    verify.add_argument("--witness-quorum", type=int, metavar="N", help="cosignatures required (default: all)")
+    verify.add_argument("--witness-checkpoint", action="append", default=[], metavar="FILE",
+                        help="a witness's view saved when the export was asked for: the bundle must reach it")
+    verify.add_argument("--witness-url", action="append", default=[], metavar="URL",
+                        help="ask this witness now for its latest checkpoint")
     verify.add_argument("--json", metavar="FILE", help="also write a JSON report")
     verify.set_defaults(handler=_run(cmd_verify))
 
@@ -418,6 +426,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     argv = [str(args.bundle), "--root-key", root]
     for offbox in args.offbox:
         argv += ["--offbox", offbox]
+    witnesses = args.witness or ([w.key for w in audit.witnesses] if config is not None else [])
+    for key in witnesses:
+        argv += ["--witness", key]
+    if args.witness_quorum is not None:
+        argv += ["--witness-quorum", str(args.witness_quorum)]
+    elif not args.witness and config is not None and audit.witnesses:
+        argv += ["--witness-quorum", str(audit.witness_quorum)]
+    for view in args.witness_checkpoint:
+        argv += ["--witness-checkpoint", view]
+    for url in args.witness_url:
+        argv += ["--witness-url", url]
     if args.json:
         argv += ["--json", args.json]
     code = int(verifier.main(argv) or 0)

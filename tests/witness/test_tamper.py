@@ -232,3 +232,7 @@ def test_witnesses_in_the_trust_file_need_no_flags(scene: Scene) -> None:
     report = verify_bundle(summary.path, scene.root, witness_checkpoints=[scene.view])
     assert report.ok, messages(report)
     assert report.witness_quorum == 1 and report.witnessed_size == report.log_size
+    # tollgate audit verify -c CONFIG: the config's witnesses by default.
+    assert tollgate(["audit", "verify", str(summary.path), "-c", str(path), "--root-key", scene.root,
+                     "--witness-checkpoint", str(scene.view)]) == 0
+    assert tollgate(["audit", "verify", str(bundle), "-c", str(path), "--root-key", scene.root]) == 1
