@@ -251,6 +251,8 @@ class GroupCommit:
         """On the loop, after the tasks of an iteration ran: write what they appended (one
         pwrite), and ask for the sync they wait for."""
         self._turn_scheduled = False
+        if self._stopping:  # closed (what it held, written by close) or abandoned (lost, as in a crash)
+            return
         if self._end.held:
             with self._lock:
                 if self.flush() is not None:

@@ -354,6 +354,29 @@ def test_what_one_loop_iteration_appends_is_written_with_one_write(tmp_path: Pat
     check_tree(config)
 
 
+def test_held_records_that_fill_a_segment_are_written_in_order_across_segments(tmp_path: Path) -> None:
+    config = make_config(tmp_path, segment_bytes=4096)
+    log = AuditLog.open(config, version="t")
+
+    async def main() -> None:
+        log.start(asyncio.get_running_loop())
+        for turn in range(3):  # 40 records a turn, several segments' worth in all
+            seqs = [log.append(statement(i, session=f"t-{turn}")) for i in range(40)]
+            waiting = log.durable(seqs[-1])
+            assert waiting is not None
+            await waiting
+
+    try:
+        asyncio.run(main())
+    finally:
+        log.close()
+    segments = AuditReader(config.dir).segments()
+    assert len(segments) > 5
+    stmts = [(r["session"], r["stmt"]) for r in lines(config) if r["type"] == "statement"]
+    assert stmts == [(f"t-{turn}", i) for turn in range(3) for i in range(40)]
+    check_tree(config)
+
+
 def test_a_record_nobody_waits_for_is_synced_soon_without_a_statement(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(store_commit, "LAZY_SYNC_SECONDS", 0.0)
     config = make_config(tmp_path)
