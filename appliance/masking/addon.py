@@ -196,6 +196,8 @@ class MaskingAddon(Addon):
             named = [c for s in decision.statements for c in s.columns]  # type: ignore[union-attr]
             computed = _strictest(m.method for m in masks if any(touches(c, m.column) for c in named))
         rules = []
+        encoding = session.client_encoding
+        codec = encoding.codec if encoding is not None and not encoding.is_utf8 else None
         for i, f in enumerate(fields):
             if not formats:
                 fmt = f.format
@@ -206,7 +208,7 @@ class MaskingAddon(Addon):
             method = None
             if masks:
                 method = computed if not f.table_oid else by_column.get(self._catalog_name(session, f))
-            rules.append(ColumnRule(v.kind_of(f.type_oid, fmt), method, v.Column(f.name, f.type_oid, fmt)))
+            rules.append(ColumnRule(v.kind_of(f.type_oid, fmt), method, v.Column(f.name, f.type_oid, fmt), codec))
         return Plan(rules)
 
     def _catalog_name(self, session: SessionInfo, f: Any) -> str | None:
@@ -270,7 +272,7 @@ class MaskingAddon(Addon):
             rule = plan.rules[i]
             if rule.method is not None:
                 old = bytes(message[start:pos])
-                new = v.column_mask(old, kind, rule.method)
+                new = v.column_mask(old, kind, rule.method, rule.codec)
                 if new != old:
                     edits.append((start, length, new))
                     resize = resize or new is None or len(new) != length

@@ -199,12 +199,14 @@ class Walker:
 
 
 class ColumnRule:
-    """How one column is masked: its kind, a policy column mask (or None), and its name."""
+    """How one column is masked: its kind, a policy column mask (or None), its name, and
+    the Python codec of the session's client encoding when it isn't UTF-8 (where a
+    mask that keeps the last characters finds them)."""
 
-    __slots__ = ("column", "kind", "method")
+    __slots__ = ("codec", "column", "kind", "method")
 
-    def __init__(self, kind: int, method: object, column: v.Column):
-        self.kind, self.method, self.column = kind, method, column
+    def __init__(self, kind: int, method: object, column: v.Column, codec: str | None = None):
+        self.kind, self.method, self.column, self.codec = kind, method, column, codec
 
 
 def _take(n: int) -> Generator[Command, object, tuple[int, bytes]]:
@@ -244,7 +246,7 @@ def value_parser(walker: Walker, size: int, rule: ColumnRule, fmt: str) -> Parse
     if method is not None:
         if size <= v.SMALL_VALUE:
             at, data = yield from _take(size)
-            new = v.column_mask(bytes(data), kind, method)  # type: ignore[arg-type]
+            new = v.column_mask(bytes(data), kind, method, rule.codec)  # type: ignore[arg-type]
             if new is None or len(new) != size:
                 raise MaskingError("42501", f"{column.name} is masked by policy as {method.value}, which its type "  # type: ignore[attr-defined]
                                  "can't show in a row this large", hint="select it cast to text, e.g. col::text")

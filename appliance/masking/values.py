@@ -33,6 +33,7 @@ field would fail on ``*``, which is the safe way to fail.
 
 from __future__ import annotations
 
+import codecs
 import re
 import struct
 from typing import TYPE_CHECKING
@@ -594,8 +595,18 @@ def _stars_json(size: int) -> bytes | None:
     return b'"' + b"*" * (size - 2) + b'"' if size >= 2 else None
 
 
-def _last_chars_start(value: bytes, chars: int) -> int:
-    """Byte offset where the last ``chars`` UTF-8 characters begin."""
+def _last_chars_start(value: bytes, chars: int, codec: str | None = None) -> int:
+    """Byte offset where the last ``chars`` characters begin: UTF-8, or in ``codec`` (the
+    session's client encoding); all of it where the bytes aren't text in that codec."""
+    if codec is not None:
+        decoder = codecs.getincrementaldecoder(codec)()
+        try:
+            # Fed a byte at a time, the decoder gives a character as its last byte arrives.
+            starts = [0, *(i + 1 for i in range(len(value)) if decoder.decode(value[i:i + 1]))]
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return len(value)  # not text in the session's encoding: shown as nothing
+        return starts[-chars - 1] if len(starts) > chars else 0
     pos = len(value)
     seen = 0
     while pos > 0 and seen < chars:
@@ -641,9 +652,10 @@ def _digits_masked(value: bytes, detect: bytes) -> bytes:
     return bytes(out)
 
 
-def column_mask(value: bytes, kind: int, method: MaskMethod) -> bytes | None:
+def column_mask(value: bytes, kind: int, method: MaskMethod, codec: str | None = None) -> bytes | None:
     """The value under a policy column mask; None means SQL NULL. Types that can't show
-    stars become NULL (a partial number in an int8 would be a different number)."""
+    stars become NULL (a partial number in an int8 would be a different number). ``codec``:
+    the session's client encoding when it isn't UTF-8, for the characters ``last4`` keeps."""
     how = method.value
     if how == "null":
         return NULL
@@ -652,7 +664,7 @@ def column_mask(value: bytes, kind: int, method: MaskMethod) -> bytes | None:
         if how == "full":
             return b"*" * size
         if how == "last4":
-            keep = _last_chars_start(value, 4)
+            keep = _last_chars_start(value, 4, codec)
             return b"*" * keep + value[keep:]
         return _digits_masked(value, value)
     if kind == STRUCT:

@@ -95,6 +95,7 @@ _ALIASES = {
     "windows1252": "WIN1252", "windows1253": "WIN1253", "windows1254": "WIN1254", "windows1255": "WIN1255",
     "windows1256": "WIN1256", "windows1257": "WIN1257", "windows1258": "WIN1258",
 }
+_DIGITS_INSIDE = frozenset({"gb18030", "johab"})
 _CANONICAL = {re.sub(r"[^0-9a-z]", "", name.lower()): name for name in VERIFIED} | _ALIASES
 
 
@@ -106,6 +107,13 @@ class ClientEncoding:
     codec: str
     fixes: dict[int, int] | None = None
     refused: re.Pattern[bytes] | None = None
+
+    @property
+    def digits_inside_characters(self) -> bool:
+        """Whether a character's later bytes can be ASCII digits (GB18030's four-byte
+        characters, JOHAB's trail bytes): then a search of the bytes for card numbers sees
+        digit runs the text doesn't have (tests/masking/test_encodings.py)."""
+        return self.codec in _DIGITS_INSIDE
 
     @property
     def is_utf8(self) -> bool:

@@ -92,6 +92,12 @@ def session_problem(parameters: Mapping[str, str], login: ClientEncoding | None)
     if login is None:
         return (f"the session's client_encoding {value} is not one Tollgate reads exactly as the database does; "
                 "every statement is refused (connect with a supported encoding, such as UTF8)")
+    if login.digits_inside_characters:
+        # Statements would be read right, but results are searched for card numbers as
+        # bytes, and here a character's later bytes can be digits that join (and hide) a
+        # card number's digits: fail closed until masking reads the session's encoding.
+        return (f"the session's client_encoding {login.name} can hide card numbers from Tollgate's masking (a "
+                "character's later bytes can be digits); every statement is refused (connect with UTF8)")
     now = canonical_name(value)
     if now == login.name or (login.is_utf8 and now in ("UTF8", "SQL_ASCII")):
         return None
