@@ -76,8 +76,12 @@ def run(case):
             watchdog.start()
             try:
                 if case.get("simple"):
-                    res = conn.pgconn.exec_(sql.encode())
+                    res = conn.pgconn.exec_(sql.encode())  # PQexec: the last statement's result
                     got["strings"].append(res.command_status.decode() if res.command_status else "")
+                    for c in range(res.nfields):
+                        got["strings"].append(res.fname(c).decode("utf-8", "replace"))
+                        got["strings"].extend(bytes(v).decode("utf-8", "replace") for r in range(res.ntuples)
+                                              if (v := res.get_value(r, c)) is not None)
                     if res.error_message:
                         got["strings"].append(res.error_message.decode("utf-8", "replace"))
                         got["outcomes"].append(["error", res.error_field(ord("C")).decode()
@@ -93,17 +97,21 @@ def run(case):
                     got["strings"].append(bytes(data).decode("latin-1"))
                     got["outcomes"].append(["copy"])
                     continue
-                cur = conn.execute(sql)
+                binary = bool(case.get("binary"))
+                cur = conn.execute(sql, binary=binary)
                 got["strings"].append(cur.statusmessage or "")
                 res = cur.pgresult
                 rows = []
                 if cur.description:
                     got["strings"].extend(d.name for d in cur.description)
                     for r in range(res.ntuples):
-                        row = [None if (v := res.get_value(r, c)) is None else bytes(v).decode("utf-8", "replace")
+                        row = [None if (v := res.get_value(r, c)) is None
+                               else bytes(v).decode("latin-1" if binary else "utf-8", "replace")
                                for c in range(res.nfields)]
                         rows.append(row)
                         got["strings"].extend(v for v in row if v is not None)
+                    if binary:  # and as the client decodes them
+                        got["strings"].extend(repr(v) for row in cur.fetchall() for v in row)
                 got["outcomes"].append(["ok", rows])
             except psycopg.Error as exc:
                 got["strings"].append(str(exc))
@@ -235,6 +243,11 @@ def test_no_card_number_is_recoverable_from_what_the_agent_receives(adversary: d
         assert recover(direct["strings"], pans, cards), (name, direct["outcomes"], direct["strings"][:6])
     if not case.get("may_hold"):
         assert ["error", "57014"] not in through["outcomes"], f"{name}: a statement was cancelled at its deadline"
+    if case.get("answered"):  # masked, not refused: the BIN and last four are there to see
+        pan = pans[CARD]
+        assert all(o[0] in ("ok", "copy") for o in through["outcomes"]), (name, through["outcomes"])
+        shown = "".join(through["strings"])
+        assert pan[:6] in shown and pan[-4:] in shown, (name, through["strings"])
     leaks = recover(through["strings"], pans, cards)
     assert not leaks, (f"{name}: {[(lk.card, lk.how) for lk in leaks][:4]}; outcomes {through['outcomes']}; "
                        f"received {through['strings'][:8]}")
