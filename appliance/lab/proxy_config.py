@@ -35,6 +35,10 @@ def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role:
         "[intercept]",
         f"method = {q(method)}",
         f"agent_subnets = [{q(topology.AGENT_SUBNET_V4)}, {q(topology.AGENT_SUBNET_V6)}]",
+        # The agent's link too: the agent is root in its namespace and can forge any source
+        # address; by subnet alone, a packet claiming another source isn't agent traffic, so
+        # it is neither diverted nor dropped, and is routed to the database.
+        f"agent_interfaces = [{q(topology.GW_AGENT_IFACE)}]",
         # The whole database subnet, its direct address and other ports included: nothing of
         # it is for the agent except what is diverted. (agent_direct: tests that compare both
         # paths from the agent's namespace.)

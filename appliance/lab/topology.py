@@ -55,6 +55,7 @@ DB_SUBNET_V6 = "fd7a:6c67:2::/64"
 
 AGENT_V4 = "198.18.1.10"
 AGENT_V6 = "fd7a:6c67:1::10"
+GW_AGENT_IFACE = "eth0"  # the gateway's link to the agent
 GW_AGENT_V4 = "198.18.1.1"
 GW_AGENT_V6 = "fd7a:6c67:1::1"
 GW_DB_V4 = "198.18.2.1"

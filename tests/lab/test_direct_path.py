@@ -54,14 +54,16 @@ def lab(lab_host: None) -> Iterator[Lab]:
         yield lab
 
 
-def probe(lab: Lab, family: int, probes: list[dict[str, object]]) -> list[list[object]]:
-    """Send ``probes`` from the agent, then the canary; what of them reached the db namespace."""
+def probe(lab: Lab, family: int, probes: list[dict[str, object]], src: str | None = None) -> list[list[object]]:
+    """Send ``probes`` from the agent (from ``src``, the agent's address unless spoofed), then
+    the canary; what of them reached the db namespace."""
+    src = src or AGENT[family]
     token = f"canary-{secrets.token_hex(8)}"
     capture = subprocess.Popen(lab.command("db", [sys.executable, "-c", CAPTURE, token, "60"]),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab.env())
     try:
         assert capture.stdout is not None and capture.stdout.readline() == "ready\n"
-        spec = {"family": family, "src": AGENT[family], "canary": [CANARY[family], 9, token],
+        spec = {"family": family, "src": src, "canary": [CANARY[family], 9, token],
                 "probes": [{"seq": 1_000_000, "md5": False, "flags": "S", "ack": 0, **p} for p in probes]}
         sent = lab.exec("agent", ["taskset", "-c", "0", sys.executable, "-c", PROBE, json.dumps(spec)],
                         capture_output=True, text=True, timeout=120)
@@ -73,7 +75,7 @@ def probe(lab: Lab, family: int, probes: list[dict[str, object]]) -> list[list[o
             capture.communicate(timeout=30)
     result = json.loads(out)
     assert result["canary"], f"the canary never arrived (safety-net deadline): {result} {err}"
-    return [seen for seen in result["seen"] if seen[0] == AGENT[family]]
+    return [seen for seen in result["seen"] if seen[0] == src]
 
 
 @pytest.mark.parametrize("family", [4, 6])
@@ -87,6 +89,25 @@ def test_the_agent_reaches_nothing_of_the_database_subnet(lab: Lab, family: int)
         {"dst": protected, "proto": "udp", "dport": 53, "sport": 40005},
     ]
     assert probe(lab, family, probes) == []
+
+
+# Source addresses outside the agent subnets, as the agent (root in its namespace) can
+# craft them: the direct namespace's, and one of no lab subnet at all.
+SPOOFED = {4: ("198.18.3.10", "203.0.113.7"), 6: ("fd7a:6c67:3::10", "2001:db8:77::7")}
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("spoof", [0, 1])
+def test_a_spoofed_source_address_reaches_nothing_either(lab: Lab, family: int, spoof: int) -> None:
+    """Agent traffic is what arrives on the agent's link, whatever source address it claims:
+    a packet forged with another source is not diverted, so the forward filter must drop it."""
+    protected, direct = DB[family]
+    probes = [
+        {"dst": direct, "proto": "tcp", "dport": 5432, "sport": 40101},
+        {"dst": protected, "proto": "tcp", "dport": 5432, "sport": 40102},
+        {"dst": protected, "proto": "udp", "dport": 5432, "sport": 40103},
+    ]
+    assert probe(lab, family, probes, src=SPOOFED[family][spoof]) == []
 
 
 def test_a_control_packet_to_an_unprotected_address_arrives(lab: Lab) -> None:
