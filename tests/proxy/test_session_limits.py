@@ -140,6 +140,22 @@ def test_deadline_leaves_a_cancel_request_on_its_way_alone():
     assert cancelled == [True]
 
 
+def test_cancels_pipelined_behind_a_cancel_open_one_upstream_connection_then_end_it():
+    """A cancel connection carries one CancelRequest. More behind it (an agent hoping for one
+    connection to the database per read, with the deadline no longer running) are a protocol
+    violation: one cancel goes upstream, the next read ends the connection."""
+    cancels = CancelRegistry()
+    issued = Capture(m.BackendKeyData)
+    assert login(playbook(cancels=cancels), issued)
+    request = bytes(m.CancelRequest(issued.value.process_id, issued.value.secret_key).encode())
+    assert (playbook(cancels=cancels)
+            >> ClientData(request * 3)
+            << CancelUpstream("198.18.2.10:5432", *UPSTREAM_KEY)
+            >> ClientData(request * 1000)
+            << ClientGets(Fatal("08P01", "16032 unexpected bytes after a CancelRequest"))
+            << Close())
+
+
 # ---- one message: max_client_message -----------------------------------------------------------
 
 def test_header_above_the_cap_is_refused_on_the_header_alone():
