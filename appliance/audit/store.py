@@ -21,9 +21,9 @@ Failure
 
 A write that fails (ENOSPC, EIO, a short write) is cut back off the segment, the record's
 seq and tree leaf are not taken, and ``append`` raises :class:`AuditUnavailable`. A write
-of held records that fails, and an ``fdatasync`` that fails, roll the log back to the last
-durable point (see store_commit): every record of the batch is refused, none of its
-statements forwarded.
+of held records that fails drops the whole batch alike and fails the futures of its
+statements (none is forwarded); an ``fdatasync`` that fails rolls the log back to the last
+durable point (see store_commit).
 Either way the failure is remembered, and the first append that succeeds afterwards is
 preceded by an ``audit.failure`` record: the error, since when, how many statements the
 proxy refused meanwhile (:meth:`AuditLog.note_refused`) and which seqs were rolled back.
@@ -228,10 +228,9 @@ class AuditLog:
     def _flush_locked(self) -> None:
         """Under the lock: write what is held; AuditUnavailable (the log rolls back to its
         durable point, refusing every record of the batch) if it can't be."""
-        if self._end.held:
-            message = self._commit.flush()
-            if message is not None:
-                raise AuditUnavailable(message)
+        failed = self._commit.flush()
+        if failed is not None:
+            raise failed
 
     def _write_failed(self, exc: OSError) -> None:
         """Cut what a failed write left, remember the failure, raise AuditUnavailable."""

@@ -13,9 +13,10 @@
 * What the loop appends in fsync mode is *held* (:meth:`~SegmentWriter.hold`) and written
   by that same end-of-iteration callback, every record of the iteration in one ``pwrite``
   (or earlier, by whoever needs the file to be complete: an append off the loop, a
-  snapshot). A failed write of held records is handled as a failed sync: the log rolls
-  back to its durable point and every future beyond it fails, so no statement of the
-  batch is forwarded.
+  snapshot). If that write fails, the whole batch is dropped (its seqs are taken again,
+  the tree never had it, what reached the file is cut off), every future waiting for one
+  of its records fails — no statement of the batch is forwarded — and the ``Outage`` lists
+  its seqs as lost; what was written before it stays.
 * Records nobody waits for (a result, a session's end: things already done) ask for no
   sync of their own: the next statement's sync covers them, or, if none comes, a sync at
   most ``LAZY_SYNC_SECONDS`` after the first of them. One statement at a time then costs
@@ -135,7 +136,6 @@ class GroupCommit:
         self._wake_at = 1
         self._turn_scheduled = False  # _end_of_turn is scheduled on the loop
         self._sync_wanted = False  # durable() was asked this loop iteration
-        self._rollback: tuple[str, int | None] | None = None  # a held write failed: roll back (sync thread)
         self._lazy_since: float | None = None  # loop time of the first record no sync is asked for yet
         self._lazy_timer: asyncio.TimerHandle | None = None
         self._kick_loop: asyncio.AbstractEventLoop | None = None  # fsync mode: appends on it ask for syncs
@@ -189,11 +189,14 @@ class GroupCommit:
                 if self._lazy_timer is None:
                     self._lazy_timer = loop.call_at(now + LAZY_SYNC_SECONDS, self._lazy_kick)
 
-    def flush(self) -> str | None:
-        """Under the lock: write the held records. If that fails, None is not returned but
-        the error: the log is broken until the sync thread has rolled it back to its
-        durable point and failed every future beyond it (as after a failed sync)."""
+    def flush(self) -> AuditUnavailable | None:
+        """Under the lock: write the held records; if that fails, the error (the batch is
+        dropped, its futures fail, its seqs are noted as lost — see the module docstring)."""
         end = self._end
+        count = len(end.held)
+        if not count:
+            return None
+        first = end.size - count
         try:
             end.flush()
         except OSError as exc:
@@ -201,13 +204,46 @@ class GroupCommit:
             if cut is not None:
                 log.error("audit: could not cut a failed write back off %s: %s", end.path, cut.strerror)
             message = f"cannot write the audit log ({end.path}): {exc.strerror or exc}"
-            self.broken = message
-            self._rollback = (message, exc.errno)
-            self._repair_at = 0.0
-            self._outage.note(message)
-            self._wake.set()
-            return message
+            self._outage.note(message, (first, first + count - 1))
+            log.error("audit: %s; records %d–%d dropped, their statements refused", message, first,
+                      first + count - 1)
+            self._refuse_from(first, message, exc.errno)
+            return AuditUnavailable(message, exc.errno)
         return None
+
+    def _refuse_from(self, first: int, message: str, code: int | None) -> None:
+        """Under the lock, after a batch from seq ``first`` was dropped: fail the futures
+        waiting for its records, at once on the loop, else soon — and until then no record
+        is taken (``unsettled``), so none can reuse those seqs first."""
+        loop = self._loop
+        if loop is None or not self._waiters:
+            return
+        if _running_loop() is loop:
+            self._fail_from(first, message, code, settle=False)
+            return
+        self.unsettled += 1
+        try:
+            loop.call_soon_threadsafe(self._fail_from, first, message, code, True)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            self.unsettled -= 1
+
+    def _fail_from(self, first: int, message: str, code: int | None, settle: bool) -> None:
+        """On the loop: fail (and count as refused) the futures of seqs from ``first`` on."""
+        message = f"Tollgate could not record this statement in the audit log: {message}"
+        keep: deque[tuple[int, int, asyncio.Future[None]]] = deque()
+        refused = 0
+        for entry in self._waiters:
+            if entry[0] >= first and entry[1] == self._epoch:
+                if not entry[2].done():
+                    entry[2].set_exception(AuditUnavailable(message, code))
+                    refused += 1
+            else:
+                keep.append(entry)
+        self._waiters = keep
+        with self._lock:
+            self._outage.refused += refused
+            if settle:
+                self.unsettled -= 1
 
     def wake(self) -> None:
         """Have the thread look at the cadence again (a checkpoint was requested)."""
@@ -255,8 +291,7 @@ class GroupCommit:
             return
         if self._end.held:
             with self._lock:
-                if self.flush() is not None:
-                    return  # the rollback fails the waiting; nothing to sync
+                self.flush()  # if it fails, the batch's futures have failed; the rest may still want a sync
         if self._sync_wanted:
             self._sync_wanted = False
             self._kick()
@@ -377,7 +412,7 @@ class GroupCommit:
         AuditUnavailable if the sync failed (and the log was rolled back)."""
         snap = self._checked_snapshot()
         if snap is None:
-            raise AuditUnavailable(self.damaged or self.broken or "the audit log is damaged", errno.EIO)
+            raise AuditUnavailable(self.damaged or "the audit log is damaged", errno.EIO)
         if not self.sync(snap):
             failure = self._outage.failure
             raise AuditUnavailable(failure.error if failure else "the audit log could not be synced")
@@ -388,13 +423,12 @@ class GroupCommit:
     # --- the segment changing under the writer ---------------------------------------------------
 
     def _checked_snapshot(self) -> Snapshot | None:
-        """The position now (what is held written first), if the segment is intact; None
-        once it is damaged, or if the held records could not be written (rolled back)."""
+        """The position now (what is held written first: if that fails, that batch is
+        dropped and the position is what was written before it), if the segment is intact;
+        None once it is damaged."""
         with self._lock:
-            if self._end.held and self.damaged is None and self.flush() is not None:
-                self._roll_back_after_write_failure()
-                return None
             if self.damaged is None:
+                self.flush()
                 damage = self._end.check()
                 if damage is None:
                     return self._end.snapshot()
@@ -449,32 +483,8 @@ class GroupCommit:
                   f" (records {lost[0]}–{lost[1]} lost, their statements refused)" if lost else "")
         self._refuse_waiting(epoch, message, exc.errno, counted)
 
-    def _roll_back_after_write_failure(self) -> None:
-        """Under ``commit_lock`` (the sync thread, or a caller that signs): held records
-        could not be written; roll back to the durable point and fail every future beyond
-        it, as after a failed sync."""
-        end = self._end
-        with self._lock:
-            if self._rollback is None:
-                return
-            message, code = self._rollback
-            self._rollback = None
-            durable = self._durable
-            lost = (durable.size, end.size - 1) if end.size > durable.size else None
-            epoch, counted = self._bump_epoch()
-            self._outage.note(message, lost)
-            self.broken = message
-            try:
-                self._repair()
-            except AuditUnavailable:
-                self._repair_at = time.monotonic() + REPAIR_RETRY_SECONDS
-        log.error("audit: %s; rolled back to seq %d%s", message, durable.size,
-                  f" (records {lost[0]}–{lost[1]} lost, their statements refused)" if lost else "")
-        self._refuse_waiting(epoch, message, code, counted)
-
     def repair_if_broken(self) -> None:
         """Under ``commit_lock``: finish a rollback still pending; AuditUnavailable if it can't be."""
-        self._roll_back_after_write_failure()
         if self.damaged is not None:
             raise AuditUnavailable(self.damaged, errno.EIO)
         if self.broken is not None and not self._try_repair():
@@ -554,9 +564,6 @@ class GroupCommit:
 
     def _round(self) -> None:
         """Under commit_lock: sync what is written; sign a checkpoint if one is due."""
-        if self._rollback is not None:
-            self._roll_back_after_write_failure()
-            return
         if self.damaged is not None or (self.broken is not None and not self._try_repair()):
             return
         snap = self._checked_snapshot()

@@ -123,28 +123,36 @@ class SegmentWriter:
         return Snapshot(size, seg_start, self.offset, tree.copy())
 
     def hold(self, data: bytes) -> None:
-        """Take ``data`` as the next record (its seq, its leaf in the tree) and keep its line
-        to be written by the next :meth:`flush`, with every other line held meanwhile."""
-        line = data + NL
-        self.held.append(line)
-        self.held_bytes += len(line)
+        """Take ``data`` as the next record (its seq) and keep it to be written by the next
+        :meth:`flush`, with every other record held meanwhile; its leaf joins the tree when
+        it is written (the tree is always that of the file)."""
+        self.held.append(data)
+        self.held_bytes += len(data) + 1
         self.size += 1
-        self.tree.append_leaf(merkle.leaf_hash(data))
 
     def flush(self) -> None:
-        """Write the held lines, in one ``pwrite``. OSError if they could not be written
-        whole: they are dropped (not in the file beyond what :meth:`cut_failed_write` must
-        cut), but size and tree still count them — the caller must roll back."""
-        if not self.held:
+        """Write the held records, in one ``pwrite``, and add their leaves to the tree.
+        OSError if they could not be written whole: then they are dropped — their seqs are
+        free again, the tree never had them — and :meth:`cut_failed_write` must take off
+        whatever part of them reached the file."""
+        held = self.held
+        if not held:
             return
-        data = b"".join(self.held) if len(self.held) > 1 else self.held[0]
-        self.held.clear()
+        data = NL.join(held) + NL
+        self.held = []
         self.held_bytes = 0
-        written = os.pwrite(self.fd, data, self.offset)
-        if written != len(data):
-            raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write: "
-                                        f"{written} of {len(data)} bytes)")
+        try:
+            written = os.pwrite(self.fd, data, self.offset)
+            if written != len(data):
+                raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)} (a short write: "
+                                            f"{written} of {len(data)} bytes)")
+        except OSError:
+            self.size -= len(held)
+            raise
         self.offset += written
+        leaf, add = merkle.leaf_hash, self.tree.append_leaf
+        for record in held:
+            add(leaf(record))
 
     def append(self, data: bytes) -> None:
         """Write ``data`` and a newline as the next record and add its leaf to the tree.
@@ -175,10 +183,9 @@ class SegmentWriter:
         return None
 
     def discard_held(self) -> None:
-        """Forget the held lines (the log is damaged and signs nothing again: the tree is
-        left as it is, the count goes back to what the files hold)."""
+        """Forget the held records (the log is damaged: nothing is written to it again)."""
         self.size -= len(self.held)
-        self.held.clear()
+        self.held = []
         self.held_bytes = 0
 
     def next_segment(self) -> None:
@@ -248,7 +255,7 @@ class SegmentWriter:
             os.close(fd)
         self.fd, self.retired = -1, []
         self.retired_ends.clear()
-        self.held.clear()
+        self.held = []
         self.held_bytes = 0
         for start, path in list_segments(self.directory):
             if start > to.seg_start:

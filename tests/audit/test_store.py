@@ -655,3 +655,48 @@ def test_offbox_directory_gets_every_checkpoint(tmp_path: Path) -> None:
     made = AuditReader(config.dir).checkpoints()
     assert len(names) == len(made) and all(n.startswith("checkpoint-") and n.endswith(".note") for n in names)
     assert {p.read_text() for p in offbox.iterdir()} == {cp["note"] for cp in made}
+
+
+def test_a_batch_dropped_by_a_write_off_the_loop_fails_its_futures_before_any_record_is_taken(small_fs: Path):
+    """The loop holds five statements' records; a thread appends before the loop's turn is
+    over, so it writes them — and the disk is full. The five futures fail, and no record is
+    taken until the loop has failed and counted them: the audit.failure says five."""
+    config = make_config(small_fs)
+    log = AuditLog.open(config, version="t")
+    errors: list[BaseException] = []
+
+    def off_the_loop() -> None:
+        try:
+            log.append(statement(-1, session="cli"))
+        except AuditUnavailable as exc:
+            errors.append(exc)
+
+    async def main() -> tuple[int, list[Any], bool]:
+        log.start(asyncio.get_running_loop())
+        first = log.append(statement(0))
+        await log.durable(first)  # type: ignore[misc]
+        _fill(small_fs / "filler")
+        pad = "x" * 2000
+        waiting = [log.append_waiting(statement(i, text=pad)) for i in range(1, 6)]
+        thread = threading.Thread(target=off_the_loop)
+        thread.start()
+        thread.join()  # the loop's turn is not over: the thread wrote (and dropped) the batch
+        with pytest.raises(AuditUnavailable):
+            log.append(statement(99))  # not until the loop has failed the five
+        outcomes = await asyncio.gather(*waiting, return_exceptions=True)  # type: ignore[arg-type]
+        return first + 1, outcomes, bool(errors)
+
+    try:
+        size, outcomes, thread_refused = asyncio.run(main())
+        assert thread_refused
+        assert all(isinstance(o, AuditUnavailable) and o.sqlstate == "53100" for o in outcomes)
+        assert log.size == size  # the batch's seqs are free again
+        (small_fs / "filler").unlink()
+        log.append(statement(100))
+    finally:
+        log.close()
+    records = lines(config)
+    failure = records[size]
+    assert failure["type"] == "audit.failure" and failure["refused"] == 5
+    assert failure["lost"]["from"] == size and records[size + 1]["stmt"] == 100
+    check_tree(config)

@@ -178,8 +178,8 @@ def test_a_full_audit_directory_refuses_statements_until_space_returns(tmpfs_lab
     out = run(lab, "agent", ["psql", "-X", "-A", "-t", lab.conninfo(), "-c", f"SELECT '{prefix}-1-0'"]).stdout
     assert out.decode().strip() == f"{prefix}-1-0"
     assert f"{prefix}-1-0" in executed_by_server(lab, prefix) <= recorded(lab, prefix)
-    # One account per outage: a result's record lost to a write of held records is one too
-    # (its "lost" seqs; nothing waited for it), before the statement that was refused.
+    # One account per outage: a result's record dropped with a batch that could not be
+    # written is one too (its "lost" seqs; nothing waited for it), before the refused statement.
     failures = wait_for(lambda: [r for r in records(lab) if r["type"] == "audit.failure"] or None,
                         "the audit.failure record")
     assert sum(f["refused"] for f in failures) >= 1
