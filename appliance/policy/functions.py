@@ -36,7 +36,9 @@ RUNS_SQL = frozenset({
     "ts_stat", "ts_rewrite",
 })
 # Built-ins that return other sessions' statement texts, which can carry card numbers.
-READS_QUERIES = frozenset({"pg_stat_get_activity", "pg_stat_statements"})
+# pg_stat_get_backend_activity is pg_stat_activity.query for one backend:
+# ``select reverse(pg_stat_get_backend_activity(s)) from pg_stat_get_backend_idset() s``.
+READS_QUERIES = frozenset({"pg_stat_get_activity", "pg_stat_get_backend_activity", "pg_stat_statements"})
 
 
 def untrusted_function(names: Iterable[str], trusted: tuple[Pattern, ...]) -> str | None:

@@ -32,6 +32,20 @@ SAMPLED_VALUES = {
     "pg_stat_statements": "other sessions' statement texts can carry card numbers",
 }
 
+# Functions that take one argument of any row type, so that ``t.f`` — attribute notation,
+# which PostgreSQL reads as ``f(t)`` when ``t`` has no column ``f`` — is a whole-row call
+# (``select reverse(c.to_jsonb->>'pan') from cards c``). Generated from PostgreSQL 15's
+# catalog (pg_catalog functions callable with one argument of type record, anyelement,
+# "any", anycompatible, anynonarray or anycompatiblenonarray), plus the hstore extension's
+# ``hstore(record)``. On a subquery or CTE, whose columns are all known, any other name is
+# such a call too.
+ROW_FUNCTIONS = frozenset({
+    "any_out", "anycompatible_out", "anycompatiblenonarray_out", "anyelement_out", "anynonarray_out", "concat",
+    "hash_record", "json_build_array", "json_build_object", "jsonb_build_array", "jsonb_build_object",
+    "num_nonnulls", "num_nulls", "pg_collation_for", "pg_column_compression", "pg_column_size", "pg_typeof",
+    "quote_literal", "quote_nullable", "record_out", "record_send", "row_to_json", "to_json", "to_jsonb", "hstore",
+})
+
 # Nodes whose value is a constant or a type: never a column's.
 _LEAVES = frozenset({"A_Const", "ParamRef", "TypeName", "String", "Integer", "Float", "Boolean", "A_Star",
                      "SQLValueFunction", "SetToDefault"})
@@ -286,6 +300,13 @@ class QueryLineage:
             if item is not None:
                 column = names[qualifier_at + 1] if qualifier_at + 1 < len(names) else None
                 taint = item.columns.get(column) if column is not None else None
+                if column is not None and column not in item.columns and item.carried \
+                        and (not item.open or column in ROW_FUNCTIONS):
+                    raise LineageRefusal(
+                        f"{names[qualifier_at]}.{column} calls {column}() on a whole row carrying "
+                        f"{described(item.carried)} (attribute notation), used in {where}; select the columns "
+                        f"themselves (if {column!r} is a column of {names[qualifier_at]}, name it without the "
+                        "qualifier)")
                 if taint is not None and qualifier_at + 2 < len(names):
                     raise LineageRefusal(f"a field of {taint} is used in {where}")
                 return taint

@@ -180,6 +180,18 @@ ATTACKS = [
     ("select reverse(histogram_bounds::text) from pg_catalog.pg_stats", "lineage"),
     ("select query from pg_stat_activity", "lineage"),
     ("select query from pg_stat_get_activity(null)", "function"),
+    ("select reverse(pg_stat_get_backend_activity(s)) from pg_stat_get_backend_idset() s", "function"),
+    # Attribute notation: t.f is f(t) when t has no column f, a call on the whole row.
+    ("select reverse(c.to_jsonb->>'pan') from cards c", "lineage"),
+    ("select id from cards c where c.to_jsonb->>'pan' like '4111%'", "lineage"),
+    ("select id from cards c order by c.row_to_json->>'pan'", "lineage"),
+    ("select md5(cards.record_out::text) from cards", "lineage"),
+    ("select reverse(public.cards.to_json->>'pan') from public.cards", "lineage"),
+    ("select c.hash_record from cards c", "lineage"),
+    ("select reverse(c.concat) from cards c", "lineage"),
+    ("select reverse(x.to_jsonb->>'p') from (select pan as p from cards) x", "lineage"),
+    ("with w as (select pan from cards) select reverse(w.quote_literal) from w", "lineage"),
+    ("insert into scratch.t select 1, c.row_to_json::text from cards c", "lineage"),
     # Names the classifier can't settle without the catalog: refused, asking to qualify.
     ("select (select pan from other limit 1) from cards", "qualify"),
     ("select id from cards where exists (select 1 from other where pan = '1')", "qualify"),
@@ -196,6 +208,8 @@ ATTACKS = [
 
 CONTROLS = [
     "select pan from cards",
+    "select c.brand, upper(c.expiry), p.to_jsonb from cards c join payments p on p.card_id = c.id",
+    "select x.to_jsonb from (select id, brand from cards) x",
     "select pan from cards where id = 1",
     "select c.pan as x from cards c",
     ("select c.pan, p.amount from cards c join payments p on p.card_id = c.id where p.status = 'ok' "
