@@ -60,7 +60,7 @@ from appliance.model.decision import (
 )
 from appliance.policy import lineage
 from appliance.policy.classifier import CACHE_MAX_CHARS, CACHE_SIZE, REFUSED, classify
-from appliance.policy.functions import untrusted_function
+from appliance.policy.functions import server_side_copy, untrusted_function
 from appliance.policy.patterns import Kind, Pattern, covers, hits, split_name, unquote
 from appliance.policy.rules import PolicyError, Rule, RuleSet, load_rules, parse_rules
 from appliance.policy.shape import shape
@@ -272,6 +272,10 @@ class Policy:
                                           "see into"), None
         if StatementClass.FUNCTION_CALL in statement.classes:
             problem = untrusted_function(statement.functions, self.ruleset.trusted_functions)
+            if problem is not None:
+                return "untrusted-function", f"Tollgate refuses this for agents: {problem}", None
+        if statement.command == "COPY" and statement.text:
+            problem = server_side_copy(statement.text)
             if problem is not None:
                 return "untrusted-function", f"Tollgate refuses this for agents: {problem}", None
         if not self._cardholders or not statement.text or StatementClass.EMPTY in statement.classes:

@@ -20,7 +20,10 @@ rather than holding keeps an approver from being asked to judge code they are no
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
+
+from pglast.parser import parse_sql_json
 
 from appliance.policy.builtin_functions import PG_CATALOG_FUNCTIONS
 from appliance.policy.patterns import Pattern, covers, split_name, unquote
@@ -39,6 +42,12 @@ RUNS_SQL = frozenset({
 # pg_stat_get_backend_activity is pg_stat_activity.query for one backend:
 # ``select reverse(pg_stat_get_backend_activity(s)) from pg_stat_get_backend_idset() s``.
 READS_QUERIES = frozenset({"pg_stat_get_activity", "pg_stat_get_backend_activity", "pg_stat_statements"})
+# Built-ins that return the rows other sessions wrote, every column's value in clear
+# (logical decoding: only for roles with REPLICATION, but an agent never needs them).
+READS_CHANGES = frozenset({
+    "pg_logical_slot_get_changes", "pg_logical_slot_peek_changes", "pg_logical_slot_get_binary_changes",
+    "pg_logical_slot_peek_binary_changes",
+})
 
 
 def untrusted_function(names: Iterable[str], trusted: tuple[Pattern, ...]) -> str | None:
@@ -62,9 +71,31 @@ def untrusted_function(names: Iterable[str], trusted: tuple[Pattern, ...]) -> st
         if function in READS_QUERIES and schema in (None, "pg_catalog", "public"):
             return (f"{name} returns other sessions' statement texts, which can carry card numbers; it is refused "
                     "for agents")
+        if function in READS_CHANGES and schema in (None, "pg_catalog"):
+            return (f"{name} returns the rows other sessions wrote, every column in clear; it is refused for "
+                    "agents")
         if schema == "pg_catalog" or (schema is None and function in PG_CATALOG_FUNCTIONS):
             continue
         return (f"{name} is not a built-in function: its body is not visible to the policy (it could read or "
                 "change cardholder data), so calls are refused for agents unless the policy lists it in "
                 "trusted_functions")
+    return None
+
+
+def server_side_copy(sql: str) -> str | None:
+    """Why an agent may not run the COPY statement ``sql``, or None: ``COPY … TO/FROM
+    PROGRAM`` runs a command on the database server, and ``COPY … TO/FROM 'file'`` moves
+    rows to or from the server's files — both out of the proxy's sight (nothing it masks,
+    nothing it can decide), and an agent has STDIN and STDOUT for what COPY is for."""
+    tree = json.loads(parse_sql_json(sql))
+    for raw in tree.get("stmts") or ():
+        copy = (raw.get("stmt") or {}).get("CopyStmt")
+        if copy is None:
+            continue
+        if copy.get("is_program"):
+            return ("COPY … PROGRAM runs a command on the database server, which Tollgate can't see; it is refused "
+                    "for agents (use COPY … TO STDOUT or FROM STDIN)")
+        if copy.get("filename") is not None:
+            return ("COPY to or from a file on the database server moves rows where Tollgate can't see them; it is "
+                    "refused for agents (use COPY … TO STDOUT or FROM STDIN)")
     return None

@@ -549,3 +549,31 @@ def test_cardholder_writes_errors(text: str, expected: str) -> None:
     with pytest.raises(PolicyError, match=r"policy\.toml:1: ") as info:
         Policy.parse(text, "policy.toml")
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("sql, says", [
+    ("copy (select 1) to program 'id'", "PROGRAM runs a command"),
+    ("COPY scratch.t FROM PROGRAM 'cat /etc/passwd'", "PROGRAM runs a command"),
+    ("copy scratch.t to '/tmp/rows'", "a file on the database server"),
+    ("copy scratch.t from '/var/lib/postgresql/data/base/1/1259'", "a file on the database server"),
+    ("select 1; copy (select 1) to program 'id'", "PROGRAM runs a command"),
+])
+def test_server_side_copy_is_refused_for_agents(sql: str, says: str) -> None:
+    """COPY to or from the server's files or programs: out of the proxy's sight."""
+    from appliance.lab.policy import LAB_POLICY
+
+    decision = Policy.parse(LAB_POLICY).decide(LAB_AGENT, "payments", sql)
+    assert (decision.action, decision.rule) == (Action.BLOCK, "untrusted-function"), decision
+    assert says in decision.message
+    everything = Policy.parse('agent_groups = ["agents"]\ndefault = "allow"\n')
+    assert everything.decide(["agents"], "db", sql).rule == "untrusted-function"
+    assert everything.decide(["others"], "db", sql).action is Action.ALLOW
+    assert Policy.parse(LAB_POLICY).decide(LAB_AGENT, "payments", "copy scratch.t to stdout").action is Action.ALLOW
+
+
+def test_logical_decoding_is_refused_for_agents() -> None:
+    p = Policy.parse('agent_groups = ["agents"]\ndefault = "allow"\n')
+    for sql in ("select * from pg_logical_slot_peek_changes('s', null, null)",
+                "select data from pg_catalog.pg_logical_slot_get_changes('s', null, null)"):
+        decision = p.decide(["agents"], "db", sql)
+        assert decision.rule == "untrusted-function" and "rows other sessions wrote" in decision.message, decision
