@@ -156,7 +156,9 @@ class _Witness:
         self.config = config
         self.key: WitnessKey = parse_witness_key(config.key)
         self.client = WitnessClient(config)
-        self.state_path = directory / STATE_DIR / f"{config.name}.json"
+        # Witness names are key names, often origin-like ("witness.example/lab"): quoted, so a
+        # slash never names a directory that does not exist.
+        self.state_path = directory / STATE_DIR / f"{urllib.parse.quote(config.name, safe='')}.json"
         self.position: Position | None = None  # the tree at the size the witness has
         self.witness_size: int | None = None  # its size, once known
         self.pending: tuple[str, Position, int] | None = None  # note, position, submission number

@@ -63,6 +63,20 @@ def test_checkpoints_are_cosigned_and_kept(tmp_path: Path, witness_factory: list
     log.close()
 
 
+def test_a_witness_named_like_an_origin_keeps_its_state(tmp_path: Path, witness_factory: list[WitnessProcess]) -> None:
+    config = make_config(tmp_path, checkpoint_records=10)
+    name = "witness.example/lab"
+    key = init_witness_dir(tmp_path / "w", name, [(ORIGIN, KeyRing.load(config).signing_key.verifier_key())])
+    witness = start_witness(tmp_path / "w")
+    witness_factory.append(witness)
+    log = AuditLog.open(replace(config, witnesses=(WitnessConfig(name, witness.url, str(key)),), witness_quorum=1),
+                        version="t")
+    log.append(statement(0))
+    assert log.checkpoint_now(witness_timeout=60)["witnessed"], log.status()["witnesses"]
+    log.close()
+    assert [f.name for f in (config.dir / STATE_DIR).iterdir()] == ["witness.example%2Flab.json"]
+
+
 def test_a_witness_down_does_not_stop_the_log(tmp_path: Path, witness_factory: list[WitnessProcess]) -> None:
     config = make_config(tmp_path)
     log_key = KeyRing.load(config).signing_key
