@@ -123,6 +123,7 @@ class Role:
     name: str
     superuser: bool
     bypass_rls: bool
+    replication: bool
     member_of: tuple[str, ...]  # owners, the database owner or DANGEROUS_ROLES it can act as
 
 
@@ -182,7 +183,7 @@ SELECT n.nspname, c.relname, c.relkind::text, pg_get_userbyid(c.relowner), a.att
  ORDER BY n.nspname, c.relname, a.attnum
 """
 _ROLES_QUERY = """
-SELECT r.rolname, r.rolsuper, r.rolbypassrls,
+SELECT r.rolname, r.rolsuper, r.rolbypassrls, r.rolreplication,
        ARRAY(SELECT o.rolname FROM pg_catalog.pg_roles o
               WHERE o.rolname = ANY(%s) AND o.oid <> r.oid AND pg_has_role(r.oid, o.oid, 'MEMBER')
               ORDER BY 1)
@@ -242,7 +243,7 @@ def read_snapshot(conn: Any, declared: Iterable[ColumnName], agents: Iterable[st
             tables.append(Table(schema, table, owner, columns, frozenset(shown),
                                 tuple(sorted((c, m) for c, m in shown.items() if m != "pan"))))
         owners = sorted({t.owner for t in tables} | {database_owner} | set(DANGEROUS_ROLES))
-        roles = tuple(Role(r[0], bool(r[1]), bool(r[2]), tuple(r[3]))
+        roles = tuple(Role(r[0], bool(r[1]), bool(r[2]), bool(r[3]), tuple(r[4]))
                       for r in conn.execute(_ROLES_QUERY, (owners, list(agents))).fetchall())
         functions = tuple(r[0] for r in conn.execute(
             _FUNCTIONS_QUERY, (list(DENIED_FUNCTIONS), [p + "%" for p in DENIED_FUNCTION_PREFIXES])).fetchall())
@@ -263,6 +264,9 @@ def problems(snapshot: Snapshot) -> list[str]:
             out.append(f"agent role {role.name} is a superuser: no privilege can be taken from it")
         if role.bypass_rls:
             out.append(f"agent role {role.name} has BYPASSRLS")
+        if role.replication:
+            out.append(f"agent role {role.name} has REPLICATION: logical decoding returns every column other "
+                       f"sessions write (ALTER ROLE {role.name} NOREPLICATION)")
         if role.name in owners or role.name == snapshot.database_owner:
             out.append(f"agent role {role.name} owns a cardholder table or the database: give them to another role "
                        f"(ALTER TABLE … OWNER TO, ALTER DATABASE … OWNER TO)")

@@ -142,6 +142,13 @@ def test_an_agent_role_that_can_act_as_an_owner_or_read_everything_is_refused(
             conn.execute(f"REVOKE {granted} FROM {database.agent}")
 
 
+def test_an_agent_role_with_replication_is_refused(database: Database, capsys: pytest.CaptureFixture[str]):
+    with database.connect() as conn:
+        conn.execute(f"ALTER ROLE {database.agent} REPLICATION")
+    assert provision(database) == 2
+    assert f"agent role {database.agent} has REPLICATION" in capsys.readouterr().err
+
+
 def test_check_names_views_and_definer_functions_that_reach_a_cardholder_column(
         provisioned: Database, capsys: pytest.CaptureFixture[str]):
     with provisioned.connect() as conn:
@@ -183,7 +190,7 @@ def test_plan_masks_numbers_in_their_own_type_and_honours_last4():
                                    (prov.Column("id", "integer", "int4"), prov.Column("pan", "bigint", "int8"),
                                     prov.Column("doc", "jsonb", "jsonb")),
                                    frozenset({"pan", "doc"})),),
-        (prov.Role("agent", False, False, ()),), ())
+        (prov.Role("agent", False, False, False, ()),), ())
     sql = "\n".join(prov.plan(snapshot, prov.Options(pan_format="last4")))
     assert '"tollgate_masked".pan_display_number("pan"::numeric)::bigint AS "pan"' in sql
     assert "right(d, 4)::numeric" in sql and "left(d, 6)" not in sql
