@@ -60,6 +60,8 @@ class Case:
     case whose TPS on the same path this one is reported against. ``rows_per_tx``: rows
     each transaction returns, to report rows per second. ``audit``: the audit log setting
     the proxy runs with for this case ("fsync", the default and the lab's, "write", "off").
+    ``without``: layers the proxy runs without for this case ("policy", "masking"), to show
+    what each costs.
     """
 
     name: str
@@ -74,6 +76,12 @@ class Case:
     compare_to: str | None = None
     rows_per_tx: int | None = None
     audit: str = "fsync"
+    without: tuple[str, ...] = ()
+
+    @property
+    def setting(self) -> str:
+        """The proxy's layers for this case, as the report names them."""
+        return self.audit + "".join(f", no {layer}" for layer in self.without)
 
     @property
     def clients(self) -> int:
@@ -140,6 +148,16 @@ register(Case("c1-simple-audit-off", ("-S", "-c", "1", "-j", "1", "-M", "simple"
               "select-only, 1 client, no audit log", paths=("tollgate",), per_statement=True,
               compare_to="c1-simple", audit="off"))
 
+# Each layer's cost: the same select-only load through a proxy with fewer layers — no audit
+# log (above), then no masking either, then no policy (the session core alone). Against
+# c8-simple in the report's settings table; each step's difference is that layer's cost.
+register(Case("c8-simple-no-masking", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
+              "select-only, 8 clients, no audit log, no masking", paths=("tollgate",), compare_to="c8-simple",
+              audit="off", without=("masking",)))
+register(Case("c8-simple-core-only", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
+              "select-only, 8 clients, the session core alone (no audit log, masking or policy)",
+              paths=("tollgate",), compare_to="c8-simple", audit="off", without=("masking", "policy")))
+
 # Masking on a large result: every row carries a Luhn-valid PAN that Tollgate masks on the
 # way. Rows per second vs direct, and the proxy's peak RSS, which must not grow with the
 # result: the 100k-row case is there to show that.
@@ -148,6 +166,14 @@ register(Case("masked-100k", ("-c", "1", "-j", "1", "-M", "simple"),
               "100,000 rows with a PAN column, every PAN masked: rows per second and peak RSS",
               paths=("direct", "tollgate"), script=MASKED_SQL.format(rows=100_000), needs=("pan_rows",),
               rows_per_tx=100_000))
+# The same result with fewer layers: what the audit log, then masking, then policy cost on it.
+for _name, _audit, _without, _what in (
+        ("masked-100k-audit-off", "off", (), "no audit log"),
+        ("masked-100k-no-masking", "off", ("masking",), "no audit log, no masking (card numbers in clear)"),
+        ("masked-100k-core-only", "off", ("masking", "policy"), "the session core alone")):
+    register(Case(_name, ("-c", "1", "-j", "1", "-M", "simple"), f"100,000 rows with a PAN column, {_what}",
+                  paths=("tollgate",), script=MASKED_SQL.format(rows=100_000), needs=("pan_rows",),
+                  rows_per_tx=100_000, compare_to="masked-100k", audit=_audit, without=_without))
 register(Case("masked-1m", ("-c", "1", "-j", "1", "-M", "simple"),
               "1,000,000 rows with a PAN column, every PAN masked: rows per second and peak RSS",
               paths=("direct", "tollgate"), script=MASKED_SQL.format(rows=1_000_000), needs=("pan_rows",),

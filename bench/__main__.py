@@ -428,9 +428,9 @@ def measure(ctx: Context, args: argparse.Namespace, plan: list[tuple[Case, list[
 
 
 def _run_one(ctx: Context, args: argparse.Namespace, case: Case, paths: list[str]) -> CaseResult:
-    if "tollgate" in paths and ctx.lab.audit != case.audit:
-        log.info("bench: restarting the proxy with audit %s", case.audit)
-        ctx.lab.set_audit(case.audit)
+    if "tollgate" in paths and (ctx.lab.audit, ctx.lab.without) != (case.audit, tuple(sorted(case.without))):
+        log.info("bench: restarting the proxy with audit %s", case.setting)
+        ctx.lab.set_audit(case.audit, case.without)
     script = None
     if case.script is not None:
         script = ctx.workdir / f"{case.name}.sql"

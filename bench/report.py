@@ -206,10 +206,11 @@ AUDIT_ORDER = ("fsync", "write", "off")
 
 @dataclass
 class AuditRow:
-    """One case through Tollgate under one audit setting, against the case's direct path."""
+    """One case through Tollgate under one setting of its layers (the audit log's, and
+    without masking or policy), against the case's direct path."""
 
     case: str
-    audit: str
+    audit: str  # Case.setting: "fsync", "write", "off", "off, no masking", …
     tps: float | None
     ratio_to_direct: float | None
     added_us: float | None  # per statement vs direct; one-client cases only
@@ -217,31 +218,33 @@ class AuditRow:
 
 
 def audit_rows(results: Sequence[CaseResult]) -> list[AuditRow]:
-    """Each case that has audit variants (cases naming it in ``compare_to`` with another
-    ``audit``), with them: shipped (fsync), write, off — every figure against the base
-    case's direct path, measured in the same run."""
+    """Each case that has variants (cases naming it in ``compare_to`` with another audit
+    setting or layers left out), with them: shipped (fsync), write, off, then fewer layers —
+    every figure against the base case's direct path, measured in the same run. Each step
+    down the table is what one layer costs."""
     variants: dict[str, list[CaseResult]] = {}
     for cr in results:
-        if cr.case.compare_to and cr.case.audit != "fsync":
+        if cr.case.compare_to and cr.case.setting != "fsync":
             variants.setdefault(cr.case.compare_to, []).append(cr)
     rows = []
     for base in results:
-        if base.case.name not in variants or base.case.audit != "fsync":
+        if base.case.name not in variants or base.case.setting != "fsync":
             continue
         direct = base.paths.get(BASELINE)
-        group = sorted([base, *variants[base.case.name]], key=lambda cr: AUDIT_ORDER.index(cr.case.audit)
-                       if cr.case.audit in AUDIT_ORDER else len(AUDIT_ORDER))
+        group = sorted([base, *variants[base.case.name]],
+                       key=lambda cr: (AUDIT_ORDER.index(cr.case.audit) if cr.case.audit in AUDIT_ORDER
+                                       else len(AUDIT_ORDER), len(cr.case.without)))
         for cr in group:
             pr = cr.paths.get(SUBJECT)
             if pr is None or not pr.ok:
-                rows.append(AuditRow(base.case.name, cr.case.audit, None, None, None, None))
+                rows.append(AuditRow(base.case.name, cr.case.setting, None, None, None, None))
                 continue
             ratio = pr.tps / direct.tps if direct is not None and direct.tps and pr.tps is not None else None
             added = None
             if base.case.per_statement and direct is not None and direct.latency_from_tps_ms is not None \
                     and pr.latency_from_tps_ms is not None:
                 added = (pr.latency_from_tps_ms - direct.latency_from_tps_ms) * 1000.0
-            rows.append(AuditRow(base.case.name, cr.case.audit, pr.tps, ratio, added, pr.proxy_cpu_us_per_tx))
+            rows.append(AuditRow(base.case.name, cr.case.setting, pr.tps, ratio, added, pr.proxy_cpu_us_per_tx))
     return rows
 
 

@@ -42,6 +42,7 @@ PROXY_READY_LINE = "tollgate: ready"
 ISSUER_READY_LINE = "dev-oidc-issuer: ready"
 ENROLL_READY_LINE = "tollgate-enroll: ready"
 METHODS = ("redirect", "tproxy")
+LAYERS = ("masking", "policy")  # what set_audit(without=…) may leave out, for the benchmark
 DIRECT_NODE = "direct"  # where clients of the database's direct address run
 TARGET_NAME = proxy_config.TARGET_NAME
 LAB_ONLY_NOTE = "lab-only credentials, generated for this lab; never use them anywhere else"
@@ -101,6 +102,7 @@ class Lab:
         if audit not in ("fsync", "write", "off"):
             raise LabError(f"audit must be 'fsync', 'write' or 'off', not {audit!r}")
         self.audit = audit
+        self.without: tuple[str, ...] = ()  # layers left out of the proxy's config (set_audit)
         # The agent's namespace may reach the database's direct address (its subnet is left
         # out of protected_subnets): only for tests that compare both paths from one process.
         # Other direct clients run in the "direct" namespace (DIRECT_NODE).
@@ -138,6 +140,7 @@ class Lab:
                   audit_dir=Path(proxy["audit_dir"]) if proxy.get("audit_dir") else None,
                   agent_direct=bool(proxy.get("agent_direct")))
         lab.state = recorded
+        lab.without = tuple(proxy.get("without", ()))
         owner = recorded.get("owner")
         lab.owner_pid = owner["pid"] if owner else None
         return lab
@@ -405,16 +408,22 @@ class Lab:
             raise LabError("the proxy is still running")
         self._start_proxy()
 
-    def set_audit(self, audit: str) -> None:
-        """Run the proxy with another audit setting ("fsync", "write", "off"): rewrite its
-        config and restart it (the benchmark compares them in one lab)."""
+    def set_audit(self, audit: str, without: tuple[str, ...] = ()) -> None:
+        """Run the proxy with another audit setting ("fsync", "write", "off") and, for the
+        benchmark's per-layer cost only, ``without`` some layers ("policy", "masking"):
+        rewrite its config and restart it (the benchmark compares them in one lab)."""
         if audit not in ("fsync", "write", "off"):
             raise LabError(f"audit must be 'fsync', 'write' or 'off', not {audit!r}")
-        if audit == self.audit:
+        unknown = set(without) - set(LAYERS)
+        if unknown:
+            raise LabError(f"layers that can be left out: {', '.join(LAYERS)}, not {', '.join(sorted(unknown))}")
+        without = tuple(sorted(without))
+        if (audit, without) == (self.audit, self.without):
             return
         self.stop_proxy()
-        self.audit = audit
+        self.audit, self.without = audit, without
         self.state["proxy"]["audit"] = audit
+        self.state["proxy"]["without"] = list(without)
         self._save()
         self.config_path.write_text(render_proxy_config(self))
         if audit != "off" and not (self.audit_dir / "keys").is_dir():
@@ -664,7 +673,7 @@ def render_proxy_config(lab: Lab) -> str:
     return proxy_config.render(lab.name, lab.paths, method=lab.method, agent_auth=lab.agent_auth,
                                suite_role=lab.suite_role, audit=lab.audit, audit_dir=lab.audit_dir,
                                witness=(witness["name"], witness["key"]) if witness else None,
-                               agent_direct=lab.agent_direct)
+                               agent_direct=lab.agent_direct, without=lab.without)
 
 
 def gc(root: Path = st.LAB_ROOT) -> list[tuple[str, str]]:
