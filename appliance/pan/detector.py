@@ -214,6 +214,15 @@ _GROUP = re.compile(rb"[0-9]+")
 _UUID = re.compile(rb"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
 
+_PLUS = ord("+")
+# E.164 allows at most 15 digits after the "+"; longer runs after one are still searched.
+E164_MAX_DIGITS = 15
+
+
+def _word_byte(b: int) -> bool:
+    return 0x30 <= b <= 0x39 or 0x41 <= b <= 0x5A or 0x61 <= b <= 0x7A or b == 0x5F
+
+
 def _context_ok(data: bytes, s: int, e: int, lo: int, hi: int) -> bool:
     """Rules out the digit shapes that are not card numbers, looking around span [s, e)."""
     if s - 2 >= lo:
@@ -224,6 +233,9 @@ def _context_ok(data: bytes, s: int, e: int, lo: int, hi: int) -> bool:
             return False  # the exponent of a float: 1e4111… (also keeps a starred number's
         if before in b"+-" and s - 3 >= lo and data[s - 2] in b"eE" and data[s - 3] in _DIGITS:
             return False  # neighbour's "…e" context as it was)
+    if s - 1 >= lo and data[s - 1] == _PLUS and (s - 2 < lo or not _word_byte(data[s - 2])) \
+            and sum(1 for b in bytes(data[s:e]) if b in _DIGITS) <= E164_MAX_DIGITS:
+        return False  # a phone number in E.164 (+49 151 12345678): a card number has no "+"
     if e + 1 < hi:
         after = data[e]
         if after == _DOT and data[e + 1] in _DIGITS:

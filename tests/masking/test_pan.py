@@ -191,6 +191,8 @@ CONTROL = [
     "4111111111111112",  # Luhn fails
     "2023-01-15 12:34:56.789",
     "+44 20 7946 0958",
+    # E.164 phone numbers: Luhn-valid with a Visa prefix and length, but a card number has no "+"
+    "+4915112345678", "tel. +49 151 12345678", "+49-151-12345678", "(+4915112345678)",
     "192.168.100.200",
 ]
 
@@ -295,3 +297,12 @@ def test_a_number_mask_shows_no_more_and_is_no_card_number(sample, rnd, fmt):
 def test_an_id_on_an_issuer_prefix_is_masked_and_one_off_it_is_not():
     assert int_is_pan(4000000000000002) and int_mask(4000000000000002) == 4000000000010002
     assert not int_is_pan(9000000000000002) and not int_is_pan(1234567812345670)
+
+
+def test_a_plus_sign_rules_out_only_what_e164_allows():
+    """A "+" before at most 15 digits is a phone number; before 16 or more, or glued to a
+    word or a number (``1+4…``, ``x+4…``), the digits are still searched."""
+    assert mask_pans(b"+4111111111111111") == (b"+411111******1111", 1)  # 16 digits: no phone number
+    assert mask_pans(b"1+4915112345678")[1] == 1
+    assert mask_pans(b"x+4915112345678")[1] == 1
+    assert mask_pans(b"+ 4915112345678")[1] == 1  # a sign set apart is no prefix
