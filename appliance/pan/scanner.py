@@ -55,6 +55,7 @@ KEEP_LEFT = 256
 # Bytes that may be part of a candidate or of the context that rules one out (digits,
 # separators, '.', exponent signs, UUID hex): anything else ends every such shape.
 _SOFT = b"0123456789abcdefABCDEF .+-"
+_COMMA = ord(",")
 _HARD = re.compile(rb"[^0-9a-fA-F .+\-]")
 _HARD_NUMBERS = re.compile(rb"[^0-9a-fA-F .+\-,]")  # money's group commas don't end a candidate
 # Money as PostgreSQL writes it in COPY (lc_monetary C and its kin): 11–19 digits of amount
@@ -250,7 +251,10 @@ class TextScanner:
         far decided, no hex run open, ``o`` holding no candidate and ending with a byte no
         card number can continue across (a COPY row's newline). False if not."""
         if (self.undecided != self.pos or self.hex_from >= 0 or self.mode != TEXT or not o
-                or o[-1] in _SOFT or may_hold_pan(o) or (self.numbers and _MONEY.search(o) is not None)):
+                or o[-1] in _SOFT or may_hold_pan(o)
+                or (self.numbers and (o[-1] == _COMMA or _MONEY.search(o) is not None))):
+            # (A comma can be money's group separator, with the amount going on in the next
+            # message: ``$4,`` then ``111,111,…``; see _HARD_NUMBERS.)
             return False
         self.lo = (self.lo + o)[-KEEP_LEFT:]
         self.lr = (self.lr + o)[-KEEP_LEFT:]

@@ -321,3 +321,11 @@ def test_binary_copy_one_message_per_row_is_masked_as_whole(rows):
             feed_messages(parts, binary=True)
         return
     assert feed_messages(parts, binary=True) == whole
+
+
+@pytest.mark.parametrize("cut", range(1, 8))
+def test_money_cut_after_a_group_comma_is_still_masked(cut):
+    """``$4,`` then ``111,111,…``: the first message ends on money's group comma, so it can't
+    be taken unscanned (hypothesis found the cut at 3 leaving the card number clear)."""
+    data = b"$4,111,111,111,111,111.00\n"
+    assert feed_messages([data[:cut], data[cut:]], binary=False) == b"$4,111,110,000,001,111.00\n"
