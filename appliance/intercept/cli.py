@@ -9,7 +9,7 @@ import sys
 from appliance.config import Config, load_config
 from appliance.intercept import InterceptError, get_method, nft
 from appliance.intercept.ruleset import render_ruleset
-from appliance.intercept.verify import filter_problems
+from appliance.intercept.verify import config_warnings, filter_problems
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,8 @@ def _warn_if_inert(config: Config) -> None:
         log.warning("intercept.agent_subnets is empty: no connection will be diverted")
     if not config.protected_endpoints:
         log.warning("no targets are configured: no connection will be diverted")
+    for warning in config_warnings(config):
+        log.warning("%s", warning)
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -97,4 +99,6 @@ def _check(args: argparse.Namespace) -> int:
         return 1
     print(f"filter: in force: table inet {config.intercept.table} drops invalid agent packets before the divert "
           "and forwards no agent traffic to protected addresses")
+    for warning in config_warnings(config):
+        print(f"filter: warning: {warning}")
     return 0 if ok else 1

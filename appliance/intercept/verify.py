@@ -22,6 +22,15 @@ _DIVERT_PRIORITY = {"redirect": -100, "tproxy": -150}
 _FAMILIES = (("ip", "4"), ("ip6", "6"))
 
 
+def config_warnings(config: Config) -> list[str]:
+    """Weaknesses of a valid intercept config that the installed table can't show."""
+    if config.intercept.agent_interfaces:
+        return []
+    return [("[intercept] agent_interfaces is empty: agent traffic is recognised by source address alone, so a "
+            "packet an agent forges with a source outside agent_subnets is neither diverted nor dropped, and is "
+            "routed to the database (set agent_interfaces to the agents' interfaces)")]
+
+
 def filter_problems(listing: dict[str, Any], config: Config) -> list[str]:
     """What is missing from an ``nft -j list table`` listing of Tollgate's table."""
     ic = config.intercept

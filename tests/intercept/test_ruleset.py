@@ -21,7 +21,7 @@ import pytest
 from appliance.config import Config, parse_config
 from appliance.intercept import InterceptError, cli
 from appliance.intercept.ruleset import PROBE_TABLE, probe_config, render_ruleset, render_teardown
-from appliance.intercept.verify import filter_problems
+from appliance.intercept.verify import config_warnings, filter_problems
 
 CONFIG_PATH = Path("/etc/tollgate/tollgate.toml")
 
@@ -496,3 +496,12 @@ def test_check_finds_a_guard_that_runs_after_the_divert(netns: str) -> None:
             "chain guard runs at priority -100, not before the tproxy divert (-150)"]
     finally:
         nft_in(netns, "-f", "-", stdin=render_teardown("tollgate"))
+
+
+def test_a_config_without_agent_interfaces_is_warned_about() -> None:
+    """By subnet alone, a forged source address is not agent traffic (the lab proved it:
+    tests/lab/test_direct_path.py); check and up say so, naming the setting."""
+    bare = config('agent_subnets = ["198.18.1.0/24"]')
+    [warning] = config_warnings(bare)
+    assert "agent_interfaces is empty" in warning and "forges" in warning
+    assert config_warnings(config('agent_subnets = ["198.18.1.0/24"]\nagent_interfaces = ["eth0"]')) == []
