@@ -15,11 +15,17 @@ the lab runs on the agent node (``tollgate lab exec agent -- …``, :meth:`Lab.e
    reach around it: ``CAP_SYS_ADMIN`` (umount, setns into another namespace),
    ``CAP_SYS_PTRACE`` (``/proc/PID/root`` and ``/proc/PID/fd`` of appliance processes, which
    keep their full capabilities), ``CAP_DAC_READ_SEARCH`` (``open_by_handle_at``),
-   ``CAP_SYS_CHROOT``, ``CAP_MKNOD``, ``CAP_SYS_RAWIO``, ``CAP_SYS_MODULE``, ``CAP_BPF``, …
+   ``CAP_SYS_CHROOT``, ``CAP_MKNOD``, ``CAP_SYS_RAWIO``, ``CAP_SYS_MODULE``, ``CAP_BPF``,
+   ``CAP_NET_ADMIN`` (every network namespace here is owned by the host's user namespace,
+   so it would reach any namespace whose process it can name: ``ip link add … peer …
+   netns PID`` put a link of the agent's into the gateway's, the database's or the host's
+   namespace), ``CAP_IPC_OWNER`` (the IPC namespace is shared), …
 
 Why a mount view and not an unprivileged user: the agent stays root *in its own box*, as an
-agent machine's root would be — it keeps ``CAP_NET_RAW``/``CAP_NET_ADMIN`` for the raw-packet
-attacks the hardening tests craft from the agent's side, and reads the files a test made for
+agent machine's root would be — it keeps ``CAP_NET_RAW`` for the raw-packet attacks the
+hardening tests craft from the agent's side (what needs ``CAP_NET_ADMIN`` in the agent's
+namespace, such as adding addresses, the lab's operator does with ``ip netns exec``), and
+reads the files a test made for
 it in a root-owned temporary directory — while the separation the appliance really relies
 on, that the agent is *elsewhere*, is what the view models. Nothing is created outside the
 namespaces, so there is nothing for ``lab down``/``lab gc`` to remove: the view ends with the
@@ -39,7 +45,7 @@ from pathlib import Path
 DROPPED_CAPABILITIES = (
     "sys_admin", "sys_ptrace", "dac_read_search", "sys_chroot", "mknod", "sys_rawio", "sys_module",
     "sys_boot", "sys_time", "syslog", "bpf", "perfmon", "checkpoint_restore", "linux_immutable",
-    "mac_admin", "mac_override", "audit_control", "audit_read", "setfcap", "sys_pacct",
+    "mac_admin", "mac_override", "audit_control", "audit_read", "setfcap", "sys_pacct", "net_admin", "ipc_owner",
 )
 
 # Run by ``sh -euc`` inside the new mount namespace: $1 is the home to keep, $2 the bounding

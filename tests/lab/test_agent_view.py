@@ -124,6 +124,25 @@ def test_the_agent_cannot_undo_or_reach_around_its_view(full_lab: Lab, attempt: 
     assert lab.password("app") not in proc.stdout
 
 
+def test_the_agent_cannot_put_a_link_into_another_namespace(full_lab: Lab) -> None:
+    """Network namespaces are all owned by the host's user namespace, so an agent holding
+    CAP_NET_ADMIN could name any process's namespace by pid: ``ip link add … peer … netns
+    PID`` made a veth whose other end was in the gateway's (or the host's, or the
+    database's) namespace — a link of its own around the appliance."""
+    lab = full_lab
+    proxy = str(lab.status()["proxy"]["pid"])
+    try:
+        proc = agent(lab, ["ip", "link", "add", "tgvx", "type", "veth", "peer", "name", "tgvy", "netns", proxy])
+        assert proc.returncode != 0, proc.stdout
+        in_gw = lab.exec("gw", ["ip", "-o", "link", "show"], capture_output=True, text=True, check=True).stdout
+        assert "tgvy" not in in_gw
+    finally:  # removing one end removes the pair, whichever namespace the other is in
+        lab.exec("agent", ["ip", "link", "del", "tgvx"], capture_output=True)
+    # The agent's raw-packet capability stays (the hardening probes craft packets with it).
+    raw = agent(lab, [sys.executable, "-c", "import socket; socket.socket(socket.AF_INET, socket.SOCK_RAW, 255)"])
+    assert raw.returncode == 0, raw.stderr
+
+
 def test_the_agents_own_home_and_psql_through_the_proxy_still_work(full_lab: Lab) -> None:
     lab = full_lab
     home = agent(lab, ["sh", "-c", 'echo "$HOME"; ls "$HOME/.postgresql"'])
