@@ -32,18 +32,20 @@ SAMPLED_VALUES = {
     "pg_stat_statements": "other sessions' statement texts can carry card numbers",
 }
 
-# Functions that take one argument of any row type, so that ``t.f`` — attribute notation,
-# which PostgreSQL reads as ``f(t)`` when ``t`` has no column ``f`` — is a whole-row call
-# (``select reverse(c.to_jsonb->>'pan') from cards c``). Generated from PostgreSQL 15's
-# catalog (pg_catalog functions callable with one argument of type record, anyelement,
-# "any", anycompatible, anynonarray or anycompatiblenonarray), plus the hstore extension's
-# ``hstore(record)``. On a subquery or CTE, whose columns are all known, any other name is
-# such a call too.
+# Functions and aggregates that take one argument of any row type, so that ``t.f`` —
+# attribute notation, which PostgreSQL reads as ``f(t)`` when ``t`` has no column ``f`` —
+# is a whole-row call (``select reverse(c.to_jsonb->>'pan') from cards c``; ``c.json_agg``
+# aggregates every row). Generated from PostgreSQL 15's catalog (pg_catalog functions and
+# aggregates callable with one argument of type record, anyelement, "any", anycompatible,
+# anynonarray or anycompatiblenonarray; window functions need OVER, which this notation
+# can't give), plus the hstore extension's ``hstore(record)``. On a subquery or CTE, whose
+# columns are all known, any other name is such a call too.
 ROW_FUNCTIONS = frozenset({
-    "any_out", "anycompatible_out", "anycompatiblenonarray_out", "anyelement_out", "anynonarray_out", "concat",
-    "hash_record", "json_build_array", "json_build_object", "jsonb_build_array", "jsonb_build_object",
-    "num_nonnulls", "num_nulls", "pg_collation_for", "pg_column_compression", "pg_column_size", "pg_typeof",
-    "quote_literal", "quote_nullable", "record_out", "record_send", "row_to_json", "to_json", "to_jsonb", "hstore",
+    "any_out", "anycompatible_out", "anycompatiblenonarray_out", "anyelement_out", "anynonarray_out", "array_agg",
+    "concat", "count", "hash_record", "json_agg", "json_build_array", "json_build_object", "jsonb_agg",
+    "jsonb_build_array", "jsonb_build_object", "num_nonnulls", "num_nulls", "pg_collation_for",
+    "pg_column_compression", "pg_column_size", "pg_typeof", "quote_literal", "quote_nullable", "record_out",
+    "record_send", "row_to_json", "to_json", "to_jsonb", "hstore",
 })
 
 # Nodes whose value is a constant or a type: never a column's.
