@@ -56,6 +56,9 @@ class Classification:
     error: str | None = None  # why pglast could not parse it (UNPARSABLE)
 
 
+_ONLY_READ = frozenset({StatementClass.READ})
+
+
 class Action(str, enum.Enum):
     ALLOW = "allow"
     MASK = "mask"  # allow, and mask the listed columns in results
@@ -94,6 +97,17 @@ class Decision:
     statements: tuple[Classification, ...] = ()
     hold: HoldSpec | None = None
     masks: tuple[ColumnMask, ...] = field(default=())
+
+    @property
+    def read_only(self) -> bool:
+        """Allowed, and every statement of it only reads: a plain SELECT, TABLE, VALUES or
+        EXPLAIN without ANALYZE that calls no function at all (``nextval``, ``set_config``,
+        advisory locks, ``pg_notify``, ``dblink``… act through calls) and takes no row lock
+        (FOR UPDATE/SHARE is ``lock``); SELECT INTO and data-modifying CTEs carry ``write``.
+        Running such a statement changes nothing in the database."""
+        if self.action not in (Action.ALLOW, Action.MASK) or not self.statements:
+            return False
+        return all(s.classes == _ONLY_READ and not s.functions and s.error is None for s in self.statements)
 
     @property
     def classes(self) -> frozenset[StatementClass]:

@@ -17,6 +17,13 @@ the bytes received; only requests that make the server act are looked at closely
    record). What they must wait for (the record made durable) holds the whole batch of
    messages back until done; if it fails, every request of the batch is swapped for its
    stand-in and refused.
+
+   One exception: a batch that is a single simple Query policy proves read-only
+   (:attr:`~appliance.model.decision.Decision.read_only`: it can change nothing in the
+   database), sent while no other request is in flight and outside a transaction block,
+   goes upstream at once while its record syncs; its answer is withheld by the response
+   relay until the record is durable, and replaced by the refusal if it can't be made so.
+   The client stays paused meanwhile, so later requests queue behind it as before.
 """
 
 from __future__ import annotations
@@ -54,6 +61,7 @@ from appliance.proxy.requests import (
     RequestState,
     UnknownStatement,
 )
+from appliance.proxy.results import error_bytes
 
 if TYPE_CHECKING:
     from appliance.proxy.session import Session
@@ -88,6 +96,7 @@ class RequestPipeline:
         self.held: Pending | None = None  # the request waiting on a Hold
         self.decided: tuple[Pending, Verdict] | None = None  # a finished hold, not yet admitted
         self.batch: tuple[list[bytes], Waiting] | None = None  # sent once its forward hooks' waits finish
+        self.overlapped = False  # the batch went upstream already; its answer is withheld
         self.cancel_hold: Callable[[], None] | None = None
         self.paused = False
         self.limits = resolved_bounds("frontend-session", session.max_client_message)
@@ -436,9 +445,14 @@ class RequestPipeline:
         self.session.run(self._carry_on)
 
     def _wait_for_batch(self, pieces: list[bytes], waiting: Waiting) -> None:
-        """Hold a batch back until its forward hooks' awaitables are done."""
+        """Hold a batch back until its forward hooks' awaitables are done (or, a read-only
+        one, send it and withhold its answer till then)."""
         self.batch = (pieces, waiting)
         self._pause()
+        if self._may_overlap(pieces, waiting):
+            self.overlapped = True
+            self.session.responses.withhold()
+            self.session.io.send_server(pieces[waiting[0][0]])
         # Never cancelled: the awaitables may be shared with other sessions (group commit).
         self.session.io.wait(dispatch.all_of([w for _, _, _, w in waiting]), self._batch_done)
 
@@ -447,6 +461,11 @@ class RequestPipeline:
             return
         pieces, waiting = self.batch
         self.batch = None
+        if self.overlapped:
+            self.overlapped = False
+            self._overlap_done(waiting, error)
+            self.session.run(self._carry_on)
+            return
         if error is not None:
             reject = Reject(getattr(error, "sqlstate", None) or "58030",
                             f"Tollgate could not complete what must happen before this statement runs, so it "
@@ -460,6 +479,41 @@ class RequestPipeline:
                     pieces[index] = blocked
         self.session.io.send_server(b"".join(pieces))
         self.session.run(self._carry_on)
+
+    def _may_overlap(self, pieces: list[bytes], waiting: Waiting) -> bool:
+        """Whether the batch is one read-only simple Query that can run while its record
+        syncs: nothing else in it or in flight, no transaction block open (a refusal then
+        leaves the server and the client agreeing: nothing ran that matters)."""
+        if len(waiting) != 1:
+            return False
+        index, request, _, _ = waiting[0]
+        statement = request.statement
+        if (request.kind is not QUERY or request.reject is not None or statement is None
+                or statement.effects or statement.executes):
+            return False
+        decision = statement.decision
+        if decision is None or not decision.read_only:
+            return False
+        if self.session.info.transaction_status != b"I" or len(self.requests.pending) != 1:
+            return False
+        return all(not piece for i, piece in enumerate(pieces) if i != index)
+
+    def _overlap_done(self, waiting: Waiting, error: BaseException | None) -> None:
+        """The record of a statement already sent is durable (its answer goes out) or
+        failed (its answer is dropped, the client told why)."""
+        relay = self.session.responses
+        if error is None:
+            relay.release()
+            return
+        _, request, _, _ = waiting[0]
+        reject = Reject(getattr(error, "sqlstate", None) or "58030",
+                        f"Tollgate could not record this statement, so its results were withheld: {error}",
+                        hint=getattr(error, "hint", None))
+        dispatch.log.error("session %s: refusing a read-only statement's results: %s", self.session.info.id, error)
+        request.reject = reject
+        if request.forward is not None:
+            request.forward.reject = reject
+        relay.refuse(error_bytes("ERROR", reject.sqlstate, reject.message, reject.detail, reject.hint))
 
     def _carry_on(self) -> None:
         """After a hold or a batch: the decided request first, then what queued behind it."""

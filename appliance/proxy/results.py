@@ -9,6 +9,14 @@ reaches the client. A DataRow, CopyData or FunctionCallResponse too large to hol
 streamed: its header goes out at once and the body follows in windows the
 ``stream_chunk`` hooks may rewrite in place, keeping a tail back while a card number may
 continue in the next window.
+
+While a read-only statement runs ahead of its audit record's sync (the pipeline decides
+that), what would go to the client is *withheld* instead — after the hooks, so only masked
+bytes are kept — in server order, up to :data:`WITHHELD_HIGH_WATER` bytes before reading
+from the server pauses; :meth:`ResponseRelay.release` sends it in one write once the
+record is durable. :meth:`ResponseRelay.refuse` drops it if the sync failed, drops the
+rest of the statement's answer too, and ends it for the client with the error and the
+server's ReadyForQuery.
 """
 
 from __future__ import annotations
@@ -41,6 +49,9 @@ if TYPE_CHECKING:
     from appliance.proxy.session import Session
 
 _STREAMABLE = frozenset(b"DdV")
+# Bytes withheld for a statement whose record is not durable yet before reading from the
+# server pauses, as for a slow client.
+WITHHELD_HIGH_WATER = 256 * 1024
 # Backend messages too rare to matter for speed: decoded in full to validate them. DataRow
 # is not among them: it is the hot message, checked by the addons that parse rows.
 _DECODED = frozenset(b"ENAtGHWV")
@@ -76,6 +87,12 @@ class ResponseRelay:
         self.stream_carry = b""  # streamed bytes a hook kept back for the next window
         self.in_stream = False  # part of a message is on its way to the client
         self.limits = _session_limits(session.max_server_message)
+        # Output held until a statement's record is durable (None: none is), whether its
+        # ReadyForQuery has come, and the refusal to end it with if the record failed.
+        self.withheld: bytearray | None = None
+        self.withheld_ready = False
+        self.refusing: bytes | None = None  # the ErrorResponse to end it with, once refused
+        self.server_paused = False
 
     def feed(self, data: bytes) -> None:
         if self.buffer:
@@ -128,6 +145,11 @@ class ResponseRelay:
                     handler = handlers.get(tag)  # the others (_PASSTHROUGH) carry no state we track
                     if handler is not None:
                         replacement = handler(self, view, pos, end)
+                    if tag == 0x5A and self.withheld is not None:  # Z: the withheld statement's end
+                        self.withheld_ready = True
+                        if self.refusing is not None:
+                            pos = end
+                            break
                 if replacement is not None:
                     pieces.append(view[flush_from:pos])
                     pieces.append(replacement)
@@ -143,13 +165,66 @@ class ResponseRelay:
                 self.buffer += view[pos:]
                 self.need = max(self.need, 5)
         # Send what was relayed up to pos: the received bytes with replacements spliced in.
+        send = self.session.io.send_client if self.withheld is None else self._withhold
         if pieces:
             pieces.append(view[flush_from:pos])
-            self.session.io.send_client(b"".join(pieces))
+            send(b"".join(pieces))
         elif pos > flush_from:
-            self.session.io.send_client(data if flush_from == 0 and pos == n else view[flush_from:pos])
+            send(data if flush_from == 0 and pos == n else view[flush_from:pos])
         if failure is not None:
             raise failure
+        if self.refusing is not None and self.withheld_ready:
+            self._end_refusal()
+
+    # ---- withheld output: a statement running ahead of its record's sync -------------------
+
+    def withhold(self) -> None:
+        """From now on, keep what would go to the client until :meth:`release` or :meth:`refuse`."""
+        self.withheld = bytearray()
+        self.withheld_ready = False
+        self.refusing = None
+
+    def _withhold(self, data: bytes | memoryview) -> None:
+        withheld = self.withheld
+        if withheld is None or self.refusing is not None:
+            return  # refused: the statement's answer is dropped
+        withheld += data
+        if len(withheld) > WITHHELD_HIGH_WATER and not self.server_paused:
+            self.server_paused = True
+            self.session.io.pause_server()
+
+    def release(self) -> None:
+        """The record is durable: what was withheld goes out, in one write."""
+        withheld, self.withheld = self.withheld, None
+        if withheld:
+            self.session.io.send_client(bytes(withheld))
+        self._resume_server()
+        if self.buffer and len(self.buffer) >= self.need:
+            self.feed(b"")
+
+    def refuse(self, error: bytes) -> None:
+        """The record could not be made durable: the client gets ``error`` and
+        ReadyForQuery instead of the statement's answer, dropped whole (the part still to
+        come from the server too)."""
+        if self.withheld is None:
+            return
+        self.withheld = bytearray()
+        self.refusing = error
+        self._resume_server()  # the rest is read only to be dropped
+        if self.withheld_ready:
+            self._end_refusal()
+
+    def _end_refusal(self) -> None:
+        error = self.refusing or b""
+        self.withheld, self.refusing, self.withheld_ready = None, None, False
+        self.session.io.send_client(error + m.ReadyForQuery(self.info.transaction_status).encode())
+        if self.buffer and len(self.buffer) >= self.need:
+            self.feed(b"")
+
+    def _resume_server(self) -> None:
+        if self.server_paused:
+            self.server_paused = False
+            self.session.io.resume_server()
 
     # ---- streaming ------------------------------------------------------------------------------
 

@@ -81,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.owner = owner
         self.transport: asyncio.Transport | None = None
         self.paused_by_client = False
+        self.paused_by_session = False  # output withheld past its high-water mark
         self.burst = BurstYield(self._pause, self._resume_after_burst)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -96,7 +97,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def _resume_after_burst(self) -> None:
-        if self.transport is not None and not self.paused_by_client:
+        if self.transport is not None and not self.paused_by_client and not self.paused_by_session:
             self.transport.resume_reading()
 
     def eof_received(self) -> bool:
@@ -193,8 +194,15 @@ class ClientConnection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.upstream.paused_by_client = False
-        if self.upstream.transport is not None and not self.upstream.burst.paused:
-            self.upstream.transport.resume_reading()
+        self._apply_upstream_reading()
+
+    def _apply_upstream_reading(self) -> None:
+        upstream = self.upstream
+        if upstream.transport is not None and not upstream.burst.paused:
+            if upstream.paused_by_client or upstream.paused_by_session:
+                upstream.transport.pause_reading()
+            else:
+                upstream.transport.resume_reading()
 
     # -- flow control from the upstream side and from the session --
 
@@ -234,6 +242,14 @@ class ClientConnection(asyncio.Protocol):
     def resume_client(self) -> None:
         self._client_paused_by_session = False
         self._apply_client_reading()
+
+    def pause_server(self) -> None:
+        self.upstream.paused_by_session = True
+        self._apply_upstream_reading()
+
+    def resume_server(self) -> None:
+        self.upstream.paused_by_session = False
+        self._apply_upstream_reading()
 
     def open_upstream(self, target: Target, endpoint: Endpoint) -> None:
         self._spawn(self._connect_upstream(target, endpoint))

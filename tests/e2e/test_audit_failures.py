@@ -2,7 +2,10 @@
 
 A lab of its own whose audit directory is a small tmpfs, so the test can fill it. The
 database logs every statement it runs (``log_statement = all``): that is the server's own
-account, against which the audit log is checked — nothing may have run unrecorded.
+account, against which the audit log is checked — nothing that may change state ran
+unrecorded. A statement proven read-only runs while its record syncs, so it may have run
+unrecorded; what it returned must never have reached the agent unrecorded: the agents'
+own account of what they received is checked too.
 """
 
 from __future__ import annotations
@@ -85,12 +88,18 @@ LOAD = textwrap.dedent("""
     conninfo, prefix, agents = sys.argv[1], sys.argv[2], int(sys.argv[3])
     done = [0] * agents
     errors = []
+    received = []
     def agent(i):
         try:
             with psycopg.connect(conninfo, autocommit=True) as conn:
                 n = 0
                 while True:
-                    conn.execute(f"SELECT '{prefix}-{i}-{n}'").fetchall()
+                    marker = f"{prefix}-{i}-{n}"
+                    # Even: a read, run while its record syncs. Odd: a statement that
+                    # changes the session's state, which must wait for its record.
+                    sql = (f"SELECT '{marker}'" if n % 2 == 0
+                           else f"SELECT set_config('tollgate.mark', '{marker}', false)")
+                    received.extend(row[0] for row in conn.execute(sql).fetchall())
                     n += 1
                     done[i] = n
         except Exception as exc:
@@ -99,8 +108,13 @@ LOAD = textwrap.dedent("""
     for t in threads: t.start()
     print("started", flush=True)
     for t in threads: t.join()
-    print(json.dumps({"done": sum(done), "errors": len(errors)}), flush=True)
+    print(json.dumps({"done": sum(done), "errors": len(errors), "received": received}), flush=True)
 """)
+
+
+def changes_state(marker: str) -> bool:
+    """The LOAD's odd statements (set_config) change state; the even ones only read."""
+    return int(marker.rsplit("-", 1)[1]) % 2 == 1
 
 
 def test_kill_9_under_load_loses_no_record_of_what_ran(tmpfs_lab: Lab, tmp_path: Path):
@@ -122,8 +136,14 @@ def test_kill_9_under_load_loses_no_record_of_what_ran(tmpfs_lab: Lab, tmp_path:
 
     ran = executed_by_server(lab, prefix)
     assert len(ran) >= 3000
-    missing = ran - recorded(lab, prefix)
+    on_record = recorded(lab, prefix)
+    missing = {marker for marker in ran if changes_state(marker)} - on_record
     assert not missing, f"{len(missing)} statements ran without a record, e.g. {sorted(missing)[:5]}"
+    received = set(summary["received"])
+    assert any(not changes_state(marker) for marker in received)  # reads were answered
+    unrecorded = received - on_record
+    assert not unrecorded, \
+        f"{len(unrecorded)} answers reached the agent without a record, e.g. {sorted(unrecorded)[:5]}"
 
     every = records(lab)
     restart = [r for r in every if r["type"] == "log.start"][-1]
@@ -157,11 +177,30 @@ def test_a_full_audit_directory_refuses_statements_until_space_returns(tmpfs_lab
     lab = tmpfs_lab
     prefix = f"tgf{secrets.token_hex(3)}"
     filler = lab.audit_dir.parent / "filler"
+    # A read runs while its record syncs: when that fails, it may have run, but nothing
+    # of its answer reaches the agent.
+    _fill(filler)
+    try:
+        reads = [arg for i in range(60) for arg in ("-c", f"SELECT '{prefix}-2-{i}'")]
+        refused = run(lab, "agent", ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose",
+                                     lab.conninfo(), *reads], check=False)
+        err = refused.stderr.decode()
+        assert refused.returncode != 0
+        # Refused before it ran, or (its record's write failing after it was sent) run
+        # and its answer withheld: which depends on which record the disk refuses first.
+        assert "53100" in err and ("so it was not run" in err or "its results were withheld" in err)
+        answered = refused.stdout.decode().split()
+        assert answered == [f"{prefix}-2-{i}" for i in range(len(answered))]  # up to the refused one, none after
+    finally:
+        filler.unlink()
+    assert set(answered) <= recorded(lab, prefix)  # every answer the agent got was recorded
     _fill(filler)
     try:
         # The segment's last page may still have room for a record or two: keep going
-        # until the log can take no more.
-        statements = [arg for i in range(60) for arg in ("-c", f"SELECT '{prefix}-0-{i}'")]
+        # until the log can take no more. Each changes the session's state: none may
+        # reach the database unrecorded.
+        statements = [arg for i in range(60)
+                      for arg in ("-c", f"SELECT set_config('tollgate.mark', '{prefix}-0-{i}', false)")]
         refused = run(lab, "agent", ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-v", "VERBOSITY=verbose",
                                      lab.conninfo(), *statements], check=False)
         err = refused.stderr.decode()

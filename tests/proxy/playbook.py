@@ -167,6 +167,16 @@ class ResumeClient(_Fields):
 
 
 @dataclass(frozen=True, eq=False)
+class PauseServer(_Fields):
+    pass
+
+
+@dataclass(frozen=True, eq=False)
+class ResumeServer(_Fields):
+    pass
+
+
+@dataclass(frozen=True, eq=False)
 class CancelUpstream(_Fields):
     endpoint: Any = ANY
     process_id: Any = ANY
@@ -259,6 +269,12 @@ class TraceIO:
 
     def resume_client(self) -> None:
         self.trace.append(ResumeClient())
+
+    def pause_server(self) -> None:
+        self.trace.append(PauseServer())
+
+    def resume_server(self) -> None:
+        self.trace.append(ResumeServer())
 
     def wait(self, awaitable: Awaitable[Any], done: Callable[[Any, BaseException | None], None]) -> Callable[[], None]:
         record = _WaitRecord(len(self.wait_records) + 1, awaitable, done)
