@@ -33,6 +33,7 @@ password = "pencil"
 [targets.credentials.reporting]
 upstream_user = "report_ro"
 password_file = "secret.txt"
+groups = ["analysts", "payments-agents"]
 """
 
 
@@ -48,6 +49,11 @@ def test_good_config_parses(tmp_path: Path):
     assert target.credentials["reporting"].upstream_user == "report_ro"
     assert target.credentials["reporting"].password == "from-file"
     assert target.credentials["app"].upstream_user == "app"
+    assert target.credentials["app"].groups is None  # any identity
+    assert target.credentials["reporting"].groups == {"analysts", "payments-agents"}
+    reporting = target.credentials["reporting"]
+    assert reporting.allows(("payments-agents",))
+    assert not reporting.allows(("payments-dbas",)) and not reporting.allows(None)
     assert "pencil" not in repr(config)  # passwords never end up in logs via repr
     assert config.target_for(Endpoint.parse("[::ffff:198.18.2.10]:5432")) is target
     assert config.target_for(Endpoint.parse("198.18.2.10:5433")) is None
@@ -87,6 +93,8 @@ TARGET_A = "[[targets]]\nname = 'a'\naddresses = ['1.2.3.4:5432']"
     (TARGET_A + "\ntls = 'verify-full'", "x.toml: targets[0].tls_ca_file: is required with tls = 'verify-full'"),
     (TARGET_A + "\n[targets.credentials.app]\nupstream_user = 'x'",
      "x.toml: targets[0].credentials.app: needs exactly one of password or password_file"),
+    (TARGET_A + "\n[targets.credentials.app]\npassword = 'x'\ngroups = []",
+     "x.toml: targets[0].credentials.app.groups: must name at least one group"),
     (TARGET_A + "\n[targets.credentials.app]\npassword_file = '/nonexistent/pw'",
      "x.toml: targets[0].credentials.app.password_file: cannot read /nonexistent/pw"),
     (TARGET_A + "\n[[targets]]\nname = 'b'\naddresses = ['1.2.3.4:5432']",

@@ -4,7 +4,7 @@ carry. ``parse`` fills them from a TOML file, checking every key."""
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -69,10 +69,18 @@ def normalize_address(address: IPAddress) -> IPAddress:
 
 @dataclass(frozen=True, slots=True)
 class Credential:
-    """How the appliance logs in upstream for one role an agent asks for."""
+    """How the appliance logs in upstream for one role an agent asks for, and who may ask."""
 
     upstream_user: str
     password: str = field(repr=False)
+    # Only identities in one of these groups may log in as this role (None: any identity).
+    # Binds the login role to the identity, so an agent can't choose the owner's role and
+    # step around the least privilege its own role has in the database.
+    groups: frozenset[str] | None = None
+
+    def allows(self, groups: Iterable[str] | None) -> bool:
+        """Whether an identity with ``groups`` (None: no identity) may use this role."""
+        return self.groups is None or (groups is not None and not self.groups.isdisjoint(groups))
 
 
 @dataclass(frozen=True, slots=True)

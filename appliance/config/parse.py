@@ -199,8 +199,13 @@ def _parse_credentials(s: _Section, base: Path) -> dict[str, Credential]:
                 password = pf.read_text().rstrip("\n")
             except OSError as exc:
                 raise c.error("password_file", f"cannot read {pf}: {exc.strerror}") from None
+        groups = None
+        if "groups" in c.data:
+            groups = frozenset(_string_list(c, "groups"))
+            if not groups:
+                raise c.error("groups", "must name at least one group (leave it out to let any identity use this role)")
         c.finish()
-        creds[role] = Credential(upstream_user, password)
+        creds[role] = Credential(upstream_user, password, groups)
     return creds
 
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from appliance.config import Credential
+from appliance.config import Credential, Target
 from appliance.pgwire import FrontendDecoder, ProtocolError
 from appliance.pgwire import messages as m
 from appliance.proxy.agent_auth import AuthFailure
 from appliance.proxy.errors import SessionError
 
 if TYPE_CHECKING:
+    from appliance.proxy.hooks import SessionInfo
     from appliance.proxy.session import Session
 
 log = logging.getLogger("tollgate.session")
@@ -109,6 +110,18 @@ class AgentStartup:
             raise SessionError(
                 "28000", f"Tollgate holds no credentials for role {info.user!r} on database {target.name!r}",
                 hint=f"Roles available through Tollgate here: {', '.join(sorted(target.credentials)) or 'none'}.")
+        if credential.groups is not None:
+            self._check_role_is_for(info, target, credential)
         info.upstream_user = credential.upstream_user
         self.accepted, self.credential = startup, credential
         session.connect_upstream(startup, credential)
+
+    @staticmethod
+    def _check_role_is_for(info: SessionInfo, target: Target, credential: Credential) -> None:
+        """A role whose credentials name groups is only for identities in one of them."""
+        groups = info.identity.groups if info.identity is not None else None
+        if not credential.allows(groups):
+            usable = sorted(role for role, c in target.credentials.items() if c.allows(groups))
+            raise SessionError(
+                "28000", f"role {info.user!r} on database {target.name!r} is not for your identity's groups",
+                hint=f"Roles your identity may use through Tollgate here: {', '.join(usable) or 'none'}.")

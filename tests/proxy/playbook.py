@@ -94,8 +94,8 @@ class _AnyValue:
 ANY: Any = _AnyValue()
 
 
-def make_target(tls: str = "disable", **kw: Any) -> Target:
-    creds = {"app": Credential("app_rw", "pencil")}
+def make_target(tls: str = "disable", credentials: dict[str, Credential] | None = None, **kw: Any) -> Target:
+    creds = credentials if credentials is not None else {"app": Credential("app_rw", "pencil")}
     return Target("payments", (DB,), creds, tls=tls, **kw)  # type: ignore[arg-type]
 
 

@@ -15,6 +15,7 @@ import hmac
 
 import pytest
 
+from appliance.config import Credential, Target
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import (
     Addon,
@@ -788,6 +789,37 @@ def test_missing_certificate_is_refused_with_28000_and_how_to_enroll():
             >> ClientData(startup())
             << ClientGets(Fatal("28000", message="a client certificate is required", hint="run tollgate enroll"))
             << Close())  # no upstream connection opened
+
+
+class GroupsFromCertificate(CertificateOnly):
+    """The certificate's bytes name the identity's groups, comma-separated."""
+
+    def authenticate(self, info, peer_certificate):
+        from appliance.model.identity import Identity
+        return Identity("someone", "agent", tuple(peer_certificate.decode().split(",")))
+
+
+def role_bound_target() -> Target:
+    return make_target(credentials={"app": Credential("app_rw", "pencil", frozenset({"payments-dbas"})),
+                                    "agent": Credential("agent", "pencil", frozenset({"payments-agents"}))})
+
+
+def test_a_role_bound_to_groups_refuses_an_identity_outside_them_before_any_upstream_connection():
+    pb = playbook(authenticator=GroupsFromCertificate(), target=role_bound_target())
+    assert (tls_accepted(pb)
+            >> ClientTlsReady("TLSv1.3", b"payments-agents")
+            >> ClientData(startup(user="app"))
+            << ClientGets(Fatal("28000", message="role 'app' on database 'payments' is not for your identity's groups",
+                                hint="Roles your identity may use through Tollgate here: agent."))
+            << Close())
+
+
+def test_a_role_bound_to_groups_lets_an_identity_in_one_of_them_log_in():
+    pb = playbook(authenticator=GroupsFromCertificate(), target=role_bound_target())
+    assert (tls_accepted(pb)
+            >> ClientTlsReady("TLSv1.3", b"other,payments-agents")
+            >> ClientData(startup(user="agent"))
+            << OpenUpstream("payments", "198.18.2.10:5432"))
 
 
 def test_failed_client_handshake_is_remembered_and_closes():
