@@ -43,9 +43,12 @@ def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role:
         f"agent_interfaces = [{q(topology.GW_AGENT_IFACE)}]",
         # The whole database subnet, its direct address and other ports included: nothing of
         # it is for the agent except what is diverted. (agent_direct: tests that compare both
-        # paths from the agent's namespace.)
-        *([] if agent_direct else
-          [f"protected_subnets = [{q(topology.DB_SUBNET_V4)}, {q(topology.DB_SUBNET_V6)}]"]),
+        # paths from the agent's namespace.) The witness's link too: it serves the appliance,
+        # and the agent has no business sending it anything (its answers could not come back,
+        # but a SYN flood or a datagram would arrive).
+        "protected_subnets = [" + ", ".join(q(n) for n in (
+            *(() if agent_direct else (topology.DB_SUBNET_V4, topology.DB_SUBNET_V6)),
+            topology.WITNESS_SUBNET_V4, topology.WITNESS_SUBNET_V6)) + "]",
         "",
         "[[targets]]",
         f"name = {q(TARGET_NAME)}",

@@ -29,6 +29,9 @@ from tests.intercept.test_methods import CAPTURE, PROBE
 pytestmark = pytest.mark.lab
 
 CANARY = {4: "198.18.9.10", 6: "fd7a:6c67:9::10"}
+# The same beyond the witness's link, for captures in its namespace.
+WITNESS_CANARY = {4: "198.18.9.20", 6: "fd7a:6c67:9::20"}
+WITNESS = {4: topology.WITNESS_V4, 6: topology.WITNESS_V6}
 AGENT = {4: topology.AGENT_V4, 6: topology.AGENT_V6}
 DB = {4: (topology.DB_PROTECTED_V4, topology.DB_DIRECT_V4), 6: (topology.DB_PROTECTED_V6, topology.DB_DIRECT_V6)}
 
@@ -42,6 +45,10 @@ def canary_lab(**kwargs: object) -> Lab:
             lab.exec("db", ["ip", v, "addr", "add", f"{canary}/{32 if family == 4 else 128}", "dev", "lo"],
                      check=True)
             lab.exec("gw", ["ip", v, "route", "add", canary, "via", DB[family][0]], check=True)
+            witness_canary = WITNESS_CANARY[family]
+            lab.exec("witness", ["ip", v, "addr", "add", f"{witness_canary}/{32 if family == 4 else 128}", "dev",
+                                 "lo"], check=True)
+            lab.exec("gw", ["ip", v, "route", "add", witness_canary, "via", WITNESS[family]], check=True)
     except BaseException:
         lab.down()
         raise
@@ -54,16 +61,18 @@ def lab(lab_host: None) -> Iterator[Lab]:
         yield lab
 
 
-def probe(lab: Lab, family: int, probes: list[dict[str, object]], src: str | None = None) -> list[list[object]]:
+def probe(lab: Lab, family: int, probes: list[dict[str, object]], src: str | None = None,
+          node: str = "db") -> list[list[object]]:
     """Send ``probes`` from the agent (from ``src``, the agent's address unless spoofed), then
-    the canary; what of them reached the db namespace."""
+    the canary; what of them reached ``node``'s namespace (db or witness)."""
     src = src or AGENT[family]
+    canary = CANARY[family] if node == "db" else WITNESS_CANARY[family]
     token = f"canary-{secrets.token_hex(8)}"
-    capture = subprocess.Popen(lab.command("db", [sys.executable, "-c", CAPTURE, token, "60"]),
+    capture = subprocess.Popen(lab.command(node, [sys.executable, "-c", CAPTURE, token, "60"]),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=lab.env())
     try:
         assert capture.stdout is not None and capture.stdout.readline() == "ready\n"
-        spec = {"family": family, "src": src, "canary": [CANARY[family], 9, token],
+        spec = {"family": family, "src": src, "canary": [canary, 9, token],
                 "probes": [{"seq": 1_000_000, "md5": False, "flags": "S", "ack": 0, **p} for p in probes]}
         sent = lab.exec("agent", ["taskset", "-c", "0", sys.executable, "-c", PROBE, json.dumps(spec)],
                         capture_output=True, text=True, timeout=120)
@@ -108,6 +117,20 @@ def test_a_spoofed_source_address_reaches_nothing_either(lab: Lab, family: int, 
         {"dst": protected, "proto": "udp", "dport": 5432, "sport": 40103},
     ]
     assert probe(lab, family, probes, src=SPOOFED[family][spoof]) == []
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_the_agent_sends_the_witness_nothing(lab: Lab, family: int) -> None:
+    """The witness serves the appliance. Its answers could never reach the agent, but the
+    agent's SYNs and datagrams did reach it (a one-way flood); now its link is protected."""
+    probes = [{"dst": WITNESS[family], "proto": "tcp", "dport": topology.WITNESS_PORT, "sport": 40201},
+              {"dst": WITNESS[family], "proto": "udp", "dport": 53, "sport": 40202}]
+    assert probe(lab, family, probes, node="witness") == []
+
+
+def test_a_control_packet_reaches_the_witness_namespace(lab: Lab) -> None:
+    seen = probe(lab, 4, [{"dst": WITNESS_CANARY[4], "proto": "tcp", "dport": 7, "sport": 40210}], node="witness")
+    assert [WITNESS_CANARY[4], "tcp", 7, 40210, "S"] in [s[1:] for s in seen]
 
 
 def test_a_control_packet_to_an_unprotected_address_arrives(lab: Lab) -> None:
