@@ -177,9 +177,13 @@ def test_generated_proxy_config_is_valid(lab: Lab) -> None:
     assert {r: c.password for r, c in target.credentials.items()} == {
         r: lab.password(r) for r in ("app", "legacy_md5", "clear_tls", "agent")}
     assert config.intercept.method == "redirect"
-    # The whole database subnet is protected: its direct address is not the agent's to reach.
-    assert [str(n) for n in config.intercept.protected_subnets] == ["198.18.2.0/24", "fd7a:6c67:2::/64"]
+    # The whole database subnet is protected: its direct address is not the agent's to reach;
+    # nor is the witness's link.
+    assert [str(n) for n in config.intercept.protected_subnets] == [
+        "198.18.2.0/24", "fd7a:6c67:2::/64", "198.18.4.0/24", "fd7a:6c67:4::/64"]
     assert [str(n) for n in config.intercept.agent_subnets] == ["198.18.1.0/24", "fd7a:6c67:1::/64"]
+    # Whatever arrives on the agent's link is agent traffic, whatever its source address.
+    assert config.intercept.agent_interfaces == ("eth0",)
     assert config.proxy.listen_port == 15432 and config.proxy.agent_auth == "certificate"
     assert config.identity.oidc.issuer == "https://198.18.1.1:9443"
     assert config.identity.ca_cert.is_file() and config.identity.server_cert("payments")[0].is_file()
