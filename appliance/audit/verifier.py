@@ -147,6 +147,7 @@ def _verify(path: Path, root: VerifierKey, offbox: list[Path], progress: Callabl
                                                     "(--witness, or witnesses in the trust file)")
             if signed.requirements:
                 signed.read_witness_views(witnessing.views(report, signed.origin))
+                signed.check_witness_freshness(as_of)
                 if not witnessing.files:
                     report.notes.append("no saved witness view (--witness-checkpoint): a bundle cut back to a "
                                         "size the witnesses once cosigned can't be told from an older export")

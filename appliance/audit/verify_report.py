@@ -7,6 +7,7 @@ what kind it is; see docs/audit-format.md ("What tollgate-verify checks").
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,7 @@ class Report:
     offbox_ignored: int = 0
     witness_quorum: int = 0  # cosignatures required on the checkpoint relied on (0: none)
     witnessed_size: int | None = None  # the largest checkpoint size with that quorum
+    witnessed_at: int | None = None  # the newest time (witness-signed) a quorum cosigned one of its checkpoints
     witness_views: int = 0  # witnesses' latest checkpoints compared with the bundle
     failures: list[Failure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -88,7 +90,7 @@ class Report:
             "offbox": {"valid": self.offbox_valid, "total": self.offbox_total,
                        "not_checkable": self.offbox_not_checkable, "ignored": self.offbox_ignored},
             "witnesses": {"quorum": self.witness_quorum, "witnessed_size": self.witnessed_size,
-                          "views": self.witness_views},
+                          "witnessed_at": self.witnessed_at, "views": self.witness_views},
             "failures": [{"kind": f.kind, "where": f.where, "message": f.message} for f in self.failures],
             "failures_not_listed": dict(self.suppressed),
             "notes": list(self.notes),
@@ -114,7 +116,10 @@ class Report:
             lines.append(f" {self.offbox_valid}/{self.offbox_total} off-box checkpoints consistent"
                          + (f" ({', '.join(extra)})" if extra else ""))
         if self.witness_quorum:
-            lines.append(f" witnessed up to size {self.witnessed_size} (quorum {self.witness_quorum}); "
+            at = ""
+            if self.witnessed_at is not None:
+                at = time.strftime(", newest cosignature %Y-%m-%dT%H:%M:%SZ", time.gmtime(self.witnessed_at))
+            lines.append(f" witnessed up to size {self.witnessed_size} (quorum {self.witness_quorum}{at}); "
                          f"{self.witness_views} witness view(s) compared")
         if self.log_size is not None:
             lines.append(f" log size {self.log_size}, origin {self.origin}, "

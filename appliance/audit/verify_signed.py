@@ -16,7 +16,7 @@ import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 from appliance.audit import canonical
@@ -53,6 +53,7 @@ class CheckedCheckpoint:
     where: str
     valid: bool
     witnessed: bool = True  # a quorum of witnesses cosigned it (True when no witnesses are required)
+    cosigned_at: int | None = None  # by when a quorum had cosigned it (witness time, seconds since the epoch)
 
 
 @dataclass
@@ -248,6 +249,8 @@ class SignedParts:
                 for problem in dict.fromkeys(p for _label, _n, r in results for p in r.problems):
                     self.fail("witness", where, problem)
                 entry.witnessed = all(r.ok for _label, _n, r in results)
+                if entry.witnessed:
+                    entry.cosigned_at = min(_quorum_time(r, n) for _label, n, r in results)
                 self._last_quorum = (entry, results)
             other = roots.setdefault(cp.size, entry)
             if other.root != cp.root:
@@ -267,6 +270,8 @@ class SignedParts:
         if self.requirements and self._last_quorum is not None:
             entry, results = self._last_quorum
             self.report.witnessed_size = self.signed_size
+            self.report.witnessed_at = max((c.cosigned_at for c in self.checkpoints
+                                            if c.valid and c.witnessed and c.cosigned_at is not None), default=None)
             if self.signed_size < entry.size:
                 short = "; ".join(f"{r.describe(n)}{'' if label == '--witness' else ' (' + label + ')'}"
                                   for label, n, r in results if not r.ok)
@@ -460,6 +465,25 @@ class SignedParts:
             else:
                 self.offbox_wanted.setdefault(cp.size, []).append(OffboxCheckpoint(where, cp))
 
+    def check_witness_freshness(self, as_of: str | None) -> None:
+        """With ``--as-of`` (when the export was asked for): the bundle's newest witness
+        cosignature must not be older. An export checkpoints the log and waits for the
+        witnesses to cosign that checkpoint, so an honest bundle carries a cosignature made
+        after it was asked for — even of a log that did not grow, which the witness cosigns
+        again with a new time. A bundle cut back to a checkpoint the witnesses cosigned once
+        carries only their old times, and those are the witnesses' to sign, not the
+        insider's: back-dating the bundle can't change them."""
+        if as_of is None or not self.requirements or self.report.witnessed_at is None:
+            return
+        limit = parse_time(as_of).timestamp() - WITNESS_CLOCK_SKEW
+        cosigned = self.report.witnessed_at
+        if cosigned < limit:
+            self.fail("tail-cut", f"checkpoint size {self.signed_size}",
+                      f"the newest witness cosignature ({format_time_of(cosigned)}) is older than --as-of {as_of}: "
+                      f"the bundle ends at a checkpoint the witnesses cosigned before the export was asked for, "
+                      f"so records written since are not in it (a tail cut, a back-dated bundle, or a log that "
+                      f"stopped then: the witness's own view, --witness-url, tells which)")
+
     def _tail_limit(self, last_cp_time: datetime | None, as_of: str | None) -> datetime | None:
         """Off-box checkpoints beyond the log made before this time show its tail was cut.
 
@@ -536,3 +560,18 @@ class SignedParts:
                 if a != 0 and b != self.log_size:
                     self.report.notes.append(f"{seq_span(a, b)} left out between exported records of a time-range "
                                              "export (records out of time order, or removed)")
+
+
+# How far a witness's clock may be behind the auditor's before a fresh cosignature looks old.
+WITNESS_CLOCK_SKEW = 300
+
+
+def _quorum_time(result: QuorumResult, quorum: int) -> int:
+    """By when ``quorum`` of the witnesses had cosigned: the quorum-th newest of their times."""
+    times = sorted((c.timestamp for c in result.valid), reverse=True)
+    return times[min(quorum, len(times)) - 1] if times else 0
+
+
+def format_time_of(timestamp: int) -> str:
+    """Seconds since the epoch as the log writes times (UTC, to the second)."""
+    return datetime.fromtimestamp(timestamp, tz=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

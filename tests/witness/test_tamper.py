@@ -236,3 +236,41 @@ def test_witnesses_in_the_trust_file_need_no_flags(scene: Scene) -> None:
     assert tollgate(["audit", "verify", str(summary.path), "-c", str(path), "--root-key", scene.root,
                      "--witness-checkpoint", str(scene.view)]) == 0
     assert tollgate(["audit", "verify", str(bundle), "-c", str(path), "--root-key", scene.root]) == 1
+
+
+def test_tail_cut_with_the_witness_key_and_the_time_asked(scene: Scene) -> None:
+    """No saved view, only the witness's key and when the export was asked for (--as-of).
+    An export checkpoints and waits for a fresh cosignature; a bundle cut back to a size
+    the witness cosigned an hour ago carries only that hour-old time, which is the
+    witness's to sign: back-dating the bundle does not change it."""
+    import time
+
+    from appliance.audit.note import split_note
+    from appliance.audit.verify_signed import format_time_of
+
+    cut = scene.early["size"]
+    an_hour_ago = int(time.time()) - 3600
+    # The witness did cosign this size once; here it did so an hour ago (its key re-signs
+    # the same checkpoint with that time, as its server would have then).
+    witness = Cosigner.from_pem("witness-1", (scene.tmp / "witness" / "witness.key").read_bytes())
+    checkpoints = []
+    for c in scene.checkpoints(upto=cut):
+        text, _sigs = split_note(c["note"])
+        log_signature = c["note"][len(text):].split("\n")[1]  # the log's own line, after the blank one
+        checkpoints.append({**c, "note": f"{text}\n{log_signature}\n" + witness.cosign(text, an_hour_ago)})
+    assert witness.key == scene.witness_key
+    asked = format_time_of(int(time.time()) - 60)  # the auditor asked a minute ago
+    lines = scene.lines()[:cut]
+    for name, created in (("cut", None), ("backdated", format_time_of(an_hour_ago))):
+        bundle = scene.insider_bundle(scene.tmp / f"{name}-old.tar.gz", lines, checkpoints, created=created)
+        alone = scene.verify(bundle, view=False)
+        assert alone.ok, messages(alone)  # the key alone can't tell: the summary shows the time
+        assert f"newest cosignature {format_time_of(an_hour_ago)}" in alone.summary()
+        report = verify_bundle(bundle, scene.root, witnesses=[str(scene.witness_key)], as_of=asked)
+        assert has(report, rf"^tail-cut: .*newest witness cosignature \({format_time_of(an_hour_ago)}\) is older "
+                           rf"than --as-of {asked}"), messages(report)
+    # The honest export asked for at that time carries a fresh cosignature: it passes.
+    summary = export(scene.config, scene.tmp / "honest-asof.tar.gz")
+    honest = verify_bundle(summary.path, scene.root, witnesses=[str(scene.witness_key)], as_of=asked)
+    assert honest.ok, messages(honest)
+    assert honest.witnessed_at is not None and honest.witnessed_at >= int(time.time()) - 120
