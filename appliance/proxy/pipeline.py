@@ -18,10 +18,11 @@ the bytes received; only requests that make the server act are looked at closely
    messages back until done; if it fails, every request of the batch is swapped for its
    stand-in and refused.
 
-   One exception: a batch that is a single simple Query policy proves read-only
+   One exception: a batch that runs one statement policy proves read-only
    (:attr:`~appliance.model.decision.Decision.read_only`: it can change nothing in the
-   database), sent while no other request is in flight and outside a transaction block,
-   goes upstream at once while its record syncs; its answer is withheld by the response
+   database) — a simple Query alone, or an extended-protocol Execute with only the unnamed
+   Parse, Binds, Describes and one Sync around it — sent while nothing else is in flight
+   and outside a transaction block, goes upstream at once while its record syncs; its answer is withheld by the response
    relay until the record is durable, and replaced by the refusal if it can't be made so.
    The client stays paused meanwhile, so later requests queue behind it as before.
 """
@@ -452,7 +453,7 @@ class RequestPipeline:
         if self._may_overlap(pieces, waiting):
             self.overlapped = True
             self.session.responses.withhold()
-            self.session.io.send_server(pieces[waiting[0][0]])
+            self.session.io.send_server(b"".join(pieces))
         # Never cancelled: the awaitables may be shared with other sessions (group commit).
         self.session.io.wait(dispatch.all_of([w for _, _, _, w in waiting]), self._batch_done)
 
@@ -481,22 +482,32 @@ class RequestPipeline:
         self.session.run(self._carry_on)
 
     def _may_overlap(self, pieces: list[bytes], waiting: Waiting) -> bool:
-        """Whether the batch is one read-only simple Query that can run while its record
-        syncs: nothing else in it or in flight, no transaction block open (a refusal then
-        leaves the server and the client agreeing: nothing ran that matters)."""
+        """Whether the batch runs one read-only statement that can run while its record
+        syncs: a simple Query with nothing else in the batch, or an Execute with nothing
+        in flight but the unnamed Parse, Binds and Describes and one Sync ending it; no
+        transaction block open. A refusal then leaves the server and the client agreeing:
+        nothing ran that matters (the unnamed statement is replaced by the next Parse)."""
         if len(waiting) != 1:
             return False
         index, request, _, _ = waiting[0]
-        statement = request.statement
-        if (request.kind is not QUERY or request.reject is not None or statement is None
-                or statement.effects or statement.executes):
+        if request.reject is not None or self.session.info.transaction_status != b"I":
+            return False
+        pending = self.requests.pending
+        if request.kind is QUERY:
+            statement = request.statement
+            if len(pending) != 1 or any(piece for i, piece in enumerate(pieces) if i != index):
+                return False
+        elif request.kind is EXECUTE and request.portal is not None:
+            statement = request.portal.statement
+            if pending[-1].kind is not SYNC or not all(_harmless(other) or other is request for other in pending) \
+                    or sum(other.kind is SYNC for other in pending) != 1:
+                return False
+        else:
+            return False
+        if statement is None or statement.effects or statement.executes:
             return False
         decision = statement.decision
-        if decision is None or not decision.read_only:
-            return False
-        if self.session.info.transaction_status != b"I" or len(self.requests.pending) != 1:
-            return False
-        return all(not piece for i, piece in enumerate(pieces) if i != index)
+        return decision is not None and decision.read_only
 
     def _overlap_done(self, waiting: Waiting, error: BaseException | None) -> None:
         """The record of a statement already sent is durable (its answer goes out) or
@@ -551,6 +562,16 @@ class RequestPipeline:
         # Freed now, not when the session's reference cycles are collected.
         self.buffer = bytearray()
         self._release()
+
+
+def _harmless(request: Pending) -> bool:
+    """A request that changes nothing a refusal would have to undo: the unnamed Parse, a
+    Bind or a Describe the server will run as sent, or a Sync."""
+    kind = request.kind
+    if request.reject is not None:
+        return False
+    return (kind is SYNC or kind is BIND or kind is DESCRIBE_PORTAL or kind is DESCRIBE_STATEMENT
+            or (kind is PARSE and not request.name))
 
 
 def renamed_bind(data: bytes, start: int, end: int) -> bytes:

@@ -16,7 +16,8 @@ bytes are kept — in server order, up to :data:`WITHHELD_HIGH_WATER` bytes befo
 from the server pauses; :meth:`ResponseRelay.release` sends it in one write once the
 record is durable. :meth:`ResponseRelay.refuse` drops it if the sync failed, drops the
 rest of the statement's answer too, and ends it for the client with the error and the
-server's ReadyForQuery.
+server's ReadyForQuery. A FATAL from the server meanwhile goes to the client at once, and
+what was withheld is dropped.
 """
 
 from __future__ import annotations
@@ -150,6 +151,12 @@ class ResponseRelay:
                         if self.refusing is not None:
                             pos = end
                             break
+                    elif tag == 0x45 and self.withheld is not None and _is_fatal(view, pos, end):
+                        # The server ends the session: the agent gets its FATAL, and nothing
+                        # of what was withheld (this read's record may never be durable).
+                        self.withheld = self.refusing = None
+                        pieces.clear()
+                        flush_from = pos
                 if replacement is not None:
                     pieces.append(view[flush_from:pos])
                     pieces.append(replacement)
@@ -481,6 +488,10 @@ _HANDLERS: dict[int, Callable[[ResponseRelay, memoryview, int, int], bytes | Non
     ord("V"): ResponseRelay._on_function_result,
     ord("S"): ResponseRelay._on_parameter_status,
 }
+
+
+def _is_fatal(view: memoryview, pos: int, end: int) -> bool:
+    return view[pos + 5:end].tobytes().find(b"SFATAL\0") >= 0
 
 
 def _error_code(view: memoryview, pos: int, end: int) -> str | None:

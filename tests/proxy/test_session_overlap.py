@@ -186,3 +186,69 @@ def test_withheld_output_past_its_high_water_mark_pauses_reading_from_the_server
             << ClientGets(*rows)
             << ResumeServer()
             << ResumeClient())
+
+
+def extended(sql: str, name: str = "") -> list[m.Message]:
+    return [m.Parse(name, sql, ()), m.Bind("", name, (), (), ()), m.Describe(b"P", ""), m.Execute("", 0), m.Sync()]
+
+
+def extended_answer(*values: bytes) -> list[m.Message]:
+    return [m.ParseComplete(), m.BindComplete(), *answer(*values)]
+
+
+def test_an_extended_read_goes_upstream_with_its_parse_bind_and_sync_and_waits_likewise():
+    pb = playbook()
+    request = extended("SELECT n FROM t")
+    assert (pb
+            >> ClientData(*request)
+            << PauseClient()
+            << ServerGets(*request)
+            << Wait("record")
+            >> ServerData(*extended_answer(b"1"))
+            >> WaitDone("record")
+            << ClientGets(*extended_answer(b"1"))
+            << ResumeClient())
+
+
+def test_a_failing_sync_refuses_an_extended_read_whose_results_were_held():
+    pb = playbook()
+    request = extended("SELECT pan FROM cards")
+    assert (pb
+            >> ClientData(*request)
+            << PauseClient()
+            << ServerGets(*request)
+            << Wait("record")
+            >> ServerData(*extended_answer(b"4111111111111111"))
+            >> WaitDone("record", error=DiskFull("No space left on device"))
+            << ClientGets(Error("53100"), READY)
+            << ResumeClient())
+
+
+def test_extended_requests_that_leave_more_behind_or_may_change_state_wait_for_their_record():
+    cases = [extended("UPDATE t SET n = 1"),
+             extended("SELECT n FROM t", name="kept"),  # a named statement the server would keep
+             extended("SELECT n FROM t")[:-1] + extended("SELECT n FROM u"),  # two statements
+             extended("SELECT n FROM t")[:-1]]  # no Sync yet: more may follow before it ends
+    for request in cases:
+        pb = playbook()
+        assert pb
+        before = pb.writes("server")
+        assert (pb
+                >> ClientData(*request)
+                << PauseClient()
+                << Wait("record")  # and nothing upstream
+                ), request
+        assert pb.writes("server") == before, request
+
+
+def test_a_fatal_from_the_server_reaches_the_agent_and_nothing_withheld_does():
+    pb = playbook()
+    select = m.Query("SELECT n FROM t")
+    fatal = m.ErrorResponse.build("FATAL", "57P01", "terminating connection due to administrator command")
+    assert (pb
+            >> ClientData(select)
+            << PauseClient()
+            << ServerGets(select)
+            << Wait("record")
+            >> ServerData(*answer(b"1")[:2], fatal)
+            << ClientGets(fatal))
