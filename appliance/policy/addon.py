@@ -229,6 +229,7 @@ def _pinned(session: SessionInfo, statement: Statement) -> Reject | None:
     parameters = session.parameters
     login = session.client_encoding
     if parameters.get("standard_conforming_strings", "on") == "on" and login is not None and \
+            not login.digits_inside_characters and \
             parameters.get("client_encoding", "UTF8") in (("UTF8", "SQL_ASCII") if login.is_utf8 else (login.name,)):
         return None  # the server's own spelling of the allowed values: the usual case, two lookups
     problem = session_problem(parameters, login)
