@@ -38,6 +38,8 @@ class AgentStartup:
         self.accepted: m.StartupMessage | None = None
         self.credential: Credential | None = None
         self.started = False  # the client has sent something: it gets a FATAL, not a bare close
+        # Encryption requests answered so far: one of each kind, as PostgreSQL allows.
+        self.answered: set[type] = set()
 
     def feed(self, data: bytes) -> None:
         """Client bytes in the startup phase. Whatever follows an accepted StartupMessage
@@ -73,6 +75,12 @@ class AgentStartup:
         # handshake by a careless server (CVE-2021-23222): refuse instead.
         if self.decoder.buffered_bytes:
             raise ProtocolError("received unencrypted data after an encryption request")
+        # PostgreSQL answers one GSSENCRequest and one SSLRequest, then refuses another; a
+        # client repeating them would otherwise get an answer per packet until its deadline.
+        kind = type(packet)
+        if kind in self.answered or (kind is m.GSSENCRequest and session.info.client_tls is not None):
+            raise ProtocolError(f"duplicate {kind.__name__}: a connection makes one of each encryption request")
+        self.answered.add(kind)
         context = None
         if isinstance(packet, m.SSLRequest) and session.target is not None and session.info.client_tls is None:
             context = session.authenticator.server_context(session.target)

@@ -75,6 +75,18 @@ def test_deadline_after_a_declined_ssl_request_ends_with_a_fatal():
             << Close())
 
 
+def test_a_repeated_encryption_request_is_refused_as_postgresql_does():
+    """One GSSENCRequest and one SSLRequest are answered; a client that repeats them (one
+    per read, to get an answer each until its deadline) is ended at the second."""
+    for kind, declined in ((m.SSLRequest, m.SSLResponse(False)), (m.GSSENCRequest, m.GSSENCResponse(False))):
+        assert (playbook()
+                >> ClientData(kind())
+                << ClientGets(declined)
+                >> ClientData(kind())
+                << ClientGets(Fatal("08P01", f"duplicate {kind.__name__}"))
+                << Close())
+
+
 def test_deadline_while_connecting_upstream_blames_the_database():
     pb = playbook(startup_timeout=0.5)
     assert (pb
