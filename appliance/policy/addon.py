@@ -40,7 +40,7 @@ from appliance.model.decision import Action, Decision
 from appliance.pgwire import ProtocolError, decode_frontend
 from appliance.pgwire.params import bind_params
 from appliance.policy.holder import PolicyHolder
-from appliance.policy.pins import encoding_change_problem, session_problem
+from appliance.policy.pins import encoding_change_problem, identifier_case_problem, session_problem
 from appliance.policy.shape import grant_keys
 from appliance.proxy.hooks import Addon, Hold, Reject, SessionInfo, Statement, StatementKind, Verdict
 
@@ -245,7 +245,8 @@ def session_text(session: SessionInfo, text: str) -> str | Reject:
     bytes don't convert (the server would raise 22021) or would change the encoding."""
     encoding = session.client_encoding
     if encoding is None or encoding.is_utf8:
-        return text  # read as UTF-8; the classifier refuses bytes that aren't
+        # Read as UTF-8; the classifier refuses bytes that aren't.
+        return _identifiers_checked(session, text)
     try:
         decoded = encoding.decode(text.encode("utf-8", "surrogateescape"))
     except UnicodeError as exc:
@@ -254,7 +255,14 @@ def session_text(session: SessionInfo, text: str) -> str | Reject:
     problem = encoding_change_problem(decoded)
     if problem is not None:
         return Reject(BLOCKED_SQLSTATE, problem)
-    return decoded
+    return _identifiers_checked(session, decoded)
+
+
+def _identifiers_checked(session: SessionInfo, text: str) -> str | Reject:
+    if text.isascii():
+        return text
+    problem = identifier_case_problem(text, session.parameters.get("server_encoding", "UTF8"))
+    return text if problem is None else Reject(BLOCKED_SQLSTATE, problem)
 
 
 def _groups(session: SessionInfo) -> frozenset[str]:

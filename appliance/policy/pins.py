@@ -33,7 +33,7 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pglast.parser import ParseError, parse_sql_json
+from pglast.parser import ParseError, parse_sql_json, scan
 
 from appliance.pgwire.encodings import ClientEncoding, canonical_name
 
@@ -116,6 +116,32 @@ def encoding_change_problem(sql: str) -> str | None:
         return None
     return ("this session's statements are read in the client_encoding it logged in with; changing it is "
             "refused (RESET client_encoding is not)")
+
+
+# Server encodings of more than one byte a character: the server lower-cases only ASCII
+# letters of an unquoted identifier there, as pglast does.
+_MULTIBYTE_SERVER = frozenset({"UTF8", "EUC_JP", "EUC_CN", "EUC_KR", "EUC_TW", "EUC_JIS_2004", "MULE_INTERNAL"})
+
+
+def identifier_case_problem(sql: str, server_encoding: str) -> str | None:
+    """Why ``sql`` is refused on a server whose encoding has one byte a character, or None.
+
+    There the server lower-cases an unquoted identifier's non-ASCII letters with its
+    locale's ``tolower`` (``CAFÉ`` is ``café``), which pglast doesn't (it reads ``cafÉ``): a
+    rule naming ``café`` wouldn't see ``CAFÉ``. Rather than guess the locale, unquoted
+    identifiers with non-ASCII characters are refused there; quoted ones are read alike."""
+    if sql.isascii() or canonical_name(server_encoding) in _MULTIBYTE_SERVER:
+        return None
+    try:
+        tokens = scan(sql)
+    except ParseError:
+        return None  # the classifier says what it makes of text it can't parse
+    for token in tokens:
+        if token.name == "IDENT" and sql[token.start] != '"' and not sql[token.start:token.end + 1].isascii():
+            return (f"the database's encoding is {server_encoding}, where it lower-cases the identifier "
+                    f"{sql[token.start:token.end + 1]} with its locale; write it in double quotes, exactly as it is "
+                    "named")
+    return None
 
 
 def changes_client_encoding(tree_json: str, tree: Any) -> bool:

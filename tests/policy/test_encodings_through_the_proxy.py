@@ -192,3 +192,17 @@ def test_bytes_that_are_not_text_in_the_encoding_are_refused(harness: Harness) -
     with harness.connect("SJIS") as conn:
         assert run(conn, b"select '\x83'") == ([], "42501")
         assert run(conn, b"select 1") == ([[b"1"]], None)  # the session goes on
+
+
+def test_on_a_single_byte_database_unquoted_non_ascii_identifiers_are_refused(harness: Harness,
+                                                                              postgres: Postgres) -> None:  # noqa: F811
+    with postgres.connect() as direct:
+        direct.execute("drop database if exists latin1_db")
+        direct.execute("create database latin1_db encoding 'LATIN1' locale 'C' template template0")
+    conn = psycopg.connect(host="127.0.0.1", port=harness.port, user="agent", dbname="latin1_db", sslmode="disable",
+                           autocommit=True, client_encoding="LATIN1")
+    with conn:
+        assert conn.info.parameter_status("server_encoding") == "LATIN1"
+        assert run(conn, "select 1 as CAFÉ".encode("latin-1")) == ([], "42501")
+        assert run(conn, 'select 1 as "CAFÉ", \'CAFÉ\''.encode("latin-1")) == (
+            [[b"1", "CAFÉ".encode("latin-1")]], None)

@@ -15,7 +15,7 @@ from appliance.policy.addon import EnforcementAddon
 from appliance.policy.classifier import classify
 from appliance.policy.engine import Policy
 from appliance.policy.holder import PolicyHolder
-from appliance.policy.pins import encoding_change_problem, session_problem
+from appliance.policy.pins import encoding_change_problem, identifier_case_problem, session_problem
 from appliance.proxy.pipeline import BLOCKED_SQL
 from tests.proxy.trace import backend, frontend, ready_session
 
@@ -210,3 +210,16 @@ def test_a_client_encoding_that_hides_backslashes_refuses_everything(proxied) ->
                                 m.ReadyForQuery(b"I")))
     io.client_got()
     assert "client_encoding = SJIS" in _refused(session, io, "SELECT 1").message
+
+
+@pytest.mark.parametrize("sql, server_encoding, refused", [
+    ("select * from CAFÉ", "LATIN1", True), ("select * from café", "WIN1252", True),
+    ("select 1 as Été", "SQL_ASCII", True), ('select * from "CAFÉ"', "LATIN1", False),
+    ("select 'CAFÉ' from t", "LATIN1", False), ("select * from cafe -- CAFÉ", "LATIN1", False),
+    ("select * from CAFÉ", "UTF8", False), ("select * from CAFÉ", "EUC_JP", False),
+    ("select * from t", "LATIN1", False),
+])
+def test_unquoted_non_ascii_identifiers_are_refused_on_a_single_byte_server(sql: str, server_encoding: str,
+                                                                            refused: bool) -> None:
+    # The server lower-cases their letters with its locale, which pglast can't know.
+    assert (identifier_case_problem(sql, server_encoding) is not None) is refused
