@@ -67,7 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                          "(required for --apply and --check; else the catalog is read "
                                          "with a held credential)")
     provision.add_argument("--agent-role", dest="agent_roles", action="append", default=[], metavar="ROLE",
-                           help="an agent login role (default: every upstream_user of the target's credentials)")
+                           help="an agent login role (default: the upstream_user of every credential the "
+                                "policy's agent_groups may use; all of them when it names none)")
     provision.add_argument("--writes", choices=prov.WRITE_MODES, default="refused",
                            help="refused: agent roles write no cardholder table (default); held: they may write "
                                 "its other columns, and the proxy's holds decide")
@@ -139,7 +140,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         if not declared:
             return _error("no cardholder columns declared: add cardholder_columns to the policy, or --column")
         options = prov.Options(pan_format=config.masking.pan_format, writes=args.writes, allow_temp=args.allow_temp)
-        roles = args.agent_roles or list(agent_roles(target))
+        roles = args.agent_roles or list(agent_roles(target, policy.agent_groups if policy is not None else ()))
         params = None if args.dsn else held_params(target, args.database)
         with _connect(params, args.dsn) as conn:
             snapshot = prov.read_snapshot(conn, declared, roles, masks)

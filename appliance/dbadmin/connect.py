@@ -8,6 +8,7 @@ operator gives its conninfo.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 from appliance.config import Target
@@ -42,6 +43,11 @@ def held_params(target: Target, database: str, role: str | None = None,
     return params
 
 
-def agent_roles(target: Target) -> tuple[str, ...]:
-    """The database roles the appliance logs agents in as on ``target``."""
-    return tuple(sorted({c.upstream_user for c in target.credentials.values()}))
+def agent_roles(target: Target, agent_groups: Iterable[str] = ()) -> tuple[str, ...]:
+    """The database roles the appliance may log agents in as on ``target``: every held
+    credential an identity in ``agent_groups`` may use — one bound to no groups, or to one
+    of them. Without ``agent_groups`` (the policy names none) every credential counts: who
+    is an agent is then unknown, so all are provisioned."""
+    agents = frozenset(agent_groups)
+    return tuple(sorted({c.upstream_user for c in target.credentials.values()
+                         if not agents or c.allows(agents)}))

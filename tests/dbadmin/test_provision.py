@@ -283,3 +283,30 @@ def test_a_column_added_after_provisioning_stays_closed_until_provisioned_again(
     assert provision(provisioned, "--apply") == 0
     with provisioned.connect(provisioned.agent) as conn:
         assert conn.execute("SELECT DISTINCT note FROM cards").fetchall() == [("n",)]
+
+
+@pytest.mark.parametrize("agent_groups, expected", [('agent_groups = ["agents"]\n', 0), ("", 2)])
+def test_default_agent_roles_are_those_the_policys_agent_groups_may_log_in_as(
+        database: Database, capsys: pytest.CaptureFixture[str], agent_groups: str, expected: int):
+    pw = database.config.parent / "pw"
+    policy = database.config.parent / "policy.toml"
+    policy.write_text(f'default = "deny"\ncardholder_columns = ["public.cards.pan"]\n{agent_groups}')
+    database.config.write_text(database.config.read_text().replace(
+        '[targets.credentials.app]\n', '[targets.credentials.app]\ngroups = ["agents"]\n') + f"""
+[targets.credentials.owner]
+upstream_user = "{database.owner}"
+password_file = "{pw}"
+groups = ["dbas"]
+
+[policy]
+file = "{policy}"
+""")
+    code = main(["db", "provision", "-c", str(database.config), "--database", database.name, "--json"])
+    out = capsys.readouterr()
+    assert code == expected
+    if expected == 0:
+        # The owner's credential is bound to the DBAs: not an agent role, so not provisioned.
+        assert json.loads(out.out)["agent_roles"] == [database.agent]
+    else:
+        # Without agent_groups nobody can tell, so every held role is an agent role, and the owner can't be one.
+        assert f"agent role {database.owner} owns a cardholder table" in out.err
