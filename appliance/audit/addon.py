@@ -268,14 +268,15 @@ class AuditAddon(Addon):
         if result.skipped:
             record["skipped"] = True
         if result.sample is not None:
-            record["sample"] = self._sample(result)
+            record["sample"] = self._sample(session, result)
         self._append(record)
 
-    def _sample(self, result: Result) -> dict[str, Any]:
+    def _sample(self, session: SessionInfo, result: Result) -> dict[str, Any]:
         rows = result.sample or []
         truncated = result.sample_truncated
         description = result.row_description
-        columns = [f.name for f in description.fields] if description is not None else []
+        columns = [_in_session_encoding(session, f.name) for f in description.fields] \
+            if description is not None else []
         return {"columns": columns, "rows": rows, "truncated": truncated or result.rows > len(rows)}
 
     # ---- approvals and other appliance events ---------------------------------------------------
@@ -382,7 +383,7 @@ class SamplingAuditAddon(AuditAddon):
             return None
         budget = self.result_bytes - sum(_row_size(r) for r in sample)
         try:
-            row = _decode_row(message, result.result_formats, budget, self.scrub)
+            row = _decode_row(message, result.result_formats, budget, self.scrub, _value_decoder(session))
         except Exception:
             log.exception("audit: could not sample a result row")
             row = None
@@ -406,9 +407,11 @@ def _row_size(row: list[str | None]) -> int:
     return sum(len(v) for v in row if v is not None)
 
 
-def _decode_row(message: memoryview, formats: tuple[int, ...], budget: int,
-                scrub: Callable[[str], str]) -> list[str | None] | None:
-    """A DataRow's values as strings (binary ones as ``\\x`` hex), None when over budget."""
+def _decode_row(message: memoryview, formats: tuple[int, ...], budget: int, scrub: Callable[[str], str],
+                decode: Callable[[bytes], str] = lambda value: value.decode("utf-8", "surrogateescape"),
+                ) -> list[str | None] | None:
+    """A DataRow's values as strings (text ones through ``decode``, binary ones as ``\\x``
+    hex), None when over budget."""
     row = decode_backend(b"D", bytes(message[5:]))
     values: list[str | None] = []
     used = 0
@@ -418,9 +421,8 @@ def _decode_row(message: memoryview, formats: tuple[int, ...], budget: int,
             continue
         length = len(value)
         fmt = formats[0] if len(formats) == 1 else (formats[i] if i < len(formats) else 0)
-        # Text that isn't UTF-8 keeps its bytes (as lone surrogates): written escaped.
-        text = "\\x" + value[:64].hex() + ("…" if length > 64 else "") if fmt == 1 else \
-            value.decode("utf-8", "surrogateescape")
+        # Text that doesn't convert keeps its bytes (as lone surrogates): written escaped.
+        text = "\\x" + value[:64].hex() + ("…" if length > 64 else "") if fmt == 1 else decode(value)
         used += len(text)
         if used > budget:
             return None
@@ -563,6 +565,21 @@ def _in_session_encoding(session: SessionInfo, text: str) -> str:
         return encoding.decode(text.encode("utf-8", "surrogateescape"))
     except UnicodeError:
         return text
+
+
+def _value_decoder(session: SessionInfo) -> Callable[[bytes], str]:
+    """How a result's text values become record text: converted from the session's client
+    encoding, keeping as lone surrogates the bytes that don't convert."""
+    encoding = session.client_encoding
+    if encoding is None or encoding.is_utf8:
+        return lambda value: value.decode("utf-8", "surrogateescape")
+
+    def decode(value: bytes) -> str:
+        try:
+            return encoding.decode(value)
+        except UnicodeError:
+            return value.decode("utf-8", "surrogateescape")
+    return decode
 
 
 def _user(session: SessionInfo) -> str:

@@ -373,3 +373,23 @@ def test_a_latin9_session_is_recorded_in_unicode_with_its_encoding(audit_log: Au
     assert statement["params"] == ["œ €411111******1111"]
     assert "escaped" not in statement
     assert_verifiable(audit_log)
+
+
+def test_a_latin9_result_is_sampled_in_unicode(audit_log: AuditLog):
+    # The case: `select … as "€"` with client_encoding latin9 lost its result record.
+    session, _io = new_session([SamplingAuditAddon(audit_log, _scrub)])
+    session.client_data(startup(client_encoding="LATIN9"))
+    session.upstream_connected()
+    session.server_data(m.AuthenticationOk().encode() + m.ParameterStatus("client_encoding", "LATIN9").encode()
+                        + m.BackendKeyData(*UPSTREAM_KEY).encode() + m.ReadyForQuery(b"I").encode())
+    session.client_data(frontend(m.Query("SELECT 1")))
+    wire = lambda text: text.encode("iso8859_15").decode("utf-8", "surrogateescape")  # noqa: E731
+    description = m.RowDescription((m.FieldDescription(wire("€"), 0, 0, 25, -1, -1, 0),))
+    session.server_data(backend(description, m.DataRow(("café œ".encode("iso8859_15"),)),
+                                m.DataRow((b"\xa4" + PAN.encode(),)), m.CommandComplete("SELECT 2"),
+                                m.ReadyForQuery(b"I")))
+    [result] = [r for r in read(audit_log) if r["type"] == "result"]
+    assert result["sample"]["columns"] == ["€"]
+    assert result["sample"]["rows"] == [["café œ"], ["€411111******1111"]]
+    assert "escaped" not in result
+    assert_verifiable(audit_log)
