@@ -188,7 +188,8 @@ class EnforcementAddon(Addon):
             self.approvals.grant_allows(subject, target, keys.shape)
 
     def _hold(self, session: SessionInfo, statement: Statement, bind: bytes | None, decision: Decision) -> Verdict:
-        sql = shown_sql(statement)
+        # Approvers read the text the server will run: converted from the session's encoding.
+        sql = _readable(session, shown_sql(statement))
         keys = grant_keys(statement.text, _param_values(bind), [runs.text for runs in statement.executes])
         params = bind_params(bind, statement.param_types, self.scrub)
         if self.approvals is None:
@@ -256,6 +257,19 @@ def session_text(session: SessionInfo, text: str) -> str | Reject:
     if problem is not None:
         return Reject(BLOCKED_SQLSTATE, problem)
     return _identifiers_checked(session, decoded)
+
+
+def _readable(session: SessionInfo, text: str) -> str:
+    """Wire text as people read it: converted from the session's client encoding where it
+    isn't UTF-8, with U+FFFD for bytes that don't convert; as it is otherwise."""
+    encoding = session.client_encoding
+    if encoding is None or encoding.is_utf8 or text.isascii():
+        return text
+    raw = text.encode("utf-8", "surrogateescape")
+    try:
+        return encoding.decode(raw)
+    except UnicodeError:
+        return raw.decode(encoding.codec, "replace")
 
 
 def _identifiers_checked(session: SessionInfo, text: str) -> str | Reject:

@@ -16,6 +16,7 @@ import pytest
 from appliance.model.decision import Action
 from appliance.model.identity import Identity
 from appliance.pgwire import messages as m
+from appliance.pgwire.encodings import client_encoding
 from appliance.policy.addon import EnforcementAddon
 from appliance.policy.holder import PolicyHolder
 from appliance.policy.shape import grant_keys
@@ -183,3 +184,17 @@ def test_without_approvals_configured_a_hold_is_refused_clearly(tmp_path: Path):
     session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", "x"), m.ReadyForQuery(b"I")))
     error, _ = io.client_got()
     assert "approvals are not configured" in error.message
+
+
+def test_in_an_sjis_session_approvers_read_the_statement_the_server_runs(setup):
+    # The SJIS trail byte 0x5C is part of ソ, not a backslash; the request shows the text
+    # converted from the session's encoding, not its bytes read as UTF-8.
+    _, approvals, session, io, _ = setup
+    session.info.client_encoding = client_encoding("SJIS")
+    session.info.parameters["client_encoding"] = "SJIS"
+    text = "UPDATE cards SET brand = E'ソ' WHERE pan = '4111111111111111'"
+    session.client_data(frontend(m.Query(text.encode("cp932").decode("utf-8", "surrogateescape"))))
+    assert io.server_got() == [] and io.client_paused
+    [request] = approvals.requests
+    assert request["sql"] == "UPDATE cards SET brand = E'ソ' WHERE pan = '411111******1111'"
+    close_waits(io)
