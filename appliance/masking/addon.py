@@ -38,7 +38,11 @@ from appliance.masking.errors import MaskingError
 from appliance.masking.stream import ColumnRule, Walker, data_row_parser, function_result_parser
 from appliance.model.decision import Decision, StatementClass
 from appliance.pan.detector import (
+    LUHN_DOUBLED,
+    LUHN_VALUE,
+    MIN_DIGITS,
     PCI,
+    PREFIX_LENGTHS,
     THIRTEEN_ZEROS,
     ZERO_DROP,
     ZERO_TABLE,
@@ -62,6 +66,7 @@ _i32 = _I32.unpack_from
 _q = struct.Struct("!q")
 _i64 = _q.unpack_from
 _INT8_SMALL = 10 ** 12  # an int8 of fewer than 13 digits is no card number
+_STARS = tuple(b"*" * n for n in range(20))  # the hidden middle of a whole-value PAN
 _PLAN_CACHE = 64
 _STRICTNESS = {"pan": 0, "last4": 1, "full": 2, "null": 3}
 
@@ -77,7 +82,7 @@ class ColumnCatalog(Protocol):
 class Plan:
     """How each column of a result is masked, decided once per RowDescription."""
 
-    __slots__ = ("always", "fast", "kinds", "ncols", "on_hit", "on_miss", "rules", "untyped")
+    __slots__ = ("always", "fast", "kinds", "ncols", "on_hit", "on_miss", "rules", "texts_only", "untyped")
 
     def __init__(self, rules: list[ColumnRule], untyped: bool = False):
         self.rules = rules
@@ -93,6 +98,8 @@ class Plan:
         self.always = untyped or any(r.method is not None or r.kind in v.ALWAYS for r in rules)
         # The common case: nothing but text-ish and skipped columns, no policy masks.
         self.fast = not self.always
+        # Narrower still: only scalar text and skipped columns (see _mask_text_row).
+        self.texts_only = self.fast and not untyped and all(k in (v.TEXT, v.SKIP) for k in self.kinds)
 
 
 class _State:
@@ -236,7 +243,10 @@ class MaskingAddon(Addon):
         if not hit and plan.fast:
             return None
         try:
-            out, count = self._mask_row(result, plan, message, hit)
+            if plan.texts_only:
+                out, count = self._mask_text_row(result, plan, message)
+            else:
+                out, count = self._mask_row(result, plan, message, hit)
         except (ValueError, struct.error, IndexError) as exc:
             raise MaskingError("XX000", f"Tollgate could not read a row to check it for card numbers: {exc}") from None
         if count:
@@ -314,6 +324,56 @@ class MaskingAddon(Addon):
                 out[start:start + length] = new  # type: ignore[assignment]
             return bytes(out), count
         return _reframe(message, edits), count
+
+    def _mask_text_row(self, result: Result, plan: Plan, message: memoryview) -> tuple[bytes | None, int]:
+        """:meth:`_mask_row` for a row with a candidate whose columns are all scalar text
+        or skipped, none masked by policy (the common large result): the same decisions,
+        with the per-column work cut to what those two kinds need."""
+        (ncols,) = _I16.unpack_from(message, 5)
+        if ncols != plan.ncols:
+            raise ValueError(f"the row has {ncols} columns, its description {plan.ncols}")
+        wanted = plan.on_hit
+        shown = 6 if self.fmt == PCI else 0
+        pos = 7
+        out: bytearray | None = None
+        count = 0
+        for i in range(ncols):
+            (length,) = _i32(message, pos)
+            start = pos + 4
+            if length < 13:
+                if length < -1:
+                    raise ValueError("negative column length")
+                pos = start if length < 0 else start + length
+                continue
+            pos = start + length
+            if not wanted[i]:
+                continue
+            value = message[start:pos].tobytes()
+            if length <= 19 and value.isdigit():
+                # A value that is nothing but a 13-19 digit number: its edges are its
+                # boundaries, so it is a PAN exactly when its digits are (is_pan_digits,
+                # inlined: issuer and length, then Luhn). Only the hidden middle changes.
+                if not PREFIX_LENGTHS[int(value[:6])] >> (length - MIN_DIGITS) & 1:
+                    continue
+                odd = length & 1  # Luhn doubles every second digit from the right
+                if (sum(value[odd::2].translate(LUHN_DOUBLED)) + sum(value[1 - odd::2].translate(LUHN_VALUE))) % 10:
+                    continue
+                if out is None:
+                    out = bytearray(message)
+                out[start + shown:pos - 4] = _STARS[length - shown - 4]
+                count += 1
+                continue
+            new, found = mask_text(value, self.fmt, TEXT)
+            if new is None:
+                count += found
+                continue
+            count += found
+            if len(new) != length:  # stars replace digits one for one: never happens
+                raise ValueError("a text value changed length while masked")
+            if out is None:
+                out = bytearray(message)
+            out[start:pos] = new
+        return (None if out is None else bytes(out)), count
 
     def _whole_pan(self, digits: bytes) -> bytes:
         shown_head = 6 if self.fmt == PCI else 0

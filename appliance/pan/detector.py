@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from dataclasses import dataclass
+from itertools import pairwise
 
 PCI = "pci"
 LAST4 = "last4"
@@ -122,6 +123,35 @@ def issuer_lengths(digits: bytes) -> int:
     return lengths
 
 
+def _prefix_table() -> bytes:
+    """For each 6-digit prefix (the widest in the table), the lengths issued under it as
+    bits 0–6 (13–19 digits): what :func:`issuer_lengths` answers, in one index."""
+    bounds = {0, 10 ** 6}
+    ranges = []
+    for issuer in ISSUERS:
+        scale = 10 ** (6 - len(issuer.low))
+        lengths = sum(1 << (n - MIN_DIGITS) for n in issuer.lengths if n >= MIN_DIGITS)
+        low, high = int(issuer.low) * scale, (int(issuer.high) + 1) * scale
+        ranges.append((low, high, lengths))
+        bounds.update((low, high))
+    maestro = sum(1 << (n - MIN_DIGITS) for n in MAESTRO_OTHER_6.lengths if n >= MIN_DIGITS)
+    bounds.update((600_000, 700_000))
+    table = bytearray(10 ** 6)
+    edges = sorted(bounds)
+    for low, high in pairwise(edges):
+        lengths = 0
+        for r_low, r_high, r_lengths in ranges:
+            if r_low <= low and high <= r_high:
+                lengths |= r_lengths
+        if not lengths and 600_000 <= low < 700_000:
+            lengths = maestro
+        table[low:high] = bytes((lengths,)) * (high - low)
+    return bytes(table)
+
+
+PREFIX_LENGTHS = _prefix_table()
+
+
 def _issuer_intervals() -> tuple[int, ...]:
     """Sorted bounds of the integers whose digits start with an issuer prefix and have a
     length it issues: [b0, b1) ∪ [b2, b3) ∪ … — one bisect tells if a number may be a PAN."""
@@ -170,16 +200,16 @@ def brand(digits: bytes | str) -> str | None:
     return MAESTRO_OTHER_6.brand
 
 
-# Luhn without a Python loop per digit: reverse, translate every other digit through a
+# Luhn without a Python loop per digit: translate every other digit through a
 # "doubled, digits summed" table, and let sum() add the byte values in C.
-_AS_VALUE = bytes.maketrans(b"0123456789", bytes(range(10)))
-_DOUBLED = bytes.maketrans(b"0123456789", bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)))
+LUHN_VALUE = bytes.maketrans(b"0123456789", bytes(range(10)))
+LUHN_DOUBLED = bytes.maketrans(b"0123456789", bytes((0, 2, 4, 6, 8, 1, 3, 5, 7, 9)))
 
 
 def luhn_ok(digits: bytes) -> bool:
     """True if the ASCII digit string passes the Luhn check."""
-    rev = digits[::-1]
-    return (sum(rev[0::2].translate(_AS_VALUE)) + sum(rev[1::2].translate(_DOUBLED))) % 10 == 0
+    odd = len(digits) & 1  # every second digit from the right is doubled
+    return (sum(digits[odd::2].translate(LUHN_DOUBLED)) + sum(digits[1 - odd::2].translate(LUHN_VALUE))) % 10 == 0
 
 
 def is_pan_digits(digits: bytes | bytearray | memoryview | str) -> bool:
@@ -188,7 +218,7 @@ def is_pan_digits(digits: bytes | bytearray | memoryview | str) -> bool:
     n = len(raw)
     if n < MIN_DIGITS or n > MAX_DIGITS or not raw.isdigit() or not raw.isascii():
         return False
-    return bool(issuer_lengths(raw) >> n & 1) and luhn_ok(raw)
+    return bool(PREFIX_LENGTHS[int(raw[:6])] >> (n - MIN_DIGITS) & 1) and luhn_ok(raw)
 
 
 # The pre-filter: 13 digits, each pair at most one space or dash apart. Every candidate

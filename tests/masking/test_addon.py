@@ -406,3 +406,30 @@ def test_row_description_hook_caches_one_plan_per_description():
     plan = info.addon_state["masking"].plan
     addon.row_description(info, second)
     assert info.addon_state["masking"].plan is plan and statement is not None
+
+
+@pytest.mark.parametrize("fmt", ["pci", "last4"])
+def test_rows_of_text_columns_take_the_short_path_and_mask_as_the_general_one(fmt):
+    from appliance.masking.addon import _state
+    from appliance.pan.detector import luhn_complete
+    from tests.masking.corpus import every_brand_and_length
+
+    addon = MaskingAddon(fmt)
+    info = SessionInfo(client=Endpoint.parse("127.0.0.1:1"), destination=Endpoint.parse("127.0.0.1:2"))
+    result = Result(statement=None, row_description=m.RowDescription(
+        (field("id", 23), field("pan"), field("note", 1043), field("b", 17, 1))))
+    addon.row_description(info, result)
+    plan = _state(info).plan
+    assert plan.texts_only
+    pans = [pan.encode() for _brand, pan in every_brand_and_length()]
+    values = [*pans, *(p[:-1] + b"0" if p[-1:] != b"0" else p[:-1] + b"1" for p in pans),  # Luhn off
+              luhn_complete("41111111111111").encode(), b"0" + PAN[1:], b"x" + PAN, PAN + b" ", b"1" * 19,
+              b"card " + PAN + b" and " + AMEX, b"4111-1111-1111-1111", b"1234567890123", None, b""]
+    counted = 0
+    for value in values:
+        for other in (b"short", b"note " + AMEX, None):
+            message = memoryview(m.DataRow((b"12", value, other, value)).encode())
+            general, count = addon._mask_row(result, plan, message, True)
+            assert addon.data_row(info, result, message) == general, (value, other)
+            counted += count
+    assert info.masked_values == counted > 0

@@ -12,11 +12,14 @@ from hypothesis import strategies as st
 from appliance.lab.pans import is_luhn_valid, make_test_pans
 from appliance.pan.detector import (
     ISSUERS,
+    MIN_DIGITS,
+    PREFIX_LENGTHS,
     brand,
     find_pans,
     int_is_pan,
     int_mask,
     is_pan_digits,
+    issuer_lengths,
     luhn_complete,
     luhn_ok,
     mask_pans,
@@ -148,6 +151,24 @@ def test_lengths_are_per_issuer():
     assert is_pan_digits(luhn_complete("650012345678901"))  # Discover/RuPay 65: 16
     assert not is_pan_digits(luhn_complete("601101234567"))  # Discover 6011: not Maestro's 13
     assert is_pan_digits(luhn_complete("639012345678"))  # other 6…: Maestro, 13 digits
+
+
+def test_the_prefix_table_answers_what_the_issuer_table_does_for_every_six_digit_prefix():
+    # is_pan_digits reads the lengths from PREFIX_LENGTHS in one index; the issuer table
+    # (issuer_lengths, widths 1 to 6, Maestro's "other 6…") is the definition it must match.
+    wrong = [p for p in range(10 ** 6)
+             if issuer_lengths(b"%06d" % p + b"0" * 13) >> MIN_DIGITS != PREFIX_LENGTHS[p]]
+    assert wrong == []
+
+
+def test_luhn_matches_the_digit_by_digit_definition_at_every_length():
+    rng = random.Random(15)
+    for length in range(1, 26):
+        for _ in range(400):
+            digits = "".join(rng.choice("0123456789") for _ in range(length))
+            total = sum((d * 2 - 9 if d > 4 else d * 2) if i % 2 else d
+                        for i, d in enumerate(int(c) for c in reversed(digits)))
+            assert luhn_ok(digits.encode()) == (total % 10 == 0), digits
 
 
 def test_str_bytes_bytearray_memoryview_all_work():
