@@ -178,9 +178,15 @@ class ProxyConfig:
     # Bytes of incomplete client messages all sessions together may hold, counted from
     # each message's header as soon as it arrives.
     max_buffered_total: int = 256 << 20
-    # Connections open at once: in all, and from one source address.
+    # Connections open at once: in all, and from one source — an IPv4 address, or an IPv6
+    # prefix of source_prefix_v6 bits (one host may hold a whole /64 and pick any address in it).
     max_connections: int = 2000
     max_connections_per_source: int = 200
+    source_prefix_v6: int = 64
+    # Requests one session may have sent that the server has not answered yet. After an
+    # error the server skips to the next Sync without answering, so a client that pipelines
+    # without Sync would otherwise make the proxy remember every request.
+    max_pending_requests: int = 65536
 
 
 @dataclass(frozen=True, slots=True)

@@ -149,10 +149,17 @@ def _parse_proxy(s: _Section) -> ProxyConfig:
     per_source = s.get("max_connections_per_source", int, min(d.max_connections_per_source, max_connections))
     if not 1 <= per_source <= max_connections:
         raise s.error("max_connections_per_source", f"must be between 1 and max_connections ({max_connections})")
+    prefix_v6 = s.get("source_prefix_v6", int, d.source_prefix_v6)
+    if not 32 <= prefix_v6 <= 128:
+        raise s.error("source_prefix_v6", "must be between 32 and 128")
+    max_pending = s.get("max_pending_requests", int, d.max_pending_requests)
+    if not 64 <= max_pending <= 1 << 24:
+        raise s.error("max_pending_requests", "must be between 64 and 16777216")
     s.finish()
     return ProxyConfig(port, addresses, auth, max_msg, threshold, Path(control) if control else None,
                        startup_timeout=float(startup_timeout), max_buffered_total=buffered_total,
-                       max_connections=max_connections, max_connections_per_source=per_source)
+                       max_connections=max_connections, max_connections_per_source=per_source,
+                       source_prefix_v6=prefix_v6, max_pending_requests=max_pending)
 
 
 def _parse_intercept(s: _Section) -> InterceptConfig:

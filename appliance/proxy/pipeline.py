@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from time import perf_counter_ns
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from appliance.pgwire import (
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -187,7 +187,10 @@ class RequestPipeline:
         forwarding = bool(hooks.forward)
         waiting: Waiting = []  # requests whose forward hooks must finish first
         limits = self.limits
+        max_pending = session.max_pending_requests
         while n - pos >= 5 and self.held is None and session.ready:
+            if len(pending) >= max_pending:
+                raise_too_many_pending(max_pending)
             tag = data[pos]
             bound = limits.get(tag)
             (length,) = unpack_length(data, pos + 1)
@@ -581,6 +584,14 @@ def renamed_bind(data: bytes, start: int, end: int) -> bytes:
     statement_end = data.index(b"\0", portal_end + 1, end)
     body = data[start:portal_end + 1] + BLOCKED_STATEMENT.encode() + data[statement_end:end]
     return b"B" + (len(body) + 4).to_bytes(4, "big") + body
+
+
+def raise_too_many_pending(limit: int) -> NoReturn:
+    """More requests in flight than ``max_pending_requests`` (54000, the session ends:
+    pausing instead could wait forever for a Sync that sits behind what is not read)."""
+    raise SessionError(
+        "54000", f"the client has {limit} requests in flight that the server has not answered",
+        hint="Send Sync (or wait for results) more often; Tollgate's max_pending_requests sets the limit.")
 
 
 def refuse_length(data: bytes, pos: int, max_len: int) -> None:

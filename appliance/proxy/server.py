@@ -159,7 +159,8 @@ class ClientConnection(asyncio.Protocol):
                                max_client_message=proxy.max_client_message,
                                stream_threshold=proxy.stream_threshold,
                                authenticator=self.server.authenticator, budget=self.server.budget,
-                               startup_timeout=proxy.startup_timeout)
+                               startup_timeout=proxy.startup_timeout,
+                               max_pending_requests=proxy.max_pending_requests)
         self.server.sessions[info.id] = self.session
         # Every phase before the session is ready shares one deadline; the session cancels
         # it once ready (or closed).
@@ -412,6 +413,20 @@ def upstream_tls_context(target: Target) -> ssl.SSLContext:
     return context
 
 
+def source_of(address: Any, prefix_v6: int) -> str:
+    """Whom a connection is counted against: its IPv4 address, or its IPv6 address's
+    ``prefix_v6``-bit prefix (an IPv4-mapped one as IPv4). Anything else, as it is."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return str(address)
+    if ip.version == 6:
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.ip_network(f"{ip}/{prefix_v6}", strict=False))
+    return str(ip)
+
+
 class ProxyServer:
     """Listening sockets, the live sessions, and what they share."""
 
@@ -436,22 +451,24 @@ class ProxyServer:
         self._servers: list[asyncio.AbstractServer] = []
         self._watcher: asyncio.Future[None] | None = None
 
-    def admit(self, source: Any) -> str | None:
+    def admit(self, address: Any) -> str | None:
         """Count a new client connection, or say why it is refused (53300)."""
         proxy = self.config.proxy
         if self.connections >= proxy.max_connections:
             return (f"sorry, too many clients already: Tollgate accepts at most {proxy.max_connections} "
                     f"connections at once")
+        source = source_of(address, proxy.source_prefix_v6)
         count = self.per_source.get(source, 0)
         if count >= proxy.max_connections_per_source:
             return (f"sorry, too many connections from {source}: Tollgate accepts at most "
-                    f"{proxy.max_connections_per_source} at once from one address")
+                    f"{proxy.max_connections_per_source} at once from one source")
         self.per_source[source] = count + 1
         self.connections += 1
         return None
 
-    def release(self, source: Any) -> None:
+    def release(self, address: Any) -> None:
         self.connections -= 1
+        source = source_of(address, self.config.proxy.source_prefix_v6)
         count = self.per_source[source] - 1
         if count:
             self.per_source[source] = count

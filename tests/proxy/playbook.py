@@ -950,7 +950,7 @@ def playbook(addons: Iterable[Addon] | None = None, *, hooks: AddonManager | Non
              target: Target | None = None, cancels: CancelRegistry | None = None,
              stream_threshold: int = 1 << 20, no_target: bool = False, authenticator: Any = None,
              max_client_message: int = 1 << 24, budget: Any = None,
-             startup_timeout: float | None = None) -> Playbook:
+             startup_timeout: float | None = None, max_pending_requests: int = 65536) -> Playbook:
     """A playbook over a new session (nothing received yet). ``hooks`` shares one
     AddonManager between sessions; else one is made of ``addons``."""
     manager = hooks if hooks is not None else AddonManager(list(addons or []))
@@ -960,7 +960,8 @@ def playbook(addons: Iterable[Addon] | None = None, *, hooks: AddonManager | Non
                        None if no_target else (target or make_target()), manager,
                        cancels if cancels is not None else CancelRegistry(),
                        max_client_message=max_client_message, stream_threshold=stream_threshold,
-                       authenticator=authenticator, budget=budget, startup_timeout=startup_timeout)
+                       authenticator=authenticator, budget=budget, startup_timeout=startup_timeout,
+                       max_pending_requests=max_pending_requests)
     return Playbook(make, manager)
 
 

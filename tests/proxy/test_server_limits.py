@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import ipaddress
 import logging
 import os
 import socket
@@ -24,14 +25,13 @@ import statistics
 import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import pytest
 
 from appliance.config import Endpoint
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import AddonManager
-from appliance.proxy.server import ProxyServer
+from appliance.proxy.server import ProxyServer, source_of
 from tests.proxy.fake_server import FakeBackend, Script
 from tests.proxy.loop_thread import LoopThread
 from tests.proxy.real_proxy import (
@@ -333,7 +333,7 @@ def test_connections_are_limited_per_source_and_in_all(harness):
             assert client.query("SELECT 1")[1].values == (b"1",)
         # A connection closing frees its place.
         opened.pop(0).close()
-        harness.wait_for(lambda: server.per_source.get(_addr("127.0.0.2")) == 2, "the closed connection to count off")
+        harness.wait_for(lambda: server.per_source.get("127.0.0.2") == 2, "the closed connection to count off")
         again = SourcedClient(port, "127.0.0.2")
         opened.append(again)
         again.login(harness.backend.script(Script()))
@@ -344,6 +344,12 @@ def test_connections_are_limited_per_source_and_in_all(harness):
     check_healthy(harness, "sources")
 
 
-def _addr(text: str) -> Any:
-    import ipaddress
-    return ipaddress.ip_address(text)
+@pytest.mark.parametrize("address, source", [
+    ("127.0.0.2", "127.0.0.2"),
+    ("2001:db8:77::7", "2001:db8:77::/64"),
+    ("2001:db8:77::ffff:1", "2001:db8:77::/64"),  # another address of the same host's /64
+    ("2001:db8:78::7", "2001:db8:78::/64"),
+    ("::ffff:198.18.1.10", "198.18.1.10"),
+])
+def test_connections_count_against_an_ipv4_address_or_an_ipv6_prefix(address, source):
+    assert source_of(ipaddress.ip_address(address), 64) == source

@@ -168,6 +168,34 @@ def test_cancels_pipelined_behind_a_cancel_open_one_upstream_connection_then_end
             << Close())
 
 
+# ---- requests in flight: max_pending_requests ---------------------------------------------------
+
+def test_requests_pipelined_without_sync_past_the_cap_end_the_session():
+    """After an error the server skips to Sync without answering: a client that never
+    sends one would make the proxy remember every request it pipelines."""
+    pb = ready_playbook(max_pending_requests=64)
+    group = m.Bind("", "", (), (), ()).encode() + m.Execute("", 0).encode()
+    parse = m.Parse("", "SELECT 1", ()).encode()
+    assert (pb
+            >> ClientData(parse + group * 40)
+            << ClientGets(Fatal("54000", "the client has 64 requests in flight that the server has not answered",
+                                hint="Send Sync (or wait for results) more often; Tollgate's "
+                                     "max_pending_requests sets the limit."))
+            << Close())
+
+
+def test_requests_answered_in_time_never_reach_the_cap():
+    pb = ready_playbook(max_pending_requests=64)
+    batch = m.Parse("", "SELECT 1", ()).encode() + m.Bind("", "", (), (), ()).encode() \
+        + m.Execute("", 0).encode() + m.Sync().encode()
+    for _ in range(40):  # 160 requests in all, four at a time
+        assert (pb
+                >> ClientData(batch)
+                << ServerGets(m.Parse("", "SELECT 1", ()), m.Bind("", "", (), (), ()), m.Execute("", 0), m.Sync())
+                >> ServerData(m.ParseComplete(), m.BindComplete(), *ONE_ROW[1:])
+                << ClientGets(m.ParseComplete(), m.BindComplete(), *ONE_ROW[1:]))
+
+
 # ---- one message: max_client_message -----------------------------------------------------------
 
 def test_header_above_the_cap_is_refused_on_the_header_alone():
