@@ -1,9 +1,9 @@
 """The masked-rows path without sockets: CPU µs per DataRow through a session, masked or not.
 
 One simple query answered by ``--rows`` DataRows shaped like the bench's ``bench_cards``
-(``id int4, pan text, brand text``, every ``pan`` a Luhn-valid Visa number) is pushed
-through a ready :class:`~appliance.proxy.session.Session` in server reads of 64 KiB, as
-the proxy gets them. The difference between ``session+masking`` and ``session`` is what
+(``id int4, pan text, brand text``, every ``pan`` a Luhn-valid Visa number), and the same
+rows as COPY OUT text, are pushed through a ready :class:`~appliance.proxy.session.Session`
+in server reads of 64 KiB, as the proxy gets them. The difference between ``session+masking`` and ``session`` is what
 masking costs per row; ``--profile`` prints where the masked run spends it. Run it with
 ``python -m bench.masking_trace``.
 """
@@ -36,12 +36,22 @@ def _luhn(body: str) -> str:
     return body + str((10 - total % 10) % 10)
 
 
-def server_reads(rows: int) -> list[bytes]:
-    """The server's answer to ``SELECT id, pan, brand FROM bench_cards``, cut into reads."""
-    parts = [m.RowDescription(FIELDS).encode()]
-    parts += [m.DataRow((str(n).encode(), _luhn("4" + str(n).zfill(14)).encode(), b"visa")).encode()
-              for n in range(1, rows + 1)]
-    parts += [m.CommandComplete(f"SELECT {rows}").encode(), m.ReadyForQuery(b"I").encode()]
+def _pan(n: int) -> bytes:
+    return _luhn("4" + str(n).zfill(14)).encode()
+
+
+def server_reads(rows: int, copy: bool = False) -> list[bytes]:
+    """The server's answer to ``SELECT id, pan, brand FROM bench_cards`` (or to ``COPY …
+    TO STDOUT``, text format: one CopyData per row, as PostgreSQL sends it), cut into reads."""
+    if copy:
+        parts = [m.CopyOutResponse(0, (0, 0, 0)).encode()]
+        parts += [m.CopyData(b"%d\t%s\tvisa\n" % (n, _pan(n))).encode() for n in range(1, rows + 1)]
+        parts += [m.CopyDone().encode(), m.CommandComplete(f"COPY {rows}").encode()]
+    else:
+        parts = [m.RowDescription(FIELDS).encode()]
+        parts += [m.DataRow((str(n).encode(), _pan(n), b"visa")).encode() for n in range(1, rows + 1)]
+        parts += [m.CommandComplete(f"SELECT {rows}").encode()]
+    parts.append(m.ReadyForQuery(b"I").encode())
     data = b"".join(parts)
     return [data[i:i + READ] for i in range(0, len(data), READ)]
 
@@ -62,10 +72,14 @@ def per_row_us(reads: list[bytes], rows: int, addons: list[Any], repeats: int) -
 
 def measure(rows: int = 100_000, repeats: int = 3) -> dict[str, float]:
     from appliance.masking.addon import MaskingAddon
-    reads = server_reads(rows)
-    plain = per_row_us(reads, rows, [], repeats)
-    masked = per_row_us(reads, rows, [MaskingAddon("pci", None)], repeats)
-    return {"session": round(plain, 3), "session+masking": round(masked, 3), "masking": round(masked - plain, 3)}
+    out = {}
+    for prefix, copy in (("", False), ("copy ", True)):
+        reads = server_reads(rows, copy)
+        plain = per_row_us(reads, rows, [], repeats)
+        masked = per_row_us(reads, rows, [MaskingAddon("pci", None)], repeats)
+        out.update({f"{prefix}session": round(plain, 3), f"{prefix}session+masking": round(masked, 3),
+                    f"{prefix}masking": round(masked - plain, 3)})
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,10 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--profile", action="store_true", help="profile one masked run instead")
+    parser.add_argument("--copy", action="store_true", help="with --profile: the COPY OUT run")
     args = parser.parse_args(argv)
     if args.profile:
         from appliance.masking.addon import MaskingAddon
-        reads = server_reads(args.rows)
+        reads = server_reads(args.rows, args.copy)
         profiler = cProfile.Profile()
         profiler.enable()
         per_row_us(reads, args.rows, [MaskingAddon("pci", None)], 1)

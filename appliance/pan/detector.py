@@ -278,11 +278,13 @@ def _context_ok(data: bytes, s: int, e: int, lo: int, hi: int) -> bool:
     return not any(m.start() < e and m.end() > s for m in _UUID.finditer(data, max(lo, s - 36), min(hi, e + 36)))
 
 
-def find_pans(data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None) -> list[tuple[int, int]]:
+def find_pans(data: bytes | bytearray | memoryview, start: int = 0, end: int | None = None,
+              ends_after: int = -1) -> list[tuple[int, int]]:
     """Spans ``(start, end)`` of the card numbers in ``data[start:end]``, separators included.
 
     The slice's ends count as boundaries. Spans are in ascending order of start; spans of a
-    grouped run may overlap (both are masked).
+    grouped run may overlap (both are masked). Spans that end at or before ``ends_after``
+    are not looked at (a caller that has decided those already).
     """
     if end is None:
         end = len(data)
@@ -298,7 +300,7 @@ def find_pans(data: bytes | bytearray | memoryview, start: int = 0, end: int | N
             continue
         text = bytes(run.group())
         if text.isdigit():
-            if e - s <= MAX_DIGITS and is_pan_digits(text) and _context_ok(data, s, e, start, end):
+            if e - s <= MAX_DIGITS and e > ends_after and is_pan_digits(text) and _context_ok(data, s, e, start, end):
                 found.append((s, e))
             continue
         groups = [g.span() for g in _GROUP.finditer(data, s, e)]
@@ -319,7 +321,7 @@ def find_pans(data: bytes | bytearray | memoryview, start: int = 0, end: int | N
                 if digits > MAX_DIGITS:
                     break
                 parts.append(bytes(data[g0:g1]))
-                if digits >= MIN_DIGITS:
+                if digits >= MIN_DIGITS and g1 > ends_after:
                     gs = groups[i][0]
                     if is_pan_digits(b"".join(parts)) and _context_ok(data, gs, g1, start, end):
                         found.append((gs, g1))

@@ -267,7 +267,13 @@ class TextScanner:
     def _raw(self, seen: bytes, det: bytes, und: int, nat: int, edits: list[tuple[int, bytes]]) -> None:
         in_str, esc, at = self.js_in, self.js_esc, max(und, 0)
         fmt = self.fmt
-        spans = find_pans(det)
+        # Only spans from ``und`` on are decided here, and they matter along with the spans
+        # that overlap them (for _lone_numbers): none of those ends at or before ``und``,
+        # and none starts more than MAX_SPAN before it. A span's decision reads at most
+        # CONTEXT bytes before it, so searching from 2 * CONTEXT before ``und`` sees all
+        # they need, without going again over all the left context kept (a COPY of short
+        # rows would otherwise re-check the card numbers of the rows before, every row).
+        spans = find_pans(det, max(0, und - 2 * CONTEXT), ends_after=und)
         lone = _lone_numbers(spans, det) if self.numbers else None
         for i, (s, e) in enumerate(spans):
             if s < und or s >= nat:
