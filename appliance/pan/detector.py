@@ -296,7 +296,7 @@ def find_pans(data: bytes | bytearray | memoryview, start: int = 0, end: int | N
     # would have matched first), so runs can be taken from there.
     for run in _RUN.finditer(data, first.start(), end):
         s, e = run.span()
-        if e - s < MIN_DIGITS:
+        if e - s < MIN_DIGITS or e <= ends_after:
             continue
         text = bytes(run.group())
         if text.isdigit():

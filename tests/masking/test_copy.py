@@ -75,6 +75,17 @@ def test_text_copy_rows_split_across_messages_need_no_lookahead_at_a_newline():
     assert out == b"1\t" + NUM + b"\n2\tnothing\n3\t378282000000005\n"
 
 
+def test_many_short_rows_one_message_each_are_masked_as_the_whole_copy():
+    # Each message is decided with the rows before it as left context only: the card
+    # numbers there are neither checked again nor lost where a run reaches into this row.
+    shapes = [PAN, AMEX, b"4111 1111 1111 1111", b"4111 1111 1111 1111 1111", b"9" * 25, b"1" * 19,
+              b"+4111111111111", b"0." + PAN, b"123e4-5678-9abc-def0-" + b"1" * 12, b"card " + AMEX + b" x"]
+    rows = [b"%d\t%s\t%s\n" % (n, shapes[n % len(shapes)], shapes[(n * 7) % len(shapes)]) for n in range(300)]
+    whole, count = mask_copy(b"".join(rows), binary=False)
+    assert feed_messages(rows, binary=False) == whole
+    assert count >= 300 and b"\t" + PAN not in whole and AMEX not in whole
+
+
 def test_a_card_number_split_across_copydata_messages_is_masked_or_fails_closed():
     data = b"row\tx " + PAN + b" y\n" + b"row2\t" + AMEX + b"\n"
     whole = mask_copy(data, binary=False)[0]
