@@ -113,8 +113,16 @@ class CopyMasker:
 
     def message(self, body: memoryview | bytes) -> tuple[bytes | None, int]:
         """A whole CopyData body: its replacement (same length) or None, and the count masked."""
-        if self._clean(bytes(body)):
+        data = bytes(body)
+        if self._clean(data):
             return None, 0
+        walker = self.walker
+        if not self.binary and not walker.pend_orig and not walker.carry_orig and walker.cmd is not None:
+            taken = walker.cmd[2].take_line(data)
+            if taken is not None:  # a whole text row after a whole row: masked alone
+                walker.abs += len(data)
+                walker.masked += taken[1]
+                return taken
         before = self.walker.masked
         out, _keep = self.walker.feed(body, False)
         return out, self.walker.masked - before
@@ -125,12 +133,13 @@ class CopyMasker:
         shaped fields are no card numbers and none shaped like a record or an array).
         Leaves the walker's state as feeding it would have."""
         walker = self.walker
-        if walker.pend_orig or walker.carry_orig or walker.cmd is None or walker.left != -2:
+        if walker.pend_orig or walker.carry_orig or walker.cmd is None:
             return False
         if not self.binary:
+            # Text is one unbounded LEAF, from before its first byte (left −2) to the end (−1).
             if walker.cmd[0] != LEAF or not walker.cmd[2].skip_clean(body):
                 return False
-        elif walker.cmd != (TAKE, 2) or may_hold_pan(body) or not _clean_tuples(body):
+        elif walker.left != -2 or walker.cmd != (TAKE, 2) or may_hold_pan(body) or not _clean_tuples(body):
             return False
         walker.abs += len(body)
         return True

@@ -72,6 +72,7 @@ _ESCAPES = re.compile(rb"\\(?:\\|[0-7]{3})")
 _JSON_REST = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _JSON_OPEN = re.compile(rb'[^"\\]*(?:\\.[^"\\]*)*(\\?)', re.DOTALL)
 _MINUS = 0x2D
+_NEWLINE = 0x0A
 _DIGITS = frozenset(b"0123456789")
 _STAR_HEX = b"2a"
 
@@ -261,6 +262,29 @@ class TextScanner:
         self.pos += len(o)
         self.undecided = self.pos
         return True
+
+    def take_line(self, o: bytes) -> tuple[bytes | None, int] | None:
+        """Mask ``o`` at once, if that is sure to give what :meth:`feed` would: everything
+        so far decided, no hex run open, the bytes before ``o`` (if any) ending with a
+        newline and ``o`` ending with one (a COPY text row, as PostgreSQL sends it). No
+        card number, number, UUID or hex run crosses a newline, and every look around a
+        span treats it as the data's edge, so ``o`` masked alone is ``o`` fed. Returns
+        the masked bytes (None if unchanged) and the count; None if not sure."""
+        if (self.undecided != self.pos or self.hex_from >= 0 or self.mode != TEXT or self.detect_only
+                or not o or o[-1] != _NEWLINE or (self.lo and self.lo[-1] != _NEWLINE)):
+            return None
+        if self.numbers and b"," in o:  # money may be in it: mask_text doesn't look for money
+            alone = TextScanner(self.fmt, TEXT, numbers=True)
+            edits, _cut = alone.feed(o, True, False)
+            masked, count = (apply_edits(o, edits) if edits else None), alone.found
+        else:
+            masked, count = mask_text(o, self.fmt, TEXT, numbers=self.numbers)
+        self.found += count
+        self.lo = (self.lo + o)[-KEEP_LEFT:]
+        self.lr = (self.lr + (o if masked is None else masked))[-KEEP_LEFT:]
+        self.pos += len(o)
+        self.undecided = self.pos
+        return masked, count
 
     # ---- detection ------------------------------------------------------------------
 

@@ -79,7 +79,8 @@ def test_many_short_rows_one_message_each_are_masked_as_the_whole_copy():
     # Each message is decided with the rows before it as left context only: the card
     # numbers there are neither checked again nor lost where a run reaches into this row.
     shapes = [PAN, AMEX, b"4111 1111 1111 1111", b"4111 1111 1111 1111 1111", b"9" * 25, b"1" * 19,
-              b"+4111111111111", b"0." + PAN, b"123e4-5678-9abc-def0-" + b"1" * 12, b"card " + AMEX + b" x"]
+              b"+4111111111111", b"0." + PAN, b"123e4-5678-9abc-def0-" + b"1" * 12, b"card " + AMEX + b" x",
+              b"$4,111,111,111,111,111.11", b"\\\\x" + PAN.hex().encode(), b'{"n": ' + PAN + b'}', b"a," + PAN + b",b"]
     rows = [b"%d\t%s\t%s\n" % (n, shapes[n % len(shapes)], shapes[(n * 7) % len(shapes)]) for n in range(300)]
     whole, count = mask_copy(b"".join(rows), binary=False)
     assert feed_messages(rows, binary=False) == whole
