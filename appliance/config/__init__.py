@@ -6,6 +6,7 @@ checks; the names below are the package's interface.
 """
 
 from .model import (
+    DEFAULT_MAX_PENDING_REQUESTS,
     PG_MAX_MESSAGE,
     AuditConfig,
     Config,
@@ -23,7 +24,8 @@ from .model import (
 from .parse import load_config, parse_config
 
 __all__ = [
-    "PG_MAX_MESSAGE", "AuditConfig", "Config", "ConfigError", "Credential", "Endpoint", "IPNetwork",
+    "DEFAULT_MAX_PENDING_REQUESTS", "PG_MAX_MESSAGE",
+    "AuditConfig", "Config", "ConfigError", "Credential", "Endpoint", "IPNetwork",
     "IdentityConfig", "InterceptConfig", "ProxyConfig", "Target", "WitnessConfig", "load_config", "normalize_address",
     "parse_config",
 ]

@@ -23,6 +23,7 @@ AGENT_AUTH_MODES = ("trust", "certificate")
 # PostgreSQL's own ceiling for one message is 1 GiB; a little more covers framing.
 PG_MAX_MESSAGE = DEFAULT_MAX_MESSAGE_SIZE  # PostgreSQL's own limit
 DEFAULT_MAX_CLIENT_MESSAGE = 64 << 20  # Tollgate's default: see ProxyConfig
+DEFAULT_MAX_PENDING_REQUESTS = 65536  # see ProxyConfig.max_pending_requests
 
 
 class ConfigError(Exception):
@@ -186,7 +187,7 @@ class ProxyConfig:
     # Requests one session may have sent that the server has not answered yet. After an
     # error the server skips to the next Sync without answering, so a client that pipelines
     # without Sync would otherwise make the proxy remember every request.
-    max_pending_requests: int = 65536
+    max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS
 
 
 @dataclass(frozen=True, slots=True)

@@ -25,7 +25,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from appliance.config import Credential, Endpoint, ProxyConfig, Target
+from appliance.config import DEFAULT_MAX_PENDING_REQUESTS, Credential, Endpoint, Target
 from appliance.pgwire import DEFAULT_MAX_MESSAGE_SIZE, ProtocolError
 from appliance.pgwire import messages as m
 from appliance.proxy import dispatch
@@ -41,8 +41,6 @@ from appliance.proxy.results import ResponseRelay, error_bytes
 from appliance.proxy.startup import AgentStartup
 
 log = logging.getLogger("tollgate.session")
-
-DEFAULT_MAX_PENDING = ProxyConfig.max_pending_requests
 
 __all__ = ["CancelRegistry", "Phase", "Session", "SessionError", "SessionIO"]
 
@@ -82,7 +80,7 @@ class Session:
     def __init__(self, io: SessionIO, info: SessionInfo, target: Target | None, hooks: AddonManager,
                  cancels: CancelRegistry, *, max_client_message: int, stream_threshold: int,
                  authenticator: AgentAuthenticator | None = None, budget: BufferBudget | None = None,
-                 startup_timeout: float | None = None, max_pending_requests: int = DEFAULT_MAX_PENDING):
+                 startup_timeout: float | None = None, max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS):
         self.io, self.info, self.hooks, self.cancels = io, info, hooks, cancels
         self.authenticator = authenticator or TrustAuthenticator()
         info.target = target
