@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import replace
@@ -30,6 +29,7 @@ from appliance.audit.store_checkpoints import checkpoint_root
 from appliance.audit.store_errors import AuditError, AuditUnavailable
 from appliance.audit.trust import parse_trust
 from appliance.config import AuditConfig
+from tests.audit.conftest import fill
 from tests.audit.records import ORIGIN, make_config, statement
 
 REPO = Path(__file__).resolve().parents[2]
@@ -531,49 +531,17 @@ def test_rotation_needs_the_root_key(tmp_path: Path) -> None:
 
 # --- failures -----------------------------------------------------------------------------------------
 
-@pytest.fixture
-def small_fs() -> Any:
-    """A 256 KiB tmpfs, unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    where = Path(tempfile.mkdtemp(prefix="tollgate-full-"))
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(where)],
-                          check=False, capture_output=True, text=True)
-    if done.returncode != 0:
-        where.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-        where.rmdir()
-
-
-def _fill(path: Path) -> None:
-    """Write ``path`` until the file system is full."""
-    def write_forever(fd: int) -> None:
-        while True:
-            os.write(fd, b"\0" * 4096)
-
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        with pytest.raises(OSError, match="No space left on device"):
-            write_forever(fd)
-    finally:
-        os.close(fd)
-
-
 def _append_until_refused(log: AuditLog) -> None:
     for i in range(1, 10_000):  # the segment's last page fills up
         log.append(statement(i))
 
 
-def test_disk_full_refuses_then_resumes_with_a_failure_record(small_fs: Path) -> None:
-    config = make_config(small_fs)
+def test_disk_full_refuses_then_resumes_with_a_failure_record(tiny_fs: Path) -> None:
+    config = make_config(tiny_fs)
     log = AuditLog.open(config, version="t")
     try:
         log.append(statement(0))
-        _fill(small_fs / "filler")
+        fill(tiny_fs / "filler")
         with pytest.raises(AuditUnavailable, match="No space left on device") as raised:
             _append_until_refused(log)
         assert raised.value.errno == errno.ENOSPC
@@ -588,7 +556,7 @@ def test_disk_full_refuses_then_resumes_with_a_failure_record(small_fs: Path) ->
         assert AuditReader(config.dir).size() == size
         assert log.status()["failure"]["refused"] == 3
 
-        (small_fs / "filler").unlink()  # space returns: service resumes by itself
+        (tiny_fs / "filler").unlink()  # space returns: service resumes by itself
         seq = log.append(statement(99))
         assert seq == size + 1
     finally:
@@ -657,11 +625,11 @@ def test_offbox_directory_gets_every_checkpoint(tmp_path: Path) -> None:
     assert {p.read_text() for p in offbox.iterdir()} == {cp["note"] for cp in made}
 
 
-def test_a_batch_dropped_by_a_write_off_the_loop_fails_its_futures_before_any_record_is_taken(small_fs: Path):
+def test_a_batch_dropped_by_a_write_off_the_loop_fails_its_futures_before_any_record_is_taken(tiny_fs: Path):
     """The loop holds five statements' records; a thread appends before the loop's turn is
     over, so it writes them — and the disk is full. The five futures fail, and no record is
     taken until the loop has failed and counted them: the audit.failure says five."""
-    config = make_config(small_fs)
+    config = make_config(tiny_fs)
     log = AuditLog.open(config, version="t")
     errors: list[BaseException] = []
 
@@ -675,7 +643,7 @@ def test_a_batch_dropped_by_a_write_off_the_loop_fails_its_futures_before_any_re
         log.start(asyncio.get_running_loop())
         first = log.append(statement(0))
         await log.durable(first)  # type: ignore[misc]
-        _fill(small_fs / "filler")
+        fill(tiny_fs / "filler")
         pad = "x" * 2000
         waiting = [log.append_waiting(statement(i, text=pad)) for i in range(1, 6)]
         thread = threading.Thread(target=off_the_loop)
@@ -691,7 +659,7 @@ def test_a_batch_dropped_by_a_write_off_the_loop_fails_its_futures_before_any_re
         assert thread_refused
         assert all(isinstance(o, AuditUnavailable) and o.sqlstate == "53100" for o in outcomes)
         assert log.size == size  # the batch's seqs are free again
-        (small_fs / "filler").unlink()
+        (tiny_fs / "filler").unlink()
         log.append(statement(100))
     finally:
         log.close()
