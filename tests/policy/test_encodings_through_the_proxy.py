@@ -24,16 +24,15 @@ from psycopg import pq
 from appliance.audit.addon import AuditAddon
 from appliance.audit.keys import init_audit_dir
 from appliance.audit.store import AuditLog
-from appliance.config import AuditConfig, Endpoint, parse_config
+from appliance.config import AuditConfig, Endpoint
 from appliance.masking.addon import MaskingAddon
 from appliance.pan.scanner import scrub
 from appliance.policy.addon import EnforcementAddon
 from appliance.policy.holder import PolicyHolder
 from appliance.proxy.hooks import AddonManager
-from appliance.proxy.server import ProxyServer
 from tests.masking.conftest import Postgres, postgres  # noqa: F401 -- the real server, as a fixture
 from tests.proxy.loop_thread import LoopThread
-from tests.proxy.real_proxy import READ_TIMEOUT, LoopbackIntercept, free_port
+from tests.proxy.real_proxy import READ_TIMEOUT, postgres_proxy_config, start_proxy
 
 PAN = "4111111111111111"
 POLICY = """
@@ -56,30 +55,8 @@ class Harness(LoopThread):
         self.log = AuditLog.open(audit, version="test")
         addons = AddonManager([EnforcementAddon(PolicyHolder(tmp / "policy.toml"), None), MaskingAddon(),
                                AuditAddon(self.log, lambda text: scrub(text, "pci"))])
-        destination = Endpoint.parse(f"127.0.0.1:{pg.port}")
-        for _ in range(5):
-            self.port = free_port()
-            config = parse_config(f"""
-[proxy]
-listen_port = {self.port}
-listen_addresses = ["127.0.0.1"]
-
-[[targets]]
-name = "pg"
-addresses = ["127.0.0.1:{pg.port}"]
-tls = "disable"
-
-[targets.credentials.agent]
-upstream_user = "postgres"
-password = "unused (the cluster trusts local logins)"
-""", Path("test.toml"))
-            self.server = ProxyServer(config, LoopbackIntercept(destination), addons)
-            try:
-                self.run(self.server.start())
-                return
-            except OSError:
-                continue
-        raise RuntimeError("no free port for the proxy")
+        self.server, self.port = start_proxy(self, lambda port: postgres_proxy_config(port, pg.port),
+                                             Endpoint.parse(f"127.0.0.1:{pg.port}"), addons)
 
     def connect(self, encoding: str) -> psycopg.Connection[Any]:
         return psycopg.connect(host="127.0.0.1", port=self.port, user="agent", dbname="postgres", sslmode="disable",

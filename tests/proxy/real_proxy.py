@@ -9,14 +9,20 @@ import itertools
 import socket
 import struct
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from appliance.config import Config, Endpoint, parse_config
 from appliance.intercept.base import InterceptMethod
 from appliance.pgwire import BackendDecoder, ProtocolError
 from appliance.pgwire import messages as m
 from tests.proxy.fake_server import BACKEND_SECRET
+
+if TYPE_CHECKING:
+    from appliance.proxy.hooks import AddonManager
+    from appliance.proxy.server import ProxyServer
+    from tests.proxy.loop_thread import LoopThread
 
 READ_TIMEOUT = 60.0  # a safety net only: a proxy that neither answers nor closes fails, never a measure
 u32 = struct.Struct("!I")
@@ -207,6 +213,41 @@ def lone_fatal(data: bytes) -> m.ErrorResponse | None:
 
 
 # ---- oracles ------------------------------------------------------------------------------------
+
+
+def start_proxy(loop: LoopThread, config_for: Callable[[int], Config], destination: Endpoint,
+                addons: AddonManager) -> tuple[ProxyServer, int]:
+    """A ProxyServer started on ``loop`` at a free loopback port (``config_for(port)``),
+    dialling ``destination``; another port if that one was taken in between."""
+    from appliance.proxy.server import ProxyServer
+    for _ in range(5):
+        port = free_port()
+        server = ProxyServer(config_for(port), LoopbackIntercept(destination), addons)
+        try:
+            loop.run(server.start())
+        except OSError:
+            continue
+        return server, port
+    raise RuntimeError("no free port for the proxy")
+
+
+def postgres_proxy_config(listen_port: int, pg_port: int) -> Config:
+    """A proxy on 127.0.0.1:listen_port protecting a real PostgreSQL that trusts local
+    logins (tests/masking/conftest.py's): role ``agent`` logs in upstream as ``postgres``."""
+    return parse_config(f"""
+[proxy]
+listen_port = {listen_port}
+listen_addresses = ["127.0.0.1"]
+
+[[targets]]
+name = "pg"
+addresses = ["127.0.0.1:{pg_port}"]
+tls = "disable"
+
+[targets.credentials.agent]
+upstream_user = "postgres"
+password = "unused (the cluster trusts local logins)"
+""", Path("test.toml"))
 
 
 def proxy_config(listen_port: int, backend_port: int, extra: str = "") -> Config:

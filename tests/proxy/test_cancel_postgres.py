@@ -15,19 +15,17 @@ import asyncio
 import socket
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
-from appliance.config import Endpoint, parse_config
+from appliance.config import Endpoint
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import AddonManager
-from appliance.proxy.server import ProxyServer
 from tests.masking.conftest import Postgres, postgres  # noqa: F401 -- the real server, as a fixture
 from tests.proxy.loop_thread import SAFETY_NET, LoopThread
-from tests.proxy.real_proxy import READ_TIMEOUT, Client, LoopbackIntercept, free_port
+from tests.proxy.real_proxy import READ_TIMEOUT, Client, postgres_proxy_config, start_proxy
 
 
 class Harness(LoopThread):
@@ -36,30 +34,8 @@ class Harness(LoopThread):
     def __init__(self, pg: Postgres) -> None:
         super().__init__()
         self.pg = pg
-        destination = Endpoint.parse(f"127.0.0.1:{pg.port}")
-        for _ in range(5):
-            self.port = free_port()
-            config = parse_config(f"""
-[proxy]
-listen_port = {self.port}
-listen_addresses = ["127.0.0.1"]
-
-[[targets]]
-name = "pg"
-addresses = ["127.0.0.1:{pg.port}"]
-tls = "disable"
-
-[targets.credentials.agent]
-upstream_user = "postgres"
-password = "unused (the cluster trusts local logins)"
-""", Path("test.toml"))
-            self.server = ProxyServer(config, LoopbackIntercept(destination), AddonManager())
-            try:
-                self.run(self.server.start())
-                return
-            except OSError:
-                continue  # the port was taken in between
-        raise RuntimeError("no free port for the proxy")
+        self.server, self.port = start_proxy(self, lambda port: postgres_proxy_config(port, pg.port),
+                                             Endpoint.parse(f"127.0.0.1:{pg.port}"), AddonManager())
 
     def connect(self, **kw: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(host="127.0.0.1", port=self.port, user="agent", dbname="postgres",

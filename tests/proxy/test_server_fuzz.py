@@ -49,14 +49,13 @@ from tests.proxy.loop_thread import LoopThread
 from tests.proxy.real_proxy import (
     READ_TIMEOUT,
     Client,
-    LoopbackIntercept,
     decode_clean,
     decode_lenient,
     frames,
-    free_port,
     is_fatal,
     lone_fatal,
     proxy_config,
+    start_proxy,
     startup_bytes,
 )
 
@@ -117,15 +116,8 @@ class Harness(LoopThread):
         self.hooked = self._start_proxy("hooked", AddonManager([PassThrough()]), b"ZS123nsIcCENAtGHWVT", backend_port)
 
     def _start_proxy(self, name: str, addons: AddonManager, validated: bytes, backend_port: int) -> Proxy:
-        for _ in range(5):
-            port = free_port()
-            server = ProxyServer(make_config(port, backend_port), LoopbackIntercept(self.destination), addons)
-            try:
-                self.run(server.start())
-            except OSError:
-                continue  # someone took the port in between: pick another
-            return Proxy(name, server, port, validated)
-        raise RuntimeError("no free port for the proxy")
+        server, port = start_proxy(self, lambda port: make_config(port, backend_port), self.destination, addons)
+        return Proxy(name, server, port, validated)
 
     def close(self) -> None:
         async def closing() -> None:

@@ -37,11 +37,10 @@ from tests.proxy.loop_thread import LoopThread
 from tests.proxy.real_proxy import (
     READ_TIMEOUT,
     Client,
-    LoopbackIntercept,
     decode_clean,
-    free_port,
     is_fatal,
     proxy_config,
+    start_proxy,
     startup_bytes,
 )
 
@@ -69,18 +68,8 @@ class Harness(LoopThread):
         destination = Endpoint.parse(f"127.0.0.1:{backend_port}")
         self.proxies: dict[str, tuple[ProxyServer, int]] = {}
         for name, extra in PROXIES.items():
-            for _ in range(5):
-                port = free_port()
-                server = ProxyServer(proxy_config(port, backend_port, extra), LoopbackIntercept(destination),
-                                     AddonManager())
-                try:
-                    self.run(server.start())
-                except OSError:
-                    continue  # someone took the port in between: pick another
-                self.proxies[name] = (server, port)
-                break
-            else:
-                raise RuntimeError(f"no free port for the {name} proxy")
+            self.proxies[name] = start_proxy(self, lambda port, extra=extra: proxy_config(port, backend_port, extra),
+                                             destination, AddonManager())
 
     def close(self) -> None:
         async def closing() -> None:
