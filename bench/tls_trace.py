@@ -25,7 +25,9 @@ from typing import Any
 from bench.session_trace import SIMPLE_CLIENT, SIMPLE_SERVER
 
 
-def _server_context(directory: Path) -> ssl.SSLContext:
+def server_context(directory: Path) -> ssl.SSLContext:
+    """A TLS server context with a fresh self-signed certificate written to ``directory``
+    (also the agent-TLS tests' fixture)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -78,14 +80,14 @@ async def _measure(statements: int, repeats: int) -> dict[str, float]:
     from appliance.proxy.server import AgentTLS
 
     with tempfile.TemporaryDirectory(prefix="tollgate-tls-trace-") as tmp:
-        server_context = _server_context(Path(tmp))
+        server = server_context(Path(tmp))
     client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     client_context.check_hostname = False
     client_context.verify_mode = ssl.CERT_NONE
     best = float("inf")
     for _ in range(repeats):
         conn = _Conn()
-        agent_tls = AgentTLS(conn, server_context)  # type: ignore[arg-type]
+        agent_tls = AgentTLS(conn, server)  # type: ignore[arg-type]
         c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         client = client_context.wrap_bio(c_in, c_out, server_side=False)
         while True:  # the handshake, in memory
