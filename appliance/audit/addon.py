@@ -40,7 +40,7 @@ from appliance.audit.store_errors import AuditUnavailable
 from appliance.pan.sidechannel import clean_text, scrub_side
 from appliance.pgwire import decode_backend
 from appliance.pgwire.params import bind_params
-from appliance.proxy.hooks import Addon, Forward, Reject, Result, SessionInfo
+from appliance.proxy.hooks import Addon, Forward, Reject, Result, SessionInfo, row_spans
 
 if TYPE_CHECKING:
     from appliance.audit.store import AuditLog
@@ -391,6 +391,17 @@ class SamplingAuditAddon(AuditAddon):
             result.sample_truncated = True
         else:
             sample.append(row)
+        return None
+
+    def data_rows(self, session: SessionInfo, result: Result, rows: memoryview) -> bytes | None:
+        # Past the first rows of a result (nearly all of a large one) there is nothing to do.
+        sample = result.sample
+        if sample is not None and (len(sample) >= self.result_rows or result.sample_truncated):
+            return None
+        for start, end in row_spans(rows):
+            self.data_row(session, result, rows[start:end])
+            if result.sample is not None and (len(result.sample) >= self.result_rows or result.sample_truncated):
+                break
         return None
 
 

@@ -30,14 +30,17 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import struct
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from appliance.model.decision import Decision
 from appliance.model.identity import Identity
 from appliance.pgwire.encodings import UTF8, ClientEncoding
+
+_LENGTH = struct.Struct("!i")
 
 if TYPE_CHECKING:
     from appliance.config import Endpoint, Target
@@ -243,6 +246,15 @@ class Addon:
         """A whole DataRow message (tag and length included). Return replacement bytes."""
         return None
 
+    def data_rows(self, session: SessionInfo, result: Result, rows: memoryview) -> bytes | None:
+        """The batched form of :meth:`data_row`: consecutive whole DataRow messages of one
+        result, back to back (what one read from the server brought), already framed and
+        length-checked by the session (:func:`row_spans` walks them). Return replacement
+        bytes for the whole run (whole messages), or None. Optional: the session hands
+        over runs only when every addon implementing ``data_row`` implements this too,
+        else it calls ``data_row`` once per row."""
+        return None
+
     def stream_chunk(self, session: SessionInfo, result: Result | None, tag: bytes, window: memoryview,
                      offset: int, total: int) -> StreamEdit | None:
         """A window onto a server message too large to hold whole (DataRow, CopyData,
@@ -292,7 +304,7 @@ class Addon:
 
 HOOK_NAMES = (
     "session_start", "session_end", "session_refused", "statement", "execute", "forward", "row_description",
-    "data_row", "stream_chunk", "copy_data", "function_result", "notice", "notification",
+    "data_row", "data_rows", "stream_chunk", "copy_data", "function_result", "notice", "notification",
     "parameter_status", "column_names", "result_complete",
 )
 
@@ -347,6 +359,10 @@ class AddonManager:
                 getattr(a, hook) for a in self.addons if getattr(type(a), hook, base) is not base
             ]
             setattr(self, hook, bound)
+        # The batched DataRow hook, when every data_row addon has one (else the per-row form).
+        runs = [a.data_rows for a in self.addons
+                if type(a).data_row is not Addon.data_row and type(a).data_rows is not Addon.data_rows]
+        self.data_rows = runs if len(runs) == len(self.data_row) else []
 
     # Filled by _index: one list of bound methods per hook.
     session_start: list[Callable[[SessionInfo], None]]
@@ -357,6 +373,7 @@ class AddonManager:
     forward: list[Callable[[SessionInfo, Forward], Awaitable[Any] | Reject | None]]
     row_description: list[Callable[[SessionInfo, Result], None]]
     data_row: list[Callable[[SessionInfo, Result, memoryview], bytes | None]]
+    data_rows: list[Callable[[SessionInfo, Result, memoryview], bytes | None]]
     stream_chunk: list[Callable[[SessionInfo, Result | None, bytes, memoryview, int, int], StreamEdit | None]]
     copy_data: list[Callable[[SessionInfo, Result | None, bool, memoryview], bytes | None]]
     function_result: list[Callable[[SessionInfo, memoryview], bytes | None]]
@@ -365,6 +382,16 @@ class AddonManager:
     parameter_status: list[Callable[[SessionInfo, memoryview], bytes | None]]
     column_names: list[Callable[[SessionInfo, memoryview], bytes | None]]
     result_complete: list[Callable[[SessionInfo, Result, str | None, bool], None]]
+
+
+def row_spans(rows: memoryview | bytes) -> Iterator[tuple[int, int]]:
+    """(start, end) of each message in a run handed to ``data_rows`` (framed by the session,
+    so the lengths are trusted; a run a hook rebuilt must be whole messages too)."""
+    pos, n = 0, len(rows)
+    while pos < n:
+        end = pos + 1 + _LENGTH.unpack_from(rows, pos + 1)[0]
+        yield pos, end
+        pos = end
 
 
 def check_order(addons: list[Addon]) -> None:

@@ -118,6 +118,8 @@ class ResponseRelay:
         handlers = _HANDLERS
         max_len = self.session.max_server_message
         limits = self.limits
+        runs = self.hooks.data_rows
+        row_low, row_high = limits[0x44]
         try:
             while n - pos >= 5:
                 tag = data[pos]
@@ -135,7 +137,21 @@ class ResponseRelay:
                     break
                 replacement = None
                 if tag == 0x44:  # D: DataRow
-                    if self.hooks.data_row:
+                    if runs:
+                        # The DataRows that follow, complete and within the same bounds,
+                        # go to the hooks as one run; the first that isn't (another
+                        # message, a partial or a bad one) is left to this loop.
+                        rows = 1
+                        while n - end >= 5 and data[end] == 0x44:
+                            (length,) = unpack_length(data, end + 1)
+                            if not row_low <= length <= row_high or end + 1 + length > n:
+                                break
+                            end += 1 + length
+                            rows += 1
+                        result = self.current_result()
+                        result.rows += rows
+                        replacement = dispatch.rewrite(runs, self.info, view[pos:end], result)
+                    elif self.hooks.data_row:
                         result = self.current_result()
                         result.rows += 1
                         replacement = dispatch.rewrite(self.hooks.data_row, self.info, view[pos:end], result)

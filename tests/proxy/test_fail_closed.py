@@ -111,6 +111,10 @@ def broken(hook: str, exc: Exception, direction: bool | None = None) -> Broken:
 
     method.__name__ = method.__qualname__ = hook
     attrs: dict[str, Any] = {hook: method}
+    if hook == "data_rows":  # the batched form is used only by an addon that has the per-row one
+        def data_row(self: Broken, *args: Any) -> None:
+            return None
+        attrs["data_row"] = data_row
     if hook == "execute":
         def statement(self: Broken, session: Any, statement: Any) -> None:
             statement.deferred = "decided at each execute"
@@ -313,6 +317,8 @@ ENDINGS = [
            server_sends(m.RowDescription((FIELD,)), m.DataRow((b"1",)), m.CommandComplete("SELECT 1"), READY)),
     Ending("data_row", "data_row", described,
            server_sends(m.DataRow((b"1",)), m.CommandComplete("SELECT 1"), READY)),
+    Ending("data_rows", "data_rows", described,
+           server_sends(m.DataRow((b"1",)), m.DataRow((b"2",)), m.CommandComplete("SELECT 2"), READY)),
     # The first window of a large row: nothing of the row has gone yet, so a FATAL can.
     Ending("stream_chunk", "stream_chunk-first-window", described, lambda pb: pb >> ServerData(BIG_ROW[:5000])),
     Ending("stream_chunk", "stream_chunk-later-window", streaming,

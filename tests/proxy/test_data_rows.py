@@ -1,0 +1,137 @@
+"""The batched DataRow hook: the session hands an addon the DataRows of one read as one run.
+
+Whatever the reads look like, an addon that rewrites rows through ``data_rows`` must leave
+the agent with exactly what the same rewrite through ``data_row`` gives: the same bytes,
+the same row counts, the same end for a malformed message.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from appliance.pgwire import messages as m
+from appliance.proxy.hooks import Addon, AddonManager, Result, SessionInfo, row_spans
+from tests.proxy.trace import backend, frontend, ready_session
+
+FIELD = m.FieldDescription("pan", 0, 0, 25, -1, -1, 0)
+
+
+def rewrite(row: bytes) -> bytes:
+    return row.replace(b"4111", b"****")
+
+
+class PerRow(Addon):
+    """Rewrites row by row, and records the counts it saw."""
+
+    name = "per-row"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.rows: list[int] = []
+
+    def data_row(self, session: SessionInfo, result: Result, message: memoryview) -> bytes | None:
+        self.calls += 1
+        self.rows.append(result.rows)
+        out = rewrite(bytes(message))
+        return None if out == message else out
+
+    def result_complete(self, session: SessionInfo, result: Result, tag: str | None, error: bool) -> None:
+        self.rows.append(-result.rows)
+
+
+class Batched(PerRow):
+    """The same rewrite, a run at a time."""
+
+    name = "batched"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.runs: list[int] = []
+
+    def data_rows(self, session: SessionInfo, result: Result, rows: memoryview) -> bytes | None:
+        self.runs.append(len(list(row_spans(rows))))
+        self.rows.append(result.rows)
+        out = rewrite(bytes(rows))
+        return None if out == rows else out
+
+
+class Watcher(Addon):
+    """A per-row-only addon after the batched one: it sees each rewritten row."""
+
+    name = "watcher"
+
+    def __init__(self) -> None:
+        self.seen: list[bytes] = []
+
+    def data_row(self, session: SessionInfo, result: Result, message: memoryview) -> bytes | None:
+        self.seen.append(bytes(message))
+        return None
+
+
+def run(addons: list[Addon], reads: list[bytes]) -> tuple[bytes, bool]:
+    session, io = ready_session(addons)
+    session.client_data(frontend(m.Query("SELECT pan FROM cards")))
+    io.server_got()
+    closed = False
+    for data in reads:
+        try:
+            session.server_data(data)
+        except Exception:  # noqa: BLE001 - the end of the session is part of what is compared
+            closed = True
+            break
+    return io.to_client, closed or bool(session.close_reason)
+
+
+def test_the_rows_of_one_read_go_to_the_hook_as_one_run():
+    batched = Batched()
+    rows = [m.DataRow((b"4111111111111111",)), m.DataRow((b"x",)), m.DataRow((b"4111",))]
+    reply = backend(m.RowDescription((FIELD,)), *rows, m.CommandComplete("SELECT 3"), m.ReadyForQuery(b"I"))
+    got, closed = run([batched], [reply])
+    assert not closed
+    assert batched.runs == [3] and batched.calls == 0
+    assert batched.rows == [3, -3]  # counted before the hook sees the run
+    assert got == rewrite(reply)
+
+
+def test_an_addon_without_the_batched_form_keeps_every_addon_per_row():
+    batched, watcher = Batched(), Watcher()
+    assert AddonManager([batched, watcher]).data_rows == []
+    rows = [m.DataRow((b"4111111111111111",)), m.DataRow((b"x",))]
+    reply = backend(m.RowDescription((FIELD,)), *rows, m.CommandComplete("SELECT 2"), m.ReadyForQuery(b"I"))
+    got, _ = run([batched, watcher], [reply])
+    assert batched.runs == [] and batched.calls == 2
+    assert watcher.seen == [rewrite(r.encode()) for r in rows]
+    assert got == rewrite(reply)
+
+
+def _bad(length: int) -> bytes:
+    return b"D" + struct.pack("!i", length) + b"\x00\x01"
+
+
+messages = st.one_of(
+    st.builds(lambda v: m.DataRow((v,)).encode(), st.sampled_from([b"4111111111111111", b"x", b"", b"41114111"])),
+    st.builds(lambda n: m.DataRow((b"4111" * n,)).encode(), st.integers(0, 40)),
+    st.just(m.NoticeResponse((("S", "NOTICE"), ("V", "NOTICE"), ("C", "00000"), ("M", "hi"))).encode()),
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(messages, max_size=30), st.sampled_from([None, 2, 3, 1 << 30]),
+       st.lists(st.integers(1, 90), max_size=20))
+def test_runs_give_the_agent_exactly_what_rows_one_by_one_give(body, bad, cuts):
+    stream = backend(m.RowDescription((FIELD,))) + b"".join(body)
+    stream += _bad(bad) if bad is not None else backend(m.CommandComplete("SELECT"), m.ReadyForQuery(b"I"))
+    reads, pos = [], 0
+    for cut in cuts:
+        if pos >= len(stream):
+            break
+        reads.append(stream[pos:pos + cut])
+        pos += cut
+    reads.append(stream[pos:])
+    per_row, batched = PerRow(), Batched()
+    assert run([batched], reads) == run([per_row], reads)
+    # the same counts at the end of the result (a run is counted before its hook sees it)
+    assert [r for r in batched.rows if r <= 0] == [r for r in per_row.rows if r <= 0]
