@@ -7,6 +7,7 @@ import struct
 import pytest
 
 from appliance.config import Credential, Endpoint, Target
+from appliance.masking import addon as masking_addon
 from appliance.masking.addon import MaskingAddon, touches
 from appliance.masking.catalog import PgColumnCatalog
 from appliance.model.decision import ColumnMask, Decision, MaskMethod, StatementClass
@@ -22,6 +23,15 @@ MASKED = b"411111******1111"
 NUM = b"4111110000001111"  # masked as a number: BIN, zeros, last four
 AMEX = b"378282246310005"
 CARDS_OID = 16500
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def row_path(request, monkeypatch):
+    """Every test here runs with the compiled row scanner and with the Python path alone."""
+    if request.param == "python":
+        monkeypatch.setattr(masking_addon, "fastrows", None)
+    elif masking_addon.fastrows is None:
+        pytest.fail("the compiled row scanner is not built (python setup.py build_ext --inplace)")
 
 
 def field(name: str, type_oid: int = 25, fmt: int = 0, table: int = 0, attnum: int = 0) -> m.FieldDescription:
