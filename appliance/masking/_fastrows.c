@@ -236,7 +236,96 @@ done:
     return result;
 }
 
+/* number_mask of a card number of n digits at p, written to out: "pci" keeps the first
+ * six and last four digits with zeros between (the last hidden one set to 1 if that would
+ * pass Luhn); "last4" writes 9, zeros, the last four. */
+static void number_mask(const unsigned char *p, Py_ssize_t n, int pci, unsigned char *out) {
+    if (pci) {
+        memcpy(out, p, 6);
+        memset(out + 6, '0', (size_t)(n - 10));
+        memcpy(out + n - 4, p + n - 4, 4);
+        int sum = 0, doubled_parity = (int)(n & 1);
+        for (Py_ssize_t i = 0; i < n; i++) {
+            int d = out[i] - '0';
+            if ((int)(i & 1) == doubled_parity) {
+                d *= 2;
+                if (d > 9)
+                    d -= 9;
+            }
+            sum += d;
+        }
+        if (sum % 10 == 0)  /* the prefix is an issuer's for this length: it would be a PAN */
+            out[n - 5] = '1';
+    } else {
+        out[0] = '9';
+        memset(out + 1, '0', (size_t)(n - 5));
+        memcpy(out + n - 4, p + n - 4, 4);
+    }
+}
+
+/* mask_copy_line(line, pci, prefix_lengths) -> (masked | None, count) | None
+ *
+ * One COPY text row (or several), as TextScanner.take_line masks it with numbers=True, for
+ * the shape it can judge exactly: fields split by tab or newline, each either a bare
+ * number of 13-19 digits (a card number there is a lone, bare span with nothing around it
+ * that _context_ok or _bare looks at, so it is masked as a number) or a field the
+ * pre-filter clears. None (the Python path decides) for anything else: a field with
+ * another digit run the pre-filter can't clear, a comma (money), a "\x" (bytea hex).
+ */
+static PyObject *mask_copy_line(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer line, table;
+    int pci;
+    if (!PyArg_ParseTuple(args, "y*py*", &line, &pci, &table))
+        return NULL;
+    PyObject *out = NULL, *result = NULL;
+    const unsigned char *buf = line.buf;
+    Py_ssize_t n = line.len, count = 0, a = 0;
+    if (table.len != PREFIX_TABLE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "prefix_lengths must have 10**6 entries");
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (buf[i] == ',' || (buf[i] == '\\' && i + 1 < n && buf[i + 1] == 'x'))
+            goto undecided;
+    }
+    while (a < n) {
+        Py_ssize_t b = a;
+        while (b < n && buf[b] != '\t' && buf[b] != '\n')
+            b++;
+        Py_ssize_t len = b - a;
+        int digits = len >= MIN_DIGITS && len <= MAX_DIGITS;
+        for (Py_ssize_t k = a; digits && k < b; k++)
+            digits = buf[k] >= '0' && buf[k] <= '9';
+        if (digits) {
+            if (pan_digits(buf + a, len, table.buf)) {
+                if (out == NULL) {
+                    out = PyBytes_FromStringAndSize((const char *)buf, n);
+                    if (out == NULL)
+                        goto done;
+                }
+                number_mask(buf + a, len, pci, (unsigned char *)PyBytes_AS_STRING(out) + a);
+                count++;
+            }
+        } else if (prefilter_hit(buf + a, len)) {
+            goto undecided;
+        }
+        a = b + 1;
+    }
+    result = Py_BuildValue("(On)", out ? out : Py_None, count);
+    goto done;
+undecided:
+    result = Py_NewRef(Py_None);
+done:
+    Py_XDECREF(out);
+    PyBuffer_Release(&line);
+    PyBuffer_Release(&table);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"mask_copy_line", mask_copy_line, METH_VARARGS,
+     "mask_copy_line(line, pci, prefix_lengths) -> (masked | None, count), or None: undecided"},
     {"mask_rows", mask_rows, METH_VARARGS,
      "mask_rows(run, ncols, wanted, shown, prefix_lengths) -> (masked | None, count, fallback rows)"},
     {NULL, NULL, 0, NULL},

@@ -26,8 +26,13 @@ import struct
 
 from appliance.masking import values as v
 from appliance.masking.stream import LEAF, SKIP, TAKE, ColumnRule, Parser, Walker, _take, value_parser
-from appliance.pan.detector import may_hold_pan
+from appliance.pan.detector import PCI, PREFIX_LENGTHS, may_hold_pan
 from appliance.pan.scanner import TEXT, TextScanner
+
+try:  # the compiled scanner for whole COPY text rows; take_line is the reference
+    from appliance.masking import _fastrows as fastrows
+except ImportError:  # pragma: no cover - depends on the build (the addon logs it)
+    fastrows = None
 
 SIGNATURE = b"PGCOPY\n\xff\r\n\x00"
 _I16 = struct.Struct("!h")
@@ -104,10 +109,11 @@ def _clean_tuples(body: bytes) -> bool:
 class CopyMasker:
     """The masking state of one COPY OUT: its parser, fed whole messages or windows."""
 
-    __slots__ = ("binary", "walker")
+    __slots__ = ("binary", "pci", "walker")
 
     def __init__(self, binary: bool, fmt: str):
         self.binary = binary
+        self.pci = fmt == PCI
         parser = copy_binary_parser if binary else copy_text_parser
         self.walker = Walker(lambda w: parser(w, fmt))
 
@@ -118,7 +124,10 @@ class CopyMasker:
             return None, 0
         walker = self.walker
         if not self.binary and not walker.pend_orig and not walker.carry_orig and walker.cmd is not None:
-            taken = walker.cmd[2].take_line(data)
+            # The compiled scanner decides the common row shape (tab-separated fields, card
+            # numbers as whole fields) as take_line would; None leaves it to take_line.
+            masked_as = fastrows.mask_copy_line(data, self.pci, PREFIX_LENGTHS) if fastrows is not None else None
+            taken = walker.cmd[2].take_line(data, masked_as)
             if taken is not None:  # a whole text row after a whole row: masked alone
                 walker.abs += len(data)
                 walker.masked += taken[1]

@@ -263,17 +263,22 @@ class TextScanner:
         self.undecided = self.pos
         return True
 
-    def take_line(self, o: bytes) -> tuple[bytes | None, int] | None:
+    def take_line(self, o: bytes, masked_as: tuple[bytes | None, int] | None = None,
+                  ) -> tuple[bytes | None, int] | None:
         """Mask ``o`` at once, if that is sure to give what :meth:`feed` would: everything
         so far decided, no hex run open, the bytes before ``o`` (if any) ending with a
         newline and ``o`` ending with one (a COPY text row, as PostgreSQL sends it). No
         card number, number, UUID or hex run crosses a newline, and every look around a
         span treats it as the data's edge, so ``o`` masked alone is ``o`` fed. Returns
-        the masked bytes (None if unchanged) and the count; None if not sure."""
+        the masked bytes (None if unchanged) and the count; None if not sure.
+        ``masked_as``: what masking ``o`` alone with numbers=True gives, worked out by the
+        caller (the masking addon's compiled COPY row scanner)."""
         if (self.undecided != self.pos or self.hex_from >= 0 or self.mode != TEXT or self.detect_only
                 or not o or o[-1] != _NEWLINE or (self.lo and self.lo[-1] != _NEWLINE)):
             return None
-        if self.numbers and b"," in o:  # money may be in it: mask_text doesn't look for money
+        if masked_as is not None and self.numbers:
+            masked, count = masked_as
+        elif self.numbers and b"," in o:  # money may be in it: mask_text doesn't look for money
             alone = TextScanner(self.fmt, TEXT, numbers=True)
             edits, _cut = alone.feed(o, True, False)
             masked, count = (apply_edits(o, edits) if edits else None), alone.found

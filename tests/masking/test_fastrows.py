@@ -15,9 +15,12 @@ from hypothesis import strategies as st
 
 from appliance.config import Endpoint
 from appliance.masking import addon as masking_addon
+from appliance.masking import copy as copy_module
 from appliance.masking.addon import MaskingAddon
+from appliance.masking.copy import CopyMasker
 from appliance.masking.errors import MaskingError
 from appliance.pan.detector import PREFIX_LENGTHS
+from appliance.pan.scanner import TEXT, MaskLeak, PanFound, mask_text
 from appliance.pgwire import messages as m
 from appliance.proxy.hooks import Result, SessionInfo, row_spans
 
@@ -182,3 +185,54 @@ def test_bad_arguments_are_refused():
         fastrows.mask_rows(b"", 2, b"\x01", 6, PREFIX_LENGTHS)
     with pytest.raises(ValueError, match="runs past"):
         fastrows.mask_rows(b"D\x00\x00\x00\x09abc", 1, b"\x01", 6, PREFIX_LENGTHS)
+
+
+# ---- COPY text rows ------------------------------------------------------------------------------
+
+fields = st.one_of(values.filter(lambda x: x is not None), st.sampled_from([b"\\N", b"1.5", b"1e5", b"+49", b"a,b"]),
+                   st.builds(lambda p: b"-" + p, pans), st.builds(lambda p: p + b".25", pans),
+                   st.builds(lambda p: b"x" + p, pans), st.just(b"12345678-1234-1234-1234-123456789012"))
+copy_lines = st.builds(lambda fs, sep, end: sep.join(fs) + end, st.lists(fields, min_size=1, max_size=6),
+                       st.sampled_from([b"\t", b"\t", b"|", b" ", b"\n"]),
+                       st.sampled_from([b"\n", b"\n", b"", b"\r\n"]))
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(copy_lines, st.sampled_from(["pci", "last4"]))
+@example(b"1\t4111111111111111\tvisa\n", "pci")
+@example(b"4111111111111111\n378282246310005\t\n", "last4")
+@example(b"\\x4111111111111111\t4111111111111111\n", "pci")
+def test_a_copy_row_the_scanner_decides_is_masked_as_take_line_masks_it(line, fmt):
+    decided = fastrows.mask_copy_line(line, fmt == "pci", PREFIX_LENGTHS)
+    if decided is None:
+        return
+    assert decided == mask_text(line, fmt, TEXT, numbers=True)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(copy_lines, min_size=1, max_size=8), st.sampled_from(["pci", "last4"]))
+def test_copy_out_through_the_scanner_is_copy_out_through_python(lines, fmt):
+    def masked(compiled: bool) -> list:
+        saved = copy_module.fastrows
+        copy_module.fastrows = fastrows if compiled else None
+        try:
+            masker = CopyMasker(False, fmt)
+            out = []
+            for line in lines:
+                try:
+                    out.append(masker.message(line))
+                except (ValueError, MaskingError, PanFound, MaskLeak) as exc:
+                    out.append((type(exc), str(exc)))
+                    break
+            return out
+        finally:
+            copy_module.fastrows = saved
+    assert masked(True) == masked(False)
+
+
+def test_the_copy_scanner_decides_the_common_row_and_leaves_the_rest():
+    assert fastrows.mask_copy_line(b"7\t4111111111111111\tvisa\n", True, PREFIX_LENGTHS) == (
+        b"7\t4111110000001111\tvisa\n", 1)  # pci number mask: Luhn-breaking, length kept
+    assert fastrows.mask_copy_line(b"7\tcard 4111111111111111\n", True, PREFIX_LENGTHS) is None
+    assert fastrows.mask_copy_line(b"7\t$4,111\n", True, PREFIX_LENGTHS) is None
+    assert fastrows.mask_copy_line(b"7\tvisa\n", True, PREFIX_LENGTHS) == (None, 0)
