@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -314,7 +315,11 @@ class ClientConnection(asyncio.Protocol):
     async def _start_tls(self, target: Target) -> None:
         loop = asyncio.get_running_loop()
         assert self.upstream.transport is not None
-        context = upstream_tls_context(target)
+        try:
+            context = self.server.upstream_contexts.get(target)
+        except (OSError, ssl.SSLError) as exc:
+            self.session.upstream_tls_failed(f"cannot load {target.tls_ca_file}: {exc}")
+            return
         server_name = target.tls_server_name or (str(self.session.info.destination.address)
                                                  if target.tls == "verify-full" else None)
         try:
@@ -398,6 +403,35 @@ class AgentTLS:
             self.conn.transport.write(pending)
 
 
+class UpstreamContexts:
+    """One client context per TLS setting, shared by every upstream connection.
+
+    Building an SSLContext costs about 0.2 ms with OpenSSL 3 (more with a CA file to
+    load), once per agent connection otherwise. A context is reused only while its CA file
+    is the one it loaded (same inode, size and mtime, checked on every connection), so a
+    rotated CA takes effect at the next connection, as it did when each built its own.
+    """
+
+    __slots__ = ("_cache",)
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[Any, ...], ssl.SSLContext] = {}
+
+    def get(self, target: Target) -> ssl.SSLContext:
+        key: tuple[Any, ...] = (target.tls, target.tls_ca_file)
+        if target.tls in ("verify-ca", "verify-full"):
+            # An unreadable file raises here, as load_verify_locations would have.
+            st = os.stat(str(target.tls_ca_file))
+            key += (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        context = self._cache.get(key)
+        if context is None:
+            # Only the newest version of each setting is kept: rotations don't accumulate.
+            for stale in [k for k in self._cache if k[:2] == key[:2]]:
+                del self._cache[stale]
+            context = self._cache[key] = upstream_tls_context(target)
+        return context
+
+
 def upstream_tls_context(target: Target) -> ssl.SSLContext:
     """TLS towards the database, with libpq's sslmode semantics."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -441,6 +475,7 @@ class ProxyServer:
         self.control.register("sessions", lambda request: {"sessions": self.snapshot()})
         self.authenticator = authenticator or TrustAuthenticator()
         self.cancels = CancelRegistry()
+        self.upstream_contexts = UpstreamContexts()
         self.sessions: dict[int, Session] = {}
         proxy = config.proxy
         # Bytes of incomplete client messages across all sessions (max_buffered_total).
