@@ -263,32 +263,22 @@ static void number_mask(const unsigned char *p, Py_ssize_t n, int pci, unsigned 
     }
 }
 
-/* mask_copy_line(line, pci, prefix_lengths) -> (masked | None, count) | None
- *
- * One COPY text row (or several), as TextScanner.take_line masks it with numbers=True, for
- * the shape it can judge exactly: fields split by tab or newline, each either a bare
- * number of 13-19 digits (a card number there is a lone, bare span with nothing around it
- * that _context_ok or _bare looks at, so it is masked as a number) or a field the
- * pre-filter clears. None (the Python path decides) for anything else: a field with
- * another digit run the pre-filter can't clear, a comma (money), a "\x" (bytea hex).
- */
-static PyObject *mask_copy_line(PyObject *self, PyObject *args) {
-    (void)self;
-    Py_buffer line, table;
-    int pci;
-    if (!PyArg_ParseTuple(args, "y*py*", &line, &pci, &table))
-        return NULL;
-    PyObject *out = NULL, *result = NULL;
-    const unsigned char *buf = line.buf;
-    Py_ssize_t n = line.len, count = 0, a = 0;
-    if (table.len != PREFIX_TABLE_SIZE) {
-        PyErr_SetString(PyExc_ValueError, "prefix_lengths must have 10**6 entries");
-        goto done;
-    }
+/* One COPY text row (or several) at buf[0:n], as TextScanner.take_line masks it with
+ * numbers=True, for the shape judged exactly here: fields split by tab or newline, each
+ * either a bare number of 13-19 digits (a card number there is a lone, bare span with
+ * nothing around it that _context_ok or _bare looks at, so it is masked as a number) or a
+ * field the pre-filter clears. Card numbers are masked into dst (a copy of buf) once
+ * *out_needed says dst exists; returns the count, or -1: undecided (a field with another
+ * digit run the pre-filter can't clear, a comma: money, a "\x": bytea hex), -2: no memory.
+ * dst is written only for rows that are decided, after the whole row is. */
+static Py_ssize_t copy_line(const unsigned char *buf, Py_ssize_t n, int pci, const unsigned char *table,
+                            Marks *marks) {
+    marks->used = 0;
     for (Py_ssize_t i = 0; i < n; i++) {
         if (buf[i] == ',' || (buf[i] == '\\' && i + 1 < n && buf[i + 1] == 'x'))
-            goto undecided;
+            return -1;
     }
+    Py_ssize_t a = 0;
     while (a < n) {
         Py_ssize_t b = a;
         while (b < n && buf[b] != '\t' && buf[b] != '\n')
@@ -298,32 +288,135 @@ static PyObject *mask_copy_line(PyObject *self, PyObject *args) {
         for (Py_ssize_t k = a; digits && k < b; k++)
             digits = buf[k] >= '0' && buf[k] <= '9';
         if (digits) {
-            if (pan_digits(buf + a, len, table.buf)) {
-                if (out == NULL) {
-                    out = PyBytes_FromStringAndSize((const char *)buf, n);
-                    if (out == NULL)
-                        goto done;
-                }
-                number_mask(buf + a, len, pci, (unsigned char *)PyBytes_AS_STRING(out) + a);
-                count++;
-            }
+            if (pan_digits(buf + a, len, table) && marks_push(marks, a, len) < 0)
+                return -2;
         } else if (prefilter_hit(buf + a, len)) {
-            goto undecided;
+            return -1;
         }
         a = b + 1;
     }
+    (void)pci;
+    return marks->used;
+}
+
+static void apply_number_masks(const unsigned char *src, unsigned char *dst, int pci, const Marks *marks) {
+    for (Py_ssize_t k = 0; k < marks->used; k++)
+        number_mask(src + marks->starts[k], marks->lengths[k], pci, dst + marks->starts[k]);
+}
+
+/* mask_copy_line(line, pci, prefix_lengths) -> (masked | None, count) | None (undecided) */
+static PyObject *mask_copy_line(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer line, table;
+    int pci;
+    if (!PyArg_ParseTuple(args, "y*py*", &line, &pci, &table))
+        return NULL;
+    PyObject *out = NULL, *result = NULL;
+    Marks marks = {NULL, NULL, 0, 0};
+    if (table.len != PREFIX_TABLE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "prefix_lengths must have 10**6 entries");
+        goto done;
+    }
+    Py_ssize_t count = copy_line(line.buf, line.len, pci, table.buf, &marks);
+    if (count == -2) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (count < 0) {
+        result = Py_NewRef(Py_None);
+        goto done;
+    }
+    if (count) {
+        out = PyBytes_FromStringAndSize(line.buf, line.len);
+        if (out == NULL)
+            goto done;
+        apply_number_masks(line.buf, (unsigned char *)PyBytes_AS_STRING(out), pci, &marks);
+    }
     result = Py_BuildValue("(On)", out ? out : Py_None, count);
-    goto done;
-undecided:
-    result = Py_NewRef(Py_None);
 done:
     Py_XDECREF(out);
+    PyMem_Free(marks.starts);
+    PyMem_Free(marks.lengths);
     PyBuffer_Release(&line);
     PyBuffer_Release(&table);
     return result;
 }
 
+/* mask_copy_run(run, start, pci, prefix_lengths) -> (masked | None, count, upto)
+ *
+ * CopyData messages back to back in run[start:], each a COPY text row as CopyMasker.message
+ * would take it once the text scanner is between rows: a body ending with a newline and
+ * holding no comma is clean if the pre-filter clears it (CopyMasker._clean), else decided
+ * by copy_line (take_line). Stops at the first message that is not such a row (upto: its
+ * offset; len(run) when all were). masked: run[start:] with the decided rows' card
+ * numbers masked (only the part before upto is meaningful), None if nothing changed.
+ * A run that is not whole messages raises ValueError. */
+static PyObject *mask_copy_run(PyObject *self, PyObject *args) {
+    (void)self;
+    Py_buffer run, table;
+    Py_ssize_t start;
+    int pci;
+    if (!PyArg_ParseTuple(args, "y*npy*", &run, &start, &pci, &table))
+        return NULL;
+    PyObject *out = NULL, *result = NULL;
+    Marks marks = {NULL, NULL, 0, 0};
+    const unsigned char *buf = run.buf;
+    Py_ssize_t n = run.len, p = start, count = 0;
+    if (table.len != PREFIX_TABLE_SIZE) {
+        PyErr_SetString(PyExc_ValueError, "prefix_lengths must have 10**6 entries");
+        goto done;
+    }
+    if (start < 0 || start > n) {
+        PyErr_SetString(PyExc_ValueError, "start is outside the run");
+        goto done;
+    }
+    while (p < n) {
+        if (n - p < 5) {
+            PyErr_SetString(PyExc_ValueError, "a run of messages ends inside a message header");
+            goto done;
+        }
+        int32_t length = read_i32(buf + p + 1);
+        if (length < 4 || (Py_ssize_t)length > n - p - 1) {
+            PyErr_SetString(PyExc_ValueError, "a message's length runs past the run");
+            goto done;
+        }
+        const unsigned char *body = buf + p + 5;
+        Py_ssize_t size = (Py_ssize_t)length - 4;
+        if (size == 0 || body[size - 1] != '\n' || memchr(body, ',', (size_t)size) != NULL)
+            break;
+        if (prefilter_hit(body, size)) {
+            Py_ssize_t found = copy_line(body, size, pci, table.buf, &marks);
+            if (found == -2) {
+                PyErr_NoMemory();
+                goto done;
+            }
+            if (found < 0)
+                break;
+            if (found) {
+                if (out == NULL) {
+                    out = PyBytes_FromStringAndSize((const char *)buf + start, n - start);
+                    if (out == NULL)
+                        goto done;
+                }
+                apply_number_masks(body, (unsigned char *)PyBytes_AS_STRING(out) + (p + 5 - start), pci, &marks);
+                count += found;
+            }
+        }
+        p += 1 + (Py_ssize_t)length;
+    }
+    result = Py_BuildValue("(Onn)", out ? out : Py_None, count, p);
+done:
+    Py_XDECREF(out);
+    PyMem_Free(marks.starts);
+    PyMem_Free(marks.lengths);
+    PyBuffer_Release(&run);
+    PyBuffer_Release(&table);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"mask_copy_run", mask_copy_run, METH_VARARGS,
+     "mask_copy_run(run, start, pci, prefix_lengths) -> (masked | None, count, upto)"},
     {"mask_copy_line", mask_copy_line, METH_VARARGS,
      "mask_copy_line(line, pci, prefix_lengths) -> (masked | None, count), or None: undecided"},
     {"mask_rows", mask_rows, METH_VARARGS,

@@ -509,6 +509,19 @@ class MaskingAddon(Addon):
             session.masked_values += count
         return None if out is None else bytes(message[:5]) + out
 
+    def copy_rows(self, session: SessionInfo, result: Result, rows: memoryview) -> bytes | None:
+        st = _state(session)
+        masker = self._copy_masker(st, result)
+        try:
+            out, count = masker.rows(rows, lambda message: self.copy_data(session, result, False, message))
+        except (ValueError, struct.error, IndexError) as exc:
+            raise MaskingError("XX000", "Tollgate could not read COPY data to check it for card numbers: "
+                                        f"{exc}") from None
+        if count:
+            result.masked += count
+            session.masked_values += count
+        return out
+
     def _copy_masker(self, st: _State, result: Result) -> CopyMasker:
         if st.copy is None or st.copy_result is not result:
             _refuse_masked_copy(result)

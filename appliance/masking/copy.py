@@ -23,6 +23,7 @@ already went to the client fails closed.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from appliance.masking import values as v
 from appliance.masking.stream import LEAF, SKIP, TAKE, ColumnRule, Parser, Walker, _take, value_parser
@@ -135,6 +136,45 @@ class CopyMasker:
         before = self.walker.masked
         out, _keep = self.walker.feed(body, False)
         return out, self.walker.masked - before
+
+    def rows(self, run: memoryview, message: Callable[[memoryview], bytes | None]) -> tuple[bytes | None, int]:
+        """Whole CopyData messages back to back (tag and length included): the run's
+        replacement (None if unchanged) and the count the compiled scanner masked. Rows it
+        decides (text rows between rows, as :meth:`message` would take them) are masked
+        there; each other message goes to ``message`` (the addon's copy_data)."""
+        walker = self.walker
+        n = len(run)
+        pieces: list[bytes | memoryview] = []
+        changed = False
+        count = 0
+        pos = 0
+        while pos < n:
+            if fastrows is not None and not self.binary and self._between_rows():
+                out, found, upto = fastrows.mask_copy_run(run, pos, self.pci, PREFIX_LENGTHS)
+                if upto > pos:
+                    original = run[pos:upto]
+                    masked = original if out is None else memoryview(out)[:upto - pos]
+                    walker.cmd[2].took_lines(original, masked, found)  # type: ignore[index]
+                    walker.abs += upto - pos
+                    walker.masked += found
+                    count += found
+                    changed = changed or out is not None
+                    pieces.append(masked)
+                    pos = upto
+                    if pos == n:
+                        break
+            end = pos + 1 + _I32.unpack_from(run, pos + 1)[0]
+            new = message(run[pos:end])
+            if new is not None:
+                changed = True
+            pieces.append(run[pos:end] if new is None else new)
+            pos = end
+        return (b"".join(pieces) if changed else None), count
+
+    def _between_rows(self) -> bool:
+        walker = self.walker
+        return (not walker.pend_orig and not walker.carry_orig and walker.cmd is not None
+                and walker.cmd[0] == LEAF and walker.cmd[2].lineable())
 
     def _clean(self, body: bytes) -> bool:
         """The common case, without the walker: a message that provably needs nothing (no

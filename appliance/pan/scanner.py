@@ -291,6 +291,22 @@ class TextScanner:
         self.undecided = self.pos
         return masked, count
 
+    def lineable(self) -> bool:
+        """Would :meth:`take_line` (and :meth:`skip_clean`) take a whole row now: everything
+        decided, no hex run open, the bytes so far ending a row?"""
+        return (self.undecided == self.pos and self.hex_from < 0 and self.mode == TEXT and not self.detect_only
+                and self.numbers and (not self.lo or self.lo[-1] == _NEWLINE))
+
+    def took_lines(self, o: bytes | memoryview, masked: bytes | memoryview, count: int) -> None:
+        """Whole rows ``o``, masked as ``masked`` (``count`` card numbers) by a caller that
+        decided them as :meth:`skip_clean` and :meth:`take_line` would, one by one: the
+        state those calls would leave."""
+        self.found += count
+        self.lo = (self.lo + o[-KEEP_LEFT:])[-KEEP_LEFT:]
+        self.lr = (self.lr + masked[-KEEP_LEFT:])[-KEEP_LEFT:]
+        self.pos += len(o)
+        self.undecided = self.pos
+
     # ---- detection ------------------------------------------------------------------
 
     def _raw(self, seen: bytes, det: bytes, und: int, nat: int, edits: list[tuple[int, bytes]]) -> None:

@@ -273,6 +273,14 @@ class Addon:
         when it comes from the server). Return replacement bytes."""
         return None
 
+    def copy_rows(self, session: SessionInfo, result: Result, rows: memoryview) -> bytes | None:
+        """The batched form of :meth:`copy_data` for COPY OUT: consecutive whole CopyData
+        messages from the server (what one read brought), framed and length-checked by the
+        session (:func:`row_spans` walks them). Return replacement bytes for the whole run,
+        or None. Optional, like :meth:`data_rows`: used only when every addon implementing
+        ``copy_data`` implements this too."""
+        return None
+
     def function_result(self, session: SessionInfo, message: memoryview) -> bytes | None:
         """A whole FunctionCallResponse message. Return replacement bytes."""
         return None
@@ -304,7 +312,7 @@ class Addon:
 
 HOOK_NAMES = (
     "session_start", "session_end", "session_refused", "statement", "execute", "forward", "row_description",
-    "data_row", "data_rows", "stream_chunk", "copy_data", "function_result", "notice", "notification",
+    "data_row", "data_rows", "stream_chunk", "copy_data", "copy_rows", "function_result", "notice", "notification",
     "parameter_status", "column_names", "result_complete",
 )
 
@@ -363,6 +371,9 @@ class AddonManager:
         runs = [a.data_rows for a in self.addons
                 if type(a).data_row is not Addon.data_row and type(a).data_rows is not Addon.data_rows]
         self.data_rows = runs if len(runs) == len(self.data_row) else []
+        runs = [a.copy_rows for a in self.addons
+                if type(a).copy_data is not Addon.copy_data and type(a).copy_rows is not Addon.copy_rows]
+        self.copy_rows = runs if len(runs) == len(self.copy_data) else []
 
     # Filled by _index: one list of bound methods per hook.
     session_start: list[Callable[[SessionInfo], None]]
@@ -376,6 +387,7 @@ class AddonManager:
     data_rows: list[Callable[[SessionInfo, Result, memoryview], bytes | None]]
     stream_chunk: list[Callable[[SessionInfo, Result | None, bytes, memoryview, int, int], StreamEdit | None]]
     copy_data: list[Callable[[SessionInfo, Result | None, bool, memoryview], bytes | None]]
+    copy_rows: list[Callable[[SessionInfo, Result, memoryview], bytes | None]]
     function_result: list[Callable[[SessionInfo, memoryview], bytes | None]]
     notice: list[Callable[[SessionInfo, bool, memoryview], bytes | None]]
     notification: list[Callable[[SessionInfo, memoryview], bytes | None]]

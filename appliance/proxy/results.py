@@ -120,6 +120,8 @@ class ResponseRelay:
         limits = self.limits
         runs = self.hooks.data_rows
         row_low, row_high = limits[0x44]
+        copy_runs = self.hooks.copy_rows
+        copy_low, copy_high = limits[0x64]
         try:
             while n - pos >= 5:
                 tag = data[pos]
@@ -155,6 +157,13 @@ class ResponseRelay:
                         result = self.current_result()
                         result.rows += 1
                         replacement = dispatch.rewrite(self.hooks.data_row, self.info, view[pos:end], result)
+                elif tag == 0x64 and copy_runs:  # d: CopyData from the server, a run as for DataRows
+                    while n - end >= 5 and data[end] == 0x64:
+                        (length,) = unpack_length(data, end + 1)
+                        if not copy_low <= length <= copy_high or end + 1 + length > n:
+                            break
+                        end += 1 + length
+                    replacement = dispatch.rewrite(copy_runs, self.info, view[pos:end], self.current_result())
                 else:
                     if tag in _DECODED:
                         # Rare messages: fully checked, so nothing malformed reaches the client.

@@ -236,3 +236,60 @@ def test_the_copy_scanner_decides_the_common_row_and_leaves_the_rest():
     assert fastrows.mask_copy_line(b"7\tcard 4111111111111111\n", True, PREFIX_LENGTHS) is None
     assert fastrows.mask_copy_line(b"7\t$4,111\n", True, PREFIX_LENGTHS) is None
     assert fastrows.mask_copy_line(b"7\tvisa\n", True, PREFIX_LENGTHS) == (None, 0)
+
+
+def copy_data(body: bytes) -> bytes:
+    return m.CopyData(body).encode()
+
+
+copy_messages = st.one_of(copy_lines, copy_lines.map(lambda line: line[:-1] if len(line) > 1 else line),
+                          st.builds(lambda a, b: a + b, copy_lines, copy_lines), st.binary(max_size=30))
+
+
+def copy_rows(compiled: bool, bodies: list[bytes], fmt: str) -> tuple:
+    saved = copy_module.fastrows
+    copy_module.fastrows = fastrows if compiled else None
+    try:
+        addon = MaskingAddon(fmt)
+        info = SessionInfo(Endpoint.parse("127.0.0.1:1"), Endpoint.parse("127.0.0.1:2"))
+        result = Result(None, copy_format=0)
+        outs = []
+        # the rows in runs of up to three messages, as reads would bring them
+        for i in range(0, len(bodies), 3):
+            run = b"".join(copy_data(b) for b in bodies[i:i + 3])
+            try:
+                out = addon.copy_rows(info, result, memoryview(run))
+            except MaskingError as exc:
+                return (*outs, ("error", exc.sqlstate, exc.message))
+            outs.append(run if out is None else bytes(out))
+        return (*outs, result.masked, info.masked_values)
+    finally:
+        copy_module.fastrows = saved
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(copy_messages, min_size=1, max_size=12), st.sampled_from(["pci", "last4"]))
+@example([b"1\t4111111111111111\tvisa\n"] * 4, "pci")
+@example([b"1\t4111111111", b"111111\tvisa\n", b"2\t378282246310005\n"], "last4")
+@example([b"1\t$4,", b"111,111,111,111.11\n", b"2\t4111111111111111\n"], "pci")
+def test_copy_runs_through_the_scanner_are_copy_out_message_by_message(bodies, fmt):
+    assert copy_rows(True, bodies, fmt) == copy_rows(False, bodies, fmt)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 210))
+def test_any_copy_run_is_read_within_bounds(buf, start):
+    try:
+        out, _count, upto = fastrows.mask_copy_run(buf, start, True, PREFIX_LENGTHS)
+    except ValueError:
+        return
+    assert start <= upto <= len(buf)
+    assert out is None or len(out) == len(buf) - start
+
+
+@given(st.lists(st.binary(max_size=40), min_size=1, max_size=5))
+def test_framed_copy_garbage_is_read_within_bounds(bodies):
+    run = b"".join(copy_data(b) for b in bodies)
+    out, _count, upto = fastrows.mask_copy_run(run, 0, False, PREFIX_LENGTHS)
+    assert out is None or len(out) == len(run)
+    assert upto in {0, len(run)} | {sum(len(copy_data(b)) for b in bodies[:i]) for i in range(len(bodies))}

@@ -135,3 +135,73 @@ def test_runs_give_the_agent_exactly_what_rows_one_by_one_give(body, bad, cuts):
     assert run([batched], reads) == run([per_row], reads)
     # the same counts at the end of the result (a run is counted before its hook sees it)
     assert [r for r in batched.rows if r <= 0] == [r for r in per_row.rows if r <= 0]
+
+
+# ---- COPY OUT: CopyData runs ----------------------------------------------------------------------
+
+class PerMessageCopy(Addon):
+    name = "per-message-copy"
+
+    def __init__(self) -> None:
+        self.runs: list[int] = []
+
+    def copy_data(self, session: SessionInfo, result: Result | None, from_client: bool,
+                  message: memoryview) -> bytes | None:
+        out = rewrite(bytes(message))
+        return None if out == message else out
+
+
+class BatchedCopy(PerMessageCopy):
+    name = "batched-copy"
+
+    def copy_rows(self, session: SessionInfo, result: Result, rows: memoryview) -> bytes | None:
+        assert result.copy_format == 0
+        self.runs.append(len(list(row_spans(rows))))
+        out = rewrite(bytes(rows))
+        return None if out == rows else out
+
+
+def copy_run(addons: list[Addon], reads: list[bytes]) -> tuple[bytes, bool]:
+    session, io = ready_session(addons)
+    session.client_data(frontend(m.Query("COPY cards TO STDOUT")))
+    io.server_got()
+    closed = False
+    for data in reads:
+        try:
+            session.server_data(data)
+        except Exception:  # noqa: BLE001 - the end of the session is part of what is compared
+            closed = True
+            break
+    return io.to_client, closed or bool(session.close_reason)
+
+
+def test_the_copy_data_of_one_read_go_to_the_hook_as_one_run():
+    batched = BatchedCopy()
+    reply = backend(m.CopyOutResponse(0, (0,)), m.CopyData(b"4111\n"), m.CopyData(b"x\n"), m.CopyDone(),
+                    m.CommandComplete("COPY 2"), m.ReadyForQuery(b"I"))
+    got, closed = copy_run([batched], [reply])
+    assert not closed and batched.runs == [2]
+    assert got == rewrite(reply)
+
+
+copy_messages = st.one_of(st.builds(lambda v: m.CopyData(v).encode(), st.sampled_from([b"4111\n", b"x\n", b"", b"41"])),
+                          st.builds(lambda n: m.CopyData(b"4111" * n).encode(), st.integers(0, 40)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(copy_messages, max_size=30), st.sampled_from([None, 2, 3, 1 << 30]),
+       st.lists(st.integers(1, 90), max_size=20))
+def test_copy_runs_give_the_agent_exactly_what_messages_one_by_one_give(body, bad, cuts):
+    stream = backend(m.CopyOutResponse(0, (0,))) + b"".join(body)
+    if bad is not None:
+        stream += b"d" + struct.pack("!i", bad) + b"\x00\x01"
+    else:
+        stream += backend(m.CopyDone(), m.CommandComplete("COPY"), m.ReadyForQuery(b"I"))
+    reads, pos = [], 0
+    for cut in cuts:
+        if pos >= len(stream):
+            break
+        reads.append(stream[pos:pos + cut])
+        pos += cut
+    reads.append(stream[pos:])
+    assert copy_run([BatchedCopy()], reads) == copy_run([PerMessageCopy()], reads)

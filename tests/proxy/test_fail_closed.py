@@ -111,10 +111,11 @@ def broken(hook: str, exc: Exception, direction: bool | None = None) -> Broken:
 
     method.__name__ = method.__qualname__ = hook
     attrs: dict[str, Any] = {hook: method}
-    if hook == "data_rows":  # the batched form is used only by an addon that has the per-row one
-        def data_row(self: Broken, *args: Any) -> None:
+    if hook in ("data_rows", "copy_rows"):  # a batched form is used only by an addon with the single one
+        def single(self: Broken, *args: Any) -> None:
             return None
-        attrs["data_row"] = data_row
+        single.__name__ = "data_row" if hook == "data_rows" else "copy_data"
+        attrs[single.__name__] = single
     if hook == "execute":
         def statement(self: Broken, session: Any, statement: Any) -> None:
             statement.deferred = "decided at each execute"
@@ -326,6 +327,8 @@ ENDINGS = [
     Ending("copy_data", "copy_data-from-server", copying_out,
            server_sends(m.CopyData(b"1\n"), m.CopyDone(), m.CommandComplete("COPY 1"), READY), direction=False),
     Ending("copy_data", "copy_data-from-client", copying_in, client_copies, direction=True),
+    Ending("copy_rows", "copy_rows", copying_out,
+           server_sends(m.CopyData(b"1\n"), m.CopyData(b"2\n"), m.CopyDone(), m.CommandComplete("COPY 2"), READY)),
     Ending("function_result", "function_result", calling, server_sends(m.FunctionCallResponse(b"x"), READY)),
     Ending("notice", "notice-ErrorResponse", dividing,
            server_sends(m.ErrorResponse.build("ERROR", "22012", "division by zero"), READY), direction=True),
