@@ -10,6 +10,11 @@ OpenSSL's own check of validity dates is switched off (``X509_V_FLAG_NO_CHECK_TI
 expired certificate reaches our check and gets a FATAL saying so; a certificate from
 another CA still fails the handshake, and the reason is remembered so that libpq's
 ``sslmode=prefer`` retry in clear is refused with it.
+
+What a certificate's bytes prove never changes — signed by this CA, its constraints, its
+identity — so that part is remembered per DER encoding (:class:`VerifiedCertificates`);
+what changes is checked on every connection: the validity window against the clock and
+revocation against the registry.
 """
 
 from __future__ import annotations
@@ -18,13 +23,15 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
+from collections.abc import Callable
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
 
 from appliance.config import Config, ConfigError, IdentityConfig, Target
 from appliance.identity.ca import CertificateAuthority
-from appliance.identity.certs import identity_from_certificate
+from appliance.identity.certs import identity_from_certificate, utcnow
 from appliance.identity.registry import CertificateRegistry, format_serial
 from appliance.model.identity import Identity, IdentityError
 from appliance.proxy.agent_auth import AuthFailure
@@ -33,9 +40,44 @@ from appliance.proxy.hooks import SessionInfo
 log = logging.getLogger("tollgate.identity")
 
 X509_V_FLAG_NO_CHECK_TIME = 0x200000
+# Distinct certificates whose verification is remembered (an agent fleet's live ones).
+VERIFIED_CACHE_SIZE = 1024
 # How long a failed handshake is remembered to explain a retry in clear, and for how many clients.
 FAILURE_MEMORY_SECONDS = 30.0
 FAILURE_MEMORY_SIZE = 4096
+
+
+class VerifiedCertificates:
+    """Client certificates that passed :meth:`CertificateAuthority.verify_client_chain`,
+    by their DER bytes, with the identity they name: a bounded LRU.
+
+    Only what the bytes themselves prove is remembered (under the one CA it is built
+    with): :meth:`verify` still checks the validity window every time, and the caller
+    checks revocation. A certificate that fails is never remembered.
+    """
+
+    __slots__ = ("_entries", "ca", "clock", "size")
+
+    def __init__(self, ca: CertificateAuthority, size: int = VERIFIED_CACHE_SIZE,
+                 clock: Callable[[], datetime] = utcnow):
+        self.ca, self.size, self.clock = ca, size, clock
+        self._entries: OrderedDict[bytes, tuple[x509.Certificate, Identity]] = OrderedDict()
+
+    def verify(self, der: bytes) -> tuple[x509.Certificate, Identity]:
+        """The certificate and its identity, or IdentityError / ValueError saying why not."""
+        entries = self._entries
+        hit = entries.get(der)
+        if hit is not None:
+            entries.move_to_end(der)
+            self.ca.check_validity(hit[0], now=self.clock())
+            return hit
+        cert = x509.load_der_x509_certificate(der)
+        self.ca.verify_client_chain(cert, now=self.clock())
+        verified = cert, identity_from_certificate(cert)
+        entries[der] = verified
+        if len(entries) > self.size:
+            entries.popitem(last=False)
+        return verified
 
 
 class CertificateAuthenticator:
@@ -51,6 +93,7 @@ class CertificateAuthenticator:
                               f"(create it with: tollgate ca init --state-dir {self.settings.state_dir})")
         self.ca = CertificateAuthority.load(self.settings.ca_cert)
         self.registry = CertificateRegistry(self.settings.registry)
+        self.verified = VerifiedCertificates(self.ca)
         self._contexts = {t.name: self._server_context(t, where) for t in config.targets}
         self._failures: OrderedDict[Any, tuple[float, str]] = OrderedDict()
         self._hint = (f"Enroll with: tollgate enroll --url {self.settings.enroll_url}"
@@ -95,9 +138,7 @@ class CertificateAuthenticator:
         if peer_certificate is None:
             raise AuthFailure("Tollgate requires a client certificate, and none was presented", self._hint)
         try:
-            cert = x509.load_der_x509_certificate(peer_certificate)
-            self.ca.verify_client_chain(cert)
-            identity = identity_from_certificate(cert)
+            cert, identity = self.verified.verify(peer_certificate)
         except (IdentityError, ValueError) as exc:
             raise AuthFailure(f"client certificate refused: {exc}", self._hint) from None
         if self.registry.is_revoked(cert.serial_number):

@@ -397,18 +397,10 @@ class CertificateAuthority:
 
         Revocation is the registry's business, not checked here.
         """
-        when = _when(now)
         if cert.issuer != self.certificate.subject or not _signed_by(cert, self._public_key):
             raise IdentityError(f"certificate not issued by this appliance's CA "
                                 f"(issuer: {cert.issuer.rfc4514_string() or 'empty'})")
-        ca_end = not_valid_after(self.certificate)
-        if when > ca_end + skew:
-            raise IdentityError(f"the appliance CA expired at {_stamp(ca_end)}")
-        start, end = not_valid_before(cert), not_valid_after(cert)
-        if when + skew < start:
-            raise IdentityError(f"certificate not valid until {_stamp(start)}")
-        if when > end + skew:
-            raise IdentityError(f"certificate expired at {_stamp(end)}")
+        self.check_validity(cert, now=now, skew=skew)
         try:
             constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
             if constraints.ca:
@@ -427,6 +419,21 @@ class CertificateAuthority:
                 raise IdentityError("certificate keyUsage does not allow digitalSignature")
         except x509.ExtensionNotFound:
             pass
+
+
+    def check_validity(self, cert: x509.Certificate, *, now: datetime | None = None,
+                       skew: timedelta = DEFAULT_SKEW) -> None:
+        """Raise IdentityError unless this CA and ``cert`` are both valid at ``now``: the part
+        of :meth:`verify_client_chain` that changes with time, alone."""
+        when = _when(now)
+        ca_end = not_valid_after(self.certificate)
+        if when > ca_end + skew:
+            raise IdentityError(f"the appliance CA expired at {_stamp(ca_end)}")
+        start, end = not_valid_before(cert), not_valid_after(cert)
+        if when + skew < start:
+            raise IdentityError(f"certificate not valid until {_stamp(start)}")
+        if when > end + skew:
+            raise IdentityError(f"certificate expired at {_stamp(end)}")
 
 
 def _key_usage(cert_sign: bool = False) -> x509.KeyUsage:
