@@ -90,7 +90,20 @@ class UpstreamConnection(asyncio.Protocol):
         transport.set_write_buffer_limits(HIGH_WATER, LOW_WATER)  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
-        self.owner.session.server_data(data)
+        owner = self.owner
+        session = owner.session
+        if session.ready:
+            session.server_data(data)
+        else:
+            # The login: what the server sends at once (AuthenticationOk, a dozen
+            # ParameterStatus, BackendKeyData, ReadyForQuery) is relayed message by message;
+            # corked, it reaches the agent as one TLS record and one write, as PostgreSQL
+            # sends it, not one each (each a syscall through the network stack).
+            owner.cork()
+            try:
+                session.server_data(data)
+            finally:
+                owner.uncork()
         self.burst.read(len(data))
 
     def _pause(self) -> None:
@@ -129,6 +142,7 @@ class ClientConnection(asyncio.Protocol):
         self.burst = BurstYield(self._apply_client_reading, self._apply_client_reading)
         self.tls: AgentTLS | None = None
         self.source: Any = None  # the client's address while it counts against the limits
+        self._corked: list[bytes] | None = None  # what send_client holds back until uncork
 
     # -- asyncio.Protocol (client side) --
 
@@ -226,8 +240,21 @@ class ClientConnection(asyncio.Protocol):
 
     # -- SessionIO --
 
+    def cork(self) -> None:
+        """Hold what is sent to the client until :meth:`uncork`, to send it as one write."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        pending, self._corked = self._corked, None
+        if pending:
+            self.send_client(pending[0] if len(pending) == 1 else b"".join(pending))
+
     def send_client(self, data: bytes | memoryview) -> None:
         if self.transport is not None:
+            if self._corked is not None:
+                self._corked.append(bytes(data))  # a view's buffer may change before uncork
+                return
             if self.tls is None:
                 self.transport.write(data)
             else:
@@ -283,6 +310,7 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         # transport.close() flushes what is buffered first, so a final FATAL still arrives.
+        self.uncork()
         if self.transport is not None:
             self.transport.close()
         if self.upstream.transport is not None:
