@@ -55,9 +55,9 @@ host-deps:
 
 venv: $(VENV)/.installed
 
-# setup.py builds the one C extension (appliance/masking/_fastrows.c) in place: the
-# editable install rebuilds it when the source changes.
-$(VENV)/.installed: setup.cfg pyproject.toml setup.py appliance/masking/_fastrows.c
+# setup.py builds the C extensions (appliance/masking/_fastrows.c, appliance/pgwire/_runs.c)
+# in place: the editable install rebuilds them when a source changes.
+$(VENV)/.installed: setup.cfg pyproject.toml setup.py appliance/masking/_fastrows.c appliance/pgwire/_runs.c
 	/usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[fast,test,lint]'
@@ -93,4 +93,4 @@ lint: venv
 	$(VENV)/bin/lint-imports --no-cache --no-logo
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache appliance/masking/_fastrows.*.so
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .ruff_cache appliance/masking/_fastrows.*.so appliance/pgwire/_runs.*.so

@@ -49,6 +49,27 @@ from appliance.proxy.requests import (
 if TYPE_CHECKING:
     from appliance.proxy.session import Session
 
+
+def run_end_py(data: bytes, end: int, n: int, tag: int, low: int, high: int) -> tuple[int, int]:
+    """From a whole message of ``tag`` ending at ``end``, extend over the messages that
+    follow while each is whole within data[:n], has ``tag`` and a length in [low, high]:
+    (the end of the last taken, how many were taken). The first that is not such is left
+    to feed's loop, which applies the same bounds and names the problem."""
+    count = 0
+    while n - end >= 5 and data[end] == tag:
+        (length,) = unpack_length(data, end + 1)
+        if not low <= length <= high or end + 1 + length > n:
+            break
+        end += 1 + length
+        count += 1
+    return end, count
+
+
+try:  # the same loop in C (appliance/pgwire/_runs.c): a large result is mostly this loop
+    from appliance.pgwire._runs import run_end
+except ImportError:  # pragma: no cover - depends on the build
+    run_end = run_end_py
+
 _STREAMABLE = frozenset(b"DdV")
 # Bytes withheld for a statement whose record is not durable yet before reading from the
 # server pauses, as for a slow client.
@@ -143,26 +164,18 @@ class ResponseRelay:
                         # The DataRows that follow, complete and within the same bounds,
                         # go to the hooks as one run; the first that isn't (another
                         # message, a partial or a bad one) is left to this loop.
-                        rows = 1
-                        while n - end >= 5 and data[end] == 0x44:
-                            (length,) = unpack_length(data, end + 1)
-                            if not row_low <= length <= row_high or end + 1 + length > n:
-                                break
-                            end += 1 + length
-                            rows += 1
+                        end, more = run_end(data, end, n, 0x44, row_low, row_high)
                         result = self.current_result()
-                        result.rows += rows
+                        result.rows += 1 + more
                         replacement = dispatch.rewrite(runs, self.info, view[pos:end], result)
                     elif self.hooks.data_row:
                         result = self.current_result()
                         result.rows += 1
                         replacement = dispatch.rewrite(self.hooks.data_row, self.info, view[pos:end], result)
+                    else:  # nobody looks at rows: the run only needs framing
+                        end, _more = run_end(data, end, n, 0x44, row_low, row_high)
                 elif tag == 0x64 and copy_runs:  # d: CopyData from the server, a run as for DataRows
-                    while n - end >= 5 and data[end] == 0x64:
-                        (length,) = unpack_length(data, end + 1)
-                        if not copy_low <= length <= copy_high or end + 1 + length > n:
-                            break
-                        end += 1 + length
+                    end, _more = run_end(data, end, n, 0x64, copy_low, copy_high)
                     replacement = dispatch.rewrite(copy_runs, self.info, view[pos:end], self.current_result())
                 else:
                     if tag in _DECODED:

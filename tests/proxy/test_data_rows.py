@@ -9,14 +9,39 @@ from __future__ import annotations
 
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from appliance.pgwire import messages as m
+from appliance.proxy import results
 from appliance.proxy.hooks import Addon, AddonManager, Result, SessionInfo, row_spans
 from tests.proxy.trace import backend, frontend, ready_session
 
 FIELD = m.FieldDescription("pan", 0, 0, 25, -1, -1, 0)
+runs_c = pytest.importorskip("appliance.pgwire._runs", reason="the extension is not built")
+
+
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def framing(request, monkeypatch):
+    """Every test here runs with the relay's run framing in C and in Python."""
+    monkeypatch.setattr(results, "run_end", runs_c.run_end if request.param == "compiled" else results.run_end_py)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.binary(max_size=120), st.integers(0, 130), st.integers(0, 130), st.sampled_from([0x44, 0x64, 0]),
+       st.integers(-5, 40), st.integers(-5, 1 << 31))
+def test_the_compiled_run_framing_is_the_python_loop(data, end, n, tag, low, high):
+    """The same (end, count) from any buffer and bounds, or the same refusal."""
+    n = min(n, len(data))
+    # the caller's precondition: end is the end of a whole message within data[:n]
+    end = min(end, n)
+    assert runs_c.run_end(data, end, n, tag, low, high) == results.run_end_py(data, end, n, tag, low, high)
+
+
+def test_the_compiled_run_framing_refuses_bounds_outside_the_data():
+    with pytest.raises(ValueError, match="outside"):
+        runs_c.run_end(b"D\x00\x00\x00\x04", 0, 6, 0x44, 4, 10)
 
 
 def rewrite(row: bytes) -> bytes:
