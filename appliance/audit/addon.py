@@ -86,7 +86,7 @@ DISK_FULL_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
 class _SessionAudit:
     """What the addon keeps per session."""
 
-    __slots__ = ("approval", "base", "id", "started_ns", "statements")
+    __slots__ = ("approval", "base", "id", "open", "started_ns", "statements")
 
     def __init__(self, session_id: str, base: dict[str, Any]) -> None:
         self.id = session_id
@@ -94,6 +94,7 @@ class _SessionAudit:
         self.started_ns = time.perf_counter_ns()
         self.approval: str | None = None  # the approval the next forwarded statement ran under
         self.base = base  # the 10.2.2 fields every record of this session carries
+        self.open: set[int] = set()  # numbers of its statements forwarded and not answered yet
 
 
 class AuditAddon(Addon):
@@ -158,6 +159,9 @@ class AuditAddon(Addon):
     def session_end(self, session: SessionInfo, reason: str) -> None:
         state = self._state(session)
         self._by_proxy_id.pop(session.id, None)
+        if state.open:
+            self.log.note_inflight(-len(state.open))
+            state.open.clear()
         self._append({"type": "session.end", "outcome": "success", "session": state.id, **state.base,
                       "reason": self.scrub(reason), "statements": state.statements, "masked": session.masked_values,
                       "duration_us": (time.perf_counter_ns() - state.started_ns) // 1000})
@@ -204,12 +208,17 @@ class AuditAddon(Addon):
             if reject is not None:
                 self._write(record)
                 return None
-            return self._write(record, wait=True)
+            waiting = self._write(record, wait=True)
         except Exception as exc:  # noqa: BLE001 - the log can't take it: the statement must not run
             if reject is not None:
                 return None  # refused anyway; the log counts what it missed
             self.log.note_refused()
             return _unrecorded(exc)
+        # In flight until its result: the log syncs on the loop's thread when all that is
+        # in flight waits for its sync (nothing else could run meanwhile).
+        state.open.add(state.statements)
+        self.log.note_inflight(1)
+        return waiting
 
     def _statement_fields(self, session: SessionInfo, request: Forward) -> dict[str, Any]:
         statement = request.statement
@@ -254,9 +263,14 @@ class AuditAddon(Addon):
 
     def _result(self, session: SessionInfo, result: Result, tag: str | None, error: bool) -> None:
         forward = result.forward
-        if forward is None or forward.reject is not None:
-            return  # not a forwarded request (or refused: its statement record says so)
+        if forward is None:
+            return  # not a forwarded request
         state = self._state(session)
+        if forward.number in state.open:
+            state.open.discard(forward.number)
+            self.log.note_inflight(-1)
+        if forward.reject is not None:
+            return  # refused: its statement record says so
         record: dict[str, Any] = {"type": "result", "session": state.id, "stmt": forward.number, **state.base,
                                   "outcome": "failure" if error else "success", "rows": result.rows,
                                   "masked": result.masked,

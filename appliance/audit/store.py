@@ -300,6 +300,13 @@ class AuditLog:
             return
         log.error("audit: the damage is recorded as seq %d in %s", seq, end.path)
 
+    def note_inflight(self, delta: int) -> None:
+        """The proxy forwarded (+1) or saw answered (−1) statements: on the loop's thread.
+        Once someone counts, a sync that every statement in flight waits for runs on the
+        loop's thread (store_commit); a miscount only changes where a sync runs."""
+        commit = self._commit
+        commit.inflight = max(0, (commit.inflight or 0) + delta)
+
     def note_refused(self, count: int = 1) -> None:
         """The proxy refused ``count`` statements because the log could not take their records."""
         self._outage.refused += count

@@ -164,6 +164,22 @@ def test_in_fsync_mode_the_statement_waits_for_the_record_to_be_durable(tmp_path
     assert durable >= 3  # log.start, the statement, and whatever came between
 
 
+def test_the_log_is_told_how_many_statements_are_in_flight(audit_log: AuditLog):
+    """Forwarded and not answered: what decides whether a sync may run on the loop's thread."""
+    session, _io = ready_session([Blocker(), AuditAddon(audit_log, _scrub)])
+    other, _other_io = ready_session([AuditAddon(audit_log, _scrub)])
+    session.client_data(frontend(m.Query("SELECT 1")))
+    other.client_data(frontend(m.Query("SELECT 2")))
+    assert audit_log._commit.inflight == 2
+    session.server_data(backend(m.CommandComplete("SELECT 1"), m.ReadyForQuery(b"I")))
+    assert audit_log._commit.inflight == 1
+    session.client_data(frontend(m.Query("TRUNCATE cards")))  # refused: not in flight
+    session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", "syntax"), m.ReadyForQuery(b"I")))
+    assert audit_log._commit.inflight == 1
+    other.client_closed()  # its statement was never answered: not in flight any more
+    assert audit_log._commit.inflight == 0
+
+
 # ---- text that isn't UTF-8: written escaped, never dropped ----------------------------------------
 
 def raw_lines(log: AuditLog) -> list[bytes]:

@@ -668,3 +668,125 @@ def test_a_batch_dropped_by_a_write_off_the_loop_fails_its_futures_before_any_re
     assert failure["type"] == "audit.failure" and failure["refused"] == 5
     assert failure["lost"]["from"] == size and records[size + 1]["stmt"] == 100
     check_tree(config)
+
+
+# --- the sync run on the loop's thread ------------------------------------------------------------
+
+def _thread_recording_fdatasync(threads: list[int], fail: threading.Event | None = None) -> Any:
+    def fdatasync(fd: int) -> None:
+        threads.append(threading.get_ident())
+        if fail is not None and fail.is_set():
+            fail.clear()
+            raise OSError(errno.EIO, "Input/output error")
+        os.fdatasync(fd)
+    return fdatasync
+
+
+def test_a_sync_every_statement_in_flight_waits_for_runs_on_the_loop(tmp_path: Path) -> None:
+    """One statement in flight, waiting for its record: the loop syncs it itself."""
+    config = make_config(tmp_path)
+    threads: list[int] = []
+    log = AuditLog.open(config, version="t", fdatasync=_thread_recording_fdatasync(threads))
+
+    async def main() -> tuple[int, int]:
+        log.start(asyncio.get_running_loop())
+        threads.clear()
+        log.note_inflight(1)
+        seq = log.append(statement(1))
+        log.append(_result(0))  # nobody waits for it: the same sync covers it
+        waiting = log.durable(seq)
+        assert waiting is not None
+        await waiting
+        return seq, threading.get_ident()
+
+    try:
+        seq, loop_thread = asyncio.run(main())
+        assert threads == [loop_thread]
+        assert log._commit.inline_rounds == 1
+        assert log.durable_size == seq + 2
+    finally:
+        log.close()
+    check_tree(config)
+
+
+def test_a_sync_while_other_statements_are_in_flight_runs_on_the_sync_thread(tmp_path: Path) -> None:
+    """Two statements in flight, one waiting: the other's answer may come meanwhile, so the
+    loop must not wait for the disk; and nobody counting in flight means the thread too."""
+    config = make_config(tmp_path)
+    threads: list[int] = []
+    log = AuditLog.open(config, version="t", fdatasync=_thread_recording_fdatasync(threads))
+
+    async def main() -> int:
+        log.start(asyncio.get_running_loop())
+        threads.clear()
+        seq = log.append(statement(1))
+        await log.durable(seq)  # type: ignore[misc]  # nobody counts in flight yet
+        log.note_inflight(2)
+        seq = log.append(statement(2))
+        await log.durable(seq)  # type: ignore[misc]
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(main())
+        assert len(threads) == 2 and loop_thread not in threads
+        assert log._commit.inline_rounds == 0
+    finally:
+        log.close()
+    check_tree(config)
+
+
+def test_a_failed_sync_on_the_loop_rolls_back_and_fails_the_waiting(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    threads: list[int] = []
+    failing = threading.Event()
+    log = AuditLog.open(config, version="t", fdatasync=_thread_recording_fdatasync(threads, failing))
+
+    async def main() -> tuple[int, list[Any], int]:
+        log.start(asyncio.get_running_loop())
+        log.note_inflight(5)
+        seq = log.append(statement(0))
+        await log.durable(seq)  # type: ignore[misc]
+        durable = log.durable_size
+        failing.set()
+        threads.clear()
+        seqs = [log.append(statement(i)) for i in range(1, 6)]  # all five in flight wait
+        outcomes = await asyncio.gather(*(log.durable(s) for s in seqs), return_exceptions=True)  # type: ignore[misc]
+        return durable, outcomes, threading.get_ident()
+
+    try:
+        durable, outcomes, loop_thread = asyncio.run(main())
+        assert threads == [loop_thread]  # the failing sync ran on the loop
+        assert all(isinstance(o, AuditUnavailable) and "Input/output error" in str(o) for o in outcomes)
+        assert log.size == durable  # rolled back: the file and the tree
+        assert log.append(statement(42)) == durable + 1
+    finally:
+        log.close()
+    records = lines(config)
+    failure = records[durable]
+    assert failure["type"] == "audit.failure" and failure["refused"] == 5
+    assert failure["lost"] == {"from": durable, "to": durable + 4}
+    assert not any(r.get("stmt") in (1, 2, 3, 4, 5) for r in records)
+    check_tree(config)
+
+
+def test_a_slow_sync_on_the_loop_sends_the_next_ones_to_the_thread(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(store_commit, "INLINE_SYNC_MAX_SECONDS", -1.0)  # every sync is "slow"
+    monkeypatch.setattr(store_commit, "INLINE_BACKOFF_SECONDS", 3600.0)
+    config = make_config(tmp_path)
+    threads: list[int] = []
+    log = AuditLog.open(config, version="t", fdatasync=_thread_recording_fdatasync(threads))
+
+    async def main() -> int:
+        log.start(asyncio.get_running_loop())
+        threads.clear()
+        log.note_inflight(1)
+        for i in range(3):
+            await log.durable(log.append(statement(i)))  # type: ignore[misc]
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(main())
+        assert threads[0] == loop_thread and len(threads) == 3 and loop_thread not in threads[1:]
+    finally:
+        log.close()
+    check_tree(config)
