@@ -81,7 +81,7 @@ LAZY_SYNC_SECONDS = 0.01
 # A sync run on the loop's thread that takes longer than this (a slow or stalling disk)
 # sends the next ones to the sync thread for INLINE_BACKOFF_SECONDS: while a sync runs
 # inline the whole loop waits, so it is only worth it on a disk that answers quickly.
-INLINE_SYNC_MAX_SECONDS = 0.002
+INLINE_SYNC_MAX_SECONDS = 0.05
 INLINE_BACKOFF_SECONDS = 1.0
 
 

@@ -84,8 +84,8 @@ class SegmentWriter:
     thread does that work, never an append.
     """
 
-    __slots__ = ("dir_dirty", "directory", "fd", "held", "held_bytes", "lock", "offset", "retired", "retired_ends",
-                 "seg_start", "segdir", "segment_bytes", "size", "tail_dirty", "tree")
+    __slots__ = ("_check_paths", "dir_dirty", "directory", "fd", "held", "held_bytes", "lock", "offset", "retired",
+                 "retired_ends", "seg_start", "segdir", "segment_bytes", "size", "tail_dirty", "tree")
 
     def __init__(self, directory: Path, segment_bytes: int) -> None:
         self.lock = threading.RLock()  # the write position: appends, snapshots, rollbacks
@@ -100,6 +100,7 @@ class SegmentWriter:
         self.retired: list[int] = []
         self.retired_ends: dict[int, tuple[int, int, int]] = {}  # fd -> (first seq, bytes, records end)
         self.dir_dirty = False
+        self._check_paths: dict[int, str] = {}  # the path check() stats, by segment (made once)
         self.tail_dirty = False  # a failed write could not be cut off the segment yet
         # Lines counted in size and tree but not written yet (hold/flush); offset is the
         # file's: written bytes only.
@@ -216,24 +217,30 @@ class SegmentWriter:
         return self._check_file(self.fd, self.seg_start, self.offset, self.size)
 
     def _check_file(self, fd: int, seg_start: int, offset: int, size: int) -> Damage | None:
-        path = self.segdir / segment_name(seg_start)
+        name = segment_name(seg_start)
+        path = self._check_paths.get(seg_start)
+        if path is None:  # once per segment: this runs every sync round
+            self._check_paths = {seg_start: (path := os.path.join(self.segdir, name))}
         st = os.fstat(fd)
-        found: dict[str, object] = {"segment": path.name, "first_seq": seg_start, "records_written": size,
-                                    "bytes_written": offset, "bytes_found": st.st_size, "inode": st.st_ino}
         try:
             at_path = os.stat(path)
         except FileNotFoundError:
+            at_path = None
+        if at_path is not None and (at_path.st_ino, at_path.st_dev) == (st.st_ino, st.st_dev) \
+                and st.st_size == offset:
+            return None
+        found: dict[str, object] = {"segment": name, "first_seq": seg_start, "records_written": size,
+                                    "bytes_written": offset, "bytes_found": st.st_size, "inode": st.st_ino}
+        if at_path is None:
             found["path_inode"] = None
             return Damage(f"{path} was removed while it was being written", found)
         found["path_inode"] = at_path.st_ino
         if (at_path.st_ino, at_path.st_dev) != (st.st_ino, st.st_dev):
             return Damage(f"{path} was replaced while it was being written (the writer's file is inode "
                           f"{st.st_ino}, the path names inode {at_path.st_ino})", found)
-        if st.st_size != offset:
-            how = "cut to" if st.st_size < offset else "grown to"
-            return Damage(f"{path} was {how} {st.st_size} bytes while it was being written "
-                          f"({offset} bytes written, records {seg_start}–{size - 1})", found)
-        return None
+        how = "cut to" if st.st_size < offset else "grown to"
+        return Damage(f"{path} was {how} {st.st_size} bytes while it was being written "
+                      f"({offset} bytes written, records {seg_start}–{size - 1})", found)
 
     def snapshot(self) -> Snapshot:
         """The position now, with the segments retired and the directory change since the
