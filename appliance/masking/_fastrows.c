@@ -88,12 +88,16 @@ static int marks_push(Marks *m, Py_ssize_t start, Py_ssize_t length) {
     if (m->used == m->size) {
         Py_ssize_t size = m->size ? m->size * 2 : 16;
         Py_ssize_t *s = PyMem_Realloc(m->starts, (size_t)size * sizeof(Py_ssize_t));
-        if (s == NULL)
+        if (s == NULL) {
+            PyErr_NoMemory();  /* the caller returns NULL: an exception must be set */
             return -1;
+        }
         m->starts = s;
         Py_ssize_t *l = PyMem_Realloc(m->lengths, (size_t)size * sizeof(Py_ssize_t));
-        if (l == NULL)
+        if (l == NULL) {
+            PyErr_NoMemory();
             return -1;
+        }
         m->lengths = l;
         m->size = size;
     }
@@ -318,10 +322,8 @@ static PyObject *mask_copy_line(PyObject *self, PyObject *args) {
         goto done;
     }
     Py_ssize_t count = copy_line(line.buf, line.len, pci, table.buf, &marks);
-    if (count == -2) {
-        PyErr_NoMemory();
-        goto done;
-    }
+    if (count == -2)
+        goto done;  /* marks_push set MemoryError */
     if (count < 0) {
         result = Py_NewRef(Py_None);
         goto done;
@@ -386,10 +388,8 @@ static PyObject *mask_copy_run(PyObject *self, PyObject *args) {
             break;
         if (prefilter_hit(body, size)) {
             Py_ssize_t found = copy_line(body, size, pci, table.buf, &marks);
-            if (found == -2) {
-                PyErr_NoMemory();
+            if (found == -2)
                 goto done;
-            }
             if (found < 0)
                 break;
             if (found) {
