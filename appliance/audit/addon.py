@@ -344,7 +344,7 @@ class AuditAddon(Addon):
         with ``wait`` what to wait for before its statement runs (``AuditLog.append_waiting``).
         Raises what the log raises."""
         append = self.log.append_waiting if wait else self.log.append
-        scrubbed = _scrubbed(_clean(record))
+        scrubbed = _scrubbed(record, clean=True)
         try:
             return append(scrubbed, trusted=True)
         except ValueError:  # canonical.dumps: a lone surrogate (or a value outside the model)
@@ -467,20 +467,25 @@ def _unrecorded(exc: BaseException) -> Reject:
 _DIGESTS = frozenset({"text_sha256", "sha256"})
 
 
-def _scrubbed(record: dict[str, Any]) -> dict[str, Any]:
+def _scrubbed(record: dict[str, Any], *, clean: bool = False) -> dict[str, Any]:
     """The record with every string in it — column names, tags, messages, application_name,
     db_user, reasons, sample values, nested ones too — searched once more with the side
     channels' wider search (:func:`appliance.pan.sidechannel.mask_side`): whatever an agent
     makes the server or the appliance say, the log never holds a card number, and stays
-    verifiable."""
+    verifiable. ``clean``: and without its None values (:func:`_clean`), in the same pass."""
     parts: list[str] = []
+    absent = False
     for key, value in record.items():
         kind = type(value)
         if kind is str:
             if key not in _DIGESTS:
                 parts.append(value)
-        elif not (value is None or kind is int or kind is bool):
+        elif value is None:
+            absent = True
+        elif not (kind is int or kind is bool):
             _strings(value, parts)
+    if absent and clean:
+        record = _clean(record)
     # Almost every record: all its strings at once, NUL-separated (a NUL ends every shape,
     # so the whole is clean only if each string is).
     if clean_text("\0".join(parts)):

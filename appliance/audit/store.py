@@ -203,7 +203,8 @@ class AuditLog:
             raise AuditUnavailable("the audit log is closed")
         end = self._end
         commit = self._commit
-        hold = commit.holds_appends()
+        on_loop = commit.on_kick_loop()
+        hold = commit.holds_appends(on_loop)
         if not hold and end.held:
             self._flush_locked()  # in order: what the loop holds goes first
         if end.offset + end.held_bytes >= self._segment_bytes:
@@ -222,7 +223,7 @@ class AuditLog:
                 end.append(data)
             except OSError as exc:
                 self._write_failed(exc)
-        commit.appended(seq + 1)
+        commit.appended(seq + 1, on_loop)
         return seq
 
     def _flush_locked(self) -> None:

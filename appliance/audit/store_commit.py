@@ -184,18 +184,24 @@ class GroupCommit:
 
     # --- on the appending side -----------------------------------------------------------------
 
-    def holds_appends(self) -> bool:
-        """Under the lock: should an append now be held (fsync mode, on the loop) rather
-        than written at once?"""
+    def on_kick_loop(self) -> bool:
+        """Is this the loop's thread, in fsync mode? (Asked once per append.)"""
         loop = self._kick_loop
-        return loop is not None and self.broken is None and _running_loop() is loop
+        return loop is not None and _running_loop() is loop
 
-    def appended(self, size: int) -> None:
-        """Under the lock, after an append made the log ``size`` records long."""
+    def holds_appends(self, on_loop: bool) -> bool:
+        """Under the lock: should an append now be held (fsync mode, ``on_loop``) rather
+        than written at once?"""
+        return on_loop and self.broken is None
+
+    def appended(self, size: int, on_loop: bool) -> None:
+        """Under the lock, after an append made the log ``size`` records long (``on_loop``:
+        :meth:`on_kick_loop`)."""
         if self._waiting and size >= self._wake_at:
             self._wake.set()
-        loop = self._kick_loop
-        if loop is not None and _running_loop() is loop:
+        if on_loop:
+            loop = self._kick_loop
+            assert loop is not None
             if not self._turn_scheduled:  # write what this iteration holds once it is over
                 self._turn_scheduled = True
                 loop.call_soon(self._end_of_turn)
