@@ -14,6 +14,7 @@ import sys
 
 from appliance.config import ConfigError
 from appliance.intercept.base import InterceptError
+from appliance.proxy.journal import JournalHandler, handler_for_stderr
 
 COMMAND_MODULES = (
     "appliance.composition",
@@ -44,10 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # Under systemd, records go to journald with structured fields (the journal stamps
+    # time and priority itself); elsewhere, text on stderr.
+    handler = handler_for_stderr()
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2) if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
+        format="%(message)s" if isinstance(handler, JournalHandler)
+        else "%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=[handler],
     )
     try:
         return int(args.handler(args) or 0)

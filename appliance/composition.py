@@ -40,6 +40,7 @@ from appliance.policy.holder import PolicyHolder
 from appliance.policy.rules import PolicyError
 from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
 from appliance.proxy.hooks import Addon, AddonManager, AddonOrderError
+from appliance.proxy.sdnotify import Notifier, Watchdog
 from appliance.proxy.server import ProxyServer
 
 log = logging.getLogger("tollgate")
@@ -171,9 +172,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return runner(serve(config, method, assembly, intercept=not args.no_intercept))
 
 
-async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: bool = True) -> int:
+async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: bool = True,
+                notifier: Notifier | None = None) -> int:
     addons = assembly.addons
     server = ProxyServer(config, method, addons, assembly.authenticator)
+    # systemd's Type=notify: READY only once the ruleset diverts to a listening proxy.
+    notifier = notifier or Notifier()
+    notifier.status("opening the audit log and the addons")
     try:
         await addons.open()  # the audit log is open before the first session can start
     except AuditError as exc:
@@ -191,6 +196,7 @@ async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: b
     try:
         await addons.start(server.control)
         if intercept:
+            notifier.status("applying the intercept ruleset")
             # pyroute2 drives an event loop of its own, which can't nest inside ours.
             await asyncio.to_thread(method.setup, config)
     except BaseException:
@@ -204,10 +210,21 @@ async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: b
     targets = ", ".join(f"{t.name} ({', '.join(map(str, t.endpoints))})" for t in config.targets)
     log.info("listening on port %d (%s intercept); protecting %s", config.proxy.listen_port,
              config.intercept.method, targets or "nothing")
+    summary = f"port {config.proxy.listen_port}, {config.intercept.method}{'' if intercept else ' (not applied)'}"
+    notifier.ready(f"ready: {summary}; 0 sessions")
+    watchdog = None
+    if notifier.watchdog_interval is not None:
+        watchdog = Watchdog(notifier, notifier.watchdog_interval,
+                            lambda: f"ready: {summary}; {len(server.sessions)} sessions")
+        watchdog.start()
     # The lab and service managers wait for this exact line.
     print("tollgate: ready", file=sys.stderr, flush=True)
     await stop.wait()
     log.info("shutting down")
+    notifier.stopping()
+    if watchdog is not None:
+        watchdog.stop()
     await server.close()
     await addons.close()
+    notifier.close()
     return 0

@@ -147,6 +147,12 @@ class EnforcementAddon(Addon):
             decision = _stricter(decision, policy.decide(groups, target, text))
         statement.decision = decision
         action = decision.action
+        if action is Action.BLOCK or action is Action.HOLD:
+            # Every statement is in the audit log; the journal gets what an operator watches
+            # for, with fields to filter on (appliance.proxy.journal).
+            log.info("session %s: %s by rule %s", session.id, "blocked" if action is Action.BLOCK else "held",
+                     decision.rule, extra={"session_id": session.id, "identity": requester(session)["subject"],
+                                           "decision": action.value, "rule": decision.rule, "target": target})
         if action is Action.BLOCK:
             return _reject(decision)
         if action is Action.HOLD:

@@ -309,7 +309,11 @@ class Session:
     def _fatal(self, sqlstate: str, message: str, detail: str | None = None, hint: str | None = None) -> None:
         if self.phase is Phase.CLOSED:
             return
-        log.warning("session %s (%s → %s) ended: %s", self.info.id, self.info.client, self.info.destination, message)
+        info = self.info
+        log.warning("session %s (%s → %s) ended: %s", info.id, info.client, info.destination, message,
+                    extra={"session_id": info.id, "client": str(info.client),
+                           "identity": info.identity.subject if info.identity is not None else None,
+                           "decision": "end", "target": info.target.name if info.target is not None else None})
         if not self.responses.in_stream:
             # Inside a message already half sent an ErrorResponse would be read as part
             # of it: then the connection is cut instead.
