@@ -333,7 +333,7 @@ class AuditLog:
         wait up to ``witness_timeout`` seconds for a quorum of them to cosign it (``close``
         does; the entry's ``witnessed`` says whether they did). Never on the event loop's
         thread with a timeout: the control socket's ops run there."""
-        with self._commit.commit_lock:
+        with self._commit.commit_lock, self._commit.sign_lock:
             self._commit.repair_if_broken()
             entry = self._checkpoints.sign(self._commit.sync_snapshot())
         if entry is None:
@@ -365,7 +365,7 @@ class AuditLog:
         new one from S) and a checkpoint at S with the new key. Appends wait meanwhile."""
         if root_key.verifier_key() != self.keyring.root_verifier_text:
             raise keys.AuditKeyError(f"the root key given is not the one {self.config.keys_dir / 'root.pub'} names")
-        with self._commit.commit_lock, self._lock:
+        with self._commit.commit_lock, self._commit.sign_lock, self._lock:
             self._commit.repair_if_broken()
             if self._outage.failure is not None:
                 self._recover_from_failure()

@@ -59,7 +59,7 @@ def checkpoint_root(entry: dict[str, Any]) -> bytes:
 class Checkpointer:
     """Signs checkpoints of durable positions, in order; see the module docstring.
 
-    Only the sync thread, or a caller holding the group commit's lock, calls :meth:`sign`.
+    Only a caller holding the group commit's ``sign_lock`` calls :meth:`sign`.
     """
 
     def __init__(self, config: AuditConfig, keyring: KeyRing, fdatasync: Callable[[int], None]) -> None:

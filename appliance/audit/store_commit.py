@@ -30,8 +30,13 @@
   the thread for a while (``INLINE_SYNC_MAX_SECONDS``).
 * The same thread signs checkpoints when the :class:`~appliance.audit.store_checkpoints.Checkpointer`
   says one is due.
-* A sync round and anything else that signs are serialised by ``commit_lock``, so a
-  checkpoint is always over exactly what was made durable, with the key valid at that size.
+* Sync rounds are serialised by ``commit_lock``; signing by ``sign_lock``. The sync thread
+  signs a checkpoint of the position its round made durable after letting go of
+  ``commit_lock`` (a statement's sync does not wait for the signature, the checkpoint's
+  own fdatasync and state.json), and not at all if a larger one was signed meanwhile.
+  Whatever syncs and signs at once (``checkpoint_now``, a key rotation) takes
+  ``commit_lock`` then ``sign_lock``, so a checkpoint is always over what was made
+  durable, in order, with the key valid at its size.
 
 An ``fdatasync`` that fails may have lost what the kernel held: the segment and the tree
 are rolled back to the last durable point, the futures beyond it fail (their statements
@@ -124,7 +129,8 @@ class GroupCommit:
 
     def __init__(self, end: SegmentWriter, checkpoints: Checkpointer, outage: Outage, *, fsync_mode: bool,
                  fdatasync: Callable[[int], None]) -> None:
-        self.commit_lock = threading.Lock()  # sync rounds and signing, in order
+        self.commit_lock = threading.Lock()  # sync rounds, and what signs right after its own sync
+        self.sign_lock = threading.Lock()  # signing: after commit_lock, or alone (the sync thread)
         self._end = end
         self._lock = end.lock
         self._checkpoints = checkpoints
@@ -570,7 +576,9 @@ class GroupCommit:
                     with self.commit_lock:
                         if self._stopping:
                             break
-                        self._round()
+                        snap = self._round()
+                    if snap is not None:  # signed after the lock is let go: syncs don't wait for it
+                        self._sign_if_due(snap)
                     continue
                 self._waiting = True
                 now = time.monotonic()
@@ -612,12 +620,23 @@ class GroupCommit:
             return self._repair_at
         return self._checkpoints.deadline()
 
-    def _round(self) -> None:
-        """Under commit_lock: sync what is written; sign a checkpoint if one is due."""
+    def _round(self) -> Snapshot | None:
+        """Under commit_lock: sync what is written; the position synced, if it was."""
         if self.damaged is not None or (self.broken is not None and not self._try_repair()):
-            return
+            return None
         snap = self._checked_snapshot()
         if snap is None or not self.sync(snap):
-            return
-        if self._checkpoints.due(time.monotonic(), snap.size) and self.intact():
-            self._checkpoints.sign(snap)
+            return None
+        return snap
+
+    def _sign_if_due(self, snap: Snapshot) -> None:
+        """Sign a checkpoint of ``snap`` (durable) if one is due, under ``sign_lock`` only:
+        a statement's sync may run meanwhile. What it was made durable stays so (a rollback
+        goes back to the durable point, never before it); a checkpoint signed meanwhile of
+        a larger size (a key rotation's, checkpoint_now's) makes this one moot, and it is
+        not signed: checkpoints go in order, each with the key valid at its size."""
+        with self.sign_lock:
+            checkpoints = self._checkpoints
+            if snap.size >= checkpoints.signed_size and checkpoints.due(time.monotonic(), snap.size) \
+                    and self.intact():
+                checkpoints.sign(snap)

@@ -791,3 +791,44 @@ def test_a_slow_sync_on_the_loop_sends_the_next_ones_to_the_thread(tmp_path: Pat
     finally:
         log.close()
     check_tree(config)
+
+
+def test_a_statements_sync_does_not_wait_for_a_checkpoint_being_signed(tmp_path: Path, monkeypatch) -> None:
+    """The sync thread signs after letting go of the commit lock: while a signature is held
+    up, a statement's record is still made durable (here, by a round on the loop)."""
+    config = make_config(tmp_path, checkpoint_records=2)
+    log = AuditLog.open(config, version="t")
+    checkpoints = log._checkpoints
+    real_sign = checkpoints.sign
+    signing, release = threading.Event(), threading.Event()
+
+    def stalled_sign(snap: Any) -> Any:
+        if threading.current_thread().name == "audit-sync":
+            signing.set()
+            release.wait(60)
+        return real_sign(snap)
+
+    monkeypatch.setattr(checkpoints, "sign", stalled_sign)
+
+    async def main() -> tuple[int, int]:
+        log.start(asyncio.get_running_loop())
+        first = log.append(statement(1))
+        log.append(statement(2))
+        await log.durable(first)  # type: ignore[misc]  # a round on the thread: a checkpoint is due
+        assert await asyncio.to_thread(signing.wait, 60)  # ... and its signature is held up
+        log.note_inflight(1)
+        seq = log.append(statement(3))
+        waiting = log.durable(seq)
+        assert waiting is not None
+        await asyncio.wait_for(waiting, 60)  # durable while the signature still waits (it hung before)
+        assert not release.is_set()
+        release.set()
+        return seq, log.durable_size
+
+    try:
+        seq, durable = asyncio.run(main())
+        assert durable > seq
+    finally:
+        release.set()
+        log.close()
+    assert check_tree(config) >= 2
