@@ -24,6 +24,7 @@ COMMAND_MODULES = (
     "appliance.policy.cli",
     "appliance.holds.cli",
     "appliance.audit.cli",
+    "appliance.flows_cli",
     "appliance.dbadmin.cli",
     "appliance.witness.cli",
     "webui.cli",

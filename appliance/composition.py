@@ -29,6 +29,8 @@ from appliance.audit.keys import AuditKeyError, KeyRing
 from appliance.audit.store import AuditLog
 from appliance.audit.store_errors import AuditError
 from appliance.config import Config, ConfigError, load_config
+from appliance.flows.addon import FlowAddon
+from appliance.flows.bpf import GuardError
 from appliance.holds.broker import HoldBroker
 from appliance.identity.agent_auth import CertificateAuthenticator
 from appliance.intercept import get_method
@@ -45,7 +47,7 @@ from appliance.proxy.server import ProxyServer
 
 log = logging.getLogger("tollgate")
 
-ADDON_ORDER = ("enforcement", "masking", "audit")
+ADDON_ORDER = ("enforcement", "masking", "audit", "flows")
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Assembly:
     authenticator: AgentAuthenticator
     audit: AuditAddon | None = None
     policy: PolicyHolder | None = None
+    flows: FlowAddon | None = None
 
 
 def build(config: Config) -> Assembly:
@@ -83,6 +86,10 @@ def build(config: Config) -> Assembly:
         addons["audit"] = audit
     else:
         log.warning("no [audit] configured: sessions and statements are not recorded")
+    # The flow ledger's records go to the audit log's one writer, signed like the rest.
+    flows = FlowAddon(config, audit.record if audit is not None else None,
+                      audit.session_id if audit is not None else None)
+    addons["flows"] = flows
     try:
         manager = AddonManager(addons[name] for name in ADDON_ORDER if name in addons)
     except AddonOrderError as exc:
@@ -91,7 +98,7 @@ def build(config: Config) -> Assembly:
         _wire_policy(policy, manager, catalog, audit)
     if approvals is not None and audit is not None:
         approvals.listeners.append(audit.approval_event)
-    return Assembly(manager, authenticator_for(config), audit, policy)
+    return Assembly(manager, authenticator_for(config), audit, policy, flows)
 
 
 def _wire_policy(policy: PolicyHolder, manager: AddonManager, catalog: PgColumnCatalog | None,
@@ -180,9 +187,13 @@ async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: b
     notifier = notifier or Notifier()
     notifier.status("opening the audit log and the addons")
     try:
-        await addons.open()  # the audit log is open before the first session can start
+        # The audit log is open, and the flow guard attached, before the first session can start.
+        await addons.open()
     except AuditError as exc:
         raise ConfigError(f"audit log {config.audit.dir if config.audit else '?'}: {exc}") from None
+    except GuardError as exc:
+        raise ConfigError(f"{config.path}: flows: the bypass guard could not attach, so the proxy does not start "
+                          f"(set [flows] mode = \"ledger\" or \"off\" to run without it): {exc}") from None
     if assembly.audit is not None and assembly.policy is not None:  # which policy was in force from the start
         policy = assembly.policy
         assembly.audit.policy_reloaded(str(policy.path), policy.digest, policy.generation, None)

@@ -258,3 +258,31 @@ def test_bad_limits_name_file_key_and_problem(text: str, message: str):
     with pytest.raises(ConfigError) as caught:
         parse_config(text, Path("x.toml"))
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_the_flow_guard_is_on_by_default_and_configurable():
+    default = parse_config(TARGET_A, Path("x.toml"))
+    assert default.flows.mode == "guard" and default.flows.interfaces == () and default.flows.max_flows == 65536
+    assert default.targets[0].bypass == "drop"
+    config = parse_config(
+        "[flows]\nmode = 'ledger'\ninterfaces = ['agents0']\nmax_flows = 1024\nring_pages = 16\n"
+        "idle_seconds = 2\nmatch_seconds = 0.5\n" + TARGET_A + "\nbypass = 'record'\n", Path("x.toml"))
+    flows = config.flows
+    assert (flows.mode, flows.interfaces, flows.max_flows, flows.ring_pages) == ("ledger", ("agents0",), 1024, 16)
+    assert (flows.idle_seconds, flows.match_seconds) == (2.0, 0.5)
+    assert config.targets[0].bypass == "record"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[flows]\nmode = 'on'", "x.toml: flows.mode: must be one of guard, ledger, off"),
+    ("[flows]\nmax_flows = 10", "x.toml: flows.max_flows: must be between 64"),
+    ("[flows]\nring_pages = 3", "x.toml: flows.ring_pages: must be a power of two"),
+    ("[flows]\nidle_seconds = 0", "x.toml: flows.idle_seconds: must be a number of seconds above 0"),
+    ("[flows]\nsweep_seconds = true", "x.toml: flows.sweep_seconds: must be an integer or a number, not a boolean"),
+    ("[flows]\nguard = false", "x.toml: flows.guard: unknown key"),
+    (TARGET_A + "\nbypass = 'allow'", "x.toml: targets[0].bypass: must be 'drop' or 'record'"),
+])
+def test_bad_flows_config_names_file_key_and_problem(text: str, message: str):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, Path("x.toml"))
+    assert str(caught.value).startswith(message), str(caught.value)

@@ -336,6 +336,18 @@ class AuditAddon(Addon):
                              "user": "tollgate", "origin": "local", "object": f"policy:{path}", "file": path,
                              "sha256": digest, "generation": generation, "error": error}))
 
+    # ---- records of other features (the flow ledger) ----------------------------------------------
+
+    def session_id(self, session: SessionInfo) -> str | None:
+        """The id this log gives ``session``'s records, if it has recorded any."""
+        state = session.addon_state.get(self.name)
+        return state.id if state is not None else None
+
+    def record(self, record: dict[str, Any]) -> None:
+        """Append a record another feature made (it has user, type, outcome, origin and
+        object), signed like every other: best effort, as for what already happened."""
+        self._append(record)
+
     # ---- writing ----------------------------------------------------------------------------------
 
     def _write(self, record: dict[str, Any], *, wait: bool = False) -> Any:

@@ -13,6 +13,7 @@ from .model import (
     ConfigError,
     Credential,
     Endpoint,
+    FlowsConfig,
     IdentityConfig,
     InterceptConfig,
     IPNetwork,
@@ -25,7 +26,7 @@ from .parse import load_config, parse_config
 
 __all__ = [
     "DEFAULT_MAX_PENDING_REQUESTS", "PG_MAX_MESSAGE",
-    "AuditConfig", "Config", "ConfigError", "Credential", "Endpoint", "IPNetwork",
+    "AuditConfig", "Config", "ConfigError", "Credential", "Endpoint", "FlowsConfig", "IPNetwork",
     "IdentityConfig", "InterceptConfig", "ProxyConfig", "Target", "WitnessConfig", "load_config", "normalize_address",
     "parse_config",
 ]

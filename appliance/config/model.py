@@ -99,6 +99,9 @@ class Target:
     # Other TCP ports of the target's addresses agents may reach directly (not through the
     # proxy); none by default: the gateway's forward filter drops everything else.
     allow_ports: tuple[int, ...] = ()
+    # What the eBPF bypass guard does with agent packets towards this target's addresses
+    # that the divert won't take: "drop" them, or only "record" them in the flow ledger.
+    bypass: str = "drop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,28 @@ class InterceptConfig:
     # Networks agents may reach only through the proxy (forward filter); every target
     # address is always protected too, as a /32 or /128.
     protected_subnets: tuple[IPNetwork, ...] = ()
+
+
+FLOW_MODES = ("guard", "ledger", "off")
+
+
+@dataclass(frozen=True, slots=True)
+class FlowsConfig:
+    """The eBPF flow ledger and bypass guard (appliance.flows, bpf/flows.bpf.c)."""
+
+    # "guard": the ledger, and bypasses dropped at TC ingress; `tollgate run` refuses to
+    # start if it can't attach. "ledger": recorded, never dropped, and a failure to attach
+    # is a warning. "off": nothing attached.
+    mode: str = "guard"
+    interfaces: tuple[str, ...] = ()  # default: intercept.agent_interfaces
+    max_flows: int = 65536  # flows the kernel map holds; one more is counted as overflow
+    ring_pages: int = 64  # the close events' ring buffer, in pages (a power of two)
+    sweep_seconds: float = 1.0  # how often the map is swept
+    idle_seconds: float = 30.0  # a flow without TCP close (UDP, ICMP, dropped) ends this idle
+    tcp_idle_seconds: float = 3600.0  # an open TCP flow silent this long is ended (and removed)
+    report_seconds: float = 300.0  # a long flow is recorded (interim) this often
+    linger_seconds: float = 5.0  # a closed flow stays in the map this long (its last ACKs)
+    match_seconds: float = 5.0  # a flow and its session must meet within this, or flow.unmatched
 
 
 @dataclass(frozen=True, slots=True)
@@ -269,6 +294,7 @@ class Config:
     masking: MaskingConfig = MaskingConfig()
     approvals: ApprovalsConfig = ApprovalsConfig()
     audit: AuditConfig | None = None
+    flows: FlowsConfig = FlowsConfig()
     _by_endpoint: Mapping[Endpoint, Target] = field(repr=False, compare=False, default_factory=dict)
 
     def target_for(self, endpoint: Endpoint) -> Target | None:

@@ -19,6 +19,7 @@ from appliance.model.oidc import OIDCSettings
 
 from .model import (
     AGENT_AUTH_MODES,
+    FLOW_MODES,
     INTERCEPT_METHODS,
     PG_MAX_MESSAGE,
     TLS_MODES,
@@ -28,6 +29,7 @@ from .model import (
     ConfigError,
     Credential,
     Endpoint,
+    FlowsConfig,
     IdentityConfig,
     InterceptConfig,
     LegacySource,
@@ -239,10 +241,13 @@ def _parse_target(s: _Section, base: Path) -> Target:
         raise s.error("connect_timeout", "must be between 0 and 300 seconds")
     replication = s.get("allow_replication", bool, False)
     allow_ports = _allow_ports(s, endpoints)
+    bypass = s.get("bypass", str, "drop")
+    if bypass not in ("drop", "record"):
+        raise s.error("bypass", f"must be 'drop' or 'record', not {bypass!r}")
     credentials = _parse_credentials(s.section("credentials"), base)
     s.finish()
     return Target(name, endpoints, credentials, tls, ca_path, server_name, float(timeout), replication,
-                  allow_ports)
+                  allow_ports, bypass)
 
 
 def _allow_ports(s: _Section, endpoints: tuple[Endpoint, ...]) -> tuple[int, ...]:
@@ -258,6 +263,29 @@ def _allow_ports(s: _Section, endpoints: tuple[Endpoint, ...]) -> tuple[int, ...
                           "through the proxy")
         ports.append(port)
     return tuple(sorted(set(ports)))
+
+
+def _parse_flows(s: _Section) -> FlowsConfig:
+    d = FlowsConfig()
+    mode = s.get("mode", str, d.mode)
+    if mode not in FLOW_MODES:
+        raise s.error("mode", f"must be one of {', '.join(FLOW_MODES)}, not {mode!r}")
+    interfaces = _string_list(s, "interfaces")
+    max_flows = s.get("max_flows", int, d.max_flows)
+    if not 64 <= max_flows <= 1 << 22:
+        raise s.error("max_flows", "must be between 64 and 4194304")
+    ring_pages = s.get("ring_pages", int, d.ring_pages)
+    if ring_pages < 1 or ring_pages & (ring_pages - 1) or ring_pages > 1 << 16:
+        raise s.error("ring_pages", "must be a power of two between 1 and 65536")
+    seconds = {}
+    for name in ("sweep_seconds", "idle_seconds", "tcp_idle_seconds", "report_seconds", "linger_seconds",
+                 "match_seconds"):
+        value = s.get(name, (int, float), getattr(d, name))
+        if isinstance(value, bool) or not 0 < value <= 7 * 86400:
+            raise s.error(name, "must be a number of seconds above 0 (at most a week)")
+        seconds[name] = float(value)
+    s.finish()
+    return FlowsConfig(mode, interfaces, max_flows, ring_pages, **seconds)
 
 
 def _parse_oidc(s: _Section, base: Path) -> Any:
@@ -434,7 +462,8 @@ def parse_config(text: str, path: Path) -> Config:
     masking = _parse_masking(top.section("masking")) if "masking" in data else MaskingConfig()
     approvals = _parse_approvals(top.section("approvals"), path.parent) if "approvals" in data else ApprovalsConfig()
     audit = _parse_audit(top.section("audit"), path.parent, identity) if "audit" in data else None
-    top.used.update(("policy", "masking", "approvals", "audit"))
+    flows = _parse_flows(top.section("flows")) if "flows" in data else FlowsConfig()
+    top.used.update(("policy", "masking", "approvals", "audit", "flows"))
     if proxy.agent_auth == "certificate" and identity is None:
         raise ConfigError(f"{path}: proxy.agent_auth: 'certificate' needs an [identity] section")
     raw_targets = top.get("targets", list, [])
@@ -453,7 +482,7 @@ def parse_config(text: str, path: Path) -> Config:
                 raise section.error(f"addresses[{j}]", f"{ep} is already protected by target {by_endpoint[ep].name!r}")
             by_endpoint[ep] = target
         targets.append(target)
-    return Config(path, proxy, intercept, tuple(targets), identity, policy, masking, approvals, audit,
+    return Config(path, proxy, intercept, tuple(targets), identity, policy, masking, approvals, audit, flows,
                   by_endpoint)
 
 

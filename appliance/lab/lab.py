@@ -43,6 +43,7 @@ ISSUER_READY_LINE = "dev-oidc-issuer: ready"
 ENROLL_READY_LINE = "tollgate-enroll: ready"
 METHODS = ("redirect", "tproxy")
 LAYERS = ("masking", "policy")  # what set_audit(without=…) may leave out, for the benchmark
+FLOW_MODES = ("guard", "ledger", "off")  # the appliance's [flows] mode (appliance.flows)
 DIRECT_NODE = "direct"  # where clients of the database's direct address run
 TARGET_NAME = proxy_config.TARGET_NAME
 LAB_ONLY_NOTE = "lab-only credentials, generated for this lab; never use them anywhere else"
@@ -75,7 +76,7 @@ class Lab:
     def __init__(self, name: str | None = None, *, owner_pid: int | None = None, proxy: bool = True,
                  method: str = "redirect", root: Path = st.LAB_ROOT, suite_role: bool = False,
                  agent_auth: str = "certificate", policy: str = "lab", audit: str = "fsync",
-                 audit_dir: Path | None = None, agent_direct: bool = False):
+                 audit_dir: Path | None = None, agent_direct: bool = False, flows: str = "guard"):
         try:
             self.name = st.validate_name(name) if name else st.generate_name()
         except st.StateError as exc:
@@ -107,6 +108,11 @@ class Lab:
         # out of protected_subnets): only for tests that compare both paths from one process.
         # Other direct clients run in the "direct" namespace (DIRECT_NODE).
         self.agent_direct = agent_direct
+        # The eBPF flow ledger and bypass guard on the gateway's agent link: "guard" (the
+        # default, as in production), "ledger" (recorded, never dropped) or "off".
+        if flows not in FLOW_MODES:
+            raise LabError(f"flows must be one of {', '.join(FLOW_MODES)}, not {flows!r}")
+        self.flows = flows
         self._audit_dir = Path(audit_dir) if audit_dir is not None else None  # e.g. a small tmpfs (tests)
         self.root = root
         self.dir = st.lab_dir(self.name, root)
@@ -138,7 +144,7 @@ class Lab:
                   agent_auth=proxy.get("agent_auth", "trust"), policy=proxy.get("policy", "lab"),
                   audit=proxy.get("audit", "off"),
                   audit_dir=Path(proxy["audit_dir"]) if proxy.get("audit_dir") else None,
-                  agent_direct=bool(proxy.get("agent_direct")))
+                  agent_direct=bool(proxy.get("agent_direct")), flows=proxy.get("flows", "guard"))
         lab.state = recorded
         lab.without = tuple(proxy.get("without", ()))
         owner = recorded.get("owner")
@@ -221,7 +227,8 @@ class Lab:
             "roles": {},
             "proxy": {"enabled": self.proxy_enabled, "method": self.method, "port": PROXY_PORT,
                       "agent_auth": self.agent_auth, "policy": self.policy, "audit": self.audit,
-                      "audit_dir": str(self.audit_dir), "agent_direct": self.agent_direct},
+                      "audit_dir": str(self.audit_dir), "agent_direct": self.agent_direct,
+                      "flows": self.flows},
         }
         self._save()
         try:
@@ -432,6 +439,34 @@ class Lab:
             init_audit_dir(load_config(self.config_path).audit)
             self._follow_audit_log()
         self.restart_proxy()
+
+    def set_flows(self, mode: str) -> None:
+        """Run the proxy with another [flows] mode ("guard", "ledger", "off"): rewrite its
+        config and restart it (the benchmark's guard on vs off; tests of the guard off)."""
+        if mode not in FLOW_MODES:
+            raise LabError(f"flows must be one of {', '.join(FLOW_MODES)}, not {mode!r}")
+        if mode == self.flows:
+            return
+        self.stop_proxy()
+        self.flows = mode
+        self.state["proxy"]["flows"] = mode
+        self._save()
+        self.config_path.write_text(render_proxy_config(self))
+        self.restart_proxy()
+
+    def flows_status(self, **request: object) -> dict[str, object]:
+        """What the proxy's flow ledger says (the control socket's ``flows``), or why not."""
+        from appliance.config import load_config
+        from appliance.proxy.control import control_request
+        proxy = self.state.get("pids", {}).get("proxy")
+        if not st.process_alive(proxy):
+            return {"mode": self.flows, "state": "proxy not running"}
+        try:
+            reply = control_request(load_config(self.config_path), {"op": "flows", **request})
+        except Exception as exc:  # noqa: BLE001 - status reports it rather than failing
+            return {"mode": self.flows, "state": "unknown", "error": str(exc)}
+        reply.pop("ok", None)
+        return reply
 
     def stop_proxy(self, timeout: float = 30.0) -> None:
         """Stop the proxy the way a service manager does (SIGTERM) and wait until it is gone."""
@@ -656,6 +691,7 @@ class Lab:
                 "audit": self.audit,
                 "audit_dir": str(self.audit_dir),
                 "agent_direct": self.agent_direct,
+                "flows": self.flows_status(status_only=True) if proxy_cfg.get("enabled") else None,
             },
             "agent_conninfo": self.conninfo(),
             "conninfo": {
@@ -673,7 +709,7 @@ def render_proxy_config(lab: Lab) -> str:
     return proxy_config.render(lab.name, lab.paths, method=lab.method, agent_auth=lab.agent_auth,
                                suite_role=lab.suite_role, audit=lab.audit, audit_dir=lab.audit_dir,
                                witness=(witness["name"], witness["key"]) if witness else None,
-                               agent_direct=lab.agent_direct, without=lab.without)
+                               agent_direct=lab.agent_direct, without=lab.without, flows=lab.flows)
 
 
 def gc(root: Path = st.LAB_ROOT) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ def witness_url() -> str:
 
 def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role: bool, audit: str,
            audit_dir: Path, witness: tuple[str, str] | None = None, agent_direct: bool = False,
-           without: tuple[str, ...] = ()) -> str:
+           without: tuple[str, ...] = (), flows: str = "guard") -> str:
     """The config (TOML; strings quoted as JSON, which TOML's basic strings are a superset of).
     ``without``: layers left out ("policy", "masking") — the benchmark's per-layer cost only."""
     q = json.dumps
@@ -60,6 +60,8 @@ def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role:
     roles = list(database.ROLES) + ([database.SUITE_ROLE] if suite_role else [])
     for role in roles:
         lines += ["", f"[targets.credentials.{role}]", f"password_file = {q(str(paths.password_file(role)))}"]
+    # The eBPF ledger and guard attach to agent_interfaces (the gateway's agent link).
+    lines += ["", "[flows]", f"mode = {q(flows)}"]
     if "policy" not in without:
         lines += ["", "[policy]", f"file = {q(str(paths.policy))}", "reload_seconds = 0.2"]
     if "masking" in without:
