@@ -275,6 +275,12 @@ def replay_lines(records: Iterable[dict[str, Any]], *, results: bool = True) -> 
                    f"{r.get('masked', 0)} values masked, {_duration(r.get('duration_us'))}")
         elif kind == "session.refused":
             yield f"{at}  session REFUSED: {r.get('reason', '-')}"
+        elif kind == "flow":  # the eBPF ledger's record of the session's connection (appliance.flows)
+            reason = f" ({r['reason']})" if r.get("reason") else ""
+            yield (f"{at}  flow {r.get('origin')} → {str(r.get('object', '')).removeprefix('flow:')} "
+                   f"{r.get('verdict', '?')}{reason}, {r.get('end', '?')}: packets {r.get('packets_in')}/"
+                   f"{r.get('packets_out')}, bytes {r.get('bytes_in')}/{r.get('bytes_out')}, "
+                   f"TCP flags {r.get('tcp_flags_in') or '-'}/{r.get('tcp_flags_out') or '-'}")
         else:
             yield f"{at}  {kind} ({r.get('outcome', '')})"
 

@@ -113,3 +113,13 @@ def test_replay_says_which_client_encoding_the_text_was_converted_from() -> None
     assert "      SELECT 'ソ' FROM cards" in text
     records[1] = {**records[1], "client_encoding": "UTF8"}
     assert "encoding  " not in "\n".join(replay_lines(records))
+
+
+def test_replay_shows_the_sessions_flow() -> None:
+    """The eBPF ledger's record of the session's connection (appliance.flows) carries its id."""
+    flow = {"type": "flow", "time": T.format(9), **BASE, "outcome": "success", "object": "flow:10.0.0.9:5432",
+            "verdict": "intercepted", "reason": "", "end": "closed", "packets_in": 12, "packets_out": 10,
+            "bytes_in": 1500, "bytes_out": 4200, "tcp_flags_in": "FSPA", "tcp_flags_out": "FSPA"}
+    lines = list(replay_lines([*session(), flow]))
+    assert lines[-1] == ("12:00:09.123456  flow 10.0.0.5:51234 → 10.0.0.9:5432 intercepted, closed: packets 12/10, "
+                         "bytes 1500/4200, TCP flags FSPA/FSPA")
