@@ -61,7 +61,8 @@ class Case:
     each transaction returns, to report rows per second. ``audit``: the audit log setting
     the proxy runs with for this case ("fsync", the default and the lab's, "write", "off").
     ``without``: layers the proxy runs without for this case ("policy", "masking"), to show
-    what each costs.
+    what each costs. ``flows``: the eBPF flow ledger and guard's mode ("guard", the default
+    and the lab's, "ledger", "off").
     """
 
     name: str
@@ -77,11 +78,13 @@ class Case:
     rows_per_tx: int | None = None
     audit: str = "fsync"
     without: tuple[str, ...] = ()
+    flows: str = "guard"
 
     @property
     def setting(self) -> str:
         """The proxy's layers for this case, as the report names them."""
-        return self.audit + "".join(f", no {layer}" for layer in self.without)
+        flows = "" if self.flows == "guard" else f", flows {self.flows}"
+        return self.audit + "".join(f", no {layer}" for layer in self.without) + flows
 
     @property
     def clients(self) -> int:
@@ -157,6 +160,16 @@ register(Case("c8-simple-no-masking", ("-S", "-c", "8", "-j", "2", "-M", "simple
 register(Case("c8-simple-core-only", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
               "select-only, 8 clients, the session core alone (no audit log, masking or policy)",
               paths=("tollgate",), compare_to="c8-simple", audit="off", without=("masking", "policy")))
+
+# The eBPF flow ledger and bypass guard (issue 18): every case above runs with it, as
+# shipped (TC ingress and egress on the gateway's agent link). Without it, in the same run:
+# its cost, against c8-simple and c1-simple (target: at most 2%).
+register(Case("c8-simple-guard-off", ("-S", "-c", "8", "-j", "2", "-M", "simple"),
+              "select-only, 8 clients, no eBPF flow ledger or guard", paths=("tollgate",), compare_to="c8-simple",
+              flows="off"))
+register(Case("c1-simple-guard-off", ("-S", "-c", "1", "-j", "1", "-M", "simple"),
+              "select-only, 1 client, no eBPF flow ledger or guard", paths=("tollgate",), per_statement=True,
+              compare_to="c1-simple", flows="off"))
 
 # Masking on a large result: every row carries a Luhn-valid PAN that Tollgate masks on the
 # way. Rows per second vs direct, and the proxy's peak RSS, which must not grow with the

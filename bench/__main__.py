@@ -290,12 +290,14 @@ def run_case(ctx: Context, case: Case, paths: list[str], *, duration: int, repea
 
 
 AUDIT_LOG_CASE = "audit-log"  # not pgbench: the audit log's own rates (bench/audit_log.py)
+FLOW_FLOOD_CASE = "flow-flood"  # not pgbench: the flow ledger under 10,000 short connections (bench/flow_flood.py)
+BPF_COST_CASE = "bpf-cost"  # not pgbench: the eBPF programs' time per packet (bench/bpf_cost.py)
 
 
 def select_cases(names: list[str] | None) -> list[Case]:
     if not names:
         return list(CASES.values())
-    names = [n for n in names if n != AUDIT_LOG_CASE]
+    names = [n for n in names if n not in (AUDIT_LOG_CASE, FLOW_FLOOD_CASE, BPF_COST_CASE)]
     unknown = [n for n in names if n not in CASES]
     if unknown:
         raise BenchError(f"unknown case(s) {', '.join(unknown)}; known: {', '.join(CASES)}")
@@ -431,6 +433,9 @@ def _run_one(ctx: Context, args: argparse.Namespace, case: Case, paths: list[str
     if "tollgate" in paths and (ctx.lab.audit, ctx.lab.without) != (case.audit, tuple(sorted(case.without))):
         log.info("bench: restarting the proxy with audit %s", case.setting)
         ctx.lab.set_audit(case.audit, case.without)
+    if "tollgate" in paths and ctx.lab.flows != case.flows:
+        log.info("bench: restarting the proxy with flows %s", case.flows)
+        ctx.lab.set_flows(case.flows)
     script = None
     if case.script is not None:
         script = ctx.workdir / f"{case.name}.sql"
@@ -457,11 +462,17 @@ def _main(args: argparse.Namespace) -> int:
     plan = [(c, [p for p in c.paths if p in wanted]) for c in cases]
     plan = [(c, ps) for c, ps in plan if ps]
     audit_log_case = not args.case or AUDIT_LOG_CASE in args.case
-    if not plan:
+    flow_flood_case = not args.case or FLOW_FLOOD_CASE in args.case
+    if not plan and not flow_flood_case:
+        if args.case and BPF_COST_CASE in args.case:
+            from bench import bpf_cost
+            print(bpf_cost.line(bpf_cost.measure()))
+            if not audit_log_case:
+                return 0
         if audit_log_case:
             return _audit_log_only()
         raise BenchError("nothing to run: no selected case runs on the selected paths")
-    paths_used = {p for _, ps in plan for p in ps}
+    paths_used = {p for _, ps in plan for p in ps} | ({"tollgate"} if flow_flood_case else set())
     missing = sorted({n for c, _ in plan for n in c.needs if n not in SETUPS})
     if missing:
         raise BenchError(f"cases need setup steps the harness does not have: {', '.join(missing)}")
@@ -489,6 +500,11 @@ def _main(args: argparse.Namespace) -> int:
             ctx = Context(lab, None, workdir)
             try:
                 measure(ctx, args, plan, paths_used, meta, results)
+                if flow_flood_case:
+                    from bench import flow_flood
+                    lab.set_audit("fsync")  # as shipped: the guard, and its records written durably
+                    lab.set_flows("guard")
+                    meta["flow_flood"] = flow_flood.measure(lab, progress=progress)
             finally:
                 if ctx.bouncer is not None:
                     ctx.bouncer.stop()  # before the lab goes (its teardown would only kill it)
@@ -501,6 +517,12 @@ def _main(args: argparse.Namespace) -> int:
     if audit_log_case:
         from bench import audit_log
         meta["audit_log"] = audit_log.measure(progress=progress)
+    if not args.case or BPF_COST_CASE in args.case:
+        from bench import bpf_cost
+        try:
+            meta["bpf_cost"] = bpf_cost.measure()
+        except Exception as exc:  # noqa: BLE001 - reported with the rest, not the end of the run
+            meta["bpf_cost"] = {"error": f"{type(exc).__name__}: {exc}"}
 
     meta["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     meta["host"]["loadavg_after"] = loadavg()
@@ -522,6 +544,12 @@ def _main(args: argparse.Namespace) -> int:
         print(line)
     if "audit_log" in meta:
         print(_audit_log_line(meta["audit_log"]))
+    if "flow_flood" in meta:
+        from bench import flow_flood
+        print(flow_flood.line(meta["flow_flood"]))
+    if "bpf_cost" in meta:
+        from bench import bpf_cost
+        print(bpf_cost.line(meta["bpf_cost"]))
     out = report.write_json(doc, args.results_dir, report.timestamp(started))
     print(f"\nload average after: {' '.join(map(str, meta['host']['loadavg_after']))}; results: {out}")
     failed = [f"{cr.case.name}/{p}" for cr in results for p, pr in cr.paths.items()
