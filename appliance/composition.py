@@ -41,7 +41,7 @@ from appliance.policy.addon import EnforcementAddon
 from appliance.policy.holder import PolicyHolder
 from appliance.policy.rules import PolicyError
 from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
-from appliance.proxy.hooks import Addon, AddonManager, AddonOrderError
+from appliance.proxy.hooks import PROXY_RUN, Addon, AddonManager, AddonOrderError
 from appliance.proxy.sdnotify import Notifier, Watchdog
 from appliance.proxy.server import ProxyServer
 
@@ -73,7 +73,8 @@ def build(config: Config) -> Assembly:
         catalog = PgColumnCatalog(config.targets)
         catalog.set_columns(policy.current.masked_columns)
         approvals = _approvals(config)
-        addons["enforcement"] = EnforcementAddon(policy, approvals, catalog, text_scrubber)
+        addons["enforcement"] = EnforcementAddon(policy, approvals, catalog, text_scrubber,
+                                                 console_url=config.webui.console_url or config.approvals.api_url)
     else:
         log.warning("no [policy] configured: statements are not checked against any policy "
                     "(card numbers are still masked)")
@@ -126,7 +127,7 @@ def _audit(config: Config, text_scrubber: Any) -> AuditAddon:
     sampling = audit_config.result_rows > 0 and audit_config.result_bytes > 0
     kind = SamplingAuditAddon if sampling else AuditAddon
     return kind(None, text_scrubber, result_rows=audit_config.result_rows, result_bytes=audit_config.result_bytes,
-                opener=lambda: AuditLog.open(audit_config, version=__version__))
+                opener=lambda: AuditLog.open(audit_config, version=__version__, run=PROXY_RUN))
 
 
 def _scrubber(config: Config) -> Any:

@@ -286,3 +286,32 @@ def test_bad_flows_config_names_file_key_and_problem(text: str, message: str):
     with pytest.raises(ConfigError) as caught:
         parse_config(text, Path("x.toml"))
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_webui_section_parses_with_defaults_when_absent(tmp_path: Path):
+    (tmp_path / "secret.txt").write_text("pencil\n")
+    assert parse_config(GOOD, tmp_path / "t.toml").webui.console_url is None
+    config = parse_config(GOOD + """
+[webui]
+console_url = "https://console.example:8443"
+auditor_groups = ["auditors"]
+admin_groups = ["tollgate-admins"]
+client_secret_file = "console.secret"
+idle_minutes = 15
+""", tmp_path / "t.toml")
+    webui = config.webui
+    assert webui.console_url == "https://console.example:8443" and webui.client_id == "tollgate-console"
+    assert webui.auditor_groups == ("auditors",) and webui.admin_groups == ("tollgate-admins",)
+    assert webui.client_secret_file == tmp_path / "console.secret" and webui.idle_minutes == 15
+
+
+@pytest.mark.parametrize("text, message", [
+    ('[webui]\nconsole_url = "http://x"', "webui.console_url: must be an https:// URL"),
+    ("[webui]\nidle_minutes = 0", "webui.idle_minutes: must be between 1 and 1440"),
+    ('[webui]\nauditor_groups = "auditors"', "webui.auditor_groups"),
+    ("[webui]\ncolour = 1", "colour"),
+])
+def test_bad_webui_config(text: str, message: str, tmp_path: Path):
+    (tmp_path / "secret.txt").write_text("pencil\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_config(GOOD + text, tmp_path / "t.toml")

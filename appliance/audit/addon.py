@@ -111,7 +111,7 @@ class AuditAddon(Addon):
         self.scrub = scrub
         self.result_rows = result_rows
         self.result_bytes = result_bytes
-        self._by_proxy_id: dict[int, _SessionAudit] = {}  # for approvals, which name sessions by SessionInfo.id
+        self._by_proxy_id: dict[str, _SessionAudit] = {}  # for approvals, which name sessions by SessionInfo.key
         self._decided: set[tuple[str, str]] = set()
         # Best-effort records that could not be written, by type, until audit.unrecorded says so.
         self._unrecorded: dict[str, int] = {}
@@ -141,8 +141,9 @@ class AuditAddon(Addon):
             target = session.target.name if session.target is not None else "?"
             base = {"user": _user(session), "origin": str(session.client),
                     "object": f"{target}/{session.database or '?'}"}
-            state = session.addon_state[self.name] = _SessionAudit(f"{self.log.run}-{session.id}", base)
-            self._by_proxy_id[session.id] = state
+            # The session's one id (SessionInfo.key): the live listing and approvals show it too.
+            state = session.addon_state[self.name] = _SessionAudit(session.key, base)
+            self._by_proxy_id[session.key] = state
         return state
 
     def session_start(self, session: SessionInfo) -> None:
@@ -158,7 +159,7 @@ class AuditAddon(Addon):
 
     def session_end(self, session: SessionInfo, reason: str) -> None:
         state = self._state(session)
-        self._by_proxy_id.pop(session.id, None)
+        self._by_proxy_id.pop(session.key, None)
         if state.open:
             self.log.note_inflight(-len(state.open))
             state.open.clear()
@@ -169,7 +170,7 @@ class AuditAddon(Addon):
 
     def session_refused(self, session: SessionInfo, reason: str) -> None:
         state = self._state(session)
-        self._by_proxy_id.pop(session.id, None)
+        self._by_proxy_id.pop(session.key, None)
         if session.auth_error is not None:
             self._append({"type": "auth.failure", "outcome": "failure", "session": state.id, **state.base,
                           "reason": self.scrub(session.auth_error), "target": _target(session)})
@@ -297,7 +298,7 @@ class AuditAddon(Addon):
 
     def approval_event(self, event: str, request: ApprovalRequest) -> None:
         """HoldBroker listener: a request was opened, or decided."""
-        state = self._by_proxy_id.get(_int(request.session_id))
+        state = self._by_proxy_id.get(request.session_id or "")
         base = dict(state.base) if state is not None else {"user": request.requester.subject,
                                                           "origin": request.client or "local",
                                                           "object": f"{request.target}/{request.database}"}
@@ -633,10 +634,3 @@ def _user(session: SessionInfo) -> str:
 
 def _target(session: SessionInfo) -> str | None:
     return session.target.name if session.target is not None else None
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None

@@ -19,6 +19,7 @@ from .model import (
     IPNetwork,
     ProxyConfig,
     Target,
+    WebuiConfig,
     WitnessConfig,
     normalize_address,
 )
@@ -27,6 +28,6 @@ from .parse import load_config, parse_config
 __all__ = [
     "DEFAULT_MAX_PENDING_REQUESTS", "PG_MAX_MESSAGE",
     "AuditConfig", "Config", "ConfigError", "Credential", "Endpoint", "FlowsConfig", "IPNetwork",
-    "IdentityConfig", "InterceptConfig", "ProxyConfig", "Target", "WitnessConfig", "load_config", "normalize_address",
-    "parse_config",
+    "IdentityConfig", "InterceptConfig", "ProxyConfig", "Target", "WebuiConfig", "WitnessConfig", "load_config",
+    "normalize_address", "parse_config",
 ]

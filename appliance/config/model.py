@@ -245,6 +245,23 @@ class ApprovalsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class WebuiConfig:
+    """The web console: where people reach it, who signs in, with which roles."""
+
+    # Base URL of the console as approvers' browsers reach it (default: approvals.api_url);
+    # a held agent's notice links its request there.
+    console_url: str | None = None
+    # OIDC client the console signs people in as (authorization code + PKCE).
+    client_id: str = "tollgate-console"
+    client_secret_file: Path | None = None  # absent: a public client, PKCE alone
+    auditor_groups: tuple[str, ...] = ()  # may read sessions, replays and the audit log
+    admin_groups: tuple[str, ...] = ()  # everything an auditor may, and the policy tester
+    idle_minutes: int = 30  # a sign-in unused this long is over
+    # Key that signs the console's cookies, shared by every worker (created when missing).
+    cookie_key_file: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WitnessConfig:
     """A witness the audit writer submits each checkpoint to (C2SP tlog-witness)."""
 
@@ -295,6 +312,7 @@ class Config:
     approvals: ApprovalsConfig = ApprovalsConfig()
     audit: AuditConfig | None = None
     flows: FlowsConfig = FlowsConfig()
+    webui: WebuiConfig = WebuiConfig()
     _by_endpoint: Mapping[Endpoint, Target] = field(repr=False, compare=False, default_factory=dict)
 
     def target_for(self, endpoint: Endpoint) -> Target | None:

@@ -37,6 +37,7 @@ from .model import (
     PolicyConfig,
     ProxyConfig,
     Target,
+    WebuiConfig,
     WitnessConfig,
 )
 
@@ -354,6 +355,24 @@ def _parse_masking(s: _Section) -> MaskingConfig:
     return MaskingConfig(enabled, pan_format)
 
 
+def _parse_webui(s: _Section, base: Path) -> WebuiConfig:
+    d = WebuiConfig()
+    console_url = s.get("console_url", str, None)
+    if console_url is not None and not console_url.startswith("https://"):
+        raise s.error("console_url", "must be an https:// URL")
+    client_id = s.get("client_id", str, d.client_id)
+    if not client_id:
+        raise s.error("client_id", "must not be empty")
+    idle = s.get("idle_minutes", int, d.idle_minutes)
+    if not 1 <= idle <= 24 * 60:
+        raise s.error("idle_minutes", "must be between 1 and 1440 (a day)")
+    config = WebuiConfig(console_url, client_id, s.optional_path("client_secret_file", base),
+                         _string_list(s, "auditor_groups"), _string_list(s, "admin_groups"), idle,
+                         s.optional_path("cookie_key_file", base))
+    s.finish()
+    return config
+
+
 def _parse_approvals(s: _Section, base: Path) -> ApprovalsConfig:
     d = ApprovalsConfig()
 
@@ -463,7 +482,8 @@ def parse_config(text: str, path: Path) -> Config:
     approvals = _parse_approvals(top.section("approvals"), path.parent) if "approvals" in data else ApprovalsConfig()
     audit = _parse_audit(top.section("audit"), path.parent, identity) if "audit" in data else None
     flows = _parse_flows(top.section("flows")) if "flows" in data else FlowsConfig()
-    top.used.update(("policy", "masking", "approvals", "audit", "flows"))
+    webui = _parse_webui(top.section("webui"), path.parent) if "webui" in data else WebuiConfig()
+    top.used.update(("policy", "masking", "approvals", "audit", "flows", "webui"))
     if proxy.agent_auth == "certificate" and identity is None:
         raise ConfigError(f"{path}: proxy.agent_auth: 'certificate' needs an [identity] section")
     raw_targets = top.get("targets", list, [])
@@ -483,7 +503,7 @@ def parse_config(text: str, path: Path) -> Config:
             by_endpoint[ep] = target
         targets.append(target)
     return Config(path, proxy, intercept, tuple(targets), identity, policy, masking, approvals, audit, flows,
-                  by_endpoint)
+                  webui=webui, _by_endpoint=by_endpoint)
 
 
 def load_config(path: str | Path) -> Config:

@@ -7,7 +7,7 @@ The enforcement addon calls, in the event loop, from a statement hook::
                           session_id=session.id)
     return Hold(broker.decision(request), ...)
 
-or, the same in one call with the addon's request dict, ``Hold(broker.hold(request, decision))``.
+or, the same in one call with the addon's request dict, ``request, outcome = broker.hold(request, decision)``.
 :meth:`HoldBroker.open` is a quick synchronous SQLite insert (it raises if the request can't
 be recorded: the addon refuses the statement, failing closed). :meth:`HoldBroker.decision`
 returns an :class:`asyncio.Future` resolving to:
@@ -262,10 +262,11 @@ class HoldBroker:
         self._ensure_poller()
         return future
 
-    def hold(self, request: Mapping[str, Any], decision: Any) -> asyncio.Future[Reject | None]:
+    def hold(self, request: Mapping[str, Any], decision: Any) -> tuple[ApprovalRequest, asyncio.Future[Reject | None]]:
         """:meth:`open` + :meth:`decision` for the enforcement addon's request dict
         (``requester_subject``/``_display``/``_kind``/``_groups``, ``session_id``, ``client``,
-        ``target``, ``database``, ``role``, ``sql``, ``params``, ``fingerprint``, ``shape``, ``free``)."""
+        ``target``, ``database``, ``role``, ``sql``, ``params``, ``fingerprint``, ``shape``, ``free``):
+        the request opened (its id is what the held client is told) and its outcome."""
         requester = Requester(str(request["requester_subject"]),
                               str(request.get("requester_display") or request["requester_subject"]),
                               str(request.get("requester_kind") or "unidentified"),
@@ -276,7 +277,7 @@ class HoldBroker:
                            session_id=request.get("session_id"), client=str(request.get("client") or ""),
                            role=str(request.get("role") or ""), shape=str(request.get("shape") or ""),
                            free=request.get("free"))
-        return self.decision(opened)
+        return opened, self.decision(opened)
 
     async def wait_for(self, request_id: str, timeout_seconds: float | None = None) -> Reject | None:
         """Wait for an existing request by id (``None``: approved). Cancelling withdraws it."""
@@ -304,6 +305,13 @@ class HoldBroker:
             waiter.future.set_result(verdict)
 
     def _notify(self, event: str, request: ApprovalRequest) -> None:
+        if event == "decision":
+            # tollgate.log tells a request's end as well as its opening.
+            last = request.votes[-1] if request.votes else None
+            who = f" by {last.approver_display}" if last is not None and request.status in ("approved", "denied") \
+                else ""
+            log.info("approval %s (session %s) %s%s: %s", request.id, request.session_id or "-", request.status, who,
+                     request.status_reason or (last.reason if last is not None else "-"))
         for listener in self.listeners:
             try:
                 listener(event, request)

@@ -1,7 +1,8 @@
 """A DEV-ONLY OpenID Connect issuer for the lab and the tests. Never use it for anything real.
 
-It trusts everyone: ``/authorize`` logs in a configured test user without asking, secrets
-are compared but stored in clear. Only its admin endpoints are guarded: they require a
+It trusts everyone: ``/authorize`` logs in a configured test user without a password (with
+``prompt=login`` it shows a form to pick one, as a browser sign-in would), secrets are
+compared but stored in clear. Only its admin endpoints are guarded: they require a
 bearer secret (``Authorization: Bearer …``, else 401), and with ``admin_bind`` they are
 served on a listener of their own — in the lab, the gateway's loopback, which the agent's
 namespace cannot reach — and not at all on the public one. It exists
@@ -15,8 +16,10 @@ Every response carries ``X-Tollgate-Dev-Only`` and every JSON body a ``dev_only`
 Endpoints: ``/.well-known/openid-configuration``; ``/jwks`` (the current key and, during a
 rotation's grace period, the previous ones); ``GET /authorize`` (authorization-code grant,
 auto-approved; ``login_hint`` picks the user, else the first configured one);
+``POST /authorize`` (the login form's answer: ``user`` and the original parameters);
 ``POST /token`` (``client_credentials``: an access token whose ``sub`` is the client;
-``authorization_code``: single-use codes, an ID token with ``nonce``, ``email``, groups);
+``authorization_code``: single-use codes, an ID token with ``nonce``, ``email``, groups;
+PKCE (RFC 7636, S256) checked when the code was asked for with a ``code_challenge``);
 ``POST /admin/rotate[?drop_old=1]`` (bearer secret; on the admin listener if there is one).
 """
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import html
 import ipaddress
 import json
 import secrets
@@ -85,6 +89,7 @@ class _Code:
     nonce: str | None
     auth_time: float
     expires_at: float
+    code_challenge: str | None = None  # PKCE S256: base64url(sha256(code_verifier))
 
 
 def check_bind_address(host: str) -> None:
@@ -346,9 +351,10 @@ class DevIssuer:
         def jwks() -> Response:
             return jsonify(self.jwks())
 
-        @app.get("/authorize")
+        @app.route("/authorize", methods=["GET", "POST"])
         def authorize() -> Any:
-            args = request.args
+            # The form posts the original query back as hidden fields, beside ``user``.
+            args = request.args if request.method == "GET" else request.form
             client = self.clients.get(args.get("client_id", ""))
             redirect_uri = args.get("redirect_uri", "")
             # Checked before anything is redirected: never bounce to an unregistered URI.
@@ -358,14 +364,23 @@ class DevIssuer:
                 return error(400, "invalid_request", "redirect_uri is not registered for this client")
             if args.get("response_type", "code") != "code":
                 return error(400, "unsupported_response_type", "only response_type=code")
-            user = args.get("login_hint") or next(iter(self.users), None)
+            method = args.get("code_challenge_method", "S256" if "code_challenge" in args else None)
+            if method not in (None, "S256"):
+                return error(400, "invalid_request", "only code_challenge_method=S256")
+            if request.method == "POST":
+                user = request.form.get("user")
+            elif args.get("prompt") == "login":
+                return login_form(args)
+            else:
+                user = args.get("login_hint") or next(iter(self.users), None)
             if user not in self.users:
                 return error(400, "invalid_request", f"no test user {user!r}")
             code = secrets.token_urlsafe(24)
             now = self.now()
             with self._lock:
                 self._codes[code] = _Code(args["client_id"], redirect_uri, user, args.get("nonce"),
-                                          auth_time=now, expires_at=now + CODE_TTL)
+                                          auth_time=now, expires_at=now + CODE_TTL,
+                                          code_challenge=args.get("code_challenge"))
             params = {"code": code, **({"state": args["state"]} if "state" in args else {})}
             url = urlsplit(redirect_uri)
             query = urlencode(parse_qsl(url.query) + list(params.items()))
@@ -409,6 +424,10 @@ class DevIssuer:
                 return error(400, "invalid_grant", "unknown, used or expired authorization code")
             if code.client_id != client_id or code.redirect_uri != request.form.get("redirect_uri"):
                 return error(400, "invalid_grant", "code was issued to another client or redirect_uri")
+            if code.code_challenge is not None:
+                verifier = request.form.get("code_verifier", "")
+                if not hmac.compare_digest(_b64(hashlib.sha256(verifier.encode()).digest()), code.code_challenge):
+                    return error(400, "invalid_grant", "code_verifier does not match the code_challenge (PKCE)")
             user = self.users[code.user]
             id_claims = self.base_claims(code.user, aud=client_id, azp=client_id, auth_time=int(code.auth_time),
                                          email=user.email, email_verified=True)
@@ -422,9 +441,34 @@ class DevIssuer:
                 id_token=self._sign(self._with_groups(id_claims, user.groups)),
                 token_type="Bearer", expires_in=self.token_ttl, dev_only=DEV_ONLY)
 
+        def login_form(args: Mapping[str, str]) -> Response:
+            hidden = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                             for k, v in args.items() if k != "user")
+            buttons = "".join(
+                f'<li><button type="submit" name="user" value="{html.escape(key)}">Sign in as '
+                f'<b>{html.escape(key)}</b> <small>{html.escape(u.email)} · '
+                f'{html.escape(", ".join(u.groups) or "no groups")}</small></button></li>'
+                for key, u in self.users.items())
+            page = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>Dev sign-in</title>'
+                    f'<meta name="viewport" content="width=device-width, initial-scale=1">'
+                    f'<style>{_LOGIN_CSS}</style></head><body><main><h1>Dev OIDC issuer: sign in</h1>'
+                    f'<p class="warn">{html.escape(DEV_ONLY)}. No passwords: pick a test user.</p>'
+                    f'<form method="post" action="/authorize">{hidden}<ul>{buttons}</ul></form></main></body></html>')
+            response = Response(page, mimetype="text/html")
+            response.headers["Content-Security-Policy"] = _LOGIN_CSP
+            return response
+
         if admin:
             self._add_admin_routes(app)
         return app
+
+
+_LOGIN_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+_LOGIN_CSS = ("body{font:20px/1.5 system-ui,sans-serif;background:#111;color:#eee;margin:0}"
+              "main{max-width:36rem;margin:2rem auto;padding:0 1rem}.warn{color:#fc6}"
+              "ul{list-style:none;padding:0}button{font:inherit;width:100%;text-align:left;margin:.4rem 0;"
+              "padding:.8rem 1rem;background:#224;color:#fff;border:2px solid #88f;border-radius:.4rem;cursor:pointer}"
+              "button:focus,button:hover{outline:3px solid #ff0}small{color:#ccc}")
 
 
 def _error(status: int, code: str, description: str) -> tuple[Response, int]:
@@ -444,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audience", required=True)
     parser.add_argument("--client", action="append", default=[], metavar="ID:SECRET_FILE:GROUP,GROUP",
                         help="a client-credentials client (repeatable)")
+    parser.add_argument("--code-client", action="append", default=[], metavar="ID:SECRET_FILE:REDIRECT_URI",
+                        help="a client of the authorization-code grant (a web sign-in; repeatable)")
     parser.add_argument("--user", action="append", default=[], metavar="EMAIL:GROUP,GROUP",
                         help="a person the code grant logs in (repeatable)")
     parser.add_argument("--admin-token-file", type=Path,
@@ -459,6 +505,9 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.client:
         client_id, secret_file, groups = [*spec.split(":", 2), ""][:3]
         clients[client_id] = DevClient(Path(secret_file).read_text().strip(), tuple(filter(None, groups.split(","))))
+    for spec in args.code_client:
+        client_id, secret_file, redirect_uri = spec.split(":", 2)
+        clients[client_id] = DevClient(Path(secret_file).read_text().strip(), (), (redirect_uri,))
     users = {}
     for spec in args.user:
         email, _, groups = spec.partition(":")

@@ -42,7 +42,7 @@ from appliance.pgwire.params import bind_params
 from appliance.policy.holder import PolicyHolder
 from appliance.policy.pins import encoding_change_problem, identifier_case_problem, session_problem
 from appliance.policy.shape import grant_keys
-from appliance.proxy.hooks import Addon, Hold, Reject, SessionInfo, Statement, StatementKind, Verdict
+from appliance.proxy.hooks import Addon, Hold, Notice, Reject, SessionInfo, Statement, StatementKind, Verdict
 
 if TYPE_CHECKING:
     from appliance.proxy.control import ControlOps
@@ -71,7 +71,8 @@ class Approvals(Protocol):
 
     def grant_allows(self, subject: str, target: str, fingerprint: str) -> bool: ...
 
-    def hold(self, request: dict[str, Any], decision: Decision) -> Awaitable[Reject | None]: ...
+    def hold(self, request: dict[str, Any], decision: Decision) -> tuple[Any, Awaitable[Reject | None]]:
+        """Open a request; (the request — its ``id`` and ``timeout_seconds`` —, its outcome)."""
 
     async def start(self) -> None: ...
 
@@ -96,8 +97,10 @@ class EnforcementAddon(Addon):
     name = "enforcement"
 
     def __init__(self, policy: PolicySource, approvals: Approvals | None = None, catalog: Catalog | None = None,
-                 scrub: Callable[[str], str] = lambda text: text):
+                 scrub: Callable[[str], str] = lambda text: text, console_url: str | None = None):
         self.policy = policy
+        # Where approvers decide (the web console's base URL): named in the held agent's notice.
+        self.console_url = console_url.rstrip("/") if console_url else None
         self.approvals = approvals
         self.catalog = catalog
         self.scrub = scrub
@@ -204,19 +207,30 @@ class EnforcementAddon(Addon):
                           detail=f"policy rule {decision.rule!r}")
         request = {
             **{f"requester_{k}": v for k, v in requester(session).items()},
-            "session_id": session.id, "client": str(session.client),
+            "session_id": session.key, "client": str(session.client),
             "target": session.target.name if session.target is not None else "",
             "database": session.database or "", "role": session.user or "",
             "sql": self.scrub(sql), "params": params, "fingerprint": keys.exact, "shape": keys.shape,
             "free": [self.scrub(part) for part in keys.free],
         }
         try:
-            waiting = self.approvals.hold(request, decision)
+            opened, waiting = self.approvals.hold(request, decision)
         except Exception as exc:  # the request could not even be recorded: fail closed
             log.exception("could not open an approval request")
             return Reject(BLOCKED_SQLSTATE, f"this statement needs approval, and the request could not be "
                           f"recorded: {exc}")
-        return Hold(waiting, f"waiting for approval (rule {decision.rule})")
+        return Hold(waiting, f"waiting for approval {opened.id} (rule {decision.rule})",
+                    notice=self._held_notice(opened, decision), approval=opened.id)
+
+    def _held_notice(self, opened: Any, decision: Decision) -> Notice:
+        """What the held agent is told at once: the approval id, the rule, where it is decided."""
+        where = f"{self.console_url}/approvals/{opened.id}" if self.console_url else \
+            f"`tollgate approvals show {opened.id}`"
+        seconds = getattr(opened, "timeout_seconds", None)
+        until = f" (at most {round(seconds)} s)" if seconds else ""
+        return Notice(f"statement held for approval {opened.id} by policy rule {decision.rule!r}",
+                      detail=decision.message or None,
+                      hint=f"an approver decides it at {where}; this session waits for the decision{until}")
 
     def _catalog_wait(self, session: SessionInfo, decision: Decision) -> Verdict:
         if not decision.masks or self.catalog is None or session.target is None:

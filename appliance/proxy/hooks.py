@@ -30,6 +30,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -60,6 +61,9 @@ class StatementKind(enum.Enum):
 
 
 _session_ids = itertools.count(1)
+# This proxy process's run: with the session's number it makes the session's one id
+# (SessionInfo.key), the same in the live listing, approvals, audit records and the console.
+PROXY_RUN = secrets.token_hex(6)
 
 
 @dataclass(eq=False)
@@ -91,6 +95,13 @@ class SessionInfo:
     masked_values: int = 0  # values masked on their way to the agent, whole session
     auth_error: str | None = None  # why the agent's authentication failed, when it did
     addon_state: dict[str, Any] = field(default_factory=dict)
+    run: str = PROXY_RUN
+
+    @property
+    def key(self) -> str:
+        """The session's id everywhere outside the process: ``<run>-<n>``, unique across
+        proxy restarts (the number alone starts again at 1)."""
+        return f"{self.run}-{self.id}"
 
 
 @dataclass(eq=False, slots=True)
@@ -169,11 +180,26 @@ class Reject:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """Something the client is told at once, as a NoticeResponse, while its statement waits."""
+
+    message: str
+    detail: str | None = None
+    hint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Hold:
-    """Pause this session until ``decision`` yields ``None`` (go ahead) or a Reject."""
+    """Pause this session until ``decision`` yields ``None`` (go ahead) or a Reject.
+
+    ``notice`` is sent to the client when the wait begins (a held agent hears why it waits
+    and where its request is decided); ``approval`` names the approval request it waits on,
+    for listings."""
 
     decision: Awaitable[Reject | None]
     description: str = ""
+    notice: Notice | None = None
+    approval: str | None = None
 
 
 Verdict = Reject | Hold | None

@@ -29,6 +29,7 @@ the bytes received; only requests that make the server act are looked at closely
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from time import perf_counter_ns
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -95,6 +96,7 @@ class RequestPipeline:
         # arriving in many reads is framed once, not re-copied per read.
         self.need = 0
         self.held: Pending | None = None  # the request waiting on a Hold
+        self.hold_info: tuple[Hold, float] | None = None  # its Hold and when it began (epoch seconds)
         self.decided: tuple[Pending, Verdict] | None = None  # a finished hold, not yet admitted
         self.batch: tuple[list[bytes], Waiting] | None = None  # sent once its forward hooks' waits finish
         self.overlapped = False  # the batch went upstream already; its answer is withheld
@@ -425,7 +427,13 @@ class RequestPipeline:
     def _hold(self, request: Pending, message: memoryview, hold: Hold) -> None:
         request.message = bytes(message)
         self.held = request
+        self.hold_info = (hold, time.time())
         self._pause()
+        if hold.notice is not None:
+            # Told before the wait: psql prints a notice as soon as it arrives.
+            notice = hold.notice
+            self.session.responses.notice(m.NoticeResponse.build("NOTICE", "00000", notice.message, notice.detail,
+                                                                 notice.hint).encode())
         self.cancel_hold = self.session.io.wait(hold.decision, self._hold_done)
 
     def _hold_done(self, result: Any, error: BaseException | None) -> None:
@@ -444,6 +452,7 @@ class RequestPipeline:
             cancel, self.cancel_hold = self.cancel_hold, None
             cancel()
         held, self.held = self.held, None
+        self.hold_info = None
         if held is not None:
             self.decided = (held, verdict)
         self.session.run(self._carry_on)

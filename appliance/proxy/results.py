@@ -115,6 +115,17 @@ class ResponseRelay:
         self.withheld_ready = False
         self.refusing: bytes | None = None  # the ErrorResponse to end it with, once refused
         self.server_paused = False
+        self.notices: list[bytes] = []  # NoticeResponses to send once a streamed message is through
+
+    def notice(self, data: bytes) -> None:
+        """Send a message of our own (a NoticeResponse) to the client between two of the
+        server's: at once, or after the message being streamed, never inside it."""
+        if self.in_stream:
+            self.notices.append(data)
+        elif self.withheld is not None:
+            self._withhold(data)
+        else:
+            self.session.io.send_client(data)
 
     def feed(self, data: bytes) -> None:
         if self.buffer:
@@ -218,6 +229,10 @@ class ResponseRelay:
             send(data if flush_from == 0 and pos == n else view[flush_from:pos])
         if failure is not None:
             raise failure
+        if self.notices and not self.in_stream:
+            notices, self.notices = self.notices, []
+            for notice in notices:
+                self.notice(notice)
         if self.refusing is not None and self.withheld_ready:
             self._end_refusal()
 

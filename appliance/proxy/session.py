@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -36,7 +37,7 @@ from appliance.proxy.errors import SessionError
 from appliance.proxy.hooks import AddonManager, Reject, SessionInfo
 from appliance.proxy.login import UpstreamLogin
 from appliance.proxy.pipeline import RequestPipeline
-from appliance.proxy.requests import RequestState
+from appliance.proxy.requests import Req, RequestState
 from appliance.proxy.results import ResponseRelay, error_bytes
 from appliance.proxy.startup import AgentStartup
 
@@ -345,7 +346,7 @@ class Session:
         info = self.info
         identity = info.identity
         return {
-            "id": info.id, "client": str(info.client), "destination": str(info.destination),
+            "id": info.key, "number": info.id, "client": str(info.client), "destination": str(info.destination),
             "target": self.target.name if self.target else None, "user": info.user,
             "database": info.database, "upstream_user": info.upstream_user,
             "application_name": info.application_name, "phase": self.phase.value,
@@ -358,4 +359,32 @@ class Session:
             "groups": list(identity.groups) if identity is not None else [],
             "identity_source": info.identity_source,
             "certificate_serial": f"{info.certificate_serial:032X}" if info.certificate_serial is not None else None,
+            **self._current(),
         }
+
+    def _current(self) -> dict[str, Any]:
+        """The statement running or held now, its age (seconds), and the approval it waits on."""
+        pipeline = self.pipeline
+        if pipeline.held is not None and pipeline.hold_info is not None:
+            hold, since = pipeline.hold_info
+            statement = _statement_of(pipeline.held)
+            return {"statement": statement.text if statement is not None else None,
+                    "statement_age": max(0.0, time.time() - since), "held_on": hold.approval,
+                    "held_for": hold.description}
+        now = time.perf_counter_ns()
+        for request in self.requests.pending:
+            if request.kind not in _RUNS or request.reject is not None:
+                continue
+            statement = _statement_of(request)
+            forward = request.forward  # its start time is known when a forward hook (the audit) saw it
+            return {"statement": statement.text if statement is not None else None,
+                    "statement_age": max(0.0, (now - forward.started_ns) / 1e9) if forward is not None else None,
+                    "held_on": None}
+        return {"statement": None, "statement_age": None, "held_on": None}
+
+
+_RUNS = frozenset({Req.QUERY, Req.EXECUTE, Req.FUNCTION_CALL})
+
+
+def _statement_of(request: Any) -> Any:
+    return request.portal.statement if request.portal is not None else request.statement

@@ -134,7 +134,7 @@ def test_session_start_end_and_refusal_records(audit_log: AuditLog):
     types = [r["type"] for r in read(audit_log)]
     assert types[-3:] == ["auth.success", "session.start", "session.end"]
     start, end = read(audit_log)[-2:]
-    assert start["session"] == end["session"] and start["session"].startswith(audit_log.run)
+    assert start["session"] == end["session"] and start["session"] == session.info.key
     assert start["user"] == "unidentified@198.18.1.10" and end["statements"] == 0
 
 

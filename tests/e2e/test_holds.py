@@ -313,3 +313,54 @@ def test_sql_execute_of_a_protocol_parsed_update_to_cards_is_held_as_that_update
                                     and r["type"] == "statement"] or None, "the statement's record")
     assert statement["executes"] == [{"name": "s1", "text": "UPDATE cards SET brand = $1 WHERE id = $2"}]
     assert statement["decision"] == "hold" and "write" in statement["classes"]
+
+
+def _stderr_line(proc: subprocess.Popen[bytes], fragment: str) -> str:
+    """Read psql's stderr until a line containing ``fragment`` (the process keeps running)."""
+    assert proc.stderr is not None
+    seen = []
+    while line := proc.stderr.readline().decode():
+        seen.append(line)
+        if fragment in line:
+            return line
+    raise AssertionError(f"psql ended without printing {fragment!r}: {''.join(seen)}")
+
+
+def test_a_held_agent_is_told_at_once_and_every_surface_names_one_session(lab: Lab, tokens, card):
+    card_id, before = card
+    proc = start_psql(lab, f"UPDATE cards SET brand = brand || '!' WHERE id = {card_id}")
+    try:
+        # psql prints the notice while the statement still waits: read before anyone decides.
+        notice = _stderr_line(proc, "held for approval")
+        request = held_request(lab, tokens["lab-dba-1"], f"WHERE id = {card_id}")
+        assert request["status"] == "pending" and proc.poll() is None
+        assert f"statement held for approval {request['id']} by policy rule 'card-changes-need-a-dba'" in notice
+        hint = _stderr_line(proc, "HINT:")
+        assert f"{lab_identity.enroll_url()}/approvals/{request['id']}" in hint
+        # The live listing: the same session id as the request, held on that approval.
+        live = json.loads(run(lab, "gw", [sys.executable, "-m", "appliance.cli", "sessions", "--live", "--json",
+                                          "-c", str(lab.config_path)]).stdout)
+        [mine] = [s for s in live if s["id"] == request["session_id"]]
+        assert mine["held_on"] == request["id"] and f"WHERE id = {card_id}" in mine["statement"]
+        assert mine["statement_age"] >= 0
+        table = run(lab, "gw", [sys.executable, "-m", "appliance.cli", "sessions", "--live",
+                                "-c", str(lab.config_path)]).stdout.decode()
+        assert f"held {request['id']}" in table and request["session_id"] in table
+        shown = approvals(lab, tokens["lab-dba-1"], "show", request["id"]).stdout.decode()
+        assert f"session {request['session_id']}" in shown
+        approvals(lab, tokens["lab-dba-1"], "approve", request["id"], "--reason", "one id")
+        code, _, err = finish(proc)
+    finally:
+        proc.kill()
+    assert code == 0, err
+    assert brand(lab, card_id) == before + "!"
+    # tollgate.log tells the decision too, with the same session id.
+    wait_for(lambda: f"approval {request['id']} (session {request['session_id']}) approved by lab-dba-1"
+             in lab.proxy_log.read_text(errors="replace"), "the decision in the proxy's log")
+    from tests.e2e.test_audit import records, tollgate
+    session = request["session_id"]
+    ended = wait_for(lambda: next((r for r in records(lab) if r["type"] == "session.end" and r["session"] == session),
+                                  None), "the session's end record")
+    assert ended["statements"] >= 1
+    replay = tollgate(lab, "replay", session, "-c", str(lab.config_path)).stdout.decode()
+    assert f"WHERE id = {card_id}" in replay and request["id"] in replay

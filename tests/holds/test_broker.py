@@ -478,8 +478,9 @@ def test_hold_takes_the_enforcement_addons_request(path: Path, web: ApprovalServ
                    "requester_groups": ["payments-agents"], "session_id": 12, "client": "10.0.0.2:5000",
                    "target": "payments", "database": "payments", "role": "app", "sql": PAYMENT_DELETE,
                    "params": None, "fingerprint": "fp-delete"}
-        outcome = broker.hold(request, decision(PAYMENT_DELETE))
+        held, outcome = broker.hold(request, decision(PAYMENT_DELETE))
         (opened,) = web.list("pending")
+        assert held.id == opened.id
         assert (opened.requester.subject, opened.session_id, opened.client, opened.role, opened.sql,
                 opened.params, opened.fingerprint, opened.min_approvals) == (
             "agent-ci", "12", "10.0.0.2:5000", "app", PAYMENT_DELETE, None, "fp-delete", 2)
@@ -553,11 +554,12 @@ def test_the_enforcement_addon_holds_through_the_broker(path: Path, web: Approva
         addon = addon_module.EnforcementAddon(PolicyHolder(policy_file), broker)
         verdict = addon.statement(session, Statement(StatementKind.QUERY, sql))
         assert isinstance(verdict, Hold)
+        assert verdict.approval is not None and verdict.notice is not None
         (opened,) = web.list("pending")
         keys = grant_keys(sql)
         assert (opened.requester.subject, opened.requester.kind, opened.target, opened.role, opened.sql,
                 opened.session_id, opened.fingerprint, opened.shape, opened.free) == (
-            "agent-ci", "agent", "payments", "app", sql, str(session.id), keys.exact, keys.shape, ("'blocked'", "42"))
+            "agent-ci", "agent", "payments", "app", sql, session.key, keys.exact, keys.shape, ("'blocked'", "42"))
         await in_thread(lambda: web.decide(opened.id, DBA1, True, "nightly fix", grant_minutes=10))
         assert await settled(verdict.decision) is None
         # The grant covers exactly the statement: the same one again passes without asking…

@@ -222,3 +222,39 @@ def test_refuses_to_bind_outside_loopback_and_the_lab(tls: TlsFiles, host: str) 
 @pytest.mark.parametrize("host", ["127.0.0.1", "::1", "198.18.1.1", "fd7a:6c67:2::1"])
 def test_loopback_and_lab_addresses_are_allowed(host: str) -> None:
     check_bind_address(host)  # raises if refused
+
+
+def _pkce(verifier: str) -> str:
+    import base64
+    import hashlib
+    return base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+def test_prompt_login_shows_a_form_and_its_answer_signs_in_the_chosen_user(issuer: DevIssuer, tls: TlsFiles) -> None:
+    params = {"response_type": "code", "client_id": "cli", "redirect_uri": REDIRECT, "state": "s1",
+              "prompt": "login", "code_challenge": _pkce("v" * 43), "code_challenge_method": "S256"}
+    status, headers, body = authorize(issuer, tls, **params)
+    page = body.decode()
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "alice@example.test" in page and "bob@example.test" in page and "<script" not in page
+    assert "script-src" not in headers["Content-Security-Policy"]  # default-src 'none': no script at all
+    status, headers, _ = https_request(f"{issuer.url}/authorize", tls.ca_file, form={**params, "user": "bob"})
+    assert status == 302
+    query = parse_qs(urlsplit(headers["Location"]).query)
+    assert query["state"] == ["s1"]
+    status, body = https_json(f"{issuer.url}/token", tls.ca_file, basic=("cli", "cli-secret"),
+                              form={"grant_type": "authorization_code", "code": query["code"][0],
+                                    "redirect_uri": REDIRECT, "code_verifier": "v" * 43})
+    assert status == 200, body
+    assert verify(issuer, tls, body["id_token"], "cli")["email"] == "bob@example.test"
+
+
+def test_a_pkce_code_needs_the_matching_verifier(issuer: DevIssuer, tls: TlsFiles) -> None:
+    _, headers, _ = authorize(issuer, tls, code_challenge=_pkce("right-verifier-" * 3))
+    code = parse_qs(urlsplit(headers["Location"]).query)["code"][0]
+    status, body = https_json(f"{issuer.url}/token", tls.ca_file, basic=("cli", "cli-secret"),
+                              form={"grant_type": "authorization_code", "code": code, "redirect_uri": REDIRECT,
+                                    "code_verifier": "wrong-verifier-" * 3})
+    assert status == 400 and body["error"] == "invalid_grant" and "PKCE" in body["error_description"]
+    status, _, _ = authorize(issuer, tls, code_challenge="x", code_challenge_method="plain")
+    assert status == 400

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -61,7 +62,7 @@ class Approvals:
 
         async def undecided() -> None:
             return None
-        return undecided()
+        return SimpleNamespace(id=f"apr-test{len(self.requests)}", timeout_seconds=300), undecided()
 
 
 @pytest.fixture

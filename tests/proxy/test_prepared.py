@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -22,6 +23,7 @@ from appliance.proxy.pipeline import BLOCKED_PORTAL, BLOCKED_SQL, BLOCKED_STATEM
 from tests.proxy.playbook import (
     ClientData,
     ClientGets,
+    Contains,
     Like,
     PauseClient,
     Playbook,
@@ -67,7 +69,7 @@ class Approvals:
 
     def hold(self, request: dict[str, Any], decision: Any) -> Any:
         self.requests.append(request)
-        return asyncio.sleep(0)
+        return SimpleNamespace(id=f"apr-test{len(self.requests)}", timeout_seconds=300), asyncio.sleep(0)
 
 
 class Records(Addon):
@@ -100,9 +102,14 @@ def query(pb: Playbook, sql: str, *reply: m.Message) -> Playbook:
     return roundtrip(pb, [m.Query(sql)], [*reply, READY])
 
 
+# What a held agent hears at once (the fake approvals name their requests apr-testN).
+HELD_NOTICE = ClientGets(Like(m.NoticeResponse, message=Contains("statement held for approval apr-test")))
+
+
 def held(pb: Playbook, sent: list[m.Message], wait: str = "approval") -> Playbook:
     """``sent`` is held for approval, then approved and sent as it was."""
-    return (pb >> ClientData(*sent) << PauseClient() << Wait(wait)
+    return (pb >> ClientData(*sent) << PauseClient()
+            << HELD_NOTICE << Wait(wait)
             >> WaitDone(wait) << ServerGets(*sent) << ResumeClient())
 
 
@@ -139,7 +146,7 @@ def test_protocol_bind_of_a_sql_prepared_update_is_held_with_its_parameters(worl
     assert query(pb, prepare, m.CommandComplete("PREPARE"))
     assert approvals.requests == []  # preparing runs nothing
     assert (pb >> ClientData(m.Bind("", "s2", (), VISA_7, ()), m.Execute("", 0), m.Sync())
-            << PauseClient() << Wait("approval")
+            << PauseClient() << HELD_NOTICE << Wait("approval")
             << ServerGets(m.Bind("", "s2", (), VISA_7, ()))
             >> WaitDone("approval")
             << ServerGets(m.Execute("", 0), m.Sync()) << ResumeClient())
@@ -172,7 +179,7 @@ def test_a_parsed_sql_execute_is_resolved_when_it_runs(world):
     assert query(pb, "DEALLOCATE s4", m.CommandComplete("DEALLOCATE"))
     assert query(pb, "PREPARE s4 AS UPDATE cards SET brand = 'y'", m.CommandComplete("PREPARE"))
     again = [m.Bind("", "runner", (), (), ()), m.Execute("", 0), m.Sync()]
-    assert (pb >> ClientData(*again) << PauseClient() << Wait("approval") << ServerGets(again[0])
+    assert (pb >> ClientData(*again) << PauseClient() << HELD_NOTICE << Wait("approval") << ServerGets(again[0])
             >> WaitDone("approval") << ServerGets(*again[1:]) << ResumeClient())
     assert approvals.requests[0]["sql"] == "EXECUTE s4\n-- s4 is: UPDATE cards SET brand = 'y'"
 
