@@ -86,7 +86,7 @@ DISK_FULL_ERRNOS = {28, 122}  # ENOSPC, EDQUOT
 class _SessionAudit:
     """What the addon keeps per session."""
 
-    __slots__ = ("approval", "base", "id", "open", "started_ns", "statements")
+    __slots__ = ("approval", "base", "id", "live", "open", "started_ns", "statements")
 
     def __init__(self, session_id: str, base: dict[str, Any]) -> None:
         self.id = session_id
@@ -95,6 +95,7 @@ class _SessionAudit:
         self.approval: str | None = None  # the approval the next forwarded statement ran under
         self.base = base  # the 10.2.2 fields every record of this session carries
         self.open: set[int] = set()  # numbers of its statements forwarded and not answered yet
+        self.live = False  # started, not ended: counted in the log's sessions
 
 
 class AuditAddon(Addon):
@@ -148,6 +149,9 @@ class AuditAddon(Addon):
 
     def session_start(self, session: SessionInfo) -> None:
         state = self._state(session)
+        if not state.live:
+            state.live = True
+            self.log.note_sessions(1)
         identity = self._identity_fields(session)
         self._append({"type": "auth.success", "outcome": "success", "session": state.id, **state.base,
                       **identity, "target": _target(session)})
@@ -163,6 +167,9 @@ class AuditAddon(Addon):
         if state.open:
             self.log.note_inflight(-len(state.open))
             state.open.clear()
+        if state.live:
+            state.live = False
+            self.log.note_sessions(-1)
         self._append({"type": "session.end", "outcome": "success", "session": state.id, **state.base,
                       "reason": self.scrub(reason), "statements": state.statements, "masked": session.masked_values,
                       "duration_us": (time.perf_counter_ns() - state.started_ns) // 1000})
@@ -171,6 +178,9 @@ class AuditAddon(Addon):
     def session_refused(self, session: SessionInfo, reason: str) -> None:
         state = self._state(session)
         self._by_proxy_id.pop(session.key, None)
+        if state.live:
+            state.live = False
+            self.log.note_sessions(-1)
         if session.auth_error is not None:
             self._append({"type": "auth.failure", "outcome": "failure", "session": state.id, **state.base,
                           "reason": self.scrub(session.auth_error), "target": _target(session)})
@@ -215,8 +225,8 @@ class AuditAddon(Addon):
                 return None  # refused anyway; the log counts what it missed
             self.log.note_refused()
             return _unrecorded(exc)
-        # In flight until its result: the log syncs on the loop's thread when all that is
-        # in flight waits for its sync (nothing else could run meanwhile).
+        # In flight until its result: with one session, the log syncs on the loop's thread
+        # when all that is in flight waits for its sync (nothing else could run meanwhile).
         state.open.add(state.statements)
         self.log.note_inflight(1)
         return waiting

@@ -304,9 +304,15 @@ class AuditLog:
     def note_inflight(self, delta: int) -> None:
         """The proxy forwarded (+1) or saw answered (−1) statements: on the loop's thread.
         Once someone counts, a sync that every statement in flight waits for runs on the
-        loop's thread (store_commit); a miscount only changes where a sync runs."""
+        loop's thread when at most one session is open (store_commit); a miscount only
+        changes where a sync runs."""
         commit = self._commit
         commit.inflight = max(0, (commit.inflight or 0) + delta)
+
+    def note_sessions(self, delta: int) -> None:
+        """A session started (+1) or ended (−1): on the loop's thread (see note_inflight)."""
+        commit = self._commit
+        commit.sessions = max(0, commit.sessions + delta)
 
     def note_refused(self, count: int = 1) -> None:
         """The proxy refused ``count`` statements because the log could not take their records."""

@@ -176,8 +176,9 @@ def test_the_log_is_told_how_many_statements_are_in_flight(audit_log: AuditLog):
     session.client_data(frontend(m.Query("TRUNCATE cards")))  # refused: not in flight
     session.server_data(backend(m.ErrorResponse.build("ERROR", "42601", "syntax"), m.ReadyForQuery(b"I")))
     assert audit_log._commit.inflight == 1
+    assert audit_log._commit.sessions == 2
     other.client_closed()  # its statement was never answered: not in flight any more
-    assert audit_log._commit.inflight == 0
+    assert audit_log._commit.inflight == 0 and audit_log._commit.sessions == 1
 
 
 # ---- text that isn't UTF-8: written escaped, never dropped ----------------------------------------

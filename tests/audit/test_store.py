@@ -711,7 +711,8 @@ def test_a_sync_every_statement_in_flight_waits_for_runs_on_the_loop(tmp_path: P
 
 def test_a_sync_while_other_statements_are_in_flight_runs_on_the_sync_thread(tmp_path: Path) -> None:
     """Two statements in flight, one waiting: the other's answer may come meanwhile, so the
-    loop must not wait for the disk; and nobody counting in flight means the thread too."""
+    loop must not wait for the disk; nor with another session open (its client may send);
+    and nobody counting in flight means the thread too."""
     config = make_config(tmp_path)
     threads: list[int] = []
     log = AuditLog.open(config, version="t", fdatasync=_thread_recording_fdatasync(threads))
@@ -724,11 +725,15 @@ def test_a_sync_while_other_statements_are_in_flight_runs_on_the_sync_thread(tmp
         log.note_inflight(2)
         seq = log.append(statement(2))
         await log.durable(seq)  # type: ignore[misc]
+        log.note_inflight(-1)
+        log.note_sessions(2)  # one statement in flight, and it waits; but another session is open
+        seq = log.append(statement(3))
+        await log.durable(seq)  # type: ignore[misc]
         return threading.get_ident()
 
     try:
         loop_thread = asyncio.run(main())
-        assert len(threads) == 2 and loop_thread not in threads
+        assert len(threads) == 3 and loop_thread not in threads
         assert log._commit.inline_rounds == 0
     finally:
         log.close()
