@@ -20,6 +20,13 @@ unreachable, 500 the appliance could not issue or record. Every error is JSON
 ``{"error", "detail"}``. Tokens are never logged nor echoed; refusal reasons come from
 :class:`~appliance.identity.oidc.TokenError`, which never contains the token.
 
+With an ``[audit]`` section, every issued certificate is recorded in the audit log (an
+``admin`` record, action ``certificate.issue``) through the proxy's control socket before it
+is returned: the proxy is the log's only writer. Issuance fails closed: when the record
+can't be made (the proxy is down), the certificate is revoked in the registry and never
+returned, and the client gets 503 ``audit_unavailable`` with a ``Retry-After``. Without
+``[audit]`` there is no log to record in.
+
 This is the one process that reads the CA key (through the CA's signer, at signing time).
 ``GET /v1/ca.pem`` serves the CA certificate for clients using ``sslmode=verify-full``.
 """
@@ -54,6 +61,7 @@ from appliance.identity.registry import (
 )
 from appliance.model.identity import Identity, IdentityError
 from appliance.model.oidc import OIDCSettings
+from appliance.proxy.control import AdminUnrecorded, record_admin
 from appliance.state.db import StateError
 from webui import bearer_refused, error_response
 
@@ -77,6 +85,7 @@ class Enrollment:
     ca: CertificateAuthority
     registry: CertificateRegistry
     lifetime: timedelta
+    config: Config | None = None  # where issuance is recorded (its [audit] and control socket)
 
     @classmethod
     def from_config(cls, config: Config, *, validator: OIDCValidator | None = None,
@@ -99,7 +108,10 @@ class Enrollment:
                 raise RegistryError(f"no certificate registry at {identity.registry} "
                                     f"(run: tollgate ca init --state-dir {identity.state_dir})")
             registry = CertificateRegistry(identity.registry, create=False)
-        return cls(validator, validator.settings, ca, registry, timedelta(hours=identity.client_cert_hours))
+        if config.audit is not None and config.proxy.control_socket is None:
+            raise ConfigError(f"{config.path}: proxy.control_socket: enrollment records each certificate in the "
+                              "audit log through the proxy's control socket; set it (or drop [audit])")
+        return cls(validator, validator.settings, ca, registry, timedelta(hours=identity.client_cert_hours), config)
 
     def close(self) -> None:
         self.registry.close()
@@ -262,6 +274,9 @@ def enroll() -> Any:
         return error_response(500, "registry_failed", f"the appliance could not record the certificate: {exc}")
 
     not_after = not_valid_after(cert)
+    refused = _record_issuance(enrollment, identity, record.serial_hex, not_after, token_issuer)
+    if refused is not None:
+        return refused
     log.info("enrolled %s (groups: %s) from %s: certificate %s, valid until %s", identity.uri,
              ", ".join(identity.groups) or "none", request.remote_addr, record.serial_hex,
              not_after.strftime("%Y-%m-%d %H:%M:%SZ"))
@@ -272,6 +287,33 @@ def enroll() -> Any:
         serial=record.serial_hex,
         not_after=not_after.isoformat().replace("+00:00", "Z"),
     )
+
+
+def _record_issuance(enrollment: Enrollment, identity: Identity, serial: str, not_after: datetime,
+                     token_issuer: str) -> tuple[Response, int] | None:
+    """Record the issuance; on failure revoke the certificate and answer 503 (fail closed)."""
+    if enrollment.config is None:
+        return None
+    try:
+        record_admin(enrollment.config, {
+            "action": "certificate.issue", "user": identity.uri, "origin": request.remote_addr or "unknown",
+            "object": serial, "outcome": "success", "subject": identity.subject, "kind": identity.kind,
+            "groups": ",".join(identity.groups), "token_issuer": token_issuer,
+            "not_after": not_after.strftime("%Y-%m-%dT%H:%M:%SZ")})
+    except AdminUnrecorded as exc:
+        log.error("issued %s for %s but could not record it in the audit log, revoking it: %s", serial,
+                  identity.uri, exc)
+        try:
+            enrollment.registry.revoke(int(serial.replace(":", ""), 16),
+                                       "issuance could not be recorded in the audit log", "tollgate")
+        except (RegistryError, StateError, sqlite3.Error) as revoke_exc:
+            # Never returned either way; the registry just lists it as live until it expires.
+            log.error("could not revoke the unrecorded certificate %s: %s", serial, revoke_exc)
+        response, status = error_response(503, "audit_unavailable",
+                                          f"the appliance could not record the certificate in its audit log: {exc}")
+        response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return response, status
+    return None
 
 
 @bp.get("/v1/ca.pem")

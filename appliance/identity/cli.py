@@ -3,6 +3,14 @@
 
 Layout under the state directory: ``ca/ca.crt`` (0644), ``ca/ca.key`` (0600) and
 ``certificates.db`` (the registry, 0600).
+
+Revocations, reinstatements and server certificates are recorded in the audit log (``admin``
+records ``certificate.revoke``, ``identity.revoke``, ``identity.reinstate``,
+``certificate.issue-server``) through the running proxy, when the configuration (``-c``,
+default ``/etc/tollgate/tollgate.toml`` when it exists) has ``[audit]``. A revocation or
+reinstatement takes effect even when it can't be recorded — holding a revocation back
+until the log is reachable would leave a certificate working that its owner wanted dead —
+and the command then exits 1 saying so. A server certificate is issued only once recorded.
 """
 
 from __future__ import annotations
@@ -17,6 +25,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance.config import Config, ConfigError, load_config
 from appliance.identity import enroll_client
 from appliance.identity.ca import (
     CA_CERT_FILE,
@@ -33,11 +42,14 @@ from appliance.identity.registry import (
     CertRecord,
     RegistryError,
     SubjectEvent,
+    format_serial,
 )
 from appliance.model.identity import IdentityError
+from appliance.proxy.control import AdminUnrecorded, record_admin
 from appliance.state.db import StateError
 
 DEFAULT_STATE_DIR = Path("/var/lib/tollgate")
+DEFAULT_CONFIG = Path("/etc/tollgate/tollgate.toml")
 CA_DIR = "ca"
 
 
@@ -55,13 +67,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     state_dir = argparse.ArgumentParser(add_help=False)
     state_dir.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                            help="where the CA and registry live (default: %(default)s)")
+    recorded = argparse.ArgumentParser(add_help=False)
+    recorded.add_argument("-c", "--config", type=Path, default=None,
+                          help="Tollgate configuration whose audit log records the action "
+                               f"(default: {DEFAULT_CONFIG} when it exists)")
 
     ls = certs_sub.add_parser("list", parents=[state_dir], help="issued client certificates")
     ls.add_argument("--all", action="store_true", help="include expired certificates")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(handler=cmd_certs_list)
 
-    revoke = certs_sub.add_parser("revoke", parents=[state_dir],
+    revoke = certs_sub.add_parser("revoke", parents=[state_dir, recorded],
                                   help="revoke one certificate by serial, or an identity: all its certificates, "
                                        "and no enrollment until reinstated")
     revoke.add_argument("serial", nargs="?", help="serial number: hex (colons optional) or decimal")
@@ -71,14 +87,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     revoke.add_argument("--by", default=None, help="who revokes (default: the invoking user)")
     revoke.set_defaults(handler=cmd_certs_revoke)
 
-    reinstate = certs_sub.add_parser("reinstate", parents=[state_dir],
+    reinstate = certs_sub.add_parser("reinstate", parents=[state_dir, recorded],
                                      help="let a revoked identity enroll again (its revoked certificates stay revoked)")
     reinstate.add_argument("--subject", required=True, help="the identity subject revoked with revoke --subject")
     reinstate.add_argument("--reason", required=True, help="why (recorded with the reinstatement)")
     reinstate.add_argument("--by", default=None, help="who reinstates (default: the invoking user)")
     reinstate.set_defaults(handler=cmd_certs_reinstate)
 
-    server = certs_sub.add_parser("issue-server", parents=[state_dir],
+    server = certs_sub.add_parser("issue-server", parents=[state_dir, recorded],
                                   help="issue a server certificate for a protected target's addresses")
     server.add_argument("--address", dest="addresses", nargs="+", action="extend", default=[], metavar="IP",
                         help="IP address(es) the certificate is for")
@@ -104,8 +120,32 @@ def _reported(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Nam
             print(f"tollgate: {exc}", file=sys.stderr)
         except sqlite3.Error as exc:
             print(f"tollgate: certificate registry: {exc}", file=sys.stderr)
+        except (ConfigError, AdminUnrecorded) as exc:
+            print(f"tollgate: {exc}", file=sys.stderr)
         return 1
     return wrapper
+
+
+def _audit_config(args: argparse.Namespace) -> Config | None:
+    """The configuration whose audit log records this command's action, if any."""
+    path = args.config if args.config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.exists() else None)
+    if path is None:
+        print("tollgate: note: not recorded in an audit log (no -c/--config, and no "
+              f"{DEFAULT_CONFIG})", file=sys.stderr)
+        return None
+    return load_config(path)
+
+
+def _record(config: Config | None, record: dict[str, str], done: str) -> int:
+    """Record an action already taken; exit status 1 when it couldn't be."""
+    if config is None:
+        return 0
+    try:
+        record_admin(config, record)
+    except AdminUnrecorded as exc:
+        print(f"tollgate: {done}, but it is NOT recorded in the audit log: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _open_registry(state_dir: Path) -> CertificateRegistry:
@@ -172,7 +212,9 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
     if (args.serial is None) == (args.subject is None):
         raise RegistryError("give either a SERIAL or --subject SUBJECT")
     by = args.by or os.environ.get("SUDO_USER") or getpass.getuser()
+    config = _audit_config(args)
     registry = _open_registry(args.state_dir)
+    base = {"user": by, "origin": "local", "outcome": "success", "reason": args.reason}
     try:
         if args.serial is not None:
             serial = registry.resolve_serial(args.serial)
@@ -183,7 +225,8 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
                 return 0
             record = registry.revoke(serial, args.reason, by)
             print(f"revoked {_describe(record)}")
-            return 0
+            return _record(config, {**base, "action": "certificate.revoke", "object": record.serial_hex,
+                                    "subject": record.subject}, f"revoked {record.serial_hex}")
         known = [r for r in registry.list(include_expired=True) if r.subject == args.subject]
         if not known:
             # A typo must not quietly block a subject that doesn't exist.
@@ -200,7 +243,8 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
         else:
             print(f"{args.subject!r} cannot enroll again until reinstated "
                   f"(tollgate certs reinstate --subject {args.subject} --reason …)")
-        return 0
+        return _record(config, {**base, "action": "identity.revoke", "object": args.subject,
+                                "serials": ",".join(r.serial_hex for r in revoked)}, f"revoked {args.subject!r}")
     finally:
         registry.close()
 
@@ -208,6 +252,7 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
 @_reported
 def cmd_certs_reinstate(args: argparse.Namespace) -> int:
     by = args.by or os.environ.get("SUDO_USER") or getpass.getuser()
+    config = _audit_config(args)
     registry = _open_registry(args.state_dir)
     try:
         lifted = registry.reinstate_subject(args.subject, args.reason, by)
@@ -218,7 +263,8 @@ def cmd_certs_reinstate(args: argparse.Namespace) -> int:
         return 0
     print(f"reinstated {args.subject!r}: it may enroll again (revoked at {_stamp(lifted.at)} UTC by {lifted.by}: "
           f"{lifted.reason}); its revoked certificates stay revoked")
-    return 0
+    return _record(config, {"action": "identity.reinstate", "user": by, "origin": "local", "outcome": "success",
+                            "object": args.subject, "reason": args.reason}, f"reinstated {args.subject!r}")
 
 
 @_reported
@@ -231,7 +277,14 @@ def cmd_certs_issue_server(args: argparse.Namespace) -> int:
                 raise IdentityError(f"{path} already exists (--force replaces it)")
     ca_dir = args.state_dir / CA_DIR
     ca = CertificateAuthority.load(ca_dir / CA_CERT_FILE, ca_dir / CA_KEY_FILE)
+    config = _audit_config(args)
     cert, key = ca.issue_server(args.addresses, args.dns_names, lifetime_days=args.lifetime_days)
+    if config is not None:
+        # Recorded before it is written: an unrecorded server certificate never reaches the disk.
+        record_admin(config, {"action": "certificate.issue-server", "object": format_serial(cert.serial_number),
+                              "user": os.environ.get("SUDO_USER") or getpass.getuser(), "origin": "local",
+                              "outcome": "success", "names": ", ".join([*args.dns_names, *args.addresses]),
+                              "not_after": f"{not_valid_after(cert):%Y-%m-%dT%H:%M:%SZ}"})
     # Key first, so a certificate on disk always has its key beside it.
     write_file_atomically(args.out_key, private_key_pem(key), mode=0o600, overwrite=args.force)
     write_file_atomically(args.out_cert, certificate_pem(cert), mode=0o644, overwrite=args.force)

@@ -5,7 +5,9 @@ an ``op``, and answers each with one JSON object per line: ``{"ok": true, …}``
 ``{"ok": false, "error": "…"}``. The proxy answers ``ping`` and ``sessions`` itself; an
 addon registers its own operations when it starts (the audit log's ``audit.*``, the
 policy's ``policy``) on the :class:`ControlOps` it is handed. :func:`control_request` is
-the client the CLI, the tests and the bench use.
+the client the CLI, the tests and the bench use; :func:`record_admin` the one every process
+that acts as an administrator (the enrollment service, ``tollgate certs``) records through,
+so the proxy stays the audit log's only writer.
 """
 
 from __future__ import annotations
@@ -96,3 +98,26 @@ def control_request(config: Config, request: Request) -> Reply:
                 break
             data += chunk
     return json.loads(data)
+
+
+class AdminUnrecorded(Exception):
+    """An admin action could not be recorded in the audit log (the message says why)."""
+
+
+def record_admin(config: Config, record: dict[str, Any]) -> int | None:
+    """Append an ``admin`` record through the running proxy; its sequence number.
+
+    ``None`` when the configuration has no ``[audit]``: there is no log to record in.
+    With one, the action must be recorded: a proxy that is down, unreachable or refusing
+    raises :class:`AdminUnrecorded`, and the caller decides what failing closed means.
+    """
+    if config.audit is None:
+        return None
+    try:
+        reply = control_request(config, {"op": "audit.append", "record": {"type": "admin", **record}})
+    except (ConfigError, OSError, ValueError) as exc:
+        raise AdminUnrecorded(f"the audit log can't record {record.get('action')!r}: {exc}") from None
+    if not reply.get("ok"):
+        reason = reply.get("error", "no reason given")
+        raise AdminUnrecorded(f"the audit log refused {record.get('action')!r}: {reason}")
+    return int(reply["seq"])

@@ -3,13 +3,9 @@ export is recorded; with the proxy running it goes through the control socket.""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import re
 import tarfile
-import threading
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,6 +20,7 @@ from appliance.audit.store_errors import AuditError
 from appliance.audit.verifier import verify_bundle
 from appliance.config import Config, load_config
 from tests.audit.records import session_records
+from tests.audit.running import running_proxy
 
 ORIGIN = "tollgate.test/export"
 
@@ -139,49 +136,6 @@ def test_time_range(tmp_path: Path) -> None:
 
     with pytest.raises(ExportError, match="is before"):
         export(config, tmp_path / "x.tar.gz", to, to - timedelta(seconds=1))
-
-
-@contextlib.contextmanager
-def running_proxy(config: Config) -> Iterator[AuditLog]:
-    """The proxy's side of the log: its writer on a loop, the audit control ops on its socket."""
-    from appliance.audit.control import register_control_ops
-    from appliance.proxy.control import ControlOps, start_control_server
-
-    assert config.audit is not None and config.proxy.control_socket is not None
-    loop = asyncio.new_event_loop()
-    ready = threading.Event()
-    holder: dict[str, Any] = {}
-
-    def serve() -> None:
-        asyncio.set_event_loop(loop)
-        log = AuditLog.open(config.audit, version="proxy")  # type: ignore[arg-type]
-        log.start(loop)
-        ops = ControlOps()
-        ops.register("ping", lambda request: {})
-        register_control_ops(ops, log)
-        holder["log"] = log
-        holder["control"] = loop.run_until_complete(start_control_server(ops, config.proxy.control_socket))
-        ready.set()
-        loop.run_forever()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    assert ready.wait(10)
-    log: AuditLog = holder["log"]
-    try:
-        yield log
-    finally:
-        async def shutdown() -> None:
-            holder["control"].close()
-            await holder["control"].wait_closed()
-            others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            await asyncio.wait_for(asyncio.gather(*others, return_exceptions=True), 10)
-
-        asyncio.run_coroutine_threadsafe(shutdown(), loop).result(15)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
-        log.close()
-        loop.close()
 
 
 def test_through_a_running_proxy(tmp_path: Path) -> None:
