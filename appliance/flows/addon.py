@@ -109,7 +109,10 @@ class FlowAddon(Addon):
         if self.program is not None:
             with contextlib.suppress(Exception):
                 await self._sweep_once()  # what closed meanwhile, and what the correlator holds
-            self._handle(self.correlator.tick(time.monotonic_ns() + self.correlator.match_ns, lambda pair: False))
+            # Every session has started by now, so a held flow with none has none. A session
+            # whose flow is still open (the shutdown closed it) is not flagged: its flow's end
+            # can't be seen any more.
+            self._handle(self.correlator.tick(time.monotonic_ns() + self.correlator.match_ns, lambda pair: True))
             # The programs stay attached when the proxy stops (guard: still dropping bypasses,
             # as the nftables filter stays); the next start replaces them.
             self.program.bpf.cleanup()
@@ -157,12 +160,17 @@ class FlowAddon(Addon):
             self._write_flow(flow, end, None, None)
 
     async def _sweep_forever(self) -> None:
+        took = 0.0
         while True:
-            await asyncio.sleep(self.config.flows.sweep_seconds)
+            # A full map takes about a second to read (65,536 flows, in Python): then sweep
+            # less often, so the sweep never holds more than a fifth of a CPU (and the GIL).
+            await asyncio.sleep(max(self.config.flows.sweep_seconds, 4 * took))
+            started = time.monotonic()
             try:
                 await self._sweep_once()
             except Exception as exc:  # noqa: BLE001 - logged; the next sweep tries again
                 log.error("flows: sweep failed: %s", exc)
+            took = time.monotonic() - started
 
     async def _sweep_once(self) -> None:
         program = self.program
