@@ -17,6 +17,7 @@ import os
 import secrets
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -276,6 +277,25 @@ def test_tollgate_flows_shows_live_and_recorded_flows(lab: Lab) -> None:
     assert all(r["dport"] == 5432 and r.get("session") for r in recorded)
     text = tollgate(lab, "--counters")
     assert text.startswith("guard: mode guard, guard on eth0/") and "dropped: " in text
+
+
+def test_a_sessions_bundle_holds_its_flow_and_verifies(lab: Lab) -> None:
+    """Flow records are records like any other: exported with their session, verified."""
+    flow = next(r for r in audit_records(lab) if r["type"] == "flow" and r.get("session"))
+    bundle = lab.dir / "flow-bundle.tar.gz"
+    done = subprocess.run([sys.executable, "-m", "appliance.cli", "audit", "export", "-c", str(lab.config_path),
+                           "--session", flow["session"], "-o", str(bundle), "--no-progress"],
+                          capture_output=True, text=True, timeout=120, env=lab.env())
+    assert done.returncode == 0, done.stderr
+    with tarfile.open(bundle) as tar:
+        text = b"".join(tar.extractfile(m).read() for m in tar.getmembers()  # type: ignore[union-attr]
+                        if m.isfile() and m.name.endswith(".jsonl"))
+    assert f'"session":"{flow["session"]}"'.encode() in text and b'"type":"flow"' in text
+    root_key = (lab.audit_dir / "keys" / "root.pub").read_text().strip()
+    verified = subprocess.run([sys.executable, "-m", "appliance.audit.verifier", str(bundle), "--root-key", root_key],
+                              capture_output=True, text=True, timeout=120, env=lab.env())
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert "records valid" in verified.stdout
 
 
 def test_a_connection_around_the_proxy_is_unmatched(lab: Lab) -> None:
