@@ -36,6 +36,7 @@ from appliance.identity.agent_auth import CertificateAuthenticator
 from appliance.intercept import get_method
 from appliance.masking.addon import MaskingAddon
 from appliance.masking.catalog import PgColumnCatalog
+from appliance.metrics import Metrics, serve_metrics
 from appliance.pan.scanner import scrub
 from appliance.policy.addon import EnforcementAddon
 from appliance.policy.holder import PolicyHolder
@@ -59,6 +60,7 @@ class Assembly:
     audit: AuditAddon | None = None
     policy: PolicyHolder | None = None
     flows: FlowAddon | None = None
+    metrics: Metrics | None = None
 
 
 def build(config: Config) -> Assembly:
@@ -82,7 +84,11 @@ def build(config: Config) -> Assembly:
         addons["masking"] = MaskingAddon(config.masking.pan_format, catalog)
     else:
         log.warning("masking is turned off ([masking] enabled = false): card numbers reach agents in clear")
-    audit = _audit(config, text_scrubber) if config.audit is not None else None
+    # Counted from the audit log's records: without a log there is nothing to count.
+    metrics = Metrics() if config.metrics.listen is not None and config.audit is not None else None
+    if config.metrics.listen is not None and metrics is None:
+        log.warning("[metrics] listen is set but there is no [audit]: the metrics count audit records; none served")
+    audit = _audit(config, text_scrubber, metrics) if config.audit is not None else None
     if audit is not None:
         addons["audit"] = audit
     else:
@@ -99,7 +105,7 @@ def build(config: Config) -> Assembly:
         _wire_policy(policy, manager, catalog, audit)
     if approvals is not None and audit is not None:
         approvals.listeners.append(audit.approval_event)
-    return Assembly(manager, authenticator_for(config), audit, policy, flows)
+    return Assembly(manager, authenticator_for(config), audit, policy, flows, metrics)
 
 
 def _wire_policy(policy: PolicyHolder, manager: AddonManager, catalog: PgColumnCatalog | None,
@@ -117,7 +123,7 @@ def _wire_policy(policy: PolicyHolder, manager: AddonManager, catalog: PgColumnC
         policy.on_failure(lambda error: audit.policy_reloaded(path, None, policy.generation, error))
 
 
-def _audit(config: Config, text_scrubber: Any) -> AuditAddon:
+def _audit(config: Config, text_scrubber: Any, metrics: Metrics | None = None) -> AuditAddon:
     audit_config = config.audit
     assert audit_config is not None
     try:
@@ -126,8 +132,15 @@ def _audit(config: Config, text_scrubber: Any) -> AuditAddon:
         raise ConfigError(f"{config.path}: audit: {exc}") from None
     sampling = audit_config.result_rows > 0 and audit_config.result_bytes > 0
     kind = SamplingAuditAddon if sampling else AuditAddon
+
+    def opener() -> AuditLog:
+        audit_log = AuditLog.open(audit_config, version=__version__, run=PROXY_RUN)
+        if metrics is not None:
+            audit_log.observe(metrics)
+        return audit_log
+
     return kind(None, text_scrubber, result_rows=audit_config.result_rows, result_bytes=audit_config.result_bytes,
-                opener=lambda: AuditLog.open(audit_config, version=__version__, run=PROXY_RUN))
+                opener=opener)
 
 
 def _scrubber(config: Config) -> Any:
@@ -195,6 +208,14 @@ async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: b
     except GuardError as exc:
         raise ConfigError(f"{config.path}: flows: the bypass guard could not attach, so the proxy does not start "
                           f"(set [flows] mode = \"ledger\" or \"off\" to run without it): {exc}") from None
+    metrics_server = None
+    if assembly.metrics is not None and config.metrics.listen is not None:
+        try:
+            metrics_server = serve_metrics(assembly.metrics, config.metrics.listen)
+        except OSError as exc:
+            await addons.close()
+            raise ConfigError(f"{config.path}: metrics.listen: cannot listen on {config.metrics.listen}: "
+                              f"{exc.strerror}") from None
     if assembly.audit is not None and assembly.policy is not None:  # which policy was in force from the start
         policy = assembly.policy
         assembly.audit.policy_reloaded(str(policy.path), policy.digest, policy.generation, None)
@@ -238,5 +259,7 @@ async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: b
         watchdog.stop()
     await server.close()
     await addons.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
     notifier.close()
     return 0

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any, Self
 from appliance.audit import canonical, keys, note
 from appliance.audit.keys import KeyRing, fsync_dir, make_dir
 from appliance.audit.store_checkpoints import Checkpointer
-from appliance.audit.store_commit import GroupCommit, Outage
+from appliance.audit.store_commit import GroupCommit, Outage, RecordObserver
 from appliance.audit.store_errors import AuditError, AuditUnavailable
 from appliance.audit.store_recovery import recover
 from appliance.audit.store_segments import Damage, SegmentWriter, segment_name, take_lock
@@ -106,6 +106,8 @@ class AuditLog:
         self._commit = GroupCommit(self._end, self._checkpoints, self._outage,
                                    fsync_mode=config.durability == "fsync", fdatasync=fdatasync)
         self._commit.on_damage = self._record_damage
+        # Told of every record appended and of each append's time (the metrics); None: nobody.
+        self.observer: RecordObserver | None = None
 
     # --- opening -----------------------------------------------------------------------------
 
@@ -168,6 +170,11 @@ class AuditLog:
         except AuditUnavailable as exc:
             raise AuditError(f"cannot write to the audit log: {exc}") from None
 
+    def observe(self, observer: RecordObserver) -> None:
+        """Tell ``observer`` of every record from now on, and of the appends' and syncs' times."""
+        self.observer = observer
+        self._commit.observer = observer
+
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Start the sync thread; ``loop`` is where :meth:`durable` futures live."""
         self._commit.start(loop)
@@ -182,10 +189,19 @@ class AuditLog:
         says when it is on disk. Raises :class:`AuditUnavailable` if it can't be written —
         then nothing of it remains and no seq was taken. ``record`` is modified in place.
         """
+        observer = self.observer
+        if observer is None:
+            with self._lock:
+                if self._outage.failure is not None:
+                    self._recover_from_failure()
+                return self._append_locked(record, trusted)
+        started = time.perf_counter()
         with self._lock:
             if self._outage.failure is not None:
                 self._recover_from_failure()
-            return self._append_locked(record, trusted)
+            seq = self._append_locked(record, trusted)
+            observer.appended(time.perf_counter() - started)
+            return seq
 
     def append_waiting(self, record: dict[str, Any], *, trusted: bool = False) -> asyncio.Future[None] | None:
         """:meth:`append`, and :meth:`durable` for it, under one hold of the lock: a sync
@@ -216,6 +232,8 @@ class AuditLog:
             record["time"] = self._clock.now()
         record["run"] = self.run
         data = canonical.dumps(record, trusted=trusted)
+        if self.observer is not None:
+            self.observer.recorded(record)
         if hold:
             end.hold(data)
         else:

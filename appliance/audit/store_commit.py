@@ -65,7 +65,7 @@ from asyncio import (
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from appliance.audit import merkle
 from appliance.audit.keys import fsync_dir
@@ -88,6 +88,16 @@ LAZY_SYNC_SECONDS = 0.01
 # inline the whole loop waits, so it is only worth it on a disk that answers quickly.
 INLINE_SYNC_MAX_SECONDS = 0.05
 INLINE_BACKOFF_SECONDS = 1.0
+
+
+class RecordObserver(Protocol):
+    """Told of the log's work (the metrics): each call only counts, under the log's locks."""
+
+    def recorded(self, record: dict[str, Any]) -> None: ...
+
+    def appended(self, seconds: float) -> None: ...
+
+    def synced(self, seconds: float, records: int) -> None: ...
 
 
 @dataclass(slots=True)
@@ -145,6 +155,7 @@ class GroupCommit:
         self.damaged: str | None = None  # the segment changed under the writer: refused for good
         self.unsettled = 0  # rollbacks whose waiting futures the loop has not failed (and counted) yet
         self.on_damage: Callable[[Damage], None] | None = None  # under the lock: record it if possible
+        self.observer: RecordObserver | None = None  # told each sync's time and how many records it covered
         self._repair_at = 0.0
         # the thread
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -443,6 +454,8 @@ class GroupCommit:
         """Make ``snap`` durable and publish it; False (rolled back) if a sync failed.
         Under ``commit_lock``; ``on_loop``: called on the loop's thread, which resolves the
         futures it covers at once."""
+        observer = self.observer
+        started = time.perf_counter() if observer is not None else 0.0
         try:
             for fd in snap.retired:
                 os.fsync(fd)
@@ -450,9 +463,13 @@ class GroupCommit:
                 fsync_dir(self._end.segdir)
             if snap.size > self.durable_size or snap.retired:
                 self._fdatasync(snap.fd)
+            else:
+                observer = None  # nothing to sync: not a commit
         except OSError as exc:
             self._sync_failed(snap, exc)
             return False
+        if observer is not None:
+            observer.synced(time.perf_counter() - started, snap.size - self.durable_size)
         for fd in snap.retired:
             with contextlib.suppress(OSError):  # synced already: nothing is lost
                 os.close(fd)

@@ -299,6 +299,13 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus metrics (appliance.metrics): off unless ``listen`` is set."""
+
+    listen: str | None = None  # HOST:PORT ([V6]:PORT) of the /metrics endpoint
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole appliance configuration."""
 
@@ -313,6 +320,7 @@ class Config:
     audit: AuditConfig | None = None
     flows: FlowsConfig = FlowsConfig()
     webui: WebuiConfig = WebuiConfig()
+    metrics: MetricsConfig = MetricsConfig()
     _by_endpoint: Mapping[Endpoint, Target] = field(repr=False, compare=False, default_factory=dict)
 
     def target_for(self, endpoint: Endpoint) -> Target | None:

@@ -34,6 +34,7 @@ from .model import (
     InterceptConfig,
     LegacySource,
     MaskingConfig,
+    MetricsConfig,
     PolicyConfig,
     ProxyConfig,
     Target,
@@ -289,6 +290,16 @@ def _parse_flows(s: _Section) -> FlowsConfig:
     return FlowsConfig(mode, interfaces, max_flows, ring_pages, **seconds)
 
 
+def _parse_metrics(s: _Section) -> MetricsConfig:
+    listen = s.get("listen", str, None)
+    if listen is not None:
+        host, sep, port = listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise s.error("listen", f"must be HOST:PORT (or [V6]:PORT), not {listen!r}")
+    s.finish()
+    return MetricsConfig(listen)
+
+
 def _parse_oidc(s: _Section, base: Path) -> Any:
     fields: dict[str, Any] = {"issuer": s.get("issuer", str), "audience": s.get("audience", str)}
     for name in ("subject_claim", "email_claim", "groups_claim", "kind_claim", "default_kind"):
@@ -483,7 +494,8 @@ def parse_config(text: str, path: Path) -> Config:
     audit = _parse_audit(top.section("audit"), path.parent, identity) if "audit" in data else None
     flows = _parse_flows(top.section("flows")) if "flows" in data else FlowsConfig()
     webui = _parse_webui(top.section("webui"), path.parent) if "webui" in data else WebuiConfig()
-    top.used.update(("policy", "masking", "approvals", "audit", "flows", "webui"))
+    metrics = _parse_metrics(top.section("metrics")) if "metrics" in data else MetricsConfig()
+    top.used.update(("policy", "masking", "approvals", "audit", "flows", "webui", "metrics"))
     if proxy.agent_auth == "certificate" and identity is None:
         raise ConfigError(f"{path}: proxy.agent_auth: 'certificate' needs an [identity] section")
     raw_targets = top.get("targets", list, [])
@@ -503,7 +515,7 @@ def parse_config(text: str, path: Path) -> Config:
             by_endpoint[ep] = target
         targets.append(target)
     return Config(path, proxy, intercept, tuple(targets), identity, policy, masking, approvals, audit, flows,
-                  webui=webui, _by_endpoint=by_endpoint)
+                  webui=webui, metrics=metrics, _by_endpoint=by_endpoint)
 
 
 def load_config(path: str | Path) -> Config:
