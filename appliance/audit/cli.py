@@ -1,4 +1,4 @@
-"""``tollgate audit …`` (init, status, export, verify, rotate-key, trust-witnesses, sessions) and
+"""``tollgate audit …`` (init, status, export, verify, review, rotate-key, trust-witnesses, sessions) and
 ``tollgate replay``.
 
 Commands that must write to the log (an export is itself recorded, a key rotation is a
@@ -100,6 +100,18 @@ def register(sub: argparse._SubParsersAction) -> None:
                                            "requires their cosignatures. Needs the root private key.")
     trust_w.add_argument("--root-key", type=Path, metavar="FILE", help="the root private key (PEM)")
     trust_w.set_defaults(handler=_run(cmd_trust_witnesses))
+
+    review = verbs.add_parser("review", parents=[common], help="verify the log, then report anomalies since the "
+                                                               "last review (PCI DSS 10.4.1.1); for a timer",
+                              description="Exit status: 0 nothing found; 3 findings (alerted); 1 the review failed.")
+    review.add_argument("--alert-webhook", metavar="URL", help="POST the findings (JSON) here when there are any")
+    review.add_argument("--alert-syslog", metavar="ADDRESS",
+                        help="and/or send one line (authpriv.warning): unix:/dev/log or udp:HOST:PORT")
+    review.add_argument("--heartbeat-gap", type=float, metavar="SECONDS",
+                        help="a longer time between checkpoints while running is a finding "
+                             "(default: 3 × audit.heartbeat_seconds)")
+    review.add_argument("--json", action="store_true", help="the review as JSON")
+    review.set_defaults(handler=_run(cmd_review))
 
     sessions = verbs.add_parser("sessions", parents=[common], help="sessions recorded in the log")
     _session_arguments(sessions)
@@ -443,6 +455,33 @@ def cmd_verify(args: argparse.Namespace) -> int:
     if config is not None:
         _record_verify(config, args.bundle, code)
     return code
+
+
+EXIT_FINDINGS = 3
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from appliance.audit.review import ReviewAlertError, review
+    config, _ = _config(args)
+    try:
+        result = review(config, heartbeat_gap=args.heartbeat_gap, alert_webhook=args.alert_webhook,
+                        alert_syslog=args.alert_syslog)
+    except ReviewAlertError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+    else:
+        print(f"reviewed records {result.from_seq}..{result.to_seq - 1}: "
+              f"{'verified' if result.verified else 'NOT verified'} ({result.verification})")
+        for finding in result.findings:
+            print(f"  {finding.kind}: seq {finding.seq if finding.seq is not None else '-'} "
+                  f"{finding.time or ''} {finding.summary}")
+        total = sum(result.counts.values())
+        if total > len(result.findings):
+            print(f"  … and {total - len(result.findings)} more")
+        print(f"{total} finding(s); recorded as review record {result.record_seq}")
+    return EXIT_OK if result.clean else EXIT_FINDINGS
 
 
 def _record_verify(config: Config, bundle: Path, code: int) -> None:

@@ -3,8 +3,8 @@
 The proxy is the log's only writer while it runs, so local commands that must write to
 the log (an export is itself an access to the log, a key rotation is a key event) or need
 a fresh checkpoint ask the proxy through its control socket (root-only, like the rest of
-it). Only ``admin`` records can be appended this way: nothing else may be forged by a
-local command.
+it). Only ``admin`` records (and the ``review`` records of ``tollgate audit review``) can
+be appended this way: nothing else may be forged by a local command.
 """
 
 from __future__ import annotations
@@ -28,15 +28,16 @@ def _append_admin(audit_log: Any, request: dict[str, Any]) -> int:
     record = request.get("record")
     if not isinstance(record, dict):
         raise ValueError("audit.append needs a 'record' object")
-    if record.get("type", "admin") != "admin":
-        raise ValueError("only 'admin' records can be appended through the control socket")
+    kind = record.get("type", "admin")
+    if kind not in ("admin", "review"):
+        raise ValueError("only 'admin' and 'review' records can be appended through the control socket")
     missing = [name for name in ADMIN_FIELDS if not isinstance(record.get(name), str) or not record.get(name)]
     if missing:
         raise ValueError(f"an admin record needs non-empty string fields: {', '.join(missing)}")
     if any(isinstance(v, float) for v in record.values()):
         raise ValueError("records hold no floating-point numbers")
     record = {k: v for k, v in record.items() if k not in ("seq", "time", "run")}
-    record["type"] = "admin"
+    record["type"] = kind
     seq = audit_log.append(record)
     audit_log.checkpoint_now()  # durable and signed before the command reports success
     return seq
