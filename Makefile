@@ -69,7 +69,7 @@ VERIFIER_PYZ   ?= dist/tollgate-verify.pyz
 VERIFIER_BUILD ?= build/verifier
 VERIFIER_SRC   := appliance/__init__.py appliance/pan/__init__.py appliance/pan/detector.py \
                   $(addprefix appliance/audit/,__init__.py canonical.py merkle.py note.py trust.py cosignature.py witness_protocol.py \
-                    bundle_layout.py bundle_reader.py verifier.py verify_members.py verify_pan.py \
+                    bundle_layout.py bundle_reader.py verifier.py verify_chain.py verify_members.py verify_pan.py \
                     verify_records.py verify_report.py verify_signed.py verify_walk.py verify_workers.py)
 
 verifier: $(VERIFIER_PYZ)

@@ -199,6 +199,25 @@ class BundleWriter:
             if root != self._roots[pos]:
                 self.warnings.append(f"the log's records do not match its checkpoint of size {pos} (root differs)")
 
+    def add_pruned(self, prefix: CompactRange) -> None:
+        """Positions ``[0, prefix.end)`` left out, given by their compact range (what the
+        online log keeps of a prefix retention removed) instead of leaf by leaf."""
+        if self._pos != 0 or prefix.begin != 0:
+            raise ValueError("a pruned prefix starts the bundle, at position 0")
+        if prefix.end == 0:
+            return
+        if prefix.end > self.log_size:
+            raise ValueError(f"the pruned prefix ({prefix.end}) is beyond the bundle's log size {self.log_size}")
+        self._gap = CompactRange(0, prefix.end, prefix.hashes)
+        self._full = CompactRange(0, prefix.end, prefix.hashes)
+        self._left_out += prefix.end
+        self._pos = prefix.end
+        cuts = self._cut_sizes
+        while self._next_cut < len(cuts) and cuts[self._next_cut] <= prefix.end:
+            if cuts[self._next_cut] == prefix.end and self._full.root() != self._roots[prefix.end]:
+                self.warnings.append(f"the pruned prefix does not match the checkpoint of size {prefix.end}")
+            self._next_cut += 1
+
     def _record(self, seq: int, h: bytes, line: bytes, segment: str) -> None:
         stem = segment_stem(segment)
         if stem != self._stem:

@@ -113,6 +113,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     review.add_argument("--json", action="store_true", help="the review as JSON")
     review.set_defaults(handler=_run(cmd_review))
 
+    retain = verbs.add_parser("retain", parents=[common],
+                              help="seal closed months into the archive, prune the online log, expire old "
+                                   "bundles (PCI DSS 10.5.1); for a timer")
+    retain.set_defaults(handler=_run(cmd_retain))
+
     sessions = verbs.add_parser("sessions", parents=[common], help="sessions recorded in the log")
     _session_arguments(sessions)
     sessions.set_defaults(handler=_run(cmd_sessions))
@@ -482,6 +487,23 @@ def cmd_review(args: argparse.Namespace) -> int:
             print(f"  … and {total - len(result.findings)} more")
         print(f"{total} finding(s); recorded as review record {result.record_seq}")
     return EXIT_OK if result.clean else EXIT_FINDINGS
+
+
+def cmd_retain(args: argparse.Namespace) -> int:
+    from appliance.audit.retention import RetentionError, retain
+    config, audit = _config(args)
+    try:
+        result = retain(config)
+    except RetentionError as exc:
+        print(f"{PROG}: retention stopped: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    print(f"sealed: {', '.join(result.sealed) or 'nothing new'} (archive {audit.archive})")
+    if result.pruned_through is not None:
+        print(f"online log: records 0-{result.pruned_through - 1} are in the archive only "
+              f"({result.removed_segments} segment(s) removed)")
+    if result.expired:
+        print(f"expired (older than {audit.retain_months} months): {', '.join(result.expired)}")
+    return EXIT_OK
 
 
 def _record_verify(config: Config, bundle: Path, code: int) -> None:

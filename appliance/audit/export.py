@@ -43,6 +43,7 @@ from appliance.audit.reader import AuditReader, ReaderError, field_pattern, pars
 from appliance.audit.store import AuditLog
 from appliance.audit.store_checkpoints import checkpoint_root
 from appliance.audit.store_errors import AuditError
+from appliance.audit.store_pruned import load_pruned
 from appliance.audit.witnessing import load_cosignatures, text_sha256, with_cosignatures
 from appliance.config import AuditConfig, Config, ConfigError
 
@@ -304,10 +305,17 @@ def _write(audit: AuditConfig, out: Path, select: Selection, access: LogAccess,
     if audit.witnesses:
         checkpoints, witness_warning = _add_cosignatures(audit, checkpoints, fresh, damaged is None)
 
+    pruned = load_pruned(audit.dir)
+    frm = select.frm
+    if pruned is not None and pruned.end and frm is None and log_size > pruned.end:
+        # Retention took the oldest records off the box (they are in the sealed bundles):
+        # the bundle says it starts with the first record still online, not that it is whole.
+        entry = reader.find(pruned.end)
+        frm = record_time(entry.line) if entry is not None else None
     writer = BundleWriter(
         out, origin=audit.origin, signing_key=keyring.signing_key, trust_note=keyring.trust_note,
         root_verifier_key=keyring.root_verifier_text, verifier_keys=list(keyring.verifier_keys().values()),
-        checkpoints=checkpoints, frm=select.frm, to=select.to, session=select.session,
+        checkpoints=checkpoints, frm=frm, to=select.to, session=select.session,
         # The bundle is as of its fresh checkpoint: a checkpoint made while this export
         # scans must not look like a log tail the bundle is missing.
         created=fresh["time"])
@@ -316,6 +324,9 @@ def _write(audit: AuditConfig, out: Path, select: Selection, access: LogAccess,
         add = writer.add
         everything = select.everything
         seq = -1
+        if pruned is not None and pruned.end:
+            writer.add_pruned(pruned)  # retention took these records off the box: their hashes prove them
+            seq = pruned.end - 1
         for seq, line, segment in reader.records(0, log_size):
             add(seq, leaf(line), line if everything or select(line) else None, segment)
             if progress is not None and seq % PROGRESS_EVERY == 0:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from appliance.audit import merkle
+from appliance.audit.store_pruned import load_pruned
 from appliance.audit.store_segments import last_complete_line, list_segments
 
 READ_CHUNK = 1 << 23
@@ -72,6 +73,14 @@ class AuditReader:
         if not (self.dir / "segments").is_dir():
             raise ReaderError(f"{self.dir}: not an audit directory (no segments/); run `tollgate audit init`")
 
+    def pruned_size(self) -> int:
+        """Records retention took off the online log (the first ``pruned_size`` seqs)."""
+        try:
+            pruned = load_pruned(self.dir)
+        except ValueError as exc:
+            raise ReaderError(str(exc)) from None
+        return pruned.end if pruned is not None else 0
+
     def segments(self) -> list[tuple[int, Path]]:
         return list_segments(self.dir)
 
@@ -97,8 +106,9 @@ class AuditReader:
         segments = self.segments()
         if not segments:
             return
-        if segments[0][0] != 0:
-            raise ReaderError(f"{segments[0][1]}: the first segment must start at seq 0 (segments are missing)")
+        if segments[0][0] != 0 and segments[0][0] != self.pruned_size():
+            raise ReaderError(f"{segments[0][1]}: the first segment must start at seq 0, or where retention "
+                              "pruned the log (segments are missing)")
         for i, (first, path) in enumerate(segments):
             if stop is not None and first >= stop:
                 return

@@ -19,6 +19,7 @@ from typing import Any
 from appliance.audit import canonical, merkle
 from appliance.audit.store_checkpoints import checkpoint_root, load_state
 from appliance.audit.store_errors import AuditError
+from appliance.audit.store_pruned import load_pruned
 from appliance.audit.store_segments import last_line_of_log, list_segments, rehash, truncate
 
 log = logging.getLogger("tollgate.audit")
@@ -51,7 +52,14 @@ def recover(directory: Path, last_checkpoint: dict[str, Any] | None, recent_root
         size, seg_start, offset, tree = state
     else:
         size, seg_start, offset, tree = 0, (segments[0][0] if segments else 0), 0, merkle.CompactRange()
-        if segments and segments[0][0] != 0:
+        try:
+            pruned = load_pruned(directory)
+        except ValueError as exc:
+            raise AuditError(str(exc)) from None
+        if pruned is not None and segments and segments[0][0] == pruned.end:
+            # Retention took the first segments off: rehash on from the prefix's compact range.
+            size, tree = pruned.end, merkle.CompactRange(0, pruned.end, pruned.hashes)
+        elif segments and segments[0][0] != 0:
             raise AuditError(f"{segments[0][1]}: the first segment must start at seq 0 (segments are missing)")
     last_root = checkpoint_root(last_checkpoint) if last_checkpoint else None
     later = [s for s in segments if s[0] >= seg_start]

@@ -39,6 +39,7 @@ key pinned, unreadable arguments).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -175,7 +176,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="tollgate-verify",
         description="Verify a Tollgate audit export bundle: signatures, Merkle proofs, records, off-box checkpoints.",
     )
-    parser.add_argument("bundle", help="the bundle: a .tar.gz, or a directory it was unpacked into")
+    parser.add_argument("bundle", help="the bundle: a .tar.gz, or a directory it was unpacked into "
+                                       "(with --chain: a directory of sealed bundles)")
+    parser.add_argument("--chain", action="store_true",
+                        help="BUNDLE is retention's archive: verify every *.tar.gz in it and that each continues "
+                             "the one before (one tree, no gap)")
     parser.add_argument("--root-key", metavar="KEY|@FILE",
                         help="the root verifier key you received out of band, or @FILE (or a FILE path) holding it")
     parser.add_argument("--offbox", action="append", default=[], metavar="DIR_OR_FILE",
@@ -258,6 +263,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"tollgate-verify: --witness {item}: {exc}", file=sys.stderr)
             return 2
         witness_keys.append(text)
+    if args.chain:
+        return _verify_chain(args, key_text, witness_keys)
     try:
         report = verify_bundle(args.bundle, key_text, args.offbox, progress=progress, as_of=args.as_of,
                                workers=args.workers, witnesses=witness_keys, witness_quorum=args.witness_quorum,
@@ -279,6 +286,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind, n in report.suppressed.items():
             print(f"FAILED {kind}: … and {n} more not listed")
     return 0 if report.ok else 1
+
+
+def _verify_chain(args: argparse.Namespace, key_text: str, witness_keys: list[str]) -> int:
+    from appliance.audit.verify_chain import chain_json, check_chain
+    directory = Path(args.bundle)
+    paths = sorted(directory.glob("*.tar.gz")) if directory.is_dir() else []
+    verified: dict[str, bool] = {}
+    reports = {}
+    for path in paths:
+        try:
+            report = verify_bundle(path, key_text, args.offbox, workers=args.workers, witnesses=witness_keys,
+                                   witness_quorum=args.witness_quorum)
+        except ValueError as exc:
+            print(f"tollgate-verify: {exc}", file=sys.stderr)
+            return 2
+        verified[path.name] = report.ok
+        reports[path.name] = report
+        if not args.quiet or not report.ok:
+            sys.stdout.write(report.summary())
+    chain = check_chain(paths, verified)
+    if args.json:
+        text = json.dumps({**chain_json(chain), "reports": {n: r.as_dict() for n, r in reports.items()}}, indent=2)
+        if args.json == "-":
+            sys.stdout.write(text + "\n")
+        else:
+            Path(args.json).write_text(text + "\n", "utf-8")
+    sys.stdout.write(chain.summary())
+    return 0 if chain.ok else 1
 
 
 if __name__ == "__main__":

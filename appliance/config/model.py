@@ -292,10 +292,19 @@ class AuditConfig:
     root_key: Path | None = None  # the trust root's private key, if kept on the box
     witnesses: tuple[WitnessConfig, ...] = ()  # every checkpoint is submitted to each
     witness_quorum: int = 0  # cosignatures a checkpoint needs to count as witnessed
+    # Retention (PCI DSS 10.5.1): closed months are sealed into bundles in archive_dir
+    # (default DIR/archive) and kept retain_months; the online log keeps online_months.
+    retain_months: int = 12
+    online_months: int = 3
+    archive_dir: Path | None = None
 
     @property
     def keys_dir(self) -> Path:
         return self.dir / "keys"
+
+    @property
+    def archive(self) -> Path:
+        return self.archive_dir if self.archive_dir is not None else self.dir / "archive"
 
 
 @dataclass(frozen=True, slots=True)

@@ -445,8 +445,14 @@ def _parse_audit(s: _Section, base: Path, identity: IdentityConfig | None) -> Au
     if not 0 <= quorum <= len(witnesses) or (witnesses and quorum == 0):
         raise s.error("witness_quorum", f"must be between 1 and the number of witnesses ({len(witnesses)})"
                       if witnesses else "needs [[audit.witnesses]] to count")
+    online = bounded("online_months", int, d.online_months, 1, 1200)
+    retain = bounded("retain_months", int, d.retain_months, 1, 1200)
+    if retain < online:
+        raise s.error("retain_months", f"must be at least online_months ({online}): what leaves the online log "
+                                       "is kept in the archive")
     config = AuditConfig(directory, origin, durability, records, seconds, heartbeat, segment, rows, size,
-                         path_or_none("offbox_dir"), syslog, path_or_none("root_key"), witnesses, quorum)
+                         path_or_none("offbox_dir"), syslog, path_or_none("root_key"), witnesses, quorum,
+                         retain, online, path_or_none("archive_dir"))
     s.finish()
     return config
 
