@@ -26,6 +26,7 @@ from typing import Any
 from appliance import __version__
 from appliance.audit.addon import AuditAddon, SamplingAuditAddon
 from appliance.audit.keys import AuditKeyError, KeyRing
+from appliance.audit.siem import SiemGate
 from appliance.audit.store import AuditLog
 from appliance.audit.store_errors import AuditError
 from appliance.config import Config, ConfigError, load_config
@@ -139,8 +140,11 @@ def _audit(config: Config, text_scrubber: Any, metrics: Metrics | None = None) -
             audit_log.observe(metrics)
         return audit_log
 
+    gate = None
+    if config.siem is not None and config.siem.on_full == "block":
+        gate = SiemGate(config)
     return kind(None, text_scrubber, result_rows=audit_config.result_rows, result_bytes=audit_config.result_bytes,
-                opener=opener)
+                opener=opener, gate=gate)
 
 
 def _scrubber(config: Config) -> Any:

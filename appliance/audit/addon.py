@@ -105,8 +105,12 @@ class AuditAddon(Addon):
     after = ("enforcement", "masking")  # it records what they decided and masked
 
     def __init__(self, audit_log: AuditLog | None, scrub: Callable[[str], str], *, result_rows: int = 20,
-                 result_bytes: int = 8192, opener: Callable[[], AuditLog] | None = None):
-        """Record in ``audit_log``, or in the log ``opener`` opens when the proxy starts."""
+                 result_bytes: int = 8192, opener: Callable[[], AuditLog] | None = None,
+                 gate: Any = None):
+        """Record in ``audit_log``, or in the log ``opener`` opens when the proxy starts.
+        ``gate``: a :class:`~appliance.audit.siem.SiemGate` refusing statements while the
+        SIEM export is too far behind (``[siem] on_full = "block"``)."""
+        self.gate = gate
         self.log: AuditLog = audit_log  # type: ignore[assignment]  # set by open() when None
         self.opener = opener
         self.scrub = scrub
@@ -209,6 +213,9 @@ class AuditAddon(Addon):
         if state.approval is not None:
             record["approval"], state.approval = state.approval, None
         reject = request.reject
+        refused_here = None
+        if reject is None and self.gate is not None:
+            reject = refused_here = self.gate.refusal(self.log.size)
         if reject is not None:
             record["outcome"] = "failure"
             record["sqlstate"] = reject.sqlstate
@@ -218,11 +225,11 @@ class AuditAddon(Addon):
         try:
             if reject is not None:
                 self._write(record)
-                return None
+                return refused_here
             waiting = self._write(record, wait=True)
         except Exception as exc:  # noqa: BLE001 - the log can't take it: the statement must not run
             if reject is not None:
-                return None  # refused anyway; the log counts what it missed
+                return refused_here  # refused anyway; the log counts what it missed
             self.log.note_refused()
             return _unrecorded(exc)
         # In flight until its result: with one session, the log syncs on the loop's thread

@@ -118,6 +118,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "bundles (PCI DSS 10.5.1); for a timer")
     retain.set_defaults(handler=_run(cmd_retain))
 
+    forward = verbs.add_parser("forward", parents=[common],
+                               help="stream every record to the SIEM ([siem]), at least once; runs until stopped")
+    forward.add_argument("--once", action="store_true", help="send what is waiting, then exit")
+    forward.set_defaults(handler=_run(cmd_forward))
+
     sessions = verbs.add_parser("sessions", parents=[common], help="sessions recorded in the log")
     _session_arguments(sessions)
     sessions.set_defaults(handler=_run(cmd_sessions))
@@ -503,6 +508,28 @@ def cmd_retain(args: argparse.Namespace) -> int:
               f"({result.removed_segments} segment(s) removed)")
     if result.expired:
         print(f"expired (older than {audit.retain_months} months): {', '.join(result.expired)}")
+    return EXIT_OK
+
+
+def cmd_forward(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from appliance.audit.siem import Forwarder
+    config, _ = _config(args)
+    forwarder = Forwarder(config)
+    if args.once:
+        while forwarder.step(retry=True):
+            pass
+        waiting = {name: pos for name, pos in forwarder.positions.items() if name in forwarder.failing}
+        if waiting:
+            print(f"{PROG}: not delivered (still failing): {', '.join(waiting)}", file=sys.stderr)
+            return EXIT_FAILED
+        return EXIT_OK
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    forwarder.run(stop)
     return EXIT_OK
 
 

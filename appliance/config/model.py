@@ -307,6 +307,23 @@ class AuditConfig:
         return self.archive_dir if self.archive_dir is not None else self.dir / "archive"
 
 
+SIEM_ON_FULL = ("drop", "block")
+
+
+@dataclass(frozen=True, slots=True)
+class SiemConfig:
+    """Every audit record streamed to a SIEM (appliance.audit.siem): at least once, from a
+    tracked position. ``on_full``: what happens when more than ``max_backlog`` records wait."""
+
+    syslog_tls: str | None = None  # HOST:PORT: RFC 5424 over TLS (RFC 5425 framing)
+    ca_file: Path | None = None  # CA that signed the receiver's certificate (default: the system's)
+    jsonl: Path | None = None  # and/or JSON lines appended to this file
+    max_backlog: int = 1_000_000
+    # "drop": the forwarder skips the oldest waiting records, recording what it dropped;
+    # "block": the proxy refuses statements while the backlog is over the limit.
+    on_full: str = "drop"
+
+
 @dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """Prometheus metrics (appliance.metrics): off unless ``listen`` is set."""
@@ -330,6 +347,7 @@ class Config:
     flows: FlowsConfig = FlowsConfig()
     webui: WebuiConfig = WebuiConfig()
     metrics: MetricsConfig = MetricsConfig()
+    siem: SiemConfig | None = None
     _by_endpoint: Mapping[Endpoint, Target] = field(repr=False, compare=False, default_factory=dict)
 
     def target_for(self, endpoint: Endpoint) -> Target | None:

@@ -22,6 +22,7 @@ from .model import (
     FLOW_MODES,
     INTERCEPT_METHODS,
     PG_MAX_MESSAGE,
+    SIEM_ON_FULL,
     TLS_MODES,
     ApprovalsConfig,
     AuditConfig,
@@ -37,6 +38,7 @@ from .model import (
     MetricsConfig,
     PolicyConfig,
     ProxyConfig,
+    SiemConfig,
     Target,
     WebuiConfig,
     WitnessConfig,
@@ -290,6 +292,27 @@ def _parse_flows(s: _Section) -> FlowsConfig:
     return FlowsConfig(mode, interfaces, max_flows, ring_pages, **seconds)
 
 
+def _parse_siem(s: _Section, base: Path) -> SiemConfig:
+    d = SiemConfig()
+    syslog = s.get("syslog_tls", str, None)
+    if syslog is not None:
+        host, sep, port = syslog.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise s.error("syslog_tls", f"must be HOST:PORT, not {syslog!r}")
+    jsonl = s.optional_path("jsonl", base)
+    if syslog is None and jsonl is None:
+        raise s.error("syslog_tls", "a [siem] section needs syslog_tls and/or jsonl")
+    max_backlog = s.get("max_backlog", int, d.max_backlog)
+    if max_backlog < 1:
+        raise s.error("max_backlog", "must be at least 1")
+    on_full = s.get("on_full", str, d.on_full)
+    if on_full not in SIEM_ON_FULL:
+        raise s.error("on_full", f"must be one of {', '.join(SIEM_ON_FULL)}, not {on_full!r}")
+    config = SiemConfig(syslog, s.optional_path("ca_file", base), jsonl, max_backlog, on_full)
+    s.finish()
+    return config
+
+
 def _parse_metrics(s: _Section) -> MetricsConfig:
     listen = s.get("listen", str, None)
     if listen is not None:
@@ -501,7 +524,10 @@ def parse_config(text: str, path: Path) -> Config:
     flows = _parse_flows(top.section("flows")) if "flows" in data else FlowsConfig()
     webui = _parse_webui(top.section("webui"), path.parent) if "webui" in data else WebuiConfig()
     metrics = _parse_metrics(top.section("metrics")) if "metrics" in data else MetricsConfig()
-    top.used.update(("policy", "masking", "approvals", "audit", "flows", "webui", "metrics"))
+    siem = _parse_siem(top.section("siem"), path.parent) if "siem" in data else None
+    if siem is not None and audit is None:
+        raise ConfigError(f"{path}: siem: streams the audit log, so it needs an [audit] section")
+    top.used.update(("policy", "masking", "approvals", "audit", "flows", "webui", "metrics", "siem"))
     if proxy.agent_auth == "certificate" and identity is None:
         raise ConfigError(f"{path}: proxy.agent_auth: 'certificate' needs an [identity] section")
     raw_targets = top.get("targets", list, [])
@@ -521,7 +547,7 @@ def parse_config(text: str, path: Path) -> Config:
             by_endpoint[ep] = target
         targets.append(target)
     return Config(path, proxy, intercept, tuple(targets), identity, policy, masking, approvals, audit, flows,
-                  webui=webui, metrics=metrics, _by_endpoint=by_endpoint)
+                  webui=webui, metrics=metrics, siem=siem, _by_endpoint=by_endpoint)
 
 
 def load_config(path: str | Path) -> Config:
