@@ -15,7 +15,7 @@ PY           := $(VENV)/bin/python
 TOLLGATE     := $(VENV)/bin/tollgate
 KERNEL       := $(shell uname -r)
 APT_PACKAGES := nftables iproute2 procps python3-venv python3-dev python3-bpfcc bpfcc-tools \
-                linux-headers-amd64 pgbouncer postgresql-client-15
+                linux-headers-amd64 pgbouncer postgresql-client-15 chromium chromium-driver
 PG_BINDIR    := /usr/lib/postgresql/15/bin
 PYTEST_ARGS  ?=
 
@@ -69,7 +69,7 @@ VERIFIER_PYZ   ?= dist/tollgate-verify.pyz
 VERIFIER_BUILD ?= build/verifier
 VERIFIER_SRC   := appliance/__init__.py appliance/pan/__init__.py appliance/pan/detector.py \
                   $(addprefix appliance/audit/,__init__.py canonical.py merkle.py note.py trust.py cosignature.py witness_protocol.py \
-                    bundle_layout.py bundle_reader.py verifier.py verify_chain.py verify_members.py verify_pan.py \
+                    bundle_layout.py bundle_reader.py verifier.py verify_chain.py verify_evidence.py verify_members.py verify_pan.py \
                     verify_records.py verify_report.py verify_signed.py verify_walk.py verify_workers.py)
 
 verifier: $(VERIFIER_PYZ)

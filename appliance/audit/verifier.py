@@ -202,6 +202,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "with it where it reaches its size (repeatable)")
     parser.add_argument("--witness-ca", metavar="FILE", help="CA certificate for https witness URLs")
     parser.add_argument("--json", metavar="FILE", help="also write a JSON report to FILE ('-' for stdout)")
+    parser.add_argument("--report", metavar="FILE.html",
+                        help="also write a PCI DSS evidence report (HTML, printable) made from the bundle")
     parser.add_argument("--quiet", action="store_true", help="print only failures")
     parser.add_argument("--progress", action="store_true", help="report progress on stderr")
     parser.add_argument("--workers", type=int, metavar="N",
@@ -278,6 +280,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(report.to_json())
         else:
             Path(args.json).write_text(report.to_json(), "utf-8")
+    if args.report:
+        from appliance.audit.verify_evidence import write_report
+        write_report(args.report, report, args.bundle)
     if not args.quiet:
         sys.stdout.write(report.summary())
     elif not report.ok:

@@ -528,7 +528,7 @@ def test_zipapp_runs_standalone(env: dict, log: Log, tmp_path: Path) -> None:
     assert probe.stdout.split() == [], f"the verifier imported non-stdlib modules: {probe.stdout}"
     ours = {m for m in modules[start:] if m.startswith("appliance")}
     shipped = ("canonical", "merkle", "note", "trust", "cosignature", "witness_protocol", "bundle_layout",
-               "bundle_reader", "verifier", "verify_members",
+               "bundle_reader", "verifier", "verify_chain", "verify_evidence", "verify_members",
                "verify_pan", "verify_records", "verify_report", "verify_signed", "verify_walk", "verify_workers")
     assert ours <= {"appliance", "appliance.audit", "appliance.pan", "appliance.pan.detector",
                     *(f"appliance.audit.{m}" for m in shipped)}
@@ -539,6 +539,20 @@ def test_zipapp_runs_standalone(env: dict, log: Log, tmp_path: Path) -> None:
                              "import appliance.audit.verifier as v; print(v.__file__)")],
                            cwd=tmp_path, capture_output=True, text=True, check=True)
     assert where.stdout.strip().startswith(str(pyz))
+    # The evidence report and the chain check ship in it too.
+    report = tmp_path / "report.html"
+    run = subprocess.run([_python_for_pyz(), "-I", str(pyz), str(env["filtered"]), "--root-key",
+                          log.root.verifier_key(), "--report", str(report), "--quiet"], cwd=tmp_path,
+                         capture_output=True, text=True, check=False)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "PCI DSS evidence report" in report.read_text()
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copy(env["filtered"], archive / "2025-03.tar.gz")
+    run = subprocess.run([_python_for_pyz(), "-I", str(pyz), str(archive), "--chain", "--root-key",
+                          log.root.verifier_key(), "--quiet"], cwd=tmp_path, capture_output=True, text=True,
+                         check=False)
+    assert "Chain of 1 sealed bundle(s)" in run.stdout, run.stdout + run.stderr
 
 
 # --- properties and fuzzing --------------------------------------------------------------------
