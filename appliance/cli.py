@@ -12,8 +12,10 @@ import importlib
 import logging
 import sys
 
+from appliance.audit.export import append_admin_direct
 from appliance.config import ConfigError
 from appliance.intercept.base import InterceptError
+from appliance.proxy.control import install_direct_writer
 from appliance.proxy.journal import JournalHandler, handler_for_stderr
 
 COMMAND_MODULES = (
@@ -55,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         else "%(asctime)s %(levelname)s %(name)s: %(message)s",
         handlers=[handler],
     )
+    # Admin actions (certificates, enrollment) are recorded through the running proxy, or,
+    # when none runs, by opening the audit log here.
+    install_direct_writer(append_admin_direct)
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:

@@ -188,6 +188,19 @@ class LogAccess:
             self.log = None
 
 
+def append_admin_direct(config: Config, record: dict[str, Any]) -> int:
+    """An admin record appended by this process (no proxy answers): durable and signed
+    before it returns, as through the proxy; :func:`appliance.proxy.control.record_admin`
+    calls it (installed by the entry point)."""
+    access = LogAccess(config, version="admin")
+    try:
+        seq = access.append_admin(record)
+        access.checkpoint()
+        return seq
+    finally:
+        access.close("admin record appended")
+
+
 # --- selection ----------------------------------------------------------------------------
 
 class Selection:

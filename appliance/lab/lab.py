@@ -281,6 +281,10 @@ class Lab:
         if self.proxy_enabled:
             self._start_proxy()
             log.info("lab %s: proxy up", self.name)
+        if self.agent_auth == "certificate":
+            # After the proxy: it records the certificate's issuance in its audit log
+            # (without a proxy, the enrollment service opens the log itself).
+            self._enroll_agent()
         self.state["phase"] = "up"
         self.state["operator"] = None
         self._save()
@@ -369,7 +373,7 @@ class Lab:
 
     def _start_identity_services(self) -> None:
         """The identity services in gw, each waited for until it answers HTTPS from the agent's
-        namespace (where enrollment runs); then enroll the agent."""
+        namespace (where enrollment runs)."""
         for service in self.identity_services():
             log_path = self.paths.service_log(service.name)
             proc = self._spawn_in_gw(service.argv, log_path)
@@ -383,6 +387,8 @@ class Lab:
             except readiness.NotReady as exc:
                 raise LabError(str(exc)) from None
             log.info("lab %s: %s answers at %s", self.name, service.name, service.url)
+
+    def _enroll_agent(self) -> None:
         enrolled = subprocess.run(self.command("agent", lab_identity.enroll_agent_argv(self.paths)), env=self.env(),
                                   capture_output=True, text=True, timeout=readiness.READY_TIMEOUT)
         if enrolled.returncode != 0:

@@ -104,6 +104,18 @@ class AdminUnrecorded(Exception):
     """An admin action could not be recorded in the audit log (the message says why)."""
 
 
+# Who appends an admin record when no proxy answers on the control socket: the audit
+# package's direct writer (it takes the log's exclusive lock, so it can't write beside a
+# running proxy). This layer can't import appliance.audit; the entry point installs it.
+_direct_writer: Callable[[Config, dict[str, Any]], int] | None = None
+
+
+def install_direct_writer(writer: Callable[[Config, dict[str, Any]], int] | None) -> None:
+    """Let :func:`record_admin` open the log itself when the proxy isn't running."""
+    global _direct_writer
+    _direct_writer = writer
+
+
 def record_admin(config: Config, record: dict[str, Any]) -> int | None:
     """Append an ``admin`` record through the running proxy; its sequence number.
 
@@ -116,7 +128,13 @@ def record_admin(config: Config, record: dict[str, Any]) -> int | None:
     try:
         reply = control_request(config, {"op": "audit.append", "record": {"type": "admin", **record}})
     except (ConfigError, OSError, ValueError) as exc:
-        raise AdminUnrecorded(f"the audit log can't record {record.get('action')!r}: {exc}") from None
+        if _direct_writer is None:
+            raise AdminUnrecorded(f"the audit log can't record {record.get('action')!r}: {exc}") from None
+        try:  # no proxy answers: this process writes the log (refused if a proxy holds it)
+            return _direct_writer(config, record)
+        except Exception as direct:  # noqa: BLE001 - whatever stops it, the action is unrecorded
+            raise AdminUnrecorded(f"the audit log can't record {record.get('action')!r}: {exc}; "
+                                  f"and writing it directly failed: {direct}") from None
     if not reply.get("ok"):
         reason = reply.get("error", "no reason given")
         raise AdminUnrecorded(f"the audit log refused {record.get('action')!r}: {reason}")
