@@ -21,11 +21,12 @@ unreachable, 500 the appliance could not issue or record. Every error is JSON
 :class:`~appliance.identity.oidc.TokenError`, which never contains the token.
 
 With an ``[audit]`` section, every issued certificate is recorded in the audit log (an
-``admin`` record, action ``certificate.issue``) through the proxy's control socket before it
-is returned: the proxy is the log's only writer. Issuance fails closed: when the record
-can't be made (the proxy is down), the certificate is revoked in the registry and never
-returned, and the client gets 503 ``audit_unavailable`` with a ``Retry-After``. Without
-``[audit]`` there is no log to record in.
+``admin`` record, action ``certificate.issue``) before it is returned: through the proxy's
+control socket when the proxy runs (it is then the log's only writer), else by opening the
+log here, as every local command does. Issuance fails closed: when the record can't be
+made either way, the certificate is revoked in the registry and never returned, and the
+client gets 503 ``audit_unavailable`` with a ``Retry-After``. Without ``[audit]`` there is
+no log to record in.
 
 This is the one process that reads the CA key (through the CA's signer, at signing time).
 ``GET /v1/ca.pem`` serves the CA certificate for clients using ``sslmode=verify-full``.
@@ -45,6 +46,8 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from flask import Blueprint, Flask, Response, current_app, jsonify, request
 
+from appliance.audit.export import ExportError, LogAccess
+from appliance.audit.store_errors import AuditError
 from appliance.config import Config, ConfigError
 
 # The CA's own CSR rules, run here first so each refusal gets its own HTTP status;
@@ -61,7 +64,6 @@ from appliance.identity.registry import (
 )
 from appliance.model.identity import Identity, IdentityError
 from appliance.model.oidc import OIDCSettings
-from appliance.proxy.control import AdminUnrecorded, record_admin
 from appliance.state.db import StateError
 from webui import bearer_refused, error_response
 
@@ -292,15 +294,19 @@ def enroll() -> Any:
 def _record_issuance(enrollment: Enrollment, identity: Identity, serial: str, not_after: datetime,
                      token_issuer: str) -> tuple[Response, int] | None:
     """Record the issuance; on failure revoke the certificate and answer 503 (fail closed)."""
-    if enrollment.config is None:
-        return None
+    if enrollment.config is None or enrollment.config.audit is None:
+        return None  # no audit log to record in
+    record = {"action": "certificate.issue", "user": identity.uri, "origin": request.remote_addr or "unknown",
+              "object": serial, "outcome": "success", "subject": identity.subject, "kind": identity.kind,
+              "groups": ",".join(identity.groups), "token_issuer": token_issuer,
+              "not_after": not_after.strftime("%Y-%m-%dT%H:%M:%SZ")}
     try:
-        record_admin(enrollment.config, {
-            "action": "certificate.issue", "user": identity.uri, "origin": request.remote_addr or "unknown",
-            "object": serial, "outcome": "success", "subject": identity.subject, "kind": identity.kind,
-            "groups": ",".join(identity.groups), "token_issuer": token_issuer,
-            "not_after": not_after.strftime("%Y-%m-%dT%H:%M:%SZ")})
-    except AdminUnrecorded as exc:
+        access = LogAccess(enrollment.config, version="enroll")  # the proxy if it answers, else the log itself
+        try:
+            access.append_admin(record)
+        finally:
+            access.close("certificate issuance recorded")
+    except (ExportError, AuditError, ConfigError, OSError) as exc:
         log.error("issued %s for %s but could not record it in the audit log, revoking it: %s", serial,
                   identity.uri, exc)
         try:

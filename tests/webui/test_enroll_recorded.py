@@ -15,6 +15,7 @@ from flask import Flask
 
 from appliance.audit.keys import init_audit_dir
 from appliance.audit.reader import AuditReader, parse
+from appliance.audit.store import AuditLog
 from appliance.config import Config, ConfigError, load_config
 from appliance.identity import cli as identity_cli
 from appliance.identity.registry import format_serial
@@ -89,11 +90,25 @@ def test_issuance_is_recorded_before_the_certificate_is_returned(
     assert record["not_after"] == response.json["not_after"]
 
 
-def test_issuance_fails_closed_when_the_proxy_is_down(
+def test_with_the_proxy_down_issuance_is_recorded_by_opening_the_log(
         app: Flask, appliance: Appliance, issuer: DevIssuer, tls: TlsFiles) -> None:
     response = enroll(app, issuer, tls)
+    assert response.status_code == 200, response.json
+    [record] = admin_records(appliance.config())
+    assert record["action"] == "certificate.issue" and record["object"] == response.json["serial"]
+
+
+def test_issuance_fails_closed_when_the_log_cannot_be_written(
+        app: Flask, appliance: Appliance, issuer: DevIssuer, tls: TlsFiles) -> None:
+    config = appliance.config()
+    assert config.audit is not None
+    holder = AuditLog.open(config.audit, version="t")  # a writer holds the log, and answers no control socket
+    try:
+        response = enroll(app, issuer, tls)
+    finally:
+        holder.close()
     assert response.status_code == 503
-    assert response.json["error"] == "audit_unavailable" and "is tollgate running" in response.json["detail"]
+    assert response.json["error"] == "audit_unavailable" and "in use by pid" in response.json["detail"]
     assert response.headers["Retry-After"]
     assert "certificate" not in response.json
     registry = appliance.registry()
@@ -102,7 +117,7 @@ def test_issuance_fails_closed_when_the_proxy_is_down(
         assert issued.revoked and issued.revoked_reason == "issuance could not be recorded in the audit log"
     finally:
         registry.close()
-    assert admin_records(appliance.config()) == []
+    assert admin_records(config) == []
 
 
 def test_audit_without_a_control_socket_is_refused_at_start(appliance: Appliance) -> None:
