@@ -9,6 +9,7 @@ would pin it out of band).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import subprocess
 import sys
@@ -116,6 +117,36 @@ def test_an_export_verifies_with_the_standalone_verifier(lab: Lab, tmp_path: Pat
     # Reading the log is itself recorded (PCI DSS 10.2.1.3).
     exported = [r for r in records(lab) if r["type"] == "admin" and r.get("action") == "audit.export"]
     assert exported and exported[-1]["outcome"] == "success"
+
+
+def test_the_evidence_report_from_a_lab_bundle(lab: Lab):
+    """Issue 19: the PCI DSS report, made by the standalone verifier from a lab bundle,
+    holds that bundle's evidence in each requirement's section, and opens in the browser."""
+    from tests.audit.test_evidence import SECTIONS, open_in_browser, section
+    marker = f"tg-{secrets.token_hex(4)}"
+    psql(lab, f"SELECT '{marker}' AS marker, pan FROM cards ORDER BY id LIMIT 3")
+    run(lab, "agent", ["psql", "-X", lab.conninfo(), "-c", "TRUNCATE cards"], check=False)
+    wait_for(lambda: [r for r in audit_records_for(lab, marker) if r["type"] == "session.end"], "the session's end")
+    bundle = lab.dir / f"evidence-{marker}.tar.gz"
+    tollgate(lab, "audit", "export", "-c", str(lab.config_path), "-o", str(bundle), "--no-progress")
+    root_key = (lab.audit_dir / "keys" / "root.pub").read_text().strip()
+    page = lab.dir / f"evidence-{marker}.html"
+    run(lab, "gw", [sys.executable, "-m", "appliance.audit.verifier", str(bundle), "--root-key", root_key,
+                    "--offbox", str(lab.offbox_dir), "--report", str(page), "--quiet"])
+    text = page.read_text()
+    masked = section(text, "3.4.1")
+    assert re.search(r"\b\d{6}\*{6}\d{4}\b", masked) and "card number(s) masked" in masked
+    assert "clear PANs found: 0" in section(text, "3.5.1")
+    assert "agents-read-and-work-with-masked-data" in section(text, "7.2")
+    assert "TRUNCATE cards" in section(text, "7.2")
+    assert "lab-agent" in section(text, "8.2.1") and "payments-agents" in section(text, "8.2.1")
+    assert "10.2.1.6 audit log started, stopped" in section(text, "10.2.1")
+    assert " 0 without all six fields" in section(text, "10.2.2")
+    assert "verified: everything holds" in section(text, "10.3")
+    for ident in SECTIONS:
+        assert "Evidence from this bundle" in section(text, ident)
+    headings = open_in_browser(page, "evidence-report-lab")
+    assert [h.split(" — ")[0] for h in headings] == list(SECTIONS)
 
 
 def test_sessions_and_replay_in_the_terminal(lab: Lab):
