@@ -224,6 +224,11 @@ def format_status(s: dict[str, Any]) -> str:
     if proxy["enabled"]:
         lines.append(f"  proxy  {'running' if proxy['running'] else 'NOT running'} (pid {proxy['pid']}), "
                      f"port {proxy['port']}, intercept {proxy['method']}")
+        flows = proxy.get("flows") or {}
+        if flows:  # the eBPF flow ledger and bypass guard (docs/ebpf.md)
+            attached = ", ".join(flows.get("attached") or []) or "nothing attached"
+            lines.append(f"  flows  mode {flows.get('mode')}, {flows.get('state')} ({attached})"
+                         + (f": {flows['error']}" if flows.get("error") else ""))
     else:
         lines.append("  proxy  not started (--no-proxy)")
     lines += [f"         config {proxy['config']}", f"         log    {proxy['log']}",

@@ -187,6 +187,10 @@ def test_the_guard_attached_and_says_so(lab: Lab) -> None:
     flows = lab.status()["proxy"]["flows"]
     assert (flows["mode"], flows["state"]) == ("guard", "guard")
     assert sorted(flows["attached"]) == ["eth0/egress", "eth0/ingress"]
+    human = subprocess.run([sys.executable, "-m", "appliance.cli", "lab", "status", "--name", lab.name],
+                           capture_output=True, text=True, timeout=60, env=lab.env())
+    assert "  flows  mode guard, guard (eth0/ingress, eth0/egress)" in human.stdout, human.stdout + human.stderr
+    assert "flows: attached to eth0 (guard)" in lab.proxy_log.read_text()
 
 
 def test_each_bypass_class_is_dropped_by_the_guard_alone(lab: Lab) -> None:
