@@ -18,14 +18,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import secrets
 import signal
+import socket
 import sys
 from dataclasses import dataclass
 from typing import Any
 
 from appliance import __version__
 from appliance.audit.addon import AuditAddon, SamplingAuditAddon
+from appliance.audit.control import register_control_ops
 from appliance.audit.keys import AuditKeyError, KeyRing
+from appliance.audit.remote import AuditWriter, RemoteAuditLog
 from appliance.audit.siem import SiemGate
 from appliance.audit.store import AuditLog
 from appliance.audit.store_errors import AuditError
@@ -43,9 +47,12 @@ from appliance.policy.addon import EnforcementAddon
 from appliance.policy.holder import PolicyHolder
 from appliance.policy.rules import PolicyError
 from appliance.proxy.agent_auth import AgentAuthenticator, TrustAuthenticator
+from appliance.proxy.channel import Channel
+from appliance.proxy.control import ControlOps, start_control_server
 from appliance.proxy.hooks import PROXY_RUN, Addon, AddonManager, AddonOrderError
 from appliance.proxy.sdnotify import Notifier, Watchdog
 from appliance.proxy.server import ProxyServer
+from appliance.proxy.workers import SessionRelay, Supervisor, WorkerLink, name_worker_in_logs
 
 log = logging.getLogger("tollgate")
 
@@ -64,10 +71,12 @@ class Assembly:
     metrics: Metrics | None = None
 
 
-def build(config: Config) -> Assembly:
+def build(config: Config, *, worker: bool = False) -> Assembly:
     """The addons ``config`` asks for, wired together. Raises ConfigError (or PolicyError)
     when a feature can't start as configured: the proxy must not run without the policy
-    or the audit log it was given."""
+    or the audit log it was given. ``worker``: for one of several workers, where the flow
+    ledger is the primary's (one eBPF program per appliance) and a SessionRelay tells it
+    of this worker's sessions."""
     text_scrubber = _scrubber(config)
     policy, catalog, approvals = None, None, None
     addons: dict[str, Addon] = {}
@@ -95,9 +104,13 @@ def build(config: Config) -> Assembly:
     else:
         log.warning("no [audit] configured: sessions and statements are not recorded")
     # The flow ledger's records go to the audit log's one writer, signed like the rest.
-    flows = FlowAddon(config, audit.record if audit is not None else None,
-                      audit.session_id if audit is not None else None)
-    addons["flows"] = flows
+    flows: FlowAddon | None = None
+    if worker:
+        addons["flows"] = SessionRelay(audit.session_id if audit is not None else lambda session: None)
+    else:
+        flows = FlowAddon(config, audit.record if audit is not None else None,
+                          audit.session_id if audit is not None else None)
+        addons["flows"] = flows
     try:
         manager = AddonManager(addons[name] for name in ADDON_ORDER if name in addons)
     except AddonOrderError as exc:
@@ -174,6 +187,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("-c", "--config", required=True, help="Tollgate configuration (TOML)")
     run.add_argument("--no-intercept", action="store_true",
                      help="don't touch nftables or routing (the ruleset is managed elsewhere)")
+    # INDEX:FD:RUN — how the primary of [proxy] workers > 1 starts each worker.
+    run.add_argument("--worker", help=argparse.SUPPRESS)
     run.set_defaults(handler=cmd_run)
 
 
@@ -189,6 +204,15 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ImportError:
         uvloop = None
     runner = uvloop.run if uvloop is not None else asyncio.run
+    if args.worker is not None:
+        try:
+            assembly = build(config, worker=True)
+        except PolicyError as exc:
+            print(f"tollgate: policy: {exc}", file=sys.stderr)
+            return 2
+        return runner(serve_worker(config, method, assembly, args.worker))
+    if config.proxy.workers > 1:
+        return runner(serve_primary(config, method, intercept=not args.no_intercept))
     try:
         assembly = build(config)
     except PolicyError as exc:
@@ -266,4 +290,191 @@ async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: b
     if metrics_server is not None:
         metrics_server.shutdown()
     notifier.close()
+    return 0
+
+
+# ---- [proxy] workers > 1: a primary and its workers (appliance/proxy/workers.py) ---------------
+
+async def serve_primary(config: Config, method: Any, *, intercept: bool = True,
+                        notifier: Notifier | None = None) -> int:
+    """The primary: the audit log's one writer, the control socket, the ruleset, the
+    signals; the sessions run in ``config.proxy.workers`` worker processes."""
+    loop = asyncio.get_running_loop()
+    notifier = notifier or Notifier()
+    notifier.status("opening the audit log")
+    audit_log = None
+    if config.audit is not None:
+        audit_config = config.audit
+        try:
+            audit_log = await asyncio.to_thread(AuditLog.open, audit_config, version=__version__, run=PROXY_RUN)
+        except AuditError as exc:
+            raise ConfigError(f"audit log {audit_config.dir}: {exc}") from None
+        audit_log.start(loop)
+    # The metrics count the audit log's records: the primary's, the one log.
+    metrics = Metrics() if config.metrics.listen is not None and audit_log is not None else None
+    if metrics is not None and audit_log is not None:
+        audit_log.observe(metrics)
+    writer = AuditWriter(audit_log) if audit_log is not None else None
+    run = audit_log.run if audit_log is not None else secrets.token_hex(6)
+    # The flow ledger and bypass guard: one eBPF program per appliance, so the primary's;
+    # the workers tell it of their sessions (SessionRelay), which it matches flows with.
+    recorder = AuditAddon(audit_log, _scrubber(config)) if audit_log is not None else None
+    flows = FlowAddon(config, recorder.record if recorder is not None else None,
+                      lambda session: session.sid)
+    try:
+        await flows.open()
+    except GuardError as exc:
+        if audit_log is not None:
+            await asyncio.to_thread(audit_log.close, "the proxy did not start")
+        raise ConfigError(f"{config.path}: flows: the bypass guard could not attach, so the proxy does not start "
+                          f"(set [flows] mode = \"ledger\" or \"off\" to run without it): {exc}") from None
+
+    def attach(channel: Channel, index: int) -> None:
+        if writer is not None:
+            writer.attach(channel)
+        channel.on("session", lambda event, *fields: relayed_session(flows, event, *fields))
+
+    def argv(index: int, fd: int) -> list[str]:
+        return [sys.executable, "-m", "appliance.cli", "run", "-c", str(config.path), "--no-intercept",
+                "--worker", f"{index}:{fd}:{run}"]
+
+    supervisor = Supervisor(config.proxy.workers, argv, attach=attach)
+    ops = ControlOps()
+    ops.register("ping", lambda request: {})
+    ops.register("sessions", supervisor.sessions)
+    ops.register("workers", lambda request: supervisor.status())
+    ops.fallback = supervisor.forward
+    if audit_log is not None:
+        register_control_ops(ops, audit_log)
+    control = None
+    metrics_server = None
+    try:
+        notifier.status(f"starting {config.proxy.workers} workers")
+        await supervisor.start()
+        await flows.start(ops)
+        if metrics is not None and config.metrics.listen is not None:
+            try:
+                metrics_server = serve_metrics(metrics, config.metrics.listen)
+            except OSError as exc:
+                raise ConfigError(f"{config.path}: metrics.listen: cannot listen on {config.metrics.listen}: "
+                                  f"{exc.strerror}") from None
+        if config.proxy.control_socket is not None:
+            control = await start_control_server(ops, config.proxy.control_socket)
+        if intercept:
+            notifier.status("applying the intercept ruleset")
+            await asyncio.to_thread(method.setup, config)
+    except BaseException:
+        await supervisor.stop()
+        if control is not None:
+            control.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        await flows.close()
+        if audit_log is not None:
+            await asyncio.to_thread(audit_log.close, "the proxy did not start")
+        raise
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    # The workers reload their policy on SIGHUP, as a single process does.
+    loop.add_signal_handler(signal.SIGHUP, supervisor.signal, signal.SIGHUP)
+    log.info("listening on port %d (%s intercept) with %d workers", config.proxy.listen_port,
+             config.intercept.method, config.proxy.workers)
+    summary = f"port {config.proxy.listen_port}, {config.proxy.workers} workers"
+    notifier.ready(f"ready: {summary}")
+    watchdog = None
+    if notifier.watchdog_interval is not None:
+        watchdog = Watchdog(notifier, notifier.watchdog_interval,
+                            lambda: f"ready: {summary}; {len(supervisor.workers)} running")
+        watchdog.start()
+    print("tollgate: ready", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    notifier.stopping()
+    if watchdog is not None:
+        watchdog.stop()
+    await supervisor.stop()
+    if control is not None:
+        control.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+    await flows.close()
+    if audit_log is not None:
+        await asyncio.to_thread(audit_log.close, "the proxy stopped")
+    notifier.close()
+    return 0
+
+
+@dataclass(slots=True)
+class _RelayedSession:
+    """What the flow ledger needs of a worker's session: its pair, id and user."""
+
+    client: str
+    destination: str
+    sid: str | None
+    user: str | None
+
+
+def relayed_session(flows: FlowAddon, event: str, client: str, destination: str, sid: str | None,
+                    user: str | None) -> None:
+    session: Any = _RelayedSession(client, destination, sid, user)
+    if event == "start":
+        flows.session_start(session)
+    elif event == "end":
+        flows.session_end(session, "")
+    else:
+        flows.session_refused(session, "")
+
+
+async def serve_worker(config: Config, method: Any, assembly: Assembly, spec: str) -> int:
+    """One worker: a whole proxy on its own loop, sharing the port; its audit records go
+    to the primary over the channel on descriptor FD (``spec`` is ``INDEX:FD:RUN``)."""
+    index, fd, run = spec.split(":", 2)
+    name_worker_in_logs(index)
+    loop = asyncio.get_running_loop()
+    channel = await Channel.connect(socket.socket(fileno=int(fd)), "the primary")
+    stop = asyncio.Event()
+    remote = None
+    if assembly.audit is not None:
+        remote = RemoteAuditLog(channel, f"{run}w{index}")
+        assembly.audit.opener = None
+        assembly.audit.log = remote  # type: ignore[assignment]
+
+    def primary_gone() -> None:
+        # No audit writer: nothing may run. Waiting statements are refused; sessions end.
+        log.error("worker %s: the primary process is gone; stopping", index)
+        if remote is not None:
+            remote.lost()
+        link.lost()
+        stop.set()
+
+    addons = assembly.addons
+    server = ProxyServer(config, method, addons, assembly.authenticator, worker=True)
+    link = WorkerLink(channel, server)
+    channel.on_lost = primary_gone
+    for addon in addons.addons:
+        if isinstance(addon, SessionRelay):
+            addon.channel = channel
+    await addons.open()
+    if assembly.audit is not None and assembly.policy is not None:
+        policy = assembly.policy
+        assembly.audit.policy_reloaded(str(policy.path), policy.digest, policy.generation, None)
+    try:
+        await server.start()
+    except BaseException:
+        await addons.close()
+        raise
+    try:
+        await addons.start(server.control)
+    except BaseException:
+        await server.close()
+        await addons.close()
+        raise
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    link.ready()
+    await stop.wait()
+    await server.close()
+    await addons.close()
+    channel.close()
     return 0

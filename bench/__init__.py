@@ -79,12 +79,14 @@ class Case:
     audit: str = "fsync"
     without: tuple[str, ...] = ()
     flows: str = "guard"
+    workers: int = 1
 
     @property
     def setting(self) -> str:
         """The proxy's layers for this case, as the report names them."""
         flows = "" if self.flows == "guard" else f", flows {self.flows}"
-        return self.audit + "".join(f", no {layer}" for layer in self.without) + flows
+        return (self.audit + "".join(f", no {layer}" for layer in self.without) + flows
+                + (f", {self.workers} workers" if self.workers != 1 else ""))
 
     @property
     def clients(self) -> int:
@@ -150,6 +152,18 @@ register(Case("c8-simple-audit-off", ("-S", "-c", "8", "-j", "2", "-M", "simple"
 register(Case("c1-simple-audit-off", ("-S", "-c", "1", "-j", "1", "-M", "simple"),
               "select-only, 1 client, no audit log", paths=("tollgate",), per_statement=True,
               compare_to="c1-simple", audit="off"))
+
+# Workers across cores ([proxy] workers, issue 20): 32 clients select-only through one
+# proxy process, then through two workers (and the primary writing the audit log), in the
+# same run. The report's workers lines add the CPU per transaction of the primary's event
+# loop (the serial part: every audit record passes through it) and of the workers, and
+# what they predict for 16 and 64 cores.
+register(Case("c32-simple", ("-S", "-c", "32", "-j", "2", "-M", "simple"),
+              "select-only, 32 clients, simple protocol, one proxy process: throughput",
+              paths=("direct", "tollgate")))
+register(Case("c32-simple-2-workers", ("-S", "-c", "32", "-j", "2", "-M", "simple"),
+              "select-only, 32 clients, simple protocol, two workers ([proxy] workers = 2)",
+              paths=("tollgate",), compare_to="c32-simple", workers=2))
 
 # Each layer's cost: the same select-only load through a proxy with fewer layers — no audit
 # log (above), then no masking either, then no policy (the session core alone). Against

@@ -198,6 +198,37 @@ def process_cpu_s(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu_s(pid: int, tid: int) -> float | None:
+    """user + system CPU seconds of one thread of ``pid``."""
+    try:
+        stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def child_pids(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def cpu_parts_s(pid: int | None) -> dict[str, float] | None:
+    """CPU seconds so far of the proxy's parts: its main thread (with workers, the
+    primary's event loop, through which every audit record passes: the serial part), the
+    whole primary process, and its children (the workers)."""
+    if pid is None:
+        return None
+    main, whole = thread_cpu_s(pid, pid), process_cpu_s(pid)
+    if main is None or whole is None:
+        return None
+    children = [process_cpu_s(c) for c in child_pids(pid)]
+    return {"primary_loop": main, "primary": whole, "workers": sum(c for c in children if c is not None),
+            "processes": 1 + len(children)}
+
+
 # --- the run ---------------------------------------------------------------------------
 
 class Context:
@@ -272,13 +303,20 @@ def run_case(ctx: Context, case: Case, paths: list[str], *, duration: int, repea
             during = DURING[case.during](ctx) if case.during and path != BASELINE else contextlib.nullcontext()
             with during:
                 reset_peak_rss(pid)
-                cpu0 = process_cpu_s(pid)
+                cpu0 = cpu_parts_s(pid) if route.name == "tollgate" else process_cpu_s(pid)
                 run = pgbench.run(ctx.lab, route.node, argv, env=ctx.env(route), timeout=timeout)
-                cpu1 = process_cpu_s(pid)
+                cpu1 = cpu_parts_s(pid) if route.name == "tollgate" else process_cpu_s(pid)
                 rss = peak_rss_kb(pid)
             pr = result.paths[path]
             pr.runs.append(run)
-            pr.proxy_cpu_s.append(cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
+            if isinstance(cpu0, dict) and isinstance(cpu1, dict):
+                parts = {k: cpu1[k] - cpu0[k] for k in ("primary_loop", "primary", "workers")}
+                pr.proxy_cpu_parts.append({**parts, "processes": cpu1["processes"]})
+                # Every process of the proxy: with workers, the primary and each worker.
+                pr.proxy_cpu_s.append(parts["primary"] + parts["workers"])
+            else:
+                pr.proxy_cpu_parts.append(None)
+                pr.proxy_cpu_s.append(cpu1 - cpu0 if cpu0 is not None and cpu1 is not None else None)
             pr.proxy_peak_rss_kb.append(rss)
             tag = f"{case.name} {path}" + (f" #{rep + 1}" if repeat > 1 else "")
             if run.ok:
@@ -430,9 +468,10 @@ def measure(ctx: Context, args: argparse.Namespace, plan: list[tuple[Case, list[
 
 
 def _run_one(ctx: Context, args: argparse.Namespace, case: Case, paths: list[str]) -> CaseResult:
-    if "tollgate" in paths and (ctx.lab.audit, ctx.lab.without) != (case.audit, tuple(sorted(case.without))):
+    if "tollgate" in paths and (ctx.lab.audit, ctx.lab.without, ctx.lab.workers) != \
+            (case.audit, tuple(sorted(case.without)), case.workers):
         log.info("bench: restarting the proxy with audit %s", case.setting)
-        ctx.lab.set_audit(case.audit, case.without)
+        ctx.lab.set_audit(case.audit, case.without, workers=case.workers)
     if "tollgate" in paths and ctx.lab.flows != case.flows:
         log.info("bench: restarting the proxy with flows %s", case.flows)
         ctx.lab.set_flows(case.flows)

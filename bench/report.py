@@ -38,6 +38,9 @@ class PathResult:
     runs: list[PgbenchRun] = field(default_factory=list)
     proxy_cpu_s: list[float | None] = field(default_factory=list)  # per run; None: no proxy on this path
     proxy_peak_rss_kb: list[int | None] = field(default_factory=list)  # per run, VmHWM since the run began
+    # Tollgate only, per run: CPU seconds of the primary's event loop, the whole primary,
+    # and its workers (see bench.__main__.cpu_parts_s).
+    proxy_cpu_parts: list[dict[str, float] | None] = field(default_factory=list)
 
     @property
     def ok_runs(self) -> list[PgbenchRun]:
@@ -72,6 +75,13 @@ class PathResult:
                 per_tx.append(cpu * 1e6 / run.result.transactions)
         return _median(per_tx)
 
+    def cpu_part_us_per_tx(self, part: str) -> float | None:
+        per_tx = []
+        for run, parts in zip(self.runs, self.proxy_cpu_parts, strict=False):
+            if run.ok and parts is not None and run.result.transactions:
+                per_tx.append(parts[part] * 1e6 / run.result.transactions)
+        return _median(per_tx)
+
     @property
     def proxy_peak_rss_mb(self) -> float | None:
         values = [v for v in self.proxy_peak_rss_kb if v is not None]
@@ -81,6 +91,8 @@ class PathResult:
         return {"ok": self.ok, "repeats": len(self.runs), "ok_repeats": len(self.ok_runs), "error": self.error,
                 "tps": self.tps, "latency_ms": self.latency_ms, "latency_from_tps_ms": self.latency_from_tps_ms,
                 "proxy_cpu_us_per_tx": self.proxy_cpu_us_per_tx, "proxy_peak_rss_mb": self.proxy_peak_rss_mb,
+                "proxy_cpu_parts_us_per_tx": {part: self.cpu_part_us_per_tx(part)
+                                              for part in ("primary_loop", "primary", "workers")},
                 "tps_all": [r.result.tps for r in self.ok_runs]}
 
 
@@ -196,6 +208,44 @@ def derived_lines(results: Sequence[CaseResult]) -> list[str]:
                                  + rss)
             if parts:
                 out.append(f"{cr.case.name}: " + "; ".join(parts))
+        if cr.case.workers > 1:
+            out += workers_lines(cr)
+    return out
+
+
+MODEL_CORES = (16, 64)
+
+
+def scaling_model(serial_us: float, primary_other_us: float, worker_us: float, cores: int) -> tuple[float, str]:
+    """Tollgate's throughput ceiling on ``cores`` cores of its own: the primary on one
+    core (its event loop handles every audit record: the serial part; its sync and
+    checkpoint threads share that core), ``cores - 1`` workers in parallel. TPS, and which
+    bound it is."""
+    workers = (cores - 1) * 1e6 / worker_us
+    primary = 1e6 / (serial_us + primary_other_us)
+    return (workers, "workers") if workers <= primary else (primary, "the primary (serial)")
+
+
+def workers_lines(cr: CaseResult) -> list[str]:
+    """The CPU per transaction of each part of a proxy with workers, and the model."""
+    pr = cr.paths.get(SUBJECT)
+    if pr is None or not pr.ok:
+        return []
+    loop = pr.cpu_part_us_per_tx("primary_loop")
+    primary = pr.cpu_part_us_per_tx("primary")
+    workers = pr.cpu_part_us_per_tx("workers")
+    if loop is None or primary is None or not workers:
+        return []
+    other = max(0.0, primary - loop)
+    out = [(f"{cr.case.name}: proxy CPU per transaction: primary event loop {loop:.1f} µs (serial: every audit "
+           f"record passes through it), primary's other threads {other:.1f} µs, {cr.case.workers} workers "
+           f"{workers:.1f} µs together")]
+    model = []
+    for cores in MODEL_CORES:
+        tps, bound = scaling_model(loop, other, workers, cores)
+        model.append(f"{cores} cores ≈ {tps:,.0f} TPS (bound: {bound})")
+    out.append(f"{cr.case.name}: scaling model from these figures, Tollgate's own ceiling with the cores to "
+               f"itself: " + "; ".join(model) + f"; the serial part alone allows {1e6 / (loop + other):,.0f} TPS")
     return out
 
 

@@ -315,3 +315,21 @@ def test_bad_webui_config(text: str, message: str, tmp_path: Path):
     (tmp_path / "secret.txt").write_text("pencil\n")
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse_config(GOOD + text, tmp_path / "t.toml")
+
+
+def test_workers_parse_as_a_number_or_auto():
+    assert parse_config("", Path("x.toml")).proxy.workers == 1
+    assert parse_config("[proxy]\nworkers = 3", Path("x.toml")).proxy.workers == 3
+    import os
+    assert parse_config("[proxy]\nworkers = 'auto'", Path("x.toml")).proxy.workers == len(os.sched_getaffinity(0))
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[proxy]\nworkers = 0", "x.toml: proxy.workers: must be \"auto\" or a number between 1 and 256, not 0"),
+    ("[proxy]\nworkers = 'many'", "x.toml: proxy.workers: must be \"auto\" or a number between 1 and 256, not 'many'"),
+    ("[proxy]\nworkers = true", "x.toml: proxy.workers: must be"),
+])
+def test_bad_workers_name_file_key_and_problem(text: str, message: str):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, Path("x.toml"))
+    assert str(caught.value).startswith(message), str(caught.value)

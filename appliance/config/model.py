@@ -213,6 +213,9 @@ class ProxyConfig:
     # error the server skips to the next Sync without answering, so a client that pipelines
     # without Sync would otherwise make the proxy remember every request.
     max_pending_requests: int = DEFAULT_MAX_PENDING_REQUESTS
+    # Proxy processes sharing the listening port (SO_REUSEPORT), each on its own event
+    # loop; 1 is one process doing everything. The bounds above apply per worker.
+    workers: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ agents unprotected.
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import socket
 import tomllib
@@ -161,11 +162,25 @@ def _parse_proxy(s: _Section) -> ProxyConfig:
     max_pending = s.get("max_pending_requests", int, d.max_pending_requests)
     if not 64 <= max_pending <= 1 << 24:
         raise s.error("max_pending_requests", "must be between 64 and 16777216")
+    workers = _parse_workers(s)
     s.finish()
     return ProxyConfig(port, addresses, auth, max_msg, threshold, Path(control) if control else None,
                        startup_timeout=float(startup_timeout), max_buffered_total=buffered_total,
                        max_connections=max_connections, max_connections_per_source=per_source,
-                       source_prefix_v6=prefix_v6, max_pending_requests=max_pending)
+                       source_prefix_v6=prefix_v6, max_pending_requests=max_pending, workers=workers)
+
+
+MAX_WORKERS = 256
+
+
+def _parse_workers(s: _Section) -> int:
+    """``workers``: a number of processes, or "auto" for one per core this process may use."""
+    value = s.get("workers", (int, str), ProxyConfig().workers)
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    if isinstance(value, str) or not 1 <= value <= MAX_WORKERS:
+        raise s.error("workers", f"must be \"auto\" or a number between 1 and {MAX_WORKERS}, not {value!r}")
+    return value
 
 
 def _parse_intercept(s: _Section) -> InterceptConfig:

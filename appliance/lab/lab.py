@@ -76,7 +76,8 @@ class Lab:
     def __init__(self, name: str | None = None, *, owner_pid: int | None = None, proxy: bool = True,
                  method: str = "redirect", root: Path = st.LAB_ROOT, suite_role: bool = False,
                  agent_auth: str = "certificate", policy: str = "lab", audit: str = "fsync",
-                 audit_dir: Path | None = None, agent_direct: bool = False, flows: str = "guard"):
+                 audit_dir: Path | None = None, agent_direct: bool = False, flows: str = "guard",
+                 workers: int = 1):
         try:
             self.name = st.validate_name(name) if name else st.generate_name()
         except st.StateError as exc:
@@ -104,6 +105,9 @@ class Lab:
             raise LabError(f"audit must be 'fsync', 'write' or 'off', not {audit!r}")
         self.audit = audit
         self.without: tuple[str, ...] = ()  # layers left out of the proxy's config (set_audit)
+        if not 1 <= workers <= 64:
+            raise LabError(f"workers must be between 1 and 64, not {workers}")
+        self.workers = workers  # the proxy's [proxy] workers
         # The agent's namespace may reach the database's direct address (its subnet is left
         # out of protected_subnets): only for tests that compare both paths from one process.
         # Other direct clients run in the "direct" namespace (DIRECT_NODE).
@@ -144,7 +148,8 @@ class Lab:
                   agent_auth=proxy.get("agent_auth", "trust"), policy=proxy.get("policy", "lab"),
                   audit=proxy.get("audit", "off"),
                   audit_dir=Path(proxy["audit_dir"]) if proxy.get("audit_dir") else None,
-                  agent_direct=bool(proxy.get("agent_direct")), flows=proxy.get("flows", "guard"))
+                  agent_direct=bool(proxy.get("agent_direct")), flows=proxy.get("flows", "guard"),
+                  workers=int(proxy.get("workers", 1)))
         lab.state = recorded
         lab.without = tuple(proxy.get("without", ()))
         owner = recorded.get("owner")
@@ -228,7 +233,7 @@ class Lab:
             "proxy": {"enabled": self.proxy_enabled, "method": self.method, "port": PROXY_PORT,
                       "agent_auth": self.agent_auth, "policy": self.policy, "audit": self.audit,
                       "audit_dir": str(self.audit_dir), "agent_direct": self.agent_direct,
-                      "flows": self.flows},
+                      "flows": self.flows, "workers": self.workers},
         }
         self._save()
         try:
@@ -421,20 +426,23 @@ class Lab:
             raise LabError("the proxy is still running")
         self._start_proxy()
 
-    def set_audit(self, audit: str, without: tuple[str, ...] = ()) -> None:
+    def set_audit(self, audit: str, without: tuple[str, ...] = (), workers: int | None = None) -> None:
         """Run the proxy with another audit setting ("fsync", "write", "off") and, for the
-        benchmark's per-layer cost only, ``without`` some layers ("policy", "masking"):
-        rewrite its config and restart it (the benchmark compares them in one lab)."""
+        benchmark's per-layer cost only, ``without`` some layers ("policy", "masking"), and
+        with ``workers`` processes (unchanged if None): rewrite its config and restart it
+        (the benchmark compares them in one lab)."""
         if audit not in ("fsync", "write", "off"):
             raise LabError(f"audit must be 'fsync', 'write' or 'off', not {audit!r}")
         unknown = set(without) - set(LAYERS)
         if unknown:
             raise LabError(f"layers that can be left out: {', '.join(LAYERS)}, not {', '.join(sorted(unknown))}")
         without = tuple(sorted(without))
-        if (audit, without) == (self.audit, self.without):
+        workers = self.workers if workers is None else workers
+        if (audit, without, workers) == (self.audit, self.without, self.workers):
             return
         self.stop_proxy()
-        self.audit, self.without = audit, without
+        self.audit, self.without, self.workers = audit, without, workers
+        self.state["proxy"]["workers"] = workers
         self.state["proxy"]["audit"] = audit
         self.state["proxy"]["without"] = list(without)
         self._save()
@@ -715,7 +723,8 @@ def render_proxy_config(lab: Lab) -> str:
     return proxy_config.render(lab.name, lab.paths, method=lab.method, agent_auth=lab.agent_auth,
                                suite_role=lab.suite_role, audit=lab.audit, audit_dir=lab.audit_dir,
                                witness=(witness["name"], witness["key"]) if witness else None,
-                               agent_direct=lab.agent_direct, without=lab.without, flows=lab.flows)
+                               agent_direct=lab.agent_direct, without=lab.without, flows=lab.flows,
+                               workers=lab.workers)
 
 
 def gc(root: Path = st.LAB_ROOT) -> list[tuple[str, str]]:

@@ -23,7 +23,7 @@ def witness_url() -> str:
 
 def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role: bool, audit: str,
            audit_dir: Path, witness: tuple[str, str] | None = None, agent_direct: bool = False,
-           without: tuple[str, ...] = (), flows: str = "guard") -> str:
+           without: tuple[str, ...] = (), flows: str = "guard", workers: int = 1) -> str:
     """The config (TOML; strings quoted as JSON, which TOML's basic strings are a superset of).
     ``without``: layers left out ("policy", "masking") — the benchmark's per-layer cost only."""
     q = json.dumps
@@ -33,6 +33,7 @@ def render(name: str, paths: Paths, *, method: str, agent_auth: str, suite_role:
         f"listen_port = {PROXY_PORT}",
         f"agent_auth = {q(agent_auth)}",
         f"control_socket = {q(str(paths.control_socket))}",
+        *([f"workers = {workers}"] if workers != 1 else []),
         "",
         "[intercept]",
         f"method = {q(method)}",

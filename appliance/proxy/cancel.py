@@ -19,7 +19,11 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from appliance.config import Endpoint
     from appliance.proxy.session import Session
+
+    # Where a CancelRequest goes: the session's database, the backend's pid and real secret.
+    CancelTarget = tuple[Endpoint, int, bytes]
 
 
 class CancelRegistry:
@@ -29,6 +33,12 @@ class CancelRegistry:
         self._sessions: dict[tuple[int, bytes], Session] = {}
         self._draw_secret = draw_secret
         self.unmatched = 0  # CancelRequests whose key was no live session's
+        # With several workers: asks the others about a key no session here holds (a
+        # cancel connection lands on any worker); calls back with where to send the
+        # CancelRequest, or None if no session anywhere needs one sent.
+        self.elsewhere: Callable[[int, bytes, Callable[[CancelTarget | None], None]], None] | None = None
+        self.passed_on = 0  # keys passed to the other workers
+        self.from_elsewhere = 0  # keys another worker received for a session here
 
     def issue(self, session: Session, process_id: int, upstream_secret: bytes) -> tuple[int, bytes]:
         """The key the agent is given for the backend ``process_id``: its real pid and a
@@ -43,9 +53,13 @@ class CancelRegistry:
 
     def lookup(self, process_id: int, secret_key: bytes) -> Session | None:
         session = self._sessions.get((process_id, secret_key))
-        if session is None:
+        if session is None and self.elsewhere is None:
             self.unmatched += 1
         return session
+
+    def find(self, process_id: int, secret_key: bytes) -> Session | None:
+        """The session holding this key here, if any (a cancel another worker received)."""
+        return self._sessions.get((process_id, secret_key))
 
     def forget(self, key: tuple[int, bytes] | None) -> None:
         if key is not None:

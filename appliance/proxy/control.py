@@ -13,11 +13,12 @@ so the proxy stays the audit log's only writer.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import logging
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,35 +28,59 @@ log = logging.getLogger("tollgate.control")
 
 Request = dict[str, Any]
 Reply = dict[str, Any]
-Handler = Callable[[Request], Reply]
+Handler = Callable[[Request], Reply | Awaitable[Reply]]
 
 
 class ControlOps:
-    """The operations the control socket answers, by name."""
+    """The operations the control socket answers, by name. A handler may return an
+    awaitable (the primary of several workers asks them); ``fallback`` answers the ops no
+    handler is registered for (the primary passes them on to its workers)."""
 
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self.fallback: Handler | None = None
 
     def register(self, op: str, handler: Handler) -> None:
         if op in self._handlers:
             raise ValueError(f"control operation {op!r} is registered twice")
         self._handlers[op] = handler
 
-    def answer(self, line: bytes) -> Reply:
-        """The reply to one request line; a handler's exception is the client's error."""
+    def answer(self, line: bytes) -> Reply | Awaitable[Reply]:
+        """The reply to one request line (or an awaitable of it, from an awaitable
+        handler); a handler's exception is the client's error."""
         try:
             request = json.loads(line)
         except ValueError:
             request = None
         op = request.get("op") if isinstance(request, dict) else None
         handler = self._handlers.get(op) if isinstance(op, str) else None
+        if handler is None and isinstance(op, str):
+            handler = self.fallback
         if handler is None:
             return {"ok": False, "error": f"unknown request; known ops: {', '.join(sorted(self._handlers))}"}
         try:
-            return {"ok": True, **handler(request)}  # type: ignore[arg-type]
+            reply = handler(request)  # type: ignore[arg-type]
         except Exception as exc:  # noqa: BLE001 - the asking command reports it; the proxy goes on
-            log.warning("control request %r failed: %s", op, exc)
-            return {"ok": False, "error": str(exc)}
+            return _failed(op, exc)
+        if inspect.isawaitable(reply):
+            return _awaited(op, reply)
+        return {"ok": True, **reply}
+
+    async def answer_async(self, line: bytes) -> Reply:
+        reply = self.answer(line)
+        return reply if isinstance(reply, dict) else await reply
+
+
+async def _awaited(op: str, reply: Awaitable[Reply]) -> Reply:
+    try:
+        return {"ok": True, **await reply}
+    except Exception as exc:  # noqa: BLE001 - as in answer()
+        return _failed(op, exc)
+
+
+def _failed(op: Any, exc: Exception) -> Reply:
+    log.warning("control request %r failed: %s", op, exc)
+    return {"ok": False, "error": str(exc)}
 
 
 async def start_control_server(ops: ControlOps, path: Path) -> asyncio.AbstractServer:
@@ -64,7 +89,7 @@ async def start_control_server(ops: ControlOps, path: Path) -> asyncio.AbstractS
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                writer.write(json.dumps(ops.answer(line)).encode() + b"\n")
+                writer.write(json.dumps(await ops.answer_async(line)).encode() + b"\n")
                 await writer.drain()
         finally:
             writer.close()

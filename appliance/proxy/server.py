@@ -493,8 +493,11 @@ class ProxyServer:
     """Listening sockets, the live sessions, and what they share."""
 
     def __init__(self, config: Config, method: InterceptMethod, addons: AddonManager | None = None,
-                 authenticator: AgentAuthenticator | None = None):
+                 authenticator: AgentAuthenticator | None = None, *, worker: bool = False):
+        """``worker``: one of several processes sharing the port (SO_REUSEPORT); its
+        primary serves the control socket."""
         self.config = config
+        self.worker = worker
         self.method = method
         self.addons = addons or AddonManager()
         # What the control socket answers; addons register theirs when they start.
@@ -513,6 +516,7 @@ class ProxyServer:
         self.per_source: dict[Any, int] = {}
         self._servers: list[asyncio.AbstractServer] = []
         self._watcher: asyncio.Future[None] | None = None
+        self.background: set[asyncio.Future[Any]] = set()  # tasks kept referenced until done
 
     def admit(self, address: Any) -> str | None:
         """Count a new client connection, or say why it is refused (53300)."""
@@ -548,6 +552,10 @@ class ProxyServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                if self.worker:
+                    # The kernel spreads connections over the workers' sockets by flow hash;
+                    # nftables' redirect and tproxy both land in the same reuseport group.
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 self.method.prepare_listener(sock)
                 sock.bind((address, port))
                 sock.listen(1024)
@@ -556,7 +564,7 @@ class ProxyServer:
                 sock.close()
                 raise
             self._servers.append(await loop.create_server(lambda: ClientConnection(self), sock=sock))
-        if self.config.proxy.control_socket is not None:
+        if self.config.proxy.control_socket is not None and not self.worker:
             self._servers.append(await start_control_server(self.control, self.config.proxy.control_socket))
         if hasattr(self.authenticator, "revocations"):
             self._watcher = asyncio.ensure_future(self._watch_revocations())
@@ -607,6 +615,20 @@ class ProxyServer:
             pass
         finally:
             sock.close()
+
+    def cancel_from_elsewhere(self, process_id: int, secret_key: bytes) -> tuple[str, int, int, bytes] | None:
+        """A cancel key another worker received: where to send the CancelRequest if the
+        session is here (address, port, real pid, real secret), else None. The receiving
+        worker sends it, and closes its agent's cancel connection once it is delivered."""
+        session = self.cancels.find(process_id, secret_key)
+        if session is None:
+            return None
+        self.cancels.from_elsewhere += 1
+        target = session.cancel_target()  # a held statement is withdrawn here instead
+        if target is None:
+            return None
+        endpoint, pid, secret = target
+        return str(endpoint.address), endpoint.port, pid, secret
 
     async def close(self) -> None:
         if self._watcher is not None:

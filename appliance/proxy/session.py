@@ -246,6 +246,14 @@ class Session:
 
     def forward_cancel(self, packet: m.CancelRequest) -> None:
         session = self.cancels.lookup(packet.process_id, packet.secret_key)
+        if session is None and self.cancels.elsewhere is not None:
+            # Another worker's session, perhaps: ask them, and keep this connection open
+            # meanwhile, as for a session of ours (below).
+            self.cancelling = True
+            self._stop_deadline()
+            self.cancels.passed_on += 1
+            self.cancels.elsewhere(packet.process_id, packet.secret_key, self._cancel_target_found)
+            return
         target = session.cancel_target() if session is not None else None
         if session is None:  # PostgreSQL, too, ignores it without a word to the sender
             log.debug("cancel request from %s for pid %d with an unknown key ignored", self.info.client,
@@ -259,6 +267,15 @@ class Session:
         # startup deadline no longer applies.
         self.cancelling = True
         self._stop_deadline()
+        self.io.cancel_upstream(*target)
+
+    def _cancel_target_found(self, target: tuple[Endpoint, int, bytes] | None) -> None:
+        """The other workers' answer to a cancel key none of our sessions holds."""
+        if self.phase is Phase.CLOSED:
+            return
+        if target is None:
+            self._close("cancel request handled")
+            return
         self.io.cancel_upstream(*target)
 
     def connect_upstream(self, startup: m.StartupMessage, credential: Credential) -> None:

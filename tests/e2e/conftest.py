@@ -22,7 +22,9 @@ from appliance.lab import Lab
 def lab(lab_host: None) -> Iterator[Lab]:
     # agent_direct: these tests compare the direct path with Tollgate's from one process in
     # the agent's namespace, so the database subnet stays reachable from it (not protected).
-    with Lab.create(owner_pid=os.getpid(), proxy=True, agent_direct=True) as lab:
+    # TOLLGATE_TEST_WORKERS=N runs the whole end-to-end suite through a proxy of N workers.
+    workers = int(os.environ.get("TOLLGATE_TEST_WORKERS", "1"))
+    with Lab.create(owner_pid=os.getpid(), proxy=True, agent_direct=True, workers=workers) as lab:
         yield lab
 
 
@@ -123,7 +125,13 @@ def set_policy(lab: Lab, text: str) -> None:
     tmp.write_text(text)
     os.replace(tmp, lab.policy_path)  # the rename-over an editor does: never a half-written file
     want = hashlib.sha256(text.encode()).hexdigest()
-    wait_for(lambda: proxy_request(lab, {"op": "policy"}).get("sha256") == want, "the proxy to load the new policy")
+    wait_for(lambda: policy_digests(lab) == {want}, "the proxy (every worker) to load the new policy")
+
+
+def policy_digests(lab: Lab) -> set[str]:
+    """The digest of the policy each worker enforces (one process: its own)."""
+    reply = proxy_request(lab, {"op": "policy"})
+    return {w.get("sha256") for w in reply.get("workers", [reply])}
 
 
 @pytest.fixture
