@@ -436,7 +436,7 @@ async def serve_worker(config: Config, method: Any, assembly: Assembly, spec: st
     stop = asyncio.Event()
     remote = None
     if assembly.audit is not None:
-        remote = RemoteAuditLog(channel, f"{run}w{index}")
+        remote = RemoteAuditLog(channel, run)
         assembly.audit.opener = None
         assembly.audit.log = remote  # type: ignore[assignment]
 

@@ -48,8 +48,11 @@ GONE = "the audit writer (the proxy's primary process) is gone"
 
 
 class RemoteAuditLog:
-    """A worker's audit log: the primary's, over ``channel``. ``run`` names this worker's
-    run (the primary's run and the worker's number), so its session ids are its own."""
+    """A worker's audit log: the primary's, over ``channel``. ``run`` names the run the
+    records are written under (the primary's)."""
+
+    # The primary's log size as of its last answer (what the SIEM gate compares with).
+    size = 0
 
     def __init__(self, channel: Channel, run: str) -> None:
         self.channel = channel
@@ -57,8 +60,6 @@ class RemoteAuditLog:
         self._waiting: dict[int, asyncio.Future[None]] = {}
         self._ids = itertools.count(1)
         self._closed = False
-        # The primary's log size as of its last answer (what the SIEM gate compares with).
-        self.size = 0
         channel.on("audit.durable", self._durable)
 
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
