@@ -228,9 +228,19 @@ class Forwarder:
             start = self.positions[sink.name]
             if start >= size or (not retry and self.failing.get(sink.name, 0.0) > now):
                 continue
-            lines = [e.line for e in self.reader.records(start, min(size, start + BATCH))]
-            if not lines:
+            entries = list(self.reader.records(start, min(size, start + BATCH)))
+            if not entries:
                 continue
+            if entries[0].seq != start:
+                # Retention took records off the online log before they were forwarded: they
+                # are in the sealed bundles only. Said, recorded, and skipped.
+                log.error("siem: %s: records %d-%d left the online log before they were forwarded", sink.name,
+                          start, entries[0].seq - 1)
+                self.dropped.append((start, entries[0].seq - 1))
+                self._record_drop(sink.name, start, entries[0].seq - 1, "pruned by retention before forwarded")
+                start = self.positions[sink.name] = entries[0].seq
+                self._save()
+            lines = [e.line for e in entries]
             try:
                 sink.send(lines)
             except SinkError as exc:
@@ -261,14 +271,14 @@ class Forwarder:
                 self.dropped.append((start, skip_to - 1))
                 log.error("siem: %s: backlog full (%d records > max_backlog %d): dropped records %d-%d from "
                           "the export", sink.name, size - start, self.siem.max_backlog, start, skip_to - 1)
-                self._record_drop(sink.name, start, skip_to - 1)
+                self._record_drop(sink.name, start, skip_to - 1,
+                                  f"backlog over max_backlog {self.siem.max_backlog} (on_full = drop)")
 
-    def _record_drop(self, sink: str, first: int, last: int) -> None:
+    def _record_drop(self, sink: str, first: int, last: int, reason: str) -> None:
         from appliance.audit.export import ExportError, LogAccess
         from appliance.audit.store_errors import AuditError
         record = {"action": "siem.drop", "user": "tollgate", "origin": "local", "object": f"siem:{sink}",
-                  "outcome": "failure", "first_seq": first, "last_seq": last,
-                  "reason": f"backlog over max_backlog {self.siem.max_backlog} (on_full = drop)"}
+                  "outcome": "failure", "first_seq": first, "last_seq": last, "reason": reason}
         try:
             access = LogAccess(self.config, version="forward")
             try:

@@ -232,8 +232,6 @@ class AuditLog:
             record["time"] = self._clock.now()
         record["run"] = self.run
         data = canonical.dumps(record, trusted=trusted)
-        if self.observer is not None:
-            self.observer.recorded(record)
         if hold:
             end.hold(data)
         else:
@@ -241,6 +239,8 @@ class AuditLog:
                 end.append(data)
             except OSError as exc:
                 self._write_failed(exc)
+        if self.observer is not None:  # counted once it is written (or held for this turn's write)
+            self.observer.recorded(record)
         commit.appended(seq + 1, on_loop)
         return seq
 
