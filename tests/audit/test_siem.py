@@ -244,3 +244,40 @@ def test_a_full_backlog_blocks_statements_when_set_to(tmp_path: Path) -> None:
         log.close()
 
 
+
+
+def test_records_pruned_before_they_were_forwarded_are_named_not_mistaken(tmp_path: Path) -> None:
+    from appliance.audit import merkle
+    from appliance.audit.store_pruned import PRUNED_FILE, pruned_data
+    from appliance.audit.store_segments import list_segments
+    out = tmp_path / "siem.jsonl"
+    config = write_config(tmp_path, f'jsonl = "{out}"\n')
+    assert config.audit is not None
+    path = config.path
+    path.write_text(path.read_text().replace('durability = "fsync"', 'durability = "fsync"\nsegment_bytes = 4096'))
+    config = load_config(path)
+    assert config.audit is not None
+    log = AuditLog.open(config.audit, version="t")
+    for i in range(60):
+        log.append(statement(i))
+    log.close()
+    position_path(config).parent.mkdir(parents=True, exist_ok=True)
+    position_path(config).write_text('{"jsonl": 0}\n')  # the forwarder had sent nothing yet
+    # Retention's pruning, by hand: the first two segments leave, their compact range stays.
+    segments = list_segments(config.audit.dir)
+    pruned = segments[2][0]
+    tree = merkle.CompactRange()
+    for entry in AuditReader(config.audit.dir).records(0, pruned):
+        tree.append_leaf(merkle.leaf_hash(entry.line))
+    (config.audit.dir / PRUNED_FILE).write_bytes(pruned_data(tree, "2025-01"))
+    for _, segment in segments[:2]:
+        segment.unlink()
+
+    forwarder = Forwarder(config)
+    while forwarder.step(retry=True):
+        pass
+    assert forwarder.dropped == [(0, pruned - 1)]
+    sent = [parse(line)["seq"] for line in out.read_bytes().splitlines()]
+    assert sent[0] == pruned and sent == list(range(pruned, pruned + len(sent)))
+    [drop] = [parse(e.line) for e in AuditReader(config.audit.dir).records() if b'"siem.drop"' in e.line]
+    assert (drop["first_seq"], drop["last_seq"]) == (0, pruned - 1) and "retention" in drop["reason"]
