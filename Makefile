@@ -15,7 +15,8 @@ PY           := $(VENV)/bin/python
 TOLLGATE     := $(VENV)/bin/tollgate
 KERNEL       := $(shell uname -r)
 APT_PACKAGES := nftables iproute2 procps python3-venv python3-dev python3-bpfcc bpfcc-tools \
-                linux-headers-amd64 pgbouncer postgresql-client-15 chromium chromium-driver
+                linux-headers-amd64 pgbouncer postgresql-client-15 chromium chromium-driver \
+                rsyslog rsyslog-gnutls
 PG_BINDIR    := /usr/lib/postgresql/15/bin
 PYTEST_ARGS  ?=
 
