@@ -1,9 +1,11 @@
 """The appliance's web service: a Flask app factory that later features plug blueprints into.
 
 :func:`create_app` builds one app from the appliance :class:`~appliance.config.Config`:
-enrollment (``webui.enroll``) and approvals (``webui.approvals``); sessions and replay are
-meant to follow as blueprints of their own. Every error, whichever blueprint raises it,
-leaves as JSON ``{"error": ..., "detail": ...}`` so clients never have to parse HTML.
+enrollment (``webui.enroll``) and the approvals API (``webui.approvals``), both JSON, and
+the web console (``webui.console``: pages for approvals, grants, sessions and replay, the
+audit log and the policy tester). An error of the JSON APIs leaves as JSON
+``{"error": ..., "detail": ...}`` so clients never have to parse HTML; a console page's
+error is a page.
 
 Production serving (gunicorn, TLS) is in ``webui.serve``; tests use Flask's test client.
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from flask import Flask, Response, jsonify
+from flask import Flask, Response, jsonify, render_template, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from appliance.config import Config
@@ -41,8 +43,15 @@ def bearer_refused(realm: str, detail: str, error: str = "invalid_token") -> tup
     return response, status
 
 
-def _http_error(exc: HTTPException) -> tuple[Response, int]:
+def _http_error(exc: HTTPException) -> Any:
     status = exc.code or 500
+    from webui.console import is_console_path
+    wants_html = request.accept_mimetypes.best_match(("application/json", "text/html")) == "text/html"
+    if is_console_path(request.path) and wants_html and not isinstance(exc, RequestEntityTooLarge):
+        # A page's error is a page: the console's people read it, not a JSON client.
+        page = render_template("error.html", code=status, name=exc.name or "Error",
+                               detail=exc.description or exc.name or "")
+        return page, status, {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
     if isinstance(exc, RequestEntityTooLarge):
         return error_response(status, "request_too_large",
                               f"the request body is larger than {MAX_REQUEST_BYTES} bytes")
@@ -78,6 +87,9 @@ def create_app(config: Config, *, validator: Any = None, ca: Any = None, registr
     # One validator for both: approvers' tokens share the issuer's JWKS cache with enrollment.
     approvals_api.init_app(app, config, validator=app.extensions[enroll.EXTENSION].validator, service=approvals)
     app.register_blueprint(approvals_api.bp)
+    # The console's pages sign people in with the same issuer and read the same approvals.
+    from webui import console
+    console.init_app(app, config)
 
     app.register_error_handler(HTTPException, _http_error)
 

@@ -1,8 +1,9 @@
 """``tollgate enroll-server``: the web app under gunicorn, over TLS, on ``identity.enroll_listen``.
 
-gunicorn with sync workers: a mature pre-fork WSGI server that terminates TLS itself
-(``certfile``/``keyfile``), restarts a worker that hangs or dies, and needs no event loop
-— enrollment is a handful of short, CPU-bound requests, which is what sync workers are for.
+gunicorn with threaded workers (``gthread``): a mature pre-fork WSGI server that terminates
+TLS itself (``certfile``/``keyfile``), restarts a worker that hangs or dies, and needs no
+event loop. Enrollment and approvals are short requests; the console's live inbox keeps a
+server-sent event stream open per page, which a thread serves without holding a worker.
 It is run programmatically (:class:`EnrollServer`) so the appliance's config and
 certificate handling decide the settings, not a separate gunicorn config file.
 
@@ -39,6 +40,7 @@ from appliance.identity.certs import certificate_pem, not_valid_after, private_k
 from appliance.model.identity import IdentityError
 from webui import create_app
 from webui.approvals import ApprovalsApi
+from webui.console import ensure_cookie_key
 from webui.enroll import Enrollment
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 READY = "tollgate-enroll: ready"
 SERVER_CERT_NAME = "enroll"
 DEFAULT_WORKERS = 2
+THREADS_PER_WORKER = 16
 # Long enough for a slow issuer (its JWKS fetch has its own, shorter timeout).
 WORKER_TIMEOUT_SECONDS = 30
 # Settings newer gunicorn releases know and older ones (Debian 12 ships 20.1) don't.
@@ -139,7 +142,10 @@ def gunicorn_options(bind: str, cert: Path, key: Path, workers: int) -> dict[str
     return {
         "bind": [bind],
         "workers": workers,
-        "worker_class": "sync",
+        # Threads: the console's approvals inbox keeps an event stream open per page (a
+        # minute at most, then the browser reconnects); a sync worker would be held by it.
+        "worker_class": "gthread",
+        "threads": THREADS_PER_WORKER,
         "certfile": str(cert),
         "keyfile": str(key),
         "timeout": WORKER_TIMEOUT_SECONDS,
@@ -166,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
     # registry and the approvals database here, before any worker opens them.
     Enrollment.from_config(config).close()
     ApprovalsApi.from_config(config).close()
+    ensure_cookie_key(config)  # one key for every worker's console cookies
     cert, key = ensure_server_certificate(config.identity, host)
     bind = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     EnrollServer(config, gunicorn_options(bind, cert, key, args.workers)).run()

@@ -248,8 +248,10 @@ class Selection:
 
 def export(config: Config, out: Path, frm: datetime | None = None, to: datetime | None = None,
            session: str | None = None, progress: Progress | None = None, *,
-           access: LogAccess | None = None) -> ExportSummary:
-    """Write the bundle ``out``; see the module docstring. Records the export in the log."""
+           access: LogAccess | None = None, who: tuple[str, str] | None = None) -> ExportSummary:
+    """Write the bundle ``out``; see the module docstring. Records the export in the log, as
+    made by ``who`` — (user, origin), e.g. a console user and their address — or by the
+    local command's user."""
     audit = config.audit
     if audit is None:
         raise ConfigError(f"{config.path}: has no [audit] section")
@@ -257,7 +259,7 @@ def export(config: Config, out: Path, frm: datetime | None = None, to: datetime 
     select = Selection(frm, to, session)  # before anything is written: bad ranges fail early
     own = access is None
     access = access or LogAccess(config, read_only_if_unusable=True)
-    user, origin = cli_identity()
+    user, origin = who or cli_identity()
     details: dict[str, Any] = {"from": select.frm, "to": select.to, "session": session, "out": str(out)}
     details = {k: v for k, v in details.items() if v is not None}
     try:

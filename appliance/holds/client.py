@@ -8,8 +8,11 @@ is sent in the ``Authorization`` header and never printed.
 
 from __future__ import annotations
 
+import ipaddress
 import json
+import os
 import ssl
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,6 +20,8 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 API_PATH = "/api/v1/approvals"
+# The lab's addresses (RFC 2544's benchmarking range): never routed from the host itself.
+LAB_RANGE = ipaddress.ip_network("198.18.0.0/15")
 MAX_RESPONSE_BYTES = 8 << 20
 DEFAULT_TIMEOUT = 30.0
 
@@ -34,6 +39,38 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
         return None
 
 
+def in_named_network_namespace() -> bool:
+    """Whether this process runs in a named network namespace (``ip netns``, /run/netns/…):
+    the lab's are; the host's own is not."""
+    try:
+        mine = os.stat("/proc/self/ns/net").st_ino
+        named = os.listdir("/run/netns")
+    except OSError:
+        return False
+    for name in named:
+        try:
+            if os.stat(f"/run/netns/{name}").st_ino == mine:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def refuse_lab_address_outside_lab(url: str) -> None:
+    """A lab's address (198.18.0.0/15) is reachable only inside the lab's namespaces: from the
+    host's own, the request would leave by the host's default route. Refuse, saying where to
+    run the command instead."""
+    host = urlsplit(url).hostname or ""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return
+    if address in LAB_RANGE and not in_named_network_namespace():
+        raise ClientError(f"{url} is a lab address ({LAB_RANGE}), reachable only inside the lab's network "
+                          "namespaces; run this command there: tollgate lab exec gw -- "
+                          f"{Path(sys.executable).with_name('tollgate')} approvals …")
+
+
 class ApprovalsClient:
     """Calls to ``<url>/api/v1/approvals`` as the holder of ``token``."""
 
@@ -41,6 +78,7 @@ class ApprovalsClient:
         parts = urlsplit(url)
         if parts.scheme != "https" or not parts.hostname:
             raise ClientError(f"the approvals API URL {url!r} must be https://HOST[:PORT]")
+        refuse_lab_address_outside_lab(url)
         self.base = url.rstrip("/") + API_PATH
         self._token = token
         self.timeout = timeout

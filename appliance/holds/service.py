@@ -403,6 +403,23 @@ class ApprovalService:
     def active_grants(self, now: datetime | None = None) -> list[Grant]:
         return self.store.active_grants(self.clock() if now is None else now)
 
+    def revoke_grant(self, request_id: str, by: Identity) -> ApprovalRequest:
+        """End the live grant request ``request_id`` made, before its time. Only a member of
+        the request's approver groups may (ApprovalError ``not_an_approver``); ``no_grant``
+        when it made none or it has already ended."""
+        key = self._key(request_id)
+        with self.store.write() as tx:
+            request = tx.get(key)
+            if request is None:
+                raise ApprovalError("unknown_request", f"there is no approval request {key}")
+            if not set(by.groups) & set(request.approver_groups):
+                raise ApprovalError("not_an_approver", f"{by.display} is not in {', '.join(request.approver_groups)}, "
+                                                       "who may revoke its grant", request)
+            if not tx.end_grant(key, self.clock()):
+                raise ApprovalError("no_grant", f"approval {key} has no live grant to revoke", request)
+        log.info("approval %s: its grant was revoked by %s", key, by.display)
+        return self._get(key)
+
     # --- helpers --------------------------------------------------------------------------
 
     @staticmethod

@@ -412,6 +412,12 @@ class StoreTransaction:
              grant.request_id, grant.scope),
         )
 
+    def end_grant(self, request_id: str, at: datetime) -> bool:
+        """End the grant ``request_id`` made, now (its expiry set to ``at``); False: no live one."""
+        self._bump()
+        return self.conn.execute("UPDATE grants SET expires_at = ? WHERE request_id = ? AND expires_at > ?",
+                                 (to_ms(at), request_id, to_ms(at))).rowcount == 1
+
     def overdue(self, now: datetime) -> list[str]:
         """Ids of pending requests whose time is up."""
         rows = self.conn.execute("SELECT id FROM requests WHERE status = 'pending' AND expires_at <= ?"

@@ -8,11 +8,14 @@ needs nothing but this package.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +77,12 @@ def _add_commands(sub: Any) -> None:
     rotate.add_argument("--name", help="the lab (may be omitted when exactly one exists)")
     rotate.add_argument("--drop-old", action="store_true", help="publish only the new key at once (no grace period)")
     rotate.set_defaults(handler=cmd_rotate_issuer_key)
+
+    console = sub.add_parser("console", help="open the lab's web console from the host: a loopback proxy that "
+                                             "reaches it from inside the lab")
+    console.add_argument("--name", help="the lab (may be omitted when exactly one exists)")
+    console.add_argument("--port", type=int, default=8480, help="loopback port to listen on (default: %(default)s)")
+    console.set_defaults(handler=cmd_console)
 
     collect = sub.add_parser("gc", help="tear down every lab whose owner process has exited")
     collect.set_defaults(handler=cmd_gc)
@@ -186,6 +195,37 @@ def cmd_rotate_issuer_key(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_console(args: argparse.Namespace) -> int:
+    """Serve a CONNECT proxy on 127.0.0.1:PORT into the lab until interrupted."""
+    from appliance.lab import identity as lab_identity
+    from appliance.lab.console import LabConnectProxy, console_targets
+    try:
+        lab = Lab.open(args.name)
+    except LabError as exc:
+        return _fail(str(exc))
+    url = lab.status().get("console_url")
+    if not url:
+        return _fail(f"lab {lab.name} has no console (it was brought up with --agent-auth trust)")
+    try:
+        proxy = LabConnectProxy(lab.namespace("gw"), console_targets(), ("127.0.0.1", args.port))
+    except OSError as exc:
+        return _fail(f"cannot serve the console proxy on 127.0.0.1:{args.port}: {exc}")
+    with proxy:
+        print(f"The console of lab {lab.name} is {url}/ — reachable through this proxy, {proxy.url}.\n"
+              f"Open it in a browser that uses the proxy, e.g.:\n"
+              f"  chromium --proxy-server={proxy.url} --user-data-dir=$(mktemp -d) {url}/\n"
+              f"Its certificate is issued by the lab's appliance CA ({lab.paths.appliance_ca_cert}) and the dev "
+              f"issuer's by the lab CA ({lab.paths.ca_cert}): trust them in that browser profile, or accept the "
+              f"warning (lab only).\nSign in as one of the dev issuer's users: "
+              f"{', '.join(email for email, _ in lab_identity.CONSOLE_USERS)}.\nCtrl-C stops the proxy.",
+              flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        with contextlib.suppress(KeyboardInterrupt):
+            stop.wait()
+    return 0
+
+
 def cmd_gc(args: argparse.Namespace) -> int:
     try:
         collected = gc()
@@ -241,43 +281,53 @@ def next_steps(s: dict[str, Any]) -> str:
     agent = s["agent_conninfo"].replace(" port=5432", "")
     direct = (s["conninfo"]["direct"] or "").replace(" port=5432", "")
     query = '-c "SELECT id, brand, pan FROM cards ORDER BY id LIMIT 5"'
-    tollgate = Path(sys.executable).with_name("tollgate")  # the venv's: the namespace's PATH lacks it
-    down = (f"make demo-down   (or: tollgate lab down --name {name})" if name == "demo"
-            else f"tollgate lab down --name {name}")
+    # The venv's commands, by path: printed commands must work as printed, and neither the
+    # host's PATH nor the namespaces' need have the venv in it.
+    tollgate = Path(sys.executable).with_name("tollgate")
+    verify = Path(sys.executable).with_name("tollgate-verify")
+    down = (f"make demo-down   (or: {tollgate} lab down --name {name})" if name == "demo"
+            else f"{tollgate} lab down --name {name}")
     lines = [
         "Next steps:",
         "",
         "  Connect as an agent would — unchanged config, no password (the appliance holds it):",
-        f"    tollgate lab exec --name {name} agent -- psql \"{agent}\"",
-        f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" {query}",
+        f"    {tollgate} lab exec --name {name} agent -- psql \"{agent}\"",
+        f"    {tollgate} lab exec --name {name} agent -- psql \"{agent}\" {query}",
         "",
         "  Compare with the direct path, from the direct namespace (the agent can't reach it: the",
         "  gateway drops agent traffic to the database subnet); only the database's own",
         "  authentication applies (lab-only password):",
-        f"    tollgate lab exec --name {name} direct -- psql \"{direct}\" {query}",
+        f"    {tollgate} lab exec --name {name} direct -- psql \"{direct}\" {query}",
         "",
         "  Policy at work (the lab's policy file is beside its config; edit it, it reloads):",
-        f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" -c \"DROP TABLE cards\"      # blocked",
-        (f"    tollgate lab exec --name {name} agent -- psql \"{agent}\" "
+        f"    {tollgate} lab exec --name {name} agent -- psql \"{agent}\" -c \"DROP TABLE cards\"      # blocked",
+        (f"    {tollgate} lab exec --name {name} agent -- psql \"{agent}\" "
          f"-c \"UPDATE cards SET brand = brand WHERE id = 1\""),
         "      (waits for a payments DBA; in another terminal:)",
-        f"    T=$(tollgate lab token --name {name} lab-dba-1)",
-        (f"    tollgate lab exec --name {name} gw -- env TOLLGATE_TOKEN=$T {tollgate} "
+        f"    T=$({tollgate} lab token --name {name} lab-dba-1)",
+        (f"    {tollgate} lab exec --name {name} gw -- env TOLLGATE_TOKEN=$T {tollgate} "
          f"approvals list -c {s['proxy']['config']}"),
-        (f"    tollgate lab exec --name {name} gw -- env TOLLGATE_TOKEN=$T {tollgate} "
+        (f"    {tollgate} lab exec --name {name} gw -- env TOLLGATE_TOKEN=$T {tollgate} "
          f"approvals approve ID --reason \"why\" -c {s['proxy']['config']}"),
-        (f"    tollgate policy check -c {s['proxy']['config']} --as payments-agents --target payments "
+        (f"    {tollgate} policy check -c {s['proxy']['config']} --as payments-agents --target payments "
          f"--sql \"TRUNCATE cards\""),
         "",
     ]
+    if s.get("console_url"):
+        lines += [
+            "  The web console (approvals, sessions, replay, audit) — in another terminal:",
+            f"    {tollgate} lab console --name {name}",
+            f"      (then open {s['console_url']}/ in a browser using the proxy it prints)",
+            "",
+        ]
     if s["proxy"].get("audit", "off") != "off":
         config = s["proxy"]["config"]
         lines += [
             "  What happened, from the audit log (signed; verifiable offline):",
-            f"    tollgate sessions -c {config}",
-            f"    tollgate replay SESSION -c {config}",
-            f"    tollgate audit export -c {config} -o /tmp/bundle.tar.gz",
-            f"    tollgate-verify /tmp/bundle.tar.gz --root-key @{s['proxy']['audit_dir']}/keys/root.pub",
+            f"    {tollgate} sessions -c {config}",
+            f"    {tollgate} replay SESSION -c {config}",
+            f"    {tollgate} audit export -c {config} -o /tmp/bundle.tar.gz",
+            f"    {verify} /tmp/bundle.tar.gz --root-key @{s['proxy']['audit_dir']}/keys/root.pub",
             "",
         ]
     if s["proxy"]["enabled"]:
@@ -285,7 +335,7 @@ def next_steps(s: dict[str, Any]) -> str:
     else:
         lines += ["  The proxy is not running (--no-proxy): the protected address is not intercepted."]
     lines += [
-        f"  Everything about it:  tollgate lab status --name {name} --json",
+        f"  Everything about it:  {tollgate} lab status --name {name} --json",
         f"  Tear it down:         {down}",
     ]
     return "\n".join(lines)

@@ -43,6 +43,14 @@ AGENT_GROUPS = ("payments-agents", "ci")
 # tests and the demo can get their tokens without a browser.
 APPROVERS = ("lab-dba-1", "lab-dba-2")
 APPROVER_GROUPS = ("payments-dbas",)
+# The web console signs people in as this client of the dev issuer (code grant + PKCE), and
+# these are the people its login page offers: approvers, an auditor, an admin.
+CONSOLE_CLIENT = "tollgate-console"
+AUDITOR_GROUPS = ("payments-auditors",)
+ADMIN_GROUPS = ("tollgate-admins",)
+CONSOLE_USERS = (("dev@lab.tollgate", APPROVER_GROUPS), ("dba@lab.tollgate", APPROVER_GROUPS),
+                 ("dba2@lab.tollgate", APPROVER_GROUPS), ("auditor@lab.tollgate", AUDITOR_GROUPS),
+                 ("admin@lab.tollgate", ADMIN_GROUPS))
 TARGET = "payments"
 
 
@@ -52,6 +60,15 @@ def issuer_url() -> str:
 
 def enroll_url() -> str:
     return f"https://{topology.GW_AGENT_V4}:{ENROLL_PORT}"
+
+
+def console_url() -> str:
+    """The web console, served by the web service beside enrollment and the approvals API."""
+    return enroll_url()
+
+
+def console_redirect_uri() -> str:
+    return f"{console_url()}/auth/callback"
 
 
 def issuer_admin_url() -> str:
@@ -88,7 +105,7 @@ def prepare(paths: Paths) -> dict[str, Any]:
     write_file_atomically(servers / f"{TARGET}.key", private_key_pem(key), mode=0o600)
     _issuer_certificate(paths)
     home = paths.agent_home  # made by the lab, with the lab CA in it (Lab._prepare_agent_home)
-    for client in (AGENT_CLIENT, *APPROVERS):
+    for client in (AGENT_CLIENT, *APPROVERS, CONSOLE_CLIENT):
         _write_secret(secret_file(paths, client))
     _write_secret(paths.issuer_admin_token)
     # The agent sees nothing of the appliance (appliance.lab.agent_view): the appliance CA
@@ -148,6 +165,12 @@ def config_lines(paths: Paths) -> list[str]:
         f'api_url = "{enroll_url()}"',
         f'api_ca_file = "{paths.appliance_ca_cert}"',
         "poll_seconds = 0.1",
+        "", "[webui]",
+        f'console_url = "{console_url()}"',
+        f'client_id = "{CONSOLE_CLIENT}"',
+        f'client_secret_file = "{secret_file(paths, CONSOLE_CLIENT)}"',
+        f"auditor_groups = {list(AUDITOR_GROUPS)!r}".replace("'", '"'),
+        f"admin_groups = {list(ADMIN_GROUPS)!r}".replace("'", '"'),
     ]
 
 
@@ -158,7 +181,8 @@ def issuer_argv(paths: Paths) -> list[str]:
             "--tls-cert", str(paths.issuer_cert), "--tls-key", str(paths.issuer_key),
             "--audience", AUDIENCE, *client(AGENT_CLIENT, AGENT_GROUPS),
             *[arg for c in APPROVERS for arg in client(c, APPROVER_GROUPS)],
-            "--user", "dev@lab.tollgate:payments-dbas",
+            "--code-client", f"{CONSOLE_CLIENT}:{secret_file(paths, CONSOLE_CLIENT)}:{console_redirect_uri()}",
+            *[arg for email, groups in CONSOLE_USERS for arg in ("--user", f"{email}:{','.join(groups)}")],
             "--admin-bind", f"{ISSUER_ADMIN_ADDRESS}:{ISSUER_ADMIN_PORT}",
             "--admin-token-file", str(paths.issuer_admin_token)]
 

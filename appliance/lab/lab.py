@@ -707,6 +707,9 @@ class Lab:
                 "agent_direct": self.agent_direct,
                 "flows": self.flows_status(status_only=True) if proxy_cfg.get("enabled") else None,
             },
+            # The web console (on the web service, in gw): open it from the host with
+            # `tollgate lab console`, which reaches it from inside the lab.
+            "console_url": lab_identity.console_url() if self.agent_auth == "certificate" else None,
             "agent_conninfo": self.conninfo(),
             "conninfo": {
                 "agent": self.conninfo(),

@@ -455,7 +455,9 @@ class DevIssuer:
                     f'<p class="warn">{html.escape(DEV_ONLY)}. No passwords: pick a test user.</p>'
                     f'<form method="post" action="/authorize">{hidden}<ul>{buttons}</ul></form></main></body></html>')
             response = Response(page, mimetype="text/html")
-            response.headers["Content-Security-Policy"] = _LOGIN_CSP
+            # form-action covers the redirect the form's answer makes: to the client's redirect URI.
+            back = urlsplit(args.get("redirect_uri", ""))
+            response.headers["Content-Security-Policy"] = _LOGIN_CSP + f" {back.scheme}://{back.netloc}"
             return response
 
         if admin:
@@ -463,7 +465,7 @@ class DevIssuer:
         return app
 
 
-_LOGIN_CSP = "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
+_LOGIN_CSP = "default-src 'none'; style-src 'unsafe-inline'; frame-ancestors 'none'; form-action 'self'"
 _LOGIN_CSS = ("body{font:20px/1.5 system-ui,sans-serif;background:#111;color:#eee;margin:0}"
               "main{max-width:36rem;margin:2rem auto;padding:0 1rem}.warn{color:#fc6}"
               "ul{list-style:none;padding:0}button{font:inherit;width:100%;text-align:left;margin:.4rem 0;"

@@ -245,6 +245,16 @@ def test_unreachable_server(appliance: Appliance, token_files: dict[str, Path]) 
     assert one_line(done).startswith("tollgate approvals: cannot reach the approvals API at https://127.0.0.1:9/")
 
 
+def test_a_lab_address_is_refused_from_the_hosts_own_namespace(token_files: dict[str, Path]) -> None:
+    # The test runs in the root namespace, where the lab's range is not routed: the request
+    # must not go out by the host's default route, and the message says where to run it.
+    done = tollgate("approvals", "list", "--url", "https://198.18.1.1:8443", "--token-file",
+                    str(token_files["dba-1"]))
+    assert done.returncode == 2  # refused before anything is sent, as a URL that isn't https:// is
+    assert "is a lab address (198.18.0.0/15), reachable only inside the lab's network namespaces" in one_line(done)
+    assert "tollgate lab exec gw --" in one_line(done)
+
+
 @pytest.mark.parametrize("args, message", [
     (["list", "--url", "https://127.0.0.1:9"], "no token: give --token-file FILE or set TOLLGATE_TOKEN"),
     (["list", "--token-file", "/dev/null"], "no approvals API URL: give --url"),

@@ -277,6 +277,21 @@ def test_approval_with_grant_minutes_makes_a_grant(service: ApprovalService, clo
     assert service.active_grants() == []
 
 
+def test_a_grant_revoked_ends_at_once_and_only_its_approvers_may_revoke_it(service: ApprovalService) -> None:
+    opened = open_request(service)
+    service.decide(opened.id, DBA1, True, "batch fix", grant_minutes=30)
+    revision = service.store.revision()
+    refused("not_an_approver", service.revoke_grant, opened.id, OUTSIDER)
+    assert service.active_grant("agent-ci", "payments", "fp-card-update") is not None
+    service.revoke_grant(opened.id, DBA2)
+    assert service.active_grant("agent-ci", "payments", "fp-card-update") is None
+    assert service.active_grants() == []
+    assert service.store.revision() > revision  # the proxy's broker reads the grants again
+    refused("no_grant", service.revoke_grant, opened.id, DBA1)
+    refused("no_grant", service.revoke_grant, open_request(service, sql=PAYMENT_DELETE).id, DBA1)
+    refused("unknown_request", service.revoke_grant, "apr-ZZZZZZ", DBA1)
+
+
 def test_grants_are_for_that_identity_target_and_shape_only(service: ApprovalService) -> None:
     service.decide(open_request(service).id, DBA1, True, "ok", grant_minutes=10)
     assert service.active_grant("agent-ci", "payments", "fp-card-update") is not None
