@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives import serialization
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from appliance.lab import Lab
@@ -228,14 +229,36 @@ def test_a_denied_request_refuses_the_statement(lab, browser, card):
         WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "deny"))
         browser.find_element(By.ID, "deny").click()  # no reason: the browser's required field stops it
         assert browser.find_elements(By.ID, "deny") and proc.poll() is None
-        browser.find_element(By.ID, "reason").send_keys("not during the freeze")
-        browser.find_element(By.ID, "deny").click()
+        # With the keyboard alone: Tab from the top of the page to the reason, type it, Tab on
+        # to Deny, press Enter.
+        browser.get(url(f"/approvals/{request_id}"))
+        WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "deny"))
+        visited = keyboard_to(browser, "deny", typing={"reason": "not during the freeze"})
+        assert visited[0] == "skip" and "reason" in visited  # the skip link first, every control reachable
+        browser.switch_to.active_element.send_keys(Keys.ENTER)
         WebDriverWait(browser, WAIT).until(lambda d: "denied" in d.find_element(By.TAG_NAME, "h1").text)
         code, _, err = finish(proc)
     finally:
         proc.kill()
     assert code != 0 and f"approval {request_id} was denied by dba@lab.tollgate: not during the freeze" in err
     assert brand(lab, card_id) == before
+
+
+def keyboard_to(driver: Any, target: str, typing: dict[str, str], limit: int = 60) -> list[str]:
+    """Press Tab until the element with id ``target`` has the focus, typing ``typing[id]`` into
+    each field on the way; the ids (or classes) of what got the focus, in order."""
+    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.TAB)
+    visited: list[str] = []
+    for _ in range(limit):
+        active = driver.switch_to.active_element
+        name = active.get_attribute("id") or active.get_attribute("class") or active.tag_name
+        visited.append(name)
+        if name in typing:
+            active.send_keys(typing[name])
+        if name == target:
+            return visited
+        active.send_keys(Keys.TAB)
+    raise AssertionError(f"{target} is not reachable with Tab: {visited}")
 
 
 def _post(driver: Any, path: str, fields: dict[str, str]) -> int:

@@ -5,8 +5,11 @@ tests/e2e/test_console.py."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -18,6 +21,7 @@ from appliance.audit.keys import init_audit_dir
 from appliance.audit.store import AuditLog
 from appliance.lab.oidc_issuer import DevClient, DevIssuer, DevUser
 from appliance.lab.policy import POLICIES
+from appliance.proxy.control import ControlOps, start_control_server
 from tests.identity.dev_flows import AUDIENCE
 from tests.identity.tls_helpers import TlsFiles, https_request, make_tls_files
 from tests.webui import make_appliance
@@ -63,12 +67,45 @@ def _big_session(audit: Any) -> None:
     log.close("test over")
 
 
+class ControlSocket:
+    """A stand-in for the proxy's control socket: it takes the console's admin records."""
+
+    def __init__(self, path: Path):
+        self.records: list[dict[str, Any]] = []
+        ops = ControlOps()
+        ops.register("audit.append", self._append)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server = asyncio.run_coroutine_threadsafe(start_control_server(ops, path), self.loop).result(30)
+
+    def _append(self, request: dict[str, Any]) -> dict[str, Any]:
+        self.records.append(request["record"])
+        return {"seq": len(self.records)}
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join()
+
+
 @pytest.fixture(scope="module")
-def app(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, tls: TlsFiles) -> Iterator[Flask]:
+def control(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ControlSocket]:
+    socket = ControlSocket(tmp_path_factory.mktemp("run") / "control.sock")
+    yield socket
+    socket.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory: pytest.TempPathFactory, issuer: DevIssuer, tls: TlsFiles,
+        control: ControlSocket) -> Iterator[Flask]:
     root = tmp_path_factory.mktemp("appliance")
     appliance = make_appliance(root, issuer.url, tls.ca_file)
     (root / "policy.toml").write_text(POLICIES["lab"])
     (root / "console.secret").write_text(SECRET + "\n")
+    text = appliance.config_path.read_text()
+    control_path = control.server.sockets[0].getsockname()
+    appliance.config_path.write_text(f'[proxy]\ncontrol_socket = "{control_path}"\n\n' + text)
     with appliance.config_path.open("a") as f:
         f.write(f"""
 [policy]
@@ -129,8 +166,11 @@ def test_pages_send_the_signed_out_to_sign_in(client: FlaskClient) -> None:
     assert login.headers["Content-Security-Policy"] == CSP and "unsafe-inline" not in CSP
 
 
-def test_sign_in_with_pkce_sets_a_secure_cookie_and_lands_where_asked(client, issuer, tls) -> None:
+def test_sign_in_with_pkce_sets_a_secure_cookie_and_lands_where_asked(client, issuer, tls, control) -> None:
     landed = sign_in(client, issuer, tls, "dba@example.test", "/grants")
+    recorded = control.records[-1] | {"origin": "-"}
+    assert recorded == {"type": "admin", "action": "console.signin", "outcome": "success", "object": "console",
+                        "user": "dba@example.test", "origin": "-", "roles": "approver"}
     assert landed.status_code == 302 and landed.headers["Location"] == "/grants"
     cookie = landed.headers["Set-Cookie"]
     assert cookie.startswith("__Host-tollgate=") and "Secure" in cookie and "HttpOnly" in cookie

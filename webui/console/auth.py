@@ -15,7 +15,8 @@ Roles come from the person's groups: **approver** (a group the policy names as a
 **auditor** (``[webui] auditor_groups``) and **admin** (``[webui] admin_groups``; everything
 an auditor may). Every POST must carry the session's CSRF token (form field ``csrf`` or
 header ``X-CSRF-Token``), else 403. Sign-ins are recorded in the audit log (through the
-proxy's control socket, :mod:`webui.console.records`).
+proxy's control socket, :mod:`webui.console.records`); a sign-in that can't be recorded is
+refused.
 """
 
 from __future__ import annotations
@@ -255,12 +256,14 @@ def callback() -> Any:
         records.admin("console.signin", identity=None, outcome="failure", reason=exc.reason)
         abort(401, description=f"sign-in refused: {exc.reason}")
     roles = sign_in().roles(identity.groups)
+    if not records.admin("console.signin", identity=identity, outcome="success", roles=",".join(roles)):
+        abort(503, description="the appliance cannot record your sign-in in its audit log right now (is the "
+                               "proxy running?); try again in a moment")
     session.clear()
     session["user"] = {"subject": identity.subject, "kind": identity.kind, "groups": list(identity.groups),
                        "email": identity.email, "issuer": identity.issuer, "roles": roles}
     session["seen"] = int(sign_in().clock())
     session["csrf"] = secrets.token_urlsafe(32)
-    records.admin("console.signin", identity=identity, outcome="success", roles=roles)
     log.info("console: %s signed in (%s)", identity.display, ", ".join(roles) or "no role")
     return redirect(pending["next"])
 
