@@ -269,6 +269,12 @@ def _post(driver: Any, path: str, fields: dict[str, str]) -> int:
         " credentials: 'same-origin'}).then(r => done(r.status), e => done(String(e)));", path, fields)
 
 
+def _get_status(driver: Any, href: str) -> int:
+    return driver.execute_async_script(
+        "const [href, done] = arguments;"
+        "fetch(href, {credentials: 'same-origin'}).then(r => done(r.status), e => done(String(e)));", href)
+
+
 def _csrf(driver: Any) -> str:
     return driver.find_element(By.CSS_SELECTOR, 'input[name="csrf"]').get_attribute("value")
 
@@ -334,6 +340,17 @@ def test_an_auditor_reads_but_cannot_decide(lab, browser):
         WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.TAG_NAME, "h1"))
         assert "Forbidden" not in browser.find_element(By.TAG_NAME, "h1").text, path
         shoot(browser, name)
+    # An export of the whole log: it runs in the background, its page shows progress, then the bundle.
+    browser.get(url("/audit"))
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "export")).click()
+    done = WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.ID, "export-done")
+                                              or d.find_elements(By.ID, "export-failed"))
+    assert done[0].get_attribute("id") == "export-done", done[0].text
+    shoot(browser, "audit-export")
+    href = browser.find_element(By.ID, "export-download").get_attribute("href")
+    assert _get_status(browser, href) == 200
+    browser.get(url("/policy"))
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_element(By.ID, "sql"))
     browser.find_element(By.ID, "sql").send_keys("UPDATE cards SET brand = 'x' WHERE id = 1")
     browser.find_element(By.ID, "groups").send_keys("payments-agents")
     browser.find_element(By.CSS_SELECTOR, "form.stack button[type=submit]").click()

@@ -221,3 +221,30 @@ def test_a_10000_statement_session_replays_verified(client, issuer, tls, capsys)
     with capsys.disabled():  # the figure the issue asks for: reported, never asserted
         print(f"\nreplay page of a {BIG_STATEMENTS}-statement session: {seconds:.2f} s "
               f"({len(page.data) / 1e6:.1f} MB of HTML)")
+
+
+def test_an_export_runs_in_the_background_with_its_progress_then_offers_the_bundle(client, issuer, tls,
+                                                                                    app: Flask) -> None:
+    from webui.console import exports
+    sign_in(client, issuer, tls, "auditor@example.test")
+    with client.session_transaction(base_url=CONSOLE) as session:
+        token = session["csrf"]
+    started = client.post("/audit/export", data={"csrf": token, "from": "", "to": ""})
+    assert started.status_code == 302
+    job = started.headers["Location"].rsplit("/", 1)[1]
+    page = client.get(f"/audit/exports/{job}").data.decode()
+    assert 'id="export-running"' in page or 'id="export-done"' in page
+    config = app.config["TOLLGATE_CONFIG"]
+    deadline = time.monotonic() + 120  # a safety net, not a bound: the state file says when it is done
+    while (state := exports.read(config, job))["state"] == "running":
+        assert time.monotonic() < deadline, state
+        time.sleep(0.05)
+    assert state["state"] == "done" and state["records"] >= 2 * BIG_STATEMENTS
+    assert state["user"] == "auditor@example.test"
+    page = client.get(f"/audit/exports/{job}").data.decode()
+    assert 'id="export-done"' in page and state["sha256"] in page
+    bundle = client.get(f"/audit/exports/{job}/bundle")
+    assert bundle.status_code == 200 and bundle.data[:2] == b"\x1f\x8b"  # gzip
+    # Someone else's export id is not there for another person.
+    sign_in(client, issuer, tls, "dba@example.test")
+    assert client.get(f"/audit/exports/{job}").status_code in (403, 404)

@@ -4,24 +4,23 @@ Status is the running proxy's (``audit`` over the control socket: size, durable 
 current key, last checkpoint, off-box sinks and witnesses, any failure); checkpoints and the
 trust file's keys are read from the audit directory. ``POST /audit/export`` writes a bundle
 for a time range (the same code as ``tollgate audit export``, recorded in the log as made by
-the signed-in person) and sends it; the page says before starting that a long range takes a
-while, and the button shows it is working while it does.
+the signed-in person) in the background (:mod:`webui.console.exports`); its page shows how
+far it has got and then offers the bundle.
 """
 
 from __future__ import annotations
 
-import tempfile
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
-from flask import Blueprint, abort, after_this_request, current_app, g, render_template, request, send_file
+from flask import Blueprint, abort, current_app, g, redirect, render_template, request, send_file, url_for
 
 from appliance.audit.note import NoteError, parse_verifier_key
 from appliance.audit.reader import AuditReader, ReaderError
 from appliance.audit.trust import parse_trust
 from appliance.config import Config, ConfigError
 from appliance.proxy.control import control_request
+from webui.console import exports
 from webui.console.auth import signed_in
 
 bp = Blueprint("audit_pages", __name__, url_prefix="/audit")
@@ -75,25 +74,37 @@ def _when(text: str, what: str) -> datetime | None:
 @bp.post("/export")
 @signed_in("auditor", "admin")
 def export_range() -> Any:
-    from appliance.audit.export import ExportError, export
-    from appliance.audit.store_errors import AuditError
+    """Start an export in the background; its page shows the progress, then the download."""
     frm, to = _when(request.form.get("from", ""), "from"), _when(request.form.get("to", ""), "to")
     if frm is not None and to is not None and frm > to:
         abort(400, description="the range ends before it starts")
-    directory = Path(tempfile.mkdtemp(prefix="tollgate-console-"))
-    out = directory / "audit-export.tar.gz"
-    try:
-        export(config(), out, frm, to, who=(g.identity.subject, request.remote_addr or "console"))
-    except (ExportError, AuditError, ConfigError, OSError, ValueError) as exc:
-        abort(500, description=f"the export failed: {exc}")
+    job = exports.start(config(), frm, to, who=(g.identity.subject, request.remote_addr or "console"))
+    return redirect(url_for("audit_pages.export_job", job=job))
 
-    @after_this_request
-    def remove(response: Any) -> Any:
-        out.unlink(missing_ok=True)
-        directory.rmdir()
-        return response
 
-    return send_file(out, mimetype="application/gzip", as_attachment=True, download_name=out.name)
+@bp.get("/exports/<job>")
+@signed_in("auditor", "admin")
+def export_job(job: str) -> Any:
+    state = _job(job)
+    return render_template("export.html", job=job, state=state)
+
+
+@bp.get("/exports/<job>/bundle")
+@signed_in("auditor", "admin")
+def export_download(job: str) -> Any:
+    state = _job(job)
+    if state["state"] != "done":
+        abort(409, description="the export is not finished")
+    return send_file(exports.bundle_path(config(), job), mimetype="application/gzip", as_attachment=True,
+                     download_name=f"audit-export-{job}.tar.gz")
+
+
+def _job(job: str) -> dict[str, Any]:
+    state = exports.read(config(), job)
+    # Another person's export is not there for you (as an unknown id).
+    if state is None or state.get("user") != g.identity.subject:
+        abort(404, description=f"there is no export {job} of yours")
+    return state
 
 
 __all__ = ["bp"]

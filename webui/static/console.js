@@ -1,7 +1,6 @@
 // Tollgate console: the only script, served from here (the Content-Security-Policy allows no other).
-// 1. The approvals inbox stays live: server-sent events say when the approvals changed, and the
-//    list is fetched again and swapped in, without reloading the page.
-// 2. A form marked data-busy says it is working while a long request (an export) runs.
+// The approvals inbox stays live: server-sent events say when the approvals changed, and the
+// list is fetched again and swapped in, without reloading the page.
 "use strict";
 
 function liveInbox() {
@@ -23,13 +22,4 @@ function liveInbox() {
   events.addEventListener("error", () => { if (state) state.textContent = " (reconnecting…)"; });
 }
 
-function busyForms() {
-  for (const form of document.querySelectorAll("form[data-busy]")) {
-    form.addEventListener("submit", () => {
-      const busy = form.querySelector(".busy");
-      if (busy) busy.textContent = form.dataset.busy;
-    });
-  }
-}
-
-document.addEventListener("DOMContentLoaded", () => { liveInbox(); busyForms(); });
+document.addEventListener("DOMContentLoaded", liveInbox);
