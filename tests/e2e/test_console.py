@@ -32,6 +32,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
@@ -127,6 +128,13 @@ def sign_in(driver: Any, user: str, path: str = "/approvals", shot: str | None =
     WebDriverWait(driver, WAIT).until(lambda d: d.current_url.startswith(url(path)))
 
 
+def heading_says(driver: Any, text: str) -> None:
+    """Wait for the page's heading to say ``text`` (the page may be in the middle of loading
+    after a form was sent: an element of the page that is going away is looked up again)."""
+    WebDriverWait(driver, WAIT, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: text in d.find_element(By.TAG_NAME, "h1").text)
+
+
 def start_psql(lab: Lab, sql: str) -> subprocess.Popen[bytes]:
     return lab.popen("agent", ["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", lab.conninfo(), "-c", sql],
                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -191,7 +199,7 @@ def test_an_approver_approves_a_held_update_in_the_browser_and_the_replay_verifi
         shoot(browser, "approval-request")
         browser.find_element(By.ID, "reason").send_keys("ticket CHG-2001, checked in the console")
         browser.find_element(By.ID, "approve").click()
-        WebDriverWait(browser, WAIT).until(lambda d: "approved" in d.find_element(By.TAG_NAME, "h1").text)
+        heading_says(browser, "approved")
         shoot(browser, "approval-decided")
         code, _, err = finish(proc)
     finally:
@@ -236,7 +244,7 @@ def test_a_denied_request_refuses_the_statement(lab, browser, card):
         visited = keyboard_to(browser, "deny", typing={"reason": "not during the freeze"})
         assert visited[0] == "skip" and "reason" in visited  # the skip link first, every control reachable
         browser.switch_to.active_element.send_keys(Keys.ENTER)
-        WebDriverWait(browser, WAIT).until(lambda d: "denied" in d.find_element(By.TAG_NAME, "h1").text)
+        heading_says(browser, "denied")
         code, _, err = finish(proc)
     finally:
         proc.kill()
