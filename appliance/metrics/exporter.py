@@ -5,8 +5,8 @@ value, a failure, a certificate, a flow) is already an audit record, so the metr
 counted from the records as the log appends them (:meth:`Metrics.recorded`): one source
 of truth, no second set of hooks in the data path, and nothing counted that the log did
 not take. The cost on the hot path is a dict lookup and a counter increment per record
-(under the log's lock, so no extra locking); nothing is allocated per statement beyond
-the label lookup, which prometheus-client caches per label value.
+(under the log's lock, so no lock of ours); the exposition's families are built only when
+scraped.
 
 The log's own timings come from the writer: how long an append holds the lock
 (:meth:`appended`), how long each ``fdatasync`` takes and how many records it made
@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 log = logging.getLogger("tollgate.metrics")
@@ -50,56 +52,55 @@ _FAILURE_KINDS = {
 }
 
 
-class _Holds(Collector):
-    """Holds waiting for a decision now, and how long the oldest has waited."""
+class _Histogram:
+    """Bucket counts kept as plain ints: observed under a lock the caller already holds
+    (the log's), turned into the exposition's cumulative buckets only when scraped."""
 
-    def __init__(self, pending: dict[str, float]) -> None:
-        self._pending = pending
+    __slots__ = ("bounds", "counts", "sum")
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        pending = list(self._pending.values())  # a copy: the log's thread may change it meanwhile
-        yield GaugeMetricFamily("tollgate_holds_pending", "Held statements waiting for a decision", len(pending))
-        age = time.monotonic() - min(pending) if pending else 0.0
-        yield GaugeMetricFamily("tollgate_holds_oldest_age_seconds",
-                                "How long the oldest pending hold has waited (0 when none)", age)
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last: above every bound (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def family(self, name: str, documentation: str) -> HistogramMetricFamily:
+        counts, total = list(self.counts), self.sum  # a copy: the writer may go on meanwhile
+        cumulative, buckets = 0, []
+        for bound, count in zip((*self.bounds, float("inf")), counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), cumulative))
+        return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
 
 
-class Metrics:
-    """The counters, histograms and gauges, in a registry of their own."""
+class Metrics(Collector):
+    """The proxy's metrics: plain counters the audit log's writer bumps, exposed at scrape time.
+
+    Nothing here takes a lock of its own on the hot path: :meth:`recorded` and
+    :meth:`appended` run under the log's lock, :meth:`synced` under its commit lock, and
+    a scrape copies what it reads (a count a moment old is what a scrape is anyway)."""
 
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.sessions = Counter("tollgate_sessions", "Agent sessions started", registry=r)
-        # Sessions by id, so an end whose start came before the metrics (a restart) counts nothing.
-        self._open: set[str] = set()
-        self.sessions_open = Gauge("tollgate_sessions_open", "Agent sessions open now", registry=r)
-        self.sessions_open.set_function(lambda: len(self._open))
-        self.statements = Counter("tollgate_statements", "Statements, by the policy's decision",
-                                  ["decision"], registry=r)
-        self.masked = Counter("tollgate_masked_values", "Card numbers masked in results", registry=r)
-        self.holds = Counter("tollgate_holds", "Statements held for approval", registry=r)
-        self.hold_decisions = Counter("tollgate_hold_decisions", "Holds decided, by decision",
-                                      ["decision"], registry=r)
-        self.failures = Counter("tollgate_failures", "Failures, by kind", ["kind"], registry=r)
-        self.policy_reloads = Counter("tollgate_policy_reloads", "Policy reloads, by outcome", ["outcome"],
-                                      registry=r)
-        self.certificates = Counter("tollgate_certificates", "Client certificates issued and revoked",
-                                    ["event"], registry=r)
-        self.admin = Counter("tollgate_admin_actions", "Administrative actions recorded", ["action"], registry=r)
-        self.flows = Counter("tollgate_flows", "Flows the eBPF ledger recorded, by verdict", ["verdict"],
-                             registry=r)
-        self.records = Counter("tollgate_audit_records", "Records appended to the audit log", registry=r)
-        self.append_seconds = Histogram("tollgate_audit_append_seconds", "Time to append one audit record",
-                                        buckets=APPEND_BUCKETS, registry=r)
-        self.fsync_seconds = Histogram("tollgate_audit_fsync_seconds", "Time of one fdatasync of the audit log",
-                                       buckets=FSYNC_BUCKETS, registry=r)
-        self.group_commit = Histogram("tollgate_audit_group_commit_records",
-                                      "Records one fdatasync made durable (group commit size)",
-                                      buckets=GROUP_BUCKETS, registry=r)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.sessions = 0
+        self._open: set[str] = set()  # by id: an end whose start came before us counts nothing
+        self.statements: Counter[str] = Counter()
+        self.masked = 0
+        self.holds = 0
+        self.hold_decisions: Counter[str] = Counter()
+        self.failures: Counter[str] = Counter()
+        self.policy_reloads: Counter[str] = Counter()
+        self.certificates: Counter[str] = Counter()
+        self.admin: Counter[str] = Counter()
+        self.flows: Counter[str] = Counter()
+        self.records = 0
+        self.append_seconds = _Histogram(APPEND_BUCKETS)
+        self.fsync_seconds = _Histogram(FSYNC_BUCKETS)
+        self.group_commit = _Histogram(GROUP_BUCKETS)
         self._pending: dict[str, float] = {}
-        r.register(_Holds(self._pending))
-        self._record_count = self.records.inc
         self._by_type = {
             "session.start": self._session_start,
             "session.end": self._session_end,
@@ -111,19 +112,20 @@ class Metrics:
             "admin": self._admin,
             "flow": self._flow,
         }
+        self.registry.register(self)
 
     # --- what the audit log tells us ----------------------------------------------------------
 
     def recorded(self, record: dict[str, Any]) -> None:
         """A record the log appended (called under its lock: counting only)."""
-        self._record_count()
+        self.records += 1
         kind = record.get("type")
         handler = self._by_type.get(kind)  # type: ignore[arg-type]
         if handler is not None:
             handler(record)
         failure = _FAILURE_KINDS.get(kind)  # type: ignore[arg-type]
         if failure is not None:
-            self.failures.labels(failure).inc()
+            self.failures[failure] += 1
 
     def appended(self, seconds: float) -> None:
         self.append_seconds.observe(seconds)
@@ -136,51 +138,85 @@ class Metrics:
     # --- by record type -----------------------------------------------------------------------
 
     def _session_start(self, record: dict[str, Any]) -> None:
-        self.sessions.inc()
+        self.sessions += 1
         self._open.add(str(record.get("session")))
 
     def _session_end(self, record: dict[str, Any]) -> None:
         self._open.discard(str(record.get("session")))
         if FAILED_CLOSED in str(record.get("reason", "")):
-            self.failures.labels("fail_closed").inc()
+            self.failures["fail_closed"] += 1
 
     def _statement(self, record: dict[str, Any]) -> None:
-        self.statements.labels(record.get("decision", "unchecked")).inc()
+        self.statements[record.get("decision", "unchecked")] += 1
         if record.get("outcome") == "failure" and FAILED_CLOSED in str(record.get("message", "")):
-            self.failures.labels("fail_closed").inc()
+            self.failures["fail_closed"] += 1
 
     def _result(self, record: dict[str, Any]) -> None:
         masked = record.get("masked")
         if isinstance(masked, int) and masked > 0:
-            self.masked.inc(masked)
+            self.masked += masked
 
     def _hold(self, record: dict[str, Any]) -> None:
-        self.holds.inc()
+        self.holds += 1
         self._pending[str(record.get("approval"))] = time.monotonic()
 
     def _hold_decided(self, record: dict[str, Any]) -> None:
-        self.hold_decisions.labels(str(record.get("decision"))).inc()
+        self.hold_decisions[str(record.get("decision"))] += 1
         self._pending.pop(str(record.get("approval")), None)
 
     def _policy_reload(self, record: dict[str, Any]) -> None:
         outcome = str(record.get("outcome"))
-        self.policy_reloads.labels(outcome).inc()
+        self.policy_reloads[outcome] += 1
         if outcome == "failure":
-            self.failures.labels("policy_reload").inc()
+            self.failures["policy_reload"] += 1
 
     def _admin(self, record: dict[str, Any]) -> None:
         action = str(record.get("action"))
-        self.admin.labels(action).inc()
+        self.admin[action] += 1
         if action in ("certificate.issue", "certificate.issue-server"):
-            self.certificates.labels("issued").inc()
+            self.certificates["issued"] += 1
         elif action == "certificate.revoke":
-            self.certificates.labels("revoked").inc()
+            self.certificates["revoked"] += 1
         elif action == "identity.revoke":
             serials = str(record.get("serials") or "")
-            self.certificates.labels("revoked").inc(len([s for s in serials.split(",") if s]))
+            self.certificates["revoked"] += len([s for s in serials.split(",") if s])
 
     def _flow(self, record: dict[str, Any]) -> None:
-        self.flows.labels(str(record.get("verdict", "unknown"))).inc()
+        self.flows[str(record.get("verdict", "unknown"))] += 1
+
+    # --- the scrape ---------------------------------------------------------------------------
+
+    def collect(self) -> Iterator[Any]:
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(name, doc, value=value)
+
+        def by(name: str, doc: str, label: str, counts: Counter[str]) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, value in sorted(dict(counts).items()):
+                family.add_metric([str(key)], value)
+            return family
+
+        yield counter("tollgate_sessions", "Agent sessions started", self.sessions)
+        yield GaugeMetricFamily("tollgate_sessions_open", "Agent sessions open now", len(self._open))
+        yield by("tollgate_statements", "Statements, by the policy's decision", "decision", self.statements)
+        yield counter("tollgate_masked_values", "Card numbers masked in results", self.masked)
+        yield counter("tollgate_holds", "Statements held for approval", self.holds)
+        yield by("tollgate_hold_decisions", "Holds decided, by decision", "decision", self.hold_decisions)
+        pending = list(self._pending.values())
+        yield GaugeMetricFamily("tollgate_holds_pending", "Held statements waiting for a decision", len(pending))
+        yield GaugeMetricFamily("tollgate_holds_oldest_age_seconds",
+                                "How long the oldest pending hold has waited (0 when none)",
+                                time.monotonic() - min(pending) if pending else 0.0)
+        yield by("tollgate_failures", "Failures, by kind", "kind", self.failures)
+        yield by("tollgate_policy_reloads", "Policy reloads, by outcome", "outcome", self.policy_reloads)
+        yield by("tollgate_certificates", "Client certificates issued and revoked", "event", self.certificates)
+        yield by("tollgate_admin_actions", "Administrative actions recorded", "action", self.admin)
+        yield by("tollgate_flows", "Flows the eBPF ledger recorded, by verdict", "verdict", self.flows)
+        yield counter("tollgate_audit_records", "Records appended to the audit log", self.records)
+        yield self.append_seconds.family("tollgate_audit_append_seconds", "Time to append one audit record")
+        yield self.fsync_seconds.family("tollgate_audit_fsync_seconds", "Time of one fdatasync of the audit log")
+        yield self.group_commit.family("tollgate_audit_group_commit_records",
+                                       "Records one fdatasync made durable (group commit size)")
 
 
 def serve_metrics(metrics: Metrics, listen: str) -> Any:
