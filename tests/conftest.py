@@ -1,5 +1,6 @@
-"""Fixtures shared by the whole suite: whether this host can run a lab at all, and an
-enrollment service (the real ``tollgate enroll-server``) for the tests that talk to one."""
+"""Fixtures shared by the whole suite: whether this host can run a lab at all, an
+enrollment service (the real ``tollgate enroll-server``) for the tests that talk to one,
+and the state stores' two backends (``state_where``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -83,3 +85,23 @@ def server(appliance: Appliance) -> Iterator[EnrollServer]:
     server = EnrollServer(appliance)
     yield server
     server.stop()
+
+
+# --- the state stores' backends (tests/state_backends.py) ------------------------------------
+
+@pytest.fixture(scope="session")
+def state_postgres() -> Iterator[Any]:
+    from tests.state_backends import running_postgres
+    with running_postgres() as pg:
+        yield pg
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_where(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """Where a state store lives, by store name: a SQLite file in ``tmp_path``, or a fresh
+    PostgreSQL database (the stores of one test share it, each in its own schema)."""
+    if request.param == "sqlite":
+        return lambda name: tmp_path / "state" / f"{name}.db"
+    from tests.state_backends import fresh_database
+    url = fresh_database(request.getfixturevalue("state_postgres"))
+    return lambda name: url

@@ -333,3 +333,22 @@ def test_bad_workers_name_file_key_and_problem(text: str, message: str):
     with pytest.raises(ConfigError) as caught:
         parse_config(text, Path("x.toml"))
     assert str(caught.value).startswith(message), str(caught.value)
+
+
+def test_identity_state_url_puts_the_registry_and_approvals_in_postgresql():
+    identity = parse_config("[identity]\nstate_dir = '/s'", Path("x.toml")).identity
+    assert (identity.registry, identity.approvals) == (Path("/s/certificates.db"), Path("/s/approvals.db"))
+    url = "postgresql://tollgate@10.0.0.5/tollgate?passfile=/etc/tollgate/secrets/state.pgpass&sslmode=verify-full"
+    identity = parse_config(f"[identity]\nstate_url = '{url}'", Path("x.toml")).identity
+    assert identity.registry == identity.approvals == url
+
+
+@pytest.mark.parametrize("url, message", [
+    ("/var/lib/x.db", "must be a postgresql:// URL"),
+    ("postgresql://tollgate:pencil@db/tollgate", "must not hold a password: name a passfile instead"),
+    ("postgresql://db/tollgate?password=pencil", "must not hold a password"),
+])
+def test_a_bad_state_url_is_named(url: str, message: str):
+    with pytest.raises(ConfigError) as caught:
+        parse_config(f"[identity]\nstate_url = '{url}'", Path("x.toml"))
+    assert str(caught.value).startswith(f"x.toml: identity.state_url: {message}"), str(caught.value)

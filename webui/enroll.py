@@ -106,7 +106,7 @@ class Enrollment:
         if not ca.can_issue:
             raise IdentityError("the enrollment service needs a CA that can issue (loaded with its key)")
         if registry is None:
-            if not identity.registry.exists():
+            if not isinstance(identity.registry, str) and not identity.registry.exists():  # a state_url checks itself
                 raise RegistryError(f"no certificate registry at {identity.registry} "
                                     f"(run: tollgate ca init --state-dir {identity.state_dir})")
             registry = CertificateRegistry(identity.registry, create=False)

@@ -164,6 +164,9 @@ class IdentityConfig:
     enroll_listen: str = "0.0.0.0:8443"
     oidc: OIDCSettings | None = None
     legacy_sources: tuple[LegacySource, ...] = ()
+    # The certificate registry and the approvals in a PostgreSQL database (libpq URL),
+    # shared by several appliances, instead of SQLite files in state_dir.
+    state_url: str | None = None
 
     @property
     def ca_cert(self) -> Path:
@@ -174,8 +177,12 @@ class IdentityConfig:
         return self.state_dir / "ca" / "ca.key"
 
     @property
-    def registry(self) -> Path:
-        return self.state_dir / "certificates.db"
+    def registry(self) -> Path | str:
+        return self.state_url or self.state_dir / "certificates.db"
+
+    @property
+    def approvals(self) -> Path | str:
+        return self.state_url or self.state_dir / "approvals.db"
 
     def server_cert(self, target: str) -> tuple[Path, Path]:
         """The certificate and key the proxy presents to agents for ``target``."""

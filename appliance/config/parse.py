@@ -380,9 +380,28 @@ def _parse_identity(s: _Section, base: Path) -> IdentityConfig:
         groups = _string_list(entry, "groups")
         entry.finish()
         legacy.append(LegacySource(network, subject, groups))
+    state_url = _parse_state_url(s)
     s.finish()
     return IdentityConfig(state if state.is_absolute() else base / state, float(hours), enroll_url, listen,
-                          oidc, tuple(legacy))
+                          oidc, tuple(legacy), state_url)
+
+
+def _parse_state_url(s: _Section) -> str | None:
+    """``state_url``: a libpq URL; its password, if any, in a passfile, never in the config."""
+    url = s.get("state_url", str, None)
+    if url is None:
+        return None
+    from urllib.parse import urlsplit
+    if not url.startswith(("postgresql://", "postgres://")):
+        raise s.error("state_url", "must be a postgresql:// URL")
+    try:
+        password = urlsplit(url).password
+    except ValueError as exc:
+        raise s.error("state_url", str(exc)) from None
+    if password is not None or "password=" in url:
+        raise s.error("state_url", "must not hold a password: name a passfile instead (…?passfile=/etc/tollgate/"
+                                   "secrets/state.pgpass), or use a client certificate (sslcert=, sslkey=)")
+    return url
 
 
 def _parse_policy(s: _Section, base: Path) -> PolicyConfig:

@@ -60,7 +60,6 @@ from appliance.holds.notifier import (
     NullNotifier,
 )
 from appliance.holds.store import (
-    APPROVALS_FILE,
     GRANT_SCOPES,
     STATUSES,
     ApprovalRequest,
@@ -147,15 +146,16 @@ class ApprovalService:
 
     @classmethod
     def from_config(cls, config: Any, *, path: Any = None, clock: Callable[[], datetime] = utcnow) -> ApprovalService:
-        """The service for an appliance config: ``<identity.state_dir>/approvals.db`` (or
-        ``path``), the configured webhook, and PAN scrubbing of reasons."""
+        """The service for an appliance config: its approvals database (``identity.approvals``:
+        approvals.db in ``state_dir``, or the shared ``state_url``; or ``path``), the
+        configured webhook, and PAN scrubbing of reasons."""
         from appliance.config import ConfigError
 
         if path is None:
             if config.identity is None:
                 raise ConfigError(f"{config.path}: identity: approvals need an [identity] section "
                                   "(its state_dir holds approvals.db)")
-            path = config.identity.state_dir / APPROVALS_FILE
+            path = config.identity.approvals
         notifier = notifier_from_config(config)
         return cls(ApprovalStore(path), max_grant_minutes=config.approvals.max_grant_minutes, notifier=notifier,
                    clock=clock, scrub=_scrubber(config))

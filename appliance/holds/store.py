@@ -27,7 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from appliance.state.db import Database, StateError
+from appliance.state import open_database
+from appliance.state.db import StateError
 
 APPROVALS_FILE = "approvals.db"
 Status = Literal["pending", "approved", "denied", "expired", "withdrawn"]
@@ -428,11 +429,12 @@ class StoreTransaction:
 # --- the store ----------------------------------------------------------------------------
 
 class ApprovalStore:
-    """Approval requests, votes and grants in ``path`` (SQLite, shared by processes)."""
+    """Approval requests, votes and grants in ``path`` (a SQLite file shared by processes,
+    or a ``postgresql://`` URL shared by appliances: appliance.state)."""
 
     def __init__(self, path: str | Path, *, create: bool = True):
         try:
-            self.db = Database(path, MIGRATIONS, create=create)
+            self.db = open_database(path, MIGRATIONS, name="approvals", create=create)
         except (StateError, sqlite3.Error) as exc:
             raise StoreError(f"approvals database: {exc}") from None
         self.path = self.db.path
@@ -486,7 +488,10 @@ class ApprovalStore:
             seen = "requester_subject = ?"
             params.append(subject)
             if groups:
-                seen += (" OR EXISTS (SELECT 1 FROM json_each(requests.approver_groups)"
+                # The same test in each dialect: one of the request's approver groups is ours.
+                each = ("json_array_elements_text(requests.approver_groups::json) AS json_each(value)"
+                        if self.db.dialect == "postgresql" else "json_each(requests.approver_groups)")
+                seen += (f" OR EXISTS (SELECT 1 FROM {each}"
                          f" WHERE json_each.value IN ({','.join('?' * len(groups))}))")
                 params.extend(groups)
             where.append(f"({seen})")

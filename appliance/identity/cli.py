@@ -67,6 +67,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     state_dir = argparse.ArgumentParser(add_help=False)
     state_dir.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                            help="where the CA and registry live (default: %(default)s)")
+    state_dir.add_argument("--state-url", default=None,
+                           help="the registry in this shared PostgreSQL database instead ([identity] state_url)")
     recorded = argparse.ArgumentParser(add_help=False)
     recorded.add_argument("-c", "--config", type=Path, default=None,
                           help="Tollgate configuration whose audit log records the action "
@@ -148,7 +150,9 @@ def _record(config: Config | None, record: dict[str, str], done: str) -> int:
     return 0
 
 
-def _open_registry(state_dir: Path) -> CertificateRegistry:
+def _open_registry(state_dir: Path, state_url: str | None = None) -> CertificateRegistry:
+    if state_url:
+        return CertificateRegistry(state_url, create=False)
     path = state_dir / REGISTRY_FILE
     if not path.exists():
         raise RegistryError(f"no certificate registry at {path} (run: tollgate ca init --state-dir {state_dir})")
@@ -175,7 +179,7 @@ def cmd_ca_init(args: argparse.Namespace) -> int:
 
 @_reported
 def cmd_certs_list(args: argparse.Namespace) -> int:
-    registry = _open_registry(args.state_dir)
+    registry = _open_registry(args.state_dir, getattr(args, "state_url", None))
     try:
         records = registry.list(include_expired=args.all)
         blocked = registry.revoked_subjects()
@@ -213,7 +217,7 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
         raise RegistryError("give either a SERIAL or --subject SUBJECT")
     by = args.by or os.environ.get("SUDO_USER") or getpass.getuser()
     config = _audit_config(args)
-    registry = _open_registry(args.state_dir)
+    registry = _open_registry(args.state_dir, getattr(args, "state_url", None))
     base = {"user": by, "origin": "local", "outcome": "success", "reason": args.reason}
     try:
         if args.serial is not None:
@@ -253,7 +257,7 @@ def cmd_certs_revoke(args: argparse.Namespace) -> int:
 def cmd_certs_reinstate(args: argparse.Namespace) -> int:
     by = args.by or os.environ.get("SUDO_USER") or getpass.getuser()
     config = _audit_config(args)
-    registry = _open_registry(args.state_dir)
+    registry = _open_registry(args.state_dir, getattr(args, "state_url", None))
     try:
         lifted = registry.reinstate_subject(args.subject, args.reason, by)
     finally:

@@ -38,7 +38,8 @@ from appliance.identity.certs import (
     utcnow,
 )
 from appliance.model.identity import Identity
-from appliance.state.db import Database, StateError
+from appliance.state import open_database
+from appliance.state.db import StateError
 
 REGISTRY_FILE = "certificates.db"
 
@@ -78,7 +79,7 @@ MIGRATIONS = (
             action TEXT NOT NULL CHECK (action IN ('revoke', 'reinstate')),
             at INTEGER NOT NULL,            -- Unix seconds
             reason TEXT NOT NULL,
-            by TEXT NOT NULL
+            "by" TEXT NOT NULL              -- quoted: a reserved word in PostgreSQL
         )""",
         "CREATE INDEX subject_events_subject ON subject_events (subject, id)",
         # Enrollment tokens already used, kept until they expire (then useless anyway).
@@ -241,11 +242,12 @@ def _required(what: str, value: str, act: str = "a revocation") -> str:
 
 
 class CertificateRegistry:
-    """Issued client certificates and revocations in ``path`` (SQLite, shared by processes)."""
+    """Issued client certificates and revocations in ``path`` (a SQLite file shared by
+    processes, or a ``postgresql://`` URL shared by appliances: appliance.state)."""
 
     def __init__(self, path: str | Path, *, create: bool = True):
         try:
-            self.db = Database(path, MIGRATIONS, create=create)
+            self.db = open_database(path, MIGRATIONS, name="certificates", create=create)
         except StateError as exc:
             raise RegistryError(f"certificate registry: {exc}") from None
         self.path = self.db.path
@@ -325,7 +327,7 @@ class CertificateRegistry:
                     (at, reason, by, revision, subject),
                 )
             if self._block(conn, subject) is None:
-                conn.execute("INSERT INTO subject_events (subject, action, at, reason, by)"
+                conn.execute('INSERT INTO subject_events (subject, action, at, reason, "by")'
                              " VALUES (?, 'revoke', ?, ?, ?)", (subject, at, reason, by))
         return [self._get(k) for k in keys]  # type: ignore[misc]
 
@@ -340,7 +342,7 @@ class CertificateRegistry:
         with self.db.transaction() as conn:
             block = self._block(conn, subject)
             if block is not None:
-                conn.execute("INSERT INTO subject_events (subject, action, at, reason, by)"
+                conn.execute('INSERT INTO subject_events (subject, action, at, reason, "by")'
                              " VALUES (?, 'reinstate', ?, ?, ?)",
                              (subject, _epoch(utcnow() if now is None else now), reason, by))
         return block

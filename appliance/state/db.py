@@ -25,8 +25,18 @@ class StateError(Exception):
     """A state database that can't be opened or used, phrased for the operator."""
 
 
+class ConstraintError(StateError):
+    """A write the database itself refused (a UNIQUE or CHECK constraint), on PostgreSQL."""
+
+
+# What a refused write raises, whichever the backend.
+CONSTRAINT_ERRORS: tuple[type[Exception], ...] = (sqlite3.IntegrityError, ConstraintError)
+
+
 class Database:
     """One SQLite file, migrated to the latest schema when opened."""
+
+    dialect = "sqlite"
 
     def __init__(self, path: str | Path, migrations: Sequence[Migration], *, create: bool = True):
         self.path = Path(path)

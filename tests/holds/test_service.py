@@ -36,8 +36,8 @@ def clock() -> Clock:
 
 
 @pytest.fixture
-def service(tmp_path: Path, clock: Clock) -> Iterator[ApprovalService]:
-    service = ApprovalService(ApprovalStore(tmp_path / "approvals.db"), max_grant_minutes=60, clock=clock)
+def service(state_where, clock: Clock) -> Iterator[ApprovalService]:  # on SQLite and on PostgreSQL
+    service = ApprovalService(ApprovalStore(state_where("approvals")), max_grant_minutes=60, clock=clock)
     yield service
     service.close()
 

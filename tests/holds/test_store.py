@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 import stat
 from dataclasses import replace
 from datetime import timedelta
@@ -20,12 +19,13 @@ from appliance.holds.store import (
     new_request_id,
     normalize_request_id,
 )
+from appliance.state.db import CONSTRAINT_ERRORS
 from tests.holds import AGENT, CARD_UPDATE, DBA1, T0, Clock, open_request
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> ApprovalStore:
-    store = ApprovalStore(tmp_path / "state" / "approvals.db")
+def store(state_where) -> ApprovalStore:  # once on SQLite, once on PostgreSQL (tests/conftest.py)
+    store = ApprovalStore(state_where("approvals"))
     yield store
     store.close()
 
@@ -36,10 +36,14 @@ def service(store: ApprovalStore) -> ApprovalService:
 
 
 def test_new_database_is_private_and_migrated(store: ApprovalStore) -> None:
-    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
     assert store.db.schema_version == 2
     assert store.revision() == 0
-    tables = {r[0] for r in store.db.connection().execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if store.db.dialect == "sqlite":
+        assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+        sql = "SELECT name FROM sqlite_master WHERE type = 'table'"
+    else:  # its own schema in the shared database
+        sql = f"SELECT table_name FROM information_schema.tables WHERE table_schema = '{store.db.schema}'"
+    tables = {r[0] for r in store.db.connection().execute(sql)}
     assert {"requests", "decisions", "grants", "revision"} <= tables
 
 
@@ -178,7 +182,7 @@ def test_a_failed_transaction_changes_nothing(service: ApprovalService) -> None:
             tx.add_vote(opened.id, vote)
             tx.add_vote(opened.id, vote)  # the database itself refuses a second vote
 
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(CONSTRAINT_ERRORS):
         vote_twice()
     assert service.store.get(opened.id).votes == ()
     assert service.store.revision() == revision
@@ -193,7 +197,7 @@ def test_settled_requests_are_never_settled_again(service: ApprovalService) -> N
     with pytest.raises(ValueError, match="a request is settled to approved"), service.store.write() as tx:
         tx.settle(opened.id, "pending", T0)
     assert service.store.get(opened.id).status == "denied"
-    with pytest.raises(sqlite3.IntegrityError):  # the CHECK constraint, below the code
+    with pytest.raises(CONSTRAINT_ERRORS):  # the CHECK constraint, below the code
         service.store.db.connection().execute("UPDATE requests SET status = 'maybe' WHERE id = ?", (opened.id,))
 
 

@@ -38,8 +38,8 @@ def csr():
 
 
 @pytest.fixture
-def registry(tmp_path):
-    reg = CertificateRegistry(tmp_path / "certificates.db")
+def registry(state_where):  # once on SQLite, once on PostgreSQL (tests/conftest.py)
+    reg = CertificateRegistry(state_where("certificates"))
     yield reg
     reg.close()
 
@@ -397,8 +397,8 @@ def test_reinstatement_needs_a_reason_and_who(registry):
     assert registry.revoked_subject("alice") is not None
 
 
-def test_a_token_enrolls_one_certificate_across_processes(ca, csr, registry, tmp_path):
-    other = CertificateRegistry(tmp_path / "certificates.db")  # another worker's own connection
+def test_a_token_enrolls_one_certificate_across_processes(ca, csr, registry, state_where):
+    other = CertificateRegistry(state_where("certificates"))  # another worker's own connection
     try:
         enroll(ca, csr, registry, jti="once")
         with pytest.raises(TokenAlreadyUsed) as refused:
