@@ -432,6 +432,9 @@ async def serve_worker(config: Config, method: Any, assembly: Assembly, spec: st
     index, fd, run = spec.split(":", 2)
     name_worker_in_logs(index)
     loop = asyncio.get_running_loop()
+    # The primary passes SIGHUP on to every worker, a starting one too: until the policy
+    # installs its reload handler, a SIGHUP must not end the worker (its default action).
+    loop.add_signal_handler(signal.SIGHUP, lambda: None)
     channel = await Channel.connect(socket.socket(fileno=int(fd)), "the primary")
     stop = asyncio.Event()
     remote = None
