@@ -5,6 +5,8 @@
 #   make test    lint, then the whole test suite
 #   make bench   pgbench through Tollgate vs direct vs pgbouncer, as ratios
 #   make verifier  dist/tollgate-verify.pyz: the auditor's standalone bundle verifier
+#   make wheelhouse  build/wheelhouse: Tollgate and its dependencies as wheels, which the
+#                    Ansible role (ansible/) installs on gateways that have no internet
 #
 # Each target installs what it needs first: Debian packages, the kernel-headers link bcc
 # compiles against, and a venv that sees Debian's python3-bpfcc.
@@ -16,11 +18,11 @@ TOLLGATE     := $(VENV)/bin/tollgate
 KERNEL       := $(shell uname -r)
 APT_PACKAGES := nftables iproute2 procps python3-venv python3-dev python3-bpfcc bpfcc-tools \
                 linux-headers-amd64 pgbouncer postgresql-client-15 chromium chromium-driver \
-                rsyslog rsyslog-gnutls
+                rsyslog rsyslog-gnutls systemd debootstrap openssh-client
 PG_BINDIR    := /usr/lib/postgresql/15/bin
 PYTEST_ARGS  ?=
 
-.PHONY: demo demo-down test bench host-deps venv lint clean verifier
+.PHONY: demo demo-down test bench host-deps venv lint clean verifier wheelhouse
 
 demo: host-deps venv
 	$(TOLLGATE) lab up --name demo
@@ -84,6 +86,17 @@ $(VERIFIER_PYZ): $(VERIFIER_SRC) Makefile
 	printf 'import sys\nfrom appliance.audit.verifier import main\nsys.exit(main())\n' > $(VERIFIER_BUILD)/__main__.py
 	python3 -m zipapp $(VERIFIER_BUILD) -o $@ -p '/usr/bin/env python3'
 	@echo "built $@ (run: python3 $@ BUNDLE --root-key KEY)"
+
+# The gateways' air-gapped install (ansible/roles/tollgate): every wheel Tollgate needs,
+# built for Debian 12's Python 3.11 (this host's), into a fresh directory swapped in whole.
+WHEELHOUSE ?= build/wheelhouse
+
+wheelhouse: venv
+	rm -rf $(WHEELHOUSE).tmp
+	$(PY) -m pip wheel -q --wheel-dir $(WHEELHOUSE).tmp '.[fast]'
+	rm -rf $(WHEELHOUSE)
+	mv $(WHEELHOUSE).tmp $(WHEELHOUSE)
+	@echo "built $(WHEELHOUSE) ($$(ls $(WHEELHOUSE) | wc -l) wheels)"
 
 # ruff over every Python tree, the eBPF loaders included once bpf/ has any, then the layering
 # contracts. lint-imports keeps no cache directory: its graph builds in a fraction of a second.
