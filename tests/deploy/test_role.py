@@ -114,6 +114,7 @@ def test_templates_render_what_tollgate_accepts(tmp_path: Path) -> None:
     config = parse_config(config_text, tmp_path / "tollgate.toml")
     assert [t.name for t in config.targets] == ["payments"]
     assert config.intercept.agent_interfaces == ("ens4",)
+    assert config.flows.mode == "off"
     assert config.audit is not None and config.audit.origin == "tollgate/gw-1"
     rules = parse_rules((tmp_path / "policy.toml").read_text(), tmp_path / "policy.toml")
     assert [r.name for r in rules.rules] == ["agents-read", "card-changes-need-a-dba"]
