@@ -22,6 +22,7 @@ import secrets
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,33 +265,38 @@ async def serve(config: Config, method: Any, assembly: Assembly, *, intercept: b
         await server.close()
         await addons.close()
         raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     targets = ", ".join(f"{t.name} ({', '.join(map(str, t.endpoints))})" for t in config.targets)
     log.info("listening on port %d (%s intercept); protecting %s", config.proxy.listen_port,
              config.intercept.method, targets or "nothing")
     summary = f"port {config.proxy.listen_port}, {config.intercept.method}{'' if intercept else ' (not applied)'}"
-    notifier.ready(f"ready: {summary}; 0 sessions")
-    watchdog = None
-    if notifier.watchdog_interval is not None:
-        watchdog = Watchdog(notifier, notifier.watchdog_interval,
-                            lambda: f"ready: {summary}; {len(server.sessions)} sessions")
-        watchdog.start()
-    # The lab and service managers wait for this exact line.
-    print("tollgate: ready", file=sys.stderr, flush=True)
-    await stop.wait()
-    log.info("shutting down")
-    notifier.stopping()
-    if watchdog is not None:
-        watchdog.stop()
+    await _ready_until_signalled(notifier, f"ready: {summary}; 0 sessions",
+                                 lambda: f"ready: {summary}; {len(server.sessions)} sessions")
     await server.close()
     await addons.close()
     if metrics_server is not None:
         metrics_server.shutdown()
     notifier.close()
     return 0
+
+
+async def _ready_until_signalled(notifier: Notifier, ready: str, status: Callable[[], str]) -> None:
+    """Up: say so (to systemd, and the exact line the lab and service managers wait for),
+    feed the watchdog with ``status``, and wait for SIGTERM or SIGINT; then say we stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    notifier.ready(ready)
+    watchdog = None
+    if notifier.watchdog_interval is not None:
+        watchdog = Watchdog(notifier, notifier.watchdog_interval, status)
+        watchdog.start()
+    print("tollgate: ready", file=sys.stderr, flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    notifier.stopping()
+    if watchdog is not None:
+        watchdog.stop()
 
 
 # ---- [proxy] workers > 1: a primary and its workers (appliance/proxy/workers.py) ---------------
@@ -373,26 +379,13 @@ async def serve_primary(config: Config, method: Any, *, intercept: bool = True,
         if audit_log is not None:
             await asyncio.to_thread(audit_log.close, "the proxy did not start")
         raise
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     # The workers reload their policy on SIGHUP, as a single process does.
     loop.add_signal_handler(signal.SIGHUP, supervisor.signal, signal.SIGHUP)
     log.info("listening on port %d (%s intercept) with %d workers", config.proxy.listen_port,
              config.intercept.method, config.proxy.workers)
     summary = f"port {config.proxy.listen_port}, {config.proxy.workers} workers"
-    notifier.ready(f"ready: {summary}")
-    watchdog = None
-    if notifier.watchdog_interval is not None:
-        watchdog = Watchdog(notifier, notifier.watchdog_interval,
-                            lambda: f"ready: {summary}; {len(supervisor.workers)} running")
-        watchdog.start()
-    print("tollgate: ready", file=sys.stderr, flush=True)
-    await stop.wait()
-    log.info("shutting down")
-    notifier.stopping()
-    if watchdog is not None:
-        watchdog.stop()
+    await _ready_until_signalled(notifier, f"ready: {summary}",
+                                 lambda: f"ready: {summary}; {len(supervisor.workers)} running")
     await supervisor.stop()
     if control is not None:
         control.close()

@@ -283,32 +283,27 @@ class MaskingAddon(Addon):
             session.masked_values += count
         if not fallback:
             return out
-        base = rows if out is None else memoryview(out)
+        spliced = self._rows_in_python(session, result, rows, fallback, rows if out is None else memoryview(out))
+        return out if spliced is None else spliced
+
+    def _rows_one_by_one(self, session: SessionInfo, result: Result, rows: memoryview) -> bytes | None:
+        return self._rows_in_python(session, result, rows, row_spans(rows), rows)
+
+    def _rows_in_python(self, session: SessionInfo, result: Result, rows: memoryview,
+                        spans: Iterable[tuple[int, int]], base: memoryview) -> bytes | None:
+        """``base`` (the run, or its copy masked so far) with each row of ``spans`` replaced
+        by what :meth:`data_row` makes of it; None if it changed none."""
         pieces: list[bytes | memoryview] = []
         last = 0
-        for start, end in fallback:
+        for start, end in spans:
             new = self.data_row(session, result, rows[start:end])
             if new is not None:
                 pieces.append(base[last:start])
                 pieces.append(new)
                 last = end
         if not pieces:
-            return out
-        pieces.append(base[last:])
-        return b"".join(pieces)
-
-    def _rows_one_by_one(self, session: SessionInfo, result: Result, rows: memoryview) -> bytes | None:
-        pieces: list[bytes | memoryview] = []
-        last = 0
-        for start, end in row_spans(rows):
-            new = self.data_row(session, result, rows[start:end])
-            if new is not None:
-                pieces.append(rows[last:start])
-                pieces.append(new)
-                last = end
-        if not pieces:
             return None
-        pieces.append(rows[last:])
+        pieces.append(base[last:])
         return b"".join(pieces)
 
     def _mask_row(self, result: Result, plan: Plan, message: memoryview, hit: bool) -> tuple[bytes | None, int]:
