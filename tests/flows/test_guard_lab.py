@@ -18,7 +18,6 @@ import secrets
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,6 +25,7 @@ import pytest
 
 from appliance.audit.reader import AuditReader, parse
 from appliance.lab import Lab, topology
+from tests.e2e.conftest import wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -229,13 +229,10 @@ def audit_records(lab: Lab) -> list[dict[str, Any]]:
 def wait_for_records(lab: Lab, done: Any, what: str, timeout: float = 60.0) -> list[dict[str, Any]]:
     """The audit records once ``done(records)`` holds: the ledger writes a flow when the
     kernel reports it closed and its session is known (a second or so)."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def ready() -> list[dict[str, Any]] | None:
         records = audit_records(lab)
-        if done(records):
-            return records
-        assert time.monotonic() < deadline, f"{what}: not in the audit log within {timeout:.0f}s"
-        time.sleep(0.2)
+        return records if done(records) else None
+    return wait_for(ready, f"{what} in the audit log", timeout=timeout, interval=0.2)
 
 
 def psql(lab: Lab, conninfo: str, node: str = "agent") -> str:

@@ -22,6 +22,7 @@ from appliance.audit.store import AuditLog
 from appliance.lab.oidc_issuer import DevClient, DevIssuer, DevUser
 from appliance.lab.policy import POLICIES
 from appliance.proxy.control import ControlOps, start_control_server
+from tests.e2e.conftest import wait_for
 from tests.identity.dev_flows import AUDIENCE
 from tests.identity.tls_helpers import TlsFiles, https_request, make_tls_files
 from tests.webui import make_appliance
@@ -235,10 +236,9 @@ def test_an_export_runs_in_the_background_with_its_progress_then_offers_the_bund
     page = client.get(f"/audit/exports/{job}").data.decode()
     assert 'id="export-running"' in page or 'id="export-done"' in page
     config = app.config["TOLLGATE_CONFIG"]
-    deadline = time.monotonic() + 120  # a safety net, not a bound: the state file says when it is done
-    while (state := exports.read(config, job))["state"] == "running":
-        assert time.monotonic() < deadline, state
-        time.sleep(0.05)
+    # The state file says when it is done (wait_for's timeout is a safety net, not a bound).
+    state = wait_for(lambda: (st := exports.read(config, job))["state"] != "running" and st,
+                     "the export to finish", timeout=120)
     assert state["state"] == "done" and state["records"] >= 2 * BIG_STATEMENTS
     assert state["user"] == "auditor@example.test"
     page = client.get(f"/audit/exports/{job}").data.decode()
